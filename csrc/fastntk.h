@@ -1,0 +1,27 @@
+// fastntk C++ extension: declarations of the CPU ops.
+//
+// The ops are registered in ops.cpp with TORCH_LIBRARY(fastntk, m) and called as
+// torch.ops.fastntk.<name>. Only light ATen headers here (not torch/extension.h): the
+// build of the three files takes a fraction of the time.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+#include "tile.h"
+
+namespace fastntk {
+
+// out += a a^T (upper-triangle tiles, mirrored). a: (N, P), rows contiguous.
+void gram_sym(const at::Tensor& a, at::Tensor& out, bool fp64_acc);
+// out += a b^T. a: (N1, P), b: (N2, P), rows contiguous.
+void gram_cross(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool fp64_acc);
+// Per-sample Conv2d weight gradient (N, C_out, C_in/groups, kh, kw), no unfold buffer.
+at::Tensor conv2d_psg(const at::Tensor& x, const at::Tensor& gout, int64_t kh, int64_t kw,
+                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                      int64_t groups);
+
+}  // namespace fastntk

@@ -1,0 +1,33 @@
+"""fastntk: fast, exact empirical Neural Tangent Kernels for PyTorch.
+
+The public face is small:
+
+* :func:`ntk` — the kernel Θ(x1, x2) of any ``nn.Module``;
+* :func:`explain` — which path each parameter takes and the memory a call needs;
+* :func:`register_gram_rule` — add a per-layer rule for your own module type;
+* :func:`env` — what this installation can use (C++ extension, Triton, CUDA).
+
+Metrics live in :mod:`fastntk.metrics`, search spaces in :mod:`fastntk.spaces`,
+search algorithms in :mod:`fastntk.search`; errors in :mod:`fastntk.errors`.
+"""
+
+from fastntk.engine import ntk
+from fastntk.errors import FastNTKError
+from fastntk.explain import explain
+from fastntk.rules import register_gram_rule
+
+__version__ = "0.1.0"
+
+
+def env() -> dict:
+    """What this installation can use, and why not where something is missing."""
+    try:
+        from fastntk._env import env as _env
+    except ImportError as e:  # the helper module is optional
+        import torch
+
+        return {"csrc": False, "csrc_error": str(e), "triton": False, "cuda": torch.cuda.is_available()}
+    return _env()
+
+
+__all__ = ["FastNTKError", "env", "explain", "ntk", "register_gram_rule", "__version__"]

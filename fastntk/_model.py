@@ -1,0 +1,304 @@
+"""Model-side plumbing shared by every method: parameter selection, private
+copies of the parameters and buffers, train/eval modes, output reduction.
+
+The engine never runs the user's parameters or buffers: every forward goes
+through ``torch.func.functional_call`` with private copies (detached, cast to
+the computation dtype, ``requires_grad`` set only on the selected ones;
+buffers cloned so that a train-mode BatchNorm updates the copy, not the
+user's running statistics). Module train/eval flags and the per-sample
+BatchNorm forward are changed for the duration of a call and restored in a
+``finally`` block by :func:`model_state`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from fastntk.errors import (
+    InputError,
+    InputTypeError,
+    OptionError,
+    ParameterSelectionError,
+)
+from fastntk.rules.norm import per_sample_batchnorm
+
+BN_MODES = ("eval", "batch", "per_sample")
+OUTPUT_MODES = ("sum", "trace", "mean", "full")
+
+ParamSpec = None | list[str] | tuple[str, ...] | Callable[[str, nn.Parameter], bool]
+
+
+def select_params(model: nn.Module, params: ParamSpec) -> dict[str, nn.Parameter]:
+    """Resolve the ``params`` argument to ``{canonical name: parameter}``.
+
+    Canonical names are those of ``model.named_parameters()`` (a parameter
+    registered under several names, i.e. tied, appears once).
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        sel = {n: p for n, p in named.items() if p.requires_grad}
+        if not sel:
+            raise ParameterSelectionError(
+                "no parameter of the model requires grad; pass params=[names] or a "
+                "predicate to choose which parameters define the kernel"
+            )
+        return sel
+    if callable(params):
+        sel = {n: p for n, p in named.items() if params(n, p)}
+        if not sel:
+            raise ParameterSelectionError(
+                "the params predicate selected no parameter; it receives (name, parameter) "
+                f"with names such as {list(named)[:3]}"
+            )
+        return sel
+    if isinstance(params, str):
+        raise ParameterSelectionError(
+            f"params must be a list of names, a predicate or None, not the string {params!r}"
+        )
+    aliases = dict(model.named_parameters(remove_duplicate=False))
+    canon = {id(p): n for n, p in named.items()}
+    sel = {}
+    for name in params:
+        if name not in aliases:
+            close = difflib.get_close_matches(str(name), list(aliases), n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ParameterSelectionError(f"the model has no parameter named {name!r}{hint}")
+        p = aliases[name]
+        sel[canon[id(p)]] = p
+    if not sel:
+        raise ParameterSelectionError("params is an empty list: select at least one parameter")
+    return sel
+
+
+def check_inputs(model: nn.Module, x1: Any, x2: Any) -> None:
+    """Typed errors for unusable inputs."""
+    for nm, x in (("x1", x1), ("x2", x2)):
+        if x is None and nm == "x2":
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise InputTypeError(f"{nm} must be a torch.Tensor with the batch in dim 0, got {type(x)}")
+        if x.dim() == 0:
+            raise InputError(f"{nm} is a scalar; pass a batch of shape (N, ...)")
+        if x.shape[0] == 0:
+            raise InputError(f"{nm} is an empty batch (shape {tuple(x.shape)}); pass at least one sample")
+        if not (x.is_floating_point() or _is_index(x)):
+            raise InputTypeError(f"{nm} has dtype {x.dtype}; pass floating-point inputs")
+        if _is_index(x) and not any(isinstance(m, nn.Embedding) for m in model.modules()):
+            raise InputTypeError(
+                f"{nm} has dtype {x.dtype}, but the model has no nn.Embedding to take indices; "
+                "pass floating-point inputs (for uint8 images: x.float() / 255, then normalise)"
+            )
+    if x2 is not None:
+        if x1.shape[1:] != x2.shape[1:]:
+            raise InputError(
+                f"x1 and x2 must have the same per-sample shape, got {tuple(x1.shape[1:])} "
+                f"and {tuple(x2.shape[1:])}"
+            )
+        if x1.dtype != x2.dtype:
+            raise InputTypeError(f"x1 and x2 have different dtypes ({x1.dtype}, {x2.dtype})")
+    p = next(iter(model.parameters()), None)
+    if p is not None:
+        for nm, x in (("x1", x1), ("x2", x2)):
+            if x is not None and x.device != p.device:
+                raise InputError(
+                    f"{nm} is on {x.device} but the model's parameters are on {p.device}; "
+                    "move them to the same device"
+                )
+
+
+def _is_index(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_options(output: Any, bn: str, method: str, methods: tuple[str, ...]) -> None:
+    if bn not in BN_MODES:
+        raise OptionError(f"unknown bn={bn!r}; choose one of {BN_MODES}")
+    if method not in methods:
+        raise OptionError(f"unknown method={method!r}; choose one of {methods}")
+    if isinstance(output, bool) or not (
+        output in OUTPUT_MODES or isinstance(output, int) or callable(output)
+    ):
+        raise OptionError(
+            f"unknown output={output!r}; choose one of {OUTPUT_MODES}, an int (one logit) "
+            "or a callable mapping the model's output to one value per sample"
+        )
+
+
+@dataclass
+class Head:
+    """Reduction of the model's raw output to the (n, K) matrix the kernel is built from.
+
+    ``passes`` lists the output weightings that define per-sample scalar
+    functions: the kernel of pass ``w`` is the NTK of ``sum_k w_k f_k(x)``.
+    ``"sum"``: one pass of ones; an int: one one-hot pass; ``"trace"``,
+    ``"mean"``, ``"full"``: one pass per logit (``"full"`` keeps the cross
+    terms between passes).
+    """
+
+    output: Any
+    K: int = 0
+
+    def __call__(self, raw: Any) -> torch.Tensor:
+        if callable(self.output) and not isinstance(self.output, (str, int)):
+            y = self.output(raw)
+            if not isinstance(y, torch.Tensor):
+                raise OptionError("the output callable must return a tensor")
+            if y.dim() == 2 and y.shape[1] == 1:
+                y = y[:, 0]
+            if y.dim() != 1:
+                raise OptionError(
+                    f"the output callable must return one value per sample, shape (N,), got "
+                    f"{tuple(y.shape)}; use output='sum'/'trace'/'full' for vector outputs"
+                )
+            return y.unsqueeze(1)
+        if isinstance(raw, (tuple, list)):
+            raw = raw[-1]  # e.g. NAS-Bench-201's (features, logits)
+        elif isinstance(raw, dict):
+            raise OptionError(
+                "the model returns a dict; pass output=lambda out: out['logits'].sum(1) "
+                "(a callable giving one value per sample)"
+            )
+        if not isinstance(raw, torch.Tensor):
+            raise OptionError(f"the model returned {type(raw)}; expected a tensor or a tuple of them")
+        y = raw.reshape(raw.shape[0], -1) if raw.dim() > 1 else raw.unsqueeze(1)
+        if isinstance(self.output, int):
+            if not -y.shape[1] <= self.output < y.shape[1]:
+                raise OptionError(
+                    f"output={self.output} is out of range: the model has {y.shape[1]} outputs"
+                )
+            return y[:, self.output : self.output + 1] if self.output != -1 else y[:, -1:]
+        return y
+
+    def passes(self, y: torch.Tensor) -> list[torch.Tensor]:
+        n, K = y.shape
+        self.K = K
+        if self.output == "sum" or callable(self.output) or isinstance(self.output, int):
+            return [torch.ones_like(y)]
+        eye = torch.eye(K, dtype=y.dtype, device=y.device)
+        return [eye[k].expand(n, K) for k in range(K)]
+
+    @property
+    def full(self) -> bool:
+        return self.output == "full"
+
+    @property
+    def R(self) -> int:
+        """Rows per sample in the kernel: K for "full", else 1."""
+        return self.K if self.full else 1
+
+    def finish(self, theta: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+        """(R*n1, R*n2) accumulator -> the kernel the user asked for."""
+        if self.full:
+            K = self.K
+            return theta.view(K, n1, K, n2).permute(1, 3, 0, 2).contiguous()
+        if self.output == "mean":
+            theta = theta / self.K
+        return theta
+
+
+@dataclass
+class Copies:
+    """Private parameters and buffers the forward runs with."""
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    selected: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def call(self, model: nn.Module, x: torch.Tensor) -> Any:
+        return functional_call(model, (self.params, self.buffers), (x,), tie_weights=True)
+
+
+def make_copies(
+    model: nn.Module, selected: dict[str, nn.Parameter], dtype: torch.dtype
+) -> Copies:
+    params = {}
+    for n, p in model.named_parameters():
+        t = p.detach()
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        params[n] = t.requires_grad_(n in selected)
+    buffers = {}
+    for n, b in model.named_buffers():
+        t = b.detach().clone()
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        buffers[n] = t
+    return Copies(params, buffers, {n: params[n] for n in selected})
+
+
+def _per_sample_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = per_sample_batchnorm(self, x)
+    if self.weight is not None:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = y * self.weight.view(shape) + self.bias.view(shape)
+    return y
+
+
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def is_coupled(model: nn.Module, bn: str) -> bool:
+    """Whether samples interact in the forward pass (per-sample factorisation invalid)."""
+    if bn == "batch":
+        return bool(batchnorms(model))
+    if bn == "eval":
+        # BatchNorm without running statistics uses batch statistics even in eval mode.
+        return any(m.running_mean is None for m in batchnorms(model))
+    return False
+
+
+@contextlib.contextmanager
+def model_state(model: nn.Module, bn: str) -> Iterator[None]:
+    """Set the modes a computation needs; restore every flag and forward afterwards.
+
+    * every module goes to eval mode (dropout off: the kernel is deterministic);
+    * ``bn="batch"``: BatchNorm modules in train mode (batch statistics);
+    * ``bn="per_sample"``: BatchNorm modules normalise each sample by itself.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    swapped: list[tuple[nn.Module, Any]] = []
+    try:
+        model.eval()
+        for m in batchnorms(model):
+            if bn == "batch":
+                m.train()
+            elif bn == "per_sample":
+                swapped.append((m, m.__dict__.get("forward", _MISSING)))
+                m.forward = types.MethodType(_per_sample_bn_forward, m)
+        yield
+    finally:
+        for m, old in swapped:
+            if old is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = old
+        for m, t in flags:
+            m.training = t
+
+
+_MISSING = object()
+
+
+def owners(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, str]]]:
+    """canonical param name -> [(module name, module, attribute)] for every registration."""
+    named = dict(model.named_parameters())
+    canon = {id(p): n for n, p in named.items()}
+    out: dict[str, list[tuple[str, nn.Module, str]]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is not None and id(p) in canon:
+                entry = (mname, m, attr)
+                lst = out.setdefault(canon[id(p)], [])
+                if all(e[1] is not m or e[2] != attr for e in lst):
+                    lst.append(entry)
+    return out

@@ -1,0 +1,585 @@
+"""The ``fastntk`` command line: ``score``, ``search``, ``evaluate``, ``bench``.
+
+Examples::
+
+    fastntk score --space nb201 --metric lga,cond \
+        --arch '|nor_conv_3x3~0|+|none~0|nor_conv_1x1~1|+|skip_connect~0|none~1|none~2|'
+    fastntk search --space nb201 --algo rea --metric lga --budget 100 --db runs.db
+    fastntk evaluate --space nb201 --metric lga,ncn --archs 50 --plot tau.png
+    fastntk bench --model nb201 --n 32,64 --method auto,vmap --csv bench.csv
+
+Errors a user can make (unknown space, metric or algorithm, malformed arch
+string, a budget <= 0, an unwritable database, ...) exit with status 2 and one
+line on stderr, without a traceback.
+
+Reproducibility: the batch is ``fastntk.data.load(data, batch_size, seed=seed)``
+and each network is initialised with ``torch.manual_seed(crc32("seed:arch"))``,
+so a score depends only on (space, arch, metrics, data, batch size, BN mode,
+seed): exactly the settings the search journal keys on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from fastntk.errors import FastNTKError, OptionError
+
+__all__ = ["main"]
+
+NB201_DATASETS = (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"),
+                  ("imagenet16-120", "ImageNet16-120"))
+
+# The network of the brief's measurements (NTK_BRIEF.md, section 4).
+BENCH_NB201_ARCH = (
+    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|"
+    "avg_pool_3x3~2|"
+)
+
+
+# ---------------------------------------------------------------------------
+# Argument parsing
+# ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(what: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{what} must be > 0, got {v}")
+        return v
+
+    return parse
+
+
+def _positive_float(what: str):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {s!r}") from None
+        if not v > 0 or math.isinf(v):
+            raise argparse.ArgumentTypeError(f"{what} must be > 0 seconds, got {s}")
+        return v
+
+    return parse
+
+
+def _int_list(what: str):
+    def parse(s: str) -> list[int]:
+        out = []
+        for p in s.split(","):
+            out.append(_positive_int(what)(p.strip()))
+        return out
+
+    return parse
+
+
+def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=batch,
+                   help=f"samples per NTK batch (default {batch})")
+    p.add_argument("--data", default="cifar10", choices=("cifar10", "synthetic"),
+                   help="bundled CIFAR-10 sample or seeded synthetic images")
+    p.add_argument("--bn", default="eval", choices=("eval", "batch", "per_sample"),
+                   help="BatchNorm semantics of the kernel (default eval)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, init and search")
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="fastntk", description="Empirical NTKs and training-free NAS.")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("score", help="metrics of one architecture")
+    p.add_argument("--space", default="nb201")
+    p.add_argument("--arch", required=True, help="architecture string of the space")
+    p.add_argument("--metric", required=True, help="metric name(s), comma separated")
+    _add_data_args(p, 64)
+
+    p = sub.add_parser("search", help="training-free architecture search")
+    p.add_argument("--space", default="nb201")
+    p.add_argument("--algo", default="random", help="random | rea | prune | reinforce")
+    p.add_argument("--metric", required=True, help="metric name(s); several: Borda count")
+    p.add_argument("--budget", type=_positive_int("--budget"),
+                   help="number of architecture evaluations")
+    p.add_argument("--time-budget", type=_positive_float("--time-budget"),
+                   help="wall-clock seconds")
+    p.add_argument("--db", help="SQLite journal: resumable search and result store")
+    p.add_argument("--population", type=_positive_int("--population"), default=20,
+                   help="REA population size (default 20)")
+    p.add_argument("--sample-size", type=_positive_int("--sample-size"), default=5,
+                   help="REA tournament size (default 5)")
+    p.add_argument("--lr", type=_positive_float("--lr"), default=0.2,
+                   help="REINFORCE learning rate (default 0.2)")
+    p.add_argument("--samples-per-op", type=_positive_int("--samples-per-op"), default=1,
+                   help="pruning: architectures scored per (edge, op) (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_data_args(p, 64)
+
+    p = sub.add_parser("evaluate", help="rank correlation of metrics with true accuracy")
+    p.add_argument("--space", default="nb201")
+    p.add_argument("--metric", required=True, help="metric name(s), comma separated")
+    p.add_argument("--archs", type=_positive_int("--archs"), required=True,
+                   help="number of sampled architectures")
+    p.add_argument("--dataset", default="cifar10",
+                   help="ground truth: cifar10 | cifar100 | imagenet16-120")
+    p.add_argument("--plot", help="scatter plot PNG (metric vs accuracy)")
+    p.add_argument("--db", help="SQLite journal to reuse/store the scores")
+    _add_data_args(p, 64)
+
+    p = sub.add_parser("bench", help="time and memory of the NTK methods")
+    p.add_argument("--model", default="nb201", choices=("nb201", "resnet18", "vit"))
+    p.add_argument("--n", type=_int_list("--n"), default=[32], help="batch size(s), e.g. 32,64")
+    p.add_argument("--method", default="auto", help="fastntk.ntk method(s), comma separated")
+    p.add_argument("--output", default="sum", choices=("sum", "trace"))
+    p.add_argument("--repeat", type=_positive_int("--repeat"), default=1,
+                   help="timed calls per measurement (median reported; default 1)")
+    p.add_argument("--csv", help="also write the table as CSV")
+    p.add_argument("--timeout", type=_positive_float("--timeout"), default=600.0,
+                   help="seconds per measurement (default 600)")
+    return top
+
+
+# ---------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------
+
+
+def _expand_metrics(spec: str) -> list[str]:
+    """Metric names of a comma-separated spec (groups such as ntk_score expanded)."""
+    from fastntk import metrics as M
+
+    expand = getattr(M, "_expand", None)
+    if expand is not None:
+        return list(expand(spec))
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in M.METRICS]
+    if unknown or not names:
+        raise OptionError(f"unknown metric {unknown[0] if unknown else spec!r}; known: "
+                          f"{', '.join(sorted(M.METRICS))}")
+    return names
+
+
+def _arch_seed(seed: int, encoding: str) -> int:
+    return zlib.crc32(f"{seed}:{encoding}".encode())
+
+
+def _settings(args, metrics: list[str]) -> dict[str, Any]:
+    return {"metrics": metrics, "data": args.data, "batch_size": args.batch_size,
+            "bn": args.bn, "seed": args.seed, "num_classes": 10,
+            "init": "torch.manual_seed(crc32('seed:arch'))"}
+
+
+def _score_fn(space, metrics: list[str], args):
+    import torch
+
+    from fastntk.data import load
+    from fastntk.metrics import compute_metrics
+
+    x, y = load(args.data, args.batch_size, seed=args.seed)
+
+    def fn(arch) -> dict[str, float]:
+        torch.manual_seed(_arch_seed(args.seed, space.encode(arch)))
+        model = space.build(arch, num_classes=10)
+        return compute_metrics(model, x, y, metrics, bn=args.bn, errors="nan")
+
+    return fn
+
+
+def _nb201_truth(arch: str) -> list[str]:
+    from fastntk.spaces import nb201
+
+    accs = "  ".join(f"{label} {nb201.accuracy(arch, d):.2f}%" for d, label in NB201_DATASETS)
+    lines = [f"  true accuracy (200 epochs): {accs}"]
+    for d, label in NB201_DATASETS:
+        lines.append(f"  {label}: rank {nb201.rank(arch, d)} of {nb201.NUM_ARCHS} "
+                     f"(better than {nb201.percentile(arch, d):.2f}% of the space)")
+    return lines
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6g}"
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def _cmd_score(args) -> int:
+    from fastntk.spaces.registry import get_space
+
+    space = get_space(args.space)
+    metrics = _expand_metrics(args.metric)
+    arch = space.decode(args.arch)
+    enc = space.encode(arch)
+    t = time.perf_counter()
+    values = _score_fn(space, metrics, args)(arch)
+    dt = time.perf_counter() - t
+    print(f"space {space.name}  arch {enc}")
+    print(f"data {args.data}, batch {args.batch_size}, bn {args.bn}, seed {args.seed}")
+    width = max(len(m) for m in metrics)
+    for m in metrics:
+        print(f"  {m:<{width}}  {_fmt(values[m])}")
+    if space.name == "nb201":
+        print("\n".join(_nb201_truth(enc)))
+    print(f"time {dt:.2f} s")
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from fastntk.metrics import DIRECTIONS
+    from fastntk.search import ALGORITHMS, Journal, Scorer, run_search
+    from fastntk.spaces.registry import get_space
+
+    if args.algo not in ALGORITHMS:
+        raise OptionError(f"unknown search algorithm {args.algo!r}; known: "
+                          f"{', '.join(ALGORITHMS)}")
+    if args.budget is None and args.time_budget is None:
+        raise OptionError("give --budget N (evaluations) and/or --time-budget SECONDS")
+    space = get_space(args.space)
+    metrics = _expand_metrics(args.metric)
+    if args.algo == "rea" and args.sample_size > args.population:
+        raise OptionError(f"--sample-size ({args.sample_size}) must be <= --population "
+                          f"({args.population})")
+    journal = Journal(args.db) if args.db else None
+    scorer = Scorer(_score_fn(space, metrics, args), metrics, DIRECTIONS,
+                    settings=_settings(args, metrics))
+    kw: dict[str, Any] = {}
+    if args.algo == "rea":
+        kw = {"population_size": args.population, "sample_size": args.sample_size}
+    elif args.algo == "reinforce":
+        kw = {"lr": args.lr}
+    elif args.algo == "prune":
+        kw = {"samples_per_op": args.samples_per_op}
+    try:
+        res = run_search(args.algo, space, scorer, budget=args.budget,
+                         time_budget=args.time_budget, seed=args.seed, journal=journal,
+                         progress=not args.no_progress, **kw)
+    finally:
+        if journal is not None:
+            journal.close()
+    print(f"search {args.algo} on {space.name}: {res.n_evaluations} evaluations "
+          f"({res.n_computed} computed, {res.n_cached} from the journal/cache) in "
+          f"{res.elapsed:.1f} s, stopped: {res.stop_reason}")
+    if res.best is None:
+        print("no architecture evaluated")
+        return 0
+    print(f"best {res.best.encoding}")
+    print("  " + "  ".join(f"{m}={_fmt(v)}" for m, v in res.best.metrics.items()))
+    if space.name == "nb201":
+        print("\n".join(_nb201_truth(res.best.encoding)))
+    if args.db:
+        print(f"journal {args.db}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    import numpy as np
+    from scipy import stats
+
+    from fastntk.metrics import DIRECTIONS
+    from fastntk.search import Journal, Scorer, random_search
+    from fastntk.spaces.registry import get_space
+
+    space = get_space(args.space)
+    if space.name != "nb201":
+        raise OptionError(f"evaluate needs ground-truth accuracies, which only the nb201 space "
+                          f"has (got {space.name!r})")
+    from fastntk.spaces import nb201
+
+    nb201.accuracy(BENCH_NB201_ARCH, args.dataset)  # OptionError on an unknown data set
+    metrics = _expand_metrics(args.metric)
+    journal = Journal(args.db) if args.db else None
+    scorer = Scorer(_score_fn(space, metrics, args), metrics, DIRECTIONS,
+                    settings=_settings(args, metrics))
+    try:
+        res = random_search(space, scorer, budget=args.archs, seed=args.seed, journal=journal,
+                            progress=True)
+    finally:
+        if journal is not None:
+            journal.close()
+    archs = res.encodings
+    acc = np.array([nb201.accuracy(a, args.dataset) for a in archs])
+    rows = []
+    cols: list[tuple[str, list[float]]] = []
+    for m in metrics:
+        sign = 1.0 if DIRECTIONS[m] else -1.0
+        vals = []
+        for e in res.history:
+            v = e.metrics[m]
+            vals.append(-math.inf if math.isnan(v) else sign * v)
+        cols.append((m, vals))
+    if len(metrics) > 1:
+        cols.append(("borda", scorer.fitness([e.metrics for e in res.history])))
+    print(f"{len(archs)} NB201 archs, ground truth {args.dataset}; metrics oriented so that "
+          "higher predicts better (lower-is-better metrics negated)")
+    print(f"  {'metric':<16} {'kendall_tau':>11} {'spearman_rho':>12}")
+    for name, vals in cols:
+        r = stats.rankdata(np.asarray(vals, dtype=float))
+        if len(archs) < 2 or np.all(r == r[0]):
+            tau = rho = float("nan")
+        else:
+            tau = float(stats.kendalltau(r, acc).statistic)
+            rho = float(stats.spearmanr(r, acc).statistic)
+        rows.append((name, tau, rho))
+        print(f"  {name:<16} {tau:>11.4f} {rho:>12.4f}")
+    if args.plot:
+        name, vals = cols[-1]
+        _scatter_png(args.plot, np.asarray(vals, dtype=float), acc,
+                     xlabel=name, ylabel=f"{args.dataset} accuracy (%)")
+        print(f"plot {args.plot}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Scatter plot (matplotlib if installed, else a minimal PNG written by hand)
+# ---------------------------------------------------------------------------
+
+
+def _scatter_png(path: str, x, y, *, xlabel: str = "", ylabel: str = "") -> None:
+    import numpy as np
+
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.scatter(x, y, s=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
+    except ImportError:
+        pass
+    _write_png_scatter(path, x, y)
+
+
+def _write_png_scatter(path: str, x, y, width: int = 480, height: int = 360) -> None:
+    """Scatter of (x, y) as an RGB PNG with axes (no text), using only zlib and struct."""
+    import struct
+
+    import numpy as np
+
+    img = np.full((height, width, 3), 255, dtype=np.uint8)
+    m = 40  # margin
+    img[height - m, m:width - m + 1] = 0  # x axis
+    img[m:height - m + 1, m] = 0  # y axis
+    for t in range(5):  # ticks
+        cx = m + t * (width - 2 * m) // 4
+        cy = height - m - t * (height - 2 * m) // 4
+        img[height - m:height - m + 5, cx] = 0
+        img[cy, m - 5:m] = 0
+
+    def scale(v, lo, hi, n):
+        if hi <= lo:
+            return np.full(v.shape, n // 2)
+        return ((v - lo) / (hi - lo) * (n - 1)).round().astype(int)
+
+    if len(x):
+        px = m + scale(x, x.min(), x.max(), width - 2 * m)
+        py = height - m - scale(y, y.min(), y.max(), height - 2 * m)
+        for a, b in zip(px, py, strict=True):
+            img[max(b - 2, 0):b + 3, max(a - 2, 0):a + 3] = (31, 119, 180)
+    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    png = (b"\x89PNG\r\n\x1a\n"
+           + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    with open(path, "wb") as f:
+        f.write(png)
+
+
+# ---------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------
+
+
+def _bench_model(name: str):
+    if name == "nb201":
+        from fastntk.spaces.nb201 import build_model
+
+        return build_model(BENCH_NB201_ARCH)
+    if name == "resnet18":
+        from fastntk.spaces.resnet import resnet18
+
+        return resnet18()
+    if name == "vit":
+        from fastntk.spaces.vit import vit_small
+
+        return vit_small()
+    raise OptionError(f"unknown bench model {name!r}; choose nb201, resnet18 or vit")
+
+
+def _bench_child(spec_json: str) -> None:
+    """Run in a fresh process: one measurement, printed as a JSON line."""
+    import resource
+    import statistics
+
+    import torch
+
+    from fastntk.data import synthetic
+    from fastntk.engine import ntk
+
+    spec = json.loads(spec_json)
+    torch.manual_seed(0)
+    model = _bench_model(spec["model"])
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = model.to(device)
+    x, _ = synthetic(spec["n"], seed=0)
+    x = x.to(device)
+    out: dict[str, Any] = {}
+    try:
+        ntk(model, x[:2], output=spec["output"], method=spec["method"])  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(spec["repeat"]):
+            t = time.perf_counter()
+            K = ntk(model, x, output=spec["output"], method=spec["method"])
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            del K
+        out["time_s"] = statistics.median(times)
+        if cuda:
+            out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            out["memory"] = "cuda max_memory_allocated"
+        else:
+            out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            out["memory"] = "peak RSS"
+        out["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    except Exception as e:  # reported as a row, not a crash of the table
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
+    print("FASTNTK_BENCH " + json.dumps(out), flush=True)
+
+
+def _cmd_bench(args) -> int:
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not methods:
+        raise OptionError("--method needs at least one method")
+    try:
+        from fastntk.engine import METHODS as known  # type: ignore[attr-defined]
+    except ImportError:
+        known = None
+    if known is not None:
+        bad = [m for m in methods if m not in known]
+        if bad:
+            raise OptionError(f"unknown NTK method {bad[0]!r}; known: {', '.join(known)}")
+    params = sum(p.numel() for p in _bench_model(args.model).parameters())
+    rows = []
+    print(f"bench {args.model} ({params / 1e6:.2f}M parameters), output {args.output}; "
+          "one fresh process per measurement", file=sys.stderr)
+    for n in args.n:
+        for method in methods:
+            spec = {"model": args.model, "n": n, "method": method, "output": args.output,
+                    "repeat": args.repeat}
+            cmd = [sys.executable, "-c",
+                   "import sys; from fastntk.cli import _bench_child; _bench_child(sys.argv[1])",
+                   json.dumps(spec)]
+            row: dict[str, Any] = {"model": args.model, "method": method, "n": n,
+                                   "output": args.output}
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("FASTNTK_BENCH ")]
+                if lines:
+                    row.update(json.loads(lines[-1][len("FASTNTK_BENCH "):]))
+                else:
+                    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                    row["error"] = f"exit {p.returncode}: {tail}"[:120]
+            except subprocess.TimeoutExpired:
+                row["error"] = f"timeout after {args.timeout:g} s"
+            if "time_s" in row:
+                row["samples_per_s"] = n / row["time_s"] if row["time_s"] > 0 else math.inf
+            rows.append(row)
+            print(f"  n={n} {method}: " + (f"{row['time_s']:.3f} s" if "time_s" in row
+                                            else row.get("error", "?")), file=sys.stderr)
+    header = ("model", "method", "n", "output", "time_s", "samples_per_s", "peak_mb", "device",
+              "error")
+    table = []
+    for r in rows:
+        table.append([
+            str(r["model"]), str(r["method"]), str(r["n"]), str(r["output"]),
+            f"{r['time_s']:.4f}" if "time_s" in r else "-",
+            f"{r['samples_per_s']:.1f}" if "samples_per_s" in r else "-",
+            f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-",
+            str(r.get("device", "-")), str(r.get("error", "")),
+        ])
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    for t in table:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
+    if args.csv:
+        import csv
+
+        try:
+            with open(args.csv, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                for r in rows:
+                    w.writerow([r.get(h, "") for h in header])
+        except OSError as e:
+            raise OptionError(f"cannot write --csv {args.csv!r}: {e.strerror}") from None
+        print(f"csv {args.csv}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+_COMMANDS = {"score": _cmd_score, "search": _cmd_search, "evaluate": _cmd_evaluate,
+             "bench": _cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 usage or input error)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return _COMMANDS[args.command](args)
+    except FastNTKError as e:
+        msg = " ".join(str(e).split())
+        print(f"fastntk {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastntk {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,903 @@
+"""The empirical NTK engine: ``fastntk.ntk``.
+
+Methods
+-------
+``"layerwise"`` (the fast path). One forward pass keeps each parameterised
+layer's input (forward hooks store references, the tensors autograd keeps
+anyway); one backward pass per output weighting delivers each layer's output
+gradient through a hook on the layer's autograd node, *during* the backward,
+where the layer's rule turns (input, output gradient) into per-sample
+gradient blocks that are contracted into the kernel and dropped. The batch
+weight gradients are never computed (the backward runs to the input only),
+and the N x P Jacobian never exists. Modules without a rule fall back to an
+exact per-module torch.func computation; parameters used outside any module
+call fall back to a whole-model torch.func computation.
+
+``"vmap"``: torch.func ``vmap(jacrev)`` per sample, chunked over samples
+(holds the Jacobian: the baseline fastntk replaces).
+
+``"loop"``: one backward per sample and output (TE-NAS / LGA reference
+codes; reference only).
+
+Samples that interact in the forward pass (``bn="batch"``, or BatchNorm
+without running statistics) cannot be factorised per sample: every method
+then differentiates each sample's outputs through the shared batch graph,
+the layerwise method with batched one-hot backward passes
+(``is_grads_batched``).
+
+Memory
+------
+Beyond the model's own forward+backward, the layerwise path holds the kernel
+(N1 x N2) and one block of per-sample gradients (samples x columns; columns
+bounded by ``chunk_size``). Batches larger than the sample chunk are processed
+in chunks: a *panel* of rows keeps its per-sample gradients while the column
+chunks stream past it, so the kernel is assembled blockwise.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, jacrev, vmap
+
+from fastntk import _model
+from fastntk._model import Copies, Head
+from fastntk.errors import NonFiniteKernelError, OptionError
+from fastntk.rules import (
+    Block,
+    Context,
+    Dense,
+    GramRule,
+    Outer,
+    add_blocks,
+    cat_blocks,
+    find_rule,
+    gram_block,
+)
+
+METHODS = ("auto", "layerwise", "vmap", "loop")
+
+# Default sample chunk of one forward/backward and byte budgets; chosen for the
+# 24 GB development CPU (NB201 C=16 at N=256 needs about 2 GB for forward+backward).
+DEFAULT_SAMPLE_CHUNK = 256
+BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
+PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows
+JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
+
+
+def ntk(
+    model: nn.Module,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    *,
+    output: str | int | Callable[[Any], torch.Tensor] = "sum",
+    bn: str = "eval",
+    params: None | list[str] | Callable[[str, nn.Parameter], bool] = None,
+    method: str = "auto",
+    chunk_size: int | tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Empirical neural tangent kernel Θ(x1, x2) of ``model``.
+
+    Θ_ij = <∂f(x1_i)/∂θ, ∂f(x2_j)/∂θ> over the selected parameters θ, exact
+    (no approximation on any path).
+
+    Args:
+        model: any ``nn.Module`` mapping a batch (N, ...) to outputs (N, K)
+            (or (N, ...), flattened to K; or a tuple whose last element is the
+            logits, as NAS-Bench-201's ``(features, logits)``). It is never
+            changed: parameters, buffers (BatchNorm statistics included),
+            train/eval flags, ``requires_grad`` and hooks are as before, also
+            when the call raises.
+        x1: (N1, ...) inputs (floating point; integer token ids for models
+            with ``nn.Embedding``).
+        x2: (N2, ...) inputs or None for Θ(x1, x1) (symmetric; computed once).
+        output: which function of the outputs the kernel is of.
+
+            * ``"sum"``: NTK of Σ_k f_k (TE-NAS and the LGA reference code call
+              ``logit.backward(ones)``). Shape (N1, N2).
+            * ``"trace"``: Σ_k <∂f_k(x_i), ∂f_k(x_j)> (torch.func tutorial). (N1, N2).
+            * ``"mean"``: trace / K (neural-tangents' default). (N1, N2).
+            * ``"full"``: Θ_ijab = <∂f_a(x_i), ∂f_b(x_j)> (neural-tangents
+              ``trace_axes=()``). Shape (N1, N2, K, K).
+            * an int ``k``: NTK of logit k alone. (N1, N2).
+            * a callable: applied to the model's raw output, must return one
+              value per sample (N,); the kernel of that function.
+        bn: BatchNorm semantics.
+
+            * ``"eval"``: running statistics; each sample's output depends on
+              itself only (neural-tangents / torch.func users, the LGA code's
+              eval mode).
+            * ``"batch"``: train-mode batch statistics, samples coupled: each
+              sample's output is differentiated through the shared batch graph
+              (exactly TE-NAS and the LGA code's train mode). For a
+              cross-kernel, x1 and x2 form one batch.
+            * ``"per_sample"``: each sample normalised by its own statistics
+              (what ``vmap`` over a train-mode BatchNorm computes).
+
+            Every other module runs in eval mode (dropout off) in all three.
+        params: which parameters define the kernel: None = all with
+            ``requires_grad``; a list of names; or a predicate
+            ``(name, param) -> bool`` (the reference codes use
+            ``lambda n, p: "weight" in n``, the LGA code also drops the
+            classifier).
+        method: ``"layerwise"``, ``"vmap"``, ``"loop"`` or ``"auto"``
+            (= layerwise; it covers every model, with exact fallbacks).
+        chunk_size: samples per forward/backward chunk (int), or
+            ``(samples, columns)`` also bounding the columns of one
+            per-sample gradient block. Default: 256 samples, 256 MiB blocks.
+        dtype: computation dtype (``torch.float64`` for exactness); default:
+            the dtype of the model's parameters.
+        progress: print progress to stderr (default: only for multi-chunk
+            computations).
+
+    Returns:
+        Θ: (N1, N2), or (N1, N2, K, K) for ``output="full"``, in ``dtype``.
+
+    Raises:
+        fastntk.errors.FastNTKError subclasses: InputError / InputTypeError
+        (empty batch, mismatched shapes, non-floating inputs, wrong device),
+        OptionError (unknown ``bn``/``method``/``output``, logit out of
+        range), ParameterSelectionError (nothing selected, unknown name),
+        NonFiniteKernelError (names the first layer whose contribution is
+        not finite).
+    """
+    _model.check_options(output, bn, method, METHODS)
+    _model.check_inputs(model, x1, x2)
+    selected = _model.select_params(model, params)
+    if dtype is None:
+        dtype = next(iter(selected.values())).dtype
+    if not dtype.is_floating_point:
+        raise OptionError(f"dtype must be a floating-point dtype, got {dtype}")
+    samples, cols = _chunks(chunk_size)
+    job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress)
+    with _model.model_state(model, bn):
+        if method == "auto":
+            method = "layerwise"
+        if _model.is_coupled(model, bn):
+            theta = job.coupled(x1, x2, batched=method != "loop", use_vmap=method == "vmap")
+        elif method == "layerwise":
+            theta = job.layerwise(x1, x2)
+        elif method == "vmap":
+            theta = job.vmap(x1, x2)
+        else:
+            theta = job.coupled(x1, x2, batched=False)
+        if not bool(torch.isfinite(theta).all()):
+            raise NonFiniteKernelError(job.diagnose_nonfinite(x1, x2))
+    return theta
+
+
+def _chunks(chunk_size: Any) -> tuple[int, int | None]:
+    if chunk_size is None:
+        return DEFAULT_SAMPLE_CHUNK, None
+    if isinstance(chunk_size, int) and not isinstance(chunk_size, bool):
+        s, c = chunk_size, None
+    elif isinstance(chunk_size, tuple) and len(chunk_size) == 2:
+        s, c = chunk_size
+    else:
+        raise OptionError(f"chunk_size must be an int or (samples, columns), got {chunk_size!r}")
+    if not isinstance(s, int) or s < 1 or (c is not None and (not isinstance(c, int) or c < 1)):
+        raise OptionError(f"chunk_size values must be positive ints, got {chunk_size!r}")
+    return s, c
+
+
+# ---------------------------------------------------------------------------
+# Capture: forward hooks keep inputs, autograd-node hooks deliver gradients.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    """One call of one parameterised module during the forward pass."""
+
+    index: int  # forward order
+    mname: str
+    module: nn.Module
+    rule: GramRule | None  # None: torch.func fallback
+    attrs: dict[str, str]  # attribute -> canonical parameter name (selected only)
+    saved: Any
+    n: int
+    gouts: dict[int, Any] = field(default_factory=dict)  # pass -> grad(s) of output(s)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Capture:
+    """Hooks of one forward/backward; routes gradient blocks to ``consume``."""
+
+    def __init__(self, job: _Job):
+        self.job = job
+        self.records: list[_Record] = []
+        self.roots: list[torch.Tensor] = []
+        self.active = False
+        self.pass_idx = 0
+        self.deferred_params: set[str] = set()  # processed after all passes
+        self.excluded: set[str] = set()  # handled by the whole-model fallback
+        self.consume: Callable[[tuple, Block], None] | None = None
+        self.handles: list[Any] = []
+        self.npasses = 1
+
+    # -- forward -----------------------------------------------------------
+    def install(self) -> None:
+        for mname, module, attrs in self.job.plan_modules:
+            rule = self.job.rules[mname]
+            h = module.register_forward_hook(
+                self._make_hook(mname, module, rule, attrs), with_kwargs=True
+            )
+            self.handles.append(h)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _make_hook(self, mname, module, rule, attrs):
+        def hook(mod, args, kwargs, out):
+            if not self.active:
+                return None
+            tensors = _tensors(out)
+            n = tensors[0].shape[_batch_dim(mod)] if tensors else 0
+            if rule is not None:
+                saved = rule.save(mod, args, kwargs, out, Context(self.job.bn))
+            else:
+                saved = (args, kwargs)
+            rec = _Record(len(self.records), mname, mod, rule, attrs, saved, n)
+            self.records.append(rec)
+            if not any(t.requires_grad for t in _tensors((args, kwargs))):
+                # Nothing upstream requires grad (first layer of token models, a
+                # layer on constants): drive the backward to its parameters too.
+                self.roots.extend(
+                    self.job.copies.params[p]
+                    for p in attrs.values()
+                    if self.job.copies.params[p].requires_grad
+                )
+            outs = [t for t in tensors if t.requires_grad and t.grad_fn is not None]
+            rec.outputs = outs if rule is None else outs[:1]
+            for j, t in enumerate(rec.outputs):
+                t.grad_fn.register_prehook(self._make_prehook(rec, j, t.output_nr))
+            return None
+
+        return hook
+
+    def _make_prehook(self, rec: _Record, j: int, output_nr: int):
+        def prehook(grad_outputs):
+            g = grad_outputs[output_nr]
+            if g is None:
+                return None
+            if rec.rule is None:
+                rec.gouts.setdefault(self.pass_idx, [None] * len(rec.outputs))[j] = g
+            elif all(p in self.deferred_params for p in rec.attrs.values()):
+                rec.gouts[self.pass_idx] = g
+            else:
+                self._immediate(rec, g)
+            return None
+
+        return prehook
+
+    def _immediate(self, rec: _Record, g: torch.Tensor) -> None:
+        deferred = False
+        for attr, pname in rec.attrs.items():
+            if pname in self.excluded:
+                continue
+            if pname in self.deferred_params:
+                deferred = True
+                continue
+            for r0, r1 in self.job.row_ranges(pname, rec.rule, g.shape[0]):
+                blk = rec.rule.grad_rows(rec.module, rec.saved, g, attr, r0, r1)
+                self.consume((pname, r0, self.pass_idx), blk)
+        if deferred:
+            rec.gouts[self.pass_idx] = g
+        elif self.pass_idx == self.npasses - 1:
+            rec.saved = None  # last use of this layer's input: let autograd free it
+
+    # -- after the backward passes -------------------------------------------
+    def flush_deferred(self, npasses: int, full: bool) -> None:
+        """Blocks of parameters used several times, fallback modules, and "full" mode."""
+        uses: dict[str, list[tuple[_Record, str]]] = defaultdict(list)
+        for rec in self.records:
+            for attr, pname in rec.attrs.items():
+                if pname not in self.excluded:
+                    uses[pname].append((rec, attr))
+        fb_cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        for pname, lst in uses.items():
+            if pname not in self.deferred_params and all(r.rule is not None for r, _ in lst):
+                continue
+            rows_ok = all(r.rule is not None and r.rule.supports_rows for r, _ in lst)
+            n = lst[0][0].n
+            ranges = (
+                self.job.row_ranges(pname, lst[0][0].rule, n * (npasses if full else 1))
+                if rows_ok
+                else [(0, _rows_of(self.job.copies.params[pname]))]
+            )
+            for r0, r1 in ranges:
+                per_pass = []
+                for k in range(npasses):
+                    parts = []
+                    for rec, attr in lst:
+                        if k not in rec.gouts:
+                            continue
+                        if rec.rule is None:
+                            key = (rec.index, k)
+                            if key not in fb_cache:
+                                fb_cache[key] = self.job.fallback_grads(rec, rec.gouts[k])
+                            G = fb_cache[key][attr]
+                            parts.append(Dense(G.reshape(G.shape[0], -1)))
+                        else:
+                            parts.append(rec.rule.grad_rows(rec.module, rec.saved, rec.gouts[k], attr, r0, r1))
+                    if not parts:  # this use got no gradient in pass k: a zero block
+                        p = self.job.copies.params[pname]
+                        width = p.numel() // max(1, p.shape[0] if p.dim() else 1) * (r1 - r0)
+                        z = torch.zeros(n, width, dtype=self.job.dtype, device=self.job.device)
+                        parts = [Dense(z)]
+                    per_pass.append(add_blocks(parts))
+                if full:
+                    self.consume((pname, r0, 0), cat_blocks(per_pass))
+                else:
+                    for k, blk in enumerate(per_pass):
+                        self.consume((pname, r0, k), blk)
+
+
+def _rows_of(p: torch.Tensor) -> int:
+    return p.shape[0] if p.dim() else 1
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            out.extend(_tensors(o))
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            out.extend(_tensors(o))
+    return out
+
+
+def _batch_dim(module: nn.Module) -> int:
+    """Batch dimension of a module's tensors: 1 for sequence-first modules (MHA & co)."""
+    return 1 if getattr(module, "batch_first", True) is False else 0
+
+
+# ---------------------------------------------------------------------------
+# The job: one ntk() call.
+# ---------------------------------------------------------------------------
+
+
+class _Job:
+    def __init__(self, model, selected, head, bn, dtype, samples, cols, progress):
+        self.model = model
+        self.selected = selected
+        self.head: Head = head
+        self.bn = bn
+        self.dtype = dtype
+        self.samples = samples
+        self.cols = cols
+        self.progress = progress
+        self.device = next(iter(selected.values())).device
+        self.copies: Copies = _model.make_copies(model, selected, dtype)
+        self._plan()
+
+    # -- plan ------------------------------------------------------------------
+    def _plan(self) -> None:
+        """Assign each selected parameter to a rule, a module fallback or the root fallback."""
+        owners = _model.owners(self.model)
+        self.rules: dict[str, GramRule | None] = {}
+        attrs: dict[str, dict[str, str]] = defaultdict(dict)
+        mods: dict[str, nn.Module] = {}
+        self.param_path: dict[str, str] = {}
+        for pname in self.selected:
+            for mname, m, attr in owners[pname]:
+                rule = find_rule(m)
+                if rule is not None and attr not in rule.param_names:
+                    rule = None
+                if mname in self.rules and self.rules[mname] is not rule:
+                    rule = None  # one module: rule for some params, fallback for others
+                self.rules[mname] = rule
+                attrs[mname][attr] = pname
+                mods[mname] = m
+        # A module with any fallback parameter runs entirely through the fallback.
+        self.plan_modules = [(mn, mods[mn], attrs[mn]) for mn in self.rules]
+        self.module_of: dict[str, list[str]] = defaultdict(list)
+        for mn, _, at in self.plan_modules:
+            for pname in at.values():
+                self.module_of[pname].append(mn)
+
+    def row_ranges(self, pname: str, rule: GramRule | None, nrows: int) -> list[tuple[int, int]]:
+        p = self.copies.params[pname]
+        rows = p.shape[0] if p.dim() else 1
+        if rule is None or not rule.supports_rows or p.dim() == 0:
+            return [(0, rows)]
+        per_row = max(1, p.numel() // rows)
+        budget = BLOCK_BYTES if self.cols is None else self.cols * nrows * p.element_size()
+        max_rows = max(1, budget // max(1, nrows * per_row * p.element_size()))
+        return [(r, min(rows, r + max_rows)) for r in range(0, rows, max_rows)]
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        if x.is_floating_point():
+            x = x.to(self.dtype).requires_grad_(True)
+        return x
+
+    # -- layerwise -------------------------------------------------------------
+    def _run_chunk(self, x: torch.Tensor, consume: Callable[[tuple, Block], None]) -> int:
+        """Forward + one backward per pass on chunk ``x``; feeds blocks to ``consume``.
+
+        Returns the number of passes (rows per sample of the blocks: R).
+        """
+        cap = _Capture(self)
+        cap.consume = consume
+        cap.install()
+        try:
+            xp = self._prep(x)
+            cap.active = True
+            raw = self.copies.call(self.model, xp)
+            cap.active = False
+            y = self.head(raw)
+            passes = self.head.passes(y)
+            self._classify(cap, y)
+            roots = ([xp] if xp.requires_grad else []) + cap.roots
+            roots += [self.copies.params[p] for p in cap.excluded]
+            roots = list({id(t): t for t in roots}.values())
+            if self.head.full:
+                cap.deferred_params |= {p for r in cap.records for p in r.attrs.values()}
+            cap.npasses = len(passes)
+            for k, w in enumerate(passes):
+                cap.pass_idx = k
+                if roots and y.requires_grad:
+                    torch.autograd.grad(
+                        y, roots, grad_outputs=w, retain_graph=k < len(passes) - 1, allow_unused=True
+                    )
+            cap.flush_deferred(len(passes), self.head.full)
+        finally:
+            cap.active = False
+            cap.remove()
+        if cap.excluded:
+            self._root_fallback(x, consume, sorted(cap.excluded), len(passes))
+        return len(passes)
+
+    def _classify(self, cap: _Capture, y: torch.Tensor) -> None:
+        """After the forward: find multi-use parameters and uses no hook saw."""
+        calls: dict[str, int] = defaultdict(int)
+        for rec in cap.records:
+            for pname in rec.attrs.values():
+                calls[pname] += 1
+        if not hasattr(self, "_untracked"):
+            self._untracked = self._untracked_params(y, calls)
+        cap.excluded = set(self._untracked)
+        for pname, c in calls.items():
+            if c > 1 and pname not in cap.excluded:
+                cap.deferred_params.add(pname)
+
+    def _untracked_params(self, y: torch.Tensor, calls: dict[str, int]) -> set[str]:
+        """Selected parameters used by autograd more often than their module calls account for.
+
+        Walks the autograd graph once and counts the edges into each selected
+        parameter's accumulator; a parameter used outside its module's call
+        (e.g. ``F.linear(x, self.fc.weight)`` in a parent's forward, an
+        ``nn.Parameter`` of a container) goes to the whole-model fallback.
+        """
+        want = {id(self.copies.params[p]): p for p in self.selected}
+        counts: dict[str, int] = defaultdict(int)
+        seen = set()
+        stack = [y.grad_fn] if y.grad_fn is not None else []
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    continue
+                var = getattr(nxt, "variable", None)
+                if var is not None and id(var) in want:
+                    counts[want[id(var)]] += 1
+                elif id(nxt) not in seen:
+                    stack.append(nxt)
+        return {p for p, c in counts.items() if c > calls.get(p, 0)}
+
+    def _root_fallback(self, x, consume, pnames, npasses) -> None:
+        """Per-sample gradients of ``pnames`` through the whole model (torch.func)."""
+        J = self._vmap_jac(x, pnames)  # pname -> (n, P_k, *shape) per pass rows
+        for pname in pnames:
+            G = J[pname]  # (n, npasses, cols)
+            if self.head.full:
+                consume((pname, 0, 0), Dense(G.transpose(0, 1).reshape(-1, G.shape[-1])))
+            else:
+                for k in range(npasses):
+                    consume((pname, 0, k), Dense(G[:, k]))
+
+    def layerwise(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
+        n1 = x1.shape[0]
+        n2 = n1 if x2 is None else x2.shape[0]
+        if x2 is None and n1 <= self.samples:
+            return self._single_self(x1)
+        if x2 is not None and n1 + n2 <= self.samples:
+            return self._single_cross(x1, x2)
+        return self._panels(x1, x2)
+
+    def _alloc(self, n1: int, n2: int, R: int) -> torch.Tensor:
+        return torch.zeros(R * n1, R * n2, dtype=self.dtype, device=self.device)
+
+    def _single_self(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        state: dict[str, torch.Tensor] = {}
+
+        def consume(key, blk):
+            R = blk.n // n
+            if "theta" not in state:
+                state["theta"] = self._alloc(n, n, R)
+            state["theta"] += gram_block(blk, blk)
+
+        self._run_chunk(x, consume)
+        theta = state.get("theta", self._alloc(n, n, self.head.R))
+        return self.head.finish(theta, n, n)
+
+    def _single_cross(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        n1, n2 = x1.shape[0], x2.shape[0]
+        state: dict[str, torch.Tensor] = {}
+
+        def consume(key, blk):
+            R = blk.n // (n1 + n2)
+            if "theta" not in state:
+                state["theta"] = self._alloc(n1, n2, R)
+            a = _rows(blk, R, n1 + n2, 0, n1)
+            b = _rows(blk, R, n1 + n2, n1, n1 + n2)
+            state["theta"] += gram_block(a, b)
+
+        self._run_chunk(torch.cat([x1, x2]), consume)
+        theta = state.get("theta", self._alloc(n1, n2, self.head.R))
+        return self.head.finish(theta, n1, n2)
+
+    def _panels(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
+        """Blockwise assembly for batches larger than one sample chunk."""
+        sym = x2 is None
+        xb = x1 if sym else x2
+        n1, n2 = x1.shape[0], xb.shape[0]
+        c = self.samples
+        # Panel rows: as many per-sample gradients as PANEL_BYTES holds.
+        nparams = sum(p.numel() for p in self.selected.values())
+        per_sample = max(1, nparams * self.dtype.itemsize * max(1, self.head.R))
+        panel = max(c, (PANEL_BYTES // per_sample) // c * c)
+        col_chunks = [(s, min(n2, s + c)) for s in range(0, n2, c)]
+        panels = [(s, min(n1, s + panel)) for s in range(0, n1, panel)]
+        theta: torch.Tensor | None = None
+        total = len(panels) + sum(
+            len([b for b in col_chunks if not sym or b[0] >= p1]) for _, p1 in panels
+        )
+        show = self.progress if self.progress is not None else total > 2
+        bar = _Progress(total, "ntk", show)
+
+        for p0, p1 in panels:
+            store: dict[tuple, list[Block]] = defaultdict(list)
+            for s0 in range(p0, p1, c):
+                s1 = min(p1, s0 + c)
+                self._run_chunk(x1[s0:s1], lambda k, b: store[k].append(b))
+                bar.step()
+            R = self.head.R  # known once a chunk has run
+            stored = {k: _regroup(v, R) for k, v in store.items()}  # rows (R, panel)
+            del store
+            if theta is None:
+                theta = self._alloc(n1, n2, R)
+            t4 = theta.view(R, n1, R, n2)
+            if sym:
+                blk = sum(gram_block(b, b) for b in stored.values())
+                if isinstance(blk, torch.Tensor):
+                    t4[:, p0:p1, :, p0:p1] += blk.view(R, p1 - p0, R, p1 - p0)
+            for b0, b1 in col_chunks:
+                if sym and b0 < p1:
+                    continue
+
+                def consume(key, blk, b0=b0, b1=b1):
+                    a = stored.get(key)
+                    if a is not None:
+                        t4[:, p0:p1, :, b0:b1] += gram_block(a, blk).view(R, p1 - p0, R, b1 - b0)
+
+                self._run_chunk(xb[b0:b1], consume)
+                bar.step()
+            del stored
+        bar.close()
+        assert theta is not None
+        if sym:
+            R = theta.shape[0] // n1
+            t4 = theta.view(R, n1, R, n1)
+            for p0, p1 in panels:
+                # mirror the blocks right of each diagonal panel into the lower triangle
+                t4[:, p1:, :, p0:p1] = t4[:, p0:p1, :, p1:].permute(2, 3, 0, 1)
+        return self.head.finish(theta, n1, n2)
+
+    # -- torch.func paths -----------------------------------------------------
+    def _vmap_jac(self, x: torch.Tensor, pnames: list[str]) -> dict[str, torch.Tensor]:
+        """Per-sample Jacobians of the passes' functions: pname -> (n, npasses, P_p)."""
+        copies = self.copies
+        head = self.head
+        sel = {p: copies.params[p].detach() for p in pnames}
+        rest = {k: v.detach() for k, v in copies.params.items() if k not in sel}
+        xp = x.detach().to(self.dtype) if x.is_floating_point() else x
+        y0 = head(copies.call(self.model, xp[:1]))
+        W = torch.stack(head.passes(y0))[:, 0]  # (npasses, K)
+
+        def f(p, xi):
+            out = functional_call(
+                self.model, ({**rest, **p}, copies.buffers), (xi.unsqueeze(0),), tie_weights=True
+            )
+            return W @ head(out)[0]  # (npasses,)
+
+        out: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for s0 in range(0, xp.shape[0], self.samples):
+            J = vmap(jacrev(f), in_dims=(None, 0))(sel, xp[s0 : s0 + self.samples])
+            for p in pnames:
+                out[p].append(J[p].reshape(J[p].shape[0], W.shape[0], -1))
+        return {p: torch.cat(v) for p, v in out.items()}
+
+    def vmap(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
+        names = list(self.selected)
+        J1 = self._vmap_jac(x1, names)
+        J2 = J1 if x2 is None else self._vmap_jac(x2, names)
+        return self._from_jacobians(J1, J2, x1.shape[0], (x2 if x2 is not None else x1).shape[0])
+
+    def _from_jacobians(self, J1, J2, n1, n2) -> torch.Tensor:
+        theta = None
+        for p in J1:
+            A, B = J1[p], J2[p]  # (n, npasses, cols)
+            if self.head.full:
+                t = torch.einsum("iac,jbc->aibj", A, B)
+                part = t.reshape(A.shape[1] * n1, B.shape[1] * n2)
+            else:
+                part = torch.einsum("iac,jac->ij", A, B)
+            theta = part if theta is None else theta + part
+        return self.head.finish(theta, n1, n2)
+
+    def coupled(
+        self, x1: torch.Tensor, x2: torch.Tensor | None, *, batched: bool, use_vmap: bool = False
+    ) -> torch.Tensor:
+        """Exact kernel when samples interact: differentiate each sample's outputs
+        through the shared batch graph (one forward of the whole batch)."""
+        x = x1 if x2 is None else torch.cat([x1, x2])
+        n1 = x1.shape[0]
+        n = x.shape[0]
+        names = list(self.selected)
+        xp = x.detach().to(self.dtype) if x.is_floating_point() else x
+        raw = self.copies.call(self.model, xp)
+        y = self.head(raw)
+        passes = self.head.passes(y)
+        P = len(passes)
+        tensors = [self.copies.params[p] for p in names]
+        nparams = sum(t.numel() for t in tensors)
+        # rows (sample i, pass k): grad_outputs = e_i (x) w_k
+        rows = [(i, k) for k in range(P) for i in range(n)]
+        per_chunk = max(1, min(len(rows), JAC_BYTES // max(1, nparams * self.dtype.itemsize)))
+
+        def jac_rows(sub):
+            if use_vmap or batched:
+                E = torch.zeros(len(sub), *y.shape, dtype=y.dtype, device=y.device)
+                for r, (i, k) in enumerate(sub):
+                    E[r, i] = passes[k][i]
+                try:
+                    gs = torch.autograd.grad(
+                        y, tensors, grad_outputs=E, retain_graph=True,
+                        is_grads_batched=True, allow_unused=True,
+                    )
+                    return torch.cat(
+                        [_zeros_if_none(g, t, len(sub)).reshape(len(sub), -1) for g, t in zip(gs, tensors)], 1
+                    )
+                except RuntimeError:
+                    pass  # an op without a batching rule: fall back to a loop
+            out = []
+            for i, k in sub:
+                E = torch.zeros_like(y)
+                E[i] = passes[k][i]
+                gs = torch.autograd.grad(y, tensors, grad_outputs=E, retain_graph=True, allow_unused=True)
+                out.append(torch.cat([_zeros_if_none(g, t).reshape(-1) for g, t in zip(gs, tensors)]))
+            return torch.stack(out)
+
+        if len(rows) * nparams * self.dtype.itemsize <= 2 * JAC_BYTES:
+            J = torch.cat([jac_rows(rows[s : s + per_chunk]) for s in range(0, len(rows), per_chunk)])
+            J = J.view(P, n, -1)
+            if self.head.full:
+                A = J[:, :n1].reshape(P * n1, -1)
+                B = (J if x2 is None else J[:, n1:]).reshape(P * (n - n1 if x2 is not None else n), -1)
+                theta = A @ B.T
+            else:
+                A = J[:, :n1]
+                B = J if x2 is None else J[:, n1:]
+                theta = torch.einsum("kic,kjc->ij", A, B)
+        else:  # too many rows to hold: panels of rows, recomputing the others
+            theta = self._coupled_panels(rows, jac_rows, per_chunk, n1, n, x2 is None, P)
+        del raw, y
+        n2 = n1 if x2 is None else n - n1
+        return self.head.finish(theta, n1, n2)
+
+    def _coupled_panels(self, rows, jac_rows, per_chunk, n1, n, sym, P):
+        n2 = n1 if sym else n - n1
+        R = P if self.head.full else 1
+        theta = self._alloc(n1, n2, R).view(R, n1, R, n2)
+        left = [(i, k) for (i, k) in rows if i < n1]
+        right = [(i, k) for (i, k) in rows if (sym and i < n1) or (not sym and i >= n1)]
+        for a0 in range(0, len(left), per_chunk):
+            A_rows = left[a0 : a0 + per_chunk]
+            A = jac_rows(A_rows)
+            for b0 in range(0, len(right), per_chunk):
+                B_rows = right[b0 : b0 + per_chunk]
+                B = jac_rows(B_rows)
+                blk = A @ B.T
+                for ra, (i, ka) in enumerate(A_rows):
+                    for rb, (j, kb) in enumerate(B_rows):
+                        jj = j if sym else j - n1
+                        if self.head.full:
+                            theta[ka, i, kb, jj] += blk[ra, rb]
+                        elif ka == kb:
+                            theta[0, i, 0, jj] += blk[ra, rb]
+        return theta.view(R * n1, R * n2)
+
+    # -- diagnosis ---------------------------------------------------------------
+    def diagnose_nonfinite(self, x1: torch.Tensor, x2: torch.Tensor | None) -> str:
+        """Name the first layer (forward order) whose kernel contribution is not finite."""
+        owners = _model.owners(self.model)
+        for x in (x1, x2):
+            if x is None:
+                continue
+            xp = x.detach().to(self.dtype) if x.is_floating_point() else x
+            y = self.head(self.copies.call(self.model, xp))
+            if not bool(torch.isfinite(y).all()):
+                return (
+                    "the model's output is not finite (NaN/Inf) for some inputs, so the kernel "
+                    "is not either; check the inputs and the model's initialisation"
+                )
+            w = self.head.passes(y)
+            names = list(self.selected)
+            tensors = [self.copies.params[p] for p in names]
+            for k, wk in enumerate(w):
+                gs = torch.autograd.grad(
+                    y, tensors, grad_outputs=wk, retain_graph=k < len(w) - 1, allow_unused=True
+                )
+                for pname, g in zip(names, gs):
+                    if g is not None and not bool(torch.isfinite(g).all()):
+                        mod = owners[pname][0][0] or "<root>"
+                        return (
+                            f"the contribution of layer {mod!r} (parameter {pname!r}) is not "
+                            "finite: its gradients contain NaN/Inf"
+                        )
+        return (
+            f"the kernel overflowed in {self.dtype} although every layer's gradients are "
+            "finite; compute it with dtype=torch.float64"
+        )
+
+    # -- module fallback --------------------------------------------------------
+    def fallback_grads(self, rec: _Record, gouts: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Exact per-sample gradients of a module's selected parameters via torch.func.
+
+        Re-runs the module on each sample (vmap over the batch dimension, the
+        sample kept as a batch of one) and takes the vector-Jacobian product
+        with that sample's output gradient.
+        """
+        module, (args, kwargs) = rec.module, rec.saved
+        bdim = _batch_dim(module)
+        n = rec.n
+        prefix = rec.mname + "." if rec.mname else ""
+        state = {
+            k[len(prefix):]: v.detach()
+            for d in (self.copies.params, self.copies.buffers)
+            for k, v in d.items()
+            if k.startswith(prefix) or not prefix
+        }
+        diff = {attr: self.copies.params[p].detach() for attr, p in rec.attrs.items()}
+        const = {k: v for k, v in state.items() if k not in diff}
+        flat_args, spec = _flatten((args, kwargs))
+        in_dims = [
+            bdim if isinstance(a, torch.Tensor) and a.dim() > bdim and a.shape[bdim] == n else None
+            for a in flat_args
+        ]
+        tensors_out = rec.outputs
+        g_list = [g if g is not None else torch.zeros_like(t) for g, t in zip(gouts, tensors_out)]
+
+        def f(p, *fa_and_g):
+            fa = list(fa_and_g[: len(flat_args)])
+            gs = fa_and_g[len(flat_args):]
+            fa = [a.unsqueeze(bdim) if d is not None else a for a, d in zip(fa, in_dims)]
+            a, kw = _unflatten(fa, spec)
+            out = functional_call(module, ({**const, **p}), a, kw, tie_weights=True)
+            outs = [t for t in _tensors(out) if t.is_floating_point()]
+            total = 0.0
+            for t, g in zip(outs[: len(gs)], gs):
+                total = total + (t * g.unsqueeze(bdim)).sum()
+            return total
+
+        from torch.func import grad
+
+        gdims = [bdim] * len(g_list)
+        G = vmap(grad(f), in_dims=(None, *in_dims, *gdims))(diff, *flat_args, *g_list)
+        return G
+
+
+def _zeros_if_none(g, t, batch=None):
+    if g is not None:
+        return g
+    shape = t.shape if batch is None else (batch, *t.shape)
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+
+
+def _flatten(obj):
+    flat: list[Any] = []
+
+    def rec(o):
+        if isinstance(o, (tuple, list)):
+            return (type(o), [rec(v) for v in o])
+        if isinstance(o, dict):
+            return (dict, {k: rec(v) for k, v in o.items()})
+        flat.append(o)
+        return None
+
+    return flat, rec(obj)
+
+
+def _unflatten(flat, spec):
+    it = iter(flat)
+
+    def rec(s):
+        if s is None:
+            return next(it)
+        typ, body = s
+        if typ is dict:
+            return {k: rec(v) for k, v in body.items()}
+        vals = [rec(v) for v in body]
+        return tuple(vals) if typ is tuple else vals
+
+    return rec(spec)
+
+
+def _rows(blk: Block, R: int, n: int, s0: int, s1: int) -> Block:
+    """Rows of samples s0:s1 out of a block whose rows are (R, n)."""
+    if isinstance(blk, Outer):
+        a = blk.a.view(R, n, -1)[:, s0:s1].reshape(R * (s1 - s0), -1)
+        b = blk.b.view(R, n, -1)[:, s0:s1].reshape(R * (s1 - s0), -1)
+        return Outer(a, b)
+    G = blk.G.view(R, n, -1)[:, s0:s1].reshape(R * (s1 - s0), -1)
+    return Dense(G)
+
+
+def _regroup(parts: list[Block], R: int) -> Block:
+    """Concatenate chunk blocks whose rows are (R, n_chunk) into rows (R, sum n_chunk)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(b, Outer) for b in parts):
+        a = torch.cat([b.a.view(R, b.n // R, -1) for b in parts], 1)
+        bb = torch.cat([b.b.view(R, b.n // R, -1) for b in parts], 1)
+        return Outer(a.reshape(-1, a.shape[-1]), bb.reshape(-1, bb.shape[-1]))
+    G = torch.cat([b.dense().view(R, b.n // R, -1) for b in parts], 1)
+    return Dense(G.reshape(-1, G.shape[-1]))
+
+
+class _Progress:
+    """A one-line progress bar on stderr (units of forward/backward chunks)."""
+
+    def __init__(self, total: int, label: str, show: bool):
+        self.total, self.label, self.show = total, label, show
+        self.done = 0
+        self.t0 = time.perf_counter()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.show:
+            el = time.perf_counter() - self.t0
+            eta = el / self.done * (self.total - self.done)
+            w = 30
+            fill = int(w * self.done / max(1, self.total))
+            sys.stderr.write(
+                f"\r{self.label} [{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} "
+                f"chunks  {el:6.1f}s elapsed  eta {eta:6.1f}s"
+            )
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.show:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+

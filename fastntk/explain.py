@@ -1,0 +1,143 @@
+"""``fastntk.explain``: which path each parameter takes, and the memory a call needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from fastntk import _model, engine
+from fastntk._model import Head
+
+
+@dataclass
+class ParamPath:
+    name: str  # canonical parameter name
+    module: str  # module that owns it ("" = the root)
+    module_type: str
+    shape: tuple[int, ...]
+    path: str  # "rule:<Rule>", "fallback:module", "fallback:model", "coupled", "unused"
+
+
+@dataclass
+class Explanation:
+    """Result of :func:`explain`; ``str()`` gives a table."""
+
+    params: list[ParamPath]
+    n1: int
+    n2: int
+    K: int
+    bn: str
+    coupled: bool
+    kernel_bytes: int
+    block_bytes: int
+    activation_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Estimated peak beyond the model itself: activations of one chunk + kernel + one block."""
+        return self.activation_bytes + self.kernel_bytes + self.block_bytes
+
+    def __str__(self) -> str:
+        w = max([len(p.name) for p in self.params] + [9])
+        lines = [f"{'parameter':<{w}}  {'shape':<18} {'module type':<18} path"]
+        for p in self.params:
+            lines.append(f"{p.name:<{w}}  {str(p.shape):<18} {p.module_type:<18} {p.path}")
+        mb = 2**20
+        lines += [
+            "",
+            f"kernel: {self.n1} x {self.n2} (K={self.K}), bn={self.bn!r}"
+            + (" [samples coupled: exact batched one-hot backward]" if self.coupled else ""),
+            f"memory estimate: kernel {self.kernel_bytes / mb:.1f} MiB + largest gradient block "
+            f"{self.block_bytes / mb:.1f} MiB + activations of one chunk "
+            f"~{self.activation_bytes / mb:.1f} MiB = ~{self.peak_bytes / mb:.1f} MiB",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def explain(
+    model: nn.Module,
+    x: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    *,
+    output="sum",
+    bn: str = "eval",
+    params=None,
+    chunk_size=None,
+    dtype: torch.dtype | None = None,
+) -> Explanation:
+    """Report, per parameter, which path :func:`fastntk.ntk` takes, and its memory needs.
+
+    Runs one forward pass on at most two samples of ``x`` (the model is left
+    unchanged) to see which modules are called and how often.
+
+    Args: as :func:`fastntk.ntk`.
+
+    Returns:
+        An :class:`Explanation` (print it for a table).
+    """
+    _model.check_options(output, bn, "auto", engine.METHODS)
+    _model.check_inputs(model, x, x2)
+    selected = _model.select_params(model, params)
+    dtype = dtype or next(iter(selected.values())).dtype
+    samples, cols = engine._chunks(chunk_size)
+    head = Head(output)
+    job = engine._Job(model, selected, head, bn, dtype, samples, cols, False)
+    coupled = _model.is_coupled(model, bn)
+    owners = _model.owners(model)
+    rows: list[ParamPath] = []
+    notes: list[str] = []
+    with _model.model_state(model, bn):
+        cap = engine._Capture(job)
+        cap.install()
+        try:
+            xs = x[: min(2, x.shape[0])]
+            xp = job._prep(xs)
+            cap.active = True
+            raw = job.copies.call(model, xp)
+            cap.active = False
+            y = head(raw)
+            head.passes(y)
+            job._classify(cap, y)
+        finally:
+            cap.remove()
+        called = {r.mname for r in cap.records}
+        for pname, p in selected.items():
+            mname, mod, _ = owners[pname][0]
+            if coupled:
+                path = "coupled"
+            elif pname in cap.excluded:
+                path = "fallback:model (used outside its module's call)"
+            elif not any(mn in called for mn in job.module_of[pname]):
+                path = "unused (no gradient reaches it)"
+            else:
+                rule = job.rules[mname]
+                path = f"rule:{type(rule).__name__}" if rule is not None else "fallback:module"
+                if pname in cap.deferred_params:
+                    path += " (used several times: exact sum of uses)"
+            rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), path))
+        # activation memory of one chunk, scaled from the probe's saved tensors
+        act = sum(
+            t.numel() * t.element_size()
+            for r in cap.records
+            for t in engine._tensors(r.saved if r.rule is None else (r.saved,))
+        ) + sum(t.numel() * t.element_size() for r in cap.records for t in r.outputs)
+        act = act * 2 // max(1, xs.shape[0])  # per sample, inputs and output gradients
+    n1 = x.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    chunk = min(samples, n1 + (0 if x2 is None else n2))
+    R = head.K if head.full else 1
+    kernel = R * R * n1 * n2 * dtype.itemsize
+    biggest = max(p.numel() for p in selected.values())
+    block = min(engine.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
+    if n1 > samples:
+        notes.append(
+            f"{n1} samples exceed the chunk of {samples}: the kernel is assembled from panels "
+            "(each chunk's forward/backward runs more than once)"
+        )
+    if coupled:
+        notes.append("bn='batch' (or BatchNorm without running stats) couples the samples")
+    return Explanation(rows, n1, n2, head.K, bn, coupled, kernel, block, act * chunk, notes)

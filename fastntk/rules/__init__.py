@@ -1,0 +1,189 @@
+"""Per-layer Gram rules: (layer input, output gradient) -> per-sample gradient blocks.
+
+The engine never forms the N x P Jacobian. For every parameterised module it
+keeps the module's input during the forward pass; during the backward pass it
+receives the gradient of the (reduced) model output with respect to the
+module's output, and asks the module's rule for the per-sample gradient of each
+parameter, one block of rows of the parameter at a time. Each block is
+contracted into the kernel and dropped.
+
+A rule returns a :class:`Block`:
+
+* :class:`Dense` ``G`` of shape ``(n, cols)``: row ``i`` is the flattened
+  per-sample gradient of sample ``i`` restricted to the block.
+* :class:`Outer` ``(a, b)`` with ``a: (n, p)``, ``b: (n, d)``: the per-sample
+  gradient is the outer product ``a_i b_i^T`` (dense layers on 2-D inputs).
+  Its Gram is ``(a_A a_B^T) * (b_A b_B^T)``, which costs ``n^2 (p + d)``
+  instead of ``n^2 p d`` ("ghost" Gram, brief section 3).
+
+Register a rule for your own module type with :func:`register_gram_rule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+
+
+class Dense(NamedTuple):
+    """Per-sample gradients as rows: ``G`` is (n, cols)."""
+
+    G: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.G.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        return self.G
+
+
+class Outer(NamedTuple):
+    """Per-sample gradient ``G_i = a_i b_i^T`` with ``a: (n, p)``, ``b: (n, d)``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.a.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        return (self.a.unsqueeze(2) * self.b.unsqueeze(1)).reshape(self.a.shape[0], -1)
+
+
+Block = Dense | Outer
+
+
+def gram_block(A: Block, B: Block) -> torch.Tensor:
+    """``<G_A_i, G_B_j>`` for all pairs: (n_A, n_B)."""
+    if isinstance(A, Outer) and isinstance(B, Outer):
+        return (A.a @ B.a.T) * (A.b @ B.b.T)
+    return A.dense() @ B.dense().T
+
+
+def cat_blocks(blocks: list[Block]) -> Block:
+    """Stack the rows of several blocks of the same parameter slice."""
+    if len(blocks) == 1:
+        return blocks[0]
+    if all(isinstance(b, Outer) for b in blocks):
+        return Outer(torch.cat([b.a for b in blocks]), torch.cat([b.b for b in blocks]))
+    return Dense(torch.cat([b.dense() for b in blocks]))
+
+
+def add_blocks(blocks: list[Block]) -> Block:
+    """Sum per-sample gradients of several uses of one parameter (tied weights)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    out = blocks[0].dense().clone()
+    for b in blocks[1:]:
+        out += b.dense()
+    return Dense(out)
+
+
+@dataclass
+class Context:
+    """What a rule may know about the call it serves.
+
+    Attributes:
+        bn: ``"eval"`` or ``"per_sample"`` (``"batch"`` never reaches rules).
+    """
+
+    bn: str
+
+
+class GramRule:
+    """Base class of a per-layer rule.
+
+    Subclasses set :attr:`param_names` (the direct parameters they cover) and
+    implement :meth:`save` (called in the forward hook) and :meth:`grad_rows`.
+    """
+
+    #: direct parameter attribute names this rule computes per-sample gradients for
+    param_names: tuple[str, ...] = ()
+    #: whether :meth:`grad_rows` supports any row range of the parameter's first dim
+    supports_rows: bool = False
+
+    def covers(self, module: nn.Module) -> bool:
+        """Whether this rule applies to this instance (default: yes)."""
+        return True
+
+    def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, ctx: Context) -> Any:
+        """Return what the backward needs (references, not copies)."""
+        raise NotImplementedError
+
+    def grad_rows(
+        self, module: nn.Module, saved: Any, gout: torch.Tensor, name: str, r0: int, r1: int
+    ) -> Block:
+        """Per-sample gradient of parameter ``name`` restricted to rows ``r0:r1`` of its dim 0."""
+        raise NotImplementedError
+
+
+_RULES: dict[type, GramRule] = {}
+
+
+def register_gram_rule(module_type: type) -> Callable[[type], type]:
+    """Class decorator registering a :class:`GramRule` subclass for ``module_type``.
+
+    The rule serves instances of ``module_type`` and of subclasses that do not
+    override ``forward`` (a subclass with its own forward falls back to the
+    exact torch.func path). Registering a type again replaces its rule.
+
+    Example::
+
+        @fastntk.register_gram_rule(MyScale)
+        class MyScaleRule(fastntk.rules.GramRule):
+            param_names = ("scale",)
+            def save(self, module, args, kwargs, output, ctx):
+                return args[0]
+            def grad_rows(self, module, x, gout, name, r0, r1):
+                return fastntk.rules.Dense((gout * x).flatten(2).sum(2)[:, r0:r1])
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_gram_rule expects an nn.Module subclass, got {module_type!r}")
+
+    def deco(rule_cls: type) -> type:
+        if not (isinstance(rule_cls, type) and issubclass(rule_cls, GramRule)):
+            raise TypeError("register_gram_rule decorates a GramRule subclass")
+        _RULES[module_type] = rule_cls()
+        return rule_cls
+
+    return deco
+
+
+def find_rule(module: nn.Module) -> GramRule | None:
+    """The rule for ``module``: the most specific registered base type with the same forward."""
+    for klass in type(module).__mro__:
+        rule = _RULES.get(klass)
+        if rule is None:
+            continue
+        if type(module).forward is not klass.forward:
+            return None  # a subclass changed the computation: no factorised rule applies
+        return rule if rule.covers(module) else None
+    return None
+
+
+def rules_table() -> dict[type, GramRule]:
+    """A copy of the registry (for explain and docs)."""
+    return dict(_RULES)
+
+
+# Register the built-in rules.
+from fastntk.rules import conv, embedding, linear, norm  # noqa: E402,F401
+
+__all__ = [
+    "Block",
+    "Context",
+    "Dense",
+    "GramRule",
+    "Outer",
+    "add_blocks",
+    "cat_blocks",
+    "find_rule",
+    "gram_block",
+    "register_gram_rule",
+]

@@ -1,0 +1,44 @@
+"""Gram rule of ``nn.Linear`` on 2-D and N-D (token) inputs.
+
+Derivation. ``y[i, t] = W u[i, t] + b`` for sample ``i`` and position ``t``
+(``t`` runs over all middle dimensions; ``T = 1`` for 2-D inputs). With
+``g[i, t] = df_i/dy[i, t]``:
+
+    dW_i = sum_t g[i, t] u[i, t]^T          (out x in)
+    db_i = sum_t g[i, t]                    (out)
+
+For ``T = 1`` the per-sample weight gradient is the outer product
+``g_i u_i^T``, returned as an :class:`Outer` block whose Gram costs
+``n^2 (out + in)`` instead of ``n^2 out in``. For ``T > 1`` it is one batched
+matmul ``g_i^T u_i`` over the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastntk.rules import Dense, GramRule, Outer, register_gram_rule
+
+
+@register_gram_rule(nn.Linear)
+class LinearRule(GramRule):
+    param_names = ("weight", "bias")
+    supports_rows = True
+
+    def save(self, module, args, kwargs, output, ctx):
+        return args[0]
+
+    def grad_rows(self, module, u, gout, name, r0, r1):
+        n = gout.shape[0]
+        g = gout[..., r0:r1]
+        if u.dim() <= 2:  # one position per sample
+            g2 = g.reshape(n, r1 - r0)
+            if name == "bias":
+                return Dense(g2)
+            return Outer(g2, u.reshape(n, -1))
+        g3 = g.reshape(n, -1, r1 - r0)  # (n, T, rows)
+        if name == "bias":
+            return Dense(g3.sum(1))
+        u3 = u.reshape(n, -1, u.shape[-1])  # (n, T, in)
+        return Dense(torch.bmm(g3.transpose(1, 2), u3).reshape(n, -1))

@@ -1,0 +1,127 @@
+"""Gram rules of the affine parameters of normalisation layers.
+
+Derivation. Every normalisation layer computes ``y = gamma * xhat + beta``
+with ``xhat`` the normalised input and ``gamma``/``beta`` broadcast along the
+channel (BatchNorm, GroupNorm, InstanceNorm: dim 1) or over the trailing
+``normalized_shape`` (LayerNorm). With ``g = df_i/dy``:
+
+    dgamma_i = sum over the other positions of g * xhat
+    dbeta_i  = sum over the other positions of g
+
+``xhat`` does not depend on gamma/beta, so it is recomputed from the saved
+input with the layer's own statistics:
+
+* BatchNorm, ``bn="eval"``: running statistics (the layer is a per-channel
+  affine map); ``bn="per_sample"``: the statistics of each sample alone
+  (mean and biased variance over its spatial positions). ``bn="batch"``
+  couples samples and never reaches a rule (see the engine).
+* GroupNorm, LayerNorm: per-sample statistics by construction.
+* InstanceNorm: per-sample statistics, or the running ones when it tracks
+  them and runs in eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastntk.rules import Dense, GramRule, register_gram_rule
+
+
+def _channel_sums(t: torch.Tensor) -> torch.Tensor:
+    """(n, C, ...) -> (n, C): sum over everything after the channel dim."""
+    return t.reshape(t.shape[0], t.shape[1], -1).sum(2)
+
+
+def per_sample_batchnorm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Normalise each sample by its own per-channel statistics (no affine)."""
+    dims = tuple(range(2, x.dim()))
+    if not dims:  # (n, C): one value per sample and channel, so xhat = 0
+        return torch.zeros_like(x)
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + module.eps)
+
+
+class _ChannelAffineRule(GramRule):
+    param_names = ("weight", "bias")
+    supports_rows = True
+
+    def xhat(self, module, x, bn, stats):
+        raise NotImplementedError
+
+    def save(self, module, args, kwargs, output, ctx):
+        # The running statistics are read now: during the forward they are the
+        # engine's copies in the computation dtype, afterwards the user's again.
+        stats = (getattr(module, "running_mean", None), getattr(module, "running_var", None))
+        return (args[0], ctx.bn, stats)
+
+    def grad_rows(self, module, saved, gout, name, r0, r1):
+        x, bn, stats = saved
+        g = gout[:, r0:r1]
+        if name == "bias":
+            return Dense(_channel_sums(g))
+        xh = self.xhat(module, x, bn, stats)[:, r0:r1]
+        return Dense(_channel_sums(g * xh))
+
+
+@register_gram_rule(nn.modules.batchnorm._BatchNorm)
+class BatchNormRule(_ChannelAffineRule):
+    def covers(self, module):
+        # Without running statistics, eval-mode BatchNorm normalises with the
+        # batch's statistics and couples samples: the engine routes such
+        # models to the exact coupled path instead.
+        return module.running_mean is not None
+
+    def xhat(self, module, x, bn, stats):
+        if bn == "per_sample":
+            return per_sample_batchnorm(module, x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = stats[0].view(shape)
+        inv = torch.rsqrt(stats[1].view(shape) + module.eps)
+        return (x - mean) * inv
+
+
+@register_gram_rule(nn.GroupNorm)
+class GroupNormRule(_ChannelAffineRule):
+    def xhat(self, module, x, bn, stats):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+
+@register_gram_rule(nn.modules.instancenorm._InstanceNorm)
+class InstanceNormRule(_ChannelAffineRule):
+    def xhat(self, module, x, bn, stats):
+        use_running = module.track_running_stats and not module.training
+        return F.instance_norm(
+            x,
+            stats[0] if use_running else None,
+            stats[1] if use_running else None,
+            None,
+            None,
+            not use_running,
+            0.0,
+            module.eps,
+        )
+
+
+@register_gram_rule(nn.LayerNorm)
+class LayerNormRule(GramRule):
+    param_names = ("weight", "bias")
+    supports_rows = True
+
+    def save(self, module, args, kwargs, output, ctx):
+        return args[0]
+
+    def grad_rows(self, module, x, gout, name, r0, r1):
+        n = gout.shape[0]
+        nshape = module.normalized_shape
+        k = len(nshape)
+        if name == "bias":
+            t = gout
+        else:
+            t = gout * F.layer_norm(x, nshape, None, None, module.eps)
+        # sum over the positions between the batch dim and normalized_shape
+        t = t.reshape(n, -1, *nshape).sum(1)  # (n, *nshape)
+        t = t[:, r0:r1] if k else t
+        return Dense(t.reshape(n, -1))

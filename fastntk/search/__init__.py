@@ -1,0 +1,37 @@
+"""Training-free architecture search: algorithms, scorers and the evaluation journal.
+
+``from fastntk.search import run_search, Scorer, Journal``; see
+:mod:`fastntk.search.algorithms` and :mod:`fastntk.search.journal`.
+"""
+
+from fastntk.search.algorithms import (
+    ALGORITHMS,
+    Evaluation,
+    Scorer,
+    SearchResult,
+    borda_scores,
+    categorical,
+    prune_search,
+    random_search,
+    regularized_evolution,
+    reinforce,
+    run_search,
+)
+from fastntk.search.journal import Journal, JournalError, settings_key
+
+__all__ = [
+    "ALGORITHMS",
+    "Evaluation",
+    "Journal",
+    "JournalError",
+    "Scorer",
+    "SearchResult",
+    "borda_scores",
+    "categorical",
+    "prune_search",
+    "random_search",
+    "regularized_evolution",
+    "reinforce",
+    "run_search",
+    "settings_key",
+]

@@ -1,0 +1,621 @@
+"""Training-free NAS search algorithms over any :class:`~fastntk.spaces.base.SearchSpace`.
+
+Four algorithms, one calling convention ``algo(space, scorer, *, budget=None,
+time_budget=None, seed=0, journal=None, progress=False, **algo_params)``:
+
+* :func:`random_search`: uniform samples, without repeats.
+* :func:`regularized_evolution`: Real et al. (2019), "aging evolution":
+  a population of ``population_size``; each cycle draws ``sample_size``
+  members, mutates the fittest, appends the child and removes the OLDEST
+  member (not the worst).
+* :func:`prune_search`: TE-NAS-style pruning of a supernet's edges. Every
+  decision (an NB201 edge) starts with all its ops; each round removes, from
+  every decision that still has more than one op, the op whose removal hurts
+  the score least, until one op per decision is left. Scoring is **per op**
+  (fastntk does not build weight-sharing supernets): a round draws
+  ``samples_per_op`` context architectures uniformly from the remaining ops;
+  for each remaining (decision, op) it evaluates each context with that op
+  on that decision (common random numbers: the ops of one decision are
+  compared in the same contexts); the op's score is the mean fitness of those
+  architectures (fitness = the metric, or the Borda count over the round's
+  architectures for several metrics). The op with the LOWEST score is the
+  one whose removal hurts least, and is removed. NB201 with one sample per
+  op: 30 + 24 + 18 + 12 = 84 evaluations, plus one for the final arch.
+* :func:`reinforce`: REINFORCE (Williams, 1992) with an independent
+  categorical policy (softmax over logits) per decision, an exponential
+  moving-average baseline (``baseline_decay``) and learning rate ``lr``. The
+  reward of an architecture is its fitness quantile among all architectures
+  evaluated so far (in [0, 1]): scale-free, so condition numbers (1e2..1e8)
+  and correlations (-1..1) train the policy alike.
+
+Scoring: a :class:`Scorer` wraps ``fn(arch) -> {metric: value}``, the metric
+names and their directions (default: ``fastntk.metrics.DIRECTIONS``). With one
+metric the fitness is the value (negated when lower is better); with several
+it is the Borda count over the set being compared (a tournament sample, a
+pruning round, the whole history for the best architecture).
+
+Budgets: ``budget`` counts evaluations (architecture queries, whether
+computed or served from the cache), ``time_budget`` seconds of wall time; at
+least one is required, the search stops at whichever comes first (checked
+before each evaluation). With a fixed ``seed`` and an evaluation budget a
+search is reproducible: the same archs in the same order. A
+:class:`~fastntk.search.journal.Journal` makes it resumable: each evaluation
+is looked up there first and recorded as soon as it is computed, so
+re-running the same command continues where it was killed, evaluates nothing
+twice and follows the same trajectory.
+
+Pruning and REINFORCE need categorical decisions: a space that has
+``decisions()``, ``to_choices(arch)`` and ``from_choices(choices)`` (DARTS,
+ResNet and ViT here), or NB201 (its six edges, adapted here).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from fastntk.errors import OptionError
+
+__all__ = [
+    "ALGORITHMS",
+    "Evaluation",
+    "Scorer",
+    "SearchResult",
+    "borda_scores",
+    "categorical",
+    "prune_search",
+    "random_search",
+    "regularized_evolution",
+    "reinforce",
+    "run_search",
+]
+
+
+# ---------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------
+
+
+def _ranks(values: Sequence[float], higher_is_better: bool) -> list[float]:
+    """Rank of each value, 0 = worst .. n-1 = best; ties get the mean rank; NaN is worst."""
+    n = len(values)
+    keyed = []
+    for i, v in enumerate(values):
+        v = float(v)
+        if math.isnan(v):
+            k = -math.inf
+        else:
+            k = v if higher_is_better else -v
+        keyed.append((k, i))
+    keyed.sort()
+    ranks = [0.0] * n
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and keyed[j + 1][0] == keyed[i][0]:
+            j += 1
+        for m in range(i, j + 1):
+            ranks[keyed[m][1]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def borda_scores(
+    metric_dicts: Sequence[Mapping[str, float]], directions: Mapping[str, bool]
+) -> list[float]:
+    """Borda count of each entry: the sum over metrics of its rank (0 = worst) in the set."""
+    total = [0.0] * len(metric_dicts)
+    for name, hib in directions.items():
+        vals = [d.get(name, math.nan) for d in metric_dicts]
+        for i, r in enumerate(_ranks(vals, hib)):
+            total[i] += r
+    return total
+
+
+class Scorer:
+    """Metric values of an architecture, and how to compare them.
+
+    Args:
+        fn: ``fn(arch) -> {metric: value}``; must return at least ``metrics``.
+        metrics: the metric names that count.
+        directions: ``metric -> higher_is_better``; default from
+            ``fastntk.metrics.DIRECTIONS``.
+        settings: everything that determines the values (the journal key);
+            default ``{"metrics": metrics}``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Mapping[str, float]],
+        metrics: str | Sequence[str],
+        directions: Mapping[str, bool] | None = None,
+        *,
+        settings: Mapping[str, Any] | None = None,
+    ):
+        if isinstance(metrics, str):
+            metrics = [m for m in metrics.split(",") if m]
+        self.metrics = list(metrics)
+        if not self.metrics:
+            raise OptionError("a scorer needs at least one metric")
+        if directions is None:
+            from fastntk.metrics import DIRECTIONS
+
+            directions = DIRECTIONS
+        missing = [m for m in self.metrics if m not in directions]
+        if missing:
+            raise OptionError(
+                f"no direction known for metric(s) {', '.join(missing)}; known: "
+                f"{', '.join(sorted(directions))}"
+            )
+        self.directions = {m: bool(directions[m]) for m in self.metrics}
+        self.fn = fn
+        self.settings = dict(settings) if settings is not None else {"metrics": self.metrics}
+
+    def __call__(self, arch: Any) -> dict[str, float]:
+        out = self.fn(arch)
+        return {m: float(out[m]) for m in self.metrics}
+
+    def fitness(self, metric_dicts: Sequence[Mapping[str, float]]) -> list[float]:
+        """Fitness of each entry within the set (higher is better; NaN is worst)."""
+        if len(self.metrics) == 1:
+            (m,) = self.metrics
+            sign = 1.0 if self.directions[m] else -1.0
+            out = []
+            for d in metric_dicts:
+                v = float(d.get(m, math.nan))
+                out.append(-math.inf if math.isnan(v) else sign * v)
+            return out
+        return borda_scores(metric_dicts, self.directions)
+
+
+# ---------------------------------------------------------------------------
+# Results, budget, progress
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """One architecture query of a search."""
+
+    step: int
+    arch: Any
+    encoding: str
+    metrics: dict[str, float]
+    cached: bool
+    elapsed: float
+
+
+@dataclass
+class SearchResult:
+    """What a search returns.
+
+    ``best`` is the fittest evaluation of ``history`` (for pruning: the final
+    pruned architecture); ``stop_reason`` is ``"budget"``, ``"time"``,
+    ``"exhausted"`` (no new architectures) or ``"done"`` (pruning finished).
+    """
+
+    algorithm: str
+    space: str
+    seed: int
+    best: Evaluation | None
+    history: list[Evaluation]
+    n_computed: int
+    n_cached: int
+    elapsed: float
+    stop_reason: str
+    population: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_evaluations(self) -> int:
+        return len(self.history)
+
+    @property
+    def encodings(self) -> list[str]:
+        return [e.encoding for e in self.history]
+
+
+class _Stop(Exception):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class _Progress:
+    """A one-line progress bar on a stream (stderr): count, evals/s, best so far."""
+
+    def __init__(self, total: int | None, time_budget: float | None, stream: TextIO | None,
+                 label: str):
+        self.total, self.time_budget, self.stream, self.label = total, time_budget, stream, label
+        self._last = 0.0
+        self._width = 0
+
+    def update(self, n: int, elapsed: float, best: str, force: bool = False) -> None:
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        if self.total:
+            frac = min(1.0, n / self.total)
+        elif self.time_budget:
+            frac = min(1.0, elapsed / self.time_budget)
+        else:
+            frac = 0.0
+        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+        rate = n / elapsed if elapsed > 0 else 0.0
+        count = f"{n}/{self.total}" if self.total else str(n)
+        line = f"{self.label} [{bar}] {count} {rate:.2f} eval/s {elapsed:.1f}s best: {best}"
+        pad = " " * max(0, self._width - len(line))
+        self._width = len(line)
+        self.stream.write("\r" + line + pad)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fmt_metrics(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+class _Runner:
+    """Evaluates architectures for an algorithm: budget, cache/journal, history, progress."""
+
+    def __init__(self, algorithm, space, scorer, budget, time_budget, seed, journal, progress):
+        if budget is None and time_budget is None:
+            raise OptionError("give an evaluation budget, a time budget, or both")
+        if budget is not None and (not isinstance(budget, int) or budget <= 0):
+            raise OptionError(f"the evaluation budget must be a positive integer, got {budget!r}")
+        if time_budget is not None and not time_budget > 0:
+            raise OptionError(f"the time budget must be positive seconds, got {time_budget!r}")
+        self.algorithm, self.space, self.scorer = algorithm, space, scorer
+        self.budget, self.time_budget, self.seed, self.journal = budget, time_budget, seed, journal
+        self.space_name = getattr(space, "name", type(space).__name__)
+        self.history: list[Evaluation] = []
+        self.cache: dict[str, dict[str, float]] = {}
+        self.n_computed = self.n_cached = 0
+        self.t0 = time.monotonic()
+        stream = None
+        if progress is True:
+            stream = sys.stderr
+        elif progress:
+            stream = progress
+        self.progress = _Progress(budget, time_budget, stream, f"{algorithm}")
+        self._best_idx: int | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def check(self, reserve: int = 0) -> None:
+        if self.budget is not None and len(self.history) + reserve >= self.budget:
+            raise _Stop("budget")
+        if self.time_budget is not None and self.elapsed() >= self.time_budget:
+            raise _Stop("time")
+
+    def evaluate(self, arch: Any, reserve: int = 0, force: bool = False) -> Evaluation:
+        if not force:
+            self.check(reserve)
+        enc = self.space.encode(arch)
+        t = time.monotonic()
+        metrics = self.cache.get(enc)
+        cached = metrics is not None
+        if metrics is None and self.journal is not None:
+            metrics = self.journal.get(self.space_name, enc, self.scorer.settings)
+            if metrics is not None:
+                metrics = {m: float(metrics[m]) for m in self.scorer.metrics}
+                cached = True
+        if metrics is None:
+            metrics = self.scorer(arch)
+            dt = time.monotonic() - t
+            if self.journal is not None:
+                s = self.scorer.settings
+                self.journal.record(self.space_name, enc, s, metrics, seed=s.get("seed"),
+                                    data=s.get("data"), elapsed=dt)
+            self.n_computed += 1
+        else:
+            self.n_cached += 1
+        self.cache[enc] = metrics
+        ev = Evaluation(len(self.history), arch, enc, dict(metrics), cached,
+                        time.monotonic() - t)
+        self.history.append(ev)
+        self._update_best(ev)
+        return ev
+
+    def _update_best(self, ev: Evaluation) -> None:
+        if len(self.scorer.metrics) == 1:
+            if self._best_idx is None or (
+                self.scorer.fitness([ev.metrics])[0]
+                > self.scorer.fitness([self.history[self._best_idx].metrics])[0]
+            ):
+                self._best_idx = ev.step
+            best = self.history[self._best_idx]
+            label = _fmt_metrics(best.metrics)
+        else:
+            label = f"{len(self.scorer.metrics)} metrics (Borda)"
+            if time.monotonic() - self.progress._last >= 0.2:
+                best = self.best()
+                label = _fmt_metrics(best.metrics) if best else label
+        self.progress.update(len(self.history), self.elapsed(), label)
+
+    def best(self) -> Evaluation | None:
+        if not self.history:
+            return None
+        fit = self.scorer.fitness([e.metrics for e in self.history])
+        i = max(range(len(fit)), key=lambda k: (fit[k], -k))
+        return self.history[i]
+
+    def result(self, reason: str, best: Evaluation | None = None, **kw) -> SearchResult:
+        best = best if best is not None else self.best()
+        self.progress.update(len(self.history), self.elapsed(),
+                             _fmt_metrics(best.metrics) if best else "-", force=True)
+        self.progress.close()
+        return SearchResult(self.algorithm, self.space_name, self.seed, best, self.history,
+                            self.n_computed, self.n_cached, self.elapsed(), reason, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Categorical view of a space (pruning, REINFORCE)
+# ---------------------------------------------------------------------------
+
+
+class _NB201Decisions:
+    def __init__(self, space):
+        from fastntk.spaces import nb201
+
+        self._nb = nb201
+        self.space = space
+
+    def decisions(self):
+        return [(f"{j}<-{k}", tuple(self._nb.OPS)) for j, k in self._nb.EDGES]
+
+    def to_choices(self, arch):
+        return tuple(self._nb.parse_arch(self.space.encode(arch)))
+
+    def from_choices(self, choices):
+        return self._nb.format_arch(list(choices))
+
+
+def categorical(space) -> Any:
+    """An object with ``decisions()``, ``to_choices(arch)``, ``from_choices(choices)`` for
+    ``space`` (the space itself when it has them; an adapter for NB201).
+
+    Raises:
+        OptionError: the space has no categorical decisions.
+    """
+    if all(hasattr(space, a) for a in ("decisions", "to_choices", "from_choices")):
+        return space
+    if getattr(space, "name", None) == "nb201":
+        return _NB201Decisions(space)
+    raise OptionError(
+        f"space {getattr(space, 'name', space)!r} has no categorical decisions "
+        "(decisions/to_choices/from_choices) needed by pruning and REINFORCE"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Algorithms
+# ---------------------------------------------------------------------------
+
+
+def random_search(space, scorer: Scorer, *, budget: int | None = None,
+                  time_budget: float | None = None, seed: int = 0, journal=None,
+                  progress: Any = False, max_tries: int = 1000) -> SearchResult:
+    """Uniform random search without repeats (``max_tries`` draws to find an unseen arch)."""
+    run = _Runner("random", space, scorer, budget, time_budget, seed, journal, progress)
+    rng = random.Random(seed)
+    reason = "budget"
+    try:
+        while True:
+            run.check()
+            for _ in range(max_tries):
+                arch = space.sample(rng)
+                if space.encode(arch) not in run.cache:
+                    break
+            else:
+                raise _Stop("exhausted")
+            run.evaluate(arch)
+    except _Stop as s:
+        reason = s.reason
+    return run.result(reason)
+
+
+def regularized_evolution(space, scorer: Scorer, *, budget: int | None = None,
+                          time_budget: float | None = None, seed: int = 0, journal=None,
+                          progress: Any = False, population_size: int = 20,
+                          sample_size: int = 5) -> SearchResult:
+    """Regularised (aging) evolution of Real et al.; ``sample_size`` <= ``population_size``.
+
+    The first ``population_size`` evaluations are uniform samples; every later
+    one is a mutation of the fittest of ``sample_size`` members drawn without
+    replacement; the oldest member then dies. ``result.population`` is the
+    final population (oldest first).
+    """
+    if population_size < 1 or not 1 <= sample_size <= population_size:
+        raise OptionError(
+            f"need 1 <= sample_size ({sample_size}) <= population_size ({population_size})"
+        )
+    run = _Runner("rea", space, scorer, budget, time_budget, seed, journal, progress)
+    rng = random.Random(seed)
+    population: deque[Evaluation] = deque()
+    sizes: list[int] = []
+    reason = "budget"
+    try:
+        while len(population) < population_size:
+            population.append(run.evaluate(space.sample(rng)))
+        while True:
+            run.check()
+            members = rng.sample(list(population), sample_size)
+            fit = scorer.fitness([m.metrics for m in members])
+            parent = members[max(range(len(members)), key=lambda k: (fit[k], -k))]
+            child = run.evaluate(space.mutate(parent.arch, rng))
+            population.append(child)
+            population.popleft()
+            sizes.append(len(population))
+    except _Stop as s:
+        reason = s.reason
+    return run.result(reason, population=[e.encoding for e in population],
+                      extra={"population_sizes": sizes})
+
+
+def prune_search(space, scorer: Scorer, *, budget: int | None = None,
+                 time_budget: float | None = None, seed: int = 0, journal=None,
+                 progress: Any = False, samples_per_op: int = 1) -> SearchResult:
+    """TE-NAS-style pruning, per-op scoring (see the module docstring).
+
+    ``result.best`` is the final pruned architecture (evaluated with the last
+    unit of the budget); ``result.extra["rounds"]`` lists, per round, the ops
+    removed (``{decision: op}``). If the budget runs out mid-way, every
+    decision keeps its best-scoring op so far.
+    """
+    if samples_per_op < 1:
+        raise OptionError(f"samples_per_op must be >= 1, got {samples_per_op}")
+    view = categorical(space)
+    decisions = view.decisions()
+    names = [n for n, _ in decisions]
+    choices = [tuple(ch) for _, ch in decisions]
+    alive: list[list[int]] = [list(range(len(ch))) for ch in choices]  # indices into choices
+    run = _Runner("prune", space, scorer, budget, time_budget, seed, journal, progress)
+    rng = random.Random(seed)
+    rounds: list[dict[str, Any]] = []
+    op_score: dict[tuple[int, int], float] = {}  # (decision, choice index) -> latest score
+    reason = "done"
+
+    def arch_of(idx: Sequence[int]) -> Any:
+        return view.from_choices([choices[d][k] for d, k in enumerate(idx)])
+
+    try:
+        while any(len(a) > 1 for a in alive):
+            cands = [(d, k) for d in range(len(alive)) if len(alive[d]) > 1 for k in alive[d]]
+            # common random numbers: every candidate of the round is scored in the same
+            # contexts (other decisions), so ops of one decision are compared pairwise.
+            bases = [[a[rng.randrange(len(a))] for a in alive] for _ in range(samples_per_op)]
+            evs: list[tuple[tuple[int, int], Evaluation]] = []
+            try:
+                for d, k in cands:
+                    for base in bases:
+                        idx = list(base)
+                        idx[d] = k
+                        evs.append(((d, k), run.evaluate(arch_of(idx), reserve=1)))
+            finally:
+                if evs:
+                    fit = scorer.fitness([e.metrics for _, e in evs])
+                    acc: dict[tuple[int, int], list[float]] = {}
+                    for (key, _), f in zip(evs, fit, strict=True):
+                        acc.setdefault(key, []).append(f)
+                    op_score.update({key: sum(v) / len(v) for key, v in acc.items()})
+            removed = {}
+            for d in range(len(alive)):
+                if len(alive[d]) > 1:
+                    k = min(alive[d], key=lambda k, d=d: (op_score[(d, k)], k))
+                    alive[d].remove(k)
+                    removed[names[d]] = choices[d][k]
+            rounds.append(removed)
+    except _Stop as s:
+        reason = s.reason
+    final_idx = [max(a, key=lambda k, d=d: (op_score.get((d, k), -math.inf), -k))
+                 for d, a in enumerate(alive)]
+    final = arch_of(final_idx)
+    enc = space.encode(final)
+    if enc in run.cache:
+        best = next(e for e in reversed(run.history) if e.encoding == enc)
+    else:
+        best = run.evaluate(final, force=True)
+    return run.result(reason, best=best, extra={"rounds": rounds})
+
+
+def reinforce(space, scorer: Scorer, *, budget: int | None = None,
+              time_budget: float | None = None, seed: int = 0, journal=None,
+              progress: Any = False, lr: float = 0.2,
+              baseline_decay: float = 0.9) -> SearchResult:
+    """REINFORCE over categorical decisions (see the module docstring).
+
+    ``result.extra["policy"]`` is the final policy: ``{decision: {choice: prob}}``;
+    ``result.extra["rewards"]`` the reward of each step.
+    """
+    if not lr > 0:
+        raise OptionError(f"lr must be positive, got {lr}")
+    if not 0 <= baseline_decay < 1:
+        raise OptionError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
+    view = categorical(space)
+    decisions = view.decisions()
+    logits = [[0.0] * len(ch) for _, ch in decisions]
+    run = _Runner("reinforce", space, scorer, budget, time_budget, seed, journal, progress)
+    rng = random.Random(seed)
+    baseline: float | None = None
+    fits: list[float] = []
+    rewards: list[float] = []
+    reason = "budget"
+
+    def softmax(v: list[float]) -> list[float]:
+        m = max(v)
+        e = [math.exp(x - m) for x in v]
+        s = sum(e)
+        return [x / s for x in e]
+
+    try:
+        while True:
+            run.check()
+            probs = [softmax(lg) for lg in logits]
+            idx = []
+            for p in probs:
+                u, acc, pick = rng.random(), 0.0, len(p) - 1
+                for k, pk in enumerate(p):
+                    acc += pk
+                    if u < acc:
+                        pick = k
+                        break
+                idx.append(pick)
+            arch = view.from_choices([ch[k] for (_, ch), k in zip(decisions, idx, strict=True)])
+            ev = run.evaluate(arch)
+            if len(scorer.metrics) == 1:
+                f = scorer.fitness([ev.metrics])[0]
+                fits.append(f)
+                below = sum(1 for x in fits if x < f)
+                equal = sum(1 for x in fits if x == f) - 1
+                reward = 0.5 if len(fits) == 1 else (below + 0.5 * equal) / (len(fits) - 1)
+            else:
+                # Borda of the new arch among all so far, over its maximum: mean quantile.
+                allfit = scorer.fitness([e.metrics for e in run.history])
+                n = len(allfit)
+                reward = 0.5 if n == 1 else allfit[-1] / (len(scorer.metrics) * (n - 1))
+            rewards.append(reward)
+            baseline = reward if baseline is None else (
+                baseline_decay * baseline + (1 - baseline_decay) * reward)
+            adv = reward - baseline
+            for lg, p, k in zip(logits, probs, idx, strict=True):
+                for j in range(len(lg)):
+                    lg[j] += lr * adv * ((1.0 if j == k else 0.0) - p[j])
+    except _Stop as s:
+        reason = s.reason
+    policy = {
+        name: {str(c): p for c, p in zip(ch, softmax(lg), strict=True)}
+        for (name, ch), lg in zip(decisions, logits, strict=True)
+    }
+    return run.result(reason, extra={"policy": policy, "rewards": rewards})
+
+
+ALGORITHMS: dict[str, Callable[..., SearchResult]] = {
+    "random": random_search,
+    "rea": regularized_evolution,
+    "prune": prune_search,
+    "reinforce": reinforce,
+}
+
+
+def run_search(algorithm: str, space, scorer: Scorer, **kwargs: Any) -> SearchResult:
+    """Dispatch to ``ALGORITHMS[algorithm]``; OptionError lists the known names."""
+    fn = ALGORITHMS.get(algorithm)
+    if fn is None:
+        raise OptionError(
+            f"unknown search algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}"
+        )
+    return fn(space, scorer, **kwargs)

@@ -1,0 +1,46 @@
+"""The protocol every fastntk search space implements.
+
+A search space is a set of architectures with a canonical, hashable string
+encoding. Search algorithms only ever talk to a space through these methods,
+so users and other libraries can plug in their own space by implementing
+them (structural typing: no need to inherit from :class:`SearchSpace`).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Protocol, runtime_checkable
+
+import torch.nn as nn
+
+
+@runtime_checkable
+class SearchSpace(Protocol):
+    """Protocol of a search space.
+
+    Attributes:
+        name: short identifier used on the command line and in the journal
+            (``"nb201"``, ``"darts"``, ...).
+    """
+
+    name: str
+
+    def sample(self, rng: random.Random) -> Any:
+        """Draw one architecture uniformly (or from the space's natural prior)."""
+        ...
+
+    def mutate(self, arch: Any, rng: random.Random) -> Any:
+        """Return a neighbour of ``arch`` that differs in one decision and lies in the space."""
+        ...
+
+    def build(self, arch: Any, num_classes: int = 10) -> nn.Module:
+        """Instantiate the network of ``arch`` (untrained, default initialisation)."""
+        ...
+
+    def encode(self, arch: Any) -> str:
+        """The canonical string of ``arch`` (stable across runs; used as the journal key)."""
+        ...
+
+    def decode(self, s: str) -> Any:
+        """Inverse of :meth:`encode`; raises :class:`fastntk.errors.ArchitectureError` on bad input."""
+        ...

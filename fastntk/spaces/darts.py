@@ -1,0 +1,361 @@
+"""The DARTS search space (Liu et al., 2019), CIFAR network.
+
+An architecture is a *genotype*: a normal cell and a reduction cell, each with
+four intermediate nodes; node ``i`` (``i = 0..3``, graph nodes 2..5) sums two
+operations applied to two earlier nodes (``0`` = output of the cell before the
+previous one, ``1`` = previous cell, ``2 + m`` = intermediate node ``m``), and
+the cell outputs the concatenation of its four intermediate nodes.
+
+Its canonical string (the journal key) is::
+
+    normal=op~in,op~in|op~in,op~in|op~in,op~in|op~in,op~in;reduce=...
+
+e.g. ``normal=sep_conv_3x3~0,sep_conv_3x3~1|...``; the two inputs of a node are
+sorted (the node sums them, so their order does not matter), which makes the
+encoding canonical. :meth:`DartsSpace.decode` accepts any order and any
+whitespace-free spelling of that form.
+
+In Python an architecture is a ``Genotype``: ``(normal, reduce)``, each a tuple
+of 4 nodes, each node a sorted tuple of two ``(op, input)`` pairs.
+
+The network is DARTS' ``NetworkCIFAR`` without the auxiliary head and drop
+path; ``C`` and ``layers`` default to a small size (16, 8) so that NTK scoring
+stays cheap on a CPU (DARTS' evaluation network is 36, 20).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from fastntk.errors import ArchitectureError
+
+__all__ = ["OPS", "DartsSpace", "Genotype", "NetworkCIFAR", "DARTS_V2", "build_model"]
+
+OPS: tuple[str, ...] = (
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+"""Candidate operations (DARTS' PRIMITIVES without ``none``, which no final genotype uses)."""
+
+NUM_NODES = 4
+CELLS = ("normal", "reduce")
+
+Node = tuple[tuple[str, int], tuple[str, int]]
+CellGenotype = tuple[Node, Node, Node, Node]
+Genotype = tuple[CellGenotype, CellGenotype]
+
+DARTS_V2 = (
+    "normal=sep_conv_3x3~0,sep_conv_3x3~1|sep_conv_3x3~0,sep_conv_3x3~1|"
+    "sep_conv_3x3~1,skip_connect~0|dil_conv_3x3~2,skip_connect~0;"
+    "reduce=max_pool_3x3~0,max_pool_3x3~1|max_pool_3x3~1,skip_connect~2|"
+    "max_pool_3x3~0,skip_connect~2|max_pool_3x3~1,skip_connect~2"
+)
+"""The DARTS (second order) genotype of the paper, in this module's encoding."""
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------
+
+
+def _canon_node(pairs: Sequence[tuple[str, int]]) -> Node:
+    a, b = sorted((str(op), int(i)) for op, i in pairs)
+    return (a, b)
+
+
+def _check_cell(cell: Sequence[Sequence[tuple[str, int]]], kind: str) -> CellGenotype:
+    if len(cell) != NUM_NODES:
+        raise ArchitectureError(f"{kind} cell must have {NUM_NODES} nodes, got {len(cell)}")
+    nodes = []
+    for m, node in enumerate(cell):
+        if len(node) != 2:
+            raise ArchitectureError(f"{kind} node {m} must have 2 inputs, got {len(node)}")
+        for op, i in node:
+            if op not in OPS:
+                raise ArchitectureError(
+                    f"unknown op {op!r} in {kind} node {m}; allowed ops: {', '.join(OPS)}"
+                )
+            if not isinstance(i, int) or not 0 <= i < m + 2:
+                raise ArchitectureError(
+                    f"input {i!r} of {kind} node {m} must be an earlier node in 0..{m + 1}"
+                )
+        nodes.append(_canon_node(node))
+    return tuple(nodes)  # type: ignore[return-value]
+
+
+def validate(arch: Sequence) -> Genotype:
+    """Canonical :data:`Genotype` of ``arch`` (checks ops and inputs)."""
+    if isinstance(arch, str):
+        return decode(arch)
+    try:
+        normal, reduce = arch
+    except (TypeError, ValueError):
+        raise ArchitectureError(f"a DARTS genotype is (normal, reduce), got {arch!r}") from None
+    return (_check_cell(normal, "normal"), _check_cell(reduce, "reduce"))
+
+
+def encode(arch: Sequence) -> str:
+    """Canonical string of a genotype (see the module docstring)."""
+    g = validate(arch)
+    parts = []
+    for kind, cell in zip(CELLS, g, strict=True):
+        nodes = "|".join(",".join(f"{op}~{i}" for op, i in node) for node in cell)
+        parts.append(f"{kind}={nodes}")
+    return ";".join(parts)
+
+
+def decode(s: str) -> Genotype:
+    """Genotype of string ``s``; :class:`ArchitectureError` says what is wrong."""
+    if not isinstance(s, str) or not s:
+        raise ArchitectureError(f"a DARTS arch must be a non-empty string, got {s!r}")
+    cells: dict[str, list] = {}
+    for part in s.split(";"):
+        kind, eq, body = part.partition("=")
+        if not eq or kind not in CELLS:
+            raise ArchitectureError(
+                f"DARTS arch part {part!r} must be 'normal=...' or 'reduce=...', in {s!r}"
+            )
+        if kind in cells:
+            raise ArchitectureError(f"DARTS arch gives the {kind} cell twice: {s!r}")
+        nodes = []
+        for node in body.split("|"):
+            pairs = []
+            for edge in node.split(","):
+                op, tilde, src = edge.partition("~")
+                if not tilde or not src.isdigit():
+                    raise ArchitectureError(
+                        f"DARTS edge {edge!r} must have the form 'op~input', in {s!r}"
+                    )
+                pairs.append((op, int(src)))
+            nodes.append(pairs)
+        cells[kind] = nodes
+    if set(cells) != set(CELLS):
+        raise ArchitectureError(f"DARTS arch needs both 'normal=' and 'reduce=' cells: {s!r}")
+    return validate((cells["normal"], cells["reduce"]))
+
+
+# ---------------------------------------------------------------------------
+# Operations and network (DARTS' NetworkCIFAR)
+# ---------------------------------------------------------------------------
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(C_out),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN."""
+
+    def __init__(self, C_in, C_out, kernel, stride, padding, dilation):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel, stride, padding, dilation=dilation, groups=C_in,
+                      bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out),
+        )
+
+
+class SepConv(nn.Sequential):
+    """Two stacked DilConv(dilation=1), the first one strided."""
+
+    def __init__(self, C_in, C_out, kernel, stride, padding):
+        super().__init__(
+            DilConv(C_in, C_in, kernel, stride, padding, 1),
+            DilConv(C_in, C_out, kernel, 1, padding, 1),
+        )
+
+
+class Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FactorizedReduce(nn.Module):
+    """Stride-2 1x1 convs on two offset grids, concatenated (halves H and W)."""
+
+    def __init__(self, C_in: int, C_out: int):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out - C_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(C_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+
+
+def _make_op(name: str, C: int, stride: int) -> nn.Module:
+    if name == "max_pool_3x3":
+        return nn.MaxPool2d(3, stride=stride, padding=1)
+    if name == "avg_pool_3x3":
+        return nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+    if name == "skip_connect":
+        return Identity() if stride == 1 else FactorizedReduce(C, C)
+    if name == "sep_conv_3x3":
+        return SepConv(C, C, 3, stride, 1)
+    if name == "sep_conv_5x5":
+        return SepConv(C, C, 5, stride, 2)
+    if name == "dil_conv_3x3":
+        return DilConv(C, C, 3, stride, 2, 2)
+    if name == "dil_conv_5x5":
+        return DilConv(C, C, 5, stride, 4, 2)
+    raise ArchitectureError(f"unknown DARTS op {name!r}")
+
+
+class Cell(nn.Module):
+    def __init__(self, cell: CellGenotype, C_pp: int, C_p: int, C: int, reduction: bool,
+                 reduction_prev: bool):
+        super().__init__()
+        self.reduction = reduction
+        self.preprocess0 = FactorizedReduce(C_pp, C) if reduction_prev else ReLUConvBN(
+            C_pp, C, 1, 1, 0)
+        self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, 0)
+        self.ops = nn.ModuleList()
+        self.indices: list[int] = []
+        for node in cell:
+            for op, i in node:
+                stride = 2 if reduction and i < 2 else 1
+                self.ops.append(_make_op(op, C, stride))
+                self.indices.append(i)
+        self.multiplier = NUM_NODES
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for m in range(NUM_NODES):
+            a, b = 2 * m, 2 * m + 1
+            h = self.ops[a](states[self.indices[a]]) + self.ops[b](states[self.indices[b]])
+            states.append(h)
+        return torch.cat(states[2:], dim=1)
+
+
+class NetworkCIFAR(nn.Module):
+    """DARTS' CIFAR network (no auxiliary head, no drop path); forward returns logits.
+
+    Args:
+        genotype: a :data:`Genotype` or its string.
+        C: initial channels; layers: number of cells (reductions at 1/3 and 2/3).
+
+    ``x: (N, 3, H, W)`` -> logits ``(N, num_classes)``.
+    """
+
+    def __init__(self, genotype, num_classes: int = 10, C: int = 16, layers: int = 8):
+        super().__init__()
+        g = validate(genotype)
+        stem_mult = 3
+        C_curr = stem_mult * C
+        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(C_curr))
+        C_pp, C_p, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            cell = Cell(g[1] if reduction else g[0], C_pp, C_p, C_curr, reduction,
+                        reduction_prev)
+            reduction_prev = reduction
+            self.cells.append(cell)
+            C_pp, C_p = C_p, cell.multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_p, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1)
+        return self.classifier(self.global_pooling(s1).flatten(1))
+
+
+def build_model(arch, num_classes: int = 10, C: int = 16, layers: int = 8) -> NetworkCIFAR:
+    """The network of ``arch`` (genotype or string); see :class:`NetworkCIFAR`."""
+    return NetworkCIFAR(arch, num_classes=num_classes, C=C, layers=layers)
+
+
+# ---------------------------------------------------------------------------
+# The space
+# ---------------------------------------------------------------------------
+
+
+class DartsSpace:
+    """DARTS as a :class:`fastntk.spaces.base.SearchSpace`; archs are :data:`Genotype` tuples.
+
+    It also exposes its categorical decisions (``decisions``, ``to_choices``,
+    ``from_choices``) for pruning and REINFORCE: per cell and node, two (op,
+    input) slots.
+    """
+
+    name = "darts"
+
+    def __init__(self, C: int = 16, layers: int = 8):
+        self.C = C
+        self.layers = layers
+
+    def __repr__(self) -> str:
+        return f"DartsSpace(C={self.C}, layers={self.layers})"
+
+    def decisions(self) -> list[tuple[str, tuple]]:
+        out = []
+        for kind in CELLS:
+            for m in range(NUM_NODES):
+                for slot in range(2):
+                    choices = tuple((op, i) for i in range(m + 2) for op in OPS)
+                    out.append((f"{kind}.{m}.{slot}", choices))
+        return out
+
+    def to_choices(self, arch) -> tuple:
+        g = validate(arch)
+        return tuple(pair for cell in g for node in cell for pair in node)
+
+    def from_choices(self, choices: Sequence) -> Genotype:
+        c = list(choices)
+        cells = []
+        for k in range(2):
+            cells.append([c[8 * k + 2 * m: 8 * k + 2 * m + 2] for m in range(NUM_NODES)])
+        return validate(cells)
+
+    def sample(self, rng: random.Random) -> Genotype:
+        """Uniform: each slot draws its op and its input (among earlier nodes) uniformly."""
+        return self.from_choices([ch[rng.randrange(len(ch))] for _, ch in self.decisions()])
+
+    def mutate(self, arch, rng: random.Random) -> Genotype:
+        """Change one slot's op or one slot's input (uniformly among the other values)."""
+        g = validate(arch)
+        while True:
+            c = list(self.to_choices(g))
+            d = rng.randrange(len(c))
+            op, i = c[d]
+            m = (d % 8) // 2
+            if rng.random() < 0.5:
+                op = rng.choice([o for o in OPS if o != op])
+            else:
+                i = rng.choice([j for j in range(m + 2) if j != i])
+            c[d] = (op, i)
+            new = self.from_choices(c)
+            if new != g:
+                return new
+
+    def build(self, arch, num_classes: int = 10) -> nn.Module:
+        return build_model(arch, num_classes=num_classes, C=self.C, layers=self.layers)
+
+    def encode(self, arch) -> str:
+        return encode(arch)
+
+    def decode(self, s: str) -> Genotype:
+        return decode(s)

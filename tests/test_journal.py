@@ -1,0 +1,167 @@
+"""The SQLite journal: cache, queries, SIGKILL + resume, concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _toy_space import DIRECTIONS, ToySpace, toy_metrics  # noqa: E402
+
+from fastntk.search import Journal, JournalError, Scorer, regularized_evolution  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The worker loads fastntk's search layer without running fastntk/__init__.py (which
+# imports torch: ~3-7 s per process on the 2-core CI machine); the search layer and the
+# journal do not use torch.
+WORKER = r"""
+import json, sys, time, types
+pkg = types.ModuleType("fastntk")
+pkg.__path__ = [{pkg!r}]
+sys.modules["fastntk"] = pkg
+sys.path.insert(0, {tests!r})
+from _toy_space import DIRECTIONS, ToySpace, toy_metrics
+from fastntk.search import Journal, Scorer, random_search, regularized_evolution
+
+db, calls, algo, seed, budget, sleep, D = sys.argv[1:8]
+def fn(a):
+    with open(calls, "a") as f:
+        f.write(a + "\n")
+    time.sleep(float(sleep))
+    return toy_metrics(a)
+
+scorer = Scorer(fn, ["good"], DIRECTIONS, settings={{"metrics": ["good"], "seed": 0}})
+with Journal(db) as j:
+    if algo == "rea":
+        r = regularized_evolution(ToySpace(D=int(D)), scorer, budget=int(budget),
+                                  seed=int(seed), journal=j, population_size=8, sample_size=3)
+    else:
+        r = random_search(ToySpace(D=int(D)), scorer, budget=int(budget), seed=int(seed),
+                          journal=j)
+print(json.dumps(r.encodings))
+"""
+
+
+def _worker(tmp_path: Path) -> Path:
+    p = tmp_path / "worker.py"
+    p.write_text(WORKER.format(tests=str(Path(__file__).parent), pkg=str(ROOT / "fastntk")))
+    return p
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _count(db: Path) -> int:
+    try:
+        con = sqlite3.connect(db, timeout=10)
+        try:
+            return con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def test_record_get_rows_best(tmp_path):
+    db = tmp_path / "j.db"
+    with Journal(db) as j:
+        s = {"metrics": ["lga"], "seed": 0}
+        assert j.get("nb201", "A", s) is None
+        assert j.record("nb201", "A", s, {"lga": 0.5}, seed=0, data="cifar10", elapsed=1.0)
+        assert not j.record("nb201", "A", s, {"lga": 0.9})  # same key: ignored, not duplicated
+        assert j.record("nb201", "B", s, {"lga": float("nan")})
+        assert j.record("nb201", "C", s, {"lga": 0.7})
+        assert j.record("nb201", "A", {"metrics": ["lga"], "seed": 1}, {"lga": 0.1})
+        assert j.get("nb201", "A", {"seed": 0, "metrics": ["lga"]}) == {"lga": 0.5}  # key order
+        assert math.isnan(j.get("nb201", "B", s)["lga"])
+        rows = j.rows(space="nb201", settings=s)
+        assert [r["arch"] for r in rows] == ["A", "B", "C"]
+        assert rows[0]["seed"] == 0 and rows[0]["data"] == "cifar10"
+        assert rows[0]["settings"] == s and rows[0]["version"]
+        assert [r["arch"] for r in j.best("lga", space="nb201", settings=s, k=3)] == [
+            "C", "A", "B"]
+        assert j.best("lga", higher_is_better=False, settings=s)[0]["arch"] == "A"
+        assert len(j) == 4
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("path", ["/proc/fastntk/nope.db", "{tmp}/file.txt/sub.db",
+                                  "{tmp}"])
+def test_unwritable_database(tmp_path, path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(JournalError):
+        Journal(path.format(tmp=tmp_path))
+
+
+def test_sigkill_then_resume(tmp_path):
+    db, worker = tmp_path / "kill.db", _worker(tmp_path)
+    calls1, calls2 = tmp_path / "calls1.txt", tmp_path / "calls2.txt"
+    args = ["rea", "5", "40", "0.05", "6"]
+    p = subprocess.Popen([sys.executable, str(worker), str(db), str(calls1), *args],
+                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while _count(db) < 8 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    with Journal(db) as j:
+        before = {r["arch"]: r["metrics"] for r in j.rows()}
+    assert 8 <= len(before) < 40
+    assert set(before) <= set(calls1.read_text().split())
+
+    out = subprocess.run([sys.executable, str(worker), str(db), str(calls2), *args],
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    resumed = json.loads(out.stdout)
+    computed2 = calls2.read_text().split()
+    assert not set(computed2) & set(before)  # nothing journaled is evaluated again
+    assert len(computed2) == len(set(computed2))
+    with Journal(db) as j:
+        rows = j.rows()
+        after = {r["arch"]: r["metrics"] for r in rows}
+    assert len(rows) == len(after) == len(set(resumed))  # no duplicates, nothing missing
+    assert all(after[a] == m for a, m in before.items())  # nothing lost
+    # same trajectory as an uninterrupted run with the same seed
+    s = Scorer(toy_metrics, ["good"], DIRECTIONS, settings={"metrics": ["good"], "seed": 0})
+    ref = regularized_evolution(ToySpace(), s, budget=40, seed=5, population_size=8,
+                                sample_size=3)
+    assert resumed == ref.encodings
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_two_concurrent_writers(tmp_path):
+    db, worker = tmp_path / "two.db", _worker(tmp_path)
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), str(db), str(tmp_path / f"c{i}.txt"),
+                          "random", str(i), "60", "0.01", "3"],
+                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (o, e) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, e
+    trajs = [json.loads(o) for o, _ in outs]
+    assert all(len(t) == 60 for t in trajs)
+    with Journal(db) as j:
+        rows = j.rows()
+    archs = [r["arch"] for r in rows]
+    assert len(archs) == len(set(archs)) == len(set(trajs[0]) | set(trajs[1]))
+    for r in rows:
+        assert r["metrics"] == {"good": toy_metrics(r["arch"])["good"]}
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

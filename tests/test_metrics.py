@@ -1,0 +1,490 @@
+"""Tests of fastntk.metrics: each metric against an independent numpy implementation
+of the paper's formula, known cases, bad inputs, and the model-level functions."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from fastntk import metrics as M
+from fastntk.errors import InputError, NonFiniteKernelError, OptionError
+
+SIZES = [1, 7, 10, 33]
+SIZES_GE2 = [7, 10, 33]
+
+
+# ---------------------------------------------------------------------------------------
+# independent numpy references (written from the papers, not from fastntk.metrics)
+# ---------------------------------------------------------------------------------------
+
+
+def np_lga(K, y):
+    """LGA paper Eq. 12, literally: centred Θ and L, Frobenius inner product over norms."""
+    K = np.asarray(K, dtype=np.float64)
+    y = np.asarray(y)
+    L = np.where(y[:, None] == y[None, :], 1.0, -1.0)
+    Kc = K - K.mean()
+    Lc = L - L.mean()
+    return float((Kc * Lc).sum() / (np.sqrt((Kc**2).sum()) * np.sqrt((Lc**2).sum())))
+
+
+def np_trainability(K):
+    """NTK-score Eq. 5: top-ceil(sqrt n) eigenvalues over all, eigenvalues descending."""
+    lam = np.sort(np.linalg.eigvalsh(np.asarray(K, dtype=np.float64)))[::-1]
+    k = int(np.ceil(np.sqrt(len(lam))))
+    return float(lam[:k].sum() / lam.sum())
+
+
+def np_cond(K):
+    lam = np.linalg.eigvalsh(np.asarray(K, dtype=np.float64))
+    return float(lam[-1] / lam[0])
+
+
+def random_spd(n, seed, dtype=torch.float64):
+    g = np.random.default_rng(seed)
+    A = g.standard_normal((n, n + 3))
+    K = A @ A.T + 0.1 * np.eye(n) + 0.5  # a positive mean, like a NTK
+    return torch.tensor(K, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# kernel-level metrics vs references
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_fnorm_mean_spectrum_match_numpy(n):
+    K = random_spd(n, n)
+    Kn = K.numpy()
+    assert M.fnorm(K) == pytest.approx(np.sqrt((Kn**2).sum()), rel=1e-12)
+    assert M.mean(K) == pytest.approx(Kn.sum() / n**2, rel=1e-12)
+    lam = M.spectrum(K)
+    assert lam.dtype == torch.float64
+    np.testing.assert_allclose(lam.numpy(), np.linalg.eigvalsh(Kn), rtol=1e-10, atol=1e-10)
+    assert bool(torch.all(lam[1:] >= lam[:-1]))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_condition_number_and_ncn_match_numpy(n):
+    K = random_spd(n, 100 + n)
+    assert M.condition_number(K) == pytest.approx(np_cond(K.numpy()), rel=1e-9)
+    assert M.ncn(K) == pytest.approx(-np_cond(K.numpy()), rel=1e-9)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_trainability_matches_eq5(n):
+    K = random_spd(n, 200 + n)
+    assert M.trainability(K) == pytest.approx(np_trainability(K.numpy()), rel=1e-10)
+
+
+@pytest.mark.parametrize("n", SIZES_GE2)
+def test_lga_matches_eq12(n):
+    K = random_spd(n, 300 + n)
+    y = np.random.default_rng(n).integers(0, 3, n)
+    y[:2] = [0, 1]  # at least two classes
+    assert M.lga(K, torch.tensor(y)) == pytest.approx(np_lga(K.numpy(), y), abs=1e-12)
+    assert M.lga(K, y) == pytest.approx(np_lga(K.numpy(), y), abs=1e-12)  # array-like labels
+
+
+@pytest.mark.parametrize("n", SIZES_GE2)
+def test_kernel_evolution_measures_match_numpy(n):
+    K0 = random_spd(n, 400 + n)
+    Kt = random_spd(n, 500 + n)
+    a, b = K0.numpy().ravel(), Kt.numpy().ravel()
+    assert M.kernel_correlation(K0, Kt) == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-12)
+    expect = np.linalg.norm(b - a) / np.linalg.norm(a)
+    assert M.relative_kernel_difference(K0, Kt) == pytest.approx(expect, rel=1e-12)
+    assert M.kernel_correlation(K0, K0) == pytest.approx(1.0)
+    assert M.relative_kernel_difference(K0, K0) == 0.0
+
+
+def test_float32_kernel_is_accepted_and_computed_in_float64():
+    K = random_spd(10, 1)
+    assert M.condition_number(K.float()) == pytest.approx(np_cond(K.numpy()), rel=1e-5)
+    assert isinstance(M.fnorm(K.float()), float)
+
+
+# ---------------------------------------------------------------------------------------
+# known cases
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_identity_kernel(n):
+    K = torch.eye(n)
+    assert M.condition_number(K) == 1.0
+    assert M.ncn(K) == -1.0
+    assert M.fnorm(K) == pytest.approx(math.sqrt(n))
+    assert M.mean(K) == pytest.approx(1.0 / n)
+    assert M.trainability(K) == pytest.approx(math.ceil(math.sqrt(n)) / n)
+
+
+def test_rank_one_kernel():
+    v = torch.arange(1.0, 11.0, dtype=torch.float64)
+    K = torch.outer(v, v)
+    assert M.condition_number(K) == math.inf  # documented: singular -> inf
+    assert M.ncn(K) == -math.inf
+    assert M.condition_number(K, singular="nonzero") == pytest.approx(1.0)
+    with pytest.raises(InputError, match="singular"):
+        M.condition_number(K, singular="raise")
+    assert M.trainability(K) == pytest.approx(1.0)
+    assert M.fnorm(K) == pytest.approx(float(v @ v))
+
+
+def test_near_singular_float32_rounding_is_clamped_not_nan():
+    # rank-2 kernel in float32: the zero eigenvalues come out as +-1e-6-ish rounding
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(20, 2, generator=g)
+    K = (A @ A.T).float()
+    assert M.condition_number(K) == math.inf
+    c = M.condition_number(K, singular="nonzero")
+    assert math.isfinite(c) and c >= 1.0
+    assert 0.0 < M.trainability(K) <= 1.0
+
+
+def test_lga_perfectly_aligned_and_invariances():
+    y = torch.tensor([0, 0, 1, 2, 1, 2, 2, 0])
+    L = M.label_matrix(y)
+    assert M.lga(L, y) == pytest.approx(1.0)
+    assert M.lga(-L, y) == pytest.approx(-1.0)
+    assert M.lga(3.0 * L + 7.0, y) == pytest.approx(1.0)  # scale and shift invariant
+    K = random_spd(8, 3)
+    assert M.lga(5 * K + 2, y) == pytest.approx(M.lga(K, y))
+
+
+# ---------------------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fn", [M.fnorm, M.mean, M.condition_number, M.ncn, M.trainability, M.spectrum]
+)
+def test_bad_kernels_raise(fn):
+    with pytest.raises(InputError, match="square"):
+        fn(torch.ones(3, 4))
+    with pytest.raises(InputError, match="empty"):
+        fn(torch.ones(0, 0))
+    with pytest.raises(InputError, match="2-D"):
+        fn(torch.ones(3))
+    bad = torch.eye(3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(NonFiniteKernelError):
+        fn(bad)
+    bad[1, 2] = float("inf")
+    with pytest.raises(NonFiniteKernelError):
+        fn(bad)
+
+
+def test_spectral_metrics_reject_indefinite_and_asymmetric():
+    K = torch.diag(torch.tensor([3.0, 1.0, -0.5], dtype=torch.float64))
+    for fn in (M.condition_number, M.trainability):
+        with pytest.raises(InputError, match="indefinite"):
+            fn(K)
+    with pytest.raises(InputError, match="positive eigenvalue"):
+        M.condition_number(torch.zeros(4, 4))
+    A = torch.tensor([[2.0, 1.0], [0.0, 2.0]])
+    with pytest.raises(InputError, match="symmetric"):
+        M.condition_number(A)
+    with pytest.raises(OptionError):
+        M.condition_number(torch.eye(3), singular="bogus")
+
+
+def test_lga_bad_labels():
+    K = random_spd(6, 0)
+    with pytest.raises(InputError, match="entries"):
+        M.lga(K, torch.tensor([0, 1, 0]))
+    with pytest.raises(InputError, match="two classes"):
+        M.lga(K, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(InputError, match="constant"):
+        M.lga(torch.ones(6, 6), torch.tensor([0, 1, 0, 1, 0, 1]))
+    with pytest.raises(InputError, match="1-D"):
+        M.lga(K, torch.zeros(6, 1, dtype=torch.long))
+
+
+def test_kernel_pair_shape_mismatch():
+    with pytest.raises(InputError, match="shapes differ"):
+        M.kernel_correlation(torch.eye(3), torch.eye(4))
+    with pytest.raises(InputError, match="undefined"):
+        M.relative_kernel_difference(torch.zeros(3, 3), torch.eye(3))
+
+
+# ---------------------------------------------------------------------------------------
+# Borda
+# ---------------------------------------------------------------------------------------
+
+
+def test_borda_hand_made_table_with_ties():
+    scores = [[1.0, 5.0], [2.0, 5.0], [3.0, 1.0]]
+    # col 0 higher better: ranks 1, 2, 3; col 1 lower better: 5, 5 tie -> 1.5, 1.5; 1 -> 3
+    np.testing.assert_allclose(M.borda(scores, [True, False]), [2.5, 3.5, 6.0])
+    np.testing.assert_allclose(M.borda(scores, True), [3.5, 4.5, 4.0])
+    # all tied: everyone gets the average rank
+    np.testing.assert_allclose(M.borda([[4.0], [4.0], [4.0], [4.0]], True), [2.5] * 4)
+
+
+def test_borda_is_order_independent_and_handles_nan_inf():
+    g = np.random.default_rng(0)
+    table = g.integers(0, 4, size=(9, 3)).astype(float)  # many ties
+    dirs = [True, False, True]
+    tot = M.borda(table, dirs)
+    perm = g.permutation(9)
+    np.testing.assert_allclose(M.borda(table[perm], dirs), tot[perm])
+    col = [1.0, float("nan"), -math.inf, 2.0]
+    np.testing.assert_allclose(M.borda(col, True), [3.0, 1.0, 2.0, 4.0])
+    np.testing.assert_allclose(M.borda(col, False), [3.0, 1.0, 4.0, 2.0])
+
+
+def test_borda_bad_input():
+    with pytest.raises(InputError):
+        M.borda([[1.0, 2.0]], [True])
+    with pytest.raises(InputError):
+        M.borda(np.zeros((0, 2)), True)
+
+
+def test_registry_and_directions():
+    assert set(M.DIRECTIONS) == set(M.METRICS)
+    for name in ["fnorm", "mean", "ncn", "lga"]:
+        assert M.DIRECTIONS[name] is True
+    assert M.DIRECTIONS["cond"] is False and M.DIRECTIONS["generalization"] is False
+    assert M.DIRECTIONS["expressivity"] is M.EXPRESSIVITY_HIGHER_IS_BETTER
+    with pytest.raises(OptionError, match="unknown metric"):
+        M.compute_metrics(nn.Linear(2, 2), torch.randn(3, 2), None, ["nope"])
+
+
+# ---------------------------------------------------------------------------------------
+# model-level (real engine: fastntk.ntk)
+# ---------------------------------------------------------------------------------------
+
+
+def ref_ntk(model, x1, x2=None):
+    """Per-sample-gradient loop, float64, eval mode, sum output, all parameters."""
+    m = copy.deepcopy(model).double().eval()
+    ps = [p for p in m.parameters() if p.requires_grad]
+
+    def grads(x):
+        rows = []
+        for i in range(x.shape[0]):
+            out = m(x[i : i + 1].double())
+            out = out[-1] if isinstance(out, tuple) else out
+            g = torch.autograd.grad(out.sum(), ps, allow_unused=True)
+            rows.append(
+                torch.cat(
+                    [
+                        (gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                        for gi, p in zip(g, ps, strict=True)
+                    ]
+                )
+            )
+        return torch.stack(rows)
+
+    G1 = grads(x1)
+    G2 = G1 if x2 is None else grads(x2)
+    return G1 @ G2.T
+
+
+def mlp(seed=0, bn=True):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(5, 16)]
+    if bn:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.Tanh(), nn.Linear(16, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def tiny_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).double()
+
+
+def snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        model.training,
+        [p.grad for p in model.parameters()],
+    )
+
+
+def assert_unchanged(model, snap):
+    sd, training, grads = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert model.training == training
+    assert all(p.grad is None for p in model.parameters()) == all(g is None for g in grads)
+
+
+def data(n, seed=0, shape=(5,), k=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    y = torch.arange(n) % k
+    return x, y
+
+
+def test_engine_is_the_real_one():
+    from fastntk.engine import ntk
+
+    assert callable(ntk)
+    model = mlp()
+    x, _ = data(5)
+    torch.testing.assert_close(M._ntk(model, x), ref_ntk(model, x), rtol=1e-8, atol=1e-10)
+
+
+def test_compute_metrics_matches_kernel_functions_with_one_engine_call(monkeypatch):
+    model = mlp()
+    x, y = data(12)
+    calls = []
+    real = M._ntk
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(M, "_ntk", counting)
+    snap = snapshot(model)
+    out = M.compute_metrics(model, x, y, ["fnorm", "mean", "ncn", "cond", "lga", "trainability"])
+    assert len(calls) == 1
+    assert_unchanged(model, snap)
+    K = ref_ntk(model, x)
+    assert out["fnorm"] == pytest.approx(M.fnorm(K), rel=1e-6)
+    assert out["mean"] == pytest.approx(M.mean(K), rel=1e-6)
+    assert out["cond"] == pytest.approx(M.condition_number(K), rel=1e-4)
+    assert out["ncn"] == -out["cond"]
+    assert out["lga"] == pytest.approx(np_lga(K.numpy(), y.numpy()), abs=1e-6)
+    assert out["trainability"] == pytest.approx(np_trainability(K.numpy()), rel=1e-6)
+    assert list(out) == ["fnorm", "mean", "ncn", "cond", "lga", "trainability"]
+
+
+def np_ntk_score(Ktr, Kte, Kpe, ytr, yte, k, jitter=1e-6):
+    Ktr, Kte, Kpe = (np.asarray(a, dtype=np.float64) for a in (Ktr, Kte, Kpe))
+    Ytr = np.eye(k)[ytr] - 1.0 / k
+    Yte = np.eye(k)[yte] - 1.0 / k
+    A = np.linalg.solve(Ktr + jitter * np.mean(np.diag(Ktr)) * np.eye(len(Ktr)), Ytr)
+    fte, fpe = Kte @ A, Kpe @ A
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    ce = float(np.mean(-(softmax(fte) * np.log(softmax(fpe))).sum(1)))
+    return np_trainability(Ktr), -ce, float(np.linalg.norm(fte - Yte))
+
+
+def test_ntk_score_tiny_mlp_matches_reference_and_is_deterministic():
+    model = mlp(1)
+    xtr, ytr = data(10, 1)
+    xte, yte = data(6, 2)
+    snap = snapshot(model)
+    s = M.ntk_score(model, xtr, ytr, xte, yte, num_classes=3, seed=3)
+    assert_unchanged(model, snap)
+    assert len(s) == 3 and all(isinstance(v, float) and math.isfinite(v) for v in s)
+    assert s == M.ntk_score(model, xtr, ytr, xte, yte, num_classes=3, seed=3)
+    s_other = M.ntk_score(model, xtr, ytr, xte, yte, num_classes=3, seed=4)
+    assert s_other[0] == s[0] and s_other[2] == s[2]  # the noise only enters S_e
+    # against an independent float64 computation (same seeded noise)
+    xpe = xte + 1e-2 * torch.randn(
+        xte.shape, generator=torch.Generator().manual_seed(3), dtype=xte.dtype
+    )
+    ref = np_ntk_score(
+        ref_ntk(model, xtr),
+        ref_ntk(model, xte, xtr),
+        ref_ntk(model, xpe, xtr),
+        ytr.numpy(),
+        yte.numpy(),
+        3,
+    )
+    np.testing.assert_allclose(s, ref, rtol=1e-5, atol=1e-8)
+    assert 0.0 < s[0] <= 1.0 and s[1] < 0.0 and s[2] >= 0.0
+
+
+def test_compute_metrics_split_equals_ntk_score():
+    model = mlp(2)
+    x, y = data(12, 5)
+    out = M.compute_metrics(model, x, y, "ntk_score", num_classes=3, seed=1)
+    assert list(out) == ["trainability", "expressivity", "generalization"]
+    _, se, sg = M.ntk_score(model, x[:6], y[:6], x[6:], y[6:], num_classes=3, seed=1)
+    assert out["expressivity"] == pytest.approx(se, rel=1e-6)
+    assert out["generalization"] == pytest.approx(sg, rel=1e-6)
+
+
+def test_ntk_score_bad_inputs():
+    model = mlp()
+    x, y = data(6)
+    with pytest.raises(InputError, match="entries"):
+        M.ntk_score(model, x, y[:4], x, y)
+    with pytest.raises(InputError, match="out of range"):
+        M.ntk_score(model, x, y, x, y, num_classes=2)
+    with pytest.raises(OptionError):
+        M.ntk_score(model, x, y, x, y, bn="weird")
+    with pytest.raises(InputError, match="labels"):
+        M.compute_metrics(model, x, None, ["lga"])
+
+
+def test_kernel_evolution_leaves_model_unchanged_and_is_deterministic():
+    model = mlp(3)
+    model.train()
+    x, y = data(16, 7)
+    snap = snapshot(model)
+    rng_before = torch.get_rng_state()
+    ev = M.kernel_evolution(model, x, y, times=[2, 1], unit="step", batch_size=8, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert_unchanged(model, snap)
+    assert ev.times == [0, 1, 2]
+    assert ev.kernel_correlation[0] == pytest.approx(1.0)
+    assert ev.relative_difference[0] == 0.0
+    assert math.isnan(ev.train_loss[0]) and all(math.isfinite(v) for v in ev.train_loss[1:])
+    assert ev.relative_difference[2] > 0.0
+    assert ev.lga[0] == pytest.approx(np_lga(ref_ntk(model, x).numpy(), y.numpy()), abs=1e-6)
+    ev2 = M.kernel_evolution(model, x, y, times=[2, 1], unit="step", batch_size=8, seed=0)
+    assert ev2.lga == ev.lga and ev2.relative_difference == ev.relative_difference
+    model.eval()
+    snap = snapshot(model)
+    M.kernel_evolution(model, x, y, times=[1], unit="epoch", batch_size=8)
+    assert_unchanged(model, snap)
+
+
+def test_highpass():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(M.highpass(x, 0.0), x)
+    h = M.highpass(x, 0.1)
+    torch.testing.assert_close(h.mean(dim=(2, 3)), torch.zeros(2, 3, dtype=torch.float64))
+    const = torch.ones(1, 1, 6, 6)
+    assert float(M.highpass(const, 0.01).abs().max()) < 1e-6
+    with pytest.raises(InputError):
+        M.highpass(torch.randn(4, 3), 0.1)
+
+
+def test_vintk_tiny_cnn():
+    model = tiny_cnn()
+    x, _ = data(6, 3, shape=(3, 8, 8))
+    snap = snapshot(model)
+    Kvi = M.vintk_kernel(model, x, cutoff=0.25, beta=0.5)
+    expect = ref_ntk(model, x) + 0.5 * ref_ntk(model, M.highpass(x, 0.25))
+    torch.testing.assert_close(Kvi, expect, rtol=1e-6, atol=1e-9)
+    v = M.vintk(model, x)
+    assert_unchanged(model, snap)
+    assert isinstance(v, float) and v <= -1.0
+    assert v == M.vintk(model, x)
+    assert M.compute_metrics(model, x, None, ["vintk"])["vintk"] == pytest.approx(v)
+
+
+def test_compute_metrics_vintk_reuses_the_kernel(monkeypatch):
+    model = tiny_cnn(1)
+    x, y = data(6, 4, shape=(3, 8, 8))
+    calls = []
+    real = M._ntk
+    monkeypatch.setattr(M, "_ntk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out = M.compute_metrics(model, x, y, ["fnorm", "lga", "vintk"])
+    assert len(calls) == 2  # Θ(x, x) once, Θ(hp(x), hp(x)) once
+    assert out["vintk"] == pytest.approx(M.vintk(model, x), rel=1e-9)

@@ -1,0 +1,199 @@
+"""Search algorithms on NTK-free toy scorers: determinism, budgets, behaviour."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _toy_space import DIRECTIONS, ToySpace, objective, toy_metrics  # noqa: E402
+
+from fastntk.errors import OptionError  # noqa: E402
+from fastntk.search import (  # noqa: E402
+    ALGORITHMS,
+    Journal,
+    Scorer,
+    borda_scores,
+    prune_search,
+    random_search,
+    regularized_evolution,
+    reinforce,
+    run_search,
+)
+
+
+def scorer(metrics=("good",)):
+    return Scorer(toy_metrics, list(metrics), DIRECTIONS)
+
+
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+def test_deterministic_for_a_seed_and_respects_budget(algo):
+    runs = [run_search(algo, ToySpace(), scorer(), budget=40, seed=s) for s in (3, 3, 4)]
+    assert runs[0].encodings == runs[1].encodings
+    assert runs[0].best.encoding == runs[1].best.encoding
+    assert runs[0].encodings != runs[2].encodings
+    for r in runs:
+        assert len(r.history) <= 40
+        assert r.n_computed + r.n_cached == len(r.history)
+    if algo != "prune":
+        assert len(runs[0].history) == 40 and runs[0].stop_reason == "budget"
+
+
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+def test_time_budget(algo):
+    def slow(a):
+        time.sleep(0.01)
+        return toy_metrics(a)
+
+    t = time.monotonic()
+    r = run_search(algo, ToySpace(), Scorer(slow, ["good"], DIRECTIONS), time_budget=0.15, seed=0)
+    assert time.monotonic() - t < 1.0
+    assert r.stop_reason == "time"
+    assert 1 <= r.n_computed <= 16
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_bad_budgets(bad):
+    with pytest.raises(OptionError):
+        random_search(ToySpace(), scorer(), budget=bad)
+    with pytest.raises(OptionError):
+        random_search(ToySpace(), scorer(), time_budget=bad)
+    with pytest.raises(OptionError):
+        random_search(ToySpace(), scorer())
+    with pytest.raises(OptionError, match="known: random, rea, prune, reinforce"):
+        run_search("bayes", ToySpace(), scorer(), budget=3)
+
+
+def test_random_search_no_repeats_and_exhaustion():
+    r = random_search(ToySpace(D=2, opts="ab"), scorer(), budget=10, seed=0)
+    assert sorted(r.encodings) == ["aa", "ab", "ba", "bb"]
+    assert r.stop_reason == "exhausted"
+    assert r.best.encoding == "bb"
+
+
+def test_rea_keeps_population_and_ages():
+    r = regularized_evolution(ToySpace(), scorer(), budget=80, seed=1, population_size=10,
+                              sample_size=3)
+    assert len(r.population) == 10
+    assert r.extra["population_sizes"] == [10] * 70
+    # aging: the final population is exactly the last 10 evaluations
+    assert r.population == r.encodings[-10:]
+    rand = [objective(ToySpace().sample(random.Random(i))) for i in range(200)]
+    assert objective(r.best.encoding) > max(rand[:80])  # better than random at equal budget
+    with pytest.raises(OptionError):
+        regularized_evolution(ToySpace(), scorer(), budget=5, population_size=3, sample_size=4)
+
+
+def test_reinforce_improves_on_toy_objective():
+    r = reinforce(ToySpace(), scorer(), budget=300, seed=0, lr=0.5)
+    objs = [objective(e.encoding) for e in r.history]
+    first, last = sum(objs[:50]) / 50, sum(objs[-50:]) / 50
+    assert last > first + 3, (first, last)
+    for probs in r.extra["policy"].values():
+        assert probs["e"] > probs["a"]
+    assert abs(sum(r.extra["policy"]["e0"].values()) - 1) < 1e-9
+
+
+def test_lower_is_better_metric_is_minimised():
+    r = reinforce(ToySpace(), scorer(["neg"]), budget=200, seed=0, lr=0.5)
+    objs = [objective(e.encoding) for e in r.history]
+    assert sum(objs[-50:]) > sum(objs[:50])
+    assert r.best.encoding == max(r.encodings, key=objective)
+
+
+def test_prune_finds_additive_optimum():
+    r = prune_search(ToySpace(), scorer(), budget=200, seed=0)
+    assert r.stop_reason == "done"
+    assert r.best.encoding == "eeeeee"
+    assert len(r.history) == 30 + 24 + 18 + 12 + 1
+    assert [set(rd.values()) for rd in r.extra["rounds"]] == [{c} for c in "abcd"]
+
+
+def test_prune_stops_within_budget():
+    r = prune_search(ToySpace(), scorer(), budget=20, seed=0)
+    assert r.stop_reason == "budget"
+    assert len(r.history) == 20
+    ToySpace().decode(r.best.encoding)
+
+
+def test_borda_multi_metric():
+    s = scorer(["good", "bad"])
+    ms = [toy_metrics(a) for a in ["eeeeee", "aaaaaa", "ebbbbb"]]
+    f = s.fitness(ms)
+    assert f[0] > f[2] > f[1]
+    from fastntk.metrics import borda
+
+    vals = [[m["good"], m["bad"]] for m in ms]
+    assert list(borda(vals, [True, False]) - len(ms) * 0 - 2) == pytest.approx(
+        borda_scores(ms, {"good": True, "bad": False})
+    )
+    r = random_search(ToySpace(), s, budget=30, seed=0)
+    fit = s.fitness([e.metrics for e in r.history])
+    assert s.fitness([r.best.metrics])  # metrics present
+    assert fit[r.best.step] == max(fit)
+
+
+def test_nan_is_worst():
+    s = Scorer(lambda a: {"good": float("nan") if a == "eeeeee" else objective(a)}, ["good"],
+               DIRECTIONS)
+    assert s.fitness([{"good": float("nan")}, {"good": -1e9}]) == [float("-inf"), -1e9]
+
+
+def test_journal_cache_resume_same_trajectory(tmp_path):
+    db = tmp_path / "j.db"
+    calls = []
+
+    def counted(a):
+        calls.append(a)
+        return toy_metrics(a)
+
+    s = Scorer(counted, ["good"], DIRECTIONS, settings={"metrics": ["good"], "seed": 0})
+    with Journal(db) as j:
+        r1 = regularized_evolution(ToySpace(), s, budget=50, seed=2, journal=j,
+                                   population_size=8, sample_size=3)
+    n1 = len(calls)
+    assert n1 == len(set(r1.encodings))  # within a run, nothing is computed twice
+    with Journal(db) as j:
+        r2 = regularized_evolution(ToySpace(), s, budget=50, seed=2, journal=j,
+                                   population_size=8, sample_size=3)
+        assert len(j) == n1
+    assert len(calls) == n1 and r2.n_computed == 0 and r2.n_cached == 50
+    assert r2.encodings == r1.encodings
+    # a longer budget continues past the journal
+    with Journal(db) as j:
+        r3 = regularized_evolution(ToySpace(), s, budget=70, seed=2, journal=j,
+                                   population_size=8, sample_size=3)
+    assert r3.encodings[:50] == r1.encodings
+
+
+@pytest.mark.parametrize("algo", ["prune", "reinforce"])
+def test_nb201_and_darts_decisions(algo):
+    from fastntk.spaces.registry import get_space
+
+    nb = get_space("nb201")
+    conv = Scorer(lambda a: {"good": float(a.count("nor_conv_3x3"))}, ["good"], DIRECTIONS)
+    r = run_search(algo, nb, conv, budget=120, seed=0)
+    nb.decode(r.best.encoding)
+    if algo == "prune":
+        assert r.best.encoding == (
+            "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|"
+            "nor_conv_3x3~2|"
+        )
+    darts = get_space("darts")
+    sep = Scorer(lambda a: {"good": float(darts.encode(a).count("sep"))}, ["good"], DIRECTIONS)
+    r = run_search(algo, darts, sep, budget=30, seed=0)
+    darts.decode(r.best.encoding)
+
+
+def test_progress_bar(capsys):
+    import io
+
+    buf = io.StringIO()
+    random_search(ToySpace(), scorer(), budget=5, seed=0, progress=buf)
+    out = buf.getvalue()
+    assert "5/5" in out and "eval/s" in out and "best" in out and out.endswith("\n")

@@ -1,0 +1,134 @@
+"""DARTS, ResNet and ViT spaces: sampling, mutation, encoding, building."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fastntk.errors import ArchitectureError, OptionError
+from fastntk.spaces.base import SearchSpace
+from fastntk.spaces.registry import get_space, space_names
+
+SPACES = ["darts", "resnet", "vit"]
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_protocol_and_registry(name):
+    space = get_space(name)
+    assert isinstance(space, SearchSpace)
+    assert space.name == name
+    assert name in space_names()
+
+
+def test_unknown_space_lists_known():
+    with pytest.raises(OptionError, match="darts, nb201, resnet, vit"):
+        get_space("nasbench101")
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_sample_mutate_stay_in_space_and_round_trip(name):
+    space = get_space(name)
+    rng = random.Random(0)
+    decisions = space.decisions()
+    for _ in range(30):
+        a = space.sample(rng)
+        s = space.encode(a)
+        assert isinstance(s, str)
+        assert space.decode(s) == a
+        assert space.encode(space.decode(s)) == s
+        b = space.mutate(a, rng)
+        assert space.encode(space.decode(space.encode(b))) == space.encode(b)
+        ca, cb = space.to_choices(a), space.to_choices(b)
+        assert len(ca) == len(cb) == len(decisions)
+        for (_, allowed), v in zip(decisions, cb, strict=True):
+            assert v in allowed
+        if name == "darts":
+            # one slot changes (sorting within a node may move the other slot)
+            assert a != b
+            diff_nodes = sum(
+                na != nb for ca_, cb_ in zip(a, b, strict=True)
+                for na, nb in zip(ca_, cb_, strict=True)
+            )
+            assert diff_nodes == 1
+        else:
+            assert sum(x != y for x, y in zip(ca, cb, strict=True)) == 1
+        assert space.from_choices(ca) == a
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_sampling_is_seeded(name):
+    space = get_space(name)
+    a = [space.encode(space.sample(random.Random(7))) for _ in range(2)]
+    assert a[0] == a[1]
+
+
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("darts", ""),
+        ("darts", "normal=sep_conv_3x3~0,sep_conv_3x3~1"),
+        ("darts", "normal=conv_7x7~0,sep_conv_3x3~1|a~0,b~1|c~0,d~1|e~0,f~1;reduce=x~0,y~1"),
+        ("resnet", "64x2-128x2-256x2"),
+        ("resnet", "64x2-128x2-256x2-500x2"),
+        ("resnet", "64x2-128x9-256x2-512x2"),
+        ("vit", "d6-e384-h6-m4"),
+        ("vit", "d6-e385-h6-m4-p4"),
+        ("vit", "x6-e384-h6-m4-p4"),
+    ],
+)
+def test_decode_rejects_malformed(name, bad):
+    with pytest.raises(ArchitectureError):
+        get_space(name).decode(bad)
+
+
+def test_darts_input_out_of_range():
+    from fastntk.spaces.darts import DARTS_V2, decode
+
+    g = decode(DARTS_V2)
+    bad = DARTS_V2.replace("dil_conv_3x3~2", "dil_conv_3x3~5")
+    with pytest.raises(ArchitectureError, match="earlier node"):
+        decode(bad)
+    # the two inputs of a node are unordered: either order decodes to the same genotype
+    swapped = DARTS_V2.replace("sep_conv_3x3~1,skip_connect~0", "skip_connect~0,sep_conv_3x3~1")
+    assert decode(swapped) == g
+
+
+@pytest.mark.parametrize(
+    "name,arch",
+    [
+        ("darts", None),
+        ("resnet", "16x1-32x1-64x1-128x1"),
+        ("resnet", "32x2-16x1-16x2-64x1"),
+        ("vit", "d2-e96-h3-m2-p4"),
+        ("vit", "d1-e192-h4-m1-p8"),
+    ],
+)
+def test_build_forward(name, arch):
+    space = get_space(name, **({"C": 8, "layers": 5} if name == "darts" else {}))
+    a = space.sample(random.Random(1)) if arch is None else space.decode(arch)
+    torch.manual_seed(0)
+    model = space.build(a, num_classes=7)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_reference_models():
+    from fastntk.spaces.darts import DARTS_V2, build_model
+    from fastntk.spaces.resnet import resnet18
+    from fastntk.spaces.vit import vit_small
+
+    r18 = resnet18()
+    assert sum(p.numel() for p in r18.parameters()) == 11_173_962  # torchvision's + CIFAR stem
+    assert get_space("resnet").encode(((64, 2), (128, 2), (256, 2), (512, 2))) == (
+        "64x2-128x2-256x2-512x2"
+    )
+    vit = vit_small()
+    assert vit.patch_embed.kernel_size == (4, 4)
+    assert vit.pos_embed.shape == (1, 65, 384)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert vit(x).shape == (2, 10)
+        assert build_model(DARTS_V2, C=8, layers=5)(x).shape == (2, 10)
