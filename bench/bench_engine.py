@@ -1,0 +1,275 @@
+"""Engine benchmark: fastntk's paths vs torch.func vmap(jacrev) vs the per-sample loop.
+
+One workload (NAS-Bench-201 network, float32, eval BatchNorm, CIFAR-10 images
+from the bundled sample), several providers, each measured in a fresh
+subprocess so that its peak resident memory is its own:
+
+* ``floor``: one plain forward+backward of the batch per output dimension
+  (1 for "sum", K for "trace") plus the Gram matmul of a (N, P) matrix: the
+  least any exact method can do.
+* ``fwdbwd``: one plain forward+backward (the memory reference).
+* ``layerwise``: ``fastntk.ntk(method="layerwise")``.
+* ``vmap``: torch.func ``vmap(jacrev)`` (``fastntk.ntk(method="vmap")``: holds the Jacobian).
+* ``loop``: per-sample backward through the batch graph (TE-NAS style); at
+  large N timed on the first ``--loop-rows`` rows and extrapolated linearly
+  (every row costs one backward of the same graph), which the table marks.
+
+Times are medians of ``--repeats`` warm calls (after one warm-up call in the
+same process); peak memory is the subprocess's peak RSS. Ratios are taken
+within one run. Results are appended to ``bench/results/engine_<device>.csv``
+and printed as a markdown table.
+
+Usage:
+    python bench/bench_engine.py --n 128 --output sum
+    python bench/bench_engine.py --n 32 --output trace --providers floor,layerwise,vmap
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _workload(n: int, device: str):
+    import torch
+
+    import fastntk.data as data
+    from fastntk.spaces.nb201 import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ARCH, num_classes=10).to(device)
+    if n <= data.cifar10_size():
+        x, _ = data.load_cifar10(n, seed=0)
+    else:
+        x, _ = data.synthetic(n, seed=0)
+    return model, x.to(device)
+
+
+def _sync(device):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(provider: str, n: int, output: str, repeats: int, device: str, loop_rows: int) -> dict:
+    """Runs in the child process."""
+    import torch
+
+    import fastntk
+
+    torch.set_grad_enabled(True)
+    model, x = _workload(n, device)
+    info: dict = {}
+
+    if provider in ("floor", "fwdbwd"):
+        params = [p for p in model.parameters() if p.requires_grad]
+        P = sum(p.numel() for p in params)
+        model.eval()
+
+        def run():
+            out = model(x)[1]
+            k = out.shape[1] if output == "trace" and provider == "floor" else 1
+            for j in range(k):
+                w = torch.ones_like(out) if k == 1 else torch.zeros_like(out).index_fill_(1, torch.tensor([j], device=out.device), 1.0)
+                torch.autograd.grad(out, params, grad_outputs=w, retain_graph=j < k - 1)
+            if provider == "floor":
+                G = torch.empty(n, P, device=x.device)  # the Gram of an (N, P) matrix
+                G.normal_()
+                t0 = time.perf_counter()
+                _ = G @ G.T
+                _sync(device)
+                info.setdefault("gram_s", []).append(time.perf_counter() - t0)
+                del G
+
+    elif provider == "loop":
+        from fastntk._model import Head, make_copies, select_params
+
+        sel = select_params(model, None)
+        model.eval()
+        rows = min(n, loop_rows) if loop_rows > 0 else n
+        info["rows_timed"] = rows
+
+        def run():
+            copies = make_copies(model, sel, torch.float32)
+            head = Head(output)
+            y = head(copies.call(model, x))
+            passes = head.passes(y)
+            tensors = list(copies.selected.values())
+            J = []
+            for i in range(rows):
+                for w in passes:
+                    E = torch.zeros_like(y)
+                    E[i] = w[i]
+                    gs = torch.autograd.grad(y, tensors, grad_outputs=E, retain_graph=True)
+                    J.append(torch.cat([g.reshape(-1) for g in gs]))
+            Jm = torch.stack(J)
+            _ = Jm @ Jm.T
+
+    else:
+
+        def run():
+            fastntk.ntk(model, x, output=output, method=provider)
+
+    t0 = time.perf_counter()
+    run()
+    _sync(device)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    if provider == "loop" and info["rows_timed"] < n:
+        med = med * n / info["rows_timed"]  # extrapolated: one backward per row
+        first = first * n / info["rows_timed"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    res = {
+        "provider": provider,
+        "n": n,
+        "output": output,
+        "median_s": med,
+        "spread_s": (max(times) - min(times)) if len(times) > 1 else 0.0,
+        "first_s": first,
+        "peak_bytes": peak,
+        "extrapolated": provider == "loop" and info.get("rows_timed", n) < n,
+    }
+    if "gram_s" in info:
+        res["gram_s"] = statistics.median(info["gram_s"][1:] or info["gram_s"])
+    return res
+
+
+def machine() -> dict:
+    import torch
+
+    dev = "cpu"
+    name = platform.processor() or platform.machine()
+    if torch.cuda.is_available():
+        dev = "cuda"
+        name = torch.cuda.get_device_name()
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:
+        sha = "unknown"
+    return {
+        "device": dev,
+        "device_name": name,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git": sha,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", default="128", help="batch sizes, comma-separated")
+    ap.add_argument("--output", default="sum", choices=["sum", "trace"])
+    ap.add_argument("--providers", default="fwdbwd,floor,layerwise,vmap,loop")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loop-rows", type=int, default=16, help="rows timed for the loop (0 = all)")
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        prov, n = args.child.split(":")
+        res = measure(prov, int(n), args.output, args.repeats, args.device, args.loop_rows)
+        print("RESULT " + json.dumps(res))
+        return 0
+
+    info = machine()
+    rows = []
+    for n in [int(v) for v in args.n.split(",")]:
+        for prov in args.providers.split(","):
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{prov}:{n}",
+                   "--output", args.output, "--repeats", str(args.repeats),
+                   "--loop-rows", str(args.loop_rows), "--device", args.device]
+            sys.stderr.write(f"  measuring {prov} at N={n} ({args.output}) ...\n")
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode != 0 or not line:
+                err = (p.stderr.strip().splitlines() or ["?"])[-1]
+                rows.append({"provider": prov, "n": n, "output": args.output, "error": err[:120]})
+                continue
+            rows.append(json.loads(line[0][7:]))
+    _report(rows, info, args)
+    return 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _report(rows, info, args):
+    by = {(r["provider"], r["n"]): r for r in rows}
+    hdr = ("| N | output | provider | median s | first-call s | peak mem GB | x floor | "
+           "layerwise speed-up | mem / fwd+bwd |")
+    lines = [
+        f"Machine: {info['device_name']} ({info['device']}, {info['cpus']} CPUs), torch {info['torch']}, "
+        f"git {info['git']}, {info['date']}.",
+        f"Command: `python bench/bench_engine.py --n {args.n} --output {args.output} "
+        f"--providers {args.providers} --repeats {args.repeats}`",
+        "",
+        hdr,
+        "|" + "---|" * 9,
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['n']} | {r['output']} | {r['provider']} | failed: {r['error']} | | | | | |")
+            continue
+        floor = by.get(("floor", r["n"]))
+        fb = by.get(("fwdbwd", r["n"]))
+        lw = by.get(("layerwise", r["n"]))
+        xf = f"{r['median_s'] / floor['median_s']:.2f}" if floor and "median_s" in floor else ""
+        sp = f"{r['median_s'] / lw['median_s']:.1f}x" if lw and "median_s" in lw else ""
+        mem = f"{r['peak_bytes'] / fb['peak_bytes']:.2f}" if fb and "peak_bytes" in fb else ""
+        name = r["provider"] + (" (extrapolated)" if r.get("extrapolated") else "")
+        if r["provider"] == "floor" and "gram_s" in r:
+            name += f" (Gram {r['gram_s']:.2f} s)"
+        lines.append(
+            f"| {r['n']} | {r['output']} | {name} | {r['median_s']:.3f} | {r['first_s']:.3f} | "
+            f"{r['peak_bytes'] / 1e9:.2f} | {xf} | {sp} | {mem} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", f"engine_{info['device']}.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["date", "git", "device_name", "torch", "n", "output", "provider",
+                        "median_s", "spread_s", "first_s", "peak_bytes", "extrapolated", "error"])
+        for r in rows:
+            w.writerow([info["date"], info["git"], info["device_name"], info["torch"], r["n"],
+                        r["output"], r["provider"], r.get("median_s", ""), r.get("spread_s", ""),
+                        r.get("first_s", ""), r.get("peak_bytes", ""), r.get("extrapolated", ""),
+                        r.get("error", "")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

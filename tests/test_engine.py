@@ -1,0 +1,171 @@
+"""Every engine path against the float64 jacrev oracle (tests/reference.py)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import zoo
+from reference import full_kernel, reduce, rel_err
+
+import fastntk
+
+TOL = {torch.float64: 1e-6, torch.float32: 1e-4}  # relative error, one table for all paths
+METHODS = ["layerwise", "vmap", "loop"]
+OUTPUTS = ["sum", "trace", "mean", "full", 1, "callable"]
+
+warnings.filterwarnings("ignore", message=".*batching rule.*")
+
+
+def weights_only(name, p):
+    return "weight" in name
+
+
+@functools.lru_cache(maxsize=None)
+def case(name: str, cross: bool, bn: str = "eval", params: str = "all"):
+    m, x1, x2 = zoo.make(name)
+    sel = None if params == "all" else weights_only
+    ref = full_kernel(m, x1, x2 if cross else None, bn, sel)
+    return m, x1, (x2 if cross else None), sel, ref
+
+
+def _out(output):
+    if output == "callable":
+        return (lambda out: (out[-1] if isinstance(out, tuple) else out)[:, 0] * 2.0), None
+    return output, output
+
+
+def _expected(ref, output):
+    if output == "callable":
+        return 4.0 * ref[:, :, 0, 0]
+    return reduce(ref, output)
+
+
+@pytest.mark.parametrize("name", zoo.ZOO)
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("method", METHODS)
+def test_zoo_against_oracle(name, output, cross, method):
+    m, x1, x2, sel, ref = case(name, cross)
+    out, _ = _out(output)
+    theta = fastntk.ntk(m, x1, x2, output=out, method=method, dtype=torch.float64)
+    expect = _expected(ref, output)
+    assert theta.shape == expect.shape
+    assert theta.dtype == torch.float64
+    assert rel_err(theta, expect) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("name", ["convzoo", "resnet", "nb201", "vit", "tied"])
+@pytest.mark.parametrize("method", METHODS)
+def test_weights_only_selection(name, method):
+    m, x1, x2, sel, ref = case(name, True, "eval", "weights")
+    theta = fastntk.ntk(m, x1, x2, output="trace", params=sel, method=method, dtype=torch.float64)
+    assert rel_err(theta, reduce(ref, "trace")) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("name", zoo.BN_ZOO)
+@pytest.mark.parametrize("bn", ["eval", "batch", "per_sample"])
+@pytest.mark.parametrize("output", ["sum", "trace", "full"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("method", METHODS)
+def test_batchnorm_modes(name, bn, output, cross, method):
+    m, x1, x2, sel, ref = case(name, cross, bn)
+    theta = fastntk.ntk(m, x1, x2, output=output, bn=bn, method=method, dtype=torch.float64)
+    assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float64]
+
+
+def test_batch_mode_matches_te_nas_loop():
+    """bn="batch" layerwise (batched one-hot backward) == the per-sample loop in train mode."""
+    m, x1, _ = zoo.make("nb201", n=6)
+    a = fastntk.ntk(m, x1, bn="batch", dtype=torch.float64)
+    b = fastntk.ntk(m, x1, bn="batch", method="loop", dtype=torch.float64)
+    assert rel_err(a, b) <= 1e-10
+    # and it differs from the eval kernel: the modes are really different kernels
+    c = fastntk.ntk(m, x1, bn="eval", dtype=torch.float64)
+    assert rel_err(a, c) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit", "twice", "tied"])
+@pytest.mark.parametrize("output", ["sum", "trace", "full"])
+@pytest.mark.parametrize("chunk", [2, (2, 3), 3], ids=["s2", "s2c3", "s3"])
+def test_chunked_panels(name, output, chunk, monkeypatch):
+    """Batches larger than one chunk: panels of rows, column blocks, mirrored triangle."""
+    from fastntk import engine
+
+    monkeypatch.setattr(engine, "PANEL_BYTES", 1)  # smallest panels: most recomputation
+    m, x1, x2 = zoo.make(name, n=5)
+    for other in (None, x2):
+        ref = reduce(full_kernel(m, x1, other), output)
+        theta = fastntk.ntk(m, x1, other, output=output, chunk_size=chunk, dtype=torch.float64)
+        assert rel_err(theta, ref) <= TOL[torch.float64]
+
+
+def test_float32_default_dtype_close_to_oracle():
+    m, x1, x2, sel, ref = case("resnet", True)
+    theta = fastntk.ntk(m, x1, x2, output="trace")
+    assert theta.dtype == torch.float32
+    assert rel_err(theta, reduce(ref, "trace")) <= TOL[torch.float32]
+
+
+def test_symmetric_kernel_is_symmetric_and_psd():
+    m, x1, _ = zoo.make("nb201", n=6)
+    theta = fastntk.ntk(m, x1, dtype=torch.float64)
+    assert torch.equal(theta, theta.T) or rel_err(theta, theta.T) < 1e-14
+    assert torch.linalg.eigvalsh(theta).min() > -1e-9 * theta.diagonal().max()
+
+
+def test_single_sample_and_odd_widths():
+    torch.manual_seed(3)
+    m = torch.nn.Sequential(torch.nn.Linear(97, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
+    x = torch.randn(1, 97)
+    theta = fastntk.ntk(m, x, output="full", dtype=torch.float64)
+    assert theta.shape == (1, 1, 5, 5)
+    assert rel_err(theta, full_kernel(m, x)) <= TOL[torch.float64]
+
+
+def test_custom_rule_registration():
+    """A user rule for zoo.Scale replaces the fallback and is exact."""
+    from fastntk.rules import Dense, GramRule
+
+    class ScaleMul(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+        def forward(self, x):
+            return x * self.w
+
+    @fastntk.register_gram_rule(ScaleMul)
+    class ScaleMulRule(GramRule):
+        # y = x * w elementwise: dw_i = g_i * x_i
+        param_names = ("w",)
+
+        def save(self, module, args, kwargs, output, ctx):
+            return args[0]
+
+        def grad_rows(self, module, x, gout, name, r0, r1):
+            return Dense((gout * x)[:, r0:r1])
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), ScaleMul(), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    paths = {p.name: p.path for p in fastntk.explain(m, x).params}
+    assert paths["1.w"] == "rule:ScaleMulRule"
+    theta = fastntk.ntk(m, x, output="trace", dtype=torch.float64)
+    assert rel_err(theta, reduce(full_kernel(m, x), "trace")) <= TOL[torch.float64]
+
+
+def test_explain_reports_paths_and_memory():
+    m, x1, _ = zoo.make("vit")
+    ex = fastntk.explain(m, x1)
+    paths = {p.name: p.path for p in ex.params}
+    assert paths["patch.weight"] == "rule:ConvRule"
+    assert paths["ln1.weight"] == "rule:LayerNormRule"
+    assert paths["attn.in_proj_weight"] == "fallback:module"
+    assert paths["attn.out_proj.weight"].startswith("fallback:model")
+    assert ex.kernel_bytes == 4 * 4 * 4
+    assert "patch.weight" in str(ex) and "memory estimate" in str(ex)
+    m, x1, _ = zoo.make("nb201")
+    assert all(p.path == "coupled" for p in fastntk.explain(m, x1, bn="batch").params)

@@ -1,0 +1,172 @@
+"""The model is never changed, and bad input gets a clear typed error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import zoo
+
+import fastntk
+from fastntk import errors
+
+
+def snapshot(m: nn.Module):
+    return {
+        "params": {n: (p.detach().clone(), p.requires_grad, p.dtype) for n, p in m.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in m.named_buffers()},
+        "flags": [mod.training for mod in m.modules()],
+        "hooks": [
+            (len(mod._forward_hooks), len(mod._forward_pre_hooks), len(mod._backward_hooks))
+            for mod in m.modules()
+        ],
+        "forward": [("forward" in mod.__dict__) for mod in m.modules()],
+        "grads": [p.grad is None for p in m.parameters()],
+    }
+
+
+def assert_same(a, b):
+    assert a["params"].keys() == b["params"].keys()
+    for n in a["params"]:
+        pa, pb = a["params"][n], b["params"][n]
+        assert torch.equal(pa[0], pb[0]) and pa[1:] == pb[1:], n
+    for n in a["buffers"]:
+        assert torch.equal(a["buffers"][n], b["buffers"][n]), n
+    assert a["flags"] == b["flags"]
+    assert a["hooks"] == b["hooks"]
+    assert a["forward"] == b["forward"]
+    assert a["grads"] == b["grads"]
+
+
+@pytest.mark.parametrize("bn", ["eval", "batch", "per_sample"])
+@pytest.mark.parametrize("method", ["layerwise", "vmap", "loop"])
+@pytest.mark.parametrize("train_flag", [True, False])
+def test_model_unchanged(bn, method, train_flag):
+    m, x1, x2 = zoo.make("nb201")
+    m.train(train_flag)
+    m.cells[0].layers[0].op[1].weight.requires_grad_(False)  # a frozen parameter
+    before = snapshot(m)
+    fastntk.ntk(m, x1, x2, output="trace", bn=bn, method=method)
+    fastntk.ntk(m, x1, bn=bn, method=method, dtype=torch.float64)
+    assert_same(before, snapshot(m))
+
+
+def test_model_unchanged_when_the_call_raises():
+    m, x1, _ = zoo.make("resnet")
+    m.train()
+    before = snapshot(m)
+    with pytest.raises(errors.OptionError):
+        fastntk.ntk(m, x1, output=99, bn="batch")  # raises after the forward pass
+    with pytest.raises(errors.OptionError):
+        fastntk.ntk(m, x1, output=lambda out: out, bn="per_sample")
+    assert_same(before, snapshot(m))
+
+
+class Boom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        self.bn(x)
+        raise RuntimeError("user forward failed")
+
+
+def test_model_unchanged_when_forward_raises():
+    m = Boom().train()
+    before = snapshot(m)
+    with pytest.raises(RuntimeError, match="user forward failed"):
+        fastntk.ntk(m, torch.randn(3, 2, 4, 4), bn="per_sample")
+    assert_same(before, snapshot(m))
+
+
+@pytest.fixture
+def mlp():
+    return zoo.make("mlp")
+
+
+def test_empty_batch(mlp):
+    m, x1, _ = mlp
+    with pytest.raises(errors.InputError, match="empty batch"):
+        fastntk.ntk(m, x1[:0])
+
+
+def test_feature_shape_mismatch(mlp):
+    m, x1, _ = mlp
+    with pytest.raises(errors.InputError, match="same per-sample shape"):
+        fastntk.ntk(m, x1, torch.randn(3, 8))
+
+
+def test_non_floating_inputs(mlp):
+    m, x1, _ = mlp
+    with pytest.raises(errors.InputTypeError, match="floating"):
+        fastntk.ntk(m, torch.ones(3, 7, dtype=torch.uint8))
+    with pytest.raises(errors.InputTypeError):
+        fastntk.ntk(m, [[1.0] * 7])
+
+
+def test_no_parameter_selected(mlp):
+    m, x1, _ = mlp
+    with pytest.raises(errors.ParameterSelectionError, match="selected no parameter"):
+        fastntk.ntk(m, x1, params=lambda n, p: False)
+    with pytest.raises(errors.ParameterSelectionError, match="did you mean"):
+        fastntk.ntk(m, x1, params=["fc1.weigth"])
+    with pytest.raises(errors.ParameterSelectionError, match="empty"):
+        fastntk.ntk(m, x1, params=[])
+    frozen = zoo.make("mlp")[0].requires_grad_(False)
+    with pytest.raises(errors.ParameterSelectionError, match="requires grad"):
+        fastntk.ntk(frozen, x1)
+
+
+def test_output_index_out_of_range(mlp):
+    m, x1, _ = mlp
+    with pytest.raises(errors.OptionError, match="out of range"):
+        fastntk.ntk(m, x1, output=3)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"bn": "train"}, "unknown bn"),
+        ({"method": "jacobian"}, "unknown method"),
+        ({"output": "diag"}, "unknown output"),
+        ({"output": True}, "unknown output"),
+        ({"chunk_size": 0}, "positive"),
+        ({"dtype": torch.int64}, "floating-point"),
+    ],
+)
+def test_unknown_options(mlp, kw, match):
+    m, x1, _ = mlp
+    with pytest.raises(errors.OptionError, match=match):
+        fastntk.ntk(m, x1, **kw)
+
+
+class NaNLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 3)
+        self.fc2 = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h + (torch.sqrt(h - h) * 0)  # sqrt'(0) = inf: gradients through here are NaN
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "vmap", "loop"])
+def test_nonfinite_kernel_names_the_layer(method):
+    m = NaNLayer()
+    with pytest.raises(errors.NonFiniteKernelError, match="'fc1'"):
+        fastntk.ntk(m, torch.randn(4, 3), method=method)
+
+
+def test_errors_share_one_hierarchy():
+    for cls in (
+        errors.InputError,
+        errors.InputTypeError,
+        errors.OptionError,
+        errors.ParameterSelectionError,
+        errors.NonFiniteKernelError,
+    ):
+        assert issubclass(cls, fastntk.FastNTKError)
