@@ -35,7 +35,7 @@ def _extensions():
     ext = CppExtension(
         name="fastntk._C",
         sources=sources,
-        # -ffp-contract=fast: let the vectorised a*b+c of csrc/fastntk.h become FMAs (ISO
+        # -ffp-contract=fast: let the vectorised a*b+c of csrc/tile.h become FMAs (ISO
         # -std=c++17 turns contraction off by default).
         extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=fast"],
         extra_link_args=["-fopenmp"],

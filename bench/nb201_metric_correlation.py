@@ -18,7 +18,15 @@ Incremental: one CSV row per (arch, bn) is appended and flushed as soon as it is
 computed; a rerun with the same ``--out`` skips the rows already there. The summary
 (markdown table, printed and written next to the CSV) is computed from all rows.
 
-Full run (about 200 archs × 2 BN modes; ~2-4 s per row on 2 CPU cores):
+Cost (measured 2026-11-23 on the shared 2-core CPU, load ~6, torch 2.13): an eval row
+(one engine call on 3×64 images + one on 64 high-passed images) took 50-106 s; a
+``bn="batch"`` row at batch 8 took 49-253 s and did not finish in 14 min at batch 64
+(the engine's coupled batch-mode path on a 192-image joint batch). So run eval first:
+
+    python3 bench/nb201_metric_correlation.py --archs 200 --batch-size 64 --bn eval
+
+then batch mode (appends to the same CSV; the summary covers both) when it is affordable
+(faster coupled path, or ``--device cuda``):
 
     python3 bench/nb201_metric_correlation.py --archs 200 --batch-size 64 --bn eval,batch
 
@@ -79,6 +87,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the arch sample, data, init")
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device of models and data")
     ap.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(__file__), "results", "nb201_metric_correlation.csv"),
@@ -190,6 +199,7 @@ def main(argv=None) -> int:
     archs = random.Random(args.seed).sample(nb201.all_archs(), args.archs)
     xtr, ytr = load_cifar10(args.batch_size, seed=args.seed)
     xte, yte = load_cifar10(args.batch_size, seed=args.seed, offset=args.batch_size)
+    xtr, xte = xtr.to(args.device), xte.to(args.device)
 
     fields = [
         "arch",
@@ -225,7 +235,8 @@ def main(argv=None) -> int:
     )
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{args.threads} threads, batch {args.batch_size}, params={args.params}",
+        f"{args.threads} threads, device {args.device}, batch {args.batch_size}, "
+        f"params={args.params}",
         flush=True,
     )
 
@@ -236,7 +247,7 @@ def main(argv=None) -> int:
             w.writeheader()
         for i, (arch, bn) in enumerate(todo):
             torch.manual_seed(arch_seed(args.seed, arch))
-            model = nb201.build_model(arch, num_classes=10)
+            model = nb201.build_model(arch, num_classes=10).to(args.device)
             row = {
                 "arch": arch,
                 "bn": bn,

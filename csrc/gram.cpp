@@ -131,9 +131,14 @@ void dispatch(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool fp
 
 }  // namespace
 
+void check_no_alias(const at::Tensor& t, const at::Tensor& out, const char* name) {
+  TORCH_CHECK(!out.is_alias_of(t), "fastntk: out must not share memory with ", name);
+}
+
 void gram_sym(const at::Tensor& a, at::Tensor& out, bool fp64_acc) {
   check_operand(a, "a");
   check_out(a, out, a.size(0), a.size(0));
+  check_no_alias(a, out, "a");
   dispatch(a, a, out, fp64_acc, /*sym=*/true);
 }
 
@@ -145,6 +150,8 @@ void gram_cross(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool 
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fastntk: a and b dtypes differ (",
               a.scalar_type(), ", ", b.scalar_type(), ")");
   check_out(a, out, a.size(0), b.size(0));
+  check_no_alias(a, out, "a");
+  check_no_alias(b, out, "b");
   dispatch(a, b, out, fp64_acc, /*sym=*/false);
 }
 

@@ -111,6 +111,105 @@ static inline __attribute__((always_inline)) void tile_dot(const T* A, int64_t l
   }
 }
 
+
+// Outer-product form, for short K (the conv psg, K = output positions of a row chunk):
+// C (M x N, ldc) += A (M x K, A[i*lda + k]) . B (K x N, B[k*ldb + j]), N a multiple of 2W
+// (the caller zero-pads B's columns). A block of MR rows x 2 vectors stays in registers for
+// the whole K loop (no horizontal sums): MR = 6 -> 12 accumulators + 2 B vectors + 1
+// broadcast A value in the 16 AVX registers.
+template <int MR, typename T>
+static inline __attribute__((always_inline)) void outer_micro(const T* A, int64_t lda,
+                                                              const T* B, int64_t ldb,
+                                                              int64_t K, T* C, int64_t ldc) {
+  using Tr = VecTraits<T, T>;
+  using V = typename Tr::V;
+  V acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    const V b0 = Tr::load(B + k * ldb), b1 = Tr::load(B + k * ldb + Tr::W);
+    for (int i = 0; i < MR; ++i) {
+      const V a = V{} + A[i * lda + k];
+      acc[i][0] += a * b0;
+      acc[i][1] += a * b1;
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      T* c = C + i * ldc + h * Tr::W;
+      V v = Tr::load(c) + acc[i][h];
+      std::memcpy(c, &v, sizeof(V));
+    }
+  }
+}
+
+template <typename T>
+static inline __attribute__((always_inline)) void outer_gemm(const T* A, int64_t lda, int64_t M,
+                                                             const T* B, int64_t ldb, int64_t N,
+                                                             int64_t K, T* C, int64_t ldc) {
+  constexpr int64_t NB = 2 * VecTraits<T, T>::W;
+  for (int64_t j = 0; j < N; j += NB) {  // a K x NB panel of B stays in L1 across all rows
+    int64_t i = 0;
+    for (; i + 6 <= M; i += 6) outer_micro<6>(A + i * lda, lda, B + j, ldb, K, C + i * ldc + j, ldc);
+    const T* a = A + i * lda;
+    T* c = C + i * ldc + j;
+    switch (M - i) {
+      case 5: outer_micro<5>(a, lda, B + j, ldb, K, c, ldc); break;
+      case 4: outer_micro<4>(a, lda, B + j, ldb, K, c, ldc); break;
+      case 3: outer_micro<3>(a, lda, B + j, ldb, K, c, ldc); break;
+      case 2: outer_micro<2>(a, lda, B + j, ldb, K, c, ldc); break;
+      case 1: outer_micro<1>(a, lda, B + j, ldb, K, c, ldc); break;
+      default: break;
+    }
+  }
+}
+
+// Same, with the rows of A given as pointers (A[i] + koff is row i): the stride-1 conv psg
+// reads its patches straight out of a zero-padded copy of the input plane, one pointer per
+// (c_in, ky, kx), instead of building an im2col buffer.
+template <int MR, typename T>
+static inline __attribute__((always_inline)) void outer_micro_rows(const T* const* A,
+                                                                   int64_t koff, const T* B,
+                                                                   int64_t ldb, int64_t K, T* C,
+                                                                   int64_t ldc) {
+  using Tr = VecTraits<T, T>;
+  using V = typename Tr::V;
+  V acc[MR][2];
+  const T* a[MR];
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = acc[i][1] = V{};
+    a[i] = A[i] + koff;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const V b0 = Tr::load(B + k * ldb), b1 = Tr::load(B + k * ldb + Tr::W);
+    for (int i = 0; i < MR; ++i) {
+      const V av = V{} + a[i][k];
+      acc[i][0] += av * b0;
+      acc[i][1] += av * b1;
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      T* c = C + i * ldc + h * Tr::W;
+      V v = Tr::load(c) + acc[i][h];
+      std::memcpy(c, &v, sizeof(V));
+    }
+  }
+}
+
+template <typename T>
+static inline __attribute__((always_inline)) void outer_gemm_rows(const T* const* A, int64_t koff,
+                                                                  int64_t M, const T* B,
+                                                                  int64_t ldb, int64_t N,
+                                                                  int64_t K, T* C, int64_t ldc) {
+  constexpr int64_t NB = 2 * VecTraits<T, T>::W;
+  for (int64_t j = 0; j < N; j += NB) {
+    int64_t i = 0;
+    for (; i + 6 <= M; i += 6)
+      outer_micro_rows<6>(A + i, koff, B + j, ldb, K, C + i * ldc + j, ldc);
+    for (; i < M; ++i) outer_micro_rows<1>(A + i, koff, B + j, ldb, K, C + i * ldc + j, ldc);
+  }
+}
+
 }  // namespace detail
 }  // namespace fastntk
 

@@ -37,8 +37,10 @@ def _load() -> bool:
             except Exception as exc:  # ImportError, an ABI mismatch (OSError), ...
                 msg = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, ModuleNotFoundError):
-                    msg += (" (not built: run `pip install --no-build-isolation -e .` with a "
-                            "C++ compiler; FASTNTK_NO_EXT=1 skips it)")
+                    msg += (
+                        " (not built: run `pip install --no-build-isolation -e .` with a "
+                        "C++ compiler; FASTNTK_NO_EXT=1 skips it)"
+                    )
                 _state["error"] = msg
         _state["tried"] = True
     return bool(_state["ok"])

@@ -49,7 +49,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from fastntk import _model
 from fastntk._model import Copies, Head
-from fastntk.errors import NonFiniteKernelError, OptionError
+from fastntk.errors import NonFiniteKernelError, OptionError, UnsupportedError
 from fastntk.rules import (
     Block,
     Context,
@@ -62,7 +62,7 @@ from fastntk.rules import (
     gram_block,
 )
 
-METHODS = ("auto", "layerwise", "vmap", "loop")
+METHODS = ("auto", "layerwise", "triton", "vmap", "loop")
 
 # Default sample chunk of one forward/backward and byte budgets; chosen for the
 # 24 GB development CPU (NB201 C=16 at N=256 needs about 2 GB for forward+backward).
@@ -158,13 +158,12 @@ def ntk(
     if not dtype.is_floating_point:
         raise OptionError(f"dtype must be a floating-point dtype, got {dtype}")
     samples, cols = _chunks(chunk_size)
-    job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress)
+    backend = _backend(method, x1.device)
+    job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, backend)
     with _model.model_state(model, bn):
-        if method == "auto":
-            method = "layerwise"
         if _model.is_coupled(model, bn):
             theta = job.coupled(x1, x2, batched=method != "loop", use_vmap=method == "vmap")
-        elif method == "layerwise":
+        elif method in ("auto", "layerwise", "triton"):
             theta = job.layerwise(x1, x2)
         elif method == "vmap":
             theta = job.vmap(x1, x2)
@@ -173,6 +172,30 @@ def ntk(
         if not bool(torch.isfinite(theta).all()):
             raise NonFiniteKernelError(job.diagnose_nonfinite(x1, x2))
     return theta
+
+
+def _backend(method: str, device: torch.device) -> str:
+    """Which kernels the layerwise rules use.
+
+    ``"layerwise"``: PyTorch ops only. ``"triton"``: fastntk's Triton kernels
+    (a GPU, or ``TRITON_INTERPRET=1`` on the CPU). ``"auto"``: the C++ ops on
+    the CPU where they were measured to win; on a GPU, PyTorch ops (the Triton
+    kernels have not yet been measured on a GPU, so auto does not pick them).
+    """
+    if method == "triton":
+        try:
+            from fastntk.kernels import why_not
+        except ImportError as e:  # pragma: no cover - the package ships fastntk.kernels
+            raise UnsupportedError(f"method='triton' needs fastntk.kernels: {e}") from e
+        reason = why_not(device)
+        if reason is not None:
+            raise UnsupportedError(f"method='triton' cannot run here: {reason}")
+        return "triton"
+    if method == "auto" and device.type == "cpu":
+        from fastntk import _ext
+
+        return "csrc" if _ext.available() else "torch"
+    return "torch"
 
 
 def _chunks(chunk_size: Any) -> tuple[int, int | None]:
@@ -245,7 +268,7 @@ class _Capture:
             tensors = _tensors(out)
             n = tensors[0].shape[_batch_dim(mod)] if tensors else 0
             if rule is not None:
-                saved = rule.save(mod, args, kwargs, out, Context(self.job.bn))
+                saved = rule.save(mod, args, kwargs, out, Context(self.job.bn, self.job.backend))
             else:
                 saved = (args, kwargs)
             rec = _Record(len(self.records), mname, mod, rule, attrs, saved, n)
@@ -372,7 +395,8 @@ def _batch_dim(module: nn.Module) -> int:
 
 
 class _Job:
-    def __init__(self, model, selected, head, bn, dtype, samples, cols, progress):
+    def __init__(self, model, selected, head, bn, dtype, samples, cols, progress, backend="torch"):
+        self.backend = backend
         self.model = model
         self.selected = selected
         self.head: Head = head
@@ -534,7 +558,7 @@ class _Job:
             R = blk.n // n
             if "theta" not in state:
                 state["theta"] = self._alloc(n, n, R)
-            state["theta"] += gram_block(blk, blk)
+            state["theta"] += gram_block(blk, blk, self.backend)
 
         self._run_chunk(x, consume)
         theta = state.get("theta", self._alloc(n, n, self.head.R))
@@ -550,7 +574,7 @@ class _Job:
                 state["theta"] = self._alloc(n1, n2, R)
             a = _rows(blk, R, n1 + n2, 0, n1)
             b = _rows(blk, R, n1 + n2, n1, n1 + n2)
-            state["theta"] += gram_block(a, b)
+            state["theta"] += gram_block(a, b, self.backend)
 
         self._run_chunk(torch.cat([x1, x2]), consume)
         theta = state.get("theta", self._alloc(n1, n2, self.head.R))
@@ -588,7 +612,7 @@ class _Job:
                 theta = self._alloc(n1, n2, R)
             t4 = theta.view(R, n1, R, n2)
             if sym:
-                blk = sum(gram_block(b, b) for b in stored.values())
+                blk = sum(gram_block(b, b, self.backend) for b in stored.values())
                 if isinstance(blk, torch.Tensor):
                     t4[:, p0:p1, :, p0:p1] += blk.view(R, p1 - p0, R, p1 - p0)
             for b0, b1 in col_chunks:
@@ -598,7 +622,7 @@ class _Job:
                 def consume(key, blk, b0=b0, b1=b1):
                     a = stored.get(key)
                     if a is not None:
-                        t4[:, p0:p1, :, b0:b1] += gram_block(a, blk).view(R, p1 - p0, R, b1 - b0)
+                        t4[:, p0:p1, :, b0:b1] += gram_block(a, blk, self.backend).view(R, p1 - p0, R, b1 - b0)
 
                 self._run_chunk(xb[b0:b1], consume)
                 bar.step()

@@ -85,7 +85,7 @@ def explain(
     dtype = dtype or next(iter(selected.values())).dtype
     samples, cols = engine._chunks(chunk_size)
     head = Head(output)
-    job = engine._Job(model, selected, head, bn, dtype, samples, cols, False)
+    job = engine._Job(model, selected, head, bn, dtype, samples, cols, False, "torch")
     coupled = _model.is_coupled(model, bn)
     owners = _model.owners(model)
     rows: list[ParamPath] = []

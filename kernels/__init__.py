@@ -45,8 +45,10 @@ def why_not(device: object | None = None) -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible and TRITON_INTERPRET is not set to 1"
     if device is not None and torch.device(device).type != "cuda":
-        return f"tensors are on {torch.device(device).type}; Triton kernels need CUDA tensors " \
+        return (
+            f"tensors are on {torch.device(device).type}; Triton kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 with CPU tensors)"
+        )
     return None
 
 
@@ -55,5 +57,10 @@ def triton_runnable(device: object | None = None) -> bool:
     return why_not(device) is None
 
 
-__all__ = ["TRITON_AVAILABLE", "TRITON_VERSION", "interpreter_enabled", "triton_runnable",
-           "why_not"]
+__all__ = [
+    "TRITON_AVAILABLE",
+    "TRITON_VERSION",
+    "interpreter_enabled",
+    "triton_runnable",
+    "why_not",
+]

@@ -62,8 +62,13 @@ def conv2d_psg_reference(
     """
     c_out, cin_g, kh, kw = (int(s) for s in weight_shape)
     n = x.shape[0]
-    u = F.unfold(x, (kh, kw), dilation=_pair(dilation, "dilation"),
-                 padding=_pair(padding, "padding"), stride=_pair(stride, "stride"))
+    u = F.unfold(
+        x,
+        (kh, kw),
+        dilation=_pair(dilation, "dilation"),
+        padding=_pair(padding, "padding"),
+        stride=_pair(stride, "stride"),
+    )
     t = u.shape[-1]
     u = u.reshape(n, groups, cin_g * kh * kw, t)
     g = gout.reshape(n, groups, c_out // groups, t).to(u.dtype)
@@ -90,14 +95,40 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _psg_kernel(
-        x_ptr, g_ptr, out_ptr,
-        C_in_g, H, W, C_out_g, oW, D, T, GROUPS,
-        stride_xn, stride_xc, stride_xh, stride_xw,
-        stride_gn, stride_gc, stride_gh, stride_gw,
-        stride_on, stride_oc,
-        KH, KW, SH, SW, PH, PW, DH, DW,
-        ACCUMULATE: tl.constexpr, USE_DOT: tl.constexpr,
-        BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        out_ptr,
+        C_in_g,
+        H,
+        W,
+        C_out_g,
+        oW,
+        D,
+        T,
+        GROUPS,
+        stride_xn,
+        stride_xc,
+        stride_xh,
+        stride_xw,
+        stride_gn,
+        stride_gc,
+        stride_gh,
+        stride_gw,
+        stride_on,
+        stride_oc,
+        KH,
+        KW,
+        SH,
+        SW,
+        PH,
+        PW,
+        DH,
+        DW,
+        ACCUMULATE: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        BLOCK_CO: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_T: tl.constexpr,
     ):
         """One (BLOCK_CO, BLOCK_D) tile of G_{n,γ}; grid = (N·groups, co tiles, d tiles)."""
         pid_ng = tl.program_id(0)
@@ -127,21 +158,26 @@ if TRITON_AVAILABLE:
             ox = offs_t % oW
             g = tl.load(
                 g_base[:, None] + oy[None, :] * stride_gh + ox[None, :] * stride_gw,
-                mask=mask_co[:, None] & mask_t[None, :], other=0.0,
+                mask=mask_co[:, None] & mask_t[None, :],
+                other=0.0,
             ).to(tl.float32)
             iy = oy[:, None] * SH + dy[None, :]
             ix = ox[:, None] * SW + dx[None, :]
             inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             u = tl.load(
                 x_base[None, :] + iy * stride_xh + ix * stride_xw,
-                mask=mask_t[:, None] & mask_d[None, :] & inside, other=0.0,
+                mask=mask_t[:, None] & mask_d[None, :] & inside,
+                other=0.0,
             ).to(tl.float32)
             if USE_DOT:
                 acc = tl.dot(g, u, acc, input_precision="ieee")
             else:  # tiny tiles (depthwise, C_out/groups < 8): broadcast-multiply-reduce
                 acc += tl.sum(g[:, :, None] * u[None, :, :], axis=1)
-        o_ptrs = (out_ptr + n.to(tl.int64) * stride_on
-                  + ((grp * C_out_g + offs_co)[:, None] * D + offs_d[None, :]) * stride_oc)
+        o_ptrs = (
+            out_ptr
+            + n.to(tl.int64) * stride_on
+            + ((grp * C_out_g + offs_co)[:, None] * D + offs_d[None, :]) * stride_oc
+        )
         mask_o = mask_co[:, None] & mask_d[None, :]
         if ACCUMULATE:
             acc += tl.load(o_ptrs, mask=mask_o, other=0.0)
@@ -153,9 +189,21 @@ def _next_pow2(v: int) -> int:
 
 
 def _launch(
-    x: torch.Tensor, x_strides: tuple[int, int, int, int], c_in_g: int, h: int, w: int,
-    gout: torch.Tensor, g_strides: tuple[int, int, int, int], c_out_g: int, ow: int, t: int,
-    n: int, groups: int, geom: tuple[int, ...], out2d: torch.Tensor, accumulate: bool,
+    x: torch.Tensor,
+    x_strides: tuple[int, int, int, int],
+    c_in_g: int,
+    h: int,
+    w: int,
+    gout: torch.Tensor,
+    g_strides: tuple[int, int, int, int],
+    c_out_g: int,
+    ow: int,
+    t: int,
+    n: int,
+    groups: int,
+    geom: tuple[int, ...],
+    out2d: torch.Tensor,
+    accumulate: bool,
 ) -> None:
     """Pick tiles and launch :func:`_psg_kernel` writing into ``out2d`` (N, C_out·D)."""
     kh, kw = geom[0], geom[1]
@@ -172,12 +220,27 @@ def _launch(
         block_t = 32
     grid = (n * groups, triton.cdiv(c_out_g, block_co), triton.cdiv(d, block_d))
     _psg_kernel[grid](
-        x, gout, out2d,
-        c_in_g, h, w, c_out_g, ow, d, t, groups,
-        *x_strides, *g_strides, out2d.stride(0), out2d.stride(1),
+        x,
+        gout,
+        out2d,
+        c_in_g,
+        h,
+        w,
+        c_out_g,
+        ow,
+        d,
+        t,
+        groups,
+        *x_strides,
+        *g_strides,
+        out2d.stride(0),
+        out2d.stride(1),
         *geom,
-        ACCUMULATE=accumulate, USE_DOT=use_dot,
-        BLOCK_CO=block_co, BLOCK_D=block_d, BLOCK_T=block_t,
+        ACCUMULATE=accumulate,
+        USE_DOT=use_dot,
+        BLOCK_CO=block_co,
+        BLOCK_D=block_d,
+        BLOCK_T=block_t,
         num_warps=1 if on_cpu else 4,
     )
 
@@ -236,8 +299,10 @@ def conv2d_psg(
     exp_oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     exp_ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if (oh, ow) != (exp_oh, exp_ow):
-        raise ValueError(f"gout spatial size {(oh, ow)} does not match the conv output "
-                         f"{(exp_oh, exp_ow)} of x {(h, w)} with these hyper-parameters")
+        raise ValueError(
+            f"gout spatial size {(oh, ow)} does not match the conv output "
+            f"{(exp_oh, exp_ow)} of x {(h, w)} with these hyper-parameters"
+        )
     if x.device != gout.device:
         raise ValueError(f"x and gout are on different devices ({x.device}, {gout.device})")
     cin_g, cout_g = c_in // groups, c_out // groups
@@ -246,8 +311,9 @@ def conv2d_psg(
         _check_out(out, n, cols, x.device)
 
     if x.dtype == torch.float64 or gout.dtype == torch.float64:
-        res = conv2d_psg_reference(x.double(), gout.double(), (c_out, cin_g, kh, kw),
-                                   (sh, sw), (ph, pw), (dh, dw), groups)
+        res = conv2d_psg_reference(
+            x.double(), gout.double(), (c_out, cin_g, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups
+        )
         if out is None:
             return res
         if accumulate:
@@ -271,9 +337,21 @@ def conv2d_psg(
     if n == 0 or cols == 0:
         return out if result is None else result
     _launch(
-        x, tuple(x.stride()), cin_g, h, w,
-        gout, tuple(gout.stride()), cout_g, ow, oh * ow,
-        n, groups, (kh, kw, sh, sw, ph, pw, dh, dw), out, accumulate,
+        x,
+        tuple(x.stride()),
+        cin_g,
+        h,
+        w,
+        gout,
+        tuple(gout.stride()),
+        cout_g,
+        ow,
+        oh * ow,
+        n,
+        groups,
+        (kh, kw, sh, sw, ph, pw, dh, dw),
+        out,
+        accumulate,
     )
     return out if result is None else result
 
@@ -332,9 +410,21 @@ def linear_psg(
     # u as x (N, C_in=d, H=T, W=1), g as gout (N, C_out=p, oH=T, oW=1): a 1x1 conv over T.
     su, sg = u.stride(), g.stride()
     _launch(
-        u, (su[0], su[2], su[1], 0), d, t, 1,
-        g, (sg[0], sg[2], sg[1], 0), p, 1, t,
-        n, 1, (1, 1, 1, 1, 0, 0, 1, 1), out, accumulate,
+        u,
+        (su[0], su[2], su[1], 0),
+        d,
+        t,
+        1,
+        g,
+        (sg[0], sg[2], sg[1], 0),
+        p,
+        1,
+        t,
+        n,
+        1,
+        (1, 1, 1, 1, 0, 0, 1, 1),
+        out,
+        accumulate,
     )
     return out if result is None else result
 

@@ -13,7 +13,8 @@ Precision modes (the operands; accumulation is always float32):
 
 - ``"ieee"``: float32 operands, exact float32 FMA (``tl.dot(..., input_precision="ieee")``).
 - ``"tf32"``: float32 operands rounded to TF32 on tensor cores (10-bit mantissa).
-- ``"bf16"``: operands cast to bfloat16 (8-bit mantissa), float32 accumulation.
+- ``"bf16"``: operands cast to bfloat16 (8-bit mantissa), float32 accumulation. (In the
+  interpreter the bf16-rounded operands are multiplied in float32: same values.)
 
 On Triton's CPU interpreter (``TRITON_INTERPRET=1``) tf32/bf16 only exercise the
 code path (the interpreter multiplies in numpy); their error has to be measured
@@ -58,11 +59,27 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _gram_kernel(
-        a_ptr, b_ptr, out_ptr, pair_i_ptr, pair_j_ptr,
-        N1, N2, P,
-        stride_am, stride_ak, stride_bm, stride_bk, stride_om, stride_on,
-        SYMMETRIC: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        a_ptr,
+        b_ptr,
+        out_ptr,
+        pair_i_ptr,
+        pair_j_ptr,
+        N1,
+        N2,
+        P,
+        stride_am,
+        stride_ak,
+        stride_bm,
+        stride_bk,
+        stride_om,
+        stride_on,
+        SYMMETRIC: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BF16_EMULATE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         """One (BLOCK_M, BLOCK_N) output tile; in the symmetric case also its mirror."""
         pid = tl.program_id(0)
@@ -88,13 +105,30 @@ if TRITON_AVAILABLE:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if PRECISION == 2:
-                acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+                if BF16_EMULATE:
+                    # Interpreter: numpy has no bfloat16 matmul (Triton 3.9's interpreter
+                    # returns garbage for a bf16 tl.dot), so round the operands to bf16 and
+                    # multiply in float32: the same numbers, as bf16 x bf16 products are
+                    # exact in float32.
+                    acc = tl.dot(
+                        a.to(tl.bfloat16).to(tl.float32),
+                        b.to(tl.bfloat16).to(tl.float32),
+                        acc,
+                        input_precision="ieee",
+                    )
+                else:
+                    acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
             elif PRECISION == 1:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
             else:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
+        if SYMMETRIC:
+            if ti == tj:
+                # A diagonal tile's (m, n) and (n, m) sums may round differently (summation
+                # order of the dot): average them so that the result is exactly symmetric.
+                acc = (acc + tl.trans(acc)) * 0.5
         mask_out = mask_m[:, None] & mask_n[None, :]
         o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         if ACCUMULATE:
@@ -213,11 +247,27 @@ def gram(
         pair_i = pair_j = out  # unused placeholders (a pointer argument is still needed)
         grid = (triton.cdiv(n1, block_m) * triton.cdiv(n2, block_n),)
     _gram_kernel[grid](
-        a, bb, out, pair_i, pair_j,
-        n1, n2, p,
-        a.stride(0), a.stride(1), bb.stride(0), bb.stride(1), out.stride(0), out.stride(1),
-        SYMMETRIC=symmetric, ACCUMULATE=accumulate, PRECISION=_PRECISIONS[precision],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        a,
+        bb,
+        out,
+        pair_i,
+        pair_j,
+        n1,
+        n2,
+        p,
+        a.stride(0),
+        a.stride(1),
+        bb.stride(0),
+        bb.stride(1),
+        out.stride(0),
+        out.stride(1),
+        SYMMETRIC=symmetric,
+        ACCUMULATE=accumulate,
+        PRECISION=_PRECISIONS[precision],
+        BF16_EMULATE=interpreter_enabled(),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
         num_warps=num_warps,
     )
     return out

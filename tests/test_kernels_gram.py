@@ -85,8 +85,9 @@ def test_reduced_precision_paths_run(precision):
 def test_half_inputs_and_fp64_fallback():
     torch.manual_seed(4)
     a = torch.randn(9, 70)
-    torch.testing.assert_close(gram(a.bfloat16()), gram_reference(a.bfloat16()),
-                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        gram(a.bfloat16()), gram_reference(a.bfloat16()), rtol=1e-4, atol=1e-3
+    )
     res64 = gram(a.double())
     assert res64.dtype == torch.float64
     torch.testing.assert_close(res64, a.double() @ a.double().T)

@@ -488,3 +488,17 @@ def test_compute_metrics_vintk_reuses_the_kernel(monkeypatch):
     out = M.compute_metrics(model, x, y, ["fnorm", "lga", "vintk"])
     assert len(calls) == 2  # Θ(x, x) once, Θ(hp(x), hp(x)) once
     assert out["vintk"] == pytest.approx(M.vintk(model, x), rel=1e-9)
+
+
+def test_ntk_score_batch_bn_uses_one_joint_batch():
+    model = mlp(4)
+    model.train()
+    xtr, ytr = data(6, 8)
+    xte, yte = data(4, 9)
+    snap = snapshot(model)
+    s = M.ntk_score(model, xtr, ytr, xte, yte, num_classes=3, bn="batch")
+    assert_unchanged(model, snap)
+    assert all(math.isfinite(v) for v in s)
+    assert s[0] == pytest.approx(M.trainability(M._ntk(model, xtr, bn="batch")), rel=1e-9)
+    out = M.compute_metrics(model, xtr, ytr, ["fnorm", "ntk_score"], bn="batch", num_classes=3)
+    assert out["fnorm"] == pytest.approx(M.fnorm(M._ntk(model, xtr, bn="batch")), rel=1e-9)

@@ -59,11 +59,21 @@ class Outer(NamedTuple):
 Block = Dense | Outer
 
 
-def gram_block(A: Block, B: Block) -> torch.Tensor:
-    """``<G_A_i, G_B_j>`` for all pairs: (n_A, n_B)."""
+def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
+    """``<G_A_i, G_B_j>`` for all pairs: (n_A, n_B).
+
+    ``backend="triton"`` computes dense Grams with fastntk's Triton kernel
+    (upper-triangle tiles only when ``A is B``).
+    """
     if isinstance(A, Outer) and isinstance(B, Outer):
         return (A.a @ B.a.T) * (A.b @ B.b.T)
-    return A.dense() @ B.dense().T
+    if backend == "triton":
+        from fastntk.kernels.gram import gram
+
+        a = A.dense()
+        return gram(a, None if A is B else B.dense())
+    a = A.dense()
+    return a @ (a if A is B else B.dense()).T
 
 
 def cat_blocks(blocks: list[Block]) -> Block:
@@ -91,9 +101,12 @@ class Context:
 
     Attributes:
         bn: ``"eval"`` or ``"per_sample"`` (``"batch"`` never reaches rules).
+        backend: ``"torch"`` (PyTorch ops), ``"csrc"`` (fastntk's C++ ops where
+            they win) or ``"triton"`` (fastntk's Triton kernels).
     """
 
     bn: str
+    backend: str = "torch"
 
 
 class GramRule:

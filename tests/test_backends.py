@@ -1,0 +1,76 @@
+"""The compiled backends inside the engine, against the float64 oracle.
+
+``method="triton"`` runs fastntk's Triton kernels (here in Triton's
+interpreter, ``TRITON_INTERPRET=1``, on small shapes); ``method="auto"`` uses
+the C++ extension's per-sample convolution gradient on large maps when the
+extension is built.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from reference import full_kernel, reduce, rel_err
+
+import fastntk
+import fastntk.errors
+from fastntk import _ext
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+
+class MapsNet(nn.Module):
+    """Convolutions with >= 1024 output positions (where the C++ op is chosen) and small ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=2, dilation=2, groups=1, bias=False)
+        self.c = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(h))
+        h = self.bn(self.c(h))
+        return self.fc(torch.tanh(h).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def case():
+    torch.manual_seed(0)
+    m = MapsNet()
+    x1, x2 = torch.randn(3, 2, 32, 32), torch.randn(2, 2, 32, 32)
+    return m, x1, x2, full_kernel(m, x1, x2)
+
+
+@pytest.mark.skipif(not _ext.available(), reason=f"C++ extension not built: {_ext.why_not()}")
+@pytest.mark.parametrize("output", ["sum", "full"])
+def test_auto_with_csrc(case, output):
+    m, x1, x2, ref = case
+    theta = fastntk.ntk(m, x1, x2, output=output, method="auto", dtype=torch.float64)
+    assert rel_err(theta, reduce(ref, output)) <= 1e-6
+
+
+@pytest.mark.parametrize("output", ["sum", "trace"])
+def test_triton_method(case, output):
+    m, x1, x2, ref = case
+    theta = fastntk.ntk(m, x1, x2, output=output, method="triton")
+    assert theta.dtype == torch.float32
+    assert rel_err(theta, reduce(ref, output)) <= 1e-4
+    sym = fastntk.ntk(m, x1, output=output, method="triton")
+    assert rel_err(sym, reduce(full_kernel(m, x1), output)) <= 1e-4
+
+
+def test_triton_without_interpreter_or_gpu_is_a_clear_error(case, monkeypatch):
+    m, x1, _, _ = case
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the Triton method can run")
+    with pytest.raises(fastntk.errors.UnsupportedError, match="triton"):
+        fastntk.ntk(m, x1, method="triton")
