@@ -3,6 +3,7 @@
 The public face is small:
 
 * :func:`ntk` — the kernel Θ(x1, x2) of any ``nn.Module``;
+* :func:`ntk_sketch` — an (N, m) sketch S with Θ ≈ S Sᵀ, for N too large for Θ;
 * :func:`explain` — which path each parameter takes and the memory a call needs;
 * :func:`register_gram_rule` — add a per-layer rule for your own module type;
 * :func:`env` — what this installation can use (C++ extension, Triton, CUDA).
@@ -11,7 +12,7 @@ Metrics live in :mod:`fastntk.metrics`, search spaces in :mod:`fastntk.spaces`,
 search algorithms in :mod:`fastntk.search`; errors in :mod:`fastntk.errors`.
 """
 
-from fastntk.engine import ntk
+from fastntk.engine import ntk, ntk_sketch
 from fastntk.errors import FastNTKError
 from fastntk.explain import explain
 from fastntk.rules import register_gram_rule
@@ -30,4 +31,12 @@ def env() -> dict:
     return _env()
 
 
-__all__ = ["FastNTKError", "env", "explain", "ntk", "register_gram_rule", "__version__"]
+__all__ = [
+    "FastNTKError",
+    "env",
+    "explain",
+    "ntk",
+    "ntk_sketch",
+    "register_gram_rule",
+    "__version__",
+]

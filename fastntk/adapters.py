@@ -51,7 +51,10 @@ def is_oom(e: BaseException) -> bool:
 
 
 def _snapshot(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
-    state = {k: v.detach().clone() for k, v in net.state_dict(keep_vars=True).items()}
+    # Buffers (BatchNorm running statistics, num_batches_tracked) and train/eval flags:
+    # what a train-mode forward of an interrupted attempt can change. Parameters are
+    # never written by the NTK computation, so they are not copied (no 2x memory).
+    state = {k: v.detach().clone() for k, v in net.named_buffers()}
     modes = {name: m.training for name, m in net.named_modules()}
     return state, modes
 
@@ -59,10 +62,9 @@ def _snapshot(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]
 def _restore(net: nn.Module, snap: tuple[dict[str, torch.Tensor], dict[str, bool]]) -> None:
     state, modes = snap
     with torch.no_grad():
-        current = net.state_dict(keep_vars=True)
-        for k, v in state.items():
-            if k in current and not torch.equal(current[k], v):
-                current[k].copy_(v)
+        for k, v in net.named_buffers():
+            if k in state and not torch.equal(v, state[k]):
+                v.copy_(state[k])
     for name, m in net.named_modules():
         if name in modes:
             m.training = modes[name]

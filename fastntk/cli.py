@@ -101,6 +101,13 @@ def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--bn", default="eval", choices=("eval", "batch", "per_sample"),
                    help="BatchNorm semantics of the kernel (default eval)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, init and search")
+    _add_threads_arg(p)
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int("--threads"),
+                   help="torch intra-op threads (default: torch's choice; on a shared, "
+                        "loaded machine 1 avoids OpenMP oversubscription)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write the table as CSV")
     p.add_argument("--timeout", type=_positive_float("--timeout"), default=600.0,
                    help="seconds per measurement (default 600)")
+    _add_threads_arg(p)
     return top
 
 
@@ -343,9 +351,12 @@ def _cmd_evaluate(args) -> int:
         print(f"  {name:<16} {tau:>11.4f} {rho:>12.4f}")
     if args.plot:
         name, vals = cols[-1]
-        _scatter_png(args.plot, np.asarray(vals, dtype=float), acc,
-                     xlabel=name, ylabel=f"{args.dataset} accuracy (%)")
-        print(f"plot {args.plot}")
+        xs = np.asarray(vals, dtype=float)
+        _scatter_png(args.plot, xs, acc, xlabel=name, ylabel=f"{args.dataset} accuracy (%)")
+        fin = xs[np.isfinite(xs)]
+        xr = f"{fin.min():.4g}..{fin.max():.4g}" if fin.size else "-"
+        print(f"plot {args.plot} (x: {name} {xr}, y: {args.dataset} accuracy "
+              f"{acc.min():.2f}..{acc.max():.2f}%)")
     return 0
 
 
@@ -386,6 +397,10 @@ def _write_png_scatter(path: str, x, y, width: int = 480, height: int = 360) -> 
 
     import numpy as np
 
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
     img = np.full((height, width, 3), 255, dtype=np.uint8)
     m = 40  # margin
     img[height - m, m:width - m + 1] = 0  # x axis
@@ -451,6 +466,8 @@ def _bench_child(spec_json: str) -> None:
     from fastntk.engine import ntk
 
     spec = json.loads(spec_json)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model = _bench_model(spec["model"])
     cuda = torch.cuda.is_available()
@@ -499,12 +516,15 @@ def _cmd_bench(args) -> int:
             raise OptionError(f"unknown NTK method {bad[0]!r}; known: {', '.join(known)}")
     params = sum(p.numel() for p in _bench_model(args.model).parameters())
     rows = []
-    print(f"bench {args.model} ({params / 1e6:.2f}M parameters), output {args.output}; "
-          "one fresh process per measurement", file=sys.stderr)
+    import torch
+
+    print(f"bench {args.model} ({params / 1e6:.2f}M parameters), output {args.output}, "
+          f"{args.threads or torch.get_num_threads()} threads; one fresh process per "
+          "measurement", file=sys.stderr)
     for n in args.n:
         for method in methods:
             spec = {"model": args.model, "n": n, "method": method, "output": args.output,
-                    "repeat": args.repeat}
+                    "repeat": args.repeat, "threads": args.threads}
             cmd = [sys.executable, "-c",
                    "import sys; from fastntk.cli import _bench_child; _bench_child(sys.argv[1])",
                    json.dumps(spec)]
@@ -570,6 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return _COMMANDS[args.command](args)
     except FastNTKError as e:

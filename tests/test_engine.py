@@ -212,3 +212,13 @@ def test_large_maps_grouped_strategy():
     # column blocks that split groups (rows of 1 output channel)
     theta = fastntk.ntk(m, x1, x2, output="trace", dtype=torch.float64, chunk_size=(8, 1))
     assert rel_err(theta, reduce(ref, "trace")) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_kernel_is_detached(chunk):
+    """The kernel never carries autograd history (first layer fed by a grad-requiring input)."""
+    m, x1, _ = zoo.make("mlp", n=5)
+    x = x1.clone().requires_grad_(True)
+    theta = fastntk.ntk(m, x, chunk_size=chunk)
+    assert not theta.requires_grad and theta.grad_fn is None
+    assert rel_err(theta, reduce(full_kernel(m, x1), "sum")) <= TOL[torch.float32]

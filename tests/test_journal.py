@@ -153,7 +153,7 @@ def test_two_concurrent_writers(tmp_path):
         for i in range(2)
     ]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (o, e) in zip(procs, outs, strict=True):
+    for p, (_o, e) in zip(procs, outs, strict=True):
         assert p.returncode == 0, e
     trajs = [json.loads(o) for o, _ in outs]
     assert all(len(t) == 60 for t in trajs)
@@ -165,3 +165,36 @@ def test_two_concurrent_writers(tmp_path):
         assert r["metrics"] == {"good": toy_metrics(r["arch"])["good"]}
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_repeated_sigkill_mid_write(tmp_path):
+    """With an instant scorer the worker spends its time committing rows, so SIGKILLs
+    land mid-transaction; every run resumes, and the journal stays consistent."""
+    db, worker = tmp_path / "many.db", _worker(tmp_path)
+    args = ["rea", "11", "150", "0", "6"]
+    counts = []
+    for i in range(3):
+        p = subprocess.Popen([sys.executable, str(worker), str(db),
+                              str(tmp_path / f"k{i}.txt"), *args], env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = _count(db)
+        deadline = time.monotonic() + 30
+        while _count(db) < start + 5 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        counts.append(_count(db))
+    assert counts == sorted(counts) and counts[-1] > 0
+    out = subprocess.run([sys.executable, str(worker), str(db), str(tmp_path / "final.txt"),
+                          *args], env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    s = Scorer(toy_metrics, ["good"], DIRECTIONS, settings={"metrics": ["good"], "seed": 0})
+    ref = regularized_evolution(ToySpace(), s, budget=150, seed=11, population_size=8,
+                                sample_size=3)
+    assert json.loads(out.stdout) == ref.encodings
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    archs = [r[0] for r in con.execute("SELECT arch FROM evaluations")]
+    assert len(archs) == len(set(archs)) == len(set(ref.encodings))
+    for (a, m) in con.execute("SELECT arch, metrics FROM evaluations"):
+        assert json.loads(m) == {"good": toy_metrics(a)["good"]}

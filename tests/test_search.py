@@ -129,7 +129,8 @@ def test_borda_multi_metric():
     from fastntk.metrics import borda
 
     vals = [[m["good"], m["bad"]] for m in ms]
-    assert list(borda(vals, [True, False]) - len(ms) * 0 - 2) == pytest.approx(
+    # metrics.borda ranks 1..m, borda_scores 0..m-1: two metrics differ by 2
+    assert list(borda(vals, [True, False]) - 2) == pytest.approx(
         borda_scores(ms, {"good": True, "bad": False})
     )
     r = random_search(ToySpace(), s, budget=30, seed=0)

@@ -234,6 +234,7 @@ class _Progress:
         self.total, self.time_budget, self.stream, self.label = total, time_budget, stream, label
         self._last = 0.0
         self._width = 0
+        self._line = ""
 
     def update(self, n: int, elapsed: float, best: str, force: bool = False) -> None:
         if self.stream is None:
@@ -252,6 +253,9 @@ class _Progress:
         rate = n / elapsed if elapsed > 0 else 0.0
         count = f"{n}/{self.total}" if self.total else str(n)
         line = f"{self.label} [{bar}] {count} {rate:.2f} eval/s {elapsed:.1f}s best: {best}"
+        if force and line == self._line:
+            return
+        self._line = line
         pad = " " * max(0, self._width - len(line))
         self._width = len(line)
         self.stream.write("\r" + line + pad)

@@ -1,0 +1,188 @@
+"""The fastntk command line on synthetic data, tiny budgets and batch 8.
+
+Most tests swap the registry's NB201 space for a narrow one (C=4, N=1: same arch
+strings and ground truth, a ~40x cheaper network) so the whole file stays fast on
+the 2-core CI machine; ``test_score_real_nb201`` runs the real network once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from fastntk import cli
+from fastntk.search import Journal
+from fastntk.spaces import registry
+from fastntk.spaces.nb201 import NB201Space
+
+ARCH = (
+    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|"
+    "avg_pool_3x3~2|"
+)
+DATA = ["--data", "synthetic", "--batch-size", "8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core CI machine, OpenMP oversubscription made
+    small convolutions ~100x slower with torch's default 2 threads (50 ms vs 0.5 ms for a
+    2x16x32x32 depthwise conv at load 6; measured 2026-11-23)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_nb201(monkeypatch):
+    monkeypatch.setitem(registry._SPACES, "nb201", lambda: NB201Space(C=4, N=1))
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.slow
+def test_score_real_nb201(capsys):
+    rc, out, err = run(capsys, "score", "--space", "nb201", "--arch", ARCH, "--metric", "lga",
+                       *DATA)
+    assert rc == 0, err
+    assert "lga" in out and "CIFAR-10 93.65%" in out and "rank 273 of 15625" in out
+
+
+def test_score_is_reproducible(capsys, tiny_nb201):
+    outs = []
+    for _ in range(2):
+        rc, out, err = run(capsys, "score", "--arch", ARCH, "--metric", "lga,cond,fnorm",
+                           "--seed", "3", *DATA)
+        assert rc == 0, err
+        outs.append([ln for ln in out.splitlines() if not ln.startswith("time")])
+    assert outs[0] == outs[1]
+    assert any(ln.strip().startswith("cond") for ln in outs[0])
+
+
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory):
+    """One journal for the search/evaluate tests: same seed and settings, so later
+    commands reuse earlier evaluations (and exercise the cache across commands)."""
+    return tmp_path_factory.mktemp("cli") / "shared.db"
+
+
+SEARCH = ["--metric", "lga,fnorm", "--seed", "0", *DATA]
+
+
+@pytest.mark.parametrize("algo", ["random", "rea", "prune", "reinforce"])
+def test_search_each_algo(capsys, tiny_nb201, shared_db, algo):
+    extra = ["--population", "2", "--sample-size", "2"] if algo == "rea" else []
+    argv = ["search", "--algo", algo, "--budget", "2", "--db", str(shared_db), *extra, *SEARCH]
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "2 evaluations" in out
+    assert "best |" in out and "true accuracy" in out and "ImageNet16-120" in out
+    assert "eval/s" in err and "best:" in err  # progress bar on stderr
+    with Journal(shared_db) as j:
+        rows = j.rows(space="nb201")
+    assert rows and rows[0]["settings"]["data"] == "synthetic"
+    assert rows[0]["settings"]["batch_size"] == 8
+    if algo == "random":  # resume: everything served from the journal, same best
+        rc2, out2, err2 = run(capsys, *argv)
+        assert rc2 == 0, err2
+        assert "0 computed, 2 from the journal" in out2
+        assert out2.splitlines()[1] == out.splitlines()[1]
+
+
+def test_search_time_budget(capsys, tiny_nb201, shared_db):
+    rc, out, err = run(capsys, "search", "--time-budget", "0.5", "--no-progress", "--threads",
+                       "1", "--db",
+                       str(shared_db), *SEARCH)
+    assert rc == 0, err
+    assert "stopped: time" in out and err == ""
+
+
+def test_evaluate_prints_correlations_and_plot(capsys, tiny_nb201, shared_db, tmp_path):
+    png = tmp_path / "tau.png"
+    rc, out, err = run(capsys, "evaluate", "--archs", "3", "--dataset", "cifar100",
+                       "--plot", str(png), "--db", str(shared_db), *SEARCH)
+    assert rc == 0, err
+    assert "kendall_tau" in out and "spearman_rho" in out
+    for name in ("lga", "fnorm", "borda"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name))
+        tau, rho = map(float, line.split()[1:3])
+        assert -1 <= tau <= 1 and -1 <= rho <= 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_png_writer(tmp_path):
+    import struct
+    import zlib
+
+    p = tmp_path / "s.png"
+    cli._write_png_scatter(str(p), [0, 1, 2, float("nan")], [1, 0, 2, 3], width=64, height=48)
+    b = p.read_bytes()
+    w, h = struct.unpack(">II", b[16:24])
+    assert (w, h) == (64, 48)
+    idat = b[b.index(b"IDAT") + 4: b.index(b"IEND") - 8]
+    assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
+
+
+def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
+    # run each measurement in-process instead of a fresh interpreter (importing torch
+    # costs seconds per process on the CI machine)
+    def fake_run(cmd, **kw):
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            cli._bench_child(cmd[-1])
+        return subprocess.CompletedProcess(cmd, 0, buf.getvalue(), "")
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    # a narrow NB201 network (C=4, N=1) keeps this fast; real sizes: see the report/README
+    from fastntk.spaces.nb201 import build_model
+
+    monkeypatch.setattr(cli, "_bench_model", lambda name: build_model(ARCH, C=4, N=1))
+    csv_path = tmp_path / "b.csv"
+    rc, out, err = run(capsys, "bench", "--model", "nb201", "--n", "2", "--method",
+                       "auto,loop", "--csv", str(csv_path))
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:8] == ["model", "method", "n", "output", "time_s",
+                                    "samples_per_s", "peak_mb", "device"]
+    assert len([ln for ln in lines if ln.startswith("nb201")]) == 2
+    rows = csv_path.read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("model,method,n")
+    assert float(rows[1].split(",")[4]) > 0
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["score", "--space", "nasbench101", "--arch", ARCH, "--metric", "lga"], "known spaces"),
+        (["score", "--arch", ARCH, "--metric", "lgaa"], "unknown metric"),
+        (["score", "--arch", "|nor_conv_3x3~0|+|bogus~0|", "--metric", "lga"], "node groups"),
+        (["score", "--arch", ARCH.replace("~1|", "~2|", 1), "--metric", "lga"], "node"),
+        (["search", "--metric", "lga", "--budget", "0"], "--budget must be > 0"),
+        (["search", "--metric", "lga", "--budget", "-5"], "--budget"),
+        (["search", "--metric", "lga", "--time-budget", "0"], "--time-budget"),
+        (["search", "--metric", "lga"], "--budget"),
+        (["search", "--metric", "lga", "--budget", "2", "--algo", "bayes"], "unknown search"),
+        (["search", "--metric", "lga", "--budget", "2", "--db", "/proc/nope/x.db"], "journal"),
+        (["evaluate", "--metric", "lga", "--archs", "0"], "--archs"),
+        (["evaluate", "--metric", "lga", "--archs", "2", "--space", "darts"], "ground-truth"),
+        (["evaluate", "--metric", "lga", "--archs", "2", "--dataset", "mnist"], "dataset"),
+        (["bench", "--model", "vgg"], "invalid choice"),
+        (["bench", "--n", "0"], "--n"),
+        (["bench", "--n", "2", "--method", "bogus"], "unknown NTK method"),
+    ],
+)
+def test_errors_exit_2_with_one_line(capsys, argv, needle):
+    rc, out, err = run(capsys, *argv, *DATA[:2] if argv[0] != "bench" else [])
+    assert rc == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err

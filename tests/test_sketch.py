@@ -1,0 +1,83 @@
+"""method="sketch": reproducible, unbiased, error shrinking like 1/sqrt(m)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastntk
+from fastntk import errors
+
+
+ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
+
+
+def nb201(n=8, C=4):
+    from fastntk.spaces.nb201 import build_model
+
+    torch.manual_seed(0)
+    m = build_model(ARCH, C=C, N=1)
+    x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return m, x
+
+
+def rel_fro(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def exact():
+    m, x = nb201()
+    return m, x, fastntk.ntk(m, x, dtype=torch.float64)
+
+
+def test_error_at_4096_and_shrinks_with_m(exact):
+    m, x, ex = exact
+    errs = {}
+    for dim in (64, 4096):
+        errs[dim] = sum(
+            rel_fro(fastntk.ntk(m, x, method="sketch", sketch_dim=dim, seed=s, dtype=torch.float64), ex)
+            for s in range(3)
+        ) / 3
+    assert errs[4096] <= 0.05
+    assert errs[64] > 2 * errs[4096]  # 1/sqrt(m) would give 8x; collisions among few params less
+
+
+def test_unbiased_average_of_seeds(exact):
+    m, x, ex = exact
+    single = rel_fro(fastntk.ntk(m, x, method="sketch", sketch_dim=32, seed=0, dtype=torch.float64), ex)
+    avg = sum(
+        fastntk.ntk(m, x, method="sketch", sketch_dim=32, seed=s, dtype=torch.float64) for s in range(24)
+    ) / 24
+    assert rel_fro(avg, ex) < single / 2
+
+
+def test_reproducible_and_consistent_across_batches(exact):
+    m, x, _ = exact
+    a = fastntk.ntk_sketch(m, x, sketch_dim=128, seed=7)
+    b = fastntk.ntk_sketch(m, x, sketch_dim=128, seed=7)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, fastntk.ntk_sketch(m, x, sketch_dim=128, seed=8))
+    # chunked sketching gives the same rows as one pass (hashes do not depend on blocking)
+    c = fastntk.ntk_sketch(m, x, sketch_dim=128, seed=7, chunk_size=(3, 5))
+    assert torch.allclose(a, c, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    # cross kernel = S(x1) S(x2)^T with the same hashes
+    cross = fastntk.ntk(m, x[:3], x[3:], method="sketch", sketch_dim=128, seed=7)
+    assert torch.allclose(cross, a[:3] @ a[3:].T, rtol=1e-4, atol=1e-4 * cross.abs().max().item())
+
+
+def test_trace_sketch_close(exact):
+    m, x, _ = exact
+    ex = fastntk.ntk(m, x, output="trace", dtype=torch.float64)
+    sk = fastntk.ntk(m, x, output="trace", method="sketch", sketch_dim=4096, dtype=torch.float64)
+    assert rel_fro(sk, ex) <= 0.05
+
+
+def test_sketch_errors(exact):
+    m, x, _ = exact
+    with pytest.raises(errors.OptionError, match="sketch_dim"):
+        fastntk.ntk_sketch(m, x, sketch_dim=0)
+    with pytest.raises(errors.OptionError, match="scalar kernels"):
+        fastntk.ntk_sketch(m, x, output="full")
+    with pytest.raises(errors.OptionError, match="couples samples"):
+        fastntk.ntk_sketch(m, x, bn="batch")
