@@ -60,11 +60,6 @@ def test_matches_compute_metrics_and_leaves_net_unchanged(name):
         assert torch.equal(t, before[k]), k
 
 
-@pytest.mark.xfail(
-    reason="engine chunked path (chunk_size < N) raised 'a leaf Variable that requires grad "
-    "is being used in an in-place operation' in engine._panels when this was written",
-    strict=False,
-)
 def test_split_data_is_the_same_kernel_in_chunks():
     net, (x, y) = small_net(), data()
     v = MEASURES["lga"](net, x, y)
