@@ -367,6 +367,21 @@ class _Capture:
             h.remove()
         self.handles.clear()
 
+    def release(self) -> None:
+        """Break the reference cycle record -> output -> autograd node -> prehook -> record.
+
+        Without this, every call's activations stay alive until Python's cyclic
+        garbage collector happens to run (it does not count tensor memory):
+        measured, a 200-architecture NAS-Bench-201 scoring run grew to 24 GB
+        after 23 architectures and was killed.
+        """
+        for rec in self.records:
+            rec.outputs = []
+            rec.saved = None
+            rec.gouts = {}
+        self.records = []
+        self.roots = []
+
     def _make_hook(self, mname, module, rule, attrs):
         def hook(mod, args, kwargs, out):
             if not self.active:
@@ -605,6 +620,7 @@ class _Job:
         finally:
             cap.active = False
             cap.remove()
+            cap.release()
         if cap.excluded:
             self._root_fallback(x, consume, sorted(cap.excluded), len(passes))
         return len(passes)

@@ -102,9 +102,15 @@ def explain(
             y = head(raw)
             head.passes(y)
             job._classify(cap, y)
+            called = {r.mname for r in cap.records}
+            act = sum(
+                t.numel() * t.element_size()
+                for r in cap.records
+                for t in engine._tensors(r.saved if r.rule is None else (r.saved,))
+            ) + sum(t.numel() * t.element_size() for r in cap.records for t in r.outputs)
         finally:
             cap.remove()
-        called = {r.mname for r in cap.records}
+            cap.release()
         for pname, p in selected.items():
             mname, mod, _ = owners[pname][0]
             if coupled:
@@ -120,11 +126,6 @@ def explain(
                     path += " (used several times: exact sum of uses)"
             rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), path))
         # activation memory of one chunk, scaled from the probe's saved tensors
-        act = sum(
-            t.numel() * t.element_size()
-            for r in cap.records
-            for t in engine._tensors(r.saved if r.rule is None else (r.saved,))
-        ) + sum(t.numel() * t.element_size() for r in cap.records for t in r.outputs)
         act = act * 2 // max(1, xs.shape[0])  # per sample, inputs and output gradients
     n1 = x.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]

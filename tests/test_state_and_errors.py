@@ -170,3 +170,24 @@ def test_errors_share_one_hierarchy():
         errors.NonFiniteKernelError,
     ):
         assert issubclass(cls, fastntk.FastNTKError)
+
+
+@pytest.mark.parametrize("output", ["sum", "full"])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_no_activation_outlives_the_call(output, chunk):
+    """No reference cycle keeps a call's autograd graph alive after it returns
+    (they are invisible to the garbage collector's thresholds and leaked GBs)."""
+    import gc
+    import weakref
+
+    m, x1, _ = zoo.make("twice", n=5)  # rules, a fallback module and a module called twice
+    refs = []
+    h = m.a.register_forward_hook(lambda mod, a, out: refs.append(weakref.ref(out)))
+    gc.disable()
+    try:
+        fastntk.ntk(m, x1, output=output, chunk_size=chunk)
+        fastntk.explain(m, x1)
+        assert refs and all(r() is None for r in refs)
+    finally:
+        gc.enable()
+        h.remove()
