@@ -23,9 +23,11 @@ def _extensions():
     """Return (ext_modules, cmdclass); empty when the extension is disabled or torch is absent."""
     if os.environ.get("FASTNTK_NO_EXT") == "1":
         return [], {}
-    sources = sorted(
-        os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")
-    ) if os.path.isdir("csrc") else []
+    sources = (
+        sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
+        if os.path.isdir("csrc")
+        else []
+    )
     if not sources:
         return [], {}
     try:

@@ -84,7 +84,13 @@ def measure(provider: str, n: int, output: str, repeats: int, device: str, loop_
             out = model(x)[1]
             k = out.shape[1] if output == "trace" and provider == "floor" else 1
             for j in range(k):
-                w = torch.ones_like(out) if k == 1 else torch.zeros_like(out).index_fill_(1, torch.tensor([j], device=out.device), 1.0)
+                w = (
+                    torch.ones_like(out)
+                    if k == 1
+                    else torch.zeros_like(out).index_fill_(
+                        1, torch.tensor([j], device=out.device), 1.0
+                    )
+                )
                 torch.autograd.grad(out, params, grad_outputs=w, retain_graph=j < k - 1)
             if provider == "floor":
                 G = torch.empty(n, P, device=x.device)  # the Gram of an (N, P) matrix
@@ -165,7 +171,9 @@ def machine() -> dict:
         dev = "cuda"
         name = torch.cuda.get_device_name()
     try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        sha = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True
+        ).strip()
     except Exception:
         sha = "unknown"
     return {
@@ -180,7 +188,9 @@ def machine() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", default="128", help="batch sizes, comma-separated")
     ap.add_argument("--output", default="sum", choices=["sum", "trace"])
     ap.add_argument("--providers", default="fwdbwd,floor,layerwise,vmap,loop")
@@ -200,9 +210,20 @@ def main(argv=None) -> int:
     rows = []
     for n in [int(v) for v in args.n.split(",")]:
         for prov in args.providers.split(","):
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{prov}:{n}",
-                   "--output", args.output, "--repeats", str(args.repeats),
-                   "--loop-rows", str(args.loop_rows), "--device", args.device]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child",
+                f"{prov}:{n}",
+                "--output",
+                args.output,
+                "--repeats",
+                str(args.repeats),
+                "--loop-rows",
+                str(args.loop_rows),
+                "--device",
+                args.device,
+            ]
             sys.stderr.write(f"  measuring {prov} at N={n} ({args.output}) ...\n")
             p = subprocess.run(cmd, capture_output=True, text=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -226,8 +247,10 @@ def _cuda() -> bool:
 
 def _report(rows, info, args):
     by = {(r["provider"], r["n"]): r for r in rows}
-    hdr = ("| N | output | provider | median s | first-call s | peak mem GB | x floor | "
-           "layerwise speed-up | mem / fwd+bwd |")
+    hdr = (
+        "| N | output | provider | median s | first-call s | peak mem GB | x floor | "
+        "layerwise speed-up | mem / fwd+bwd |"
+    )
     lines = [
         f"Machine: {info['device_name']} ({info['device']}, {info['cpus']} CPUs), torch {info['torch']}, "
         f"git {info['git']}, {info['date']}.",
@@ -239,7 +262,9 @@ def _report(rows, info, args):
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['output']} | {r['provider']} | failed: {r['error']} | | | | | |")
+            lines.append(
+                f"| {r['n']} | {r['output']} | {r['provider']} | failed: {r['error']} | | | | | |"
+            )
             continue
         floor = by.get(("floor", r["n"]))
         fb = by.get(("fwdbwd", r["n"]))
@@ -262,13 +287,41 @@ def _report(rows, info, args):
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["date", "git", "device_name", "torch", "n", "output", "provider",
-                        "median_s", "spread_s", "first_s", "peak_bytes", "extrapolated", "error"])
+            w.writerow(
+                [
+                    "date",
+                    "git",
+                    "device_name",
+                    "torch",
+                    "n",
+                    "output",
+                    "provider",
+                    "median_s",
+                    "spread_s",
+                    "first_s",
+                    "peak_bytes",
+                    "extrapolated",
+                    "error",
+                ]
+            )
         for r in rows:
-            w.writerow([info["date"], info["git"], info["device_name"], info["torch"], r["n"],
-                        r["output"], r["provider"], r.get("median_s", ""), r.get("spread_s", ""),
-                        r.get("first_s", ""), r.get("peak_bytes", ""), r.get("extrapolated", ""),
-                        r.get("error", "")])
+            w.writerow(
+                [
+                    info["date"],
+                    info["git"],
+                    info["device_name"],
+                    info["torch"],
+                    r["n"],
+                    r["output"],
+                    r["provider"],
+                    r.get("median_s", ""),
+                    r.get("spread_s", ""),
+                    r.get("first_s", ""),
+                    r.get("peak_bytes", ""),
+                    r.get("extrapolated", ""),
+                    r.get("error", ""),
+                ]
+            )
 
 
 if __name__ == "__main__":

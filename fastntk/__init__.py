@@ -27,7 +27,12 @@ def env() -> dict:
     except ImportError as e:  # the helper module is optional
         import torch
 
-        return {"csrc": False, "csrc_error": str(e), "triton": False, "cuda": torch.cuda.is_available()}
+        return {
+            "csrc": False,
+            "csrc_error": str(e),
+            "triton": False,
+            "cuda": torch.cuda.is_available(),
+        }
     return _env()
 
 

@@ -85,11 +85,15 @@ def check_inputs(model: nn.Module, x1: Any, x2: Any) -> None:
         if x is None and nm == "x2":
             continue
         if not isinstance(x, torch.Tensor):
-            raise InputTypeError(f"{nm} must be a torch.Tensor with the batch in dim 0, got {type(x)}")
+            raise InputTypeError(
+                f"{nm} must be a torch.Tensor with the batch in dim 0, got {type(x)}"
+            )
         if x.dim() == 0:
             raise InputError(f"{nm} is a scalar; pass a batch of shape (N, ...)")
         if x.shape[0] == 0:
-            raise InputError(f"{nm} is an empty batch (shape {tuple(x.shape)}); pass at least one sample")
+            raise InputError(
+                f"{nm} is an empty batch (shape {tuple(x.shape)}); pass at least one sample"
+            )
         if not (x.is_floating_point() or _is_index(x)):
             raise InputTypeError(f"{nm} has dtype {x.dtype}; pass floating-point inputs")
         if _is_index(x) and not any(isinstance(m, nn.Embedding) for m in model.modules()):
@@ -168,7 +172,9 @@ class Head:
                 "(a callable giving one value per sample)"
             )
         if not isinstance(raw, torch.Tensor):
-            raise OptionError(f"the model returned {type(raw)}; expected a tensor or a tuple of them")
+            raise OptionError(
+                f"the model returned {type(raw)}; expected a tensor or a tuple of them"
+            )
         y = raw.reshape(raw.shape[0], -1) if raw.dim() > 1 else raw.unsqueeze(1)
         if isinstance(self.output, int):
             if not -y.shape[1] <= self.output < y.shape[1]:
@@ -217,9 +223,7 @@ class Copies:
         return functional_call(model, (self.params, self.buffers), (x,), tie_weights=True)
 
 
-def make_copies(
-    model: nn.Module, selected: dict[str, nn.Parameter], dtype: torch.dtype
-) -> Copies:
+def make_copies(model: nn.Module, selected: dict[str, nn.Parameter], dtype: torch.dtype) -> Copies:
     params = {}
     for n, p in model.named_parameters():
         t = p.detach()

@@ -81,9 +81,7 @@ def synthetic(
     return x, y
 
 
-def load(
-    name: str, n: int, *, seed: int = 0, offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load(name: str, n: int, *, seed: int = 0, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Load ``n`` samples of the data set ``name`` (``"cifar10"`` or ``"synthetic"``)."""
     if name == "cifar10":
         return load_cifar10(n, seed=seed, offset=offset)

@@ -16,9 +16,7 @@ import time
 
 import torch
 
-DEFAULT_ARCH = (
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
-)
+DEFAULT_ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     model = nb201.build_model(args.arch, num_classes=10)
     x, y = data.load_cifar10(args.n, seed=args.seed)
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"fastntk {fastntk.__version__} demo  (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(
+        f"fastntk {fastntk.__version__} demo  (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    )
     print(f"architecture  {args.arch}")
-    print(f"              {nparams:,} parameters; true CIFAR-10 test accuracy "
-          f"{nb201.accuracy(args.arch, 'cifar10'):.2f}% after 200 epochs")
+    print(
+        f"              {nparams:,} parameters; true CIFAR-10 test accuracy "
+        f"{nb201.accuracy(args.arch, 'cifar10'):.2f}% after 200 epochs"
+    )
     print(f"data          {args.n} real CIFAR-10 images (bundled sample), seed {args.seed}")
     print(f"kernel        output={args.output!r}, bn={args.bn!r}, float32, method='auto'")
     t0 = time.perf_counter()
@@ -52,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     lmax, lmin = ev[-1].item(), ev[0].item()
     k = math.ceil(math.sqrt(args.n))
     print()
-    print(f"Θ             {tuple(theta.shape)} {theta.dtype}, computed in {dt:.2f} s, "
-          f"peak memory {peak:.2f} GiB (whole process)")
+    print(
+        f"Θ             {tuple(theta.shape)} {theta.dtype}, computed in {dt:.2f} s, "
+        f"peak memory {peak:.2f} GiB (whole process)"
+    )
     print(f"spectrum      λmax {lmax:.4g}   λmin {lmin:.4g}   cond {lmax / max(lmin, 1e-300):.4g}")
-    print(f"              trace {ev.sum().item():.4g}   top-{k} eigenvalue mass "
-          f"{(ev[-k:].sum() / ev.sum()).item():.3f}   ‖Θ‖_F {theta.norm().item():.4g}")
+    print(
+        f"              trace {ev.sum().item():.4g}   top-{k} eigenvalue mass "
+        f"{(ev[-k:].sum() / ev.sum()).item():.3f}   ‖Θ‖_F {theta.norm().item():.4g}"
+    )
     try:
         from fastntk import metrics
 

@@ -168,11 +168,34 @@ def ntk(
         raise OptionError(f"dtype must be a floating-point dtype, got {dtype}")
     samples, cols = _chunks(chunk_size)
     if method == "sketch":
-        s1 = ntk_sketch(model, x1, output=output, bn=bn, params=params, chunk_size=chunk_size,
-                        dtype=dtype, sketch_dim=sketch_dim, seed=seed, progress=progress)
-        s2 = s1 if x2 is None else ntk_sketch(
-            model, x2, output=output, bn=bn, params=params, chunk_size=chunk_size, dtype=dtype,
-            sketch_dim=sketch_dim, seed=seed, progress=progress)
+        s1 = ntk_sketch(
+            model,
+            x1,
+            output=output,
+            bn=bn,
+            params=params,
+            chunk_size=chunk_size,
+            dtype=dtype,
+            sketch_dim=sketch_dim,
+            seed=seed,
+            progress=progress,
+        )
+        s2 = (
+            s1
+            if x2 is None
+            else ntk_sketch(
+                model,
+                x2,
+                output=output,
+                bn=bn,
+                params=params,
+                chunk_size=chunk_size,
+                dtype=dtype,
+                sketch_dim=sketch_dim,
+                seed=seed,
+                progress=progress,
+            )
+        )
         return s1 @ s2.T
     backend = _backend(method, x1.device)
     job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, backend)
@@ -226,7 +249,9 @@ def ntk_sketch(
     _model.check_options(output, bn, "auto", METHODS)
     _model.check_inputs(model, x, None)
     if output == "full":
-        raise OptionError("the sketch estimates scalar kernels; use output='sum', 'trace' or 'mean'")
+        raise OptionError(
+            "the sketch estimates scalar kernels; use output='sum', 'trace' or 'mean'"
+        )
     if not isinstance(sketch_dim, int) or sketch_dim < 1:
         raise OptionError(f"sketch_dim must be a positive int, got {sketch_dim!r}")
     selected = _model.select_params(model, params)
@@ -478,7 +503,11 @@ class _Capture:
                             G = fb_cache[key][attr]
                             parts.append(Dense(G.reshape(G.shape[0], -1)))
                         else:
-                            parts.append(rec.rule.grad_rows(rec.module, rec.saved, rec.gouts[k], attr, r0, r1))
+                            parts.append(
+                                rec.rule.grad_rows(
+                                    rec.module, rec.saved, rec.gouts[k], attr, r0, r1
+                                )
+                            )
                     if not parts:  # this use got no gradient in pass k: a zero block
                         p = self.job.copies.params[pname]
                         width = p.numel() // max(1, p.shape[0] if p.dim() else 1) * (r1 - r0)
@@ -614,7 +643,11 @@ class _Job:
                 cap.pass_idx = k
                 if roots and y.requires_grad:
                     torch.autograd.grad(
-                        y, roots, grad_outputs=w, retain_graph=k < len(passes) - 1, allow_unused=True
+                        y,
+                        roots,
+                        grad_outputs=w,
+                        retain_graph=k < len(passes) - 1,
+                        allow_unused=True,
                     )
             cap.flush_deferred(len(passes), self.head.full)
         finally:
@@ -741,11 +774,11 @@ class _Job:
             store: dict[tuple, list[Block]] = defaultdict(list)
             for s0 in range(p0, p1, c):
                 s1 = min(p1, s0 + c)
-                self._run_chunk(x1[s0:s1], lambda k, b: store[k].append(b))
+                self._run_chunk(x1[s0:s1], lambda k, b, store=store: store[k].append(b))
                 bar.step()
             R = self.head.R  # known once a chunk has run
             stored = {k: _regroup(v, R) for k, v in store.items()}  # rows (R, panel)
-            del store
+            store = None
             if theta is None:
                 theta = self._alloc(n1, n2, R)
             t4 = theta.view(R, n1, R, n2)
@@ -757,14 +790,16 @@ class _Job:
                 if sym and b0 < p1:
                     continue
 
-                def consume(key, blk, b0=b0, b1=b1):
+                def consume(key, blk, b0=b0, b1=b1, stored=stored, t4=t4, p0=p0, p1=p1, R=R):
                     a = stored.get(key)
                     if a is not None:
-                        t4[:, p0:p1, :, b0:b1] += gram_block(a, blk, self.backend).view(R, p1 - p0, R, b1 - b0)
+                        t4[:, p0:p1, :, b0:b1] += gram_block(a, blk, self.backend).view(
+                            R, p1 - p0, R, b1 - b0
+                        )
 
                 self._run_chunk(xb[b0:b1], consume)
                 bar.step()
-            del stored
+            stored = None
         bar.close()
         assert theta is not None
         if sym:
@@ -844,11 +879,19 @@ class _Job:
                     E[r, i] = passes[k][i]
                 try:
                     gs = torch.autograd.grad(
-                        y, tensors, grad_outputs=E, retain_graph=True,
-                        is_grads_batched=True, allow_unused=True,
+                        y,
+                        tensors,
+                        grad_outputs=E,
+                        retain_graph=True,
+                        is_grads_batched=True,
+                        allow_unused=True,
                     )
                     return torch.cat(
-                        [_zeros_if_none(g, t, len(sub)).reshape(len(sub), -1) for g, t in zip(gs, tensors)], 1
+                        [
+                            _zeros_if_none(g, t, len(sub)).reshape(len(sub), -1)
+                            for g, t in zip(gs, tensors, strict=True)
+                        ],
+                        1,
                     )
                 except RuntimeError:
                     pass  # an op without a batching rule: fall back to a loop
@@ -856,16 +899,26 @@ class _Job:
             for i, k in sub:
                 E = torch.zeros_like(y)
                 E[i] = passes[k][i]
-                gs = torch.autograd.grad(y, tensors, grad_outputs=E, retain_graph=True, allow_unused=True)
-                out.append(torch.cat([_zeros_if_none(g, t).reshape(-1) for g, t in zip(gs, tensors)]))
+                gs = torch.autograd.grad(
+                    y, tensors, grad_outputs=E, retain_graph=True, allow_unused=True
+                )
+                out.append(
+                    torch.cat(
+                        [_zeros_if_none(g, t).reshape(-1) for g, t in zip(gs, tensors, strict=True)]
+                    )
+                )
             return torch.stack(out)
 
         if len(rows) * nparams * self.dtype.itemsize <= 2 * JAC_BYTES:
-            J = torch.cat([jac_rows(rows[s : s + per_chunk]) for s in range(0, len(rows), per_chunk)])
+            J = torch.cat(
+                [jac_rows(rows[s : s + per_chunk]) for s in range(0, len(rows), per_chunk)]
+            )
             J = J.view(P, n, -1)
             if self.head.full:
                 A = J[:, :n1].reshape(P * n1, -1)
-                B = (J if x2 is None else J[:, n1:]).reshape(P * (n - n1 if x2 is not None else n), -1)
+                B = (J if x2 is None else J[:, n1:]).reshape(
+                    P * (n - n1 if x2 is not None else n), -1
+                )
                 theta = A @ B.T
             else:
                 A = J[:, :n1]
@@ -873,7 +926,6 @@ class _Job:
                 theta = torch.einsum("kic,kjc->ij", A, B)
         else:  # too many rows to hold: panels of rows, recomputing the others
             theta = self._coupled_panels(rows, jac_rows, per_chunk, n1, n, x2 is None, P)
-        del raw, y
         n2 = n1 if x2 is None else n - n1
         return self.head.finish(theta, n1, n2)
 
@@ -920,7 +972,7 @@ class _Job:
                 gs = torch.autograd.grad(
                     y, tensors, grad_outputs=wk, retain_graph=k < len(w) - 1, allow_unused=True
                 )
-                for pname, g in zip(names, gs):
+                for pname, g in zip(names, gs, strict=True):
                     if g is not None and not bool(torch.isfinite(g).all()):
                         mod = owners[pname][0][0] or "<root>"
                         return (
@@ -933,7 +985,9 @@ class _Job:
         )
 
     # -- module fallback --------------------------------------------------------
-    def fallback_grads(self, rec: _Record, gouts: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    def fallback_grads(
+        self, rec: _Record, gouts: list[torch.Tensor | None]
+    ) -> dict[str, torch.Tensor]:
         """Exact per-sample gradients of a module's selected parameters via torch.func.
 
         Re-runs the module on each sample (vmap over the batch dimension, the
@@ -945,7 +999,7 @@ class _Job:
         n = rec.n
         prefix = rec.mname + "." if rec.mname else ""
         state = {
-            k[len(prefix):]: v.detach()
+            k[len(prefix) :]: v.detach()
             for d in (self.copies.params, self.copies.buffers)
             for k, v in d.items()
             if k.startswith(prefix) or not prefix
@@ -958,17 +1012,22 @@ class _Job:
             for a in flat_args
         ]
         tensors_out = rec.outputs
-        g_list = [g if g is not None else torch.zeros_like(t) for g, t in zip(gouts, tensors_out)]
+        g_list = [
+            g if g is not None else torch.zeros_like(t)
+            for g, t in zip(gouts, tensors_out, strict=True)
+        ]
 
         def f(p, *fa_and_g):
             fa = list(fa_and_g[: len(flat_args)])
-            gs = fa_and_g[len(flat_args):]
-            fa = [a.unsqueeze(bdim) if d is not None else a for a, d in zip(fa, in_dims)]
+            gs = fa_and_g[len(flat_args) :]
+            fa = [
+                a.unsqueeze(bdim) if d is not None else a for a, d in zip(fa, in_dims, strict=True)
+            ]
             a, kw = _unflatten(fa, spec)
             out = functional_call(module, ({**const, **p}), a, kw, tie_weights=True)
             outs = [t for t in _tensors(out) if t.is_floating_point()]
             total = 0.0
-            for t, g in zip(outs[: len(gs)], gs):
+            for t, g in zip(outs[: len(gs)], gs, strict=False):
                 total = total + (t * g.unsqueeze(bdim)).sum()
             return total
 
@@ -1062,4 +1121,3 @@ class _Progress:
         if self.show:
             sys.stderr.write("\n")
             sys.stderr.flush()
-

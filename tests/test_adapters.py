@@ -14,17 +14,6 @@ from fastntk.errors import OptionError
 from fastntk.metrics import METRICS, compute_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core CI machine, OpenMP oversubscription made
-    small convolutions ~100x slower with torch's default 2 threads (50 ms vs 0.5 ms for a
-    2x16x32x32 depthwise conv at load 6; measured 2026-11-23)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_net():
     torch.manual_seed(0)
     return nn.Sequential(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-import torch
 
 from fastntk import cli
 from fastntk.search import Journal
@@ -22,17 +21,6 @@ ARCH = (
     "avg_pool_3x3~2|"
 )
 DATA = ["--data", "synthetic", "--batch-size", "8"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core CI machine, OpenMP oversubscription made
-    small convolutions ~100x slower with torch's default 2 threads (50 ms vs 0.5 ms for a
-    2x16x32x32 depthwise conv at load 6; measured 2026-11-23)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

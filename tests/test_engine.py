@@ -24,7 +24,7 @@ def weights_only(name, p):
     return "weight" in name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(name: str, cross: bool, bn: str = "eval", params: str = "all"):
     m, x1, x2 = zoo.make(name)
     sel = None if params == "all" else weights_only
@@ -161,7 +161,9 @@ def test_custom_rule_registration():
             return Dense((gout * x)[:, r0:r1])
 
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(3, 4), ScaleMul(), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    m = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), ScaleMul(), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    )
     x = torch.randn(5, 3)
     paths = {p.name: p.path for p in fastntk.explain(m, x).params}
     assert paths["1.w"] == "rule:ScaleMulRule"

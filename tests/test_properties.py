@@ -11,7 +11,9 @@ from reference import full_kernel, reduce, rel_err
 import fastntk
 
 SETTINGS = settings(
-    max_examples=25, deadline=None, derandomize=True,
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 
@@ -45,8 +47,17 @@ def test_random_convolutions(case, output):
     nd, cin, cout, k, stride, pad, dil, groups, mode, bias, size, n = case
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
     torch.manual_seed(0)
-    conv = conv_cls(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups,
-                    bias=bias, padding_mode=mode)
+    conv = conv_cls(
+        cin,
+        cout,
+        k,
+        stride=stride,
+        padding=pad,
+        dilation=dil,
+        groups=groups,
+        bias=bias,
+        padding_mode=mode,
+    )
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
     x = torch.randn(n, cin, *([size] * nd), generator=torch.Generator().manual_seed(1))
     model(x)  # materialise the lazy layer
@@ -56,8 +67,12 @@ def test_random_convolutions(case, output):
 
 @SETTINGS
 @given(
-    st.integers(1, 5), st.integers(1, 9), st.integers(1, 9), st.integers(0, 3),
-    st.booleans(), st.sampled_from(["trace", "full", 0]),
+    st.integers(1, 5),
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.integers(0, 3),
+    st.booleans(),
+    st.sampled_from(["trace", "full", 0]),
 )
 def test_random_linear_and_tokens(n, d_in, d_out, tokens, bias, output):
     torch.manual_seed(0)
@@ -82,9 +97,14 @@ def test_random_norm_layers(n, groups, spatial, affine_bn):
     torch.manual_seed(0)
     c = 4
     model = nn.Sequential(
-        nn.Conv2d(2, c, 3, padding=1), nn.GroupNorm(groups, c), nn.Tanh(),
-        nn.BatchNorm2d(c, affine=affine_bn), nn.InstanceNorm2d(c, affine=True), nn.Tanh(),
-        nn.Flatten(), nn.Linear(c * spatial * spatial, 2),
+        nn.Conv2d(2, c, 3, padding=1),
+        nn.GroupNorm(groups, c),
+        nn.Tanh(),
+        nn.BatchNorm2d(c, affine=affine_bn),
+        nn.InstanceNorm2d(c, affine=True),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(c * spatial * spatial, 2),
     )
     with torch.no_grad():
         model[3].running_mean.uniform_(-0.5, 0.5)

@@ -8,7 +8,6 @@ import torch
 import fastntk
 from fastntk import errors
 
-
 ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 
 
@@ -35,20 +34,32 @@ def test_error_at_4096_and_shrinks_with_m(exact):
     m, x, ex = exact
     errs = {}
     for dim in (64, 4096):
-        errs[dim] = sum(
-            rel_fro(fastntk.ntk(m, x, method="sketch", sketch_dim=dim, seed=s, dtype=torch.float64), ex)
-            for s in range(3)
-        ) / 3
+        errs[dim] = (
+            sum(
+                rel_fro(
+                    fastntk.ntk(m, x, method="sketch", sketch_dim=dim, seed=s, dtype=torch.float64),
+                    ex,
+                )
+                for s in range(3)
+            )
+            / 3
+        )
     assert errs[4096] <= 0.05
     assert errs[64] > 2 * errs[4096]  # 1/sqrt(m) would give 8x; collisions among few params less
 
 
 def test_unbiased_average_of_seeds(exact):
     m, x, ex = exact
-    single = rel_fro(fastntk.ntk(m, x, method="sketch", sketch_dim=32, seed=0, dtype=torch.float64), ex)
-    avg = sum(
-        fastntk.ntk(m, x, method="sketch", sketch_dim=32, seed=s, dtype=torch.float64) for s in range(24)
-    ) / 24
+    single = rel_fro(
+        fastntk.ntk(m, x, method="sketch", sketch_dim=32, seed=0, dtype=torch.float64), ex
+    )
+    avg = (
+        sum(
+            fastntk.ntk(m, x, method="sketch", sketch_dim=32, seed=s, dtype=torch.float64)
+            for s in range(24)
+        )
+        / 24
+    )
     assert rel_fro(avg, ex) < single / 2
 
 

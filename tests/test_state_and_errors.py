@@ -13,7 +13,9 @@ from fastntk import errors
 
 def snapshot(m: nn.Module):
     return {
-        "params": {n: (p.detach().clone(), p.requires_grad, p.dtype) for n, p in m.named_parameters()},
+        "params": {
+            n: (p.detach().clone(), p.requires_grad, p.dtype) for n, p in m.named_parameters()
+        },
         "buffers": {n: b.detach().clone() for n, b in m.named_buffers()},
         "flags": [mod.training for mod in m.modules()],
         "hooks": [

@@ -53,7 +53,9 @@ class Conv1d3d(nn.Module):
         self.fc = nn.Linear(3, 2)
 
     def forward(self, x):
-        x = torch.tanh(self.gn(self.c3(x)))  # (N, 4, 4, 2, 2) for dilation 2 in w: w_out=2? see forward
+        x = torch.tanh(
+            self.gn(self.c3(x))
+        )  # (N, 4, 4, 2, 2) for dilation 2 in w: w_out=2? see forward
         x = x.flatten(2)  # (N, 4, L)
         x = torch.tanh(self.inorm(self.c1(x)))
         return self.fc(x.mean(2))
@@ -64,12 +66,16 @@ class SmallResNet(nn.Module):
 
     def __init__(self, c=4):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        )
         self.conv_a = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False)
         self.bn_a = nn.BatchNorm2d(2 * c)
         self.conv_b = nn.Conv2d(2 * c, 2 * c, 3, padding=1, bias=False)
         self.bn_b = nn.BatchNorm2d(2 * c)
-        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 1, stride=2, bias=False), nn.BatchNorm2d(2 * c))
+        self.down = nn.Sequential(
+            nn.Conv2d(c, 2 * c, 1, stride=2, bias=False), nn.BatchNorm2d(2 * c)
+        )
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(2 * c, 4)
 

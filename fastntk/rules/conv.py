@@ -128,8 +128,13 @@ def _compiled_weight_grad(module, x, gout, backend, T):
         xs, padding = x, (pads[2], pads[0])
     else:
         xs, padding = _pad(module, x), (0, 0)
-    kw = dict(kernel_size=module.kernel_size, stride=module.stride, padding=padding,
-              dilation=module.dilation, groups=module.groups)
+    kw = dict(
+        kernel_size=module.kernel_size,
+        stride=module.stride,
+        padding=padding,
+        dilation=module.dilation,
+        groups=module.groups,
+    )
     if backend == "triton":
         from fastntk.kernels.conv_psg import conv2d_psg
 
