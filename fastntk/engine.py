@@ -72,6 +72,7 @@ DEFAULT_SAMPLE_CHUNK = 256
 BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
 PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows
 JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
+GRAM_BUFFER_BYTES = 16 * 2**20  # small dense blocks batched into one Gram
 
 
 def ntk(
@@ -723,33 +724,15 @@ class _Job:
 
     def _single_self(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        state: dict[str, torch.Tensor] = {}
-
-        def consume(key, blk):
-            R = blk.n // n
-            if "theta" not in state:
-                state["theta"] = self._alloc(n, n, R)
-            state["theta"] += gram_block(blk, blk, self.backend)
-
-        self._run_chunk(x, consume)
-        theta = state.get("theta", self._alloc(n, n, self.head.R))
-        return self.head.finish(theta, n, n)
+        acc = _GramAccumulator(self, n, n, None)
+        self._run_chunk(x, acc.add)
+        return self.head.finish(acc.result(), n, n)
 
     def _single_cross(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         n1, n2 = x1.shape[0], x2.shape[0]
-        state: dict[str, torch.Tensor] = {}
-
-        def consume(key, blk):
-            R = blk.n // (n1 + n2)
-            if "theta" not in state:
-                state["theta"] = self._alloc(n1, n2, R)
-            a = _rows(blk, R, n1 + n2, 0, n1)
-            b = _rows(blk, R, n1 + n2, n1, n1 + n2)
-            state["theta"] += gram_block(a, b, self.backend)
-
-        self._run_chunk(torch.cat([x1, x2]), consume)
-        theta = state.get("theta", self._alloc(n1, n2, self.head.R))
-        return self.head.finish(theta, n1, n2)
+        acc = _GramAccumulator(self, n1, n2, n1)
+        self._run_chunk(torch.cat([x1, x2]), acc.add)
+        return self.head.finish(acc.result(), n1, n2)
 
     def _panels(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
         """Blockwise assembly for batches larger than one sample chunk."""
@@ -1094,6 +1077,62 @@ def _regroup(parts: list[Block], R: int) -> Block:
         return Outer(a.reshape(-1, a.shape[-1]), bb.reshape(-1, bb.shape[-1]))
     G = torch.cat([b.dense().view(R, b.n // R, -1) for b in parts], 1)
     return Dense(G.reshape(-1, G.shape[-1]))
+
+
+class _GramAccumulator:
+    """Θ += G Gᵀ over the blocks of one forward/backward, batching small dense blocks.
+
+    Dense blocks are concatenated column-wise until ``GRAM_BUFFER_BYTES`` (16 MiB) and
+    then contracted in one GEMM: NB201's 132 BatchNorm blocks of (N, C)
+    columns cost one call overhead each otherwise (measured on the 2-core
+    CPU, N=128, 1 thread: 201 separate Grams 0.57 s vs one Gram of all
+    columns 0.41 s). Outer blocks (dense layers) use their ghost Gram.
+    With ``split`` (cross kernels) rows ``:split`` of each block pair with
+    rows ``split:``.
+    """
+
+    def __init__(self, job: _Job, n1: int, n2: int, split: int | None):
+        self.job, self.n1, self.n2, self.split = job, n1, n2, split
+        self.theta: torch.Tensor | None = None
+        self.pending: list[torch.Tensor] = []
+        self.bytes = 0
+
+    def add(self, key: tuple, blk: Block) -> None:
+        n = self.n1 if self.split is None else self.n1 + self.n2
+        R = blk.n // n
+        if self.theta is None:
+            self.theta = self.job._alloc(self.n1, self.n2, R)
+        if isinstance(blk, Outer):
+            self._gram(blk, R)
+            return
+        self.pending.append(blk.G)
+        self.bytes += blk.G.numel() * blk.G.element_size()
+        if self.bytes >= GRAM_BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        G = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending, 1)
+        self.pending, self.bytes = [], 0
+        n = self.n1 if self.split is None else self.n1 + self.n2
+        self._gram(Dense(G), G.shape[0] // n)
+
+    def _gram(self, blk: Block, R: int) -> None:
+        backend = self.job.backend
+        if self.split is None:
+            self.theta += gram_block(blk, blk, backend)
+            return
+        n = self.n1 + self.n2
+        a = _rows(blk, R, n, 0, self.split)
+        b = _rows(blk, R, n, self.split, n)
+        self.theta += gram_block(a, b, backend)
+
+    def result(self) -> torch.Tensor:
+        self.flush()
+        if self.theta is None:
+            return self.job._alloc(self.n1, self.n2, self.job.head.R)
+        return self.theta
 
 
 class _Progress:
