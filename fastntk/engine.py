@@ -747,7 +747,7 @@ class _Job:
         col_chunks = [(s, min(n2, s + c)) for s in range(0, n2, c)]
         panels = [(s, min(n1, s + panel)) for s in range(0, n1, panel)]
         theta: torch.Tensor | None = None
-        total = len(panels) + sum(
+        total = sum(-(-(p1 - p0) // c) for p0, p1 in panels) + sum(
             len([b for b in col_chunks if not sym or b[0] >= p1]) for _, p1 in panels
         )
         show = self.progress if self.progress is not None else total > 2
