@@ -74,6 +74,18 @@ class BatchNormRule(_ChannelAffineRule):
         # models to the exact coupled path instead.
         return module.running_mean is not None
 
+    def grad_rows(self, module, saved, gout, name, r0, r1):
+        x, bn, stats = saved
+        if name == "bias" or bn == "per_sample":
+            return super().grad_rows(module, saved, gout, name, r0, r1)
+        # eval: sum_t g * (x - mean) * inv = inv * sum_t g * (x - mean); the scale is
+        # applied after the reduction (one elementwise pass fewer than forming xhat),
+        # and only on the rows asked for.
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = stats[0][r0:r1].view(shape)
+        inv = torch.rsqrt(stats[1][r0:r1] + module.eps)
+        return Dense(_channel_sums(gout[:, r0:r1] * (x[:, r0:r1] - mean)) * inv)
+
     def xhat(self, module, x, bn, stats):
         if bn == "per_sample":
             return per_sample_batchnorm(module, x)
