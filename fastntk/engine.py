@@ -73,6 +73,10 @@ BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
 PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows
 JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
 GRAM_BUFFER_BYTES = 16 * 2**20  # small dense blocks batched into one Gram
+# "trace"/"mean": keep all logits' output gradients (K x one pass's) up to this size and
+# compute each layer's per-sample gradients for all logits at once; above it, stream
+# logit by logit (the memory targets at large N).
+BATCH_PASSES_BYTES = 1 * 2**30
 
 
 def ntk(
@@ -378,6 +382,9 @@ class _Capture:
         self.consume: Callable[[tuple, Block], None] | None = None
         self.handles: list[Any] = []
         self.npasses = 1
+        # trace/mean with small enough output gradients: keep every logit's gradients
+        # and hand them to the rules together (shared patches, bigger GEMMs)
+        self.batch_passes = False
 
     # -- forward -----------------------------------------------------------
     def install(self) -> None:
@@ -447,7 +454,7 @@ class _Capture:
                 return None
             if rec.rule is None:
                 rec.gouts.setdefault(self.pass_idx, [None] * len(rec.outputs))[j] = g
-            elif all(p in self.deferred_params for p in rec.attrs.values()):
+            elif self.batch_passes or all(p in self.deferred_params for p in rec.attrs.values()):
                 rec.gouts[self.pass_idx] = g
             else:
                 self._immediate(rec, g)
@@ -472,6 +479,24 @@ class _Capture:
             rec.saved = None  # last use of this layer's input: let autograd free it
 
     # -- after the backward passes -------------------------------------------
+    def flush_batched(self, npasses: int) -> None:
+        """Blocks of single-use rule parameters whose gradients were kept for all passes."""
+        for rec in self.records:
+            if rec.rule is None or not rec.gouts:
+                continue
+            ks = sorted(rec.gouts)
+            gs = [rec.gouts[k] for k in ks]
+            for attr, pname in rec.attrs.items():
+                if pname in self.excluded or pname in self.deferred_params:
+                    continue
+                for r0, r1 in self.job.row_ranges(pname, rec.rule, gs[0].shape[0]):
+                    blocks = rec.rule.grad_rows_multi(rec.module, rec.saved, gs, attr, r0, r1)
+                    for k, blk in zip(ks, blocks, strict=True):
+                        self.consume((pname, r0, k), blk)
+            if not any(p in self.deferred_params for p in rec.attrs.values()):
+                rec.gouts = {}
+                rec.saved = None
+
     def flush_deferred(self, npasses: int, full: bool) -> None:
         """Blocks of parameters used several times, fallback modules, and "full" mode."""
         uses: dict[str, list[tuple[_Record, str]]] = defaultdict(list)
@@ -640,6 +665,13 @@ class _Job:
             if self.head.full:
                 cap.deferred_params |= {p for r in cap.records for p in r.attrs.values()}
             cap.npasses = len(passes)
+            if len(passes) > 1 and not self.head.full:
+                grad_bytes = sum(
+                    r.outputs[0].numel() * r.outputs[0].element_size()
+                    for r in cap.records
+                    if r.rule is not None and r.outputs
+                )
+                cap.batch_passes = len(passes) * grad_bytes <= BATCH_PASSES_BYTES
             for k, w in enumerate(passes):
                 cap.pass_idx = k
                 if roots and y.requires_grad:
@@ -650,6 +682,8 @@ class _Job:
                         retain_graph=k < len(passes) - 1,
                         allow_unused=True,
                     )
+            if cap.batch_passes:
+                cap.flush_batched(len(passes))
             cap.flush_deferred(len(passes), self.head.full)
         finally:
             cap.active = False

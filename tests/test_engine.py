@@ -224,3 +224,16 @@ def test_kernel_is_detached(chunk):
     theta = fastntk.ntk(m, x, chunk_size=chunk)
     assert not theta.requires_grad and theta.grad_fn is None
     assert rel_err(theta, reduce(full_kernel(m, x1), "sum")) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("name", ["convzoo", "resnet", "nb201", "twice"])
+@pytest.mark.parametrize("batched", [True, False], ids=["all-logits", "logit-by-logit"])
+def test_trace_batched_and_streamed_logits(name, batched, monkeypatch):
+    """Both ways of handling several logits: all at once (shared patches), or streamed."""
+    from fastntk import engine
+
+    monkeypatch.setattr(engine, "BATCH_PASSES_BYTES", 2**40 if batched else 0)
+    m, x1, x2, sel, ref = case(name, True)
+    for output in ("trace", "mean"):
+        theta = fastntk.ntk(m, x1, x2, output=output, dtype=torch.float64)
+        assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float64]

@@ -135,6 +135,13 @@ class GramRule:
         """Per-sample gradient of parameter ``name`` restricted to rows ``r0:r1`` of its dim 0."""
         raise NotImplementedError
 
+    def grad_rows_multi(
+        self, module: nn.Module, saved: Any, gouts: list[torch.Tensor], name: str, r0: int, r1: int
+    ) -> list[Block]:
+        """:meth:`grad_rows` for several output gradients of the same call (one per logit
+        in ``output="trace"``); rules override it to share work across them."""
+        return [self.grad_rows(module, saved, g, name, r0, r1) for g in gouts]
+
 
 _RULES: dict[type, GramRule] = {}
 
