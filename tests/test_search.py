@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _toy_space import DIRECTIONS, ToySpace, objective, toy_metrics  # noqa: E402
 
-from fastntk.errors import OptionError  # noqa: E402
+from fastntk.errors import ArchitectureError, OptionError  # noqa: E402
 from fastntk.search import (  # noqa: E402
     ALGORITHMS,
     Journal,
@@ -198,3 +198,39 @@ def test_progress_bar(capsys):
     random_search(ToySpace(), scorer(), budget=5, seed=0, progress=buf)
     out = buf.getvalue()
     assert "5/5" in out and "eval/s" in out and "best" in out and out.endswith("\n")
+
+
+def test_nb201_prune_scores_supernets_like_te_nas():
+    """NB201 pruning scores supernets (edges summing their remaining ops): 84 of them."""
+    from fastntk.spaces import nb201
+    from fastntk.spaces.registry import get_space
+
+    space = get_space("nb201")
+    seen = []
+
+    def fn(a):
+        seen.append(a)
+        return {"good": float(a.count("nor_conv_1x1")) - 0.1 * a.count("avg_pool_3x3")}
+
+    r = run_search("prune", space, Scorer(fn, ["good"], DIRECTIONS), budget=200, seed=0)
+    supernets = [a for a in seen if nb201.SUPER_SEP in a]
+    assert len(supernets) == 6 * (5 + 4 + 3 + 2)
+    assert r.best.encoding == nb201.format_arch(["nor_conv_1x1"] * 6)
+    # the first round starts from the full supernet minus one op
+    assert all(len(e) >= 4 for e in nb201.parse_supernet(supernets[0]))
+
+
+def test_supernet_strings_build_and_round_trip():
+    import torch
+
+    from fastntk.spaces import nb201
+
+    ops = [nb201.OPS, ("skip_connect",), ("nor_conv_1x1", "none"), nb201.OPS[:2], ("avg_pool_3x3",), nb201.OPS]
+    s = nb201.format_supernet(ops)
+    assert [set(e) for e in nb201.parse_supernet(s)] == [set(e) for e in ops]
+    space = nb201.NB201Space(C=4, N=1)
+    assert space.decode(space.encode(s)) == s
+    feats, logits = space.build(s)(torch.randn(2, 3, 16, 16))
+    assert logits.shape == (2, 10)
+    with pytest.raises(ArchitectureError):
+        nb201.format_supernet([("conv",)] * 6)

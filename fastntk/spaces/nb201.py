@@ -511,6 +511,88 @@ class InferCell(nn.Module):
         return f"arch={self.arch!r}, C_in={self.in_dim}, C_out={self.out_dim}"
 
 
+# ---------------------------------------------------------------------------
+# Supernets (TE-NAS-style pruning): every edge sums a set of candidate ops.
+# ---------------------------------------------------------------------------
+
+SUPER_SEP = "&"
+
+
+def format_supernet(ops_per_edge) -> str:
+    """``[[op, ...] x 6 edges]`` -> ``|op&op~0|+|op~0|op&op~1|+|...|`` (ops in OPS order)."""
+    ops_per_edge = [tuple(e) for e in ops_per_edge]
+    if len(ops_per_edge) != len(EDGES):
+        raise ArchitectureError(f"a supernet needs {len(EDGES)} edges, got {len(ops_per_edge)}")
+    parts = []
+    for ops in ops_per_edge:
+        bad = [o for o in ops if o not in OPS]
+        if not ops or bad:
+            raise ArchitectureError(f"supernet edge ops {ops!r}: each edge needs ops from {OPS}")
+        parts.append(SUPER_SEP.join(o for o in OPS if o in ops))
+    groups, e = [], 0
+    for j in range(1, NUM_NODES):
+        groups.append("|" + "|".join(f"{parts[e + k]}~{k}" for k in range(j)) + "|")
+        e += j
+    return "+".join(groups)
+
+
+def parse_supernet(s: str) -> list[tuple[str, ...]]:
+    """Inverse of :func:`format_supernet` (a plain arch string is a one-op-per-edge supernet)."""
+    if not isinstance(s, str):
+        raise ArchitectureError(f"a supernet string is a str, got {type(s).__name__}")
+    masked = s.replace(SUPER_SEP, "")
+    edges = []
+    for group in s.split("+"):
+        for tok in group.strip("|").split("|"):
+            edges.append(tuple(tok.rsplit("~", 1)[0].split(SUPER_SEP)))
+    # structure (node groups, sources) is validated on a one-op representative
+    validate_arch("+".join(
+        "|" + "|".join(f"{ops[0]}~{tok.rsplit('~', 1)[-1]}" for ops, tok in zip(
+            edges[sum(range(j)):sum(range(j + 1))],
+            s.split("+")[j - 1].strip("|").split("|"), strict=False)) + "|"
+        for j in range(1, NUM_NODES)
+    ) if masked else s)
+    if len(edges) != len(EDGES) or any(o not in OPS for ops in edges for o in ops):
+        raise ArchitectureError(f"malformed supernet string {s!r}; ops must come from {OPS}")
+    return edges
+
+
+class MixedOp(nn.Module):
+    """The sum of several candidate ops on one supernet edge."""
+
+    def __init__(self, ops, C_in: int, C_out: int, stride: int):
+        super().__init__()
+        self.names = tuple(ops)
+        self.ops = nn.ModuleList(_make_op(op, C_in, C_out, stride) for op in ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.ops[0](x)
+        for op in self.ops[1:]:
+            out = out + op(x)
+        return out
+
+
+class SuperCell(InferCell):
+    """A cell whose edges are :class:`MixedOp` sums (TE-NAS's pruning supernet)."""
+
+    def __init__(self, arch: str, C_in: int, C_out: int, stride: int = 1):
+        nn.Module.__init__(self)
+        self.arch = arch
+        self.layers = nn.ModuleList()
+        for (_j, k), ops in zip(EDGES, parse_supernet(arch), strict=True):
+            cin, st = (C_in, stride) if k == 0 else (C_out, 1)
+            self.layers.append(MixedOp(ops, cin, C_out, st))
+        self.in_dim = C_in
+        self.out_dim = C_out
+
+
+def build_supernet(ops_per_edge, num_classes: int = 10, C: int = 16, N: int = 5) -> nn.Module:
+    """The NB201 network whose cells sum, on every edge, the given candidate ops."""
+    arch = ops_per_edge if isinstance(ops_per_edge, str) else format_supernet(ops_per_edge)
+    parse_supernet(arch)
+    return TinyNetwork(arch, C=C, N=N, num_classes=num_classes)
+
+
 class ResNetBasicblock(nn.Module):
     """Reduction block: ``conv_b(conv_a(x)) + downsample(x)`` (stride 2)."""
 
@@ -558,7 +640,7 @@ class TinyNetwork(nn.Module):
             if reduction:
                 cell: nn.Module = ResNetBasicblock(C_prev, C_curr, 2)
             else:
-                cell = InferCell(arch, C_prev, C_curr, 1)
+                cell = (SuperCell if SUPER_SEP in arch else InferCell)(arch, C_prev, C_curr, 1)
             self.cells.append(cell)
             C_prev = C_curr
         self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=False))
@@ -632,13 +714,23 @@ class NB201Space:
         return format_arch(ops)
 
     def build(self, arch: str, num_classes: int = 10) -> nn.Module:
+        if isinstance(arch, str) and SUPER_SEP in arch:
+            return build_supernet(arch, num_classes=num_classes, C=self.C, N=self.N)
         return build_model(arch, num_classes=num_classes, C=self.C, N=self.N)
 
     def encode(self, arch: str) -> str:
+        if isinstance(arch, str) and SUPER_SEP in arch:
+            return format_supernet(parse_supernet(arch))
         return _as_arch(arch)
 
     def decode(self, s: str) -> str:
+        if isinstance(s, str) and SUPER_SEP in s:
+            return format_supernet(parse_supernet(s))
         return validate_arch(s)
+
+    def supernet(self, ops_per_edge) -> str:
+        """Encoding of the supernet with these candidate ops per edge (for pruning)."""
+        return format_supernet(ops_per_edge)
 
     def all(self) -> list[str]:
         """All archs in benchmark index order."""
