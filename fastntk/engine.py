@@ -173,35 +173,15 @@ def ntk(
         raise OptionError(f"dtype must be a floating-point dtype, got {dtype}")
     samples, cols = _chunks(chunk_size)
     if method == "sketch":
-        s1 = ntk_sketch(
-            model,
-            x1,
-            output=output,
-            bn=bn,
-            params=params,
-            chunk_size=chunk_size,
-            dtype=dtype,
-            sketch_dim=sketch_dim,
-            seed=seed,
-            progress=progress,
-        )
-        s2 = (
-            s1
-            if x2 is None
-            else ntk_sketch(
-                model,
-                x2,
-                output=output,
-                bn=bn,
-                params=params,
-                chunk_size=chunk_size,
-                dtype=dtype,
-                sketch_dim=sketch_dim,
-                seed=seed,
-                progress=progress,
-            )
-        )
-        return s1 @ s2.T
+
+        def sketch(x: torch.Tensor) -> torch.Tensor:
+            return ntk_sketch(
+                model, x, output=output, bn=bn, params=params, chunk_size=chunk_size,
+                dtype=dtype, sketch_dim=sketch_dim, seed=seed, progress=progress,
+            )  # fmt: skip
+
+        s1 = sketch(x1)
+        return s1 @ (s1 if x2 is None else sketch(x2)).T
     backend = _backend(method, x1.device)
     job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, backend)
     with _model.model_state(model, bn):

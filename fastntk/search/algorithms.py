@@ -473,6 +473,17 @@ def regularized_evolution(space, scorer: Scorer, *, budget: int | None = None,
                       extra={"population_sizes": sizes})
 
 
+def _drop_lowest(alive, op_score, names, choices) -> dict[str, Any]:
+    """Remove, from every decision with more than one op left, its lowest-scoring op."""
+    removed = {}
+    for d in range(len(alive)):
+        if len(alive[d]) > 1:
+            k = min(alive[d], key=lambda k, d=d: (op_score[(d, k)], k))
+            alive[d].remove(k)
+            removed[names[d]] = choices[d][k]
+    return removed
+
+
 def prune_search(space, scorer: Scorer, *, budget: int | None = None,
                  time_budget: float | None = None, seed: int = 0, journal=None,
                  progress: Any = False, samples_per_op: int = 1) -> SearchResult:
@@ -522,13 +533,7 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
                     fit = scorer.fitness([e.metrics for _, e in evs])
                     # stored negated: a low removal score marks an op worth keeping
                     op_score.update({key: -f for (key, _), f in zip(evs, fit, strict=True)})
-            removed = {}
-            for d in range(len(alive)):
-                if len(alive[d]) > 1:
-                    k = min(alive[d], key=lambda k, d=d: (op_score[(d, k)], k))
-                    alive[d].remove(k)
-                    removed[names[d]] = choices[d][k]
-            rounds.append(removed)
+            rounds.append(_drop_lowest(alive, op_score, names, choices))
         while any(len(a) > 1 for a in alive):
             cands = [(d, k) for d in range(len(alive)) if len(alive[d]) > 1 for k in alive[d]]
             # common random numbers: every candidate of the round is scored in the same
@@ -548,13 +553,7 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
                     for (key, _), f in zip(evs, fit, strict=True):
                         acc.setdefault(key, []).append(f)
                     op_score.update({key: sum(v) / len(v) for key, v in acc.items()})
-            removed = {}
-            for d in range(len(alive)):
-                if len(alive[d]) > 1:
-                    k = min(alive[d], key=lambda k, d=d: (op_score[(d, k)], k))
-                    alive[d].remove(k)
-                    removed[names[d]] = choices[d][k]
-            rounds.append(removed)
+            rounds.append(_drop_lowest(alive, op_score, names, choices))
     except _Stop as s:
         reason = s.reason
     final_idx = [max(a, key=lambda k, d=d: (op_score.get((d, k), -math.inf), -k))
