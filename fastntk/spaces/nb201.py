@@ -35,6 +35,7 @@ import gzip
 import io
 import itertools
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -540,18 +541,14 @@ def parse_supernet(s: str) -> list[tuple[str, ...]]:
     """Inverse of :func:`format_supernet` (a plain arch string is a one-op-per-edge supernet)."""
     if not isinstance(s, str):
         raise ArchitectureError(f"a supernet string is a str, got {type(s).__name__}")
-    masked = s.replace(SUPER_SEP, "")
-    edges = []
-    for group in s.split("+"):
-        for tok in group.strip("|").split("|"):
-            edges.append(tuple(tok.rsplit("~", 1)[0].split(SUPER_SEP)))
-    # structure (node groups, sources) is validated on a one-op representative
-    validate_arch("+".join(
-        "|" + "|".join(f"{ops[0]}~{tok.rsplit('~', 1)[-1]}" for ops, tok in zip(
-            edges[sum(range(j)):sum(range(j + 1))],
-            s.split("+")[j - 1].strip("|").split("|"), strict=False)) + "|"
-        for j in range(1, NUM_NODES)
-    ) if masked else s)
+    # Structure (node groups, "~source" indices) is validated on the one-op arch string
+    # that keeps each edge's first op; then every op of every edge is checked.
+    validate_arch(re.sub(r"\|([^|~]+)~", lambda m: "|" + m.group(1).split(SUPER_SEP)[0] + "~", s))
+    edges = [
+        tuple(tok.rsplit("~", 1)[0].split(SUPER_SEP))
+        for group in s.split("+")
+        for tok in group.strip("|").split("|")
+    ]
     if len(edges) != len(EDGES) or any(o not in OPS for ops in edges for o in ops):
         raise ArchitectureError(f"malformed supernet string {s!r}; ops must come from {OPS}")
     return edges
