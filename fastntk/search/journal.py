@@ -23,6 +23,7 @@ architecture, the second insert is ignored).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,18 +103,36 @@ class Journal:
     def __init__(self, path: str | os.PathLike, *, timeout: float = 60.0):
         self.path = os.fspath(path)
         self.version = _version()
-        try:
-            self._con = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-            self._con.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            if self.path != ":memory:":
-                self._con.execute("PRAGMA journal_mode = WAL")
-            self._con.execute("PRAGMA synchronous = FULL")
-            with self._transaction():
-                for stmt in _SCHEMA.strip().split(";"):
-                    if stmt.strip():
-                        self._con.execute(stmt)
-        except sqlite3.Error as e:
-            raise JournalError(f"cannot use {self.path!r} as a journal database: {e}") from None
+        # SQLite answers "database is locked" at once, without waiting on the busy
+        # handler, when two processes switch a new database to WAL mode or create its
+        # schema at the same moment (seen in tests/test_journal.py's concurrent-writers
+        # test, about 1 run in 10): the set-up is retried until ``timeout``.
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            try:
+                self._con = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+                self._con.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+                if self.path != ":memory:":
+                    self._con.execute("PRAGMA journal_mode = WAL")
+                self._con.execute("PRAGMA synchronous = FULL")
+                with self._transaction():
+                    for stmt in _SCHEMA.strip().split(";"):
+                        if stmt.strip():
+                            self._con.execute(stmt)
+                break
+            except sqlite3.OperationalError as e:
+                transient = "locked" in str(e) or "busy" in str(e)
+                if not transient or time.monotonic() > deadline:
+                    raise JournalError(
+                        f"cannot use {self.path!r} as a journal database: {e}"
+                    ) from None
+                with contextlib.suppress(Exception):
+                    self._con.close()
+                time.sleep(delay)
+                delay = min(0.5, delay * 2)
+            except sqlite3.Error as e:
+                raise JournalError(f"cannot use {self.path!r} as a journal database: {e}") from None
 
     # -- low level -------------------------------------------------------
 
