@@ -140,7 +140,7 @@ def ntk(
             classifier).
         method: ``"layerwise"`` (PyTorch ops), ``"triton"`` (fastntk's
             Triton kernels where they apply), ``"auto"`` (layerwise, with
-            fastntk's C++ ops on the CPU where they win), ``"vmap"``
+            the choice of strategies measured fastest), ``"vmap"``
             (torch.func ``vmap(jacrev)``, holds the Jacobian), ``"loop"``
             (per-sample backward; reference only), or ``"sketch"``: the
             unbiased randomised estimate S1 S2ᵀ from :func:`ntk_sketch`
@@ -188,7 +188,8 @@ def ntk(
         if _model.is_coupled(model, bn):
             # One-hot backward passes batched with is_grads_batched (vmap over the backward)
             # for method="vmap", and on a GPU; on the CPU a plain loop of backward passes
-            # is faster: NB201 (C=16), N=64, bn="batch", 2-core CPU: 100 s batched vs 38 s.
+            # is faster: NB201 (C=16), N=64, bn="batch", 2-core CPU: 58 s batched vs 37 s
+            # (bench/bench_engine_choices.py coupled).
             batched = method == "vmap" or (method != "loop" and x1.device.type != "cpu")
             theta = job.coupled(x1, x2, batched=batched, use_vmap=method == "vmap")
         elif method in ("auto", "layerwise", "triton"):
@@ -297,10 +298,9 @@ def _stable_seed(seed: int, name: str, k: int) -> int:
 def _backend(method: str, device: torch.device) -> str:
     """Which kernels the layerwise rules use.
 
-    ``"layerwise"``: PyTorch ops only. ``"triton"``: fastntk's Triton kernels
-    (a GPU, or ``TRITON_INTERPRET=1`` on the CPU). ``"auto"``: the C++ ops on
-    the CPU where they were measured to win; on a GPU, PyTorch ops (the Triton
-    kernels have not yet been measured on a GPU, so auto does not pick them).
+    ``"layerwise"`` and ``"auto"``: PyTorch ops (auto picks no compiled kernel:
+    none measured faster, and the Triton kernels are unmeasured on a GPU).
+    ``"triton"``: fastntk's Triton kernels (a GPU, or ``TRITON_INTERPRET=1``).
     """
     if method == "triton":
         try:
@@ -311,10 +311,9 @@ def _backend(method: str, device: torch.device) -> str:
         if reason is not None:
             raise UnsupportedError(f"method='triton' cannot run here: {reason}")
         return "triton"
-    if method == "auto" and device.type == "cpu":
-        from fastntk import _ext
-
-        return "csrc" if _ext.available() else "torch"
+    # "auto" = the PyTorch strategies: on the CPU the C++ per-sample conv gradient does not
+    # beat the grouped-convolution strategy at NB201 shapes (0.0101 s vs 0.0091 s at 16 ch,
+    # 32x32, N=128; bench/results/engine_choices_cpu.md), so it is not chosen.
     return "torch"
 
 

@@ -101,8 +101,8 @@ class Context:
 
     Attributes:
         bn: ``"eval"`` or ``"per_sample"`` (``"batch"`` never reaches rules).
-        backend: ``"torch"`` (PyTorch ops), ``"csrc"`` (fastntk's C++ ops where
-            they win) or ``"triton"`` (fastntk's Triton kernels).
+        backend: ``"torch"`` (PyTorch ops), ``"csrc"`` (fastntk's C++ conv op; no
+            public method selects it: it did not measure faster) or ``"triton"`` (fastntk's Triton kernels).
     """
 
     bn: str

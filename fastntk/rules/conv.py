@@ -24,10 +24,10 @@ Strategies (one per layer shape; all exact, they differ in summation order):
 * otherwise: patches as strided windows (``Tensor.unfold``), copied once into
   (n, C_in*k, T) and one bmm.
 
-Measured on the 2-core development CPU, N=128 (seconds, best of 3, machine
-loaded): 16->16 ch 3x3 at 32x32: ``F.unfold`` + bmm 2.1 (ATen's im2col is slow
-here), strided 0.23, grouped 0.09; 64->64 ch 3x3 at 8x8: strided 0.13,
-grouped 0.18; 1x1 at 32x32: direct 0.016, grouped 0.063.
+Measured on the 2-core development CPU, N=128, best of 3, seconds
+(``python bench/bench_engine_choices.py conv``, bench/results/engine_choices_cpu.md):
+16->16 ch 3x3 at 32x32: unfold+bmm 0.065, strided 0.049, grouped 0.009, C++ op 0.010;
+64->64 ch 3x3 at 8x8: strided 0.011, grouped 0.039; 1x1 at 32x32: direct 0.0025.
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def _grouped_weight_grad(module, x, g, h0, h1):
 
 def _compiled_weight_grad(module, x, gout, backend, T):
     """fastntk's own kernels for 2-D convolutions: Triton (``method="triton"``), or the C++
-    op on the CPU where it beats the PyTorch strategies (output maps of >= 1024 positions,
-    see bench/results/conv_psg_cpu_t2.md). Returns (n, C_out, C_in/groups, kh, kw) or None."""
+    op for ``backend="csrc"`` (maps of >= 1024 positions; not chosen by ``"auto"``, see
+    the module docstring). Returns (n, C_out, C_in/groups, kh, kw) or None."""
     if len(module.kernel_size) != 2 or backend == "torch":
         return None
     pads = module._reversed_padding_repeated_twice
@@ -167,8 +167,8 @@ class ConvRule(GramRule):
     def grad_rows_multi(self, module, saved, gouts, name, r0, r1):
         # Several logits' output gradients of one ungrouped convolution: stacked as
         # K*C_out output channels they share one patch matrix and one (K times taller)
-        # GEMM instead of K. Measured on the 2-core CPU, NB201, N=32, 10-logit trace:
-        # see bench/results/engine_cpu.csv (rows after this change).
+        # GEMM instead of K. On the 2-core CPU (NB201, N=32, 10 logits) the difference is
+        # within noise: 4.8-5.3 s vs 4.8-5.5 s (bench/bench_engine_choices.py trace).
         if name != "weight" or module.groups != 1 or len(gouts) == 1:
             return super().grad_rows_multi(module, saved, gouts, name, r0, r1)
         K, c_out = len(gouts), gouts[0].shape[1]
