@@ -73,10 +73,11 @@ BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
 PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows
 JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
 GRAM_BUFFER_BYTES = 16 * 2**20  # small dense blocks batched into one Gram
+GRAM_DIRECT_BYTES = 2**20  # a dense block this big gets its own GEMM (no copy into the buffer)
 # "trace"/"mean": keep all logits' output gradients (K x one pass's) up to this size and
 # compute each layer's per-sample gradients for all logits at once; above it, stream
 # logit by logit (the memory targets at large N).
-BATCH_PASSES_BYTES = 1 * 2**30
+BATCH_PASSES_BYTES = 2 * 2**30
 
 
 def ntk(
@@ -1119,7 +1120,7 @@ class _GramAccumulator:
         R = blk.n // n
         if self.theta is None:
             self.theta = self.job._alloc(self.n1, self.n2, R)
-        if isinstance(blk, Outer):
+        if isinstance(blk, Outer) or blk.G.numel() * blk.G.element_size() >= GRAM_DIRECT_BYTES:
             self._gram(blk, R)
             return
         self.pending.append(blk.G)

@@ -226,6 +226,19 @@ def test_kernel_is_detached(chunk):
     assert rel_err(theta, reduce(full_kernel(m, x1), "sum")) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("name", ["convzoo", "nb201", "twice"])
+@pytest.mark.parametrize("direct", [True, False], ids=["own-gemm", "buffered"])
+def test_gram_blocks_direct_and_buffered(name, direct, monkeypatch):
+    """Dense blocks contracted one by one, or concatenated into the shared buffer first."""
+    from fastntk import engine
+
+    monkeypatch.setattr(engine, "GRAM_DIRECT_BYTES", 0 if direct else 2**62)
+    m, x1, x2, sel, ref = case(name, True)
+    for output in ("sum", "trace"):
+        theta = fastntk.ntk(m, x1, x2, output=output, dtype=torch.float64)
+        assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float64]
+
+
 @pytest.mark.parametrize("name", ["convzoo", "resnet", "nb201", "twice"])
 @pytest.mark.parametrize("batched", [True, False], ids=["all-logits", "logit-by-logit"])
 def test_trace_batched_and_streamed_logits(name, batched, monkeypatch):

@@ -86,6 +86,16 @@ class BatchNormRule(_ChannelAffineRule):
         inv = torch.rsqrt(stats[1][r0:r1] + module.eps)
         return Dense(_channel_sums(gout[:, r0:r1] * (x[:, r0:r1] - mean)) * inv)
 
+    def grad_rows_multi(self, module, saved, gouts, name, r0, r1):
+        # Several logits' output gradients: the centred input is formed once.
+        x, bn, stats = saved
+        if name == "bias" or bn == "per_sample" or len(gouts) == 1:
+            return super().grad_rows_multi(module, saved, gouts, name, r0, r1)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        xc = x[:, r0:r1] - stats[0][r0:r1].view(shape)
+        inv = torch.rsqrt(stats[1][r0:r1] + module.eps)
+        return [Dense(_channel_sums(g[:, r0:r1] * xc) * inv) for g in gouts]
+
     def xhat(self, module, x, bn, stats):
         if bn == "per_sample":
             return per_sample_batchnorm(module, x)
