@@ -158,6 +158,16 @@ def measure(provider: str, n: int, output: str, repeats: int, device: str, loop_
     }
     if "gram_s" in info:
         res["gram_s"] = statistics.median(info["gram_s"][1:] or info["gram_s"])
+        res["gram_tflops"] = 2.0 * n * n * P / res["gram_s"] / 1e12
+    if provider not in ("floor", "fwdbwd", "loop"):
+        # one more call under fastntk.profile(): the phase split and the Gram's TFLOP/s
+        with fastntk.profile() as prof:
+            run()
+        res["gram_s"] = prof.seconds.get("gram", 0.0)
+        res["gram_tflops"] = prof.gram_tflops
+        res["phases"] = " ".join(
+            f"{k}={v:.3f}" for k, v in prof.as_dict().items() if k.endswith("_s") and v > 0
+        )
     return res
 
 
@@ -247,8 +257,8 @@ def _cuda() -> bool:
 def _report(rows, info, args):
     by = {(r["provider"], r["n"]): r for r in rows}
     hdr = (
-        "| N | output | provider | median s | first-call s | peak mem GB | x floor | "
-        "layerwise speed-up | mem / fwd+bwd |"
+        "| N | output | provider | median s | samples/s | first-call s | peak mem GB | x floor | "
+        "layerwise speed-up | mem / fwd+bwd | Gram TFLOP/s |"
     )
     lines = [
         f"Machine: {info['device_name']} ({info['device']}, {info['cpus']} CPUs), torch {info['torch']}, "
@@ -257,12 +267,13 @@ def _report(rows, info, args):
         f"--providers {args.providers} --repeats {args.repeats}`",
         "",
         hdr,
-        "|" + "---|" * 9,
+        "|" + "---|" * 11,
     ]
     for r in rows:
         if "error" in r:
             lines.append(
-                f"| {r['n']} | {r['output']} | {r['provider']} | failed: {r['error']} | | | | | |"
+                f"| {r['n']} | {r['output']} | {r['provider']} | failed: {r['error']} "
+                "| | | | | | | |"
             )
             continue
         floor = by.get(("floor", r["n"]))
@@ -274,10 +285,15 @@ def _report(rows, info, args):
         name = r["provider"] + (" (extrapolated)" if r.get("extrapolated") else "")
         if r["provider"] == "floor" and "gram_s" in r:
             name += f" (Gram {r['gram_s']:.2f} s)"
+        tf = f"{r['gram_tflops']:.3f}" if r.get("gram_tflops") else ""
         lines.append(
-            f"| {r['n']} | {r['output']} | {name} | {r['median_s']:.3f} | {r['first_s']:.3f} | "
-            f"{r['peak_bytes'] / 1e9:.2f} | {xf} | {sp} | {mem} |"
+            f"| {r['n']} | {r['output']} | {name} | {r['median_s']:.3f} | "
+            f"{r['n'] / r['median_s']:.1f} | {r['first_s']:.3f} | "
+            f"{r['peak_bytes'] / 1e9:.2f} | {xf} | {sp} | {mem} | {tf} |"
         )
+    phases = [f"* {r['provider']}: {r['phases']}" for r in rows if r.get("phases")]
+    if phases:
+        lines += ["", "Phase split of one more call under `fastntk.profile()` (seconds):", *phases]
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -301,6 +317,9 @@ def _report(rows, info, args):
                     "peak_bytes",
                     "extrapolated",
                     "error",
+                    "gram_s",
+                    "gram_tflops",
+                    "phases",
                 ]
             )
         for r in rows:
@@ -319,6 +338,9 @@ def _report(rows, info, args):
                     r.get("peak_bytes", ""),
                     r.get("extrapolated", ""),
                     r.get("error", ""),
+                    r.get("gram_s", ""),
+                    r.get("gram_tflops", ""),
+                    r.get("phases", ""),
                 ]
             )
 

@@ -6,7 +6,8 @@ The public face is small:
 * :func:`ntk_sketch` — an (N, m) sketch S with Θ ≈ S Sᵀ, for N too large for Θ;
 * :func:`explain` — which path each parameter takes and the memory a call needs;
 * :func:`register_gram_rule` — add a per-layer rule for your own module type;
-* :func:`env` — what this installation can use (C++ extension, Triton, CUDA).
+* :func:`env` — what this installation can use (C++ extension, Triton, CUDA);
+* :func:`profile` — where the time of the calls inside a ``with`` block goes.
 
 Metrics live in :mod:`fastntk.metrics`, search spaces in :mod:`fastntk.spaces`,
 search algorithms in :mod:`fastntk.search`; errors in :mod:`fastntk.errors`.
@@ -15,6 +16,7 @@ search algorithms in :mod:`fastntk.search`; errors in :mod:`fastntk.errors`.
 from fastntk.engine import ntk, ntk_sketch
 from fastntk.errors import FastNTKError
 from fastntk.explain import explain
+from fastntk.profiling import profile
 from fastntk.rules import register_gram_rule
 
 __version__ = "0.1.0"
@@ -42,6 +44,7 @@ __all__ = [
     "explain",
     "ntk",
     "ntk_sketch",
+    "profile",
     "register_gram_rule",
     "__version__",
 ]

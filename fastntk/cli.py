@@ -490,6 +490,12 @@ def _bench_child(spec_json: str) -> None:
             times.append(time.perf_counter() - t)
             del K
         out["time_s"] = statistics.median(times)
+        from fastntk.profiling import profile
+
+        with profile() as prof:  # one more call: the Gram step's share and TFLOP/s
+            ntk(model, x, output=spec["output"], method=spec["method"])
+        out["gram_s"] = prof.seconds.get("gram", 0.0)
+        out["gram_tflops"] = prof.gram_tflops
         if cuda:
             out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
             out["memory"] = "cuda max_memory_allocated"
@@ -546,14 +552,15 @@ def _cmd_bench(args) -> int:
             rows.append(row)
             print(f"  n={n} {method}: " + (f"{row['time_s']:.3f} s" if "time_s" in row
                                             else row.get("error", "?")), file=sys.stderr)
-    header = ("model", "method", "n", "output", "time_s", "samples_per_s", "peak_mb", "device",
-              "error")
+    header = ("model", "method", "n", "output", "time_s", "samples_per_s", "gram_tflops",
+              "peak_mb", "device", "error")
     table = []
     for r in rows:
         table.append([
             str(r["model"]), str(r["method"]), str(r["n"]), str(r["output"]),
             f"{r['time_s']:.4f}" if "time_s" in r else "-",
             f"{r['samples_per_s']:.1f}" if "samples_per_s" in r else "-",
+            f"{r['gram_tflops']:.4f}" if r.get("gram_tflops") else "-",
             f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-",
             str(r.get("device", "-")), str(r.get("error", "")),
         ])

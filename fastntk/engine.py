@@ -52,6 +52,7 @@ from torch.func import functional_call, jacrev, vmap
 from fastntk import _model
 from fastntk._model import Copies, Head
 from fastntk.errors import NonFiniteKernelError, OptionError, UnsupportedError
+from fastntk.profiling import count_gram, phase
 from fastntk.rules import (
     Block,
     Context,
@@ -267,20 +268,24 @@ def ntk_sketch(
             hashes[(pname, k)] = (h.to(job.device), sgn.to(job.device))
         return hashes[(pname, k)]
 
+    def project(key, blk, s0, s1):
+        pname, r0, k = key
+        G = blk.dense()
+        p = job.copies.params[pname]
+        per_row = p.numel() // _rows_of(p)
+        h, sgn = hashed(pname, k)
+        c0 = r0 * per_row
+        c1 = c0 + G.shape[1]
+        S[s0:s1].index_add_(1, h[c0:c1], G * sgn[c0:c1])
+
     bar = _Progress(-(-n // samples), "sketch", progress if progress is not None else n > samples)
     with _model.model_state(model, bn):
         for s0 in range(0, n, samples):
             s1 = min(n, s0 + samples)
 
             def consume(key, blk, s0=s0, s1=s1):
-                pname, r0, k = key
-                G = blk.dense()
-                p = job.copies.params[pname]
-                per_row = p.numel() // _rows_of(p)
-                h, sgn = hashed(pname, k)
-                c0 = r0 * per_row
-                c1 = c0 + G.shape[1]
-                S[s0:s1].index_add_(1, h[c0:c1], G * sgn[c0:c1])
+                with phase("sketch"):
+                    project(key, blk, s0, s1)
 
             job._run_chunk(x[s0:s1], consume)
             bar.step()
@@ -455,7 +460,8 @@ class _Capture:
                 deferred = True
                 continue
             for r0, r1 in self.job.row_ranges(pname, rec.rule, g.shape[0]):
-                blk = rec.rule.grad_rows(rec.module, rec.saved, g, attr, r0, r1)
+                with phase("per_sample"):
+                    blk = rec.rule.grad_rows(rec.module, rec.saved, g, attr, r0, r1)
                 self.consume((pname, r0, self.pass_idx), blk)
         if deferred:
             rec.gouts[self.pass_idx] = g
@@ -474,7 +480,8 @@ class _Capture:
                 if pname in self.excluded or pname in self.deferred_params:
                     continue
                 for r0, r1 in self.job.row_ranges(pname, rec.rule, gs[0].shape[0]):
-                    blocks = rec.rule.grad_rows_multi(rec.module, rec.saved, gs, attr, r0, r1)
+                    with phase("per_sample"):
+                        blocks = rec.rule.grad_rows_multi(rec.module, rec.saved, gs, attr, r0, r1)
                     for k, blk in zip(ks, blocks, strict=True):
                         self.consume((pname, r0, k), blk)
             if not any(p in self.deferred_params for p in rec.attrs.values()):
@@ -509,15 +516,16 @@ class _Capture:
                         if rec.rule is None:
                             key = (rec.index, k)
                             if key not in fb_cache:
-                                fb_cache[key] = self.job.fallback_grads(rec, rec.gouts[k])
+                                with phase("fallback"):
+                                    fb_cache[key] = self.job.fallback_grads(rec, rec.gouts[k])
                             G = fb_cache[key][attr]
                             parts.append(Dense(G.reshape(G.shape[0], -1)))
                         else:
-                            parts.append(
-                                rec.rule.grad_rows(
+                            with phase("per_sample"):
+                                blk = rec.rule.grad_rows(
                                     rec.module, rec.saved, rec.gouts[k], attr, r0, r1
                                 )
-                            )
+                            parts.append(blk)
                     if not parts:  # this use got no gradient in pass k: a zero block
                         p = self.job.copies.params[pname]
                         width = p.numel() // max(1, p.shape[0] if p.dim() else 1) * (r1 - r0)
@@ -638,7 +646,8 @@ class _Job:
         try:
             xp = self._prep(x)
             cap.active = True
-            raw = self.copies.call(self.model, xp)
+            with phase("forward"):
+                raw = self.copies.call(self.model, xp)
             cap.active = False
             y = self.head(raw)
             passes = self.head.passes(y)
@@ -659,13 +668,14 @@ class _Job:
             for k, w in enumerate(passes):
                 cap.pass_idx = k
                 if roots and y.requires_grad:
-                    torch.autograd.grad(
-                        y,
-                        roots,
-                        grad_outputs=w,
-                        retain_graph=k < len(passes) - 1,
-                        allow_unused=True,
-                    )
+                    with phase("backward"):
+                        torch.autograd.grad(
+                            y,
+                            roots,
+                            grad_outputs=w,
+                            retain_graph=k < len(passes) - 1,
+                            allow_unused=True,
+                        )
             if cap.batch_passes:
                 cap.flush_batched(len(passes))
             cap.flush_deferred(len(passes), self.head.full)
@@ -719,7 +729,8 @@ class _Job:
 
     def _root_fallback(self, x, consume, pnames, npasses) -> None:
         """Per-sample gradients of ``pnames`` through the whole model (torch.func)."""
-        J = self._vmap_jac(x, pnames)  # pname -> (n, P_k, *shape) per pass rows
+        with phase("fallback"):
+            J = self._vmap_jac(x, pnames)  # pname -> (n, P_k, *shape) per pass rows
         for pname in pnames:
             G = J[pname]  # (n, npasses, cols)
             if self.head.full:
@@ -837,14 +848,20 @@ class _Job:
 
     def vmap(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
         names = list(self.selected)
-        J1 = self._vmap_jac(x1, names)
-        J2 = J1 if x2 is None else self._vmap_jac(x2, names)
+        with phase("jacobian"):
+            J1 = self._vmap_jac(x1, names)
+            J2 = J1 if x2 is None else self._vmap_jac(x2, names)
         return self._from_jacobians(J1, J2, x1.shape[0], (x2 if x2 is not None else x1).shape[0])
 
     def _from_jacobians(self, J1, J2, n1, n2) -> torch.Tensor:
+        with phase("gram"):
+            return self._contract_jacobians(J1, J2, n1, n2)
+
+    def _contract_jacobians(self, J1, J2, n1, n2) -> torch.Tensor:
         theta = None
         for p in J1:
             A, B = J1[p], J2[p]  # (n, npasses, cols)
+            count_gram(A.shape[0] * A.shape[1], B.shape[0] * B.shape[1], A.shape[2])
             if self.head.full:
                 t = torch.einsum("iac,jbc->aibj", A, B)
                 part = t.reshape(A.shape[1] * n1, B.shape[1] * n2)
@@ -863,7 +880,8 @@ class _Job:
         n = x.shape[0]
         names = list(self.selected)
         xp = x.detach().to(self.dtype) if x.is_floating_point() else x
-        raw = self.copies.call(self.model, xp)
+        with phase("forward"):
+            raw = self.copies.call(self.model, xp)
         y = self.head(raw)
         passes = self.head.passes(y)
         P = len(passes)
@@ -874,6 +892,10 @@ class _Job:
         per_chunk = max(1, min(len(rows), JAC_BYTES // max(1, nparams * self.dtype.itemsize)))
 
         def jac_rows(sub):
+            with phase("jacobian"):
+                return _jac_rows(sub)
+
+        def _jac_rows(sub):
             if use_vmap or batched:
                 E = torch.zeros(len(sub), *y.shape, dtype=y.dtype, device=y.device)
                 for r, (i, k) in enumerate(sub):
@@ -915,16 +937,19 @@ class _Job:
                 [jac_rows(rows[s : s + per_chunk]) for s in range(0, len(rows), per_chunk)]
             )
             J = J.view(P, n, -1)
-            if self.head.full:
-                A = J[:, :n1].reshape(P * n1, -1)
-                B = (J if x2 is None else J[:, n1:]).reshape(
-                    P * (n - n1 if x2 is not None else n), -1
-                )
-                theta = A @ B.T
-            else:
-                A = J[:, :n1]
-                B = J if x2 is None else J[:, n1:]
-                theta = torch.einsum("kic,kjc->ij", A, B)
+            with phase("gram"):
+                if self.head.full:
+                    A = J[:, :n1].reshape(P * n1, -1)
+                    B = (J if x2 is None else J[:, n1:]).reshape(
+                        P * (n - n1 if x2 is not None else n), -1
+                    )
+                    count_gram(A.shape[0], B.shape[0], A.shape[1])
+                    theta = A @ B.T
+                else:
+                    A = J[:, :n1]
+                    B = J if x2 is None else J[:, n1:]
+                    count_gram(A.shape[1], B.shape[1], A.shape[0] * A.shape[2])
+                    theta = torch.einsum("kic,kjc->ij", A, B)
         else:  # too many rows to hold: panels of rows, recomputing the others
             theta = self._coupled_panels(rows, jac_rows, per_chunk, n1, n, x2 is None, P)
         n2 = n1 if x2 is None else n - n1
@@ -942,7 +967,9 @@ class _Job:
             for b0 in range(0, len(right), per_chunk):
                 B_rows = right[b0 : b0 + per_chunk]
                 B = jac_rows(B_rows)
-                blk = A @ B.T
+                with phase("gram"):
+                    count_gram(A.shape[0], B.shape[0], A.shape[1])
+                    blk = A @ B.T
                 for ra, (i, ka) in enumerate(A_rows):
                     for rb, (j, kb) in enumerate(B_rows):
                         jj = j if sym else j - n1

@@ -139,12 +139,13 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
                        "auto,loop", "--csv", str(csv_path))
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:8] == ["model", "method", "n", "output", "time_s",
-                                    "samples_per_s", "peak_mb", "device"]
+    assert lines[0].split()[:9] == ["model", "method", "n", "output", "time_s",
+                                    "samples_per_s", "gram_tflops", "peak_mb", "device"]
     assert len([ln for ln in lines if ln.startswith("nb201")]) == 2
     rows = csv_path.read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("model,method,n")
     assert float(rows[1].split(",")[4]) > 0
+    assert float(rows[1].split(",")[6]) > 0  # the Gram step's TFLOP/s, from fastntk.profile()
 
 
 @pytest.mark.parametrize(

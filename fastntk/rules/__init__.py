@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from fastntk.profiling import count_gram, phase
+
 
 class Dense(NamedTuple):
     """Per-sample gradients as rows: ``G`` is (n, cols)."""
@@ -65,15 +67,18 @@ def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
     ``backend="triton"`` computes dense Grams with fastntk's Triton kernel
     (upper-triangle tiles only when ``A is B``).
     """
-    if isinstance(A, Outer) and isinstance(B, Outer):
-        return (A.a @ B.a.T) * (A.b @ B.b.T)
-    if backend == "triton":
-        from fastntk.kernels.gram import gram
-
+    with phase("gram"):
+        if isinstance(A, Outer) and isinstance(B, Outer):
+            count_gram(A.n, B.n, A.a.shape[1] + A.b.shape[1])
+            return (A.a @ B.a.T) * (A.b @ B.b.T)
         a = A.dense()
-        return gram(a, None if A is B else B.dense())
-    a = A.dense()
-    return a @ (a if A is B else B.dense()).T
+        b = a if A is B else B.dense()
+        count_gram(a.shape[0], b.shape[0], a.shape[1])
+        if backend == "triton":
+            from fastntk.kernels.gram import gram
+
+            return gram(a, None if A is B else b)
+        return a @ b.T
 
 
 def cat_blocks(blocks: list[Block]) -> Block:
