@@ -3,16 +3,20 @@
 * ``conv``: per-sample conv weight-gradient strategies at NAS-Bench-201 shapes
   (unfold+bmm, strided patches+bmm, grouped-conv weight gradient, the C++ op).
 * ``trace``: "trace" over 10 logits with all logits' gradients handed to the rules at
-  once vs logit by logit (``engine.BATCH_PASSES_BYTES``), alternating in one process.
+  once vs logit by logit (``engine.BATCH_PASSES_BYTES``), and big Gram blocks in their
+  own GEMM vs copied into the buffer (``engine.GRAM_DIRECT_BYTES``), alternating in one
+  process.
+* ``pool``: NAS-Bench-201's avg_pool_3x3 as PyTorch's avg_pool2d vs a box-filter conv.
 * ``coupled``: ``bn="batch"`` kernel with one-hot backward passes in a loop vs batched
   with ``is_grads_batched``.
 
 Usage:
-    python bench/bench_engine_choices.py [conv] [trace] [coupled]
+    python bench/bench_engine_choices.py [conv] [trace] [pool] [coupled]
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 
@@ -77,19 +81,52 @@ def _model(n):
     return nb201.build_model(ARCH), data.load_cifar10(n)[0]
 
 
-def trace(n=32, reps=3):
+def trace(n=32, reps=5):
+    """The engine's two trace-mode choices, alternating in one process (median of reps):
+    all logits' output gradients kept and handed to the rules together (``BATCH_PASSES_BYTES``)
+    or logit by logit; big dense blocks in their own Gram GEMM (``GRAM_DIRECT_BYTES``) or
+    copied into the shared buffer first."""
     m, x = _model(n)
     fastntk.ntk(m, x, output="trace")
-    res = {"all logits at once": [], "logit by logit": []}
-    for _ in range(reps):
-        for name, b in (("logit by logit", 0), ("all logits at once", 2**30)):
-            engine.BATCH_PASSES_BYTES = b
-            t = time.perf_counter()
-            fastntk.ntk(m, x, output="trace")
-            res[name].append(time.perf_counter() - t)
+    configs = {
+        "logit by logit, buffered Gram": (0, 2**62),
+        "logit by logit, direct Gram": (0, 2**20),
+        "all logits at once, direct Gram (default)": (2**40, 2**20),
+    }
+    saved = engine.BATCH_PASSES_BYTES, engine.GRAM_DIRECT_BYTES
+    res = {k: [] for k in configs}
+    try:
+        for _ in range(reps):
+            for name, (b, d) in configs.items():
+                engine.BATCH_PASSES_BYTES, engine.GRAM_DIRECT_BYTES = b, d
+                t = time.perf_counter()
+                fastntk.ntk(m, x, output="trace")
+                res[name].append(time.perf_counter() - t)
+    finally:
+        engine.BATCH_PASSES_BYTES, engine.GRAM_DIRECT_BYTES = saved
     print(f"## trace over 10 logits, NB201, N={n}, {reps} alternating runs (s)")
+    print("| configuration | median | runs |")
+    print("|---|---|---|")
     for k, v in res.items():
-        print(f"{k}: " + ", ".join(f"{t:.2f}" for t in v))
+        print(f"| {k} | {statistics.median(v):.2f} | " + ", ".join(f"{t:.2f}" for t in v) + " |")
+
+
+def pool(n=32):
+    """NB201's avg_pool_3x3 (count_include_pad=False): PyTorch's avg_pool2d vs the
+    box-filter convolution of ``fastntk.spaces.nb201.AvgPool3x3``, forward and backward."""
+    print(f"## avg_pool_3x3, N={n}, best of 3 (ms)")
+    print("| C x H x W | avg_pool2d fwd | box conv fwd | avg_pool2d bwd | box conv bwd |")
+    print("|---|---|---|---|---|")
+    for c, h in ((16, 32), (32, 16), (64, 8)):
+        x = torch.randn(n, c, h, h, requires_grad=True)
+        row = []
+        for mod in (torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False), nb201.AvgPool3x3(1)):
+            y = mod(x)
+            g = torch.randn_like(y)
+            row.append((best_of(lambda mod=mod: mod(x).detach()),
+                        best_of(lambda y=y, g=g: torch.autograd.grad(y, x, g, retain_graph=True))))
+        (pf, pb), (cf, cb) = row
+        print(f"| {c}x{h}x{h} | {1e3 * pf:.2f} | {1e3 * cf:.2f} | {1e3 * pb:.2f} | {1e3 * cb:.2f} |")
 
 
 def coupled(n=64):
@@ -102,7 +139,7 @@ def coupled(n=64):
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["conv", "trace", "coupled"]
+    which = sys.argv[1:] or ["conv", "trace", "pool", "coupled"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for w in which:
-        {"conv": conv, "trace": trace, "coupled": coupled}[w]()
+        {"conv": conv, "trace": trace, "pool": pool, "coupled": coupled}[w]()

@@ -861,7 +861,10 @@ class _Job:
         theta = None
         for p in J1:
             A, B = J1[p], J2[p]  # (n, npasses, cols)
-            count_gram(A.shape[0] * A.shape[1], B.shape[0] * B.shape[1], A.shape[2])
+            if self.head.full:  # every pair of passes
+                count_gram(A.shape[0] * A.shape[1], B.shape[0] * B.shape[1], A.shape[2])
+            else:  # matching passes only
+                count_gram(A.shape[0], B.shape[0], A.shape[1] * A.shape[2])
             if self.head.full:
                 t = torch.einsum("iac,jbc->aibj", A, B)
                 part = t.reshape(A.shape[1] * n1, B.shape[1] * n2)

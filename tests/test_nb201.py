@@ -346,3 +346,31 @@ def test_sample_is_roughly_uniform_over_ops():
             counts[op] += 1
     assert set(counts) == set(m.OPS)
     assert all(abs(c / 12000 - 0.2) < 0.03 for c in counts.values())
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7), (3, 4, 8, 5), (1, 2, 1, 1), (2, 2, 2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_avg_pool3x3_is_official_avg_pool(stride, shape, dtype):
+    """The box-filter pool equals AvgPool2d(3, stride, 1, count_include_pad=False)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    ours = m.AvgPool3x3(stride)
+    ref = torch.nn.AvgPool2d(3, stride, 1, count_include_pad=False)
+    a, b = ours(x), ref(x)
+    g = torch.randn_like(a)
+    (ga,) = torch.autograd.grad(a, x, g)
+    (gb,) = torch.autograd.grad(b, x, g)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert a.shape == b.shape and (a - b).abs().max() <= tol
+    assert (ga - gb).abs().max() <= tol
+    assert isinstance(ours, torch.nn.AvgPool2d) and not list(ours.parameters())
+    # unbatched input goes to the built-in op
+    assert torch.allclose(ours(x[0]), ref(x[0]))
+
+
+def test_pooling_op_uses_box_filter_pool():
+    net = m.build_model("|avg_pool_3x3~0|+|nor_conv_1x1~0|avg_pool_3x3~1|+|none~0|none~1|skip_connect~2|",
+                        C=4, N=1)
+    pools = [mod for mod in net.modules() if isinstance(mod, m.Pooling)]
+    assert pools and all(isinstance(p.op, m.AvgPool3x3) for p in pools)

@@ -65,6 +65,17 @@ def test_other_paths_report_their_phases(kwargs, phases):
     assert prof.gram_flops == 2.0 * n * n * P
 
 
+@pytest.mark.parametrize("method", ["layerwise", "vmap"])
+def test_trace_gram_flops_count_matching_logits_only(method):
+    """"trace" contracts logit k with logit k: 2·N²·K·P FLOPs on every path."""
+    m, x = _convnet()
+    K = m(x).shape[1]
+    P = sum(p.numel() for p in m.parameters())
+    with fastntk.profile() as prof:
+        fastntk.ntk(m, x, output="trace", method=method)
+    assert prof.gram_flops == 2.0 * 5 * 5 * K * P
+
+
 def test_sketch_phase_and_fallback_phase():
     m, x1, _ = zoo.make("vit")  # MultiheadAttention: torch.func fallback
     with fastntk.profile() as prof:
