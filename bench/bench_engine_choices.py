@@ -123,8 +123,8 @@ def pool(n=32):
         for mod in (torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False), nb201.AvgPool3x3(1)):
             y = mod(x)
             g = torch.randn_like(y)
-            row.append((best_of(lambda mod=mod: mod(x).detach()),
-                        best_of(lambda y=y, g=g: torch.autograd.grad(y, x, g, retain_graph=True))))
+            row.append((best_of(lambda mod=mod, x=x: mod(x).detach()),
+                        best_of(lambda y=y, g=g, x=x: torch.autograd.grad(y, x, g, retain_graph=True))))
         (pf, pb), (cf, cb) = row
         print(f"| {c}x{h}x{h} | {1e3 * pf:.2f} | {1e3 * cf:.2f} | {1e3 * pb:.2f} | {1e3 * cb:.2f} |")
 
