@@ -166,15 +166,27 @@ class ConvRule(GramRule):
 
     def grad_rows_multi(self, module, saved, gouts, name, r0, r1):
         # Several logits' output gradients of one ungrouped convolution: stacked as
-        # K*C_out output channels they share one patch matrix and one (K times taller)
-        # GEMM instead of K. On the 2-core CPU (NB201, N=32, 10 logits) the difference is
-        # within noise: 4.8-5.3 s vs 4.8-5.5 s (bench/bench_engine_choices.py trace).
+        # K*C_out output channels they share one patch matrix, and every sample's
+        # gradients for all K logits come from one (K*C_out x T) @ (T x C_in*k) product.
+        # With PyTorch ops that beats the grouped-conv weight gradient even on large maps
+        # (N=32, K=10, 2-core CPU, median of 8: 16 ch at 32x32 21 vs 32 ms, 32 ch at 16x16
+        # 18 vs 32 ms, 64 ch at 8x8 level); NB201 "trace" at N=32 went from 3.95 s logit by
+        # logit to 3.44 s (python bench/bench_engine_choices.py trace).
         if name != "weight" or module.groups != 1 or len(gouts) == 1:
             return super().grad_rows_multi(module, saved, gouts, name, r0, r1)
-        K, c_out = len(gouts), gouts[0].shape[1]
-        G = self.grad_rows(module, saved, torch.cat(gouts, 1), name, 0, K * c_out).G
-        n = G.shape[0]
-        G = G.view(n, K, c_out, -1)[:, :, r0:r1]
+        x, backend = saved
+        K, nd = len(gouts), len(module.kernel_size)
+        if backend != "torch":  # the compiled kernels take the stacked gradients as one
+            G = self.grad_rows(module, saved, torch.cat(gouts, 1), name, 0, K * gouts[0].shape[1]).G
+        else:
+            if x.dim() == nd + 1:
+                x, gouts = x.unsqueeze(0), [g.unsqueeze(0) for g in gouts]
+            n = x.shape[0]
+            U = unfold_patches(module, x)  # (n, C_in*k, T)
+            g = torch.cat(gouts, 1).reshape(n, -1, U.shape[-1])  # (n, K*C_out, T)
+            G = torch.bmm(g, U.transpose(1, 2))  # (n, K*C_out, C_in*k)
+        n, c_out = G.shape[0], gouts[0].shape[1]
+        G = G.reshape(n, K, c_out, -1)[:, :, r0:r1]
         return [Dense(G[:, k].reshape(n, -1)) for k in range(K)]
 
     def grad_rows(self, module, saved, gout, name, r0, r1):
