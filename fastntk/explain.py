@@ -107,7 +107,7 @@ def explain(
                 t.numel() * t.element_size()
                 for r in cap.records
                 for t in engine._tensors(r.saved if r.rule is None else (r.saved,))
-            ) + sum(t.numel() * t.element_size() for r in cap.records for t in r.outputs)
+            ) + sum(r.out_bytes for r in cap.records)
         finally:
             cap.remove()
             cap.release()
