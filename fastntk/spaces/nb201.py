@@ -454,9 +454,10 @@ class AvgPool3x3(nn.AvgPool2d):
     The same function (only the summation order, i.e. float rounding, differs), with the
     same attributes and no parameters, so state dicts and ``isinstance`` checks are
     unaffected. PyTorch's CPU ``avg_pool2d`` is slow for this shape: measured on the
-    2-core development CPU (float32, N=32), forward 6.2 ms vs 0.56 ms at 16x32x32 and
-    1.27 ms vs 0.33 ms at 64x8x8, backward 7.1 ms vs 2.2 ms and 1.46 vs 0.48 ms
-    (``python bench/bench_engine_choices.py pool``). On GPUs the built-in op is used.
+    2-core development CPU (float32, N=32, best of 3), forward 3.26 ms vs 0.97 ms at
+    16x32x32 and 1.50 vs 0.48 ms at 64x8x8, backward 3.44 vs 1.04 ms and 1.77 vs 0.56 ms
+    (``python bench/bench_engine_choices.py pool``, bench/results/engine_choices_cpu.md).
+    On GPUs the built-in op is used (not measured there).
     """
 
     def __init__(self, stride: int = 1):
