@@ -30,6 +30,8 @@ then batch mode (appends to the same CSV; the summary covers both) when it is af
 
     python3 bench/nb201_metric_correlation.py --archs 200 --batch-size 64 --bn eval,batch
 
+A stopped run resumes where it stopped; ``--summary-only`` summarises the rows so far.
+
 Quick check:
 
     python3 bench/nb201_metric_correlation.py --archs 3 --out bench/results/nb201_smoke.csv
@@ -88,6 +90,11 @@ def parse_args(argv=None):
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device of models and data")
+    ap.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="compute nothing: summarise the rows already in --out (e.g. of a stopped run)",
+    )
     ap.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(__file__), "results", "nb201_metric_correlation.csv"),
@@ -228,6 +235,8 @@ def main(argv=None) -> int:
         existing, done = [], set()
     new_file = not os.path.exists(args.out)
     todo = [(a, bn) for a in archs for bn in bns if (a, bn) not in done]
+    if args.summary_only:
+        todo = []
     print(
         f"# {len(archs)} archs × {len(bns)} BN modes: {len(todo)} rows to compute, "
         f"{len(archs) * len(bns) - len(todo)} already in {args.out}",
