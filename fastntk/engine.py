@@ -355,9 +355,10 @@ class _Record:
     n: int
     gouts: dict[int, Any] = field(default_factory=dict)  # pass -> grad(s) of output(s)
     # (shape, dtype, device) of the outputs whose gradients the hooks receive. Only
-    # their description is kept: holding the tensors would keep every layer's output
-    # alive through the backward (measured: +0.3-0.6 GB at NB201 N=256, BatchNorm
-    # outputs autograd itself does not save).
+    # their description is kept: holding the tensors kept every layer's output alive
+    # through the backward, BatchNorm outputs included, which autograd itself does not
+    # save (NB201 N=256 "sum" peak RSS 2.83-3.03 GB before, 2.28 GB after, plain
+    # forward+backward 2.27-2.36 GB: bench/bench_engine.py --n 256, bench/results/engine_cpu.csv).
     out_specs: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
 
     @property
@@ -860,9 +861,9 @@ class _Job:
 
     def _from_jacobians(self, J1, J2, n1, n2) -> torch.Tensor:
         with phase("gram"):
-            return self._contract_jacobians(J1, J2, n1, n2)
+            return self._contract(J1, J2, n1, n2)
 
-    def _contract_jacobians(self, J1, J2, n1, n2) -> torch.Tensor:
+    def _contract(self, J1, J2, n1, n2) -> torch.Tensor:
         theta = None
         for p in J1:
             A, B = J1[p], J2[p]  # (n, npasses, cols)

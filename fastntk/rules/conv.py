@@ -168,11 +168,9 @@ class ConvRule(GramRule):
         # Several logits' output gradients of one ungrouped convolution: stacked as
         # K*C_out output channels they share one patch matrix, and every sample's
         # gradients for all K logits come from one (K*C_out x T) @ (T x C_in*k) product.
-        # With PyTorch ops that beats the grouped-conv weight gradient even on large maps
-        # (one-off measurement, N=32, K=10, 2-core CPU, median of 8: 16 ch at 32x32 21 vs
-        # 32 ms, 32 ch at 16x16 18 vs 32 ms, 64 ch at 8x8 level). NB201 "trace" at N=32:
-        # 3.32 s all logits at once vs 3.53 s logit by logit (median of 5 alternating runs,
-        # python bench/bench_engine_choices.py trace; bench/results/engine_choices_cpu.md).
+        # NB201 "trace" at N=32 on the 2-core CPU: 3.32 s all logits at once vs 3.53 s
+        # logit by logit (median of 5 alternating runs, python
+        # bench/bench_engine_choices.py trace; bench/results/engine_choices_cpu.md).
         if name != "weight" or module.groups != 1 or len(gouts) == 1:
             return super().grad_rows_multi(module, saved, gouts, name, r0, r1)
         x, backend = saved

@@ -75,22 +75,17 @@ class BatchNormRule(_ChannelAffineRule):
         return module.running_mean is not None
 
     def grad_rows(self, module, saved, gout, name, r0, r1):
-        x, bn, stats = saved
-        if name == "bias" or bn == "per_sample":
-            return super().grad_rows(module, saved, gout, name, r0, r1)
-        # eval: sum_t g * (x - mean) * inv = inv * sum_t g * (x - mean); the scale is
-        # applied after the reduction (one elementwise pass fewer than forming xhat),
-        # and only on the rows asked for.
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean = stats[0][r0:r1].view(shape)
-        inv = torch.rsqrt(stats[1][r0:r1] + module.eps)
-        return Dense(_channel_sums(gout[:, r0:r1] * (x[:, r0:r1] - mean)) * inv)
+        return self.grad_rows_multi(module, saved, [gout], name, r0, r1)[0]
 
     def grad_rows_multi(self, module, saved, gouts, name, r0, r1):
-        # Several logits' output gradients: the centred input is formed once.
         x, bn, stats = saved
-        if name == "bias" or bn == "per_sample" or len(gouts) == 1:
-            return super().grad_rows_multi(module, saved, gouts, name, r0, r1)
+        if name == "bias" or bn == "per_sample":
+            base = super().grad_rows  # (zero-argument super does not work in a comprehension)
+            return [base(module, saved, g, name, r0, r1) for g in gouts]
+        # eval: sum_t g * (x - mean) * inv = inv * sum_t g * (x - mean); the scale is
+        # applied after the reduction (one elementwise pass fewer than forming xhat),
+        # only on the rows asked for, and the centred input is formed once for all
+        # output gradients (several logits in "trace").
         shape = (1, -1) + (1,) * (x.dim() - 2)
         xc = x[:, r0:r1] - stats[0][r0:r1].view(shape)
         inv = torch.rsqrt(stats[1][r0:r1] + module.eps)
