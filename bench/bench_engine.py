@@ -150,6 +150,9 @@ def measure(provider: str, n: int, output: str, repeats: int, device: str, loop_
         "provider": provider,
         "n": n,
         "output": output,
+        "times_s": [t * n / info["rows_timed"] for t in times]
+        if provider == "loop" and info["rows_timed"] < n
+        else times,
         "median_s": med,
         "spread_s": (max(times) - min(times)) if len(times) > 1 else 0.0,
         "first_s": first,
@@ -203,7 +206,14 @@ def main(argv=None) -> int:
     ap.add_argument("--n", default="128", help="batch sizes, comma-separated")
     ap.add_argument("--output", default="sum", choices=["sum", "trace"])
     ap.add_argument("--providers", default="fwdbwd,floor,layerwise,vmap,loop")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per process")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of all providers, each in fresh processes, interleaved so that a drift "
+        "of the machine's speed hits every provider alike; times are medians over all calls",
+    )
     ap.add_argument("--loop-rows", type=int, default=16, help="rows timed for the loop (0 = all)")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -218,31 +228,58 @@ def main(argv=None) -> int:
     info = machine()
     rows = []
     for n in [int(v) for v in args.n.split(",")]:
-        for prov in args.providers.split(","):
-            cmd = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--child",
-                f"{prov}:{n}",
-                "--output",
-                args.output,
-                "--repeats",
-                str(args.repeats),
-                "--loop-rows",
-                str(args.loop_rows),
-                "--device",
-                args.device,
-            ]
-            sys.stderr.write(f"  measuring {prov} at N={n} ({args.output}) ...\n")
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            if p.returncode != 0 or not line:
-                err = (p.stderr.strip().splitlines() or ["?"])[-1]
-                rows.append({"provider": prov, "n": n, "output": args.output, "error": err[:120]})
-                continue
-            rows.append(json.loads(line[0][7:]))
+        rounds: dict[str, list[dict]] = {}
+        for r in range(args.rounds):
+            for prov in args.providers.split(","):
+                rounds.setdefault(prov, []).append(_child(prov, n, args, r))
+        rows += [_merge(results) for results in rounds.values()]
     _report(rows, info, args)
     return 0
+
+
+def _child(prov: str, n: int, args, r: int) -> dict:
+    """One provider measured in a fresh process."""
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        f"{prov}:{n}",
+        "--output",
+        args.output,
+        "--repeats",
+        str(args.repeats),
+        "--loop-rows",
+        str(args.loop_rows),
+        "--device",
+        args.device,
+    ]
+    sys.stderr.write(
+        f"  measuring {prov} at N={n} ({args.output}), round {r + 1}/{args.rounds} ...\n"
+    )
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not line:
+        err = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"provider": prov, "n": n, "output": args.output, "error": err[:120]}
+    return json.loads(line[0][7:])
+
+
+def _merge(results: list[dict]) -> dict:
+    """Rounds of one provider: the median over all their timed calls, the largest peak."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    res = dict(ok[-1])
+    times = [t for r in ok for t in r["times_s"]]
+    res["median_s"] = statistics.median(times)
+    res["spread_s"] = max(times) - min(times) if len(times) > 1 else 0.0
+    res["first_s"] = statistics.median(r["first_s"] for r in ok)
+    res["peak_bytes"] = max(r["peak_bytes"] for r in ok)
+    res["rounds"] = len(ok)
+    if "gram_s" in ok[0]:
+        res["gram_s"] = statistics.median(r["gram_s"] for r in ok)
+        res["gram_tflops"] = statistics.median(r["gram_tflops"] for r in ok)
+    return res
 
 
 def _cuda() -> bool:
@@ -264,7 +301,7 @@ def _report(rows, info, args):
         f"Machine: {info['device_name']} ({info['device']}, {info['cpus']} CPUs), torch {info['torch']}, "
         f"git {info['git']}, {info['date']}.",
         f"Command: `python bench/bench_engine.py --n {args.n} --output {args.output} "
-        f"--providers {args.providers} --repeats {args.repeats}`",
+        f"--providers {args.providers} --repeats {args.repeats} --rounds {args.rounds}`",
         "",
         hdr,
         "|" + "---|" * 11,

@@ -1,7 +1,10 @@
 """The measurements behind the engine's internal choices, in one script.
 
-* ``conv``: per-sample conv weight-gradient strategies at NAS-Bench-201 shapes
-  (unfold+bmm, strided patches+bmm, grouped-conv weight gradient, the C++ op).
+* ``conv``: per-sample conv weight-gradient strategies at NAS-Bench-201 and ResNet shapes
+  (strided patches+bmm, grouped-conv weight gradient in one call or in sample chunks, the
+  C++ op), with page faults per call.
+* ``gram``: symmetric and cross Gram blocks, torch.mm vs the C++ kernels.
+* ``affine``: BatchNorm weight+bias blocks, PyTorch ops vs the C++ one-pass op.
 * ``trace``: "trace" over 10 logits with all logits' gradients handed to the rules at
   once vs logit by logit (``engine.BATCH_PASSES_BYTES``), and big Gram blocks in their
   own GEMM vs copied into the buffer (``engine.GRAM_DIRECT_BYTES``), alternating in one
@@ -11,11 +14,12 @@
   with ``is_grads_batched``.
 
 Usage:
-    python bench/bench_engine_choices.py [conv] [trace] [pool] [coupled]
+    python bench/bench_engine_choices.py [conv] [gram] [affine] [trace] [pool] [coupled]
 """
 
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 import time
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 
 import fastntk
 from fastntk import _ext, data, engine
+from fastntk.rules import conv as conv_rule
 from fastntk.spaces import nb201
 
 ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
@@ -40,40 +45,121 @@ def best_of(f, r=3):
     return min(ts)
 
 
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def best_of_faults(f, r=5):
+    """(best time in s, median minor page faults per call) over r calls after a warm-up."""
+    f()
+    ts, fs = [], []
+    for _ in range(r):
+        f0 = _faults()
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+        fs.append(_faults() - f0)
+    return min(ts), int(statistics.median(fs))
+
+
 def conv(n=128):
-    print(f"## per-sample conv weight gradients, N={n}, best of 3 (s)")
-    print("| C_in->C_out | k | stride | map | unfold+bmm | strided+bmm | grouped | C++ |")
+    """Per-sample conv weight-gradient strategies of rules/conv.py at NB201 and ResNet shapes,
+    each writing into one reused output buffer as the engine does. Page faults per call
+    show the allocator effect that GROUPED_CHUNK_BYTES avoids."""
+    print(f"## per-sample conv weight gradients, N={n}, best of 5 (ms; median page faults per call)")
+    print("| C_in->C_out | k | stride | map | strided+bmm | grouped, one call | "
+          f"grouped, chunks of {conv_rule.GROUPED_CHUNK_BYTES >> 20} MiB | C++ op |")
     print("|---|---|---|---|---|---|---|---|")
     for ci, co, h, k, s in [(16, 16, 32, 3, 1), (16, 16, 32, 1, 1), (16, 32, 32, 3, 2),
-                            (32, 32, 16, 3, 1), (64, 64, 8, 3, 1), (64, 64, 8, 1, 1)]:
+                            (32, 32, 16, 3, 1), (64, 64, 8, 3, 1), (64, 64, 8, 1, 1),
+                            (128, 128, 8, 3, 1), (256, 256, 4, 3, 1)]:
         print(_conv_row(n, ci, co, h, k, s))
 
 
 def _conv_row(n, ci, co, h, k, s):
+    from fastntk.rules import Context, Workspace
+
     p = k // 2
+    mod = torch.nn.Conv2d(ci, co, k, stride=s, padding=p, bias=False)
     x = torch.randn(n, ci, h, h)
     oh = (h + 2 * p - k) // s + 1
     g = torch.randn(n, co, oh, oh)
+    ctx = Context("eval", "torch", Workspace())
+    out = torch.empty(n, co * ci * k * k)
+    saved = conv_rule.GROUPED_CHUNK_BYTES
 
-    def unf():
-        U = F.unfold(x, k, padding=p, stride=s)
-        return torch.bmm(g.reshape(n, co, -1), U.transpose(1, 2))
+    def grouped(chunk_bytes):
+        def f():
+            conv_rule.GROUPED_CHUNK_BYTES = chunk_bytes
+            try:
+                conv_rule._grouped_weight_grad(mod, x, g, 1, out)
+            finally:
+                conv_rule.GROUPED_CHUNK_BYTES = saved
+        return f
 
-    def strided():
-        w = F.pad(x, (p,) * 4).unfold(2, k, s).unfold(3, k, s)
-        U = w.permute(0, 1, 4, 5, 2, 3).reshape(n, ci * k * k, oh * oh)
-        return torch.bmm(g.reshape(n, co, -1), U.transpose(1, 2))
-
-    def grouped():
-        return torch.nn.grad.conv2d_weight(
-            x.reshape(1, n * ci, h, h), (n * co, ci, k, k), g.reshape(1, n * co, oh, oh),
-            stride=s, padding=p, groups=n)
-
+    cells = [
+        best_of_faults(lambda: conv_rule._patches_weight_grad(mod, ctx, x, g, 1, out)),
+        best_of_faults(grouped(2**62)),
+        best_of_faults(grouped(saved)),
+    ]
     cpp = "n/a"
     if _ext.available():
-        cpp = f"{best_of(lambda: _ext.conv2d_psg(x, g, kernel_size=k, stride=s, padding=p)):.4f}"
-    return (f"| {ci}->{co} | {k} | {s} | {h}x{h} | {best_of(unf):.4f} | {best_of(strided):.4f} "
-            f"| {best_of(grouped):.4f} | {cpp} |")
+        t, f = best_of_faults(lambda: _ext.conv2d_psg(x, g, kernel_size=k, stride=s, padding=p))
+        cpp = f"{1e3 * t:.2f} ({f})"
+    body = " | ".join(f"{1e3 * t:.2f} ({f})" for t, f in cells)
+    return f"| {ci}->{co} | {k} | {s} | {h}x{h} | {body} | {cpp} |"
+
+
+def gram():
+    """Symmetric Gram blocks G Gᵀ at the engine's block shapes: torch.mm vs the C++
+    upper-triangle kernel (rules.CSRC_GRAM_MIN_COLS), float32 and float64; and a cross
+    block G Hᵀ (N x N/2), where auto keeps torch.mm."""
+    print("## Gram blocks, best of 5 (ms)")
+    print("| dtype | N | columns | sym torch.mm | sym C++ | speed-up | cross torch.mm | cross C++ |")
+    print("|---|---|---|---|---|---|---|---|")
+    if not _ext.available():
+        print(f"C++ extension not built: {_ext.why_not()}")
+        return
+    for dt in (torch.float32, torch.float64):
+        for n, cols in ((128, 64), (128, 256), (128, 2304), (128, 36864), (256, 36864),
+                        (32, 36864), (512, 9216), (1280, 36864)):
+            a = torch.randn(n, cols, dtype=dt)
+            b = torch.randn(n // 2, cols, dtype=dt)
+            o, oc = torch.zeros(n, n, dtype=dt), torch.zeros(n, n // 2, dtype=dt)
+            mm = best_of(lambda: torch.addmm(o, a, a.T, out=o), 5)
+            cs = best_of(lambda: _ext.gram_sym(a, o), 5)
+            xm = best_of(lambda: torch.addmm(oc, a, b.T, out=oc), 5)
+            xc = best_of(lambda: _ext.gram_cross(a, b, oc), 5)
+            print(f"| {str(dt)[6:]} | {n} | {cols} | {1e3 * mm:.2f} | {1e3 * cs:.2f} | "
+                  f"{mm / cs:.2f}x | {1e3 * xm:.2f} | {1e3 * xc:.2f} |")
+
+
+def affine(n=128):
+    """BatchNorm weight+bias per-sample blocks (eval): PyTorch ops (centre, multiply, two
+    reductions) vs the C++ one-pass op, at NB201's three BatchNorm shapes."""
+    print(f"## BatchNorm weight + bias blocks, eval, N={n}, best of 5 (ms)")
+    print("| C x H x W | PyTorch ops | C++ one pass | speed-up |")
+    print("|---|---|---|---|")
+    from fastntk.rules import Context
+    from fastntk.rules.norm import BatchNormRule
+
+    rule = BatchNormRule()
+    for c, h in ((16, 32), (32, 16), (64, 8)):
+        bnm = torch.nn.BatchNorm2d(c).eval()
+        bnm.running_mean.uniform_(-1, 1)
+        x, g = torch.randn(n, c, h, h), torch.randn(n, c, h, h)
+        times = []
+        for backend in ("torch", "auto"):
+            ctx = Context("eval", backend, None, ("weight", "bias"))
+            saved = rule.save(bnm, (x,), {}, None, ctx)
+
+            def both(saved=saved):
+                rule.grad_rows(bnm, saved, g, "weight", 0, c)
+                rule.grad_rows(bnm, saved, g, "bias", 0, c)
+
+            times.append(best_of(both, 5))
+        cpp = f"{1e3 * times[1]:.2f}" if _ext.available() else "n/a"
+        print(f"| {c}x{h}x{h} | {1e3 * times[0]:.2f} | {cpp} | {times[0] / times[1]:.2f}x |")
 
 
 def _model(n):
@@ -139,7 +225,9 @@ def coupled(n=64):
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["conv", "trace", "pool", "coupled"]
+    sections = {"conv": conv, "gram": gram, "affine": affine, "trace": trace, "pool": pool,
+                "coupled": coupled}
+    which = sys.argv[1:] or list(sections)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for w in which:
-        {"conv": conv, "trace": trace, "pool": pool, "coupled": coupled}[w]()
+        sections[w]()

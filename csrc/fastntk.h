@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "tile.h"
 
@@ -23,5 +24,9 @@ void gram_cross(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool 
 at::Tensor conv2d_psg(const at::Tensor& x, const at::Tensor& gout, int64_t kh, int64_t kw,
                       int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                       int64_t groups);
+// Per-sample channel-affine gradients in one pass: {sum_s g*(x - mean), sum_s g}, each (N, C).
+// x, g: (N, C, ...) contiguous; mean: (C) or (N, C).
+std::vector<at::Tensor> affine_psg(const at::Tensor& x, const at::Tensor& g,
+                                   const at::Tensor& mean);
 
 }  // namespace fastntk

@@ -21,12 +21,14 @@ TORCH_LIBRARY(fastntk, m) {
   m.def("gram_cross(Tensor a, Tensor b, Tensor(a!) out, bool fp64_acc=False) -> ()");
   m.def("conv2d_psg(Tensor x, Tensor gout, int kh, int kw, int sh, int sw, int ph, int pw, "
         "int dh, int dw, int groups) -> Tensor");
+  m.def("affine_psg(Tensor x, Tensor g, Tensor mean) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastntk, CPU, m) {
   m.impl("gram_sym", &gram_sym_op);
   m.impl("gram_cross", &gram_cross_op);
   m.impl("conv2d_psg", &fastntk::conv2d_psg);
+  m.impl("affine_psg", &fastntk::affine_psg);
 }
 
 extern "C" {
@@ -34,7 +36,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",
-      "fastntk CPU ops, registered as torch.ops.fastntk.{gram_sym, gram_cross, conv2d_psg}",
+      "fastntk CPU ops, registered as torch.ops.fastntk.{gram_sym, gram_cross, conv2d_psg, affine_psg}",
       -1,
       nullptr,
   };

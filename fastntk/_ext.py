@@ -1,7 +1,7 @@
 """Lazy, failure-proof access to the optional C++ extension ``fastntk._C``.
 
 ``fastntk._C`` registers CPU ops as ``torch.ops.fastntk.{gram_sym, gram_cross,
-conv2d_psg}``. Importing this module never imports the extension; the first call to
+conv2d_psg, affine_psg}``. Importing this module never imports the extension; the first call to
 :func:`available` (or to a wrapper) tries once and remembers the outcome. Nothing here
 raises on a missing or broken build: :func:`why_not` says what went wrong, and the
 wrappers raise :class:`fastntk.errors.UnsupportedError` only when called without it.
@@ -127,4 +127,22 @@ def conv2d_psg(
     )
 
 
-__all__ = ["available", "conv2d_psg", "gram_cross", "gram_sym", "why_not"]
+def affine_psg(
+    x: torch.Tensor, g: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of a channel-affine layer in one pass over its input.
+
+    Args:
+        x: (N, C, ...) float32/float64 layer input.
+        g: output gradient, same shape and dtype.
+        mean: (C,) or (N, C) values subtracted from ``x`` (running or per-sample means).
+
+    Returns:
+        ``(Σ g·(x − mean), Σ g)`` over each (sample, channel) plane, each (N, C).
+    """
+    _require()
+    sgx, sg = torch.ops.fastntk.affine_psg(x.contiguous(), g.contiguous(), mean.contiguous())
+    return sgx, sg
+
+
+__all__ = ["affine_psg", "available", "conv2d_psg", "gram_cross", "gram_sym", "why_not"]

@@ -59,6 +59,7 @@ from fastntk.rules import (
     Dense,
     GramRule,
     Outer,
+    Workspace,
     add_blocks,
     cat_blocks,
     find_rule,
@@ -287,7 +288,7 @@ def ntk_sketch(
                 with phase("sketch"):
                     project(key, blk, s0, s1)
 
-            job._run_chunk(x[s0:s1], consume)
+            job._run_chunk(x[s0:s1], consume, _always)
             bar.step()
     bar.close()
     if output == "mean":
@@ -304,9 +305,11 @@ def _stable_seed(seed: int, name: str, k: int) -> int:
 def _backend(method: str, device: torch.device) -> str:
     """Which kernels the layerwise rules use.
 
-    ``"layerwise"`` and ``"auto"``: PyTorch ops (auto picks no compiled kernel:
-    none measured faster, and the Triton kernels are unmeasured on a GPU).
-    ``"triton"``: fastntk's Triton kernels (a GPU, or ``TRITON_INTERPRET=1``).
+    ``"layerwise"``: PyTorch ops only (``"torch"``). ``"auto"``: PyTorch ops, plus the C++
+    extension's symmetric Gram on the CPU where it measured faster (see
+    ``rules.CSRC_GRAM_MIN_COLS``); the Triton kernels are unmeasured on a GPU, so auto
+    does not pick them. ``"triton"``: fastntk's Triton kernels (a GPU, or
+    ``TRITON_INTERPRET=1``).
     """
     if method == "triton":
         try:
@@ -317,10 +320,7 @@ def _backend(method: str, device: torch.device) -> str:
         if reason is not None:
             raise UnsupportedError(f"method='triton' cannot run here: {reason}")
         return "triton"
-    # "auto" = the PyTorch strategies: on the CPU the C++ per-sample conv gradient does not
-    # beat the grouped-convolution strategy at NB201 shapes (0.0101 s vs 0.0091 s at 16 ch,
-    # 32x32, N=128; bench/results/engine_choices_cpu.md), so it is not chosen.
-    return "torch"
+    return "auto" if method == "auto" else "torch"
 
 
 def _chunks(chunk_size: Any) -> tuple[int, int | None]:
@@ -378,6 +378,9 @@ class _Capture:
         self.deferred_params: set[str] = set()  # processed after all passes
         self.excluded: set[str] = set()  # handled by the whole-model fallback
         self.consume: Callable[[tuple, Block], None] | None = None
+        # whether ``consume`` is done with a block of this many bytes when it returns (then
+        # rules may write it into reused workspace memory)
+        self.streams: Callable[[int], bool] = _never
         self.handles: list[Any] = []
         self.npasses = 1
         # trace/mean with small enough output gradients: keep every logit's gradients
@@ -423,7 +426,7 @@ class _Capture:
             # kernel never joins the graph, whatever requires grad upstream.
             dargs, dkwargs = _detach((args, kwargs))
             if rule is not None:
-                ctx = Context(self.job.bn, self.job.backend)
+                ctx = Context(self.job.bn, self.job.backend, self.job.workspace, tuple(attrs))
                 saved = rule.save(mod, dargs, dkwargs, out, ctx)
             else:
                 saved = (dargs, dkwargs)
@@ -470,8 +473,14 @@ class _Capture:
                 deferred = True
                 continue
             for r0, r1 in self.job.row_ranges(pname, rec.rule, g.shape[0]):
+                kw = {}
+                if rec.rule.supports_out:
+                    p = self.job.copies.params[pname]
+                    shape = (g.shape[0], p.numel() // _rows_of(p) * (r1 - r0))
+                    if self.streams(math.prod(shape) * p.element_size()):
+                        kw["out"] = self.job.workspace.get("engine.block", shape, p)
                 with phase("per_sample"):
-                    blk = rec.rule.grad_rows(rec.module, rec.saved, g, attr, r0, r1)
+                    blk = rec.rule.grad_rows(rec.module, rec.saved, g, attr, r0, r1, **kw)
                 self.consume((pname, r0, self.pass_idx), blk)
         if deferred:
             rec.gouts[self.pass_idx] = g
@@ -549,6 +558,14 @@ class _Capture:
                         self.consume((pname, r0, k), blk)
 
 
+def _never(nbytes: int) -> bool:
+    return False
+
+
+def _always(nbytes: int) -> bool:
+    return True
+
+
 def _detach(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach()
@@ -601,6 +618,7 @@ class _Job:
         self.progress = progress
         self.device = next(iter(selected.values())).device
         self.copies: Copies = _model.make_copies(model, selected, dtype)
+        self.workspace = Workspace()
         self._plan()
 
     # -- plan ------------------------------------------------------------------
@@ -645,13 +663,21 @@ class _Job:
         return x
 
     # -- layerwise -------------------------------------------------------------
-    def _run_chunk(self, x: torch.Tensor, consume: Callable[[tuple, Block], None]) -> int:
+    def _run_chunk(
+        self,
+        x: torch.Tensor,
+        consume: Callable[[tuple, Block], None],
+        streams: Callable[[int], bool] = _never,
+    ) -> int:
         """Forward + one backward per pass on chunk ``x``; feeds blocks to ``consume``.
 
+        ``streams(nbytes)``: whether ``consume`` has finished with a block of that size
+        when it returns (never keeps it), so that the block may live in reused memory.
         Returns the number of passes (rows per sample of the blocks: R).
         """
         cap = _Capture(self)
         cap.consume = consume
+        cap.streams = streams
         cap.install()
         try:
             xp = self._prep(x)
@@ -760,13 +786,13 @@ class _Job:
     def _single_self(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         acc = _GramAccumulator(self, n, n, None)
-        self._run_chunk(x, acc.add)
+        self._run_chunk(x, acc.add, acc.streams)
         return self.head.finish(acc.result(), n, n)
 
     def _single_cross(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         n1, n2 = x1.shape[0], x2.shape[0]
         acc = _GramAccumulator(self, n1, n2, n1)
-        self._run_chunk(torch.cat([x1, x2]), acc.add)
+        self._run_chunk(torch.cat([x1, x2]), acc.add, acc.streams)
         return self.head.finish(acc.result(), n1, n2)
 
     def _panels(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
@@ -815,7 +841,7 @@ class _Job:
                             R, p1 - p0, R, b1 - b0
                         )
 
-                self._run_chunk(xb[b0:b1], consume)
+                self._run_chunk(xb[b0:b1], consume, _always)
                 bar.step()
             stored = None
         bar.close()
@@ -1149,6 +1175,10 @@ class _GramAccumulator:
         self.theta: torch.Tensor | None = None
         self.pending: list[torch.Tensor] = []
         self.bytes = 0
+
+    def streams(self, nbytes: int) -> bool:
+        """Blocks this big get their own GEMM in :meth:`add` and are not kept."""
+        return nbytes >= GRAM_DIRECT_BYTES
 
     def add(self, key: tuple, blk: Block) -> None:
         n = self.n1 if self.split is None else self.n1 + self.n2

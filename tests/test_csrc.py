@@ -170,6 +170,43 @@ def test_conv2d_psg_bad_inputs():
         ops.conv2d_psg(x.int(), g.int(), 3, 3, 1, 1, 1, 1, 1, 1, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (1, 1, 1), (4, 16), (2, 3, 97), (5, 2, 3, 4, 2)])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["running", "per-sample"])
+def test_affine_psg(shape, per_sample, dtype):
+    torch.manual_seed(sum(shape))
+    x = torch.randn(shape, dtype=dtype) * 3 + 5  # a large mean: the centring matters
+    g = torch.randn(shape, dtype=dtype)
+    n, c = shape[:2]
+    mean = torch.randn(n, c, dtype=dtype) if per_sample else torch.randn(c, dtype=dtype)
+    sgx, sg = _ext.affine_psg(x, g, mean)
+    assert sgx.shape == sg.shape == (n, c) and sgx.dtype == sg.dtype == dtype
+    m = mean.view(n if per_sample else 1, c, *([1] * (len(shape) - 2)))
+    xd, gd = x.double(), g.double()
+    truth_gx = (gd * (xd - m.double())).reshape(n, c, -1).sum(2)
+    truth_g = gd.reshape(n, c, -1).sum(2)
+    torch.testing.assert_close(sgx.double(), truth_gx, **TOL[dtype])
+    torch.testing.assert_close(sg.double(), truth_g, **TOL[dtype])
+
+
+def test_affine_psg_bad_inputs():
+    x, g = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        ops.affine_psg(x, g[:, :2], torch.zeros(3))
+    with pytest.raises(RuntimeError, match="mean must be"):
+        ops.affine_psg(x, g, torch.zeros(4))
+    with pytest.raises(RuntimeError, match="mean must be"):
+        ops.affine_psg(x, g, torch.zeros(3, 3))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.affine_psg(x, g.double(), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.affine_psg(x.transpose(1, 2).contiguous().transpose(1, 2), g, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.affine_psg(x.half(), g.half(), torch.zeros(3).half())
+    with pytest.raises(RuntimeError, match=r"\(N, C, ...\)"):
+        ops.affine_psg(torch.randn(3), torch.randn(3), torch.zeros(3))
+
+
 def test_env_reports():
     from fastntk._env import env
 

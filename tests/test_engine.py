@@ -44,9 +44,11 @@ def _expected(ref, output):
     return reduce(ref, output)
 
 
-# The layerwise path (rules, fallbacks, deferred sums) in every output mode; the
-# torch.func and loop paths share the output handling, so two modes suffice there.
-ZOO_CASES = [(o, "layerwise") for o in OUTPUTS] + [
+# The layerwise path (rules, fallbacks, deferred sums) in every output mode, with PyTorch
+# ops only ("layerwise") and with the C++ extension where auto uses it (symmetric Grams,
+# BatchNorm); the torch.func and loop paths share the output handling, so two modes
+# suffice there.
+ZOO_CASES = [(o, m) for o in OUTPUTS for m in ("layerwise", "auto")] + [
     (o, m) for o in ("sum", "full") for m in ("vmap", "loop")
 ]
 
@@ -72,7 +74,7 @@ def test_weights_only_selection(name, method):
     assert rel_err(theta, reduce(ref, "trace")) <= TOL[torch.float64]
 
 
-BN_CASES = [(o, "layerwise") for o in ("sum", "trace", "full")] + [
+BN_CASES = [(o, m) for o in ("sum", "trace", "full") for m in ("layerwise", "auto")] + [
     ("sum", "vmap"),
     ("full", "loop"),
 ]
@@ -250,3 +252,73 @@ def test_trace_batched_and_streamed_logits(name, batched, monkeypatch):
     for output in ("trace", "mean"):
         theta = fastntk.ntk(m, x1, x2, output=output, dtype=torch.float64)
         assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("name", ["convzoo", "nb201", "resnet", "conv1d3d"])
+@pytest.mark.parametrize(
+    "min_t,chunk_bytes",
+    [(1, 1), (1, 2**40), (10**9, 2**40)],
+    ids=["grouped-1-sample-chunks", "grouped-one-chunk", "patches"],
+)
+@pytest.mark.parametrize("method", ["layerwise", "auto"])
+def test_conv_strategies_and_reused_blocks(name, min_t, chunk_bytes, method, monkeypatch):
+    """Every per-sample conv strategy (grouped convolution in sample chunks of any size,
+    strided patches), with every dense block written into the workspace
+    (GRAM_DIRECT_BYTES = 0), in self and cross kernels and in both trace layouts."""
+    from fastntk import engine
+    from fastntk.rules import conv
+
+    monkeypatch.setattr(conv, "GROUPED_MIN_T", min_t)
+    monkeypatch.setattr(conv, "GROUPED_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(engine, "GRAM_DIRECT_BYTES", 0)
+    m, x1, x2, sel, ref = case(name, True)
+    for output in ("sum", "trace"):
+        for other in (x2, None):
+            expect = reduce(ref if other is not None else full_kernel(m, x1), output)
+            theta = fastntk.ntk(m, x1, other, output=output, method=method, dtype=torch.float64)
+            assert rel_err(theta, expect) <= TOL[torch.float64]
+
+
+def test_workspace_reuses_memory():
+    """Rules' temporaries and streamed blocks come from reused buffers, not new memory."""
+    from fastntk.rules import Workspace
+
+    ws = Workspace()
+    like = torch.zeros(1, dtype=torch.float64)
+    a = ws.get("t", (4, 5), like)
+    b = ws.get("t", (2, 3), like)  # smaller: a view of the same memory
+    assert a.data_ptr() == b.data_ptr() and b.shape == (2, 3) and b.is_contiguous()
+    c = ws.get("t", (10, 10), like)  # bigger: grown
+    assert c.numel() == 100 and ws.get("u", (3,), like).data_ptr() != c.data_ptr()
+    assert ws.get("t", (3,), torch.zeros(1)).dtype == torch.float32  # dtype follows ``like``
+
+
+@pytest.mark.parametrize("bn", ["eval", "per_sample"])
+@pytest.mark.parametrize("params", ["all", "weights"])
+def test_batchnorm_fused_blocks(bn, params, monkeypatch):
+    """The one-pass BatchNorm blocks of auto (C++ op) hand the second parameter its block
+    from the first computation, and keep nothing for a parameter not selected."""
+    from fastntk import _ext
+    from fastntk.rules import norm
+
+    if not _ext.available():
+        pytest.skip(f"C++ extension not built: {_ext.why_not()}")
+    seen = []
+    orig = norm.BatchNormRule._fused
+
+    def spy(self, module, saved, g, name, r0, r1):
+        out = orig(self, module, saved, g, name, r0, r1)
+        seen.append((name, dict(saved.memo)))
+        return out
+
+    monkeypatch.setattr(norm.BatchNormRule, "_fused", spy)
+    m, x1, x2, sel, ref = case("resnet", True, bn, params)
+    theta = fastntk.ntk(m, x1, x2, output="trace", bn=bn, params=sel, dtype=torch.float64)
+    assert rel_err(theta, reduce(ref, "trace")) <= TOL[torch.float64]
+    assert seen
+    if params == "weights":  # no bias block computed for later, ever
+        assert all(not memo for _, memo in seen)
+    else:  # the weight requests leave the bias blocks, which the bias requests take
+        assert any(memo for name, memo in seen if name == "weight")
+        assert all(k[0] == "bias" for _, memo in seen for k in memo)
+        assert not seen[-1][1]  # all taken

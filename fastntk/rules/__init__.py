@@ -61,11 +61,22 @@ class Outer(NamedTuple):
 Block = Dense | Outer
 
 
+# Symmetric dense Grams at least this wide go to the C++ extension's upper-triangle kernel
+# under method="auto" on the CPU: half the FLOPs of ``a @ a.T``, 1.3-1.9x faster than it
+# from 256 to 36,864 columns at N = 32-1,280 in float32 and float64, slower at 64 columns
+# where the call overhead dominates (python bench/bench_engine_choices.py gram; 2-core
+# AMD EPYC, bench/results/engine_choices_cpu.md). Cross blocks stay on torch.mm, which the
+# C++ kernel does not beat consistently (0.8-1.4x).
+CSRC_GRAM_MIN_COLS = 256
+
+
 def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
     """``<G_A_i, G_B_j>`` for all pairs: (n_A, n_B).
 
     ``backend="triton"`` computes dense Grams with fastntk's Triton kernel
-    (upper-triangle tiles only when ``A is B``).
+    (upper-triangle tiles only when ``A is B``); ``"auto"`` and ``"csrc"`` use the C++
+    extension's upper-triangle kernel for symmetric dense blocks on the CPU (``"csrc"``
+    also for cross blocks), where it is built.
     """
     with phase("gram"):
         if isinstance(A, Outer) and isinstance(B, Outer):
@@ -78,7 +89,24 @@ def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
             from fastntk.kernels.gram import gram
 
             return gram(a, None if A is B else b)
+        if backend in ("auto", "csrc") and _csrc_gram_applies(a, b, backend):
+            from fastntk import _ext
+
+            out = a.new_zeros(a.shape[0], b.shape[0])
+            if A is B:
+                return _ext.gram_sym(a, out)
+            return _ext.gram_cross(a, b, out)
         return a @ b.T
+
+
+def _csrc_gram_applies(a: torch.Tensor, b: torch.Tensor, backend: str) -> bool:
+    if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64):
+        return False
+    if backend == "auto" and (a is not b or a.shape[1] < CSRC_GRAM_MIN_COLS):
+        return False
+    from fastntk import _ext
+
+    return _ext.available()
 
 
 def cat_blocks(blocks: list[Block]) -> Block:
@@ -100,18 +128,61 @@ def add_blocks(blocks: list[Block]) -> Block:
     return Dense(out)
 
 
+class Workspace:
+    """Reusable scratch memory of one ``ntk()`` call.
+
+    One buffer per tag, grown on demand and handed out again for every layer, so that
+    layers of similar size do not each allocate (and page-fault in) fresh memory: with
+    glibc's allocator, blocks of several MB are returned to the system when freed and
+    faulted in again on the next allocation (NB201 at N=128: ~60,000 minor page faults
+    per call before this). A tensor from :meth:`get` stays valid until the next
+    :meth:`get` with the same tag.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, tag: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` with ``like``'s dtype and device (contents undefined)."""
+        numel = 1
+        for v in shape:
+            numel *= v
+        buf = self._bufs.get(tag)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._bufs[tag] = buf
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
 @dataclass
 class Context:
     """What a rule may know about the call it serves.
 
     Attributes:
         bn: ``"eval"`` or ``"per_sample"`` (``"batch"`` never reaches rules).
-        backend: ``"torch"`` (PyTorch ops), ``"csrc"`` (fastntk's C++ conv op; no
-            public method selects it: it did not measure faster) or ``"triton"`` (fastntk's Triton kernels).
+        backend: ``"torch"`` (PyTorch ops only: ``method="layerwise"``), ``"auto"``
+            (PyTorch ops and the C++ extension where it measured faster), ``"csrc"``
+            (the C++ ops wherever they apply; no public method selects it, tests do) or
+            ``"triton"`` (fastntk's Triton kernels).
+        workspace: scratch memory reused across the layers of the call (temporaries of a
+            rule, e.g. convolution patches), or None.
+        params: the module's parameter attributes the kernel needs (``("weight",)``
+            when only weights are selected); empty when unknown.
     """
 
     bn: str
     backend: str = "torch"
+    workspace: Workspace | None = None
+    params: tuple[str, ...] = ()
+
+    def scratch(self, tag: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A temporary of ``shape``: from the workspace when there is one, else new."""
+        if self.workspace is None:
+            return like.new_empty(shape)
+        return self.workspace.get(tag, shape, like)
 
 
 class GramRule:
@@ -125,6 +196,10 @@ class GramRule:
     param_names: tuple[str, ...] = ()
     #: whether :meth:`grad_rows` supports any row range of the parameter's first dim
     supports_rows: bool = False
+    #: whether :meth:`grad_rows` accepts ``out=``: an (n, cols) contiguous tensor to write
+    #: the block's per-sample gradients into (the engine passes reused memory for big
+    #: blocks it consumes at once). A rule may still return a block of its own.
+    supports_out: bool = False
 
     def covers(self, module: nn.Module) -> bool:
         """Whether this rule applies to this instance (default: yes)."""
@@ -137,7 +212,10 @@ class GramRule:
     def grad_rows(
         self, module: nn.Module, saved: Any, gout: torch.Tensor, name: str, r0: int, r1: int
     ) -> Block:
-        """Per-sample gradient of parameter ``name`` restricted to rows ``r0:r1`` of its dim 0."""
+        """Per-sample gradient of parameter ``name`` restricted to rows ``r0:r1`` of its dim 0.
+
+        Rules with :attr:`supports_out` take a keyword ``out=None`` too.
+        """
         raise NotImplementedError
 
     def grad_rows_multi(
@@ -206,6 +284,7 @@ __all__ = [
     "Dense",
     "GramRule",
     "Outer",
+    "Workspace",
     "add_blocks",
     "cat_blocks",
     "find_rule",

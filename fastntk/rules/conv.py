@@ -17,17 +17,23 @@ stride and dilation select the patch positions.
 
 Strategies (one per layer shape; all exact, they differ in summation order):
 
-* 1x1, stride 1: no unfolding, the input is its own patch matrix: one bmm.
-* large output maps (T >= 256 positions, e.g. NB201 stage 1 at 32x32): the
-  weight gradient of a grouped convolution in which every sample is a group
-  (ATen's ``convolution_backward`` for the weight only; no patch buffer).
-* otherwise: patches as strided windows (``Tensor.unfold``), copied once into
-  (n, C_in*k, T) and one bmm.
+* 1x1, stride 1, no padding: the input is its own patch matrix: one bmm.
+* output maps of at least ``GROUPED_MIN_T`` = 64 positions: the weight gradient of a
+  grouped convolution in which every sample is a group (ATen's
+  ``convolution_backward`` for the weight only; no patch buffer), in sample chunks of at
+  most ``GROUPED_CHUNK_BYTES`` of result.
+* smaller maps: patches as strided windows (``Tensor.unfold``), copied once into reused
+  scratch memory (n, C_in*k, T), and one bmm.
 
-Measured on the 2-core development CPU, N=128, best of 3, seconds
+Rows r0:r1 of an ungrouped convolution are its output channels r0:r1: only their
+gradients enter the product. With ``out`` (reused engine memory for blocks consumed at
+once) the block is written there instead of into a new tensor.
+
+Measured on the 2-core development CPU (AMD EPYC, AVX-512), N=128, best of 5, ms
 (``python bench/bench_engine_choices.py conv``, bench/results/engine_choices_cpu.md):
-16->16 ch 3x3 at 32x32: unfold+bmm 0.065, strided 0.049, grouped 0.009, C++ op 0.010;
-64->64 ch 3x3 at 8x8: strided 0.011, grouped 0.039; 1x1 at 32x32: direct 0.0025.
+16->16 ch 3x3 at 32x32: strided 8.8, grouped 2.6, C++ op 4.7; 64->64 ch 3x3 at 8x8:
+strided 6.1, grouped in one call 15.5 (13,792 page faults per call), grouped in chunks
+4.5; 256->256 ch 3x3 at 4x4: strided 25, grouped in chunks 31.
 """
 
 from __future__ import annotations
@@ -39,6 +45,17 @@ import torch.nn.functional as F
 from fastntk.rules import Dense, GramRule, register_gram_rule
 
 
+# Per-sample weight gradients of groups/channels that go through the grouped-convolution
+# strategy, in sample chunks whose result is at most this big: ATen's grouped weight gradient
+# allocates its result and oneDNN scratch of about that size per call, and with glibc's
+# allocator blocks of tens of MB are returned to the system when freed and page-faulted in
+# again on every call (NB201 64 ch 8x8, N=128: 10-18 ms in one call of 128 samples with
+# ~14,000 page faults, 3.2 ms in chunks of 32 with none; bench/bench_engine_choices.py conv).
+GROUPED_CHUNK_BYTES = 4 * 2**20
+# Output positions from which the grouped strategy is used (below: strided patches + bmm).
+GROUPED_MIN_T = 64
+
+
 def _pad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     pads = module._reversed_padding_repeated_twice
     if not any(pads):
@@ -47,12 +64,17 @@ def _pad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pads, mode=mode)
 
 
-def unfold_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def unfold_patches(
+    module: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Patches of a convolution's input: (n, C_in * prod(k), T), channel-major.
 
     Args:
         module: an ``nn.Conv{1,2,3}d``.
         x: its input, (n, C_in, *spatial) (or unbatched (C_in, *spatial)).
+        out: optional contiguous tensor of n * C_in * prod(k) * T elements to write the
+            patches into (reused scratch memory); ignored for pointwise convolutions,
+            whose patches are the input itself.
     """
     nd = len(module.kernel_size)
     if x.dim() == nd + 1:  # unbatched input
@@ -68,7 +90,10 @@ def unfold_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w = w.unfold(2 + j, span, s[j])[..., :: d[j]]
     # w: (n, c, *out_spatial, *k) -> (n, c, *k, *out_spatial)
     perm = [0, 1] + list(range(2 + nd, 2 + 2 * nd)) + list(range(2, 2 + nd))
-    return w.permute(perm).reshape(n, c * _prod(k), -1)
+    w = w.permute(perm)
+    if out is None:
+        return w.reshape(n, c * _prod(k), -1)
+    return out.view(w.shape).copy_(w).view(n, c * _prod(k), -1)
 
 
 def _is_pointwise(module: nn.Module) -> bool:
@@ -79,49 +104,92 @@ def _is_pointwise(module: nn.Module) -> bool:
     )
 
 
-def _grouped_weight_grad(module, x, g, h0, h1):
-    """Per-sample weight gradients of groups h0:h1 as one grouped conv weight gradient.
+def _grouped_weight_grad(module, xs, gs, hg, out=None):
+    """Per-sample weight gradients as the weight gradient of one grouped convolution.
 
-    Samples become groups: input (1, n*C_in_g, ...), output grad (1, n*C_out_g, ...),
-    groups = n * (h1 - h0); the result (n*C_out_g, C_in/groups, *k) is per sample.
+    Samples become groups: input (1, n*C_in_g*hg, ...), output gradient
+    (1, n*og*hg, ...), groups = n * hg; the result (n*hg*og, C_in_g, *k) is per sample.
+    ``xs`` holds the input channels of ``hg`` consecutive groups of the module, ``gs``
+    the output gradients of the same groups (``og`` channels each: a subset of a
+    group's channels when ``hg == 1``). Computed in sample chunks of at most
+    ``GROUPED_CHUNK_BYTES`` of result, written into ``out`` (n, hg*og, D) when given.
     """
     nd = len(module.kernel_size)
-    n = x.shape[0]
-    groups = module.groups
-    cin_g = x.shape[1] // groups
-    og = g.shape[1] // groups
-    xs = x[:, h0 * cin_g : h1 * cin_g]
-    gs = g[:, h0 * og : h1 * og]
+    n = xs.shape[0]
+    cin_g = xs.shape[1] // hg
+    og = gs.shape[1] // hg
     pads = module._reversed_padding_repeated_twice
     symmetric = all(pads[2 * j] == pads[2 * j + 1] for j in range(nd))
     if module.padding_mode == "zeros" and symmetric:
         padding = [pads[2 * (nd - 1 - j)] for j in range(nd)]
     else:
         xs, padding = _pad(module, xs), [0] * nd
-    ng = n * (h1 - h0)
-    wshape = (ng * og, cin_g, *module.kernel_size)
-    dummy = gs.new_empty(1).expand(wshape)
-    _, gw, _ = torch.ops.aten.convolution_backward(
-        gs.reshape(1, ng * og, *gs.shape[2:]),
-        xs.reshape(1, ng * cin_g, *xs.shape[2:]),
-        dummy,
-        None,
-        list(module.stride),
-        padding,
-        list(module.dilation),
-        False,
-        [0] * nd,
-        ng,
-        [False, True, False],
-    )
-    return gw.reshape(n, (h1 - h0) * og, -1)
+    D = cin_g * _prod(module.kernel_size)
+    per_sample = hg * og * D * gs.element_size()
+    chunk = max(1, min(n, GROUPED_CHUNK_BYTES // max(1, per_sample)))
+    if out is not None:
+        out = out.view(n, hg * og, D)
+    elif chunk < n:
+        out = gs.new_empty(n, hg * og, D)
+    for s0 in range(0, n, chunk):
+        s1 = min(n, s0 + chunk)
+        ng = (s1 - s0) * hg
+        dummy = gs.new_empty(1).expand(ng * og, cin_g, *module.kernel_size)
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            gs[s0:s1].reshape(1, ng * og, *gs.shape[2:]),
+            xs[s0:s1].reshape(1, ng * cin_g, *xs.shape[2:]),
+            dummy,
+            None,
+            list(module.stride),
+            padding,
+            list(module.dilation),
+            False,
+            [0] * nd,
+            ng,
+            [False, True, False],
+        )
+        gw = gw.view(s1 - s0, hg * og, D)
+        if chunk == n:  # one chunk: the result as it is
+            return gw
+        out[s0:s1].copy_(gw)
+    return out
+
+
+def _patches_weight_grad(module, ctx, xs, gs, hg, out=None):
+    """Per-sample weight gradients as patches (strided windows, or the input itself for
+    pointwise convolutions) times output gradients: one batched matmul.
+
+    Arguments as :func:`_grouped_weight_grad`; the patches go to reused scratch memory.
+    """
+    n, c = xs.shape[:2]
+    T = gs[0, 0].numel()
+    if _is_pointwise(module):
+        U = xs.reshape(n, c, T)
+    else:
+        size = (n * c * _prod(module.kernel_size) * T,)
+        U = unfold_patches(module, xs, ctx.scratch("conv.patches", size, xs))
+    og = gs.shape[1] // hg
+    g = gs.reshape(n, hg, og, T)
+    if hg == 1:
+        G = out.view(n, og, U.shape[1]) if out is not None else None
+        return torch.bmm(g[:, 0], U.transpose(1, 2), out=G)
+    Ug = U.reshape(n, hg, U.shape[1] // hg, T)
+    G = torch.matmul(g, Ug.transpose(-1, -2))  # (n, hg, og, cgk)
+    return G.reshape(n, hg * og, -1)
+
+
+def _weight_grad(module, ctx, xs, gs, hg, out=None):
+    """(n, hg*og, D) per-sample weight gradients by the strategy for this shape."""
+    if gs[0, 0].numel() >= GROUPED_MIN_T and not _is_pointwise(module):
+        return _grouped_weight_grad(module, xs, gs, hg, out)
+    return _patches_weight_grad(module, ctx, xs, gs, hg, out)
 
 
 def _compiled_weight_grad(module, x, gout, backend, T):
     """fastntk's own kernels for 2-D convolutions: Triton (``method="triton"``), or the C++
-    op for ``backend="csrc"`` (maps of >= 1024 positions; not chosen by ``"auto"``, see
-    the module docstring). Returns (n, C_out, C_in/groups, kh, kw) or None."""
-    if len(module.kernel_size) != 2 or backend == "torch":
+    op for ``backend="csrc"`` (not chosen by ``"auto"``, see the module docstring).
+    Returns (n, C_out, C_in/groups, kh, kw) or None."""
+    if len(module.kernel_size) != 2 or backend not in ("triton", "csrc"):
         return None
     pads = module._reversed_padding_repeated_twice
     if module.padding_mode == "zeros" and pads[0] == pads[1] and pads[2] == pads[3]:
@@ -139,10 +207,10 @@ def _compiled_weight_grad(module, x, gout, backend, T):
         from fastntk.kernels.conv_psg import conv2d_psg
 
         return conv2d_psg(xs, gout, **kw)
-    if backend == "csrc" and T >= 1024 and x.device.type == "cpu":
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         from fastntk import _ext
 
-        if x.dtype in (torch.float32, torch.float64) and _ext.available():
+        if _ext.available():
             return _ext.conv2d_psg(xs, gout, **kw)
     return None
 
@@ -160,9 +228,10 @@ def _prod(t) -> int:
 class ConvRule(GramRule):
     param_names = ("weight", "bias")
     supports_rows = True
+    supports_out = True
 
     def save(self, module, args, kwargs, output, ctx):
-        return (args[0], ctx.backend)
+        return (args[0], ctx)
 
     def grad_rows_multi(self, module, saved, gouts, name, r0, r1):
         # Several logits' output gradients of one ungrouped convolution: stacked as
@@ -173,23 +242,24 @@ class ConvRule(GramRule):
         # bench/bench_engine_choices.py trace; bench/results/engine_choices_cpu.md).
         if name != "weight" or module.groups != 1 or len(gouts) == 1:
             return super().grad_rows_multi(module, saved, gouts, name, r0, r1)
-        x, backend = saved
+        x, ctx = saved
         K, nd = len(gouts), len(module.kernel_size)
-        if backend != "torch":  # the compiled kernels take the stacked gradients as one
-            G = self.grad_rows(module, saved, torch.cat(gouts, 1), name, 0, K * gouts[0].shape[1]).G
+        if ctx.backend in ("triton", "csrc"):  # the compiled kernels take the stacked gradients
+            c = K * gouts[0].shape[1]
+            G = self.grad_rows(module, saved, torch.cat(gouts, 1), name, 0, c).G
+            G = G.reshape(G.shape[0], c, -1)
         else:
             if x.dim() == nd + 1:
                 x, gouts = x.unsqueeze(0), [g.unsqueeze(0) for g in gouts]
-            n = x.shape[0]
-            U = unfold_patches(module, x)  # (n, C_in*k, T)
-            g = torch.cat(gouts, 1).reshape(n, -1, U.shape[-1])  # (n, K*C_out, T)
-            G = torch.bmm(g, U.transpose(1, 2))  # (n, K*C_out, C_in*k)
-        n, c_out = G.shape[0], gouts[0].shape[1]
+            g = torch.cat([gk[:, r0:r1] for gk in gouts], 1)  # (n, K*rows, ...)
+            G = _weight_grad(module, ctx, x, g, 1)  # (n, K*rows, C_in*k)
+            r0, r1 = 0, r1 - r0
+        n, c_out = G.shape[0], G.shape[1] // K
         G = G.reshape(n, K, c_out, -1)[:, :, r0:r1]
         return [Dense(G[:, k].reshape(n, -1)) for k in range(K)]
 
-    def grad_rows(self, module, saved, gout, name, r0, r1):
-        x, backend = saved
+    def grad_rows(self, module, saved, gout, name, r0, r1, out=None):
+        x, ctx = saved
         nd = len(module.kernel_size)
         if gout.dim() == nd + 1:
             gout = gout.unsqueeze(0)
@@ -197,24 +267,23 @@ class ConvRule(GramRule):
         g = gout.reshape(n, c_out, -1)  # (n, C_out, T)
         if name == "bias":
             return Dense(g[:, r0:r1].sum(2))
-        groups = module.groups
-        og = c_out // groups
-        h0, h1 = r0 // og, -(-r1 // og)  # groups touched by rows r0:r1
         if x.dim() == nd + 1:
             x = x.unsqueeze(0)
-        compiled = _compiled_weight_grad(module, x, gout, backend, g.shape[-1])
+        T = g.shape[-1]
+        compiled = _compiled_weight_grad(module, x, gout, ctx.backend, T)
         if compiled is not None:
-            G = compiled.reshape(n, c_out, -1)[:, r0:r1]
-            return Dense(G.reshape(n, -1))
-        if g.shape[-1] >= 256 and not _is_pointwise(module):
-            G = _grouped_weight_grad(module, x, gout, h0, h1)
-            return Dense(G[:, r0 - h0 * og : r1 - h0 * og].reshape(n, -1))
-        U = unfold_patches(module, x)  # (n, C_in*K, T)
-        T = U.shape[-1]
-        cgk = U.shape[1] // groups
-        Ug = U.reshape(n, groups, cgk, T)[:, h0:h1]  # (n, hg, cgk, T)
-        gg = g.reshape(n, groups, og, T)[:, h0:h1]  # (n, hg, og, T)
-        hg = h1 - h0
-        G = torch.matmul(gg, Ug.transpose(-1, -2))  # (n, hg, og, cgk)
-        G = G.reshape(n, hg * og, cgk)[:, r0 - h0 * og : r1 - h0 * og]
-        return Dense(G.reshape(n, -1))
+            return Dense(compiled.reshape(n, c_out, -1)[:, r0:r1].reshape(n, -1))
+        groups = module.groups
+        og = c_out // groups
+        if groups == 1:  # rows r0:r1 are output channels r0:r1: only their gradients
+            h0, h1, xs, gs = 0, 1, x, gout[:, r0:r1]
+            lo, hi = 0, r1 - r0
+        else:  # the groups that rows r0:r1 touch, sliced afterwards
+            h0, h1 = r0 // og, -(-r1 // og)
+            cin_g = x.shape[1] // groups
+            xs, gs = x[:, h0 * cin_g : h1 * cin_g], gout[:, h0 * og : h1 * og]
+            lo, hi = r0 - h0 * og, r1 - h0 * og
+            if (lo, hi) != (0, gs.shape[1]):
+                out = None  # the result is sliced: not written into ``out``
+        G = _weight_grad(module, ctx, xs, gs, h1 - h0, out)
+        return Dense(G[:, lo:hi].reshape(n, -1))
