@@ -3,6 +3,7 @@
 * ``conv``: per-sample conv weight-gradient strategies at NAS-Bench-201 and ResNet shapes
   (strided patches+bmm, grouped-conv weight gradient in one call or in sample chunks, the
   C++ op), with page faults per call.
+* ``chunks``: the grouped strategy's sample chunks inside ``ntk()`` (time and page faults).
 * ``gram``: symmetric and cross Gram blocks, torch.mm vs the C++ kernels.
 * ``affine``: BatchNorm weight+bias blocks, PyTorch ops vs the C++ one-pass op.
 * ``trace``: "trace" over 10 logits with all logits' gradients handed to the rules at
@@ -14,7 +15,7 @@
   with ``is_grads_batched``.
 
 Usage:
-    python bench/bench_engine_choices.py [conv] [gram] [affine] [trace] [pool] [coupled]
+    python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [trace] [pool] [coupled]
 """
 
 from __future__ import annotations
@@ -108,6 +109,50 @@ def _conv_row(n, ci, co, h, k, s):
         cpp = f"{1e3 * t:.2f} ({f})"
     body = " | ".join(f"{1e3 * t:.2f} ({f})" for t, f in cells)
     return f"| {ci}->{co} | {k} | {s} | {h}x{h} | {body} | {cpp} |"
+
+
+def chunks(reps=3):
+    """The grouped strategy's sample chunks inside the engine (``GROUPED_CHUNK_BYTES``):
+    NB201 "sum" kernels, time and minor page faults of all grouped per-sample gradients of
+    one call, per conv shape (channels, map), best call of ``reps``."""
+    print("## grouped per-sample conv gradients inside ntk(), NB201 sum, by chunk size "
+          "(ms, page faults per call)")
+    print("| N | chunk | 16 ch 32x32 | 32 ch 16x16 | 64 ch 8x8 | ntk() s |")
+    print("|---|---|---|---|---|---|")
+    orig, saved = conv_rule._grouped_weight_grad, conv_rule.GROUPED_CHUNK_BYTES
+    stats: dict = {}
+
+    def spy(module, xs, gs, hg, out=None):
+        f0, t = _faults(), time.perf_counter()
+        res = orig(module, xs, gs, hg, out)
+        key = (xs.shape[1], gs.shape[-1])
+        if module.stride[0] == 1 and key in ((16, 32), (32, 16), (64, 8)):
+            st = stats.setdefault(key, [0.0, 0])
+            st[0] += time.perf_counter() - t
+            st[1] += _faults() - f0
+        return res
+
+    conv_rule._grouped_weight_grad = spy
+    try:
+        for n in (64, 128):
+            m, x = _model(n)
+            for label, size in (("1 MiB", 2**20), ("4 MiB", 4 * 2**20), ("one call", 2**62)):
+                conv_rule.GROUPED_CHUNK_BYTES = size
+                fastntk.ntk(m, x)
+                best = None
+                for _ in range(reps):
+                    stats.clear()
+                    t = time.perf_counter()
+                    fastntk.ntk(m, x)
+                    total = time.perf_counter() - t
+                    if best is None or total < best[0]:
+                        best = (total, dict(stats))
+                cells = " | ".join(
+                    f"{1e3 * best[1][k][0]:.1f} ({best[1][k][1]})" for k in ((16, 32), (32, 16), (64, 8))
+                )
+                print(f"| {n} | {label} | {cells} | {best[0]:.3f} |")
+    finally:
+        conv_rule._grouped_weight_grad, conv_rule.GROUPED_CHUNK_BYTES = orig, saved
 
 
 def gram():
@@ -225,8 +270,8 @@ def coupled(n=64):
 
 
 if __name__ == "__main__":
-    sections = {"conv": conv, "gram": gram, "affine": affine, "trace": trace, "pool": pool,
-                "coupled": coupled}
+    sections = {"conv": conv, "chunks": chunks, "gram": gram, "affine": affine, "trace": trace,
+                "pool": pool, "coupled": coupled}
     which = sys.argv[1:] or list(sections)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for w in which:

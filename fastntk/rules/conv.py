@@ -45,13 +45,16 @@ import torch.nn.functional as F
 from fastntk.rules import Dense, GramRule, register_gram_rule
 
 
-# Per-sample weight gradients of groups/channels that go through the grouped-convolution
-# strategy, in sample chunks whose result is at most this big: ATen's grouped weight gradient
-# allocates its result and oneDNN scratch of about that size per call, and with glibc's
-# allocator blocks of tens of MB are returned to the system when freed and page-faulted in
-# again on every call (NB201 64 ch 8x8, N=128: 10-18 ms in one call of 128 samples with
-# ~14,000 page faults, 3.2 ms in chunks of 32 with none; bench/bench_engine_choices.py conv).
-GROUPED_CHUNK_BYTES = 4 * 2**20
+# The grouped-convolution strategy runs in sample chunks whose result is at most this big.
+# ATen's grouped weight gradient allocates its result and oneDNN scratch of a few times that
+# size per call; glibc returns freed blocks of tens of MB to the system and page-faults them
+# in again on the next call, and whether it does depends on the process's heap history.
+# Small chunks keep every allocation small: one call of 128 samples at 64 ch 8x8 measured
+# 15.5 ms with 13,792 faults, chunks 4.5 ms (python bench/bench_engine_choices.py conv);
+# inside ntk() the chunk size moved NB201's N=64 kernel between 0.37 and 0.50 s, the
+# fastest size differing from process to process (... chunks; 2-core AMD EPYC,
+# bench/results/engine_choices_cpu.md). 1 MiB never showed the large fault counts.
+GROUPED_CHUNK_BYTES = 2**20
 # Output positions from which the grouped strategy is used (below: strided patches + bmm).
 GROUPED_MIN_T = 64
 
