@@ -175,3 +175,17 @@ def test_errors_exit_2_with_one_line(capsys, argv, needle):
     assert needle in err
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_demo_prints_kernel_times_and_paths(capsys):
+    """The README's main job (``make demo``) on a small batch: kernel, both timings, the warm
+    call's phases, spectrum and paths."""
+    from fastntk import demo
+
+    assert demo.main(["--n", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "Θ             (16, 16) torch.float32" in out
+    assert "first call" in out and "warm call" in out and "samples/s" in out
+    assert "seconds by phase: forward" in out and "per_sample" in out
+    assert "λmax" in out and "cond" in out and "LGA" in out
+    assert "rule:ConvRule" in out and "rule:BatchNormRule" in out
