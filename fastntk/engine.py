@@ -306,10 +306,10 @@ def _backend(method: str, device: torch.device) -> str:
     """Which kernels the layerwise rules use.
 
     ``"layerwise"``: PyTorch ops only (``"torch"``). ``"auto"``: PyTorch ops, plus the C++
-    extension's symmetric Gram on the CPU where it measured faster (see
-    ``rules.CSRC_GRAM_MIN_COLS``); the Triton kernels are unmeasured on a GPU, so auto
-    does not pick them. ``"triton"``: fastntk's Triton kernels (a GPU, or
-    ``TRITON_INTERPRET=1``).
+    extension's ops on the CPU where they measured faster: the symmetric Gram (see
+    ``rules.CSRC_GRAM_MIN_COLS``) and BatchNorm's one-pass weight/bias blocks
+    (``rules.norm``); the Triton kernels are unmeasured on a GPU, so auto does not pick
+    them. ``"triton"``: fastntk's Triton kernels (a GPU, or ``TRITON_INTERPRET=1``).
     """
     if method == "triton":
         try:

@@ -115,7 +115,8 @@ def _grouped_weight_grad(module, xs, gs, hg, out=None):
     ``xs`` holds the input channels of ``hg`` consecutive groups of the module, ``gs``
     the output gradients of the same groups (``og`` channels each: a subset of a
     group's channels when ``hg == 1``). Computed in sample chunks of at most
-    ``GROUPED_CHUNK_BYTES`` of result, written into ``out`` (n, hg*og, D) when given.
+    ``GROUPED_CHUNK_BYTES`` of result; several chunks are written into ``out``
+    (n, hg*og, D) when given, a single one is returned as ATen made it.
     """
     nd = len(module.kernel_size)
     n = xs.shape[0]
