@@ -60,7 +60,7 @@ setup(
         "triton": ["triton>=3.6"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10"],
     },
-    entry_points={"console_scripts": ["fastntk=fastntk.cli:main"]},
+    entry_points={"console_scripts": ["fastntk=fastntk.cli:entry"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -65,13 +65,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(provider: str, n: int, output: str, repeats: int, device: str, loop_rows: int) -> dict:
+def measure(
+    provider: str, n: int, output: str, repeats: int, device: str, loop_rows: int, tune: bool
+) -> dict:
     """Runs in the child process."""
     import torch
 
     import fastntk
 
     torch.set_grad_enabled(True)
+    if tune:
+        assert fastntk.tune_allocator()["applied"], "tune_allocator() had no effect here"
     model, x = _workload(n, device)
     info: dict = {}
 
@@ -216,12 +220,20 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--loop-rows", type=int, default=16, help="rows timed for the loop (0 = all)")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="every provider's process calls fastntk.tune_allocator() first (glibc keeps "
+        "freed memory; the floor and vmap benefit as much as fastntk)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
         prov, n = args.child.split(":")
-        res = measure(prov, int(n), args.output, args.repeats, args.device, args.loop_rows)
+        res = measure(
+            prov, int(n), args.output, args.repeats, args.device, args.loop_rows, args.tune_allocator
+        )
         print("RESULT " + json.dumps(res))
         return 0
 
@@ -252,7 +264,7 @@ def _child(prov: str, n: int, args, r: int) -> dict:
         str(args.loop_rows),
         "--device",
         args.device,
-    ]
+    ] + (["--tune-allocator"] if args.tune_allocator else [])
     sys.stderr.write(
         f"  measuring {prov} at N={n} ({args.output}), round {r + 1}/{args.rounds} ...\n"
     )
@@ -301,7 +313,9 @@ def _report(rows, info, args):
         f"Machine: {info['device_name']} ({info['device']}, {info['cpus']} CPUs), torch {info['torch']}, "
         f"git {info['git']}, {info['date']}.",
         f"Command: `python bench/bench_engine.py --n {args.n} --output {args.output} "
-        f"--providers {args.providers} --repeats {args.repeats} --rounds {args.rounds}`",
+        f"--providers {args.providers} --repeats {args.repeats} --rounds {args.rounds}"
+        + (" --tune-allocator" if args.tune_allocator else "")
+        + "`",
         "",
         hdr,
         "|" + "---|" * 11,

@@ -7,7 +7,8 @@ The public face is small:
 * :func:`explain` — which path each parameter takes and the memory a call needs;
 * :func:`register_gram_rule` — add a per-layer rule for your own module type;
 * :func:`env` — what this installation can use (C++ extension, Triton, CUDA);
-* :func:`profile` — where the time of the calls inside a ``with`` block goes.
+* :func:`profile` — where the time of the calls inside a ``with`` block goes;
+* :func:`tune_allocator` — opt-in, process-wide: let glibc keep freed memory for reuse.
 
 Metrics live in :mod:`fastntk.metrics`, search spaces in :mod:`fastntk.spaces`,
 search algorithms in :mod:`fastntk.search`; errors in :mod:`fastntk.errors`.
@@ -38,6 +39,14 @@ def env() -> dict:
     return _env()
 
 
+def tune_allocator(mmap_threshold: int = 2**30, trim_threshold: int = 2**31 - 1) -> dict:
+    """Opt-in, process-wide: make glibc keep freed memory for reuse (see
+    :func:`fastntk._env.tune_allocator`; fastntk never calls it by itself)."""
+    from fastntk._env import tune_allocator as _tune
+
+    return _tune(mmap_threshold, trim_threshold)
+
+
 __all__ = [
     "FastNTKError",
     "env",
@@ -46,5 +55,6 @@ __all__ = [
     "ntk_sketch",
     "profile",
     "register_gram_rule",
+    "tune_allocator",
     "__version__",
 ]

@@ -5,15 +5,15 @@ import sys
 
 def _main() -> int:
     argv = sys.argv[1:]
+    from fastntk.cli import tune_own_process
+
+    tune_own_process()
     if argv[:1] == ["demo"]:
         from fastntk.demo import main
 
         return main(argv[1:])
-    try:
-        from fastntk.cli import main as cli_main
-    except ImportError:
-        print("usage: python -m fastntk demo [--n N] [--arch STR]", file=sys.stderr)
-        return 2
+    from fastntk.cli import main as cli_main
+
     return cli_main(argv)
 
 

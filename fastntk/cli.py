@@ -591,6 +591,22 @@ _COMMANDS = {"score": _cmd_score, "search": _cmd_search, "evaluate": _cmd_evalua
              "bench": _cmd_bench}
 
 
+def tune_own_process() -> dict | None:
+    """The command line owns its process: let glibc keep freed memory for reuse there
+    (:func:`fastntk.tune_allocator`), unless ``FASTNTK_TUNE_ALLOCATOR=0``."""
+    if os.environ.get("FASTNTK_TUNE_ALLOCATOR", "1").strip() in ("0", "false", "no", "off"):
+        return None
+    from fastntk import tune_allocator
+
+    return tune_allocator()
+
+
+def entry() -> int:
+    """The ``fastntk`` console script: :func:`main` in a process tuned for it."""
+    tune_own_process()
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 usage or input error)."""
     try:

@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"data          {args.n} real CIFAR-10 images (bundled sample), seed {args.seed}")
     print(f"kernel        output={args.output!r}, bn={args.bn!r}, float32, method='auto'")
+    tuned = fastntk.env().get("allocator_tuned")
+    print(
+        "allocator     "
+        + ("glibc tuned to keep freed memory (fastntk.tune_allocator; FASTNTK_TUNE_ALLOCATOR=0 "
+           "skips it)" if tuned else "as the process found it")
+    )
     t0 = time.perf_counter()
     theta = fastntk.ntk(model, x, output=args.output, bn=args.bn)
     dt = time.perf_counter() - t0

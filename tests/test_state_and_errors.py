@@ -193,3 +193,44 @@ def test_no_activation_outlives_the_call(output, chunk):
     finally:
         gc.enable()
         h.remove()
+
+
+def test_tune_allocator_in_its_own_process():
+    """tune_allocator changes glibc's settings of the process it runs in (here a child, so
+    the test process stays as it was); kernels are the same afterwards."""
+    import platform
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastntk\n"
+        "from fastntk.spaces import nb201\n"
+        "torch.manual_seed(0)\n"
+        "m = nb201.build_model('|nor_conv_3x3~0|+|skip_connect~0|none~1|+|none~0|none~1|avg_pool_3x3~2|')\n"
+        "x = torch.randn(6, 3, 32, 32)\n"
+        "a = fastntk.ntk(m, x)\n"
+        "assert not fastntk.env()['allocator_tuned']\n"
+        "r = fastntk.tune_allocator()\n"
+        "print(r['applied'], fastntk.env()['allocator_tuned'])\n"
+        "assert torch.equal(a, fastntk.ntk(m, x))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    expect = "True True" if platform.libc_ver()[0] == "glibc" else "False False"
+    assert out.stdout.split("\n")[0] == expect
+
+
+def test_tune_allocator_off_glibc_changes_nothing(monkeypatch):
+    import platform
+
+    from fastntk import _env
+
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    r = _env.tune_allocator()
+    assert r["applied"] is False and "not glibc" in r["reason"]
+
+
+def test_command_line_tuning_can_be_switched_off(monkeypatch):
+    from fastntk import cli
+
+    monkeypatch.setenv("FASTNTK_TUNE_ALLOCATOR", "0")
+    assert cli.tune_own_process() is None
