@@ -7,7 +7,8 @@ build environment; see README).
 
 Environment variables:
     FASTNTK_NO_EXT=1       skip the C++ extension (the package works without it).
-    FASTNTK_FORCE_CUDA=1   build the CUDA part of the extension even without a visible GPU.
+
+The extension is CPU-only; fastntk's GPU kernels are the Triton kernels of ``kernels/``.
 """
 
 from __future__ import annotations

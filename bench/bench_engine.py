@@ -226,6 +226,7 @@ def main(argv=None) -> int:
         help="every provider's process calls fastntk.tune_allocator() first (glibc keeps "
         "freed memory; the floor and vmap benefit as much as fastntk)",
     )
+    ap.add_argument("--csv", help="append the rows here (default bench/results/engine_<device>.csv)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -347,8 +348,8 @@ def _report(rows, info, args):
         lines += ["", "Phase split of one more call under `fastntk.profile()` (seconds):", *phases]
     text = "\n".join(lines)
     print(text)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"engine_{info['device']}.csv")
+    path = args.csv or os.path.join(HERE, "results", f"engine_{info['device']}.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.writer(f)

@@ -84,17 +84,20 @@ def tune_allocator(
 
     By default glibc hands freed blocks of several MB back to the system (``munmap``,
     heap trimming) and page-faults them in again on the next allocation; PyTorch on the CPU
-    allocates such blocks for every layer of every backward pass. Measured on the 2-core
-    development CPU, NB201 "trace" at N=256 (ten backward passes): 17.2 s with ~2.5
-    million page faults per call by default, 12.3 s with ~15,000 after this call
-    (``python bench/bench_engine.py --n 256 --output trace --tune-allocator``, README).
-    This sets ``M_MMAP_THRESHOLD`` (blocks below it come from the heap, which is reused)
-    and ``M_TRIM_THRESHOLD`` (free memory the heap keeps). Both together: setting only the
-    trim threshold turns off glibc's adaptive mmap threshold and makes it worse.
+    allocates such blocks for every layer of every backward pass. This sets
+    ``M_MMAP_THRESHOLD`` (blocks below it come from the heap, which is reused) and
+    ``M_TRIM_THRESHOLD`` (free memory the heap keeps); both together, since setting only
+    the trim threshold turns off glibc's adaptive mmap threshold and makes it worse.
 
-    Trade-off: the process keeps its peak heap instead of returning memory to the system,
-    for the rest of its life. fastntk never calls this itself; the ``fastntk`` command
-    line does, for its own process (``--no-tune-allocator`` to skip).
+    Whether it pays depends on the workload (2-core development CPU, NB201, medians of
+    ``python bench/bench_engine.py ... [--tune-allocator]``, README "Benchmarks"): "trace"
+    at N=256 14.3 -> 12.6 s and torch.func vmap(jacrev) 1.6-1.9x faster, but fastntk's
+    "sum" kernels slower (N=64 0.37 -> 0.46 s, N=128 0.76 -> 0.86 s), which keep their big
+    temporaries in reused memory already.
+
+    The process keeps its peak heap instead of returning memory to the system, for the
+    rest of its life. fastntk never calls this by itself; the ``fastntk`` command line
+    does for its own process when ``FASTNTK_TUNE_ALLOCATOR=1``.
 
     Returns:
         ``{"applied": bool, "reason": str | None, "mmap_threshold": int,

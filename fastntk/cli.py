@@ -592,9 +592,11 @@ _COMMANDS = {"score": _cmd_score, "search": _cmd_search, "evaluate": _cmd_evalua
 
 
 def tune_own_process() -> dict | None:
-    """The command line owns its process: let glibc keep freed memory for reuse there
-    (:func:`fastntk.tune_allocator`), unless ``FASTNTK_TUNE_ALLOCATOR=0``."""
-    if os.environ.get("FASTNTK_TUNE_ALLOCATOR", "1").strip() in ("0", "false", "no", "off"):
+    """With ``FASTNTK_TUNE_ALLOCATOR=1``, let glibc keep freed memory for reuse in the
+    command line's own process (:func:`fastntk.tune_allocator`). Off by default: it
+    speeds up "trace" kernels at large N but slows the "sum" kernels of NAS scoring
+    (README, "Benchmarks")."""
+    if os.environ.get("FASTNTK_TUNE_ALLOCATOR", "0").strip() not in ("1", "true", "yes", "on"):
         return None
     from fastntk import tune_allocator
 
@@ -602,7 +604,7 @@ def tune_own_process() -> dict | None:
 
 
 def entry() -> int:
-    """The ``fastntk`` console script: :func:`main` in a process tuned for it."""
+    """The ``fastntk`` console script (:func:`main`, after :func:`tune_own_process`)."""
     tune_own_process()
     return main()
 

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     tuned = fastntk.env().get("allocator_tuned")
     print(
         "allocator     "
-        + ("glibc tuned to keep freed memory (fastntk.tune_allocator; FASTNTK_TUNE_ALLOCATOR=0 "
-           "skips it)" if tuned else "as the process found it")
+        + ("glibc tuned to keep freed memory (FASTNTK_TUNE_ALLOCATOR=1)" if tuned
+           else "as the process found it (FASTNTK_TUNE_ALLOCATOR=1 tunes glibc)")
     )
     t0 = time.perf_counter()
     theta = fastntk.ntk(model, x, output=args.output, bn=args.bn)

@@ -229,8 +229,14 @@ def test_tune_allocator_off_glibc_changes_nothing(monkeypatch):
     assert r["applied"] is False and "not glibc" in r["reason"]
 
 
-def test_command_line_tuning_can_be_switched_off(monkeypatch):
-    from fastntk import cli
+def test_command_line_tuning_is_opt_in(monkeypatch):
+    from fastntk import _env, cli
 
+    monkeypatch.delenv("FASTNTK_TUNE_ALLOCATOR", raising=False)
+    assert cli.tune_own_process() is None
     monkeypatch.setenv("FASTNTK_TUNE_ALLOCATOR", "0")
     assert cli.tune_own_process() is None
+    calls = []
+    monkeypatch.setattr(_env, "tune_allocator", lambda *a: calls.append(a) or {"applied": True})
+    monkeypatch.setenv("FASTNTK_TUNE_ALLOCATOR", "1")
+    assert cli.tune_own_process() == {"applied": True} and calls

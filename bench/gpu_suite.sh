@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# fastntk's GPU checks and benchmarks (issue 3), prepared for one call of the lent GPU
+# machine each (a call may run 10 minutes; a session has 15 minutes of device time):
+#
+#   bash bench/gpu_suite.sh check    # methods vs the float64 oracle on CUDA, Triton Gram modes (~3 min)
+#   bash bench/gpu_suite.sh engine   # NB201 N=1024 "sum" and "trace": floor, auto, triton, vmap (~5 min)
+#   bash bench/gpu_suite.sh scale    # exact N=16384 "sum", sketch N=100,000 m=4096 (~5 min)
+#   bash bench/gpu_suite.sh all      # the three in turn (more than one call's 10 minutes)
+#   SMOKE=1 bash bench/gpu_suite.sh all   # the same plumbing on this CPU, tiny sizes (Triton interpreter)
+#
+# Results go to $OUT (on the lent machine its files come back to the session), default
+# bench/results/gpu: gpu_check.md, the engine tables, engine_<device>.csv, suite.log.
+# fastntk runs from a copy of this tree on PYTHONPATH (nothing is installed there; the C++
+# extension is CPU-only and not needed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${OUT:-$ROOT/bench/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SITE=$(mktemp -d)
+mkdir -p "$SITE/fastntk"
+cp -r "$ROOT"/fastntk/. "$SITE/fastntk/"
+rm -f "$SITE"/fastntk/_C*.so  # a CPU build of the extension from this machine: not for there
+cp -r "$ROOT/kernels" "$SITE/fastntk/kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  export TRITON_INTERPRET=1
+  DEV=cpu; N=16; LN=300; LCHUNK=128; SN=600; SM=256; SCHUNK=256
+  GRAM="64x512,97x1023"; BIGCHUNK=128
+  TRITON=""  # NB201 in Triton's interpreter takes many minutes; tests/ cover it on small models
+else
+  DEV=cuda; N=1024; LN=16384; LCHUNK=2048; SN=100000; SM=4096; SCHUNK=4096
+  GRAM="1024x36864,4096x9216,16384x2304"; BIGCHUNK=1024
+  TRITON=",triton"
+fi
+
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/suite.log"; }
+step() {  # step SECONDS CMD...: run with a time limit, keep going on failure
+  local limit=$1
+  shift
+  log "$*"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/suite.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || log "exit status $rc"
+}
+
+check() {
+  step 60 python3 -c "import json, fastntk; print(json.dumps(fastntk.env()))"
+  step 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  step 240 python3 bench/gpu_check.py --device "$DEV" --gram-shapes "$GRAM" --out "$OUT/gpu_check.md"
+}
+
+engine() {
+  step 200 python3 bench/bench_engine.py --device "$DEV" --n "$N" --output sum \
+    --providers "fwdbwd,floor,auto,layerwise$TRITON,vmap" --repeats 3 --csv "$OUT/engine_$DEV.csv"
+  step 200 python3 bench/bench_engine.py --device "$DEV" --n "$N" --output trace \
+    --providers "fwdbwd,floor,auto$TRITON,vmap" --repeats 2 --csv "$OUT/engine_$DEV.csv"
+}
+
+scale() {
+  step 200 python3 bench/bench_large_n.py --device "$DEV" --n "$LN" --chunk "$LCHUNK" --check 512
+  step 200 python3 bench/bench_sketch.py --device "$DEV" --n "$SN" --m "$SM" --chunk "$SCHUNK" --check "$BIGCHUNK"
+}
+
+case "${1:-all}" in
+  check) check ;;
+  engine) engine ;;
+  scale) scale ;;
+  all) check; engine; scale ;;
+  *) echo "usage: bash bench/gpu_suite.sh check|engine|scale|all" >&2; exit 2 ;;
+esac
+rm -rf "$SITE"
+log "done; results in $OUT"
