@@ -91,7 +91,7 @@ def tune_allocator(
 
     Whether it pays depends on the workload (2-core development CPU, NB201, medians of
     ``python bench/bench_engine.py ... [--tune-allocator]``, README "Benchmarks"): "trace"
-    at N=256 14.3 -> 12.6 s and torch.func vmap(jacrev) 1.6-1.9x faster, but fastntk's
+    at N=256 14.3 -> 12.6 s and torch.func vmap(jacrev) 1.2-1.9x faster, but fastntk's
     "sum" kernels slower (N=64 0.37 -> 0.46 s, N=128 0.76 -> 0.86 s), which keep their big
     temporaries in reused memory already.
 
