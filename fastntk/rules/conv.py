@@ -31,9 +31,9 @@ once) the block is written there instead of into a new tensor.
 
 Measured on the 2-core development CPU (AMD EPYC, AVX-512), N=128, best of 5, ms
 (``python bench/bench_engine_choices.py conv``, bench/results/engine_choices_cpu.md):
-16->16 ch 3x3 at 32x32: strided 8.8, grouped 2.6, C++ op 4.7; 64->64 ch 3x3 at 8x8:
-strided 6.1, grouped in one call 15.5 (13,792 page faults per call), grouped in chunks
-4.5; 256->256 ch 3x3 at 4x4: strided 25, grouped in chunks 31.
+16->16 ch 3x3 at 32x32: strided 11.2, grouped 2.7, C++ op 4.5; 64->64 ch 3x3 at 8x8:
+strided 6.0, grouped in one call 15.9 (13,792 page faults per call), grouped in chunks
+4.3; 256->256 ch 3x3 at 4x4: strided 24, grouped in chunks 34.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ from fastntk.rules import Dense, GramRule, register_gram_rule
 # size per call; glibc returns freed blocks of tens of MB to the system and page-faults them
 # in again on the next call, and whether it does depends on the process's heap history.
 # Small chunks keep every allocation small: one call of 128 samples at 64 ch 8x8 measured
-# 15.5 ms with 13,792 faults, chunks 4.5 ms (python bench/bench_engine_choices.py conv);
-# inside ntk() the chunk size moved NB201's N=64 kernel between 0.37 and 0.50 s, the
-# fastest size differing from process to process (... chunks; 2-core AMD EPYC,
-# bench/results/engine_choices_cpu.md). 1 MiB never showed the large fault counts.
+# 15.9 ms with 13,792 faults, chunks 4.3 ms (python bench/bench_engine_choices.py conv).
+# Inside ntk() the 64-ch layers of one NB201 call page-faulted up to 183,840 times (213 ms)
+# in one call per layer, and the fastest size differed from process to process; 1 MiB
+# never showed the large counts (... chunks; 2-core AMD EPYC,
+# bench/results/engine_choices_cpu.md).
 GROUPED_CHUNK_BYTES = 2**20
 # Output positions from which the grouped strategy is used (below: strided patches + bmm).
 GROUPED_MIN_T = 64

@@ -119,8 +119,9 @@ class BatchNormRule(_ChannelAffineRule):
         """Both parameters' blocks from one pass of the C++ op over (x, g): the weight's
         ``inv * sum g (x - mean)`` and the bias's ``sum g``; the one not asked for is kept
         for the next request when the kernel needs it too. NB201 shapes at N=128, weight
-        and bias of one layer: 16x32x32 0.64 ms in PyTorch ops vs 0.35 ms fused, 64x8x8
-        0.12 vs 0.10 ms (2-core CPU; python bench/bench_engine_choices.py affine)."""
+        and bias of one layer: 16x32x32 0.79 ms in PyTorch ops vs 0.38 ms fused, 64x8x8
+        0.13 vs 0.11 ms (2-core CPU; python bench/bench_engine_choices.py affine,
+        bench/results/engine_choices_cpu.md)."""
         hit = saved.memo.pop((name, id(g)), None)
         if hit is not None and hit[0] is g and hit[1] == (r0, r1):
             return hit[2]
