@@ -377,6 +377,7 @@ class _Capture:
         self.pass_idx = 0
         self.deferred_params: set[str] = set()  # processed after all passes
         self.excluded: set[str] = set()  # handled by the whole-model fallback
+        self.broadcast: set[str] = set()  # batch-broadcast parameters (rules.broadcast)
         self.consume: Callable[[tuple, Block], None] | None = None
         # whether ``consume`` is done with a block of this many bytes when it returns (then
         # rules may write it into reused workspace memory)
@@ -558,6 +559,15 @@ class _Capture:
                         self.consume((pname, r0, k), blk)
 
 
+def _broadcast_rule() -> GramRule:
+    from fastntk.rules.broadcast import BroadcastRule
+
+    return BroadcastRule()
+
+
+_BROADCAST_RULE = _broadcast_rule()
+
+
 def _never(nbytes: int) -> bool:
     return False
 
@@ -721,24 +731,95 @@ class _Job:
 
     def _classify(self, cap: _Capture, y: torch.Tensor) -> None:
         """After the forward: find multi-use parameters and uses no hook saw."""
+        if not hasattr(self, "_untracked"):
+            calls = self._calls(cap)
+            uses = self._param_uses(y)
+            self._untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
+            self._adopted = self._adoptions(cap, uses)
+            self._untracked -= set(self._adopted)
+        for rec in cap.records:  # adopted parameters join their ancestor's fallback
+            extra = {a: p for p, (mn, a) in self._adopted.items() if mn == rec.mname}
+            if extra:
+                rec.attrs = {**rec.attrs, **extra}
+        cap.excluded = set(self._untracked)
+        self._hook_broadcasts(cap, y)
+        for pname, c in self._calls(cap).items():
+            if c > 1 and pname not in cap.excluded:
+                cap.deferred_params.add(pname)
+
+    def _hook_broadcasts(self, cap: _Capture, y: torch.Tensor) -> None:
+        """Parameters whose one use is a broadcast over the batch (ViT position embeddings,
+        class tokens): hook that autograd node with
+        :class:`~fastntk.rules.broadcast.BroadcastRule` instead of the model fallback (used
+        outside module calls) or a module fallback (a direct parameter of a module without
+        a rule, e.g. the model itself: that fallback re-runs the whole model per sample)."""
+        from fastntk.rules import broadcast
+
+        by_fallback: dict[str, list[_Record]] = defaultdict(list)
+        for rec in cap.records:
+            for q in rec.attrs.values():
+                by_fallback[q].append(rec)
+        candidates = set(cap.excluded) | {
+            q for q, recs in by_fallback.items() if len(recs) == 1 and recs[0].rule is None
+        }
+        if not candidates:
+            return
+        want = {id(self.copies.params[p]): p for p in candidates}
+        uses: dict[str, list[tuple[Any, int]]] = defaultdict(list)
+        seen, stack = set(), [y.grad_fn] if y.grad_fn is not None else []
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            for i, (nxt, _) in enumerate(node.next_functions):
+                if nxt is None:
+                    continue
+                var = getattr(nxt, "variable", None)
+                if var is not None and id(var) in want:
+                    uses[want[id(var)]].append((node, i))
+                elif id(nxt) not in seen:
+                    stack.append(nxt)
+        owners = _model.owners(self.model)
+        n = y.shape[0]
+        for pname, lst in uses.items():
+            if len(lst) != 1 or len(owners.get(pname, ())) != 1:
+                continue
+            node, i = lst[0]
+            p = self.copies.params[pname]
+            alpha = broadcast.eligible(node, i, tuple(p.shape), n)
+            if alpha is None:
+                continue
+            mname, module, attr = owners[pname][0]
+            rec = _Record(
+                len(cap.records), mname, module, _BROADCAST_RULE, {attr: pname},
+                (tuple(p.shape), alpha), n,
+            )  # fmt: skip
+            out = tuple(node._input_metadata[0].shape)
+            rec.out_specs = [(torch.Size(out), p.dtype, p.device)]
+            cap.records.append(rec)
+            node.register_prehook(cap._make_prehook(rec, 0, 0))
+            cap.roots.append(p)  # the backward must run the node (a class token's expand)
+            cap.excluded.discard(pname)
+            cap.broadcast.add(pname)
+            for fb in by_fallback.get(pname, ()):  # its module's fallback no longer takes it
+                fb.attrs = {a: q for a, q in fb.attrs.items() if q != pname}
+
+    @staticmethod
+    def _calls(cap: _Capture) -> dict[str, int]:
         calls: dict[str, int] = defaultdict(int)
         for rec in cap.records:
             for pname in rec.attrs.values():
                 calls[pname] += 1
-        if not hasattr(self, "_untracked"):
-            self._untracked = self._untracked_params(y, calls)
-        cap.excluded = set(self._untracked)
-        for pname, c in calls.items():
-            if c > 1 and pname not in cap.excluded:
-                cap.deferred_params.add(pname)
+        return calls
 
-    def _untracked_params(self, y: torch.Tensor, calls: dict[str, int]) -> set[str]:
-        """Selected parameters used by autograd more often than their module calls account for.
+    def _param_uses(self, y: torch.Tensor) -> dict[str, int]:
+        """How often autograd uses each selected parameter in the graph of ``y``.
 
         Walks the autograd graph once and counts the edges into each selected
-        parameter's accumulator; a parameter used outside its module's call
-        (e.g. ``F.linear(x, self.fc.weight)`` in a parent's forward, an
-        ``nn.Parameter`` of a container) goes to the whole-model fallback.
+        parameter's accumulator. A parameter used more often than its module's
+        calls account for (e.g. ``F.linear(x, self.fc.weight)`` in a parent's
+        forward, an ``nn.Parameter`` of a container) is not seen by the hooks.
         """
         want = {id(self.copies.params[p]): p for p in self.selected}
         counts: dict[str, int] = defaultdict(int)
@@ -757,7 +838,41 @@ class _Job:
                     counts[want[id(var)]] += 1
                 elif id(nxt) not in seen:
                     stack.append(nxt)
-        return {p for p, c in counts.items() if c > calls.get(p, 0)}
+        return counts
+
+    def _adoptions(self, cap: _Capture, uses: dict[str, int]) -> dict[str, tuple[str, str]]:
+        """Parameters of never-called submodules that an ancestor's fallback can take.
+
+        ``nn.MultiheadAttention`` applies ``out_proj``'s weight with ``F.linear`` and never
+        calls ``out_proj``: its parameters are used inside the attention module's own call.
+        When a parameter's only owner module is never called, the nearest ancestor that
+        goes through the per-module fallback is called, and the parameter is used exactly
+        once per ancestor call, the ancestor's exact per-module fallback computes its
+        per-sample gradients too (instead of a whole-model fallback). Returns
+        ``{param: (ancestor module name, attribute path relative to it)}``.
+        """
+        owners = _model.owners(self.model)
+        called = {rec.mname for rec in cap.records}
+        fallback_calls: dict[str, int] = defaultdict(int)
+        for rec in cap.records:
+            if rec.rule is None:
+                fallback_calls[rec.mname] += 1
+        calls = self._calls(cap)
+        out: dict[str, tuple[str, str]] = {}
+        for pname, n_uses in uses.items():
+            if calls.get(pname, 0) or len(owners.get(pname, ())) != 1:
+                continue
+            mname, _, attr = owners[pname][0]
+            if mname in called:
+                continue
+            parts = mname.split(".") if mname else []
+            for i in range(len(parts) - 1, -1, -1):
+                anc = ".".join(parts[:i])
+                if anc in called:
+                    if fallback_calls.get(anc, 0) == n_uses and anc in fallback_calls:
+                        out[pname] = (anc, ".".join(parts[i:] + [attr]))
+                    break
+        return out
 
     def _root_fallback(self, x, consume, pnames, npasses) -> None:
         """Per-sample gradients of ``pnames`` through the whole model (torch.func)."""

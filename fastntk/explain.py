@@ -115,8 +115,12 @@ def explain(
             mname, mod, _ = owners[pname][0]
             if coupled:
                 path = "coupled"
+            elif pname in cap.broadcast:
+                path = "rule:BroadcastRule (added or expanded over the batch outside modules)"
             elif pname in cap.excluded:
                 path = "fallback:model (used outside its module's call)"
+            elif pname in job._adopted:
+                path = f"fallback:module (used inside {job._adopted[pname][0]!r}'s call)"
             elif not any(mn in called for mn in job.module_of[pname]):
                 path = "unused (no gradient reaches it)"
             else:

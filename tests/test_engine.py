@@ -180,7 +180,9 @@ def test_explain_reports_paths_and_memory():
     assert paths["patch.weight"] == "rule:ConvRule"
     assert paths["ln1.weight"] == "rule:LayerNormRule"
     assert paths["attn.in_proj_weight"] == "fallback:module"
-    assert paths["attn.out_proj.weight"].startswith("fallback:model")
+    # MHA applies out_proj's weight itself (F.linear): its per-module fallback takes it
+    assert paths["attn.out_proj.weight"] == "fallback:module (used inside 'attn''s call)"
+    assert paths["cls"].startswith("rule:BroadcastRule") and paths["pos"].startswith("rule:Broad")
     assert ex.kernel_bytes == 4 * 4 * 4
     assert "patch.weight" in str(ex) and "memory estimate" in str(ex)
     m, x1, _ = zoo.make("nb201")
@@ -322,3 +324,45 @@ def test_batchnorm_fused_blocks(bn, params, monkeypatch):
         assert any(memo for name, memo in seen if name == "weight")
         assert all(k[0] == "bias" for _, memo in seen for k in memo)
         assert not seen[-1][1]  # all taken
+
+
+class Broadcasts(nn.Module):
+    """Parameters used outside module calls: a class token expanded over the batch, a
+    position embedding and a scaled shift added (rules.broadcast), and one used twice
+    (the exact fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.pos = nn.Parameter(torch.randn(1, 3, 4))
+        self.shift = nn.Parameter(torch.randn(1, 3, 1))
+        self.scale = nn.Parameter(torch.randn(1, 1, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: (n, 2, 4)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.fc(x)], 1) + self.pos
+        h = torch.add(torch.tanh(h), self.shift, alpha=0.5)
+        h = h * self.scale + self.scale
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("output", ["sum", "trace", "full"])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_broadcast_parameters(output, chunk):
+    torch.manual_seed(5)
+    m = Broadcasts()
+    x1, x2 = torch.randn(3, 2, 4), torch.randn(2, 2, 4)
+    paths = {p.name: p.path for p in fastntk.explain(m, x1).params}
+    assert all(paths[p].startswith("rule:BroadcastRule") for p in ("cls", "pos", "shift"))
+    assert paths["scale"].startswith("fallback:model")  # used twice: the exact fallback
+    for other in (x2, None):
+        ref = reduce(full_kernel(m, x1, other), output)
+        for method in ("layerwise", "auto"):
+            theta = fastntk.ntk(
+                m, x1, other, output=output, method=method, chunk_size=chunk, dtype=torch.float64
+            )
+            assert rel_err(theta, ref) <= TOL[torch.float64]
+    sel = ["pos", "cls"]  # only broadcast parameters selected: no fallback at all
+    theta = fastntk.ntk(m, x1, output="trace", params=sel, dtype=torch.float64)
+    assert rel_err(theta, reduce(full_kernel(m, x1, None, "eval", sel), "trace")) <= TOL[torch.float64]
