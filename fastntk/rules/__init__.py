@@ -134,9 +134,9 @@ class Workspace:
     One buffer per tag, grown on demand and handed out again for every layer, so that
     layers of similar size do not each allocate (and page-fault in) fresh memory: with
     glibc's allocator, blocks of several MB are returned to the system when freed and
-    faulted in again on the next allocation (NB201 at N=128: ~60,000 minor page faults
-    per call before this). A tensor from :meth:`get` stays valid until the next
-    :meth:`get` with the same tag.
+    faulted in again on the next allocation (``python bench/bench_engine_choices.py
+    conv`` shows the page faults per call). A tensor from :meth:`get` stays valid until
+    the next :meth:`get` with the same tag.
     """
 
     def __init__(self) -> None:
