@@ -634,7 +634,7 @@ class _Job:
     # -- plan ------------------------------------------------------------------
     def _plan(self) -> None:
         """Assign each selected parameter to a rule, a module fallback or the root fallback."""
-        owners = _model.owners(self.model)
+        owners = self._owners = _model.owners(self.model)
         self.rules: dict[str, GramRule | None] = {}
         attrs: dict[str, dict[str, str]] = defaultdict(dict)
         mods: dict[str, nn.Module] = {}
@@ -735,7 +735,7 @@ class _Job:
             calls = self._calls(cap)
             uses = self._param_uses(y)
             self._untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
-            self._adopted = self._adoptions(cap, uses)
+            self._adopted = self._adoptions(cap, uses, calls)
             self._untracked -= set(self._adopted)
         for rec in cap.records:  # adopted parameters join their ancestor's fallback
             extra = {a: p for p, (mn, a) in self._adopted.items() if mn == rec.mname}
@@ -764,23 +764,8 @@ class _Job:
         }
         if not candidates:
             return
-        want = {id(self.copies.params[p]): p for p in candidates}
-        uses: dict[str, list[tuple[Any, int]]] = defaultdict(list)
-        seen, stack = set(), [y.grad_fn] if y.grad_fn is not None else []
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            for i, (nxt, _) in enumerate(node.next_functions):
-                if nxt is None:
-                    continue
-                var = getattr(nxt, "variable", None)
-                if var is not None and id(var) in want:
-                    uses[want[id(var)]].append((node, i))
-                elif id(nxt) not in seen:
-                    stack.append(nxt)
-        owners = _model.owners(self.model)
+        uses = self._param_consumers(y, candidates)
+        owners = self._owners
         n = y.shape[0]
         for pname, lst in uses.items():
             if len(lst) != 1 or len(owners.get(pname, ())) != 1:
@@ -816,31 +801,36 @@ class _Job:
     def _param_uses(self, y: torch.Tensor) -> dict[str, int]:
         """How often autograd uses each selected parameter in the graph of ``y``.
 
-        Walks the autograd graph once and counts the edges into each selected
-        parameter's accumulator. A parameter used more often than its module's
-        calls account for (e.g. ``F.linear(x, self.fc.weight)`` in a parent's
-        forward, an ``nn.Parameter`` of a container) is not seen by the hooks.
+        A parameter used more often than its module's calls account for (e.g.
+        ``F.linear(x, self.fc.weight)`` in a parent's forward, an ``nn.Parameter`` of a
+        container) is not seen by the hooks.
         """
-        want = {id(self.copies.params[p]): p for p in self.selected}
-        counts: dict[str, int] = defaultdict(int)
-        seen = set()
-        stack = [y.grad_fn] if y.grad_fn is not None else []
+        return {p: len(v) for p, v in self._param_consumers(y, self.selected).items()}
+
+    def _param_consumers(self, y: torch.Tensor, pnames) -> dict[str, list[tuple[Any, int]]]:
+        """Walk the autograd graph of ``y`` once: for each parameter of ``pnames``, the
+        (node, input index) pairs of the edges into its accumulator."""
+        want = {id(self.copies.params[p]): p for p in pnames}
+        uses: dict[str, list[tuple[Any, int]]] = defaultdict(list)
+        seen, stack = set(), [y.grad_fn] if y.grad_fn is not None else []
         while stack:
             node = stack.pop()
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))
-            for nxt, _ in node.next_functions:
+            for i, (nxt, _) in enumerate(node.next_functions):
                 if nxt is None:
                     continue
                 var = getattr(nxt, "variable", None)
                 if var is not None and id(var) in want:
-                    counts[want[id(var)]] += 1
+                    uses[want[id(var)]].append((node, i))
                 elif id(nxt) not in seen:
                     stack.append(nxt)
-        return counts
+        return uses
 
-    def _adoptions(self, cap: _Capture, uses: dict[str, int]) -> dict[str, tuple[str, str]]:
+    def _adoptions(
+        self, cap: _Capture, uses: dict[str, int], calls: dict[str, int]
+    ) -> dict[str, tuple[str, str]]:
         """Parameters of never-called submodules that an ancestor's fallback can take.
 
         ``nn.MultiheadAttention`` applies ``out_proj``'s weight with ``F.linear`` and never
@@ -851,13 +841,12 @@ class _Job:
         per-sample gradients too (instead of a whole-model fallback). Returns
         ``{param: (ancestor module name, attribute path relative to it)}``.
         """
-        owners = _model.owners(self.model)
+        owners = self._owners
         called = {rec.mname for rec in cap.records}
         fallback_calls: dict[str, int] = defaultdict(int)
         for rec in cap.records:
             if rec.rule is None:
                 fallback_calls[rec.mname] += 1
-        calls = self._calls(cap)
         out: dict[str, tuple[str, str]] = {}
         for pname, n_uses in uses.items():
             if calls.get(pname, 0) or len(owners.get(pname, ())) != 1:
@@ -1132,7 +1121,7 @@ class _Job:
     # -- diagnosis ---------------------------------------------------------------
     def diagnose_nonfinite(self, x1: torch.Tensor, x2: torch.Tensor | None) -> str:
         """Name the first layer (forward order) whose kernel contribution is not finite."""
-        owners = _model.owners(self.model)
+        owners = self._owners
         for x in (x1, x2):
             if x is None:
                 continue
