@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .fastntk-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-triton-3.6 bench clean
 
 # torch 2.13.0 (CPU) is installed first and on its own: it lies on the machines'
 # disk, and the editable install below must build the C++ extension against it
@@ -24,8 +24,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
+# The Triton kernels again, in Triton 3.6's interpreter (the lent GPU machines' Triton):
+# Triton 3.6 and a NumPy it works with (its interpreter fails on NumPy >= 2.4) go to a
+# folder of their own that shadows the installed ones for this run only.
+TRITON36 := .triton-3.6
+$(TRITON36)/.stamp:
+	$(PIP) install --quiet --no-deps --target $(TRITON36) "triton==3.6.0" "numpy>=1.24,<2.4"
+	touch $@
+
+test-triton-3.6: $(STAMP) $(TRITON36)/.stamp
+	FASTNTK_REQUIRE_TRITON=1 PYTHONPATH=$(TRITON36) $(PYTHON) -m pytest -q \
+		-W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" \
+		tests/test_kernels_gram.py tests/test_kernels_conv_psg.py tests/test_backends.py
+
 bench: $(STAMP)
 	$(PYTHON) bench/bench_engine.py
 
 clean:
-	rm -rf build *.egg-info $(STAMP) fastntk/_C*.so
+	rm -rf build *.egg-info $(STAMP) fastntk/_C*.so $(TRITON36)

@@ -6,29 +6,22 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 
 import torch
 
 
 def _triton_probe() -> tuple[bool, str | None, bool, str | None]:
-    """(importable, version, runnable, error)."""
+    """(importable, version, runnable, error): what :mod:`fastntk.kernels` says."""
+    from fastntk import kernels
+
+    if not kernels.TRITON_AVAILABLE:
+        return False, None, False, kernels.why_not()
     try:
-        import triton
-    except Exception as exc:
-        return False, None, False, f"triton is not importable ({type(exc).__name__}: {exc})"
-    version = getattr(triton, "__version__", None)
-    interp = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-    if interp:
-        return True, version, True, None
-    try:
-        has_gpu = torch.cuda.is_available()
-    except Exception as exc:
-        return True, version, False, f"CUDA probe failed ({type(exc).__name__}: {exc})"
-    if not has_gpu:
-        return True, version, False, "no CUDA GPU is visible and TRITON_INTERPRET is not set to 1"
-    return True, version, True, None
+        reason = kernels.why_not()
+    except Exception as exc:  # a broken CUDA driver can raise from torch.cuda.is_available()
+        reason = f"CUDA probe failed ({type(exc).__name__}: {exc})"
+    return True, kernels.TRITON_VERSION, reason is None, reason
 
 
 def env() -> dict[str, object]:

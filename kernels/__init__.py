@@ -9,6 +9,7 @@ is missing: :data:`TRITON_AVAILABLE` says whether the kernels can be imported,
 from __future__ import annotations
 
 import os
+import re
 
 try:  # Triton is optional: the package works without it.
     import triton  # noqa: F401
@@ -27,6 +28,38 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _version(text: str | None) -> tuple[int, ...]:
+    """Leading numeric parts of a version string: ``"3.6.0+git"`` -> ``(3, 6, 0)``."""
+    parts = []
+    for piece in (text or "").split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def _interpreter_incompatibility() -> str | None:
+    """Why Triton's interpreter cannot run with the NumPy installed, or ``None``.
+
+    Triton <= 3.6's interpreter turns scalar kernel arguments into 1-element arrays and
+    takes ``int()`` of them (in ``range(0, P, BLOCK)``, say), which NumPy 2.4 turned from a
+    deprecation into a ``TypeError``; Triton 3.7 squeezes the array first. Compiled kernels
+    on a GPU are unaffected.
+    """
+    try:
+        import numpy
+    except ImportError:
+        return "Triton's interpreter needs NumPy, which is not installed"
+    if _version(TRITON_VERSION)[:2] <= (3, 6) and _version(numpy.__version__)[:2] >= (2, 4):
+        return (
+            f"Triton {TRITON_VERSION}'s interpreter fails with NumPy {numpy.__version__} "
+            "(scalar kernel arguments cannot be converted; fixed in Triton 3.7): install "
+            "'numpy<2.4' or 'triton>=3.7' to run the kernels with TRITON_INTERPRET=1"
+        )
+    return None
+
+
 def why_not(device: object | None = None) -> str | None:
     """Say why the Triton kernels cannot run, or ``None`` when they can.
 
@@ -41,7 +74,7 @@ def why_not(device: object | None = None) -> str | None:
     if interpreter_enabled():
         if device is not None and torch.device(device).type != "cpu":
             return "TRITON_INTERPRET=1 runs kernels on CPU tensors only"
-        return None
+        return _interpreter_incompatibility()
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible and TRITON_INTERPRET is not set to 1"
     if device is not None and torch.device(device).type != "cuda":

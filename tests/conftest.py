@@ -9,3 +9,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 # that dominate such small ops on a 2-core machine (measured: a 2x16x32x32 depthwise
 # conv took 50 ms with 2 threads under load vs 0.5 ms with 1).
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``FASTNTK_REQUIRE_TRITON=1`` (CI): a Triton kernel test that cannot run is an error.
+
+    The kernel test modules skip themselves where Triton cannot run (a plain install without
+    it); CI installs it, so there a skip would hide a broken check.
+    """
+    if os.environ.get("FASTNTK_REQUIRE_TRITON") != "1":
+        return
+    import pytest
+
+    from fastntk.kernels import why_not
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return  # no Triton test module was collected (they set TRITON_INTERPRET on import)
+    reason = why_not("cpu")
+    if reason is not None:
+        raise pytest.UsageError(f"FASTNTK_REQUIRE_TRITON=1 but Triton's kernels cannot run: {reason}")

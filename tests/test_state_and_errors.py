@@ -240,3 +240,31 @@ def test_command_line_tuning_is_opt_in(monkeypatch):
     monkeypatch.setattr(_env, "tune_allocator", lambda *a: calls.append(a) or {"applied": True})
     monkeypatch.setenv("FASTNTK_TUNE_ALLOCATOR", "1")
     assert cli.tune_own_process() == {"applied": True} and calls
+
+
+@pytest.mark.parametrize(
+    "triton_version,numpy_version,broken",
+    [("3.6.0", "2.4.6", True), ("3.5.1", "2.4.0", True), ("3.6.0", "2.3.5", False),
+     ("3.7.0", "2.4.6", False), ("3.9.0+git1a2b", "2.5.0", False)],
+)
+def test_triton_interpreter_numpy_incompatibility(monkeypatch, triton_version, numpy_version, broken):
+    """Triton <= 3.6's interpreter with NumPy >= 2.4 is refused by name, not by an InterpreterError."""
+    import numpy
+
+    from fastntk import kernels
+    from fastntk._env import env
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "TRITON_AVAILABLE", True)
+    monkeypatch.setattr(kernels, "TRITON_VERSION", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    reason = kernels.why_not("cpu")
+    if broken:
+        assert reason is not None and "numpy<2.4" in reason and triton_version in reason
+        e = env()
+        assert e["triton_runnable"] is False and e["triton_error"] == reason
+        with pytest.raises(errors.UnsupportedError, match="numpy<2.4"):
+            fastntk.ntk(torch.nn.Linear(3, 2), torch.randn(4, 3), method="triton")
+    else:
+        assert reason is None
+        assert env()["triton_runnable"] is True
