@@ -10,7 +10,7 @@ STAMP := .fastntk-installed
 # torch 2.13.0 (CPU) is installed first and on its own: it lies on the machines'
 # disk, and the editable install below must build the C++ extension against it
 # (--no-build-isolation), not against a second torch in an isolated build env.
-$(STAMP): setup.py pyproject.toml requirements.txt $(wildcard csrc/*.cpp csrc/*.h)
+$(STAMP): setup.py pyproject.toml requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -r requirements.txt
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .

@@ -6,7 +6,12 @@ to the device, float32 and float64, against the float64 ``torch.func.jacrev`` or
 ``tests/reference.py`` computed on the CPU, with the tolerances of the test suite
 (relative error 1e-6 in float64, 1e-4 in float32). Part 2 times ``fastntk.kernels.gram``
 in each operand mode against ``torch.mm`` and measures its error against a float64 Gram,
-at per-sample gradient block shapes. Exit status 1 when any check of part 1 fails.
+at per-sample gradient block shapes. Part 3, where ``fastntk._C`` was built with its CUDA
+kernels (``bash bench/gpu_suite.sh check`` builds it first), holds ``gram_sym``,
+``gram_cross`` and ``conv2d_psg`` on CUDA tensors against float64 references (odd sizes,
+strides, padding, dilation, groups), runs the engine with them (backend ``"csrc"``) against
+the oracle, and times the Gram against ``torch.mm``. Exit status 1 when any check of
+part 1 or 3 fails.
 
 Usage (on a machine with a CUDA GPU; ``--device cpu`` with ``TRITON_INTERPRET=1`` runs
 the same plumbing on small shapes):
@@ -102,6 +107,100 @@ def check_gram_modes(device: str, shapes: list[tuple[int, int]], lines: list[str
                          f"{fro:.2e} | {mx:.2e} |")
 
 
+def check_csrc(device: str, shapes: list[tuple[int, int]], lines: list[str]) -> bool:
+    """The extension's ops on ``device`` (its CUDA kernels on a GPU) against float64
+    references; the engine with them; Gram timing."""
+    import torch.nn.functional as F
+
+    from fastntk import _ext, engine
+
+    lines += ["", f"## C++ extension's kernels on {device} (on a GPU: fastntk._C built with CUDA)", ""]
+    # On the CPU the same checks run the CPU ops (the smoke run of this script's plumbing).
+    reason = _ext.cuda_why_not() if device == "cuda" else _ext.why_not()
+    if reason is not None:
+        lines.append(f"Not run: {reason}.")
+        return False
+    lines += ["| op | shape | dtype | rel. error | tolerance | ok |", "|---|---|---|---|---|---|"]
+    ok_all = True
+    g = torch.Generator(device="cpu").manual_seed(7)
+
+    def row(op: str, shape: str, dtype: str, err: float, tol: float) -> None:
+        nonlocal ok_all
+        ok = err <= tol  # NaN fails
+        ok_all &= ok
+        lines.append(f"| {op} | {shape} | {dtype} | {err:.2e} | {tol:.0e} | {'yes' if ok else '**NO**'} |")
+
+    for n1, n2, p in [(1, 1, 97), (97, 33, 1023), (130, 64, 4097), (1000, 257, 3000)]:
+        for dtype, fp64_acc, tol in [(torch.float32, False, 1e-5), (torch.float32, True, 1e-6),
+                                     (torch.float64, False, 1e-12)]:
+            a = torch.randn(n1, p, generator=g, dtype=torch.float64)
+            b = torch.randn(n2, p, generator=g, dtype=torch.float64)
+            ad, bd = a.to(dtype).to(device), b.to(dtype).to(device)
+            base = torch.randn(n1, n1, generator=g, dtype=torch.float64)
+            base = (base + base.T).to(dtype)  # accumulate into a symmetric, nonzero out
+            out = base.to(device, copy=True)
+            _ext.gram_sym(ad, out, fp64_acc=fp64_acc)
+            truth = base.double() + ad.double().cpu() @ ad.double().cpu().T
+            label = f"{str(dtype)[6:]}{' fp64-acc' if fp64_acc else ''}"
+            sym_exact = bool((out == out.T).all())
+            row("gram_sym" + ("" if sym_exact else " (NOT symmetric)"), f"{n1}x{p}", label,
+                rel_err(out.cpu(), truth) if sym_exact else float("inf"), tol)
+            out = torch.zeros(n1, n2, dtype=dtype, device=device)
+            _ext.gram_cross(ad, bd, out, fp64_acc=fp64_acc)
+            row("gram_cross", f"{n1}x{n2}x{p}", label,
+                rel_err(out.cpu(), ad.double().cpu() @ bd.double().cpu().T), tol)
+    geoms = [  # (C_in, C_out, H, W, k, stride, padding, dilation, groups)
+        (3, 16, 32, 32, 3, 1, 1, 1, 1), (16, 32, 15, 17, 3, 2, 1, 1, 1), (8, 8, 9, 9, 3, 1, 2, 2, 8),
+        (12, 6, 8, 8, 1, 1, 0, 1, 3), (4, 5, 11, 7, (3, 1), (2, 1), (1, 0), (1, 2), 1),
+    ]
+    for cin, cout, h, w, k, s_, p_, d_, grp in geoms:
+        for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12)]:
+            x = torch.randn(5, cin, h, w, generator=g, dtype=torch.float64)
+            wt = torch.randn(cout, cin // grp, *((k, k) if isinstance(k, int) else k),
+                             generator=g, dtype=torch.float64)
+            gout = torch.randn_like(F.conv2d(x, wt, stride=s_, padding=p_, dilation=d_, groups=grp))
+            truth = torch.stack([
+                torch.autograd.grad(F.conv2d(x[i:i + 1], wt.requires_grad_(), stride=s_, padding=p_,
+                                             dilation=d_, groups=grp), wt, gout[i:i + 1])[0]
+                for i in range(x.shape[0])])
+            got = _ext.conv2d_psg(x.to(dtype).to(device), gout.to(dtype).to(device),
+                                  kernel_size=wt.shape[2:], stride=s_, padding=p_, dilation=d_,
+                                  groups=grp)
+            row("conv2d_psg", f"{cin}->{cout} {h}x{w} k{k} s{s_} p{p_} d{d_} g{grp}",
+                str(dtype)[6:], rel_err(got.cpu(), truth), tol)
+    # the engine with backend "csrc": the CUDA Gram and conv kernels inside fastntk.ntk
+    saved = engine._backend
+    engine._backend = lambda method, dev: "csrc"
+    try:
+        for name in ("convzoo", "nb201", "resnet"):
+            m, x1, x2 = zoo.make(name)
+            ref = full_kernel(m, x1, x2)
+            md = m.to(device)
+            for dtype in (torch.float32, torch.float64):
+                th = fastntk.ntk(md, x1.to(device), x2.to(device), output="sum", method="auto",
+                                 dtype=dtype)
+                row(f"engine backend csrc: {name}", "sum", str(dtype)[6:],
+                    rel_err(th.cpu(), reduce(ref, "sum")), TOL[dtype])
+            m.cpu()
+    finally:
+        engine._backend = saved
+    lines += ["", "| N | columns | provider | s | TFLOP/s |", "|---|---|---|---|---|"]
+    for n, cols in shapes:
+        a = (torch.randn(n, cols, generator=g) + 1.0).to(device)
+        flop = 2.0 * n * n * cols
+
+        def cuda_gram(a=a, fp64_acc=False):
+            return _ext.gram_sym(a, torch.zeros(a.shape[0], a.shape[0], device=device),
+                                 fp64_acc=fp64_acc)
+
+        for label, f in [("torch.mm float32", lambda a=a: a @ a.T),
+                         ("csrc gram_sym float32", cuda_gram),
+                         ("csrc gram_sym fp64-acc", lambda: cuda_gram(fp64_acc=True))]:
+            t = _time(f, device)
+            lines.append(f"| {n} | {cols} | {label} | {t:.4f} | {flop / t / 1e12:.2f} |")
+    return ok_all
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -118,6 +217,11 @@ def main() -> int:
         check_gram_modes(args.device, shapes, lines)
     except Exception as exc:  # part 2 is a measurement; report and go on
         lines.append(f"Gram modes failed: {type(exc).__name__}: {exc}")
+    try:
+        ok &= check_csrc(args.device, shapes, lines)
+    except Exception as exc:  # reported, counted as a failure
+        lines.append(f"C++ CUDA kernels failed: {type(exc).__name__}: {exc}")
+        ok = False
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -2,7 +2,8 @@
 # fastntk's GPU checks and benchmarks (issue 3), prepared for one call of the lent GPU
 # machine each (a call may run 10 minutes; a session has 15 minutes of device time):
 #
-#   bash bench/gpu_suite.sh check    # methods vs the float64 oracle on CUDA, Triton Gram modes (~3 min)
+#   bash bench/gpu_suite.sh check    # CUDA build of fastntk._C; methods vs the float64 oracle on
+#                                    # CUDA, Triton Gram modes, the C++ CUDA kernels (~5 min)
 #   bash bench/gpu_suite.sh engine   # NB201 N=1024 "sum" and "trace": floor, auto, triton, vmap (~5 min)
 #   bash bench/gpu_suite.sh scale    # exact N=16384 "sum", sketch N=100,000 m=4096 (~5 min)
 #   bash bench/gpu_suite.sh all      # the three in turn (more than one call's 10 minutes)
@@ -10,8 +11,10 @@
 #
 # Results go to $OUT (on the lent machine its files come back to the session), default
 # bench/results/gpu: gpu_check.md, the engine tables, engine_<device>.csv, suite.log.
-# fastntk runs from a copy of this tree on PYTHONPATH (nothing is installed there; the C++
-# extension is CPU-only and not needed).
+# fastntk runs from a copy of this tree on PYTHONPATH (nothing is installed there). `check`
+# first builds the C++ extension there with its CUDA kernels (setup.py build_ext against
+# the machine's CUDA torch and nvcc) into that copy, for gpu_check.py's part 3; engine and
+# scale do not need it ("auto" on a GPU uses no C++ op).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -21,7 +24,7 @@ export PYTHONUNBUFFERED=1
 SITE=$(mktemp -d)
 mkdir -p "$SITE/fastntk"
 cp -r "$ROOT"/fastntk/. "$SITE/fastntk/"
-rm -f "$SITE"/fastntk/_C*.so  # a CPU build of the extension from this machine: not for there
+rm -f "$SITE"/fastntk/_C*.so  # a build from the developer's machine: not for this one
 cp -r "$ROOT/kernels" "$SITE/fastntk/kernels"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -46,7 +49,24 @@ step() {  # step SECONDS CMD...: run with a time limit, keep going on failure
   [ "$rc" = 0 ] || log "exit status $rc"
 }
 
+build_ext() {  # the extension, CUDA kernels included where torch is a CUDA build
+  local build
+  build=$(mktemp -d)
+  cp -r "$ROOT"/setup.py "$ROOT"/pyproject.toml "$ROOT"/csrc "$ROOT"/kernels "$build"/
+  cp -r "$SITE/fastntk" "$build/fastntk"
+  log "build_ext in $build"
+  (cd "$build" && TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+    timeout 300 python3 setup.py -q build_ext --inplace) 2>&1 | tail -n 30 | tee -a "$OUT/suite.log"
+  if ls "$build"/fastntk/_C*.so >/dev/null 2>&1; then
+    cp "$build"/fastntk/_C*.so "$SITE/fastntk/"
+  else
+    log "build_ext made no fastntk/_C*.so: the C++ checks below report it"
+  fi
+  rm -rf "$build"
+}
+
 check() {
+  build_ext
   step 60 python3 -c "import json, fastntk; print(json.dumps(fastntk.env()))"
   step 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   step 240 python3 bench/gpu_check.py --device "$DEV" --gram-shapes "$GRAM" --out "$OUT/gpu_check.md"

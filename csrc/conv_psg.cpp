@@ -22,13 +22,10 @@
 #include <ATen/ops/empty.h>
 
 #include "fastntk.h"
+#include "tile.h"
 
 namespace fastntk {
 namespace {
-
-struct ConvGeom {
-  int64_t N, C_in, H, W, C_out, oH, oW, kh, kw, sh, sw, ph, pw, dh, dw, groups;
-};
 
 FASTNTK_CLONES void outer_f32(const float* A, int64_t lda, int64_t M, const float* B,
                               int64_t ldb, int64_t N, int64_t K, float* C, int64_t ldc) {
@@ -208,11 +205,13 @@ void conv_psg_impl(const T* x, const T* gout, T* out, const ConvGeom& g) {
 
 }  // namespace
 
-at::Tensor conv2d_psg(const at::Tensor& x, const at::Tensor& gout, int64_t kh, int64_t kw,
-                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                      int64_t groups) {
-  TORCH_CHECK(x.device().is_cpu() && gout.device().is_cpu(),
-              "fastntk.conv2d_psg: x and gout must be CPU tensors");
+ConvGeom conv_geom_checked(const at::Tensor& x, const at::Tensor& gout, int64_t kh, int64_t kw,
+                           int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                           int64_t dw, int64_t groups, c10::DeviceType device) {
+  const char* where = device == c10::DeviceType::CUDA ? "CUDA" : "CPU";
+  TORCH_CHECK(x.device().type() == device && gout.device() == x.device(),
+              "fastntk.conv2d_psg: x and gout must be ", where, " tensors on one device, got ",
+              x.device(), " and ", gout.device());
   TORCH_CHECK(x.dim() == 4, "fastntk.conv2d_psg: x must be (N, C_in, H, W), got ", x.sizes());
   TORCH_CHECK(gout.dim() == 4, "fastntk.conv2d_psg: gout must be (N, C_out, oH, oW), got ",
               gout.sizes());
@@ -236,6 +235,14 @@ at::Tensor conv2d_psg(const at::Tensor& x, const at::Tensor& gout, int64_t kh, i
   const int64_t ew = (g.W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(g.oH == eh && g.oW == ew, "fastntk.conv2d_psg: gout spatial size (", g.oH, ", ",
               g.oW, ") does not match the conv output (", eh, ", ", ew, ")");
+  return g;
+}
+
+at::Tensor conv2d_psg(const at::Tensor& x, const at::Tensor& gout, int64_t kh, int64_t kw,
+                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                      int64_t groups) {
+  const ConvGeom g =
+      conv_geom_checked(x, gout, kh, kw, sh, sw, ph, pw, dh, dw, groups, c10::DeviceType::CPU);
   at::Tensor out = at::empty({g.N, g.C_out, g.C_in / groups, kh, kw}, x.options());
   if (out.numel() == 0) return out;
   if (g.oH * g.oW == 0) return out.zero_();

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "tile.h"
+#include "conv_geom.h"
 
 namespace fastntk {
 
@@ -28,5 +28,15 @@ at::Tensor conv2d_psg(const at::Tensor& x, const at::Tensor& gout, int64_t kh, i
 // x, g: (N, C, ...) contiguous; mean: (C) or (N, C).
 std::vector<at::Tensor> affine_psg(const at::Tensor& x, const at::Tensor& g,
                                    const at::Tensor& mean);
+
+// Argument checks shared by the CPU ops and the CUDA ops (cuda/ops_cuda.cpp): `device` is
+// the device type the op runs on; b may be null (symmetric Gram).
+void check_gram_args(const at::Tensor& a, const at::Tensor* b, const at::Tensor& out,
+                     c10::DeviceType device);
+ConvGeom conv_geom_checked(const at::Tensor& x, const at::Tensor& gout, int64_t kh, int64_t kw,
+                           int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                           int64_t dw, int64_t groups, c10::DeviceType device);
+// Distance between rows of a 2-D tensor whose rows are contiguous (its width for one row).
+inline int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
 }  // namespace fastntk

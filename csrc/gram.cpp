@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "fastntk.h"
+#include "tile.h"
 
 namespace fastntk {
 namespace {
@@ -83,37 +84,11 @@ void gram_impl(const T* A, int64_t lda, int64_t n1, const T* B, int64_t ldb, int
   }
 }
 
-void check_operand(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fastntk: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, "fastntk: ", name, " must be 2-D (N, P), got ", t.dim(), "-D");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "fastntk: ", name, " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1,
-              "fastntk: ", name, " must have contiguous rows (stride(1) == 1), got strides ",
-              t.strides());
-}
-
-void check_out(const at::Tensor& a, const at::Tensor& out, int64_t n1, int64_t n2) {
-  TORCH_CHECK(out.device().is_cpu(), "fastntk: out must be a CPU tensor, got ", out.device());
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == n1 && out.size(1) == n2,
-              "fastntk: out must have shape (", n1, ", ", n2, "), got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
-              "fastntk: out must be float32 or float64, got ", out.scalar_type());
-  TORCH_CHECK(!(a.scalar_type() == at::kDouble && out.scalar_type() == at::kFloat),
-              "fastntk: float64 input needs a float64 out");
-  TORCH_CHECK(n2 <= 1 || out.stride(1) == 1,
-              "fastntk: out must have contiguous rows (stride(1) == 1), got strides ",
-              out.strides());
-  TORCH_CHECK(n1 <= 1 || out.stride(0) >= n2, "fastntk: out rows overlap (stride(0) = ",
-              out.stride(0), " < ", n2, ")");
-}
-
 void dispatch(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool fp64_acc,
               bool sym) {
   const int64_t n1 = a.size(0), n2 = b.size(0), P = a.size(1);
   if (n1 == 0 || n2 == 0 || P == 0) return;
-  const int64_t lda = a.size(0) > 1 ? a.stride(0) : P, ldb = b.size(0) > 1 ? b.stride(0) : P;
-  const int64_t ldo = out.size(0) > 1 ? out.stride(0) : n2;
+  const int64_t lda = row_stride(a), ldb = row_stride(b), ldo = row_stride(out);
   if (a.scalar_type() == at::kDouble) {
     gram_impl<double, double, double>(a.data_ptr<double>(), lda, n1, b.data_ptr<double>(), ldb,
                                       n2, P, out.data_ptr<double>(), ldo, sym);
@@ -135,23 +110,58 @@ void check_no_alias(const at::Tensor& t, const at::Tensor& out, const char* name
   TORCH_CHECK(!out.is_alias_of(t), "fastntk: out must not share memory with ", name);
 }
 
-void gram_sym(const at::Tensor& a, at::Tensor& out, bool fp64_acc) {
-  check_operand(a, "a");
-  check_out(a, out, a.size(0), a.size(0));
+void check_gram_operand(const at::Tensor& t, const char* name, c10::DeviceType device) {
+  TORCH_CHECK(t.device().type() == device, "fastntk: ", name, " must be a ",
+              device == c10::DeviceType::CUDA ? "CUDA" : "CPU", " tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, "fastntk: ", name, " must be 2-D (N, P), got ", t.dim(), "-D");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "fastntk: ", name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1,
+              "fastntk: ", name, " must have contiguous rows (stride(1) == 1), got strides ",
+              t.strides());
+}
+
+void check_gram_out(const at::Tensor& a, const at::Tensor& out, int64_t n1, int64_t n2) {
+  TORCH_CHECK(out.device() == a.device(), "fastntk: out must be on ", a.device(), ", got ",
+              out.device());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == n1 && out.size(1) == n2,
+              "fastntk: out must have shape (", n1, ", ", n2, "), got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
+              "fastntk: out must be float32 or float64, got ", out.scalar_type());
+  TORCH_CHECK(!(a.scalar_type() == at::kDouble && out.scalar_type() == at::kFloat),
+              "fastntk: float64 input needs a float64 out");
+  TORCH_CHECK(n2 <= 1 || out.stride(1) == 1,
+              "fastntk: out must have contiguous rows (stride(1) == 1), got strides ",
+              out.strides());
+  TORCH_CHECK(n1 <= 1 || out.stride(0) >= n2, "fastntk: out rows overlap (stride(0) = ",
+              out.stride(0), " < ", n2, ")");
+}
+
+void check_gram_args(const at::Tensor& a, const at::Tensor* b, const at::Tensor& out,
+                     c10::DeviceType device) {
+  check_gram_operand(a, "a", device);
+  if (b != nullptr) {
+    check_gram_operand(*b, "b", device);
+    TORCH_CHECK(b->device() == a.device(), "fastntk: a and b are on different devices (",
+                a.device(), ", ", b->device(), ")");
+    TORCH_CHECK(a.size(1) == b->size(1), "fastntk: a and b need the same width P, got ",
+                a.size(1), " and ", b->size(1));
+    TORCH_CHECK(a.scalar_type() == b->scalar_type(), "fastntk: a and b dtypes differ (",
+                a.scalar_type(), ", ", b->scalar_type(), ")");
+  }
+  const at::Tensor& bb = b != nullptr ? *b : a;
+  check_gram_out(a, out, a.size(0), bb.size(0));
   check_no_alias(a, out, "a");
+  if (b != nullptr) check_no_alias(*b, out, "b");
+}
+
+void gram_sym(const at::Tensor& a, at::Tensor& out, bool fp64_acc) {
+  check_gram_args(a, nullptr, out, c10::DeviceType::CPU);
   dispatch(a, a, out, fp64_acc, /*sym=*/true);
 }
 
 void gram_cross(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool fp64_acc) {
-  check_operand(a, "a");
-  check_operand(b, "b");
-  TORCH_CHECK(a.size(1) == b.size(1), "fastntk: a and b need the same width P, got ", a.size(1),
-              " and ", b.size(1));
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fastntk: a and b dtypes differ (",
-              a.scalar_type(), ", ", b.scalar_type(), ")");
-  check_out(a, out, a.size(0), b.size(0));
-  check_no_alias(a, out, "a");
-  check_no_alias(b, out, "b");
+  check_gram_args(a, &b, out, c10::DeviceType::CPU);
   dispatch(a, b, out, fp64_acc, /*sym=*/false);
 }
 

@@ -1,4 +1,5 @@
-// Registration of fastntk's CPU ops: torch.ops.fastntk.<name> once fastntk._C is imported.
+// Registration of fastntk's ops: torch.ops.fastntk.<name> once fastntk._C is imported. The
+// CPU kernels are registered here; a CUDA build adds CUDA ones in cuda/ops_cuda.cpp.
 //
 // A bare CPython module (no pybind11): importing it loads the library, whose static
 // initialisers run the TORCH_LIBRARY registrations below.
@@ -40,6 +41,17 @@ PyMODINIT_FUNC PyInit__C(void) {
       -1,
       nullptr,
   };
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // with_cuda: 1 when this build also registered the CUDA kernels (cuda/ops_cuda.cpp).
+#ifdef FASTNTK_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }

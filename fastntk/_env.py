@@ -29,6 +29,7 @@ def env() -> dict[str, object]:
 
     Returns:
         dict with keys ``csrc`` (bool: ``fastntk._C`` loaded), ``csrc_error`` (str or None),
+        ``csrc_cuda`` (bool: it was built with its CUDA kernels), ``csrc_cuda_error``,
         ``triton`` (bool: importable), ``triton_version``, ``triton_runnable`` (bool: a GPU,
         or ``TRITON_INTERPRET=1`` for CPU tensors), ``triton_error`` (str or None), ``cuda``
         (bool), ``device_name`` (GPU name or None), ``torch_version``, ``num_threads``,
@@ -39,8 +40,10 @@ def env() -> dict[str, object]:
     try:
         csrc = _ext.available()
         csrc_error = _ext.why_not()
+        csrc_cuda_error = _ext.cuda_why_not()
     except Exception as exc:  # never let a probe break the caller
         csrc, csrc_error = False, f"{type(exc).__name__}: {exc}"
+        csrc_cuda_error = csrc_error
     triton_ok, triton_version, triton_runnable, triton_error = _triton_probe()
     try:
         cuda = bool(torch.cuda.is_available())
@@ -50,6 +53,8 @@ def env() -> dict[str, object]:
     return {
         "csrc": csrc,
         "csrc_error": csrc_error,
+        "csrc_cuda": csrc_cuda_error is None,
+        "csrc_cuda_error": csrc_cuda_error,
         "triton": triton_ok,
         "triton_version": triton_version,
         "triton_runnable": triton_runnable,

@@ -1,7 +1,8 @@
 """Lazy, failure-proof access to the optional C++ extension ``fastntk._C``.
 
 ``fastntk._C`` registers CPU ops as ``torch.ops.fastntk.{gram_sym, gram_cross,
-conv2d_psg, affine_psg}``. Importing this module never imports the extension; the first call to
+conv2d_psg, affine_psg}``; a CUDA build (setup.py) adds CUDA kernels for the first three
+(:func:`cuda_available`). Importing this module never imports the extension; the first call to
 :func:`available` (or to a wrapper) tries once and remembers the outcome. Nothing here
 raises on a missing or broken build: :func:`why_not` says what went wrong, and the
 wrappers raise :class:`fastntk.errors.UnsupportedError` only when called without it.
@@ -57,13 +58,38 @@ def why_not() -> str | None:
     return None if _state["ok"] else str(_state["error"])
 
 
-def _require() -> None:
+def cuda_available() -> bool:
+    """True when the extension was built with its CUDA kernels (gram_sym, gram_cross, conv2d_psg)."""
+    return cuda_why_not() is None
+
+
+def cuda_why_not() -> str | None:
+    """Why the extension's CUDA kernels cannot be used, or ``None`` when they can."""
+    if not _load():
+        return str(_state["error"])
+    import fastntk._C as ext
+
+    if not getattr(ext, "with_cuda", 0):
+        return (
+            f"fastntk._C was built without CUDA (torch {torch.__version__}"
+            + (" is a CPU build" if torch.version.cuda is None else ", or nvcc was not found")
+            + "); a CUDA torch and nvcc at build time add them"
+        )
+    return None
+
+
+def _require(*tensors: torch.Tensor) -> None:
     if not _load():
         raise UnsupportedError(f"the fastntk C++ extension is unavailable: {_state['error']}")
+    if any(t.device.type == "cuda" for t in tensors):
+        reason = cuda_why_not()
+        if reason is not None:
+            raise UnsupportedError(f"the fastntk C++ extension has no CUDA kernels: {reason}")
 
 
 def gram_sym(a: torch.Tensor, out: torch.Tensor, fp64_acc: bool = False) -> torch.Tensor:
-    """``out += a aᵀ`` on the CPU (upper-triangle tiles, mirrored), in place.
+    """``out += a aᵀ`` (upper-triangle tiles, mirrored), in place, on the CPU or on a GPU
+    with a CUDA build.
 
     Args:
         a: (N, P) float32 or float64 (made row-contiguous here if it is not).
@@ -73,7 +99,7 @@ def gram_sym(a: torch.Tensor, out: torch.Tensor, fp64_acc: bool = False) -> torc
     Returns:
         ``out``.
     """
-    _require()
+    _require(a)
     if a.dim() == 2 and a.size(1) > 1 and a.stride(1) != 1:
         a = a.contiguous()
     torch.ops.fastntk.gram_sym(a, out, fp64_acc)
@@ -83,8 +109,9 @@ def gram_sym(a: torch.Tensor, out: torch.Tensor, fp64_acc: bool = False) -> torc
 def gram_cross(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, fp64_acc: bool = False
 ) -> torch.Tensor:
-    """``out += a bᵀ`` on the CPU, in place. a: (N1, P), b: (N2, P), out: (N1, N2)."""
-    _require()
+    """``out += a bᵀ`` in place (CPU, or GPU with a CUDA build). a: (N1, P), b: (N2, P),
+    out: (N1, N2)."""
+    _require(a, b)
     if a.dim() == 2 and a.size(1) > 1 and a.stride(1) != 1:
         a = a.contiguous()
     if b.dim() == 2 and b.size(1) > 1 and b.stride(1) != 1:
@@ -107,7 +134,8 @@ def conv2d_psg(
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
 ) -> torch.Tensor:
-    """Per-sample Conv2d weight gradients on the CPU, without an unfold buffer.
+    """Per-sample Conv2d weight gradients without an unfold buffer (CPU, or GPU with a CUDA
+    build).
 
     Args:
         x: (N, C_in, H, W) float32/float64 layer input (unpadded).
@@ -117,7 +145,7 @@ def conv2d_psg(
     Returns:
         (N, C_out, C_in // groups, kh, kw), dtype of ``x``.
     """
-    _require()
+    _require(x, gout)
     kh, kw = _pair(kernel_size)
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
@@ -141,8 +169,22 @@ def affine_psg(
         ``(Σ g·(x − mean), Σ g)`` over each (sample, channel) plane, each (N, C).
     """
     _require()
+    if x.device.type != "cpu":
+        raise UnsupportedError(
+            f"fastntk's affine_psg op is CPU-only, got {x.device} tensors (PyTorch's "
+            "reductions serve it on the GPU)"
+        )
     sgx, sg = torch.ops.fastntk.affine_psg(x.contiguous(), g.contiguous(), mean.contiguous())
     return sgx, sg
 
 
-__all__ = ["affine_psg", "available", "conv2d_psg", "gram_cross", "gram_sym", "why_not"]
+__all__ = [
+    "affine_psg",
+    "available",
+    "conv2d_psg",
+    "cuda_available",
+    "cuda_why_not",
+    "gram_cross",
+    "gram_sym",
+    "why_not",
+]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastntk import _ext
+from fastntk.errors import UnsupportedError
 
 pytestmark = pytest.mark.skipif(
     not _ext.available(), reason=f"fastntk._C is not built: {_ext.why_not()}"
@@ -224,3 +225,34 @@ def test_env_reports():
     }
     if not e["triton_runnable"]:
         assert isinstance(e["triton_error"], str)
+
+
+def test_cuda_kernels_absent_from_a_cpu_build_say_why():
+    """This machine's torch is a CPU build: fastntk._C has no CUDA kernels, and says so."""
+    import fastntk._C as ext
+
+    from fastntk._env import env
+
+    if torch.version.cuda is not None:
+        pytest.skip("torch is a CUDA build here: bench/gpu_check.py checks the CUDA kernels")
+    assert ext.with_cuda == 0
+    assert _ext.cuda_available() is False
+    reason = _ext.cuda_why_not()
+    assert "without CUDA" in reason and "CPU build" in reason
+    e = env()
+    assert e["csrc_cuda"] is False and e["csrc_cuda_error"] == reason
+
+    class _OnCuda:  # enough of a tensor for the device check that runs first
+        device = torch.device("cuda")
+
+    with pytest.raises(UnsupportedError, match="no CUDA kernels"):
+        _ext.gram_sym(_OnCuda(), _OnCuda())
+    with pytest.raises(UnsupportedError, match="no CUDA kernels"):
+        _ext.conv2d_psg(_OnCuda(), _OnCuda(), kernel_size=3)
+
+
+def test_affine_psg_is_cpu_only():
+    x = torch.empty(2, 3, 4, device="meta")
+    with pytest.raises(UnsupportedError, match="CPU-only"):
+        _ext.affine_psg(x, x, torch.empty(3, device="meta"))
+

@@ -76,7 +76,7 @@ def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
     ``backend="triton"`` computes dense Grams with fastntk's Triton kernel
     (upper-triangle tiles only when ``A is B``); ``"auto"`` and ``"csrc"`` use the C++
     extension's upper-triangle kernel for symmetric dense blocks on the CPU (``"csrc"``
-    also for cross blocks), where it is built.
+    also for cross blocks, and on a GPU with a CUDA build), where it is built.
     """
     with phase("gram"):
         if isinstance(A, Outer) and isinstance(B, Outer):
@@ -100,12 +100,17 @@ def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
 
 
 def _csrc_gram_applies(a: torch.Tensor, b: torch.Tensor, backend: str) -> bool:
-    if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64):
-        return False
-    if backend == "auto" and (a is not b or a.shape[1] < CSRC_GRAM_MIN_COLS):
+    if a.dtype not in (torch.float32, torch.float64):
         return False
     from fastntk import _ext
 
+    if a.device.type == "cuda":
+        # The CUDA build's kernels are unmeasured on a GPU: only backend "csrc" takes them.
+        return backend == "csrc" and _ext.cuda_available()
+    if a.device.type != "cpu":
+        return False
+    if backend == "auto" and (a is not b or a.shape[1] < CSRC_GRAM_MIN_COLS):
+        return False
     return _ext.available()
 
 

@@ -212,10 +212,11 @@ def _compiled_weight_grad(module, x, gout, backend, T):
         from fastntk.kernels.conv_psg import conv2d_psg
 
         return conv2d_psg(xs, gout, **kw)
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+    if x.dtype in (torch.float32, torch.float64):
         from fastntk import _ext
 
-        if _ext.available():
+        on_cpu = x.device.type == "cpu" and _ext.available()
+        if on_cpu or (x.device.type == "cuda" and _ext.cuda_available()):
             return _ext.conv2d_psg(xs, gout, **kw)
     return None
 
