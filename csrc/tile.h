@@ -60,13 +60,63 @@ struct VecTraits<float, double> {
   }
 };
 
+// 512-bit vectors (AVX-512F), same interface; used only inside target("avx512f") code.
+typedef float v16f __attribute__((vector_size(64)));
+typedef double v8d __attribute__((vector_size(64)));
+
+template <typename T, typename Acc>
+struct Vec512Traits;
+
+template <>
+struct Vec512Traits<float, float> {
+  using V = v16f;
+  static constexpr int W = 16;
+  static inline __attribute__((always_inline)) V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static inline __attribute__((always_inline)) float hsum(V v) {
+    float s[4];
+    for (int q = 0; q < 4; ++q) s[q] = (v[q] + v[q + 8]) + (v[q + 4] + v[q + 12]);
+    return (s[0] + s[2]) + (s[1] + s[3]);
+  }
+};
+
+template <>
+struct Vec512Traits<double, double> {
+  using V = v8d;
+  static constexpr int W = 8;
+  static inline __attribute__((always_inline)) V load(const double* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static inline __attribute__((always_inline)) double hsum(V v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+  }
+};
+
+template <>
+struct Vec512Traits<float, double> {
+  using V = v8d;
+  static constexpr int W = 8;
+  static inline __attribute__((always_inline)) V load(const float* p) {
+    v8f v;
+    std::memcpy(&v, p, sizeof(v8f));
+    return __builtin_convertvector(v, v8d);
+  }
+  static inline __attribute__((always_inline)) double hsum(V v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+  }
+};
+
 // C[i*ldc + j] += sum_k A[i*lda + k] * B[j*ldb + k] for an MR x NR block.
 // MR=4, NR=3 keeps 12 accumulators + 3 B vectors + 1 A vector in the 16 AVX2 registers.
-template <int MR, int NR, typename T, typename Acc>
+template <int MR, int NR, typename Tr, typename T, typename Acc>
 static inline __attribute__((always_inline)) void micro(const T* A, int64_t lda, const T* B,
                                                         int64_t ldb, int64_t K, Acc* C,
                                                         int64_t ldc) {
-  using Tr = VecTraits<T, Acc>;
   using V = typename Tr::V;
   V acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -90,25 +140,44 @@ static inline __attribute__((always_inline)) void micro(const T* A, int64_t lda,
   }
 }
 
-// C (mi x nj, leading dim ldc) += A (mi rows) . B (nj rows)^T over K.
-template <typename T, typename Acc>
-static inline __attribute__((always_inline)) void tile_dot(const T* A, int64_t lda, int64_t mi,
-                                                           const T* B, int64_t ldb, int64_t nj,
-                                                           int64_t K, Acc* C, int64_t ldc) {
-  constexpr int MR = 4, NR = 3;
+// C (mi x nj, leading dim ldc) += A (mi rows) . B (nj rows)^T over K, in MR x NR blocks
+// of the vector traits Tr (VecTraits: 256-bit; Vec512Traits: 512-bit).
+template <typename Tr, int MR, int NR, typename T, typename Acc>
+static inline __attribute__((always_inline)) void tile_dot_w(const T* A, int64_t lda, int64_t mi,
+                                                             const T* B, int64_t ldb, int64_t nj,
+                                                             int64_t K, Acc* C, int64_t ldc) {
   int64_t i = 0;
   for (; i + MR <= mi; i += MR) {
     int64_t j = 0;
     for (; j + NR <= nj; j += NR)
-      micro<MR, NR>(A + i * lda, lda, B + j * ldb, ldb, K, C + i * ldc + j, ldc);
-    for (; j < nj; ++j) micro<MR, 1>(A + i * lda, lda, B + j * ldb, ldb, K, C + i * ldc + j, ldc);
+      micro<MR, NR, Tr>(A + i * lda, lda, B + j * ldb, ldb, K, C + i * ldc + j, ldc);
+    for (; j < nj; ++j)
+      micro<MR, 1, Tr>(A + i * lda, lda, B + j * ldb, ldb, K, C + i * ldc + j, ldc);
   }
   for (; i < mi; ++i) {
     int64_t j = 0;
     for (; j + NR <= nj; j += NR)
-      micro<1, NR>(A + i * lda, lda, B + j * ldb, ldb, K, C + i * ldc + j, ldc);
-    for (; j < nj; ++j) micro<1, 1>(A + i * lda, lda, B + j * ldb, ldb, K, C + i * ldc + j, ldc);
+      micro<1, NR, Tr>(A + i * lda, lda, B + j * ldb, ldb, K, C + i * ldc + j, ldc);
+    for (; j < nj; ++j)
+      micro<1, 1, Tr>(A + i * lda, lda, B + j * ldb, ldb, K, C + i * ldc + j, ldc);
   }
+}
+
+// The AVX2 shape: 4 x 3 (12 accumulators in the 16 ymm registers).
+template <typename T, typename Acc>
+static inline __attribute__((always_inline)) void tile_dot(const T* A, int64_t lda, int64_t mi,
+                                                           const T* B, int64_t ldb, int64_t nj,
+                                                           int64_t K, Acc* C, int64_t ldc) {
+  tile_dot_w<VecTraits<T, Acc>, 4, 3>(A, lda, mi, B, ldb, nj, K, C, ldc);
+}
+
+// The AVX-512 shape: 6 x 4 (24 accumulators + 4 B vectors + 1 A vector in the 32 zmm
+// registers); only called from functions compiled with target("avx512f") (gram.cpp).
+template <typename T, typename Acc>
+static inline __attribute__((always_inline)) void tile_dot512(const T* A, int64_t lda, int64_t mi,
+                                                              const T* B, int64_t ldb, int64_t nj,
+                                                              int64_t K, Acc* C, int64_t ldc) {
+  tile_dot_w<Vec512Traits<T, Acc>, 6, 4>(A, lda, mi, B, ldb, nj, K, C, ldc);
 }
 
 
@@ -218,6 +287,10 @@ static inline __attribute__((always_inline)) void outer_gemm_rows(const T* const
 // SSE2 on AMD EPYC, measured 8x slower there.)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FASTNTK_CLONES __attribute__((target_clones("fma", "default")))
+// A function compiled for AVX-512F (called only after __builtin_cpu_supports("avx512f")).
+#define FASTNTK_AVX512 __attribute__((target("avx512f,fma")))
+#define FASTNTK_HAVE_AVX512_PATH 1
 #else
 #define FASTNTK_CLONES
+#define FASTNTK_HAVE_AVX512_PATH 0
 #endif

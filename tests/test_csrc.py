@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,10 +33,22 @@ def _pair(v):
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
+HAS_AVX512 = "avx512f" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def vector_path(request, monkeypatch):
+    """The Gram op's two CPU tile kernels: AVX-512 6x4 blocks where the CPU has AVX-512F,
+    and the AVX2 4x3 blocks (FASTNTK_NO_AVX512=1, read by the op at each call)."""
+    if request.param == "avx512" and not HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512F: the op runs the AVX2 tiles only")
+    monkeypatch.setenv("FASTNTK_NO_AVX512", "1" if request.param == "avx2" else "0")
+    return request.param
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,p", [(1, 97), (5, 1023), (97, 97), (97, 1023), (130, 33), (7, 1)])
-def test_gram_sym(n, p, dtype):
+def test_gram_sym(n, p, dtype, vector_path):
     torch.manual_seed(n + p)
     a = torch.randn(n, p, dtype=dtype)
     out = torch.full((n, n), 0.5, dtype=dtype)
@@ -45,7 +59,7 @@ def test_gram_sym(n, p, dtype):
 
 
 @pytest.mark.parametrize("n,p", [(5, 1023), (97, 1023)])
-def test_gram_sym_fp64_accumulation(n, p):
+def test_gram_sym_fp64_accumulation(n, p, vector_path):
     torch.manual_seed(0)
     a = torch.randn(n, p) + 3.0  # large common mean: float32 accumulation loses digits
     truth = a.double() @ a.double().T
@@ -59,7 +73,7 @@ def test_gram_sym_fp64_accumulation(n, p):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n1,n2,p", [(1, 5, 97), (97, 5, 1023), (33, 130, 40)])
-def test_gram_cross(n1, n2, p, dtype):
+def test_gram_cross(n1, n2, p, dtype, vector_path):
     torch.manual_seed(n1 * n2)
     a, b = torch.randn(n1, p, dtype=dtype), torch.randn(n2, p, dtype=dtype)
     out = torch.ones(n1, n2, dtype=dtype)
