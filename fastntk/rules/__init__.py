@@ -63,11 +63,11 @@ Block = Dense | Outer
 
 # Symmetric dense Grams at least this wide go to the C++ extension's upper-triangle kernel
 # under method="auto" on the CPU: half the FLOPs of ``a @ a.T``; with its AVX-512 tiles
-# 1.7-2.9x faster than it from 2,304 to 36,864 columns at N = 32-1,280 in float32 and
-# float64, 1.4x (float32) and 2.1x (float64) at 256, slower at 64 columns where the call
+# 1.7-2.6x faster than it from 2,304 to 36,864 columns at N = 32-1,280 in float32 and
+# float64, 1.2x (float32) and 1.9x (float64) at 256, slower at 64 columns where the call
 # overhead dominates (python bench/bench_engine_choices.py gram; 2-core AMD EPYC,
 # bench/results/engine_choices_cpu.md). Cross blocks stay on torch.mm: the C++ kernel
-# beats it at most shapes but not at the largest (0.9-1.0x at 1,280 x 640 x 36,864).
+# beats it at most shapes but not at the largest (0.84x in float64 at 1,280 x 640 x 36,864).
 CSRC_GRAM_MIN_COLS = 256
 
 
