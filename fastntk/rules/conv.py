@@ -68,6 +68,17 @@ def _pad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pads, mode=mode)
 
 
+def _aten_padding(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """(input, padding) for an ATen-style call that pads symmetrically with zeros itself:
+    the module's padding per spatial dim where it is symmetric zero padding, else the input
+    padded here (``_pad``: asymmetric ``padding="same"``, reflect/replicate/circular) and 0."""
+    nd = len(module.kernel_size)
+    pads = module._reversed_padding_repeated_twice  # (last dim left, right, ..., first dim)
+    if module.padding_mode == "zeros" and all(pads[2 * j] == pads[2 * j + 1] for j in range(nd)):
+        return x, [pads[2 * (nd - 1 - j)] for j in range(nd)]
+    return _pad(module, x), [0] * nd
+
+
 def unfold_patches(
     module: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -123,12 +134,7 @@ def _grouped_weight_grad(module, xs, gs, hg, out=None):
     n = xs.shape[0]
     cin_g = xs.shape[1] // hg
     og = gs.shape[1] // hg
-    pads = module._reversed_padding_repeated_twice
-    symmetric = all(pads[2 * j] == pads[2 * j + 1] for j in range(nd))
-    if module.padding_mode == "zeros" and symmetric:
-        padding = [pads[2 * (nd - 1 - j)] for j in range(nd)]
-    else:
-        xs, padding = _pad(module, xs), [0] * nd
+    xs, padding = _aten_padding(module, xs)
     D = cin_g * _prod(module.kernel_size)
     per_sample = hg * og * D * gs.element_size()
     chunk = max(1, min(n, GROUPED_CHUNK_BYTES // max(1, per_sample)))
@@ -196,11 +202,7 @@ def _compiled_weight_grad(module, x, gout, backend, T):
     Returns (n, C_out, C_in/groups, kh, kw) or None."""
     if len(module.kernel_size) != 2 or backend not in ("triton", "csrc"):
         return None
-    pads = module._reversed_padding_repeated_twice
-    if module.padding_mode == "zeros" and pads[0] == pads[1] and pads[2] == pads[3]:
-        xs, padding = x, (pads[2], pads[0])
-    else:
-        xs, padding = _pad(module, x), (0, 0)
+    xs, padding = _aten_padding(module, x)
     kw = dict(
         kernel_size=module.kernel_size,
         stride=module.stride,
