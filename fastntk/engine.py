@@ -812,12 +812,16 @@ class _Job:
         (node, input index) pairs of the edges into its accumulator."""
         want = {id(self.copies.params[p]): p for p in pnames}
         uses: dict[str, list[tuple[Any, int]]] = defaultdict(list)
-        seen, stack = set(), [y.grad_fn] if y.grad_fn is not None else []
+        # Visited nodes are kept alive here: the Python object of an autograd node can be
+        # a temporary (torch 2.11 makes a fresh one per next_functions access), and an id
+        # freed with it can come back for another node, which would then be skipped.
+        seen: dict[int, Any] = {}
+        stack = [y.grad_fn] if y.grad_fn is not None else []
         while stack:
             node = stack.pop()
             if node is None or id(node) in seen:
                 continue
-            seen.add(id(node))
+            seen[id(node)] = node
             for i, (nxt, _) in enumerate(node.next_functions):
                 if nxt is None:
                     continue

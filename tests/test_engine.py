@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 
 import pytest
@@ -366,3 +367,57 @@ def test_broadcast_parameters(output, chunk):
     sel = ["pos", "cls"]  # only broadcast parameters selected: no fallback at all
     theta = fastntk.ntk(m, x1, output="trace", params=sel, dtype=torch.float64)
     assert rel_err(theta, reduce(full_kernel(m, x1, None, "eval", sel), "trace")) <= TOL[torch.float64]
+
+
+
+class _Acc:
+    """An AccumulateGrad stand-in: the leaf a parameter's gradient flows into."""
+
+    def __init__(self, variable):
+        self.variable = variable
+
+
+class _Wrappers:
+    """Python objects for graph nodes made on each access, recycled once nothing else holds
+    them: what CPython's allocator does with the temporary node objects of torch 2.11 (an
+    id freed with one node comes back for another)."""
+
+    def __init__(self):
+        self.pool = []
+
+    def of(self, real):
+        for w in self.pool:
+            if sys.getrefcount(w) <= 3:  # the pool, the loop variable, getrefcount's argument
+                w.real = real
+                return w
+        w = _Wrapper(self, real)
+        self.pool.append(w)
+        return w
+
+
+class _Wrapper:
+    def __init__(self, wrappers, real):
+        self.wrappers, self.real = wrappers, real
+
+    @property
+    def next_functions(self):
+        return tuple((c if isinstance(c, _Acc) else self.wrappers.of(c), 0) for c in self.real)
+
+
+def test_graph_walk_survives_recycled_node_objects():
+    """y -> A -> B -> W and y -> C -> D -> W: both uses of W are found although the node
+    objects are recycled (torch 2.11 made MHA's out_proj look unused and a weight used
+    twice look used once: silently wrong kernels, before the walker kept its nodes)."""
+    from types import SimpleNamespace
+
+    from fastntk import engine
+
+    w = torch.nn.Parameter(torch.randn(2))
+    acc = _Acc(w)
+    wrappers = _Wrappers()
+    root = [[[acc]], [[acc]]]  # each node: the list of its children
+    job = SimpleNamespace(copies=SimpleNamespace(params={"w": w}))
+    y = SimpleNamespace(grad_fn=wrappers.of(root))
+    uses = engine._Job._param_consumers(job, y, ["w"])
+    assert len(uses["w"]) == 2
+    assert len(wrappers.pool) >= 5  # every node had its own object while the walk held it
