@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .fastntk-installed
 
-.PHONY: install demo test test-triton-3.6 bench clean
+.PHONY: install demo test test-triton-3.6 test-gpu-stack bench clean
 
 # torch 2.13.0 (CPU) is installed first and on its own: it lies on the machines'
 # disk, and the editable install below must build the C++ extension against it
@@ -37,8 +37,13 @@ test-triton-3.6: $(STAMP) $(TRITON36)/.stamp
 		-W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" \
 		tests/test_kernels_gram.py tests/test_kernels_conv_psg.py tests/test_backends.py
 
+# The suite on the GPU machines' stack (Python 3.12, torch 2.11 CUDA build, Triton 3.6,
+# NumPy 2.5) on this CPU, the extension built with its CUDA kernels: .ci/gpu_stack.sh.
+test-gpu-stack:
+	bash .ci/gpu_stack.sh
+
 bench: $(STAMP)
 	$(PYTHON) bench/bench_engine.py
 
 clean:
-	rm -rf build *.egg-info $(STAMP) fastntk/_C*.so $(TRITON36)
+	rm -rf build *.egg-info $(STAMP) fastntk/_C*.so $(TRITON36) .venv-gpu-stack

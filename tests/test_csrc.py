@@ -241,20 +241,26 @@ def test_env_reports():
         assert isinstance(e["triton_error"], str)
 
 
-def test_cuda_kernels_absent_from_a_cpu_build_say_why():
-    """This machine's torch is a CPU build: fastntk._C has no CUDA kernels, and says so."""
+def test_cuda_kernels_present_exactly_in_a_cuda_build():
+    """A CPU torch (these machines): fastntk._C has no CUDA kernels and says why. A CUDA
+    torch with nvcc (`make test-gpu-stack`, the GPU machines): they are built and registered."""
     import fastntk._C as ext
 
     from fastntk._env import env
 
-    if torch.version.cuda is not None:
-        pytest.skip("torch is a CUDA build here: bench/gpu_check.py checks the CUDA kernels")
+    e = env()
+    if torch.version.cuda is not None and os.environ.get("FASTNTK_NO_CUDA") != "1":
+        assert ext.with_cuda == 1 and _ext.cuda_available() and _ext.cuda_why_not() is None
+        assert e["csrc_cuda"] is True and e["csrc_cuda_error"] is None
+        for op in ("gram_sym", "gram_cross", "conv2d_psg"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastntk::{op}", "CUDA")
+        return
     assert ext.with_cuda == 0
     assert _ext.cuda_available() is False
     reason = _ext.cuda_why_not()
-    assert "without CUDA" in reason and "CPU build" in reason
-    e = env()
+    assert "without CUDA" in reason
     assert e["csrc_cuda"] is False and e["csrc_cuda_error"] == reason
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("fastntk::gram_sym", "CUDA")
 
     class _OnCuda:  # enough of a tensor for the device check that runs first
         device = torch.device("cuda")
