@@ -35,7 +35,8 @@ $(TRITON36)/.stamp:
 test-triton-3.6: $(STAMP) $(TRITON36)/.stamp
 	FASTNTK_REQUIRE_TRITON=1 PYTHONPATH=$(TRITON36) $(PYTHON) -m pytest -q \
 		-W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" \
-		tests/test_kernels_gram.py tests/test_kernels_conv_psg.py tests/test_backends.py
+		tests/test_kernels_gram.py tests/test_kernels_conv_psg.py tests/test_kernels_aot.py \
+		tests/test_backends.py
 
 # The suite on the GPU machines' stack (Python 3.12, torch 2.11 CUDA build, Triton 3.6,
 # NumPy 2.5) on this CPU, the extension built with its CUDA kernels: .ci/gpu_stack.sh.

@@ -188,6 +188,23 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
+def tiles(c_out_g: int, d: int, *, on_gpu: bool) -> dict[str, int | bool]:
+    """The constexpr tile shape and ``num_warps`` of :func:`_psg_kernel` for ``C_out/groups``
+    output channels and ``D = C_in/groups · kh · kw`` taps (the interpreter gets larger T
+    slices: fewer, bigger numpy operations)."""
+    use_dot = c_out_g >= 8 and d >= 8
+    if use_dot:  # tl.dot needs every tile dimension >= 16
+        block_co = min(max(_next_pow2(c_out_g), 16), 64)
+        block_d = min(max(_next_pow2(d), 16), 64)
+        block_t = 32 if on_gpu else 64
+    else:  # tiny tiles (depthwise, C_out/groups < 8): broadcast-multiply-reduce
+        block_co = max(_next_pow2(c_out_g), 2)
+        block_d = min(max(_next_pow2(d), 2), 32)
+        block_t = 32
+    return dict(USE_DOT=use_dot, BLOCK_CO=block_co, BLOCK_D=block_d, BLOCK_T=block_t,
+                num_warps=4 if on_gpu else 1)
+
+
 def _launch(
     x: torch.Tensor,
     x_strides: tuple[int, int, int, int],
@@ -208,17 +225,8 @@ def _launch(
     """Pick tiles and launch :func:`_psg_kernel` writing into ``out2d`` (N, C_out·D)."""
     kh, kw = geom[0], geom[1]
     d = c_in_g * kh * kw
-    use_dot = c_out_g >= 8 and d >= 8
-    on_cpu = x.device.type == "cpu"
-    if use_dot:  # tl.dot needs every tile dimension >= 16
-        block_co = min(max(_next_pow2(c_out_g), 16), 64)
-        block_d = min(max(_next_pow2(d), 16), 64)
-        block_t = 64 if on_cpu else 32
-    else:
-        block_co = max(_next_pow2(c_out_g), 2)
-        block_d = min(max(_next_pow2(d), 2), 32)
-        block_t = 32
-    grid = (n * groups, triton.cdiv(c_out_g, block_co), triton.cdiv(d, block_d))
+    cfg = tiles(c_out_g, d, on_gpu=x.device.type != "cpu")
+    grid = (n * groups, triton.cdiv(c_out_g, cfg["BLOCK_CO"]), triton.cdiv(d, cfg["BLOCK_D"]))
     _psg_kernel[grid](
         x,
         gout,
@@ -237,11 +245,7 @@ def _launch(
         out2d.stride(1),
         *geom,
         ACCUMULATE=accumulate,
-        USE_DOT=use_dot,
-        BLOCK_CO=block_co,
-        BLOCK_D=block_d,
-        BLOCK_T=block_t,
-        num_warps=1 if on_cpu else 4,
+        **cfg,
     )
 
 
