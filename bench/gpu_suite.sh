@@ -6,6 +6,8 @@
 #                                    # CUDA, Triton Gram modes, the C++ CUDA kernels (~5 min)
 #   bash bench/gpu_suite.sh engine   # NB201 N=1024 "sum" and "trace": floor, auto, triton, vmap (~5 min)
 #   bash bench/gpu_suite.sh scale    # exact N=16384 "sum", sketch N=100,000 m=4096 (~5 min)
+#   bash bench/gpu_suite.sh models   # ResNet-18 and ViT: auto, layerwise, triton, vmap, N=256/1024
+#                                    # (~5 min; a fourth call, where device time is left)
 #   bash bench/gpu_suite.sh all      # the three in turn (more than one call's 10 minutes)
 #   SMOKE=1 bash bench/gpu_suite.sh all   # the same plumbing on this CPU, tiny sizes (Triton interpreter)
 #
@@ -31,11 +33,11 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1
   DEV=cpu; N=16; LN=300; LCHUNK=128; SN=600; SM=256; SCHUNK=256
-  GRAM="64x512,97x1023"; BIGCHUNK=128
+  GRAM="64x512,97x1023"; BIGCHUNK=128; MN=4
   TRITON=""  # NB201 in Triton's interpreter takes many minutes; tests/ cover it on small models
 else
   DEV=cuda; N=1024; LN=16384; LCHUNK=2048; SN=100000; SM=4096; SCHUNK=4096
-  GRAM="1024x36864,4096x9216,16384x2304"; BIGCHUNK=1024
+  GRAM="1024x36864,4096x9216,16384x2304"; BIGCHUNK=1024; MN=256,1024
   TRITON=",triton"
 fi
 
@@ -84,12 +86,21 @@ scale() {
   step 200 python3 bench/bench_sketch.py --device "$DEV" --n "$SN" --m "$SM" --chunk "$SCHUNK" --check "$BIGCHUNK"
 }
 
+models() {
+  local m
+  for m in resnet18 vit; do
+    step 140 python3 -m fastntk bench --model "$m" --n "$MN" --method "auto,layerwise$TRITON,vmap" \
+      --output sum --repeat 2 --timeout 60 --csv "$OUT/models_$m.csv"
+  done
+}
+
 case "${1:-all}" in
   check) check ;;
   engine) engine ;;
   scale) scale ;;
-  all) check; engine; scale ;;
-  *) echo "usage: bash bench/gpu_suite.sh check|engine|scale|all" >&2; exit 2 ;;
+  models) models ;;
+  all) check; engine; scale; models ;;
+  *) echo "usage: bash bench/gpu_suite.sh check|engine|scale|models|all" >&2; exit 2 ;;
 esac
 rm -rf "$SITE"
 log "done; results in $OUT"
