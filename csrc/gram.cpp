@@ -19,40 +19,30 @@
 namespace fastntk {
 namespace {
 
-// One TB x TB tile of dot products, C (ldc = TB) zero on entry. Instantiated per dtype
-// as a non-inline function so that FASTNTK_CLONES can give it an AVX2+FMA clone.
-#define FASTNTK_DEFINE_TILE(NAME, T, ACC)                                                    \
-  FASTNTK_CLONES void NAME(const T* A, int64_t lda, int64_t mi, const T* B, int64_t ldb,  \
-                           int64_t nj, int64_t K, int64_t kc, ACC* C, int64_t ldc) {       \
+// One TB x TB tile of dot products, C (ldc = TB) zero on entry, K walked in chunks of kc.
+// Instantiated per dtype as non-inline functions: the AVX2 ones (tile.h's 4x3 blocks of
+// 256-bit vectors) get an AVX2+FMA clone from FASTNTK_CLONES; the AVX-512 ones (6x4 blocks
+// of 512-bit vectors) are compiled for AVX-512F: single-thread 32x32 tiles of 288 x 9216
+// float32, kc 4096: 98-102 GFLOP/s vs 84-86 for the AVX2 blocks (AMD EPYC dev CPU,
+// standalone g++ -O3 build of tile.h).
+#define FASTNTK_DEFINE_TILE(NAME, ATTR, TILE, T, ACC)                                       \
+  ATTR void NAME(const T* A, int64_t lda, int64_t mi, const T* B, int64_t ldb, int64_t nj, \
+                 int64_t K, int64_t kc, ACC* C, int64_t ldc) {                             \
     for (int64_t k0 = 0; k0 < K; k0 += kc) {                                               \
       const int64_t kl = std::min(kc, K - k0);                                             \
-      detail::tile_dot<T, ACC>(A + k0, lda, mi, B + k0, ldb, nj, kl, C, ldc);              \
+      detail::TILE<T, ACC>(A + k0, lda, mi, B + k0, ldb, nj, kl, C, ldc);                  \
     }                                                                                      \
   }
 
-FASTNTK_DEFINE_TILE(tile_f32, float, float)
-FASTNTK_DEFINE_TILE(tile_f32_acc64, float, double)
-FASTNTK_DEFINE_TILE(tile_f64, double, double)
-#undef FASTNTK_DEFINE_TILE
-
+FASTNTK_DEFINE_TILE(tile_f32, FASTNTK_CLONES, tile_dot, float, float)
+FASTNTK_DEFINE_TILE(tile_f32_acc64, FASTNTK_CLONES, tile_dot, float, double)
+FASTNTK_DEFINE_TILE(tile_f64, FASTNTK_CLONES, tile_dot, double, double)
 #if FASTNTK_HAVE_AVX512_PATH
-// The same tiles with 512-bit vectors in 6x4 blocks (tile.h's tile_dot512): single-thread
-// 32x32 tiles of 288 x 9216 float32, kc 4096: 98-102 GFLOP/s vs 84-86 for the AVX2 4x3
-// blocks (AMD EPYC dev CPU, standalone g++ -O3 build of tile.h).
-#define FASTNTK_DEFINE_TILE512(NAME, T, ACC)                                                  \
-  FASTNTK_AVX512 void NAME(const T* A, int64_t lda, int64_t mi, const T* B, int64_t ldb,    \
-                           int64_t nj, int64_t K, int64_t kc, ACC* C, int64_t ldc) {       \
-    for (int64_t k0 = 0; k0 < K; k0 += kc) {                                               \
-      const int64_t kl = std::min(kc, K - k0);                                             \
-      detail::tile_dot512<T, ACC>(A + k0, lda, mi, B + k0, ldb, nj, kl, C, ldc);           \
-    }                                                                                      \
-  }
-
-FASTNTK_DEFINE_TILE512(tile_f32_512, float, float)
-FASTNTK_DEFINE_TILE512(tile_f32_acc64_512, float, double)
-FASTNTK_DEFINE_TILE512(tile_f64_512, double, double)
-#undef FASTNTK_DEFINE_TILE512
+FASTNTK_DEFINE_TILE(tile_f32_512, FASTNTK_AVX512, tile_dot512, float, float)
+FASTNTK_DEFINE_TILE(tile_f32_acc64_512, FASTNTK_AVX512, tile_dot512, float, double)
+FASTNTK_DEFINE_TILE(tile_f64_512, FASTNTK_AVX512, tile_dot512, double, double)
 #endif
+#undef FASTNTK_DEFINE_TILE
 
 // Whether this call uses the AVX-512 tiles: the CPU has AVX-512F and FASTNTK_NO_AVX512 is
 // not "1" (read at each call, so that a benchmark can compare both in one process).

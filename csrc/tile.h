@@ -8,108 +8,39 @@
 namespace fastntk {
 namespace detail {
 
-// GCC vector extensions: compiled to AVX+FMA in the "fma" clone of the
-// callers (see FASTNTK_CLONES) and to SSE2 in the default clone.
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-typedef double v4d __attribute__((vector_size(32)));
+// GCC vector extensions of W lanes of the accumulator type: 256-bit vectors (VecTraits)
+// compile to AVX+FMA in the "fma" clone of the callers (see FASTNTK_CLONES) and to SSE2 in
+// the default clone; 512-bit ones (Vec512Traits) are used only inside functions compiled
+// with target("avx512f") (FASTNTK_AVX512). Operands of type T are loaded W at a time and
+// converted to Acc (float operands, double accumulation: the fp64_acc option).
+template <typename T, typename Acc, int Lanes>
+struct Vec {
+  typedef Acc V __attribute__((vector_size(Lanes * sizeof(Acc))));
+  typedef T In __attribute__((vector_size(Lanes * sizeof(T))));
+  static constexpr int W = Lanes;
+  static inline __attribute__((always_inline)) V load(const T* p) {
+    In v;
+    std::memcpy(&v, p, sizeof(In));
+    if constexpr (sizeof(T) == sizeof(Acc)) {
+      return v;
+    } else {
+      return __builtin_convertvector(v, V);
+    }
+  }
+  // Pairwise: lanes i and i + W/2, then i and i + W/4, ...
+  static inline __attribute__((always_inline)) Acc hsum(V v) {
+    Acc s[Lanes];
+    std::memcpy(s, &v, sizeof(V));
+    for (int h = Lanes / 2; h >= 1; h /= 2)
+      for (int i = 0; i < h; ++i) s[i] += s[i + h];
+    return s[0];
+  }
+};
 
 template <typename T, typename Acc>
-struct VecTraits;
-
-template <>
-struct VecTraits<float, float> {
-  using V = v8f;
-  static constexpr int W = 8;
-  static inline __attribute__((always_inline)) V load(const float* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline __attribute__((always_inline)) float hsum(V v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-  }
-};
-
-template <>
-struct VecTraits<double, double> {
-  using V = v4d;
-  static constexpr int W = 4;
-  static inline __attribute__((always_inline)) V load(const double* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline __attribute__((always_inline)) double hsum(V v) {
-    return (v[0] + v[2]) + (v[1] + v[3]);
-  }
-};
-
-// float operands, double accumulation (the fp64_acc option).
-template <>
-struct VecTraits<float, double> {
-  using V = v4d;
-  static constexpr int W = 4;
-  static inline __attribute__((always_inline)) V load(const float* p) {
-    v4f v;
-    std::memcpy(&v, p, sizeof(v4f));
-    return __builtin_convertvector(v, v4d);
-  }
-  static inline __attribute__((always_inline)) double hsum(V v) {
-    return (v[0] + v[2]) + (v[1] + v[3]);
-  }
-};
-
-// 512-bit vectors (AVX-512F), same interface; used only inside target("avx512f") code.
-typedef float v16f __attribute__((vector_size(64)));
-typedef double v8d __attribute__((vector_size(64)));
-
+using VecTraits = Vec<T, Acc, 32 / sizeof(Acc)>;
 template <typename T, typename Acc>
-struct Vec512Traits;
-
-template <>
-struct Vec512Traits<float, float> {
-  using V = v16f;
-  static constexpr int W = 16;
-  static inline __attribute__((always_inline)) V load(const float* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline __attribute__((always_inline)) float hsum(V v) {
-    float s[4];
-    for (int q = 0; q < 4; ++q) s[q] = (v[q] + v[q + 8]) + (v[q + 4] + v[q + 12]);
-    return (s[0] + s[2]) + (s[1] + s[3]);
-  }
-};
-
-template <>
-struct Vec512Traits<double, double> {
-  using V = v8d;
-  static constexpr int W = 8;
-  static inline __attribute__((always_inline)) V load(const double* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline __attribute__((always_inline)) double hsum(V v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-  }
-};
-
-template <>
-struct Vec512Traits<float, double> {
-  using V = v8d;
-  static constexpr int W = 8;
-  static inline __attribute__((always_inline)) V load(const float* p) {
-    v8f v;
-    std::memcpy(&v, p, sizeof(v8f));
-    return __builtin_convertvector(v, v8d);
-  }
-  static inline __attribute__((always_inline)) double hsum(V v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-  }
-};
+using Vec512Traits = Vec<T, Acc, 64 / sizeof(Acc)>;
 
 // C[i*ldc + j] += sum_k A[i*lda + k] * B[j*ldb + k] for an MR x NR block.
 // MR=4, NR=3 keeps 12 accumulators + 3 B vectors + 1 A vector in the 16 AVX2 registers.
