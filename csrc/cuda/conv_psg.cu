@@ -8,6 +8,7 @@
 // 16 staged in shared memory, the patch slice gathered from x on the fly (implicit
 // im2col: no N*D*T buffer). Only the diagonal group blocks are computed.
 #include "launch.h"
+#include "tile.cuh"
 
 namespace fastntk {
 namespace cuda {
@@ -41,10 +42,7 @@ __global__ void __launch_bounds__(kThreads* kThreads)
   const T* xn = x + (n * g.C_in + grp * cg) * g.H * g.W;        // (cg, H, W) of this item
 
   T acc[kPer][kPer];
-#pragma unroll
-  for (int u = 0; u < kPer; ++u)
-#pragma unroll
-    for (int v = 0; v < kPer; ++v) acc[u][v] = T(0);
+  zero_tile(acc);
 
   for (long long t0 = 0; t0 < T_; t0 += kK) {
 #pragma unroll
@@ -66,18 +64,7 @@ __global__ void __launch_bounds__(kThreads* kThreads)
       ps[kk * kPad + row] = pv;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kK; ++kk) {
-      T gv[kPer], pv[kPer];
-#pragma unroll
-      for (int u = 0; u < kPer; ++u) gv[u] = gs[kk * kPad + ty + u * kThreads];
-#pragma unroll
-      for (int v = 0; v < kPer; ++v) pv[v] = ps[kk * kPad + tx + v * kThreads];
-#pragma unroll
-      for (int u = 0; u < kPer; ++u)
-#pragma unroll
-        for (int v = 0; v < kPer; ++v) acc[u][v] = fma(gv[u], pv[v], acc[u][v]);
-    }
+    fma_slices<kPer, kThreads, kK, kPad>(acc, gs, ps, tx, ty);
     __syncthreads();
   }
 

@@ -14,6 +14,7 @@
 #include <cmath>
 
 #include "launch.h"
+#include "tile.cuh"
 
 namespace fastntk {
 namespace cuda {
@@ -63,10 +64,7 @@ __global__ void __launch_bounds__(kThreads* kThreads)
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kThreads + tx;
 
   Acc acc[kPer][kPer];
-#pragma unroll
-  for (int u = 0; u < kPer; ++u)
-#pragma unroll
-    for (int v = 0; v < kPer; ++v) acc[u][v] = Acc(0);
+  zero_tile(acc);
 
   for (long long k0 = 0; k0 < p; k0 += kK) {
     // Stage a[i0:i0+64, k0:k0+16] and b[j0:j0+64, k0:k0+16], k-major; zeros past the edges.
@@ -80,18 +78,7 @@ __global__ void __launch_bounds__(kThreads* kThreads)
       bs[kk * kPad + row] = (gj < n2 && k < p) ? b[gj * ldb + k] : T(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kK; ++kk) {
-      Acc av[kPer], bv[kPer];
-#pragma unroll
-      for (int u = 0; u < kPer; ++u) av[u] = static_cast<Acc>(as[kk * kPad + ty + u * kThreads]);
-#pragma unroll
-      for (int v = 0; v < kPer; ++v) bv[v] = static_cast<Acc>(bs[kk * kPad + tx + v * kThreads]);
-#pragma unroll
-      for (int u = 0; u < kPer; ++u)
-#pragma unroll
-        for (int v = 0; v < kPer; ++v) acc[u][v] = fma(av[u], bv[v], acc[u][v]);
-    }
+    fma_slices<kPer, kThreads, kK, kPad>(acc, as, bs, tx, ty);
     __syncthreads();
   }
 
