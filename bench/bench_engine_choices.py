@@ -267,6 +267,40 @@ def pool(n=32):
         print(f"| {c}x{h}x{h} | {1e3 * pf:.2f} | {1e3 * cf:.2f} | {1e3 * pb:.2f} | {1e3 * cb:.2f} |")
 
 
+class _AttnBlock(torch.nn.Module):
+    """LayerNorm, nn.MultiheadAttention (self-attention, no weights returned), a head."""
+
+    def __init__(self, e=384, heads=6):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(e)
+        self.attn = torch.nn.MultiheadAttention(e, heads, batch_first=True)
+        self.head = torch.nn.Linear(e, 10)
+
+    def forward(self, x):
+        h = self.ln(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head((x + a).mean(1))
+
+
+def mha(n=32, tokens=65):
+    """One nn.MultiheadAttention block (E=384, 6 heads): the per-module fallback that serves
+    it (no MHA rule) against vmap(jacrev) and one plain forward+backward, best of 3 (s)."""
+    print(f"## nn.MultiheadAttention block, E=384, 6 heads, {tokens} tokens, N={n}, best of 3 (s)")
+    print("| fwd+bwd | fastntk auto (MHA: per-module fallback) | vmap(jacrev) |")
+    print("|---|---|---|")
+    torch.manual_seed(0)
+    m = _AttnBlock().eval()
+    x = torch.randn(n, tokens, 384)
+
+    def fwdbwd():
+        m.zero_grad(set_to_none=True)
+        m(x).sum().backward()
+
+    times = [best_of(fwdbwd)]
+    times += [best_of(lambda meth=meth: fastntk.ntk(m, x, method=meth)) for meth in ("auto", "vmap")]
+    print("| " + " | ".join(f"{t:.3f}" for t in times) + " |")
+
+
 def coupled(n=64):
     m, x = _model(n)
     print(f"## bn='batch' kernel, NB201, N={n} (s, one call each)")
@@ -278,7 +312,7 @@ def coupled(n=64):
 
 if __name__ == "__main__":
     sections = {"conv": conv, "chunks": chunks, "gram": gram, "affine": affine, "trace": trace,
-                "pool": pool, "coupled": coupled}
+                "pool": pool, "coupled": coupled, "mha": mha}
     which = sys.argv[1:] or list(sections)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for w in which:
