@@ -57,6 +57,11 @@ build_ext() {  # the extension, CUDA kernels included where torch is a CUDA buil
   cp -r "$ROOT"/setup.py "$ROOT"/pyproject.toml "$ROOT"/csrc "$ROOT"/kernels "$build"/
   cp -r "$SITE/fastntk" "$build/fastntk"
   log "build_ext in $build"
+  # torch derives CUDA_HOME from nvcc's folder when unset: /usr/local for a /usr/local/bin
+  # nvcc, which holds no CUDA headers (seen on the CPU machines).
+  if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+    export CUDA_HOME=/usr/local/cuda
+  fi
   (cd "$build" && TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
     timeout 300 python3 setup.py -q build_ext --inplace) 2>&1 | tail -n 30 | tee -a "$OUT/suite.log"
   if ls "$build"/fastntk/_C*.so >/dev/null 2>&1; then
