@@ -74,7 +74,9 @@ build_ext() {  # the extension, CUDA kernels included where torch is a CUDA buil
 
 check() {
   build_ext
-  step 60 python3 -c "import json, fastntk; print(json.dumps(fastntk.env()))"
+  # `python3 -c` and `-m` put the working directory first on sys.path: run them from $SITE,
+  # or they import this tree's fastntk/ (no kernels/, no extension) instead of the copy.
+  step 60 env -C "$SITE" python3 -c "import json, fastntk; print(json.dumps(fastntk.env()))"
   step 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   step 240 python3 bench/gpu_check.py --device "$DEV" --gram-shapes "$GRAM" --out "$OUT/gpu_check.md"
 }
@@ -94,7 +96,7 @@ scale() {
 models() {
   local m
   for m in resnet18 vit; do
-    step 140 python3 -m fastntk bench --model "$m" --n "$MN" --method "auto,layerwise$TRITON,vmap" \
+    step 140 env -C "$SITE" python3 -m fastntk bench --model "$m" --n "$MN" --method "auto,layerwise$TRITON,vmap" \
       --output sum --repeat 2 --timeout 60 --csv "$OUT/models_$m.csv"
   done
 }
