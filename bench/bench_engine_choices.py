@@ -283,22 +283,37 @@ class _AttnBlock(torch.nn.Module):
 
 
 def mha(n=32, tokens=65):
-    """One nn.MultiheadAttention block (E=384, 6 heads): the per-module fallback that serves
-    it (no MHA rule) against vmap(jacrev) and one plain forward+backward, best of 3 (s)."""
+    """One nn.MultiheadAttention block (E=384, 6 heads): fastntk with its MHA rule
+    (rules/attention.py) and with the rule unregistered (the per-module fallback), against
+    vmap(jacrev) and one plain forward+backward; "sum" and "trace", best of 3 (s),
+    providers interleaved."""
+    from fastntk.rules import _RULES
+
     print(f"## nn.MultiheadAttention block, E=384, 6 heads, {tokens} tokens, N={n}, best of 3 (s)")
-    print("| fwd+bwd | fastntk auto (MHA: per-module fallback) | vmap(jacrev) |")
-    print("|---|---|---|")
+    print("| output | fwd+bwd | fastntk auto, MHA rule | auto, per-module fallback | vmap(jacrev) |")
+    print("|---|---|---|---|---|")
     torch.manual_seed(0)
     m = _AttnBlock().eval()
     x = torch.randn(n, tokens, 384)
+    rule = _RULES[torch.nn.MultiheadAttention]
 
     def fwdbwd():
         m.zero_grad(set_to_none=True)
         m(x).sum().backward()
 
-    times = [best_of(fwdbwd)]
-    times += [best_of(lambda meth=meth: fastntk.ntk(m, x, method=meth)) for meth in ("auto", "vmap")]
-    print("| " + " | ".join(f"{t:.3f}" for t in times) + " |")
+    def fallback(output):
+        del _RULES[torch.nn.MultiheadAttention]
+        try:
+            fastntk.ntk(m, x, output=output)
+        finally:
+            _RULES[torch.nn.MultiheadAttention] = rule
+
+    for output in ("sum", "trace"):
+        times = [best_of(fwdbwd)]
+        times.append(best_of(lambda: fastntk.ntk(m, x, output=output)))
+        times.append(best_of(lambda: fallback(output)))
+        times.append(best_of(lambda: fastntk.ntk(m, x, output=output, method="vmap")))
+        print(f"| {output} | " + " | ".join(f"{t:.3f}" for t in times) + " |")
 
 
 def coupled(n=64):

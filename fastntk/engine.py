@@ -417,7 +417,7 @@ class _Capture:
         self.records = []
         self.roots = []
 
-    def _make_hook(self, mname, module, rule, attrs):
+    def _make_hook(self, mname, module, base_rule, attrs):
         def hook(mod, args, kwargs, out):
             if not self.active:
                 return None
@@ -426,6 +426,9 @@ class _Capture:
             # Rules see detached inputs (same storage, no autograd history), so the
             # kernel never joins the graph, whatever requires grad upstream.
             dargs, dkwargs = _detach((args, kwargs))
+            rule = base_rule
+            if rule is not None and not rule.accepts(mod, args, kwargs, out):
+                rule = None  # this call takes the per-module fallback (see GramRule.accepts)
             if rule is not None:
                 ctx = Context(self.job.bn, self.job.backend, self.job.workspace, tuple(attrs))
                 saved = rule.save(mod, dargs, dkwargs, out, ctx)
@@ -835,35 +838,38 @@ class _Job:
     def _adoptions(
         self, cap: _Capture, uses: dict[str, int], calls: dict[str, int]
     ) -> dict[str, tuple[str, str]]:
-        """Parameters of never-called submodules that an ancestor's fallback can take.
+        """Parameters of never-called submodules that an ancestor's call can take.
 
         ``nn.MultiheadAttention`` applies ``out_proj``'s weight with ``F.linear`` and never
         calls ``out_proj``: its parameters are used inside the attention module's own call.
-        When a parameter's only owner module is never called, the nearest ancestor that
-        goes through the per-module fallback is called, and the parameter is used exactly
-        once per ancestor call, the ancestor's exact per-module fallback computes its
-        per-sample gradients too (instead of a whole-model fallback). Returns
+        When a parameter's only owner module is never called, the nearest called ancestor
+        is called exactly as often as the parameter is used, and each of its calls can
+        take the parameter (the per-module fallback always can; a rule can when its
+        ``param_names`` list the attribute path, as ``MultiheadAttentionRule`` lists
+        ``out_proj.weight``), the ancestor's records compute its per-sample gradients too
+        (instead of a whole-model fallback). Returns
         ``{param: (ancestor module name, attribute path relative to it)}``.
         """
         owners = self._owners
-        called = {rec.mname for rec in cap.records}
-        fallback_calls: dict[str, int] = defaultdict(int)
+        by_module: dict[str, list[_Record]] = defaultdict(list)
         for rec in cap.records:
-            if rec.rule is None:
-                fallback_calls[rec.mname] += 1
+            by_module[rec.mname].append(rec)
         out: dict[str, tuple[str, str]] = {}
         for pname, n_uses in uses.items():
             if calls.get(pname, 0) or len(owners.get(pname, ())) != 1:
                 continue
             mname, _, attr = owners[pname][0]
-            if mname in called:
+            if mname in by_module:
                 continue
             parts = mname.split(".") if mname else []
             for i in range(len(parts) - 1, -1, -1):
                 anc = ".".join(parts[:i])
-                if anc in called:
-                    if fallback_calls.get(anc, 0) == n_uses and anc in fallback_calls:
-                        out[pname] = (anc, ".".join(parts[i:] + [attr]))
+                if anc in by_module:
+                    rel = ".".join(parts[i:] + [attr])
+                    recs = by_module[anc]
+                    takes = all(r.rule is None or rel in r.rule.param_names for r in recs)
+                    if len(recs) == n_uses and takes:
+                        out[pname] = (anc, rel)
                     break
         return out
 

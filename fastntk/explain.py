@@ -103,6 +103,8 @@ def explain(
             head.passes(y)
             job._classify(cap, y)
             called = {r.mname for r in cap.records}
+            declined = {r.mname for r in cap.records if r.rule is None}  # fallback calls
+            ruled = {r.mname: r.rule for r in cap.records if r.rule is not None}
             act = sum(
                 t.numel() * t.element_size()
                 for r in cap.records
@@ -120,12 +122,16 @@ def explain(
             elif pname in cap.excluded:
                 path = "fallback:model (used outside its module's call)"
             elif pname in job._adopted:
-                path = f"fallback:module (used inside {job._adopted[pname][0]!r}'s call)"
+                anc = job._adopted[pname][0]
+                kind = f"rule:{type(ruled[anc]).__name__}" if anc not in declined else "fallback:module"
+                path = f"{kind} (used inside {anc!r}'s call)"
             elif not any(mn in called for mn in job.module_of[pname]):
                 path = "unused (no gradient reaches it)"
             else:
                 rule = job.rules[mname]
                 path = f"rule:{type(rule).__name__}" if rule is not None else "fallback:module"
+                if rule is not None and mname in declined:
+                    path = f"fallback:module ({type(rule).__name__} declined the call)"
                 if pname in cap.deferred_params:
                     path += " (used several times: exact sum of uses)"
             rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), path))

@@ -180,9 +180,9 @@ def test_explain_reports_paths_and_memory():
     paths = {p.name: p.path for p in ex.params}
     assert paths["patch.weight"] == "rule:ConvRule"
     assert paths["ln1.weight"] == "rule:LayerNormRule"
-    assert paths["attn.in_proj_weight"] == "fallback:module"
-    # MHA applies out_proj's weight itself (F.linear): its per-module fallback takes it
-    assert paths["attn.out_proj.weight"] == "fallback:module (used inside 'attn''s call)"
+    assert paths["attn.in_proj_weight"] == "rule:MultiheadAttentionRule"
+    # MHA applies out_proj's weight itself (F.linear): its rule takes it
+    assert paths["attn.out_proj.weight"] == "rule:MultiheadAttentionRule (used inside 'attn''s call)"
     assert paths["cls"].startswith("rule:BroadcastRule") and paths["pos"].startswith("rule:Broad")
     assert ex.kernel_bytes == 4 * 4 * 4
     assert "patch.weight" in str(ex) and "memory estimate" in str(ex)

@@ -211,6 +211,12 @@ class GramRule:
         """Whether this rule applies to this instance (default: yes)."""
         return True
 
+    def accepts(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> bool:
+        """Whether this rule serves this call (default: yes). A declined call goes
+        through the exact per-module fallback, e.g. ``nn.MultiheadAttention`` returning
+        its attention weights, whose gradient the rule would not see."""
+        return True
+
     def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, ctx: Context) -> Any:
         """Return what the backward needs (references, not copies)."""
         raise NotImplementedError
@@ -282,7 +288,7 @@ def rules_table() -> dict[type, GramRule]:
 
 
 # Register the built-in rules.
-from fastntk.rules import conv, embedding, linear, norm  # noqa: E402,F401
+from fastntk.rules import attention, conv, embedding, linear, norm  # noqa: E402,F401
 
 __all__ = [
     "Block",

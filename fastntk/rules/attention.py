@@ -1,0 +1,189 @@
+"""Gram rule of ``nn.MultiheadAttention`` (packed q/k/v projection, no bias_k/bias_v, no
+zero attention; masks, ``batch_first`` either way, self- and cross-attention).
+
+Derivation. With ``q = x_q W_q^T + b_q`` (likewise k, v from the key and value inputs),
+``o = Attention(q, k, v)`` (heads, scaling, masks, softmax) and ``y = o W_o^T + b_o``,
+sample ``i``'s output depends on the parameters only through its own tokens, so with
+``G = df_i/dy_i`` (the output gradient, (T, E) per sample):
+
+    dW_o,i = G_i^T o_i            db_o,i = sum_t G_i
+    dW_q,i = Gq_i^T x_q,i         db_q,i = sum_t Gq_i      (k, v alike)
+
+where ``Gq = d<G, y>/dq`` is the gradient of the attention core at ``q``. The rule
+re-runs the module's own forward over the batch with identity projections on the
+projected ``q, k, v`` (leaf tensors it made), so that masks, scaling and softmax are
+PyTorch's, and one autograd call gives ``Gq, Gk, Gv`` for every sample at once: one
+extra forward and backward of the attention over the batch, instead of the per-sample
+torch.func fallback. ``in_proj_weight``'s rows are q, k, v in that order.
+
+A call that returns the attention weights (``need_weights=True``, the default) or drops
+attention (dropout in training mode) is declined (:meth:`accepts`): the weights' own
+gradient does not reach the rule, and a second dropout mask would differ from the
+forward's. Such calls take the exact per-module fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from fastntk.rules import Dense, GramRule, register_gram_rule
+
+_OUT = ("out_proj.weight", "out_proj.bias")
+
+
+class _Saved:
+    """The call's detached inputs and parameters (the engine's copies, in its dtype: they
+    are the module's only during the forward) and, per output gradient, the four blocks
+    computed once."""
+
+    __slots__ = ("args", "kwargs", "w", "b", "wo", "bo", "memo")
+
+    def __init__(self, module, args, kwargs):
+        self.args, self.kwargs = args, kwargs
+        self.w = module.in_proj_weight.detach()
+        self.b = None if module.in_proj_bias is None else module.in_proj_bias.detach()
+        self.wo = module.out_proj.weight.detach()
+        self.bo = None if module.out_proj.bias is None else module.out_proj.bias.detach()
+        self.memo: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+
+
+@register_gram_rule(nn.MultiheadAttention)
+class MultiheadAttentionRule(GramRule):
+    param_names = ("in_proj_weight", "in_proj_bias", *_OUT)
+
+    def covers(self, module):
+        return (
+            module._qkv_same_embed_dim
+            and module.in_proj_weight is not None
+            and module.bias_k is None
+            and module.bias_v is None
+            and not module.add_zero_attn
+        )
+
+    def accepts(self, module, args, kwargs, output) -> bool:
+        if not (isinstance(output, tuple) and len(output) == 2 and output[1] is None):
+            return False  # attention weights returned: their gradient would be missed
+        return module.dropout == 0.0 or not module.training
+
+    def save(self, module, args, kwargs, output, ctx):
+        return _Saved(module, args, kwargs)
+
+    def grad_rows(self, module, saved, gout, name, r0, r1):
+        hit = saved.memo.get(id(gout))
+        if hit is None:
+            hit = (gout, self._blocks(module, saved, gout))
+            saved.memo[id(gout)] = hit  # keeps gout alive: its id stays unique
+        return Dense(hit[1][name][:, r0 * _cols(module, name) : r1 * _cols(module, name)])
+
+    @staticmethod
+    def _blocks(module, saved: _Saved, gout: torch.Tensor) -> dict[str, torch.Tensor]:
+        call = _bind(saved.args, saved.kwargs)
+        bd = 1 if module.batch_first is False else 0  # tensors to (N, T, E) below
+        xs = [call[k].movedim(bd, 0) for k in ("query", "key", "value")]
+        g = gout.movedim(bd, 0)
+        e = module.embed_dim
+        w, b = saved.w, saved.b
+        with torch.enable_grad():
+            proj = [
+                F.linear(x, w[j * e : (j + 1) * e], None if b is None else b[j * e : (j + 1) * e])
+                .detach()
+                .requires_grad_(True)
+                for j, x in enumerate(xs)
+            ]
+            mask = _sdpa_mask(module, call, xs[0].shape[0], xs[0].shape[1], xs[1].shape[1], w.dtype)
+            if mask is not _UNSUPPORTED:
+                o = _core(module, *proj, *mask)
+            else:  # the module's own forward, identity projections in and out
+                o = _shadow(module, saved, call, proj, bd)
+            # o: the attention core's output (before out_proj); its gradient is G W_o.
+            gq, gk, gv = torch.autograd.grad(o, proj, g @ saved.wo)
+        o = o.detach()
+        n = g.shape[0]
+        gs = (gq, gk, gv)
+        if xs[0] is xs[1] is xs[2] or (torch.equal(xs[0], xs[1]) and torch.equal(xs[1], xs[2])):
+            # self-attention: one batched product for the three row blocks of in_proj
+            w_in = torch.bmm(torch.cat(gs, 2).transpose(1, 2), xs[0])
+        else:
+            w_in = torch.cat([torch.bmm(gj.transpose(1, 2), xj) for gj, xj in zip(gs, xs, strict=True)], 1)
+        return {
+            "out_proj.weight": torch.bmm(g.transpose(1, 2), o).reshape(n, -1),
+            "out_proj.bias": g.sum(1),
+            "in_proj_weight": w_in.reshape(n, -1),
+            "in_proj_bias": torch.cat([gj.sum(1) for gj in gs], 1),
+        }
+
+
+_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+         "average_attn_weights", "is_causal")  # fmt: skip
+_DEFAULTS = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}
+_UNSUPPORTED = object()
+
+
+def _bind(args: tuple, kwargs: dict) -> dict:
+    """``nn.MultiheadAttention.forward``'s arguments by name."""
+    call = dict(_DEFAULTS)
+    call.update(zip(_ARGS, args))
+    call.update(kwargs)
+    return call
+
+
+def _float_mask(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True: masked out) as an additive float mask, as PyTorch reads it."""
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
+    return m.to(dtype)
+
+
+def _sdpa_mask(module, call, n, tq, tk, dtype):
+    """``(mask (N, heads, Tq, Tk) or None, is_causal)`` for scaled_dot_product_attention, as
+    ``F.multi_head_attention_forward`` builds them (need_weights=False path), or
+    ``_UNSUPPORTED`` for mask shapes left to the module's own forward."""
+    kpm, am, causal = call["key_padding_mask"], call["attn_mask"], bool(call["is_causal"])
+    if causal and kpm is None:
+        return None, True  # PyTorch then ignores attn_mask's values: a causal hint
+    if am is not None and am.dim() != 2:
+        return _UNSUPPORTED  # (N*heads, Tq, Tk) masks: the module's forward handles them
+    mask = None
+    if am is not None:
+        mask = _float_mask(am, dtype).view(1, 1, tq, tk)
+    if kpm is not None:
+        if kpm.dim() != 2:
+            return _UNSUPPORTED
+        k = _float_mask(kpm, dtype).view(n, 1, 1, tk)
+        mask = k if mask is None else mask + k
+    if mask is not None:
+        mask = mask.expand(n, module.num_heads, tq, tk)
+    return mask, False
+
+
+def _core(module, q, k, v, mask, causal):
+    """Multi-head scaled dot-product attention of projected (N, T, E) q, k, v."""
+    n, tq, e = q.shape
+    h = module.num_heads
+    d = e // h
+    qh, kh, vh = (t.reshape(n, -1, h, d).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal)
+    return o.transpose(1, 2).reshape(n, tq, e)
+
+
+def _shadow(module, saved: _Saved, call: dict, proj: list[torch.Tensor], bd: int) -> torch.Tensor:
+    """The attention core through the module's own forward: identity projections in and
+    out (exact; 4 extra E x E products per token), for the masks :func:`_sdpa_mask` leaves."""
+    e = module.embed_dim
+    eye = torch.eye(e, dtype=saved.w.dtype, device=saved.w.device)
+    shadow = {"in_proj_weight": torch.cat([eye, eye, eye]), "out_proj.weight": eye}
+    if saved.b is not None:
+        shadow["in_proj_bias"] = torch.zeros_like(saved.b)
+    if saved.bo is not None:
+        shadow["out_proj.bias"] = torch.zeros_like(saved.bo)
+    args = dict(call)
+    args.update(query=proj[0].movedim(0, bd), key=proj[1].movedim(0, bd), value=proj[2].movedim(0, bd))
+    return functional_call(module, shadow, (), args)[0].movedim(bd, 0)
+
+
+def _cols(module: nn.Module, name: str) -> int:
+    """Columns per row of dim 0 of parameter ``name``."""
+    return module.embed_dim if name in ("in_proj_weight", "out_proj.weight") else 1
