@@ -159,7 +159,8 @@ def chunks(reps=3):
 def gram():
     """Symmetric Gram blocks G Gᵀ at the engine's block shapes: torch.mm vs the C++
     upper-triangle kernel (rules.CSRC_GRAM_MIN_COLS), float32 and float64; and a cross
-    block G Hᵀ (N x N/2), where auto keeps torch.mm."""
+    block G Hᵀ (N x N/2), which auto gives the C++ kernel within rules.CSRC_CROSS_MIN_COLS
+    and CSRC_CROSS_MAX_PAIRS."""
     print("## Gram blocks, best of 5 (ms)")
     print("C++ tiles: AVX-512 6x4 blocks where the CPU has AVX-512F (the default), AVX2 4x3 "
           "blocks with FASTNTK_NO_AVX512=1; the speed-up is torch.mm over the default.")

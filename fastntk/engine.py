@@ -306,7 +306,7 @@ def _backend(method: str, device: torch.device) -> str:
     """Which kernels the layerwise rules use.
 
     ``"layerwise"``: PyTorch ops only (``"torch"``). ``"auto"``: PyTorch ops, plus the C++
-    extension's ops on the CPU where they measured faster: the symmetric Gram (see
+    extension's ops on the CPU where they measured faster: the Gram of dense blocks (see
     ``rules.CSRC_GRAM_MIN_COLS``) and BatchNorm's one-pass weight/bias blocks
     (``rules.norm``); the Triton kernels are unmeasured on a GPU, so auto does not pick
     them. ``"triton"``: fastntk's Triton kernels (a GPU, or ``TRITON_INTERPRET=1``).

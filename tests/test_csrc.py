@@ -276,3 +276,30 @@ def test_affine_psg_is_cpu_only():
     with pytest.raises(UnsupportedError, match="CPU-only"):
         _ext.affine_psg(x, x, torch.empty(3, device="meta"))
 
+
+
+def test_auto_routes_gram_blocks_by_measured_thresholds():
+    """rules.gram_block under "auto": symmetric blocks from CSRC_GRAM_MIN_COLS columns, cross
+    blocks from CSRC_CROSS_MIN_COLS columns and up to CSRC_CROSS_MAX_PAIRS entries go to
+    the C++ kernels (where they measured faster); "csrc" takes every float block."""
+    from fastntk import rules
+
+    def applies(n1, n2, cols, backend="auto", sym=False):
+        a = torch.randn(n1, cols)
+        return rules._csrc_gram_applies(a, a if sym else torch.randn(n2, cols), backend)
+
+    assert applies(8, 8, rules.CSRC_GRAM_MIN_COLS, sym=True)
+    assert not applies(8, 8, rules.CSRC_GRAM_MIN_COLS - 1, sym=True)
+    assert applies(16, 8, rules.CSRC_CROSS_MIN_COLS)
+    assert not applies(16, 8, rules.CSRC_CROSS_MIN_COLS - 1)
+    big = rules.CSRC_CROSS_MAX_PAIRS // 256 + 1
+    assert not applies(big, 256, rules.CSRC_CROSS_MIN_COLS)
+    assert applies(big, 256, rules.CSRC_CROSS_MIN_COLS, backend="csrc")
+    assert applies(16, 8, 64, backend="csrc")
+    for backend in ("csrc", "auto"):
+        a = torch.randn(4, 3000, dtype=torch.float16)
+        assert not rules._csrc_gram_applies(a, a, backend)  # float32/float64 only
+    # and the routed blocks are right
+    a, b = torch.randn(16, 2500, dtype=torch.float64), torch.randn(9, 2500, dtype=torch.float64)
+    got = rules.gram_block(rules.Dense(a), rules.Dense(b), "auto")
+    torch.testing.assert_close(got, a @ b.T, rtol=1e-12, atol=1e-12)

@@ -61,14 +61,18 @@ class Outer(NamedTuple):
 Block = Dense | Outer
 
 
-# Symmetric dense Grams at least this wide go to the C++ extension's upper-triangle kernel
-# under method="auto" on the CPU: half the FLOPs of ``a @ a.T``; with its AVX-512 tiles
-# 1.7-2.6x faster than it from 2,304 to 36,864 columns at N = 32-1,280 in float32 and
-# float64, 1.2x (float32) and 1.9x (float64) at 256, slower at 64 columns where the call
-# overhead dominates (python bench/bench_engine_choices.py gram; 2-core AMD EPYC,
-# bench/results/engine_choices_cpu.md). Cross blocks stay on torch.mm: the C++ kernel
-# beats it at most shapes but not at the largest (0.84x in float64 at 1,280 x 640 x 36,864).
+# Dense Grams at least this wide go to the C++ extension's kernels under method="auto" on
+# the CPU. Symmetric blocks (upper-triangle tiles: half the FLOPs of ``a @ a.T``): with the
+# AVX-512 tiles 1.7-2.6x faster than torch.mm from 2,304 to 36,864 columns at N = 32-1,280
+# in float32 and float64, 1.2x (float32) and 1.9x (float64) at 256, slower at 64 columns
+# where the call overhead dominates. Cross blocks of at most CSRC_CROSS_MAX_PAIRS entries:
+# 1.1-2.2x faster than torch.mm from 2,304 columns (N1 x N2 from 32 x 16 to 512 x 256);
+# at 1,280 x 640 x 36,864 the C++ kernel loses in float64 (0.84x), so larger cross blocks
+# stay on torch.mm (python bench/bench_engine_choices.py gram; 2-core AMD EPYC,
+# bench/results/engine_choices_cpu.md).
 CSRC_GRAM_MIN_COLS = 256
+CSRC_CROSS_MIN_COLS = 2304
+CSRC_CROSS_MAX_PAIRS = 512 * 256
 
 
 def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
@@ -76,8 +80,9 @@ def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
 
     ``backend="triton"`` computes dense Grams with fastntk's Triton kernel
     (upper-triangle tiles only when ``A is B``); ``"auto"`` and ``"csrc"`` use the C++
-    extension's upper-triangle kernel for symmetric dense blocks on the CPU (``"csrc"``
-    also for cross blocks, and on a GPU with a CUDA build), where it is built.
+    extension's kernels for dense blocks on the CPU where they measured faster (see
+    ``CSRC_GRAM_MIN_COLS``; ``"csrc"`` for every dense block, and on a GPU with a CUDA
+    build), where it is built.
     """
     with phase("gram"):
         if isinstance(A, Outer) and isinstance(B, Outer):
@@ -110,8 +115,12 @@ def _csrc_gram_applies(a: torch.Tensor, b: torch.Tensor, backend: str) -> bool:
         return backend == "csrc" and _ext.cuda_available()
     if a.device.type != "cpu":
         return False
-    if backend == "auto" and (a is not b or a.shape[1] < CSRC_GRAM_MIN_COLS):
-        return False
+    if backend == "auto":
+        if a is b:
+            if a.shape[1] < CSRC_GRAM_MIN_COLS:
+                return False
+        elif a.shape[1] < CSRC_CROSS_MIN_COLS or a.shape[0] * b.shape[0] > CSRC_CROSS_MAX_PAIRS:
+            return False
     return _ext.available()
 
 
