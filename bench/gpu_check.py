@@ -10,8 +10,9 @@ at per-sample gradient block shapes. Part 3, where ``fastntk._C`` was built with
 kernels (``bash bench/gpu_suite.sh check`` builds it first), holds ``gram_sym``,
 ``gram_cross`` and ``conv2d_psg`` on CUDA tensors against float64 references (odd sizes,
 strides, padding, dilation, groups), runs the engine with them (backend ``"csrc"``) against
-the oracle, and times the Gram against ``torch.mm``. Exit status 1 when any check of
-part 1 or 3 fails.
+the oracle, and times the Gram against ``torch.mm``. Part 4 times the per-sample conv
+weight-gradient paths (PyTorch strategies, Triton, the C++ op) at NB201/ResNet shapes.
+Exit status 1 when any check of part 1 or 3 fails.
 
 Usage (on a machine with a CUDA GPU; ``--device cpu`` with ``TRITON_INTERPRET=1`` runs
 the same plumbing on small shapes):
@@ -201,10 +202,72 @@ def check_csrc(device: str, shapes: list[tuple[int, int]], lines: list[str]) -> 
     return ok_all
 
 
+def time_conv_paths(device: str, n: int, lines: list[str]) -> None:
+    """Per-sample conv weight gradients at NB201 and ResNet shapes on the device: the
+    engine's PyTorch strategies (grouped-convolution weight gradient; strided patches +
+    bmm), the Triton kernel and the C++ extension's op (its CUDA kernel on a GPU). The
+    data for choosing the conv path of "auto" on a GPU. Agreement: max relative
+    difference to the grouped strategy."""
+    from fastntk import _ext
+    from fastntk.rules import Context, Workspace
+    from fastntk.rules import conv as conv_rule
+
+    lines += ["", f"## Per-sample conv weight gradients on {device}, N={n} (ms; rel. diff to grouped)", "",
+              "| C_in->C_out | k | stride | map | grouped | patches+bmm | triton | C++ op |",
+              "|---|---|---|---|---|---|---|---|"]
+    try:
+        from fastntk.kernels.conv_psg import conv2d_psg as triton_psg
+    except Exception as exc:  # reported in the table
+        triton_psg, why = None, f"{type(exc).__name__}"
+    for ci, co, h, k, st in [(16, 16, 32, 3, 1), (16, 16, 32, 1, 1), (16, 32, 32, 3, 2),
+                             (32, 32, 16, 3, 1), (64, 64, 8, 3, 1), (128, 128, 8, 3, 1),
+                             (256, 256, 4, 3, 1)]:
+        pad = k // 2
+        mod = torch.nn.Conv2d(ci, co, k, stride=st, padding=pad, bias=False).to(device)
+        g0 = torch.Generator(device="cpu").manual_seed(ci + co + h)
+        x = torch.randn(n, ci, h, h, generator=g0).to(device)
+        oh = (h + 2 * pad - k) // st + 1
+        g = torch.randn(n, co, oh, oh, generator=g0).to(device)
+        out = torch.empty(n, co * ci * k * k, device=device)
+        ctx = Context("eval", "torch", Workspace())
+        ref = None
+        cells = []
+        paths = [("grouped", lambda: conv_rule._grouped_weight_grad(mod, x, g, 1, out)),
+                 ("patches", lambda: conv_rule._patches_weight_grad(mod, ctx, x, g, 1, out))]
+        if triton_psg is not None:
+            paths.append(("triton", lambda: triton_psg(x, g, kernel_size=k, stride=st, padding=pad)))
+        ok_cpp = _ext.cuda_available() if device == "cuda" else _ext.available()
+        if ok_cpp:
+            paths.append(("cpp", lambda: _ext.conv2d_psg(x, g, kernel_size=k, stride=st, padding=pad)))
+        got = {}
+        for name, f in paths:
+            try:
+                t = _time(f, device, reps=5)
+                r = f()
+                r = (out if r is None else r).reshape(n, -1).double().cpu().clone()
+                got[name] = (t, r)
+            except Exception as exc:  # one path failing must not hide the others
+                got[name] = (None, f"{type(exc).__name__}: {str(exc)[:40]}")
+        ref = got["grouped"][1] if isinstance(got["grouped"][1], torch.Tensor) else None
+        for name in ("grouped", "patches", "triton", "cpp"):
+            if name not in got:
+                cells.append("n/a" if name != "triton" or triton_psg is not None else why)
+                continue
+            t, r = got[name]
+            if t is None:
+                cells.append(r)
+                continue
+            diff = "" if ref is None or name == "grouped" else (
+                f" ({((r - ref).abs().max() / ref.abs().max()).item():.1e})")
+            cells.append(f"{1e3 * t:.2f}{diff}")
+        lines.append(f"| {ci}->{co} | {k} | {st} | {h}x{h} | " + " | ".join(cells) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="markdown file (default: stdout only)")
+    ap.add_argument("--conv-n", type=int, default=256, help="batch of the conv-path timing")
     ap.add_argument("--gram-shapes", default="1024x36864,4096x9216,16384x2304",
                     help="NxCOLS,... for part 2 (small ones for a CPU smoke run)")
     args = ap.parse_args()
@@ -217,6 +280,10 @@ def main() -> int:
         check_gram_modes(args.device, shapes, lines)
     except Exception as exc:  # part 2 is a measurement; report and go on
         lines.append(f"Gram modes failed: {type(exc).__name__}: {exc}")
+    try:
+        time_conv_paths(args.device, args.conv_n, lines)
+    except Exception as exc:  # a measurement; report and go on
+        lines.append(f"conv paths failed: {type(exc).__name__}: {exc}")
     try:
         ok &= check_csrc(args.device, shapes, lines)
     except Exception as exc:  # reported, counted as a failure

@@ -33,11 +33,11 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${SMOKE:-0}" = 1 ]; then
   export TRITON_INTERPRET=1
   DEV=cpu; N=16; LN=300; LCHUNK=128; SN=600; SM=256; SCHUNK=256
-  GRAM="64x512,97x1023"; BIGCHUNK=128; MN=4
+  GRAM="64x512,97x1023"; BIGCHUNK=128; MN=4; CN=2
   TRITON=""  # NB201 in Triton's interpreter takes many minutes; tests/ cover it on small models
 else
   DEV=cuda; N=1024; LN=16384; LCHUNK=2048; SN=100000; SM=4096; SCHUNK=4096
-  GRAM="1024x36864,4096x9216,16384x2304"; BIGCHUNK=1024; MN=256,1024
+  GRAM="1024x36864,4096x9216,16384x2304"; BIGCHUNK=1024; MN=256,1024; CN=256
   TRITON=",triton"
 fi
 
@@ -78,7 +78,8 @@ check() {
   # or they import this tree's fastntk/ (no kernels/, no extension) instead of the copy.
   step 60 env -C "$SITE" python3 -c "import json, fastntk; print(json.dumps(fastntk.env()))"
   step 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  step 240 python3 bench/gpu_check.py --device "$DEV" --gram-shapes "$GRAM" --out "$OUT/gpu_check.md"
+  step 300 python3 bench/gpu_check.py --device "$DEV" --gram-shapes "$GRAM" --conv-n "$CN" \
+    --out "$OUT/gpu_check.md"
 }
 
 engine() {
