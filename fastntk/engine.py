@@ -360,6 +360,8 @@ class _Record:
     # save (NB201 N=256 "sum" peak RSS 2.83-3.03 GB before, 2.28 GB after, plain
     # forward+backward 2.27-2.36 GB: bench/bench_engine.py --n 256, bench/results/engine_cpu.csv).
     out_specs: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
+    # (outputs that must not reach the kernel's output, fallback inputs): GramRule.guards
+    guards: tuple[list[torch.Tensor], Any] | None = None
 
     @property
     def out_bytes(self) -> int:
@@ -436,6 +438,12 @@ class _Capture:
                 saved = (dargs, dkwargs)
             rec = _Record(len(self.records), mname, mod, rule, attrs, saved, n)
             self.records.append(rec)
+            if rule is not None:
+                guards = rule.guards(mod, args, kwargs, out)
+                if guards:  # checked against the graph after the forward (check_guards)
+                    rec.guards = (guards, (dargs, dkwargs))
+                    for t in guards:
+                        t.grad_fn.metadata[_GUARD_KEY] = (id(self), rec.index)
             if not any(t.requires_grad for t in _tensors((args, kwargs))):
                 # Nothing upstream requires grad (first layer of token models, a
                 # layer on constants): drive the backward to its parameters too.
@@ -452,6 +460,36 @@ class _Capture:
             return None
 
         return hook
+
+    def check_guards(self, y: torch.Tensor) -> None:
+        """Records whose guard outputs (GramRule.guards) reach ``y`` leave their rule for
+        the exact per-module fallback, with every output's gradient hooked."""
+        guarded = [r for r in self.records if r.guards is not None]
+        if not guarded:
+            return
+        reached = set()
+        seen: dict[int, Any] = {}  # visited nodes kept alive (see _Job._param_consumers)
+        stack = [y.grad_fn] if y.grad_fn is not None else []
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen[id(node)] = node
+            mark = node.metadata.get(_GUARD_KEY)
+            if mark is not None and mark[0] == id(self):
+                reached.add(mark[1])
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        for rec in guarded:
+            tensors, fallback_saved = rec.guards
+            for t in tensors:
+                t.grad_fn.metadata.pop(_GUARD_KEY, None)
+            rec.guards = None
+            if rec.index not in reached:
+                continue
+            rec.rule, rec.saved = None, fallback_saved
+            for t in tensors:
+                rec.out_specs.append((t.shape, t.dtype, t.device))
+                t.grad_fn.register_prehook(self._make_prehook(rec, len(rec.out_specs) - 1, t.output_nr))
 
     def _make_prehook(self, rec: _Record, j: int, output_nr: int):
         def prehook(grad_outputs):
@@ -608,6 +646,10 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return out
 
 
+# autograd-node metadata key marking a rule's guard outputs: (capture id, record index)
+_GUARD_KEY = "fastntk.guard"
+
+
 def _batch_dim(module: nn.Module) -> int:
     """Batch dimension of a module's tensors: 1 for sequence-first modules (MHA & co)."""
     return 1 if getattr(module, "batch_first", True) is False else 0
@@ -733,7 +775,9 @@ class _Job:
         return len(passes)
 
     def _classify(self, cap: _Capture, y: torch.Tensor) -> None:
-        """After the forward: find multi-use parameters and uses no hook saw."""
+        """After the forward: rules whose guard outputs reach ``y`` give way to the
+        fallback; find multi-use parameters and uses no hook saw."""
+        cap.check_guards(y)
         if not hasattr(self, "_untracked"):
             calls = self._calls(cap)
             uses = self._param_uses(y)
@@ -1162,6 +1206,32 @@ class _Job:
         )
 
     # -- module fallback --------------------------------------------------------
+    def _output_batch_dims(self, rec, const, diff, flat_args, spec, in_dims, bdim) -> list[int]:
+        """The batch dimension of each hooked output of ``rec``'s call.
+
+        One output: the module's (``_batch_dim``). Several: found by calling the module on
+        its first sample alone and taking, per output, the dimension that is ``n`` in the
+        batch call and 1 in that one (``nn.MultiheadAttention(batch_first=False)`` returns
+        (T, N, E) outputs but (N, T, S) attention weights).
+        """
+        if len(rec.out_specs) < 2 or rec.n < 2:
+            return [bdim] * len(rec.out_specs)
+        one = [
+            a.narrow(bdim, 0, 1) if d is not None else a for a, d in zip(flat_args, in_dims, strict=True)
+        ]
+        a, kw = _unflatten(one, spec)
+        with torch.no_grad():
+            out = functional_call(rec.module, ({**const, **diff}), a, kw, tie_weights=True)
+        outs = [t for t in _tensors(out) if t.is_floating_point()]
+        dims = []
+        for j, (sh, _, _) in enumerate(rec.out_specs):
+            cand = [
+                d for d in range(len(sh))
+                if j < len(outs) and outs[j].dim() == len(sh) and sh[d] == rec.n and outs[j].shape[d] == 1
+            ]  # fmt: skip
+            dims.append(bdim if bdim in cand or not cand else cand[0])
+        return dims
+
     def fallback_grads(
         self, rec: _Record, gouts: list[torch.Tensor | None]
     ) -> dict[str, torch.Tensor]:
@@ -1192,6 +1262,7 @@ class _Job:
             g if g is not None else torch.zeros(sh, dtype=dt, device=dev)
             for g, (sh, dt, dev) in zip(gouts, rec.out_specs, strict=True)
         ]
+        gdims = self._output_batch_dims(rec, const, diff, flat_args, spec, in_dims, bdim)
 
         def f(p, *fa_and_g):
             fa = list(fa_and_g[: len(flat_args)])
@@ -1203,13 +1274,12 @@ class _Job:
             out = functional_call(module, ({**const, **p}), a, kw, tie_weights=True)
             outs = [t for t in _tensors(out) if t.is_floating_point()]
             total = 0.0
-            for t, g in zip(outs[: len(gs)], gs, strict=False):
-                total = total + (t * g.unsqueeze(bdim)).sum()
+            for t, g, d in zip(outs[: len(gs)], gs, gdims, strict=False):
+                total = total + (t * g.unsqueeze(d)).sum()
             return total
 
         from torch.func import grad
 
-        gdims = [bdim] * len(g_list)
         G = vmap(grad(f), in_dims=(None, *in_dims, *gdims))(diff, *flat_args, *g_list)
         return G
 

@@ -67,7 +67,7 @@ class Block(nn.Module):
             a = a.transpose(0, 1)
         out = a.mean(1)
         if self.use_weights:
-            out = out + w.sum(-1).mean(-1, keepdim=True)
+            out = out + (w * w).sum(-1).mean(-1, keepdim=True)  # softmax rows sum to 1: square
         return self.head(out)
 
 
@@ -132,15 +132,20 @@ def test_rule_in_float32_and_on_layerwise():
 @pytest.mark.parametrize(
     "kw,reason",
     [(dict(need_weights=True, use_weights=True), "declined"),
-     (dict(need_weights=True), "declined"),
+     (dict(need_weights=True, use_weights=True, batch_first=False), "declined"),
+     (dict(need_weights=True), "rule"),
      (dict(kdim=6), "uncovered"),
      (dict(add_bias_kv=True), "uncovered")],
-    ids=["weights-used", "weights-returned", "kdim", "bias-kv"],
+    ids=["weights-used", "weights-used-seq-first", "weights-returned-unused", "kdim", "bias-kv"],
 )
 def test_declined_and_uncovered_calls_take_the_fallback(kw, reason):
+    """Attention weights that reach the output send the call to the fallback (the rule
+    would miss their gradient); returned but unused weights leave the rule exact."""
     m, x1, x2 = _case(**kw)
     paths = _paths(m, x1)
-    if reason == "declined":
+    if reason == "rule":
+        assert paths["attn.in_proj_weight"] == "rule:MultiheadAttentionRule"
+    elif reason == "declined":
         assert paths["attn.in_proj_weight"] == "fallback:module (MultiheadAttentionRule declined the call)"
         assert paths["attn.out_proj.weight"] == "fallback:module (used inside 'attn''s call)"
     else:
@@ -176,3 +181,15 @@ def test_model_unchanged_by_the_rule():
     assert flags == [(mod.training, [p.requires_grad for p in mod.parameters(recurse=False)])
                      for mod in m.modules()]  # fmt: skip
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_fallback_finds_each_outputs_batch_dim_when_tokens_equal_batch():
+    """Sequence-first MHA returns (T, N, E) outputs and (N, T, S) weights: with T == N the
+    shapes alone cannot tell the batch dimensions apart; the fallback finds them per output."""
+    torch.manual_seed(3)
+    m = Block(batch_first=False, need_weights=True, use_weights=True).double().eval()
+    x = torch.randn(4, 4, 3, dtype=torch.float64)  # N = T = 4
+    assert _paths(m, x)["attn.in_proj_weight"].startswith("fallback:module")
+    for output in ("sum", "full"):
+        ref = reduce(full_kernel(m, x), output)
+        assert rel_err(fastntk.ntk(m, x, output=output, dtype=torch.float64), ref) <= TOL

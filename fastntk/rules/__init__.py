@@ -222,9 +222,16 @@ class GramRule:
 
     def accepts(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> bool:
         """Whether this rule serves this call (default: yes). A declined call goes
-        through the exact per-module fallback, e.g. ``nn.MultiheadAttention`` returning
-        its attention weights, whose gradient the rule would not see."""
+        through the exact per-module fallback."""
         return True
+
+    def guards(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list:
+        """Outputs other than the first that must not reach the kernel's output for this
+        rule to be exact (a rule sees the first output's gradient only). After the forward
+        the engine checks each against the autograd graph; a call whose guard is reached
+        goes through the exact per-module fallback instead (``nn.MultiheadAttention``'s
+        attention weights). Default: none."""
+        return []
 
     def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, ctx: Context) -> Any:
         """Return what the backward needs (references, not copies)."""

@@ -16,10 +16,11 @@ PyTorch's, and one autograd call gives ``Gq, Gk, Gv`` for every sample at once: 
 extra forward and backward of the attention over the batch, instead of the per-sample
 torch.func fallback. ``in_proj_weight``'s rows are q, k, v in that order.
 
-A call that returns the attention weights (``need_weights=True``, the default) or drops
-attention (dropout in training mode) is declined (:meth:`accepts`): the weights' own
-gradient does not reach the rule, and a second dropout mask would differ from the
-forward's. Such calls take the exact per-module fallback.
+A call whose returned attention weights (``need_weights=True``, the default) reach the
+kernel's output takes the exact per-module fallback (:meth:`guards`: the rule sees only
+the first output's gradient); returned but unused weights leave the rule exact. A call
+with dropout in training mode is declined (:meth:`accepts`: a second dropout mask would
+differ from the forward's; ``ntk()`` runs every module in eval mode anyway).
 """
 
 from __future__ import annotations
@@ -64,9 +65,13 @@ class MultiheadAttentionRule(GramRule):
         )
 
     def accepts(self, module, args, kwargs, output) -> bool:
-        if not (isinstance(output, tuple) and len(output) == 2 and output[1] is None):
-            return False  # attention weights returned: their gradient would be missed
         return module.dropout == 0.0 or not module.training
+
+    def guards(self, module, args, kwargs, output):
+        # attention weights returned (need_weights=True): exact only while they do not
+        # reach the kernel's output, whose gradient the rule would then miss
+        w = output[1] if isinstance(output, tuple) and len(output) == 2 else None
+        return [w] if isinstance(w, torch.Tensor) and w.grad_fn is not None else []
 
     def save(self, module, args, kwargs, output, ctx):
         return _Saved(module, args, kwargs)
