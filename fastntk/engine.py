@@ -468,17 +468,10 @@ class _Capture:
         if not guarded:
             return
         reached = set()
-        seen: dict[int, Any] = {}  # visited nodes kept alive (see _Job._param_consumers)
-        stack = [y.grad_fn] if y.grad_fn is not None else []
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen[id(node)] = node
+        for node in _graph_nodes(y):
             mark = node.metadata.get(_GUARD_KEY)
             if mark is not None and mark[0] == id(self):
                 reached.add(mark[1])
-            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
         for rec in guarded:
             tensors, fallback_saved = rec.guards
             for t in tensors:
@@ -644,6 +637,25 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
         for o in obj.values():
             out.extend(_tensors(o))
     return out
+
+
+def _graph_nodes(y: torch.Tensor):
+    """Every node of ``y``'s autograd graph, once.
+
+    Visited nodes are kept alive while the walk lasts: the Python object of an autograd
+    node can be a temporary (torch 2.11 makes a fresh one per ``next_functions`` access),
+    and an id freed with it can come back for another node, which would then be skipped
+    (MHA's ``out_proj`` looked unused and a twice-used weight looked used once).
+    """
+    seen: dict[int, Any] = {}
+    stack = [y.grad_fn] if y.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        yield node
+        stack.extend(nxt for nxt, _ in getattr(node, "next_functions", ()) if nxt is not None)
 
 
 # autograd-node metadata key marking a rule's guard outputs: (capture id, record index)
@@ -859,24 +871,11 @@ class _Job:
         (node, input index) pairs of the edges into its accumulator."""
         want = {id(self.copies.params[p]): p for p in pnames}
         uses: dict[str, list[tuple[Any, int]]] = defaultdict(list)
-        # Visited nodes are kept alive here: the Python object of an autograd node can be
-        # a temporary (torch 2.11 makes a fresh one per next_functions access), and an id
-        # freed with it can come back for another node, which would then be skipped.
-        seen: dict[int, Any] = {}
-        stack = [y.grad_fn] if y.grad_fn is not None else []
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen[id(node)] = node
-            for i, (nxt, _) in enumerate(node.next_functions):
-                if nxt is None:
-                    continue
+        for node in _graph_nodes(y):
+            for i, (nxt, _) in enumerate(getattr(node, "next_functions", ())):
                 var = getattr(nxt, "variable", None)
                 if var is not None and id(var) in want:
                     uses[want[id(var)]].append((node, i))
-                elif id(nxt) not in seen:
-                    stack.append(nxt)
         return uses
 
     def _adoptions(

@@ -386,7 +386,7 @@ class _Wrappers:
         self.pool = []
 
     def of(self, real):
-        for w in self.pool:
+        for w in reversed(self.pool):  # the most recently made first, as a free list
             if sys.getrefcount(w) <= 3:  # the pool, the loop variable, getrefcount's argument
                 w.real = real
                 return w
