@@ -45,13 +45,11 @@ fi
 # built into it in place; tests run from outside the repository so that they import it.
 SITE=$(mktemp -d)
 trap 'rm -rf "$SITE"' EXIT
-cp -r setup.py pyproject.toml csrc fastntk "$SITE/"
-cp -r kernels "$SITE/fastntk/kernels"
-rm -rf "$SITE"/fastntk/_C*.so "$SITE"/build
-CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-(cd "$SITE" && CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-  "$VENV/bin/python" setup.py -q build_ext --inplace 2>&1 | grep -E "^fastntk:|error" || true)
-ls "$SITE"/fastntk/_C*.so >/dev/null  # the build must have made the extension
+bash bench/package_copy.sh layout "$SITE"
+# the build must make the extension (package_copy exits non-zero otherwise)
+bash bench/package_copy.sh build "$SITE" "$VENV/bin/python" > "$SITE/build.log" 2>&1 \
+  || { tail -n 40 "$SITE/build.log"; exit 1; }
+grep -E "^fastntk:" "$SITE/build.log" || true
 "$VENV/bin/python" -c "import sys; sys.path.insert(0, '$SITE'); import torch, triton, numpy, fastntk._C as c; \
 print('gpu stack: python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, \
 'numpy', numpy.__version__, 'fastntk._C with_cuda', c.with_cuda)"

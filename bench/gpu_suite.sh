@@ -24,10 +24,7 @@ OUT=${OUT:-$ROOT/bench/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SITE=$(mktemp -d)
-mkdir -p "$SITE/fastntk"
-cp -r "$ROOT"/fastntk/. "$SITE/fastntk/"
-rm -f "$SITE"/fastntk/_C*.so  # a build from the developer's machine: not for this one
-cp -r "$ROOT/kernels" "$SITE/fastntk/kernels"
+bash "$ROOT/bench/package_copy.sh" layout "$SITE"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -52,24 +49,9 @@ step() {  # step SECONDS CMD...: run with a time limit, keep going on failure
 }
 
 build_ext() {  # the extension, CUDA kernels included where torch is a CUDA build
-  local build
-  build=$(mktemp -d)
-  cp -r "$ROOT"/setup.py "$ROOT"/pyproject.toml "$ROOT"/csrc "$ROOT"/kernels "$build"/
-  cp -r "$SITE/fastntk" "$build/fastntk"
-  log "build_ext in $build"
-  # torch derives CUDA_HOME from nvcc's folder when unset: /usr/local for a /usr/local/bin
-  # nvcc, which holds no CUDA headers (seen on the CPU machines).
-  if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
-    export CUDA_HOME=/usr/local/cuda
-  fi
-  (cd "$build" && TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-    timeout 300 python3 setup.py -q build_ext --inplace) 2>&1 | tail -n 30 | tee -a "$OUT/suite.log"
-  if ls "$build"/fastntk/_C*.so >/dev/null 2>&1; then
-    cp "$build"/fastntk/_C*.so "$SITE/fastntk/"
-  else
-    log "build_ext made no fastntk/_C*.so: the C++ checks below report it"
-  fi
-  rm -rf "$build"
+  log "build_ext into $SITE/fastntk"
+  bash "$ROOT/bench/package_copy.sh" build "$SITE" python3 2>&1 | tail -n 30 | tee -a "$OUT/suite.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || log "build_ext made no fastntk/_C*.so: the C++ checks below report it"
 }
 
 check() {

@@ -22,9 +22,9 @@ namespace {
 // One TB x TB tile of dot products, C (ldc = TB) zero on entry, K walked in chunks of kc.
 // Instantiated per dtype as non-inline functions: the AVX2 ones (tile.h's 4x3 blocks of
 // 256-bit vectors) get an AVX2+FMA clone from FASTNTK_CLONES; the AVX-512 ones (6x4 blocks
-// of 512-bit vectors) are compiled for AVX-512F: single-thread 32x32 tiles of 288 x 9216
-// float32, kc 4096: 98-102 GFLOP/s vs 84-86 for the AVX2 blocks (AMD EPYC dev CPU,
-// standalone g++ -O3 build of tile.h).
+// of 512-bit vectors) are compiled for AVX-512F: symmetric Grams 1.2-1.45x faster than with
+// the AVX2 blocks at the large shapes (python bench/bench_engine_choices.py gram, columns
+// "sym C++ AVX2" and "sym C++"; 2-core AMD EPYC, bench/results/engine_choices_cpu.md).
 #define FASTNTK_DEFINE_TILE(NAME, ATTR, TILE, T, ACC)                                       \
   ATTR void NAME(const T* A, int64_t lda, int64_t mi, const T* B, int64_t ldb, int64_t nj, \
                  int64_t K, int64_t kc, ACC* C, int64_t ldc) {                             \

@@ -36,37 +36,31 @@ __global__ void __launch_bounds__(kThreads* kThreads)
   const long long item = id / m_tiles;
   const long long n = item / g.groups, grp = item % g.groups;
   const long long m0 = mt * kTile, d0 = dt * kTile;
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kThreads + tx;
+  const int tx = threadIdx.x, ty = threadIdx.y;
 
   const T* gn = gout + (n * g.C_out + grp * mg) * T_;           // (Mg, T) of this item
   const T* xn = x + (n * g.C_in + grp * cg) * g.H * g.W;        // (cg, H, W) of this item
 
+  // gout[m0:m0+32, :] and the patches of taps d0:d0+32 gathered from x, 16 output
+  // positions at a time; zeros past the edges and in the padding.
   T acc[kPer][kPer];
-  zero_tile(acc);
-
-  for (long long t0 = 0; t0 < T_; t0 += kK) {
-#pragma unroll
-    for (int r = 0; r < kTile * kK / (kThreads * kThreads); ++r) {
-      const int e = tid + r * kThreads * kThreads;
-      const int row = e / kK, kk = e % kK;  // kk fastest: consecutive output positions
-      const long long t = t0 + kk;
-      const long long m = m0 + row, d = d0 + row;
-      gs[kk * kPad + row] = (m < mg && t < T_) ? gn[m * T_ + t] : T(0);
-      T pv = T(0);
-      if (d < D && t < T_) {
+  tile_product<kTile, kThreads, kK, kPad>(
+      acc, gs, ps, T_,
+      [&](int row, long long t) {
+        const long long m = m0 + row;
+        return (m < mg && t < T_) ? gn[m * T_ + t] : T(0);
+      },
+      [&](int row, long long t) {
+        const long long d = d0 + row;
+        if (d >= D || t >= T_) return T(0);
         const long long ci = d / taps, tap = d % taps;
         const long long ky = tap / g.kw, kx = tap % g.kw;
         const long long oy = t / g.oW, ox = t % g.oW;
         const long long iy = oy * g.sh - g.ph + ky * g.dh;
         const long long ix = ox * g.sw - g.pw + kx * g.dw;
-        if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) pv = xn[(ci * g.H + iy) * g.W + ix];
-      }
-      ps[kk * kPad + row] = pv;
-    }
-    __syncthreads();
-    fma_slices<kPer, kThreads, kK, kPad>(acc, gs, ps, tx, ty);
-    __syncthreads();
-  }
+        const bool inside = iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
+        return inside ? xn[(ci * g.H + iy) * g.W + ix] : T(0);
+      });
 
   T* on = out + (n * g.C_out + grp * mg) * D;  // (Mg, D) block of this item
 #pragma unroll

@@ -61,26 +61,20 @@ __global__ void __launch_bounds__(kThreads* kThreads)
     tj = blockIdx.x;
   }
   const long long i0 = ti * kTile, j0 = tj * kTile;
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kThreads + tx;
+  const int tx = threadIdx.x, ty = threadIdx.y;
 
+  // a[i0:i0+64, :] and b[j0:j0+64, :], 16 columns at a time; zeros past the edges.
   Acc acc[kPer][kPer];
-  zero_tile(acc);
-
-  for (long long k0 = 0; k0 < p; k0 += kK) {
-    // Stage a[i0:i0+64, k0:k0+16] and b[j0:j0+64, k0:k0+16], k-major; zeros past the edges.
-#pragma unroll
-    for (int r = 0; r < kTile * kK / (kThreads * kThreads); ++r) {
-      const int e = tid + r * kThreads * kThreads;
-      const int row = e / kK, kk = e % kK;
-      const long long k = k0 + kk;
-      const long long gi = i0 + row, gj = j0 + row;
-      as[kk * kPad + row] = (gi < n1 && k < p) ? a[gi * lda + k] : T(0);
-      bs[kk * kPad + row] = (gj < n2 && k < p) ? b[gj * ldb + k] : T(0);
-    }
-    __syncthreads();
-    fma_slices<kPer, kThreads, kK, kPad>(acc, as, bs, tx, ty);
-    __syncthreads();
-  }
+  tile_product<kTile, kThreads, kK, kPad>(
+      acc, as, bs, p,
+      [&](int row, long long k) {
+        const long long gi = i0 + row;
+        return (gi < n1 && k < p) ? a[gi * lda + k] : T(0);
+      },
+      [&](int row, long long k) {
+        const long long gj = j0 + row;
+        return (gj < n2 && k < p) ? b[gj * ldb + k] : T(0);
+      });
 
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {

@@ -7,6 +7,21 @@
 namespace fastntk {
 namespace cuda {
 
+// Stage one K slice of both operands in shared memory, k-major: for every (row, kk) of a
+// Tile x K slice, a[kk * Pad + row] = load_a(row, kk) and b[...] = load_b(row, kk) (the
+// loaders return zero past the edges). kk runs fastest across threads, so consecutive
+// threads read consecutive K positions of one row.
+template <int Tile, int Threads, int K, int Pad, typename T, typename LoadA, typename LoadB>
+__device__ inline void stage_slices(T* a, T* b, int tid, LoadA load_a, LoadB load_b) {
+#pragma unroll
+  for (int r = 0; r < Tile * K / (Threads * Threads); ++r) {
+    const int e = tid + r * Threads * Threads;
+    const int row = e / K, kk = e % K;
+    a[kk * Pad + row] = load_a(row, kk);
+    b[kk * Pad + row] = load_b(row, kk);
+  }
+}
+
 template <int Per, typename Acc>
 __device__ inline void zero_tile(Acc (&acc)[Per][Per]) {
 #pragma unroll
@@ -29,6 +44,25 @@ __device__ inline void fma_slices(Acc (&acc)[Per][Per], const T* a, const T* b, 
     for (int u = 0; u < Per; ++u)
 #pragma unroll
       for (int v = 0; v < Per; ++v) acc[u][v] = fma(av[u], bv[v], acc[u][v]);
+  }
+}
+
+// The whole product: acc = sum over k < k_total of load_a(row, k) * load_b(col, k) for this
+// thread's rows and columns (loaders take the absolute k; zero past the edges), K at a
+// time through the two shared-memory slices a and b (K * Pad elements each).
+template <int Tile, int Threads, int K, int Pad, typename Acc, typename T, typename LoadA,
+          typename LoadB>
+__device__ inline void tile_product(Acc (&acc)[Tile / Threads][Tile / Threads], T* a, T* b,
+                                    long long k_total, LoadA load_a, LoadB load_b) {
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * Threads + tx;
+  zero_tile(acc);
+  for (long long k0 = 0; k0 < k_total; k0 += K) {
+    stage_slices<Tile, Threads, K, Pad>(
+        a, b, tid, [&](int row, int kk) { return load_a(row, k0 + kk); },
+        [&](int row, int kk) { return load_b(row, k0 + kk); });
+    __syncthreads();
+    fma_slices<Tile / Threads, Threads, K, Pad>(acc, a, b, tx, ty);
+    __syncthreads();
   }
 }
 

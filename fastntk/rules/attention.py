@@ -77,14 +77,17 @@ class MultiheadAttentionRule(GramRule):
         return _Saved(module, args, kwargs)
 
     def grad_rows(self, module, saved, gout, name, r0, r1):
+        # supports_rows is False: r0:r1 is always every row
         hit = saved.memo.get(id(gout))
         if hit is None:
-            hit = (gout, self._blocks(module, saved, gout))
+            hit = (gout, self._core_grads(module, saved, gout))
             saved.memo[id(gout)] = hit  # keeps gout alive: its id stays unique
-        return Dense(hit[1][name][:, r0 * _cols(module, name) : r1 * _cols(module, name)])
+        return Dense(_block(name, *hit[1]))
 
     @staticmethod
-    def _blocks(module, saved: _Saved, gout: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _core_grads(module, saved: _Saved, gout: torch.Tensor):
+        """``(g, o, xs, (gq, gk, gv))`` in (N, T, E) layout: the output gradient, the
+        attention core's output, the q/k/v inputs and the core's gradients at q, k, v."""
         call = _bind(saved.args, saved.kwargs)
         bd = 1 if module.batch_first is False else 0  # tensors to (N, T, E) below
         xs = [call[k].movedim(bd, 0) for k in ("query", "key", "value")]
@@ -104,21 +107,28 @@ class MultiheadAttentionRule(GramRule):
             else:  # the module's own forward, identity projections in and out
                 o = _shadow(module, saved, call, proj, bd)
             # o: the attention core's output (before out_proj); its gradient is G W_o.
-            gq, gk, gv = torch.autograd.grad(o, proj, g @ saved.wo)
-        o = o.detach()
-        n = g.shape[0]
-        gs = (gq, gk, gv)
-        if xs[0] is xs[1] is xs[2] or (torch.equal(xs[0], xs[1]) and torch.equal(xs[1], xs[2])):
-            # self-attention: one batched product for the three row blocks of in_proj
-            w_in = torch.bmm(torch.cat(gs, 2).transpose(1, 2), xs[0])
-        else:
-            w_in = torch.cat([torch.bmm(gj.transpose(1, 2), xj) for gj, xj in zip(gs, xs, strict=True)], 1)
-        return {
-            "out_proj.weight": torch.bmm(g.transpose(1, 2), o).reshape(n, -1),
-            "out_proj.bias": g.sum(1),
-            "in_proj_weight": w_in.reshape(n, -1),
-            "in_proj_bias": torch.cat([gj.sum(1) for gj in gs], 1),
-        }
+            gs = torch.autograd.grad(o, proj, g @ saved.wo)
+        return g, o.detach(), xs, gs
+
+
+def _block(name: str, g, o, xs, gs) -> torch.Tensor:
+    """Per-sample gradient block (N, numel) of parameter ``name`` (derivation at the top)."""
+    n = g.shape[0]
+    if name == "out_proj.weight":
+        return torch.bmm(g.transpose(1, 2), o).reshape(n, -1)
+    if name == "out_proj.bias":
+        return g.sum(1)
+    if name == "in_proj_bias":
+        return torch.cat([gj.sum(1) for gj in gs], 1)
+    if _same(xs[0], xs[1]) and _same(xs[1], xs[2]):
+        # self-attention: one batched product for the three row blocks of in_proj
+        return torch.bmm(torch.cat(gs, 2).transpose(1, 2), xs[0]).reshape(n, -1)
+    return torch.cat([torch.bmm(gj.transpose(1, 2), xj) for gj, xj in zip(gs, xs, strict=True)], 1).reshape(n, -1)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same tensor (the engine hands rules detached views: compare memory, not objects)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
@@ -187,8 +197,3 @@ def _shadow(module, saved: _Saved, call: dict, proj: list[torch.Tensor], bd: int
     args = dict(call)
     args.update(query=proj[0].movedim(0, bd), key=proj[1].movedim(0, bd), value=proj[2].movedim(0, bd))
     return functional_call(module, shadow, (), args)[0].movedim(bd, 0)
-
-
-def _cols(module: nn.Module, name: str) -> int:
-    """Columns per row of dim 0 of parameter ``name``."""
-    return module.embed_dim if name in ("in_proj_weight", "out_proj.weight") else 1
