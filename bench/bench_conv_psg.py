@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gram import _timeit, _write, machine_info  # noqa: E402
+from bench_gram import _write, machine_info, time_against_first  # noqa: E402
 
 
 def unfold_bmm(x, gout, k, pad):
@@ -84,34 +84,10 @@ def main() -> None:
                 err = (provs["csrc.conv2d_psg"]() - ref).abs().max().item()
                 assert err < 1e-3 * ref.abs().max().item(), err
             unfold_mb = n * c * k * k * s * s * 4 / 2**20
-            base = base_min = base_cpu = None
-            for name, fn in provs.items():
-                med, tmin, spread, cpu = _timeit(fn, args.repeats)
-                base = med if base is None else base
-                base_min = tmin if base_min is None else base_min
-                base_cpu = cpu if base_cpu is None else base_cpu
-                rows.append(
-                    {
-                        "N": n,
-                        "C": c,
-                        "HW": s,
-                        "k": k,
-                        "provider": name,
-                        "median_ms": round(med * 1e3, 2),
-                        "min_ms": round(tmin * 1e3, 2),
-                        "spread": round(spread, 2),
-                        "speedup_median": round(base / med, 2),
-                        "speedup_min": round(base_min / tmin, 2),
-                        "cpu_ms": round(cpu * 1e3, 2),
-                        "speedup_cpu": round(base_cpu / max(cpu, 1e-9), 2),
-                        "unfold_buffer_MB": round(unfold_mb, 1) if name == "unfold+bmm" else 0,
-                    }
-                )
-                print(
-                    f"C={c:3d} HW={s:2d} k={k} {name:18s} {med * 1e3:8.2f} ms "
-                    f"(min {tmin * 1e3:7.2f})  x{base / med:5.2f} (min x{base_min / tmin:5.2f}, "
-                    f"cpu x{base_cpu / max(cpu, 1e-9):5.2f})"
-                )
+            for row in time_against_first(provs, args.repeats, f"C={c:3d} HW={s:2d} k={k}"):
+                row.pop("_min_s")
+                unfold = round(unfold_mb, 1) if row["provider"] == "unfold+bmm" else 0
+                rows.append({"N": n, "C": c, "HW": s, "k": k, **row, "unfold_buffer_MB": unfold})
     _write(
         rows,
         f"conv_psg_cpu_t{torch.get_num_threads()}",

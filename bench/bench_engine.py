@@ -38,6 +38,9 @@ import sys
 import time
 from datetime import datetime, timezone
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _meta import git_sha  # noqa: E402
+
 ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -186,19 +189,13 @@ def machine() -> dict:
     if torch.cuda.is_available():
         dev = "cuda"
         name = torch.cuda.get_device_name()
-    try:
-        sha = subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True
-        ).strip()
-    except Exception:
-        sha = "unknown"
     return {
         "device": dev,
         "device_name": name,
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git": sha,
+        "git": git_sha(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
 
@@ -227,6 +224,13 @@ def main(argv=None) -> int:
         "freed memory; the floor and vmap benefit as much as fastntk)",
     )
     ap.add_argument("--csv", help="append the rows here (default bench/results/engine_<device>.csv)")
+    ap.add_argument(
+        "--child-timeout",
+        type=float,
+        default=0,
+        help="seconds one provider's process may take (0: no limit); one that runs longer "
+        "becomes a failed row and the run goes on with the next provider",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -269,12 +273,25 @@ def _child(prov: str, n: int, args, r: int) -> dict:
     sys.stderr.write(
         f"  measuring {prov} at N={n} ({args.output}), round {r + 1}/{args.rounds} ...\n"
     )
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        p = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.child_timeout or None
+        )
+    except subprocess.TimeoutExpired:
+        sys.stderr.write(f"    {prov}: timed out after {args.child_timeout:g} s\n")
+        return {"provider": prov, "n": n, "output": args.output,
+                "error": f"timed out after {args.child_timeout:g} s"}  # fmt: skip
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not line:
         err = (p.stderr.strip().splitlines() or ["?"])[-1]
+        sys.stderr.write(f"    {prov}: failed: {err}\n")
         return {"provider": prov, "n": n, "output": args.output, "error": err[:120]}
-    return json.loads(line[0][7:])
+    res = json.loads(line[0][7:])
+    sys.stderr.write(  # as it comes: a run cut short still shows what it measured
+        f"    {prov}: median {res['median_s']:.4f} s, first call {res['first_s']:.3f} s, "
+        f"peak {res['peak_bytes'] / 1e9:.2f} GB\n"
+    )
+    return res
 
 
 def _merge(results: list[dict]) -> dict:

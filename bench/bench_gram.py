@@ -22,10 +22,13 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _meta import git_sha  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,6 +52,33 @@ def _timeit(fn, repeats: int) -> tuple[float, float, float, float]:
     return med, min(ts), (max(ts) - min(ts)) / med, statistics.median(cs)
 
 
+def time_against_first(provs: dict, repeats: int, label: str) -> list[dict]:
+    """Times each provider (:func:`_timeit`) against the first one; prints a line each.
+
+    Returns one row per provider: its name and times, and its speed-ups over the first
+    provider on the median, on the min and on the process CPU time.
+    """
+    rows, base = [], None
+    for name, fn in provs.items():
+        med, tmin, spread, cpu = _timeit(fn, repeats)
+        base = base or (med, tmin, cpu)
+        up = (base[0] / med, base[1] / tmin, base[2] / max(cpu, 1e-9))
+        rows.append({
+            "provider": name,
+            "median_ms": round(med * 1e3, 2),
+            "min_ms": round(tmin * 1e3, 2),
+            "spread": round(spread, 2),
+            "speedup_median": round(up[0], 2),
+            "speedup_min": round(up[1], 2),
+            "cpu_ms": round(cpu * 1e3, 2),
+            "speedup_cpu": round(up[2], 2),
+            "_min_s": tmin,
+        })  # fmt: skip
+        print(f"{label} {name:22s} {med * 1e3:9.2f} ms (min {tmin * 1e3:8.2f})  x{up[0]:5.2f} "
+              f"(min x{up[1]:5.2f}, cpu x{up[2]:5.2f})")  # fmt: skip
+    return rows
+
+
 def machine_info() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -59,16 +89,7 @@ def machine_info() -> dict[str, str]:
                     break
     except OSError:
         pass
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except Exception:
-        sha = ""
+    sha = git_sha()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -77,7 +98,7 @@ def machine_info() -> dict[str, str]:
         "torch_threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git": sha or "uncommitted",
+        "git": sha,
         "loadavg_1min": f"{load:.1f}",
     }
 
@@ -132,32 +153,9 @@ def main() -> None:
                 provs["csrc.gram_sym_fp64acc"] = lambda a=a, o=out64: torch.ops.fastntk.gram_sym(
                     a, o, True
                 )
-            base = base_min = base_cpu = None
-            for name, fn in provs.items():
-                med, tmin, spread, cpu = _timeit(fn, args.repeats)
-                base = med if base is None else base
-                base_min = tmin if base_min is None else base_min
-                base_cpu = cpu if base_cpu is None else base_cpu
-                rows.append(
-                    {
-                        "N": n,
-                        "P": p,
-                        "provider": name,
-                        "median_ms": round(med * 1e3, 2),
-                        "min_ms": round(tmin * 1e3, 2),
-                        "spread": round(spread, 2),
-                        "speedup_median": round(base / med, 2),
-                        "speedup_min": round(base_min / tmin, 2),
-                        "cpu_ms": round(cpu * 1e3, 2),
-                        "speedup_cpu": round(base_cpu / max(cpu, 1e-9), 2),
-                        "GFLOP/s_useful_min": round(n * n * p / tmin / 1e9, 1),
-                    }
-                )
-                print(
-                    f"N={n:4d} P={p:6d} {name:22s} {med * 1e3:9.2f} ms (min {tmin * 1e3:8.2f})"
-                    f"  x{base / med:5.2f} (min x{base_min / tmin:5.2f}, cpu x"
-                    f"{base_cpu / max(cpu, 1e-9):5.2f})"
-                )
+            for row in time_against_first(provs, args.repeats, f"N={n:4d} P={p:6d}"):
+                tmin = row.pop("_min_s")
+                rows.append({"N": n, "P": p, **row, "GFLOP/s_useful_min": round(n * n * p / tmin / 1e9, 1)})
     _write(
         rows,
         f"gram_cpu_t{torch.get_num_threads()}",

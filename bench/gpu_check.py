@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import fastntk  # noqa: E402
 from reference import full_kernel, reduce, rel_err  # noqa: E402
 import zoo  # noqa: E402
+from _meta import git_sha  # noqa: E402
 
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 CASES = ["mlp", "convzoo", "resnet", "vit", "tied", "nb201"]
@@ -266,34 +267,49 @@ def time_conv_paths(device: str, n: int, lines: list[str]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", help="markdown file (default: stdout only)")
+    ap.add_argument("--out", help="markdown file, rewritten after each part (default: stdout only)")
+    ap.add_argument("--parts", default="1,2,3,4", help="which parts to run, comma-separated")
     ap.add_argument("--conv-n", type=int, default=256, help="batch of the conv-path timing")
     ap.add_argument("--gram-shapes", default="1024x36864,4096x9216,16384x2304",
-                    help="NxCOLS,... for part 2 (small ones for a CPU smoke run)")
+                    help="NxCOLS,... for parts 2 and 3 (small ones for a CPU smoke run)")
     args = ap.parse_args()
+    parts = {int(v) for v in args.parts.split(",")}
     env = fastntk.env()
     lines = [f"# GPU checks: device {args.device} ({env.get('device_name')}), torch "
-             f"{torch.__version__}, triton {env.get('triton_version')}", ""]
-    ok = check_methods(args.device, lines)
+             f"{torch.__version__}, triton {env.get('triton_version')}, git {git_sha()}", "",
+             f"Command: `python bench/gpu_check.py --parts {args.parts} --gram-shapes "
+             f"{args.gram_shapes} --conv-n {args.conv_n}`", ""]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.gram_shapes.split(",")]
-    try:
-        check_gram_modes(args.device, shapes, lines)
-    except Exception as exc:  # part 2 is a measurement; report and go on
-        lines.append(f"Gram modes failed: {type(exc).__name__}: {exc}")
-    try:
-        time_conv_paths(args.device, args.conv_n, lines)
-    except Exception as exc:  # a measurement; report and go on
-        lines.append(f"conv paths failed: {type(exc).__name__}: {exc}")
-    try:
-        ok &= check_csrc(args.device, shapes, lines)
-    except Exception as exc:  # reported, counted as a failure
-        lines.append(f"C++ CUDA kernels failed: {type(exc).__name__}: {exc}")
-        ok = False
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+
+    ok = True
+    if 1 in parts:
+        ok &= check_methods(args.device, lines)
+        save()
+    if 2 in parts:
+        try:
+            check_gram_modes(args.device, shapes, lines)
+        except Exception as exc:  # part 2 is a measurement; report and go on
+            lines.append(f"Gram modes failed: {type(exc).__name__}: {exc}")
+        save()
+    if 4 in parts:
+        try:
+            time_conv_paths(args.device, args.conv_n, lines)
+        except Exception as exc:  # a measurement; report and go on
+            lines.append(f"conv paths failed: {type(exc).__name__}: {exc}")
+        save()
+    if 3 in parts:
+        try:
+            ok &= check_csrc(args.device, shapes, lines)
+        except Exception as exc:  # reported, counted as a failure
+            lines.append(f"C++ CUDA kernels failed: {type(exc).__name__}: {exc}")
+            ok = False
+        save()
+    print("\n".join(lines))
     return 0 if ok else 1
 
 

@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# fastntk's GPU checks and benchmarks (issue 3), prepared for one call of the lent GPU
-# machine each (a call may run 10 minutes; a session has 15 minutes of device time):
+# fastntk's GPU checks and benchmarks (issue 3), planned for the lent GPU machine: a call
+# may run 10 minutes, a session has 15 minutes of device time with the machine's start
+# (a minute or more) counted in. Two calls, most valuable figures first:
 #
-#   bash bench/gpu_suite.sh check    # CUDA build of fastntk._C; methods vs the float64 oracle on
-#                                    # CUDA, Triton Gram modes, the C++ CUDA kernels (~5 min)
+#   FASTNTK_GIT=<sha> bash bench/gpu_suite.sh first    # one call, <= BUDGET s (default 540):
+#       NB201 N=1024 "sum" (floor, auto, layerwise, triton, vmap), exact N=16384 "sum",
+#       sketch N=100,000 m=4096, N=1024 "trace", then methods vs the float64 oracle on
+#       CUDA and the Triton Gram operand modes (gpu_check parts 1-2)
+#   FASTNTK_GIT=<sha> bash bench/gpu_suite.sh second   # a second call, <= BUDGET s (default 280):
+#       CUDA build of fastntk._C, its kernels vs float64 references (part 3), the conv
+#       weight-gradient paths (part 4), ResNet-18 and ViT tables
+#
+# Each step gets at most its own limit and what is left of BUDGET, so the last steps are
+# the ones cut short; each writes its results as it goes. The older single-purpose plans:
+#
+#   bash bench/gpu_suite.sh check    # CUDA build of fastntk._C; gpu_check parts 1-4 (~5 min)
 #   bash bench/gpu_suite.sh engine   # NB201 N=1024 "sum" and "trace": floor, auto, triton, vmap (~5 min)
 #   bash bench/gpu_suite.sh scale    # exact N=16384 "sum", sketch N=100,000 m=4096 (~5 min)
 #   bash bench/gpu_suite.sh models   # ResNet-18 and ViT: auto, layerwise, triton, vmap, N=256/1024
-#                                    # (~5 min; a fourth call, where device time is left)
-#   bash bench/gpu_suite.sh all      # the three in turn (more than one call's 10 minutes)
-#   SMOKE=1 bash bench/gpu_suite.sh all   # the same plumbing on this CPU, tiny sizes (Triton interpreter)
+#   SMOKE=1 bash bench/gpu_suite.sh first   # the same plumbing on this CPU, tiny sizes (Triton interpreter)
 #
 # Results go to $OUT (on the lent machine its files come back to the session), default
-# bench/results/gpu: gpu_check.md, the engine tables, engine_<device>.csv, suite.log.
-# fastntk runs from a copy of this tree on PYTHONPATH (nothing is installed there). `check`
-# first builds the C++ extension there with its CUDA kernels (setup.py build_ext against
-# the machine's CUDA torch and nvcc) into that copy, for gpu_check.py's part 3; engine and
-# scale do not need it ("auto" on a GPU uses no C++ op).
+# bench/results/gpu: suite.log (every step's output, with the git SHA and versions),
+# gpu_check.md, engine_<device>.csv, models_<model>.csv. The lent machine's copy of the
+# tree has no .git: pass the commit in FASTNTK_GIT. fastntk runs from a copy of this tree
+# on PYTHONPATH (nothing is installed there). The C++ extension is built there only for
+# part 3 ("auto" on a GPU uses no C++ op).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -39,41 +48,81 @@ else
 fi
 
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/suite.log"; }
-step() {  # step SECONDS CMD...: run with a time limit, keep going on failure
+case "${1:-all}" in  # seconds for the whole plan; the device tool's call limit is 600
+  first) BUDGET=${BUDGET:-540} ;;
+  second) BUDGET=${BUDGET:-280} ;;
+  *) BUDGET=${BUDGET:-100000} ;;
+esac
+step() {  # step SECONDS CMD...: run with a time limit (and within BUDGET), keep going on failure
   local limit=$1
   shift
-  log "$*"
+  local left=$((BUDGET - SECONDS - 5))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    log "skipped (budget spent): $*"
+    return 0
+  fi
+  log "[limit ${limit}s] $*"
   timeout "$limit" "$@" 2>&1 | tee -a "$OUT/suite.log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || log "exit status $rc"
+  return "$rc"
 }
 
 build_ext() {  # the extension, CUDA kernels included where torch is a CUDA build
-  log "build_ext into $SITE/fastntk"
-  bash "$ROOT/bench/package_copy.sh" build "$SITE" python3 2>&1 | tail -n 30 | tee -a "$OUT/suite.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || log "build_ext made no fastntk/_C*.so: the C++ checks below report it"
+  step 200 bash "$ROOT/bench/package_copy.sh" build "$SITE" python3 ||
+    log "build_ext made no fastntk/_C*.so: the C++ checks below report it"
 }
 
-check() {
-  build_ext
+header() {
+  log "git ${FASTNTK_GIT:-unknown}, budget ${BUDGET}s"
   # `python3 -c` and `-m` put the working directory first on sys.path: run them from $SITE,
   # or they import this tree's fastntk/ (no kernels/, no extension) instead of the copy.
   step 60 env -C "$SITE" python3 -c "import json, fastntk; print(json.dumps(fastntk.env()))"
-  step 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  step 300 python3 bench/gpu_check.py --device "$DEV" --gram-shapes "$GRAM" --conv-n "$CN" \
-    --out "$OUT/gpu_check.md"
+  [ "$DEV" = cuda ] && step 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  return 0
+}
+
+gpu_check() {  # gpu_check SECONDS PARTS
+  step "$1" python3 bench/gpu_check.py --device "$DEV" --parts "$2" --gram-shapes "$GRAM" \
+    --conv-n "$CN" --out "$OUT/gpu_check${3:-}.md"
+}
+
+engine_sum() {
+  step "${1:-200}" python3 bench/bench_engine.py --device "$DEV" --n "$N" --output sum \
+    --providers "fwdbwd,floor,auto,layerwise$TRITON,vmap" --repeats 3 --child-timeout 90 \
+    --csv "$OUT/engine_$DEV.csv"
+}
+
+engine_trace() {
+  step "${1:-200}" python3 bench/bench_engine.py --device "$DEV" --n "$N" --output trace \
+    --providers "fwdbwd,floor,auto$TRITON,vmap" --repeats 2 --child-timeout 100 \
+    --csv "$OUT/engine_$DEV.csv"
+}
+
+large_n() {
+  step "${1:-200}" python3 bench/bench_large_n.py --device "$DEV" --n "$LN" --chunk "$LCHUNK" --check 512
+}
+
+sketch() {
+  step "${1:-200}" python3 bench/bench_sketch.py --device "$DEV" --n "$SN" --m "$SM" --chunk "$SCHUNK" \
+    --check "$BIGCHUNK"
+}
+
+check() {
+  header
+  build_ext
+  gpu_check 300 1,2,3,4
 }
 
 engine() {
-  step 200 python3 bench/bench_engine.py --device "$DEV" --n "$N" --output sum \
-    --providers "fwdbwd,floor,auto,layerwise$TRITON,vmap" --repeats 3 --csv "$OUT/engine_$DEV.csv"
-  step 200 python3 bench/bench_engine.py --device "$DEV" --n "$N" --output trace \
-    --providers "fwdbwd,floor,auto$TRITON,vmap" --repeats 2 --csv "$OUT/engine_$DEV.csv"
+  engine_sum
+  engine_trace
 }
 
 scale() {
-  step 200 python3 bench/bench_large_n.py --device "$DEV" --n "$LN" --chunk "$LCHUNK" --check 512
-  step 200 python3 bench/bench_sketch.py --device "$DEV" --n "$SN" --m "$SM" --chunk "$SCHUNK" --check "$BIGCHUNK"
+  large_n
+  sketch
 }
 
 models() {
@@ -84,13 +133,31 @@ models() {
   done
 }
 
+first() {
+  header
+  engine_sum 150
+  large_n 90
+  sketch 120
+  engine_trace 150
+  gpu_check 150 1,2
+}
+
+second() {
+  header
+  build_ext
+  gpu_check 120 3,4 _csrc
+  models
+}
+
 case "${1:-all}" in
   check) check ;;
   engine) engine ;;
   scale) scale ;;
   models) models ;;
-  all) check; engine; scale; models ;;
-  *) echo "usage: bash bench/gpu_suite.sh check|engine|scale|models|all" >&2; exit 2 ;;
+  first) first ;;
+  second) second ;;
+  all) first; second ;;
+  *) echo "usage: bash bench/gpu_suite.sh first|second|check|engine|scale|models|all" >&2; exit 2 ;;
 esac
 rm -rf "$SITE"
 log "done; results in $OUT"

@@ -132,3 +132,29 @@ def test_reference_models():
     assert sum(p.numel() for p in vit.parameters()) == 10_695_562
     with torch.no_grad():
         assert build_model(DARTS_V2, C=8, layers=5)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_choice_space_gives_sample_and_mutate():
+    from fastntk.spaces.base import ChoiceSpace
+
+    class Letters(ChoiceSpace):  # a user's space: three decisions, archs are strings
+        def decisions(self):
+            return [("a", ("x", "y")), ("b", ("p", "q", "r")), ("c", ("u", "v"))]
+
+        def to_choices(self, arch):
+            return tuple(arch)
+
+        def from_choices(self, values):
+            return "".join(values)
+
+    space = Letters()
+    for seed in range(40):
+        a = space.sample(random.Random(seed))
+        assert a == space.sample(random.Random(seed))
+        b = space.mutate(a, random.Random(seed))
+        assert sum(u != v for u, v in zip(a, b, strict=True)) == 1
+        for (_, allowed), v in zip(space.decisions(), b, strict=True):
+            assert v in allowed
+    rng = random.Random(0)
+    seen = {space.sample(rng) for _ in range(200)}
+    assert len(seen) == 12  # every combination is drawn

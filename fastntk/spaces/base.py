@@ -44,3 +44,24 @@ class SearchSpace(Protocol):
     def decode(self, s: str) -> Any:
         """Inverse of :meth:`encode`; raises :class:`fastntk.errors.ArchitectureError` on bad input."""
         ...
+
+
+class ChoiceSpace:
+    """``sample`` and ``mutate`` for a space given as independent categorical decisions.
+
+    A subclass defines ``decisions()`` (``[(name, allowed values), ...]``),
+    ``to_choices(arch)`` and ``from_choices(values)``; every combination of allowed values
+    must be an architecture. ``sample`` draws each decision uniformly (one
+    ``rng.randrange`` each, in order); ``mutate`` changes one decision, drawn uniformly,
+    to another of its values, drawn uniformly.
+    """
+
+    def sample(self, rng: random.Random) -> Any:
+        return self.from_choices([ch[rng.randrange(len(ch))] for _, ch in self.decisions()])
+
+    def mutate(self, arch: Any, rng: random.Random) -> Any:
+        c = list(self.to_choices(arch))
+        decisions = self.decisions()
+        d = rng.randrange(len(c))
+        c[d] = rng.choice([v for v in decisions[d][1] if v != c[d]])
+        return self.from_choices(c)

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from fastntk.errors import ArchitectureError
+from fastntk.spaces.base import ChoiceSpace
 
 __all__ = ["OPS", "DartsSpace", "Genotype", "NetworkCIFAR", "DARTS_V2", "build_model"]
 
@@ -293,7 +294,7 @@ def build_model(arch, num_classes: int = 10, C: int = 16, layers: int = 8) -> Ne
 # ---------------------------------------------------------------------------
 
 
-class DartsSpace:
+class DartsSpace(ChoiceSpace):
     """DARTS as a :class:`fastntk.spaces.base.SearchSpace`; archs are :data:`Genotype` tuples.
 
     It also exposes its categorical decisions (``decisions``, ``to_choices``,
@@ -329,10 +330,6 @@ class DartsSpace:
         for k in range(2):
             cells.append([c[8 * k + 2 * m: 8 * k + 2 * m + 2] for m in range(NUM_NODES)])
         return validate(cells)
-
-    def sample(self, rng: random.Random) -> Genotype:
-        """Uniform: each slot draws its op and its input (among earlier nodes) uniformly."""
-        return self.from_choices([ch[rng.randrange(len(ch))] for _, ch in self.decisions()])
 
     def mutate(self, arch, rng: random.Random) -> Genotype:
         """Change one slot's op or one slot's input (uniformly among the other values)."""

@@ -11,13 +11,13 @@ last stage.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from fastntk.errors import ArchitectureError
+from fastntk.spaces.base import ChoiceSpace
 
 __all__ = ["DEPTHS", "WIDTHS", "ResNet", "ResNetSpace", "build_model", "resnet18"]
 
@@ -140,7 +140,7 @@ def resnet18(num_classes: int = 10, width: int = 64) -> ResNet:
     return ResNet([(width * 2**k, 2) for k in range(NUM_STAGES)], num_classes=num_classes)
 
 
-class ResNetSpace:
+class ResNetSpace(ChoiceSpace):
     """The ResNet space as a :class:`fastntk.spaces.base.SearchSpace` (archs: stage tuples)."""
 
     name = "resnet"
@@ -161,17 +161,6 @@ class ResNetSpace:
     def from_choices(self, choices: Sequence) -> Arch:
         c = list(choices)
         return validate([(c[2 * k], c[2 * k + 1]) for k in range(NUM_STAGES)])
-
-    def sample(self, rng: random.Random) -> Arch:
-        return self.from_choices([ch[rng.randrange(len(ch))] for _, ch in self.decisions()])
-
-    def mutate(self, arch, rng: random.Random) -> Arch:
-        """One stage's width or depth changed to another allowed value."""
-        c = list(self.to_choices(arch))
-        decisions = self.decisions()
-        d = rng.randrange(len(c))
-        c[d] = rng.choice([v for v in decisions[d][1] if v != c[d]])
-        return self.from_choices(c)
 
     def build(self, arch, num_classes: int = 10) -> nn.Module:
         return build_model(arch, num_classes=num_classes)

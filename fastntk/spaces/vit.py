@@ -15,13 +15,13 @@ a final LayerNorm and a Linear head on the class token.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from fastntk.errors import ArchitectureError
+from fastntk.spaces.base import ChoiceSpace
 
 __all__ = ["DEPTHS", "EMBED_DIMS", "HEADS", "MLP_RATIOS", "PATCHES", "ViT", "ViTSpace",
            "build_model", "vit_small"]
@@ -146,7 +146,7 @@ def vit_small(num_classes: int = 10, depth: int = 6) -> ViT:
     return ViT((depth, 384, 6, 4, 4), num_classes=num_classes)
 
 
-class ViTSpace:
+class ViTSpace(ChoiceSpace):
     """The ViT space as a :class:`fastntk.spaces.base.SearchSpace` (archs: 5-tuples)."""
 
     name = "vit"
@@ -163,17 +163,6 @@ class ViTSpace:
 
     def from_choices(self, choices: Sequence) -> Arch:
         return validate(choices)
-
-    def sample(self, rng: random.Random) -> Arch:
-        return self.from_choices([ch[rng.randrange(len(ch))] for _, ch in self.decisions()])
-
-    def mutate(self, arch, rng: random.Random) -> Arch:
-        """One field changed to another allowed value."""
-        c = list(self.to_choices(arch))
-        decisions = self.decisions()
-        d = rng.randrange(len(c))
-        c[d] = rng.choice([v for v in decisions[d][1] if v != c[d]])
-        return self.from_choices(c)
 
     def build(self, arch, num_classes: int = 10) -> nn.Module:
         return build_model(arch, num_classes=num_classes)
