@@ -135,10 +135,10 @@ models() {
 
 first() {
   header
-  engine_sum 150
-  large_n 90
-  sketch 120
-  engine_trace 150
+  engine_sum 120
+  large_n 75
+  sketch 100
+  engine_trace 120
   gpu_check 150 1,2
 }
 
