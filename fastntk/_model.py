@@ -28,6 +28,7 @@ from fastntk.errors import (
     InputTypeError,
     OptionError,
     ParameterSelectionError,
+    UnsupportedError,
 )
 from fastntk.rules.norm import per_sample_batchnorm
 
@@ -80,7 +81,8 @@ def select_params(model: nn.Module, params: ParamSpec) -> dict[str, nn.Parameter
 
 
 def check_inputs(model: nn.Module, x1: Any, x2: Any) -> None:
-    """Typed errors for unusable inputs."""
+    """Typed errors for unusable inputs (and models: :func:`check_model`)."""
+    check_model(model)
     for nm, x in (("x1", x1), ("x2", x2)):
         if x is None and nm == "x2":
             continue
@@ -96,9 +98,10 @@ def check_inputs(model: nn.Module, x1: Any, x2: Any) -> None:
             )
         if not (x.is_floating_point() or _is_index(x)):
             raise InputTypeError(f"{nm} has dtype {x.dtype}; pass floating-point inputs")
-        if _is_index(x) and not any(isinstance(m, nn.Embedding) for m in model.modules()):
+        if _is_index(x) and not any(isinstance(m, _EMBEDDINGS) for m in model.modules()):
             raise InputTypeError(
-                f"{nm} has dtype {x.dtype}, but the model has no nn.Embedding to take indices; "
+                f"{nm} has dtype {x.dtype}, but the model has no nn.Embedding or "
+                "nn.EmbeddingBag to take indices; "
                 "pass floating-point inputs (for uint8 images: x.float() / 255, then normalise)"
             )
     if x2 is not None:
@@ -117,6 +120,54 @@ def check_inputs(model: nn.Module, x1: Any, x2: Any) -> None:
                     f"{nm} is on {x.device} but the model's parameters are on {p.device}; "
                     "move them to the same device"
                 )
+
+
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def default_dtype(model: nn.Module, selected: dict[str, torch.Tensor]) -> torch.dtype:
+    """The computation dtype when the caller gives none: the parameters' own dtype.
+
+    Raises InputTypeError when the floating-point parameters have several dtypes (every
+    copy is cast to the computation dtype, and a layer whose forward casts its input to
+    its own dtype would then see mismatched operands).
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        raise InputTypeError(
+            f"the model's parameters have several dtypes ({names}); pass dtype= (e.g. "
+            "dtype=torch.float64) to compute in one, or convert the model with .to(dtype)"
+        )
+    return next(iter(selected.values())).dtype
+
+
+def check_model(model: nn.Module) -> None:
+    """Typed errors for modules whose kernel is not the Gram of per-sample gradients.
+
+    Checked before any forward: ``max_norm`` embeddings rewrite the rows they look up in
+    place during the forward (the user's table would change, and the function would
+    depend on which batches came first); ``scale_grad_by_freq`` scales gradients by
+    token counts over the whole batch, which is no per-sample gradient.
+    """
+    for name, m in model.named_modules():
+        if not isinstance(m, _EMBEDDINGS):
+            continue
+        kind = type(m).__name__
+        if m.max_norm is not None:
+            raise UnsupportedError(
+                f"{name or 'the model'} ({kind}) has max_norm={m.max_norm}: its forward "
+                "renormalises the looked-up rows of its weight in place, so the kernel would "
+                "change the model and depend on the order of the batches. Renormalise the "
+                f"table once yourself (torch.embedding_renorm_ under torch.no_grad()) and "
+                "set max_norm=None"
+            )
+        if m.scale_grad_by_freq:
+            raise UnsupportedError(
+                f"{name or 'the model'} ({kind}) has scale_grad_by_freq=True: its gradients "
+                "are scaled by token counts over the whole batch, not per sample, so there "
+                "is no per-sample gradient to take the NTK of; set scale_grad_by_freq=False"
+            )
 
 
 def _is_index(x: torch.Tensor) -> bool:
@@ -249,6 +300,19 @@ def _per_sample_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def recurrent(model: nn.Module) -> str | None:
+    """Name of the model's first ``nn.RNN``/``GRU``/``LSTM`` module, or None.
+
+    Their fused kernels have no torch.func batching rule (vmap over them fails), and no
+    per-layer rule covers them: the kernel of such a model is taken through the batch
+    graph (one backward per sample and pass), exact but without the layerwise speed-up.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.RNNBase):
+            return f"{name or 'the model'} ({type(m).__name__})"
+    return None
 
 
 def is_coupled(model: nn.Module, bn: str) -> bool:

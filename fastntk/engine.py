@@ -171,7 +171,7 @@ def ntk(
     _model.check_inputs(model, x1, x2)
     selected = _model.select_params(model, params)
     if dtype is None:
-        dtype = next(iter(selected.values())).dtype
+        dtype = _model.default_dtype(model, selected)
     if not dtype.is_floating_point:
         raise OptionError(f"dtype must be a floating-point dtype, got {dtype}")
     samples, cols = _chunks(chunk_size)
@@ -187,8 +187,18 @@ def ntk(
         return s1 @ (s1 if x2 is None else sketch(x2)).T
     backend = _backend(method, x1.device)
     job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, backend)
+    rnn = _model.recurrent(model)
+    if rnn is not None and method == "vmap":
+        raise UnsupportedError(
+            f"method='vmap' cannot differentiate {rnn}: torch.func has no batching rule for "
+            "its fused kernel; use method='auto' (exact, through the batch graph)"
+        )
     with _model.model_state(model, bn):
-        if _model.is_coupled(model, bn):
+        if rnn is not None and method in ("auto", "layerwise", "triton"):
+            # no per-layer rule, no vmap (not even over the backward: is_grads_batched):
+            # one backward per sample and pass (exact)
+            theta = job.coupled(x1, x2, batched=False)
+        elif _model.is_coupled(model, bn):
             # One-hot backward passes batched with is_grads_batched (vmap over the backward)
             # for method="vmap", and on a GPU; on the CPU a plain loop of backward passes
             # is faster: NB201 (C=16), N=64, bn="batch", 2-core CPU: 58 s batched vs 37 s
@@ -248,15 +258,22 @@ def ntk_sketch(
     if not isinstance(sketch_dim, int) or sketch_dim < 1:
         raise OptionError(f"sketch_dim must be a positive int, got {sketch_dim!r}")
     selected = _model.select_params(model, params)
-    dtype = dtype or next(iter(selected.values())).dtype
+    dtype = dtype or _model.default_dtype(model, selected)
     samples, cols = _chunks(chunk_size)
     job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, "torch")
+    if _model.recurrent(model) is not None:
+        raise UnsupportedError(
+            f"the sketch cannot take {_model.recurrent(model)}: it streams per-layer "
+            "per-sample gradients, and no rule or torch.func fallback covers recurrent "
+            "layers; use fastntk.ntk(method='auto') (exact, through the batch graph)"
+        )
     if _model.is_coupled(model, bn):
         raise OptionError(
             "the sketch needs per-sample independent outputs; bn='batch' (or BatchNorm without "
             "running statistics) couples samples: use bn='eval' or 'per_sample'"
         )
     n = x.shape[0]
+    job.chunk_n = min(samples, n)
     S = torch.zeros(n, sketch_dim, dtype=dtype, device=job.device)
     hashes: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -394,8 +411,10 @@ class _Capture:
     def install(self) -> None:
         for mname, module, attrs in self.job.plan_modules:
             rule = self.job.rules[mname]
+            # prepend: before the user's own forward hooks, which may return a changed
+            # output (3 * out): the rules need the module's own output and its gradient
             h = module.register_forward_hook(
-                self._make_hook(mname, module, rule, attrs), with_kwargs=True
+                self._make_hook(mname, module, rule, attrs), with_kwargs=True, prepend=True
             )
             self.handles.append(h)
 
@@ -507,7 +526,7 @@ class _Capture:
             if pname in self.deferred_params:
                 deferred = True
                 continue
-            for r0, r1 in self.job.row_ranges(pname, rec.rule, g.shape[0]):
+            for r0, r1 in self.job.row_ranges(pname, rec.rule, 1):
                 kw = {}
                 if rec.rule.supports_out:
                     p = self.job.copies.params[pname]
@@ -533,7 +552,7 @@ class _Capture:
             for attr, pname in rec.attrs.items():
                 if pname in self.excluded or pname in self.deferred_params:
                     continue
-                for r0, r1 in self.job.row_ranges(pname, rec.rule, gs[0].shape[0]):
+                for r0, r1 in self.job.row_ranges(pname, rec.rule, 1):
                     with phase("per_sample"):
                         blocks = rec.rule.grad_rows_multi(rec.module, rec.saved, gs, attr, r0, r1)
                     for k, blk in zip(ks, blocks, strict=True):
@@ -556,7 +575,7 @@ class _Capture:
             rows_ok = all(r.rule is not None and r.rule.supports_rows for r, _ in lst)
             n = lst[0][0].n
             ranges = (
-                self.job.row_ranges(pname, lst[0][0].rule, n * (npasses if full else 1))
+                self.job.row_ranges(pname, lst[0][0].rule, npasses if full else 1)
                 if rows_ok
                 else [(0, _rows_of(self.job.copies.params[pname]))]
             )
@@ -686,6 +705,7 @@ class _Job:
         self.device = next(iter(selected.values())).device
         self.copies: Copies = _model.make_copies(model, selected, dtype)
         self.workspace = Workspace()
+        self.chunk_n = samples  # samples of the job's largest chunk (set by each entry point)
         self._plan()
 
     # -- plan ------------------------------------------------------------------
@@ -713,11 +733,19 @@ class _Job:
             for pname in at.values():
                 self.module_of[pname].append(mn)
 
-    def row_ranges(self, pname: str, rule: GramRule | None, nrows: int) -> list[tuple[int, int]]:
+    def row_ranges(self, pname: str, rule: GramRule | None, per_sample: int) -> list[tuple[int, int]]:
+        """Parameter-row ranges of ``pname``'s blocks (``per_sample`` rows per sample each).
+
+        Sized for the job's largest chunk (``chunk_n``), never the current one: every
+        chunk of a job must cut a parameter into the same ranges, since the blocks of two
+        chunks meet by key in the panel assembly (a smaller last chunk cut differently
+        gave blocks of mismatched widths).
+        """
         p = self.copies.params[pname]
         rows = p.shape[0] if p.dim() else 1
         if rule is None or not rule.supports_rows or p.dim() == 0:
             return [(0, rows)]
+        nrows = self.chunk_n * per_sample
         per_row = max(1, p.numel() // rows)
         budget = BLOCK_BYTES if self.cols is None else self.cols * nrows * p.element_size()
         max_rows = max(1, budget // max(1, nrows * per_row * p.element_size()))
@@ -931,6 +959,7 @@ class _Job:
     def layerwise(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
+        self.chunk_n = min(self.samples, n1 + (0 if x2 is None else n2))
         if x2 is None and n1 <= self.samples:
             return self._single_self(x1)
         if x2 is not None and n1 + n2 <= self.samples:

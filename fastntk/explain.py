@@ -82,11 +82,12 @@ def explain(
     _model.check_options(output, bn, "auto", engine.METHODS)
     _model.check_inputs(model, x, x2)
     selected = _model.select_params(model, params)
-    dtype = dtype or next(iter(selected.values())).dtype
+    dtype = dtype or _model.default_dtype(model, selected)
     samples, cols = engine._chunks(chunk_size)
     head = Head(output)
     job = engine._Job(model, selected, head, bn, dtype, samples, cols, False, "torch")
-    coupled = _model.is_coupled(model, bn)
+    rnn = _model.recurrent(model)
+    coupled = _model.is_coupled(model, bn) or rnn is not None
     owners = _model.owners(model)
     rows: list[ParamPath] = []
     notes: list[str] = []
@@ -149,6 +150,9 @@ def explain(
             f"{n1} samples exceed the chunk of {samples}: the kernel is assembled from panels "
             "(each chunk's forward/backward runs more than once)"
         )
-    if coupled:
+    if rnn is not None:
+        notes.append(f"{rnn} is recurrent: the kernel is taken through the batch graph "
+                     "(one backward per sample and pass; no per-layer rule, no vmap)")
+    elif coupled:
         notes.append("bn='batch' (or BatchNorm without running stats) couples the samples")
     return Explanation(rows, n1, n2, head.K, bn, coupled, kernel, block, act * chunk, notes)

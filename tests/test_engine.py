@@ -117,6 +117,22 @@ def test_chunked_panels(name, output, chunk, monkeypatch):
         assert rel_err(theta, ref) <= TOL[torch.float64]
 
 
+@pytest.mark.parametrize("name", ["resnet", "vit", "nb201"])
+@pytest.mark.parametrize("output", ["sum", "full"])
+def test_panels_with_split_parameter_rows(name, output, monkeypatch):
+    """Blocks cut into parameter-row ranges (small BLOCK_BYTES), N not a multiple of the
+    chunk: every chunk cuts a parameter alike, so the smaller last chunk's blocks meet the
+    panel's by key (they were cut by that chunk's own size: mismatched widths)."""
+    from fastntk import engine
+
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 2000)
+    m, x1, x2 = zoo.make(name, n=5)
+    for other in (None, x2):
+        ref = reduce(full_kernel(m, x1, other), output)
+        theta = fastntk.ntk(m, x1, other, output=output, chunk_size=2, dtype=torch.float64)
+        assert rel_err(theta, ref) <= TOL[torch.float64]
+
+
 def test_float32_default_dtype_close_to_oracle():
     m, x1, x2, sel, ref = case("resnet", True)
     theta = fastntk.ntk(m, x1, x2, output="trace")

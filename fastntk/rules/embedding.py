@@ -6,8 +6,8 @@ scatter of the output gradients into the rows of the table:
     dW_i[v] = sum_{t : idx[i, t] = v} g[i, t]      (zero for ``padding_idx``)
 
 The block for rows ``r0:r1`` of the table is built with one ``index_add``.
-``scale_grad_by_freq`` and ``sparse`` embeddings are left to the exact
-torch.func fallback.
+``sparse`` embeddings take the same rule; ``max_norm`` and ``scale_grad_by_freq``
+embeddings are refused before any forward (``_model.check_model``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,112 @@
+"""Models outside the usual mould, each once silently wrong or crashing: held to the oracle.
+
+Every case here was found by fuzzing the engine against the float64 oracle: layers fed
+sequence-first tensors inside a batch-first model, modules called on tensors with no
+batch dimension, user forward hooks that change an output, modules whose outputs feed
+each other, blocks split into parameter-row ranges across chunks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from reference import full_kernel, reduce, rel_err
+
+import fastntk
+from fastntk.errors import UnsupportedError
+
+TOL64 = 1e-10
+METHODS = ["auto", "layerwise"]
+
+
+def _x(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _check(m, x1, x2=None, output="sum", methods=METHODS):
+    m = m.double()
+    ref = reduce(full_kernel(m, x1, x2), output)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for method in methods:
+        theta = fastntk.ntk(m, x1, x2, output=output, method=method, dtype=torch.float64)
+        assert rel_err(theta, ref) <= TOL64, method
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("output", ["sum", "trace"])
+def test_user_forward_hook_that_changes_the_output(output):
+    """The rules see the module's own output: fastntk's hook runs before the user's."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    m[2].register_forward_hook(lambda mod, args, out: 3 * out)
+    m[0].register_forward_hook(lambda mod, args, out: out + 1.0)
+    _check(m, _x(4, 5), output=output)
+    _check(m, _x(4, 5), _x(3, 5, seed=2), output=output)
+
+
+@pytest.mark.parametrize("kw", [{"max_norm": 1.0}, {"scale_grad_by_freq": True}])
+@pytest.mark.parametrize("bag", [False, True])
+def test_embeddings_without_per_sample_gradients_are_refused_untouched(kw, bag):
+    """max_norm rewrites the looked-up rows in place during the forward; scale_grad_by_freq
+    scales by batch-wide token counts: both refused before any forward."""
+    torch.manual_seed(0)
+    emb = (nn.EmbeddingBag(10, 4, mode="sum", **kw) if bag else nn.Embedding(10, 4, **kw))
+    with torch.no_grad():
+        emb.weight.mul_(3)  # rows longer than max_norm
+    m = nn.Sequential(emb, nn.Flatten(), nn.Linear(4 if bag else 12, 2))
+    x = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(1))
+    before = emb.weight.detach().clone()
+    for call in (lambda: fastntk.ntk(m, x), lambda: fastntk.explain(m, x),
+                 lambda: fastntk.ntk_sketch(m, x, sketch_dim=8)):  # fmt: skip
+        with pytest.raises(UnsupportedError, match="max_norm" if kw.get("max_norm") else "scale_grad"):
+            call()
+        assert torch.equal(emb.weight, before)
+
+
+def test_embedding_bag_takes_index_inputs():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.EmbeddingBag(10, 4, mode="mean"), nn.Linear(4, 2))
+    x = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(1))
+    _check(m, x)
+
+
+def test_mixed_parameter_dtypes_ask_for_a_dtype():
+    from fastntk.errors import InputTypeError
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2).double()
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)).double())
+
+    m = Mixed()
+    with pytest.raises(InputTypeError, match="several dtypes"):
+        fastntk.ntk(m, torch.randn(4, 3))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cls):
+        super().__init__()
+        self.r = cls(4, 5, batch_first=True)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc(self.r(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM])
+def test_recurrent_layers_through_the_batch_graph(cls):
+    torch.manual_seed(0)
+    m = _Recurrent(cls)
+    _check(m, _x(3, 3, 4), methods=["auto", "layerwise", "loop"])
+    _check(m, _x(3, 3, 4), _x(2, 3, 4, seed=2), output="trace", methods=["auto"])
+    with pytest.raises(UnsupportedError, match="method='auto'"):
+        fastntk.ntk(m, _x(3, 3, 4), method="vmap")
+    with pytest.raises(UnsupportedError, match="recurrent"):
+        fastntk.ntk_sketch(m, _x(3, 3, 4), sketch_dim=8)
+    assert "recurrent" in str(fastntk.explain(m, _x(3, 3, 4)))
