@@ -303,14 +303,15 @@ def batchnorms(model: nn.Module) -> list[nn.Module]:
 
 
 def recurrent(model: nn.Module) -> str | None:
-    """Name of the model's first ``nn.RNN``/``GRU``/``LSTM`` module, or None.
+    """Name of the model's first recurrent module (``nn.RNN``/``GRU``/``LSTM`` or a cell).
 
-    Their fused kernels have no torch.func batching rule (vmap over them fails), and no
+    Their fused kernels have no torch.func batching rule (vmap over them fails; a cell
+    called without a state makes its zero state inside, which vmap cannot batch), and no
     per-layer rule covers them: the kernel of such a model is taken through the batch
     graph (one backward per sample and pass), exact but without the layerwise speed-up.
     """
     for name, m in model.named_modules():
-        if isinstance(m, nn.RNNBase):
+        if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
             return f"{name or 'the model'} ({type(m).__name__})"
     return None
 

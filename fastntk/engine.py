@@ -473,10 +473,16 @@ class _Capture:
                 )
             outs = [t for t in tensors if t.requires_grad and t.grad_fn is not None]
             outs = outs if rule is None else outs[:1]
+            result = None
+            fed = _fed_outputs(outs, _tensors((args, kwargs))) if len(outs) > 1 else []
+            if fed:  # the rest of the model gets copies: their nodes see its gradient alone
+                copies = {id(outs[j]): outs[j].clone() for j in fed}
+                outs = [copies.get(id(t), t) for t in outs]
+                result = _map_tensors(out, lambda t: copies.get(id(t), t))
             rec.out_specs = [(t.shape, t.dtype, t.device) for t in outs]
             for j, t in enumerate(outs):
                 t.grad_fn.register_prehook(self._make_prehook(rec, j, t.output_nr))
-            return None
+            return result
 
         return hook
 
@@ -629,16 +635,50 @@ def _always(nbytes: int) -> bool:
     return True
 
 
-def _detach(obj: Any) -> Any:
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with every tensor ``t`` in its tuples, lists and dicts replaced by ``fn(t)``."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach()
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(_detach(o) for o in obj)
+        items = [_map_tensors(o, fn) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     if isinstance(obj, list):
-        return [_detach(o) for o in obj]
+        return [_map_tensors(o, fn) for o in obj]
     if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _detach(obj: Any) -> Any:
+    return _map_tensors(obj, torch.Tensor.detach)
+
+
+def _fed_outputs(outs: list[torch.Tensor], inputs: list[torch.Tensor], limit: int = 20000):
+    """Indices of the outputs of one module call that its other outputs are computed from.
+
+    ``nn.LSTMCell`` returns ``(h, c)`` with ``h = o * tanh(c)``: the gradient reaching
+    ``c``'s autograd node then holds the path through ``h`` too, and a fallback given
+    both outputs' gradients would count that path twice. Walks each output's graph back
+    to the call's inputs (at most ``limit`` nodes per output).
+    """
+    node_of = {}
+    for j, t in enumerate(outs):
+        node_of.setdefault(id(t.grad_fn), []).append(j)
+    stops = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
+    fed: set[int] = set()
+    for t in outs:
+        keep: list[Any] = []  # visited nodes stay alive (see _graph_nodes)
+        seen = {id(t.grad_fn)}
+        stack = [nxt for nxt, _ in t.grad_fn.next_functions if nxt is not None]
+        while stack and len(keep) < limit:
+            node = stack.pop()
+            if id(node) in seen or id(node) in stops:
+                continue
+            seen.add(id(node))
+            keep.append(node)
+            fed.update(node_of.get(id(node), ()))
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return sorted(fed)
 
 
 def _rows_of(p: torch.Tensor) -> int:

@@ -92,14 +92,20 @@ def test_mixed_parameter_dtypes_ask_for_a_dtype():
 class _Recurrent(nn.Module):
     def __init__(self, cls):
         super().__init__()
-        self.r = cls(4, 5, batch_first=True)
+        self.cell = issubclass(cls, nn.RNNCellBase)
+        self.r = cls(4, 5) if self.cell else cls(4, 5, batch_first=True)
         self.fc = nn.Linear(5, 2)
 
     def forward(self, x):
+        if self.cell:  # unrolled over the sequence, zero state made by the cell
+            h = None
+            for t in range(x.shape[1]):
+                h = self.r(x[:, t], h)
+            return self.fc(h)
         return self.fc(self.r(x)[0][:, -1])
 
 
-@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM])
+@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM, nn.GRUCell])
 def test_recurrent_layers_through_the_batch_graph(cls):
     torch.manual_seed(0)
     m = _Recurrent(cls)
@@ -110,3 +116,48 @@ def test_recurrent_layers_through_the_batch_graph(cls):
     with pytest.raises(UnsupportedError, match="recurrent"):
         fastntk.ntk_sketch(m, _x(3, 3, 4), sketch_dim=8)
     assert "recurrent" in str(fastntk.explain(m, _x(3, 3, 4)))
+
+
+class _Feeds(nn.Module):
+    """No rule; returns (a, tanh(a)): the second output is computed from the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        a = x @ self.w.T
+        return a, torch.tanh(a)
+
+
+class _Split(nn.Module):
+    """No rule; two outputs of one autograd node (no output feeds the other)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return (x @ self.w.T).chunk(2, dim=1)
+
+
+class _TwoOut(nn.Module):
+    def __init__(self, inner, width):
+        super().__init__()
+        self.inner = inner
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, x):
+        a, b = self.inner(x)
+        return self.fc(torch.cat([a * 0.5, torch.sin(b)], dim=1))
+
+
+@pytest.mark.parametrize("inner,width", [(_Feeds, 8), (_Split, 4), (nn.LSTMCell, 10)])
+@pytest.mark.parametrize("output", ["sum", "trace"])
+def test_module_whose_outputs_feed_each_other(inner, width, output):
+    """Each output's gradient is the rest of the model's alone (LSTMCell's c also reaches
+    the loss through its h: counted twice before)."""
+    torch.manual_seed(0)
+    m = _TwoOut(nn.LSTMCell(3, 5) if inner is nn.LSTMCell else inner(), width)
+    _check(m, _x(4, 3), output=output)
+    _check(m, _x(4, 3), _x(3, 3, seed=2), output=output)
