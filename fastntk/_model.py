@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -170,6 +171,28 @@ def check_model(model: nn.Module) -> None:
             )
 
 
+def with_grad(fn):
+    """Runs ``fn`` with gradients on, also when called under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (NAS scoring code often is): the kernel is made of
+    gradients, and without them the backward passes never ran (a zero kernel)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def plain(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` as an ordinary tensor: an inference-mode tensor (made under
+    ``torch.inference_mode()``) cannot be saved for the backward, so it is copied."""
+    if x is not None and x.is_inference():
+        with torch.inference_mode(False):
+            return x.clone()
+    return x
+
+
 def _is_index(x: torch.Tensor) -> bool:
     return x.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -202,7 +225,19 @@ class Head:
     output: Any
     K: int = 0
 
-    def __call__(self, raw: Any) -> torch.Tensor:
+    def __call__(self, raw: Any, n: int | None = None) -> torch.Tensor:
+        """The (N, K) outputs the kernel is of; ``n``: the batch size they must have."""
+        y = self._select(raw)
+        if n is not None and y.shape[0] != n:
+            what = "the output callable" if callable(self.output) and not isinstance(
+                self.output, (str, int)) else "the model"  # fmt: skip
+            raise InputError(
+                f"{what} returned {y.shape[0]} rows for a batch of {n} samples; the kernel "
+                "needs one output row per sample (the batch in dim 0)"
+            )
+        return y
+
+    def _select(self, raw: Any) -> torch.Tensor:
         if callable(self.output) and not isinstance(self.output, (str, int)):
             y = self.output(raw)
             if not isinstance(y, torch.Tensor):

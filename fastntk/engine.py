@@ -82,6 +82,7 @@ GRAM_DIRECT_BYTES = 2**20  # a dense block this big gets its own GEMM (no copy i
 BATCH_PASSES_BYTES = 2 * 2**30
 
 
+@_model.with_grad
 def ntk(
     model: nn.Module,
     x1: torch.Tensor,
@@ -169,6 +170,7 @@ def ntk(
     """
     _model.check_options(output, bn, method, METHODS)
     _model.check_inputs(model, x1, x2)
+    x1, x2 = _model.plain(x1), _model.plain(x2)
     selected = _model.select_params(model, params)
     if dtype is None:
         dtype = _model.default_dtype(model, selected)
@@ -216,6 +218,7 @@ def ntk(
     return theta
 
 
+@_model.with_grad
 def ntk_sketch(
     model: nn.Module,
     x: torch.Tensor,
@@ -251,6 +254,7 @@ def ntk_sketch(
     """
     _model.check_options(output, bn, "auto", METHODS)
     _model.check_inputs(model, x, None)
+    x = _model.plain(x)
     if output == "full":
         raise OptionError(
             "the sketch estimates scalar kernels; use output='sum', 'trace' or 'mean'"
@@ -820,7 +824,7 @@ class _Job:
             with phase("forward"):
                 raw = self.copies.call(self.model, xp)
             cap.active = False
-            y = self.head(raw)
+            y = self.head(raw, x.shape[0])
             passes = self.head.passes(y)
             self._classify(cap, y)
             roots = ([xp] if xp.requires_grad else []) + cap.roots
@@ -1088,7 +1092,7 @@ class _Job:
         sel = {p: copies.params[p].detach() for p in pnames}
         rest = {k: v.detach() for k, v in copies.params.items() if k not in sel}
         xp = x.detach().to(self.dtype) if x.is_floating_point() else x
-        y0 = head(copies.call(self.model, xp[:1]))
+        y0 = head(copies.call(self.model, xp[:1]), 1)
         W = torch.stack(head.passes(y0))[:, 0]  # (npasses, K)
 
         def f(p, xi):
@@ -1143,7 +1147,7 @@ class _Job:
         xp = x.detach().to(self.dtype) if x.is_floating_point() else x
         with phase("forward"):
             raw = self.copies.call(self.model, xp)
-        y = self.head(raw)
+        y = self.head(raw, n)
         passes = self.head.passes(y)
         P = len(passes)
         tensors = [self.copies.params[p] for p in names]

@@ -58,6 +58,7 @@ class Explanation:
         return "\n".join(lines)
 
 
+@_model.with_grad
 def explain(
     model: nn.Module,
     x: torch.Tensor,
@@ -81,6 +82,7 @@ def explain(
     """
     _model.check_options(output, bn, "auto", engine.METHODS)
     _model.check_inputs(model, x, x2)
+    x, x2 = _model.plain(x), _model.plain(x2)
     selected = _model.select_params(model, params)
     dtype = dtype or _model.default_dtype(model, selected)
     samples, cols = engine._chunks(chunk_size)

@@ -161,3 +161,36 @@ def test_module_whose_outputs_feed_each_other(inner, width, output):
     m = _TwoOut(nn.LSTMCell(3, 5) if inner is nn.LSTMCell else inner(), width)
     _check(m, _x(4, 3), output=output)
     _check(m, _x(4, 3), _x(3, 3, seed=2), output=output)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("method", ["auto", "vmap", "loop"])
+def test_called_under_no_grad(mode, method):
+    """NAS scoring code often runs under no_grad: the kernel is still made of gradients
+    (the backward passes were skipped: an all-zero kernel), and the mode is back after."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = _x(4, 5)
+    ref = fastntk.ntk(m, x, method=method, dtype=torch.float64)
+    assert rel_err(ref, reduce(full_kernel(m, x), "sum")) <= TOL64
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        xi = x.clone()  # an inference tensor under inference_mode
+        theta = fastntk.ntk(m, xi, method=method, dtype=torch.float64)
+        S = fastntk.ntk_sketch(m, xi, sketch_dim=16, seed=3)
+        fastntk.explain(m, xi)
+        assert not torch.is_grad_enabled()
+    assert torch.equal(theta, ref)
+    assert torch.equal(S, fastntk.ntk_sketch(m, x, sketch_dim=16, seed=3))
+
+
+def test_output_rows_must_match_the_batch():
+    from fastntk.errors import InputError
+
+    m = nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    with pytest.raises(InputError, match="2 rows for a batch of 5"):
+        fastntk.ntk(m, x, output=lambda o: o[:2, 0])
+    for method in ("auto", "vmap", "loop"):
+        with pytest.raises(InputError, match="rows for a batch of"):
+            fastntk.ntk(nn.Sequential(m, nn.Flatten(0)), x, method=method)
