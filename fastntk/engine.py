@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, jacrev, vmap
 
-from fastntk import _model
+from fastntk import _model, _probe
 from fastntk._model import Copies, Head
 from fastntk.errors import NonFiniteKernelError, OptionError, UnsupportedError
 from fastntk.profiling import count_gram, phase
@@ -208,7 +208,10 @@ def ntk(
             batched = method == "vmap" or (method != "loop" and x1.device.type != "cpu")
             theta = job.coupled(x1, x2, batched=batched, use_vmap=method == "vmap")
         elif method in ("auto", "layerwise", "triton"):
-            theta = job.layerwise(x1, x2)
+            try:
+                theta = job.layerwise(x1, x2)
+            except _SamplesCoupled:  # measured by the probe: x - x.mean(0) in a forward
+                theta = job.coupled(x1, x2, batched=x1.device.type != "cpu")
         elif method == "vmap":
             theta = job.vmap(x1, x2)
         else:
@@ -309,7 +312,10 @@ def ntk_sketch(
                 with phase("sketch"):
                     project(key, blk, s0, s1)
 
-            job._run_chunk(x[s0:s1], consume, _always)
+            try:
+                job._run_chunk(x[s0:s1], consume, _always)
+            except _SamplesCoupled as e:
+                raise OptionError(f"the sketch needs per-sample independent outputs, but {e}") from None
             bar.step()
     bar.close()
     if output == "mean":
@@ -383,6 +389,9 @@ class _Record:
     out_specs: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
     # (outputs that must not reach the kernel's output, fallback inputs): GramRule.guards
     guards: tuple[list[torch.Tensor], Any] | None = None
+    # positions in ``_tensors(output)`` of the outputs whose gradients the hooks receive
+    out_pos: list[int] = field(default_factory=list)
+    dims: _probe.CallDims | None = None  # measured sample dims of this call (the probe)
 
     @property
     def out_bytes(self) -> int:
@@ -406,6 +415,8 @@ class _Capture:
         # rules may write it into reused workspace memory)
         self.streams: Callable[[int], bool] = _never
         self.handles: list[Any] = []
+        self.calls_seen: dict[str, int] = {}  # module name -> calls so far (probe keys)
+        self.n = 0  # samples of this chunk
         self.npasses = 1
         # trace/mean with small enough output gradients: keep every logit's gradients
         # and hand them to the rules together (shared patches, bigger GEMMs)
@@ -447,11 +458,25 @@ class _Capture:
             if not self.active:
                 return None
             tensors = _tensors(out)
-            n = tensors[0].shape[_batch_dim(mod)] if tensors else 0
+            k = self.calls_seen.get(mname, 0)
+            self.calls_seen[mname] = k + 1
+            dims = self.job.call_dims(mname, k, mod, args, kwargs, tensors, self.n)
+            pos = [i for i, t in enumerate(tensors) if t.requires_grad and t.grad_fn is not None]
+            rule = base_rule
+            if dims is not None:
+                layout = _layout(dims, pos, _batch_dim(mod), rule is not None)
+                if layout == "whole":
+                    # no sample dim to read per-sample gradients off (a module on a
+                    # learned query, a weight parametrization) or mixed samples: its
+                    # parameters go to the whole-model fallback (uses > calls)
+                    self.job.unbatched_calls.add(mname)
+                    return None
+                if layout == "fallback":
+                    rule = None  # laid out otherwise than the rule assumes
+            n = self.n
             # Rules see detached inputs (same storage, no autograd history), so the
             # kernel never joins the graph, whatever requires grad upstream.
             dargs, dkwargs = _detach((args, kwargs))
-            rule = base_rule
             if rule is not None and not rule.accepts(mod, args, kwargs, out):
                 rule = None  # this call takes the per-module fallback (see GramRule.accepts)
             if rule is not None:
@@ -459,12 +484,13 @@ class _Capture:
                 saved = rule.save(mod, dargs, dkwargs, out, ctx)
             else:
                 saved = (dargs, dkwargs)
-            rec = _Record(len(self.records), mname, mod, rule, attrs, saved, n)
+            rec = _Record(len(self.records), mname, mod, rule, attrs, saved, n, dims=dims)
             self.records.append(rec)
             if rule is not None:
                 guards = rule.guards(mod, args, kwargs, out)
                 if guards:  # checked against the graph after the forward (check_guards)
-                    rec.guards = (guards, (dargs, dkwargs))
+                    gpos = [next(i for i, t in enumerate(tensors) if t is g) for g in guards]
+                    rec.guards = (guards, (dargs, dkwargs), gpos)
                     for t in guards:
                         t.grad_fn.metadata[_GUARD_KEY] = (id(self), rec.index)
             if not any(t.requires_grad for t in _tensors((args, kwargs))):
@@ -475,8 +501,9 @@ class _Capture:
                     for p in attrs.values()
                     if self.job.copies.params[p].requires_grad
                 )
-            outs = [t for t in tensors if t.requires_grad and t.grad_fn is not None]
-            outs = outs if rule is None else outs[:1]
+            pos = pos if rule is None else pos[:1]
+            outs = [tensors[i] for i in pos]
+            rec.out_pos = pos
             result = None
             fed = _fed_outputs(outs, _tensors((args, kwargs))) if len(outs) > 1 else []
             if fed:  # the rest of the model gets copies: their nodes see its gradient alone
@@ -502,13 +529,14 @@ class _Capture:
             if mark is not None and mark[0] == id(self):
                 reached.add(mark[1])
         for rec in guarded:
-            tensors, fallback_saved = rec.guards
+            tensors, fallback_saved, gpos = rec.guards
             for t in tensors:
                 t.grad_fn.metadata.pop(_GUARD_KEY, None)
             rec.guards = None
             if rec.index not in reached:
                 continue
             rec.rule, rec.saved = None, fallback_saved
+            rec.out_pos = rec.out_pos + gpos
             for t in tensors:
                 rec.out_specs.append((t.shape, t.dtype, t.device))
                 t.grad_fn.register_prehook(self._make_prehook(rec, len(rec.out_specs) - 1, t.output_nr))
@@ -721,6 +749,11 @@ def _graph_nodes(y: torch.Tensor):
         stack.extend(nxt for nxt, _ in getattr(node, "next_functions", ()) if nxt is not None)
 
 
+class _SamplesCoupled(Exception):
+    """The probe found the samples coupled inside the model (the message says how): the
+    layerwise paths do not apply."""
+
+
 # autograd-node metadata key marking a rule's guard outputs: (capture id, record index)
 _GUARD_KEY = "fastntk.guard"
 
@@ -728,6 +761,24 @@ _GUARD_KEY = "fastntk.guard"
 def _batch_dim(module: nn.Module) -> int:
     """Batch dimension of a module's tensors: 1 for sequence-first modules (MHA & co)."""
     return 1 if getattr(module, "batch_first", True) is False else 0
+
+
+def _layout(dims: _probe.CallDims, pos: list[int], bdim: int, rule: bool) -> str:
+    """How one call can be served, given its measured sample dims (:mod:`fastntk._probe`)
+    and the positions of its hooked outputs: ``"rule"`` (a rule's call laid out as rules
+    assume: the first tensor input and the output batched in ``bdim``; the rule reads its
+    other inputs itself, e.g. MHA's (N·heads, T, S) masks), ``"fallback"`` (the
+    per-module fallback with the measured dims), ``"whole"`` (no per-module handling: an
+    output without a sample dim, or a tensor whose samples mix)."""
+    if not pos:
+        return "rule" if rule else "fallback"  # no gradient reaches this call's outputs
+    outs = [dims.outs[i] for i in pos]
+    first_in = next((d for d in dims.ins if d is not None), bdim)
+    if rule and outs[0] == bdim and first_in == bdim:
+        return "rule"
+    if any(d is None or d == _probe.AMBIGUOUS for d in outs) or _probe.AMBIGUOUS in dims.ins:
+        return "whole"
+    return "fallback"
 
 
 # ---------------------------------------------------------------------------
@@ -750,6 +801,10 @@ class _Job:
         self.copies: Copies = _model.make_copies(model, selected, dtype)
         self.workspace = Workspace()
         self.chunk_n = samples  # samples of the job's largest chunk (set by each entry point)
+        self.probe: _probe.Probe | None = None  # measured sample dims (run_probe)
+        self._probed = False
+        self._call_dims: dict[tuple[str, int], _probe.CallDims | None] = {}
+        self.unbatched_calls: set[str] = set()  # modules with a call the probe sent whole
         self._plan()
 
     # -- plan ------------------------------------------------------------------
@@ -776,6 +831,24 @@ class _Job:
         for mn, _, at in self.plan_modules:
             for pname in at.values():
                 self.module_of[pname].append(mn)
+
+    def run_probe(self, x: torch.Tensor) -> None:
+        """The probe for the job's first chunk ``x``, once (:mod:`fastntk._probe`)."""
+        if not self._probed:
+            self._probed = True
+            with phase("probe"):
+                self.probe = _probe.run(self, x)
+
+    def call_dims(self, mname, k, module, args, kwargs, tensors, n) -> _probe.CallDims | None:
+        """Measured sample dims of ``mname``'s ``k``-th call, fixed by the first chunk
+        that makes it (every chunk must serve a call alike: their blocks meet by key)."""
+        key = (mname, k)
+        if key not in self._call_dims:
+            self._call_dims[key] = None if self.probe is None else self.probe.dims(
+                mname, k, _probe.shapes(_flatten((args, kwargs))[0]), _probe.shapes(tensors), n,
+                _batch_dim(module),
+            )  # fmt: skip
+        return self._call_dims[key]
 
     def row_ranges(self, pname: str, rule: GramRule | None, per_sample: int) -> list[tuple[int, int]]:
         """Parameter-row ranges of ``pname``'s blocks (``per_sample`` rows per sample each).
@@ -814,7 +887,9 @@ class _Job:
         when it returns (never keeps it), so that the block may live in reused memory.
         Returns the number of passes (rows per sample of the blocks: R).
         """
+        self.run_probe(x)
         cap = _Capture(self)
+        cap.n = x.shape[0]
         cap.consume = consume
         cap.streams = streams
         cap.install()
@@ -863,6 +938,9 @@ class _Job:
         fallback; find multi-use parameters and uses no hook saw."""
         cap.check_guards(y)
         if not hasattr(self, "_untracked"):
+            coupled = self.probe.coupled(y) if self.probe is not None else None
+            if coupled is not None:
+                raise _SamplesCoupled(coupled)
             calls = self._calls(cap)
             uses = self._param_uses(y)
             self._untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
@@ -904,8 +982,9 @@ class _Job:
             node, i = lst[0]
             p = self.copies.params[pname]
             alpha = broadcast.eligible(node, i, tuple(p.shape), n)
-            if alpha is None:
-                continue
+            out = tuple(node._input_metadata[0].shape)
+            if alpha is None or (self.probe is not None and not self.probe.batch_first_use(self, pname, out, n)):
+                continue  # (the probe: dim 0 of that node is not the samples' dim)
             mname, module, attr = owners[pname][0]
             rec = _Record(
                 len(cap.records), mname, module, _BROADCAST_RULE, {attr: pname},
@@ -1294,12 +1373,13 @@ class _Job:
         a, kw = _unflatten(one, spec)
         with torch.no_grad():
             out = functional_call(rec.module, ({**const, **diff}), a, kw, tie_weights=True)
-        outs = [t for t in _tensors(out) if t.is_floating_point()]
+        every = _tensors(out)
+        outs = [every[i] for i in rec.out_pos]
         dims = []
         for j, (sh, _, _) in enumerate(rec.out_specs):
             cand = [
                 d for d in range(len(sh))
-                if j < len(outs) and outs[j].dim() == len(sh) and sh[d] == rec.n and outs[j].shape[d] == 1
+                if outs[j].dim() == len(sh) and sh[d] == rec.n and outs[j].shape[d] == 1
             ]  # fmt: skip
             dims.append(bdim if bdim in cand or not cand else cand[0])
         return dims
@@ -1326,28 +1406,33 @@ class _Job:
         diff = {attr: self.copies.params[p].detach() for attr, p in rec.attrs.items()}
         const = {k: v for k, v in state.items() if k not in diff}
         flat_args, spec = _flatten((args, kwargs))
-        in_dims = [
-            bdim if isinstance(a, torch.Tensor) and a.dim() > bdim and a.shape[bdim] == n else None
-            for a in flat_args
-        ]
         g_list = [
             g if g is not None else torch.zeros(sh, dtype=dt, device=dev)
             for g, (sh, dt, dev) in zip(gouts, rec.out_specs, strict=True)
         ]
-        gdims = self._output_batch_dims(rec, const, diff, flat_args, spec, in_dims, bdim)
+        if rec.dims is not None and _probe.AMBIGUOUS not in rec.dims.ins:  # measured
+            in_dims = list(rec.dims.ins)
+            gdims = [rec.dims.outs[i] for i in rec.out_pos]
+        else:  # assumed: the module's batch dim, where a tensor has the batch's size
+            in_dims = [
+                bdim if isinstance(a, torch.Tensor) and a.dim() > bdim and a.shape[bdim] == n else None
+                for a in flat_args
+            ]
+            gdims = self._output_batch_dims(rec, const, diff, flat_args, spec, in_dims, bdim)
+        out_pos = rec.out_pos
 
         def f(p, *fa_and_g):
             fa = list(fa_and_g[: len(flat_args)])
             gs = fa_and_g[len(flat_args) :]
             fa = [
-                a.unsqueeze(bdim) if d is not None else a for a, d in zip(fa, in_dims, strict=True)
+                a.unsqueeze(d) if d is not None else a for a, d in zip(fa, in_dims, strict=True)
             ]
             a, kw = _unflatten(fa, spec)
             out = functional_call(module, ({**const, **p}), a, kw, tie_weights=True)
-            outs = [t for t in _tensors(out) if t.is_floating_point()]
+            outs = _tensors(out)
             total = 0.0
-            for t, g, d in zip(outs[: len(gs)], gs, gdims, strict=False):
-                total = total + (t * g.unsqueeze(d)).sum()
+            for i, g, d in zip(out_pos, gs, gdims, strict=True):
+                total = total + (outs[i] * g.unsqueeze(d)).sum()
             return total
 
         from torch.func import grad

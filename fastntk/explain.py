@@ -98,13 +98,19 @@ def explain(
         cap.install()
         try:
             xs = x[: min(2, x.shape[0])]
+            job.run_probe(xs)
+            cap.n = xs.shape[0]
             xp = job._prep(xs)
             cap.active = True
             raw = job.copies.call(model, xp)
             cap.active = False
             y = head(raw)
             head.passes(y)
-            job._classify(cap, y)
+            try:
+                job._classify(cap, y)
+            except engine._SamplesCoupled as e:
+                coupled = True
+                notes.append(str(e))
             called = {r.mname for r in cap.records}
             declined = {r.mname for r in cap.records if r.rule is None}  # fallback calls
             ruled = {r.mname: r.rule for r in cap.records if r.rule is not None}
@@ -122,12 +128,14 @@ def explain(
                 path = "coupled"
             elif pname in cap.broadcast:
                 path = "rule:BroadcastRule (added or expanded over the batch outside modules)"
+            elif pname in cap.excluded and mname in job.unbatched_calls:
+                path = "fallback:model (its module's call has no sample dim: no batched input)"
             elif pname in cap.excluded:
                 path = "fallback:model (used outside its module's call)"
             elif pname in job._adopted:
                 anc = job._adopted[pname][0]
                 kind = f"rule:{type(ruled[anc]).__name__}" if anc not in declined else "fallback:module"
-                path = f"{kind} (used inside {anc!r}'s call)"
+                path = f"{kind} (used inside {repr(anc) if anc else 'the model'}'s call)"
             elif not any(mn in called for mn in job.module_of[pname]):
                 path = "unused (no gradient reaches it)"
             else:
@@ -155,6 +163,6 @@ def explain(
     if rnn is not None:
         notes.append(f"{rnn} is recurrent: the kernel is taken through the batch graph "
                      "(one backward per sample and pass; no per-layer rule, no vmap)")
-    elif coupled:
+    elif _model.is_coupled(model, bn):
         notes.append("bn='batch' (or BatchNorm without running stats) couples the samples")
     return Explanation(rows, n1, n2, head.K, bn, coupled, kernel, block, act * chunk, notes)

@@ -9,6 +9,8 @@ Usage::
 
 Phases (exclusive: a phase nested in another is not counted twice):
 
+* ``probe``: three forwards of 2-3 samples measuring where each module call's
+  tensors hold the samples (``fastntk._probe``), once per call of the layerwise paths;
 * ``forward``: the model's forward pass(es) with the engine's hooks;
 * ``backward``: autograd's backward passes (output gradients of every layer);
 * ``per_sample``: the Gram rules turning (layer input, output gradient) into
@@ -39,7 +41,7 @@ import torch
 
 from fastntk.errors import OptionError
 
-PHASES = ("forward", "backward", "per_sample", "fallback", "gram", "jacobian", "sketch")
+PHASES = ("probe", "forward", "backward", "per_sample", "fallback", "gram", "jacobian", "sketch")
 
 _current: Profile | None = None
 

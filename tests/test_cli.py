@@ -186,6 +186,6 @@ def test_demo_prints_kernel_times_and_paths(capsys):
     out = capsys.readouterr().out
     assert "Θ             (16, 16) torch.float32" in out
     assert "first call" in out and "warm call" in out and "samples/s" in out
-    assert "seconds by phase: forward" in out and "per_sample" in out
+    assert "seconds by phase: " in out and " forward " in out and "per_sample" in out
     assert "λmax" in out and "cond" in out and "LGA" in out
     assert "rule:ConvRule" in out and "rule:BatchNormRule" in out

@@ -194,3 +194,198 @@ def test_output_rows_must_match_the_batch():
     for method in ("auto", "vmap", "loop"):
         with pytest.raises(InputError, match="rows for a batch of"):
             fastntk.ntk(nn.Sequential(m, nn.Flatten(0)), x, method=method)
+
+
+# -- layouts the probe measures (fastntk._probe) --------------------------------------
+
+
+class _SeqFirstEncoder(nn.Module):
+    """PyTorch's default TransformerEncoderLayer (batch_first=False) inside a batch-first
+    model: its Linear and LayerNorm calls see (T, N, E) tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):  # (N, T, 8)
+        return self.head(self.layer(x.transpose(0, 1)).transpose(0, 1).mean(1))
+
+
+class _SeqFirstLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):  # (N, T, 8)
+        return self.head(torch.tanh(self.fc(x.transpose(0, 1))).mean(0))
+
+
+class _LearnedQuery(nn.Module):
+    """A Linear on a learned query with no batch dim (DETR/Perceiver style)."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(t, 8) * 0.5)
+        self.q_proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):  # (N, S, 8)
+        q = self.q_proj(self.query)
+        att = torch.softmax(torch.einsum("td,nsd->nts", q, x), -1)
+        return self.head(torch.einsum("nts,nsd->nd", att, x))
+
+
+class _SharedTable(nn.Module):
+    """A rule-less layer given a shared (T, E) table besides its batched input."""
+
+    class AddPos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = nn.Parameter(torch.tensor(0.7))
+
+        def forward(self, x, pe):
+            return x + self.alpha * pe
+
+    def __init__(self, t):
+        super().__init__()
+        self.pos = self.AddPos()
+        self.fc = nn.Linear(8, 2)
+        self.register_buffer("pe", torch.randn(t, 8))
+
+    def forward(self, x):  # (N, T, 8)
+        return self.fc(torch.tanh(self.pos(x, self.pe)).mean(1))
+
+
+class _SeqFirstBroadcast(nn.Module):
+    """A parameter added to a sequence-first activation outside any module."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(1, 1, 8) * 0.3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):  # (N, T, 8)
+        return self.fc(torch.tanh(x.transpose(0, 1) + self.p).mean(0))
+
+
+LAYOUTS = {
+    "seq-first encoder": lambda t: _SeqFirstEncoder(),
+    "seq-first linear": lambda t: _SeqFirstLinear(),
+    "learned query": _LearnedQuery,
+    "shared table": _SharedTable,
+    "seq-first broadcast": lambda t: _SeqFirstBroadcast(),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("n", [3, 4, 1])
+def test_sample_dims_are_measured(name, n):
+    """T = N made each of these silently wrong (a sequence or a table taken for the
+    samples), T != N crashed or was wrong as well."""
+    torch.manual_seed(0)
+    m = LAYOUTS[name](3)
+    _check(m, _x(n, 3, 8))
+    _check(m, _x(n, 3, 8), _x(2, 3, 8, seed=2), output="trace")
+    _check(m, _x(300, 3, 8), methods=["auto"])  # panels: chunks of 256 and 44
+
+
+def test_learned_query_goes_to_a_fallback_over_the_batch():
+    torch.manual_seed(0)
+    m = _LearnedQuery(3).double()
+    paths = {p.name: p.path for p in fastntk.explain(m, _x(3, 5, 8)).params}
+    # the model's own call (it owns `query`) re-runs per sample, q_proj's call inside it
+    assert paths["q_proj.weight"] == "fallback:module (used inside the model's call)"
+    assert paths["head.weight"] == "rule:LinearRule"
+
+    class Frozen(_LearnedQuery):  # no parameter of the model itself: no call to adopt into
+        def __init__(self):
+            super().__init__(3)
+            self.query.requires_grad_(False)
+
+    paths = {p.name: p.path for p in fastntk.explain(Frozen().double(), _x(3, 5, 8)).params}
+    assert paths["q_proj.weight"].startswith("fallback:model (its module's call has no sample dim")
+    _check(Frozen(), _x(3, 5, 8), methods=["auto"])
+    _check(m, _x(3, 5, 8), methods=["auto"])
+    # q_proj alone selected: its block only reaches the kernel through the rest
+    ref = full_kernel(m, _x(3, 5, 8), params=["q_proj.weight", "q_proj.bias"])
+    theta = fastntk.ntk(m, _x(3, 5, 8), params=["q_proj.weight", "q_proj.bias"], dtype=torch.float64)
+    assert rel_err(theta, reduce(ref, "sum")) <= TOL64
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("n", [6, 5])
+def test_weight_norm_parametrization(conv, n):
+    """The parametrization's call has no inputs and returns the weight (6 rows: N = 6
+    took those rows for samples)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    if conv:
+        m = nn.Sequential(nn.Conv2d(2, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 16, 3))
+        x = _x(n, 2, 6, 6)
+    else:
+        m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        x = _x(n, 4)
+    m[0] = parametrizations.weight_norm(m[0])
+    _check(m, x)
+
+
+def test_mha_sequence_first_with_used_weights_and_padding_mask():
+    """The per-module fallback of a sequence-first MHA: its (N, S) key-padding mask has
+    the samples in dim 0 while query/key/value have them in dim 1."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):  # (N, T, 8)
+            pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+            pad[::2, -1] = True
+            q = x.transpose(0, 1)
+            a, w = self.attn(q, q, q, key_padding_mask=pad, need_weights=True)
+            return self.head(a.mean(0)) + (w * w).sum((1, 2)).unsqueeze(1)
+
+    torch.manual_seed(0)
+    for n in (4, 3):
+        _check(M(), _x(n, 4, 8))
+
+
+class _Centred(nn.Module):
+    """Samples coupled inside the forward: each is centred on the batch mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+def test_samples_coupled_inside_the_model_take_the_batch_graph():
+    from fastntk.errors import OptionError
+
+    torch.manual_seed(0)
+    m = _Centred()
+    _check(m, _x(5, 4))
+    x1, x2 = _x(5, 4), _x(3, 4, seed=2)  # a cross-kernel: one batch, as for bn="batch"
+    ref = reduce(full_kernel(m.double(), torch.cat([x1, x2])), "trace")[:5, 5:]
+    theta = fastntk.ntk(m, x1, x2, output="trace", dtype=torch.float64)
+    assert rel_err(theta, ref) <= TOL64
+    with pytest.raises(OptionError, match="coupled inside the model"):
+        fastntk.ntk_sketch(m, _x(5, 4), sketch_dim=8)
+    assert "coupled inside the model" in str(fastntk.explain(m, _x(5, 4)))
+
+
+def test_probe_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x = torch.randn(1, 4)
+    state = torch.get_rng_state()
+    fastntk.ntk(m, x)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -1,0 +1,190 @@
+"""Which dimension of each module call's tensors holds the samples: measured, not assumed.
+
+The layerwise engine hooks module calls and reads per-sample quantities off their inputs
+and outputs. It used to assume the samples sit in dim 0 (dim 1 for ``batch_first=False``
+modules) and that a tensor is batched when that dim has the batch's size. Both fail
+silently on legitimate models: a ``Linear`` applied to a sequence-first (T, N, E) tensor
+inside a batch-first model, a module called on a learned query with no batch dimension
+(DETR/Perceiver), a weight parametrization (its call returns the weight), a shared (T, E)
+table passed to a layer when T happens to equal N.
+
+Before a job's first chunk, the probe runs the model once more on that chunk's first
+``q`` samples (``q = 1``; 2 when the chunk has one sample, the second a perturbed copy),
+recording the shapes of every planned module call's flattened inputs and outputs (and,
+for models with parameters used outside module calls, a second time with the autograd
+graph: the shapes of the nodes that use each parameter). In the chunk's own forward (``n`` samples), a
+tensor's sample dim is the dim of size ``n`` there and ``q`` in the probe with every other
+dim equal; a tensor whose shape is the same in both is not batched; anything else is
+ambiguous. The shapes of a tensor without samples do not change with the batch, so no
+coincidence of sizes (T = N) can pass for a sample dim. The model's output for those ``q``
+samples must also be what the chunk's forward gives them (within ``tolerance``):
+otherwise the samples are coupled inside the model (``x - x.mean(0)``) and the kernel is
+taken through the batch graph.
+
+A call whose tensors are not laid out as its rule assumes takes the per-module torch.func
+fallback with the measured dims; a call whose outputs have no sample dim gives its
+parameters to the whole-model fallback; a parameter used outside module calls takes
+``rules.broadcast`` only where the node using it has the samples in dim 0. Where the
+probe's calls do not line up with the chunk's (a forward that raises on the small batch,
+data-dependent control flow), the probe is dropped and the assumed layout serves, as
+before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+AMBIGUOUS = -1  # not a clean sample dim: no per-module handling
+
+Shape = tuple[int, ...] | None  # None: not a tensor
+
+
+@dataclass
+class CallDims:
+    """Sample dims of one module call: per flattened ``(args, kwargs)`` entry and per
+    output tensor (``_tensors(out)`` order); None: not batched (or not a tensor)."""
+
+    ins: list[int | None]
+    outs: list[int | None]
+
+
+@dataclass
+class Probe:
+    q: int  # samples of the probe's forward
+    calls: list[tuple[str, list[Shape], list[Shape]]]  # (module, input shapes, output shapes)
+    y: torch.Tensor  # the model's (q, K) outputs
+    xs: torch.Tensor  # the probe's samples
+    # parameter -> output shapes of the autograd nodes using it (a second forward, with
+    # the graph, made when first asked: only models with broadcast parameters need it)
+    uses: dict[str, list[tuple[int, ...]]] | None = None
+    _index: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        count: dict[str, int] = {}
+        for i, (mname, _, _) in enumerate(self.calls):
+            k = count.get(mname, 0)
+            count[mname] = k + 1
+            self._index[(mname, k)] = i
+
+    def dims(self, mname: str, k: int, ins: list[Shape], outs: list[Shape], n: int,
+             prefer: int) -> CallDims | None:  # fmt: skip
+        """The sample dims of ``mname``'s ``k``-th call in a chunk of ``n`` samples, from
+        its shapes there; None where the probe saw no such call or another structure."""
+        i = self._index.get((mname, k))
+        if i is None or n == self.q:
+            return None
+        _, pins, pouts = self.calls[i]
+        if len(pins) != len(ins) or len(pouts) != len(outs):
+            return None
+        return CallDims(
+            [sample_dim(a, b, n, self.q, prefer) for a, b in zip(ins, pins, strict=True)],
+            [sample_dim(a, b, n, self.q, prefer) for a, b in zip(outs, pouts, strict=True)],
+        )
+
+    def batch_first_use(self, job, pname: str, shape: tuple[int, ...], n: int) -> bool:
+        """Whether ``pname``'s one use outside module calls (a node whose output has
+        ``shape`` in the chunk's graph) makes a tensor with the samples in dim 0
+        (``rules.broadcast``: ``x + pos_embed``, not ``x.transpose(0, 1) + p``)."""
+        if self.uses is None:
+            with torch.enable_grad():
+                y = job.head(job.copies.call(job.model, job._prep(self.xs)), self.xs.shape[0])
+                found = job._param_consumers(y, job.selected)
+            self.uses = {
+                p: [tuple(node._input_metadata[0].shape) for node, _ in lst]
+                for p, lst in found.items()
+            }  # fmt: skip
+        used = self.uses.get(pname, [])
+        return len(used) == 1 and sample_dim(shape, used[0], n, self.q, 0) == 0
+
+    def coupled(self, y: torch.Tensor) -> str | None:
+        """Why the samples are coupled, judged by the chunk's outputs ``y`` (n, K) for
+        the probe's samples, or None."""
+        k = min(self.q, y.shape[0])
+        ya, yb = y.detach()[:k], self.y[:k]
+        if ya.shape != yb.shape:
+            return None
+        scale = float(torch.maximum(ya.abs().max(), yb.abs().max())) if ya.numel() else 0.0
+        err = float((ya - yb).abs().max()) if ya.numel() else 0.0
+        if err > tolerance(y) * max(scale, 1e-30):
+            return (
+                f"the model's output for its first {self.q} sample(s) changes with the rest of "
+                f"the batch (by {err / max(scale, 1e-30):.1e} of its size): the samples are "
+                "coupled inside the model"
+            )
+        return None
+
+
+def tolerance(y: torch.Tensor) -> float:
+    """Relative change of an output between batch sizes that is still numerical noise
+    (different kernels per batch size; TF32 convolutions on a GPU)."""
+    if y.dtype == torch.float64:
+        return 1e-8
+    if y.dtype == torch.float32:
+        return 1e-2 if y.is_cuda else 1e-4
+    return 5e-2
+
+
+def sample_dim(real: Shape, small: Shape, n: int, q: int, prefer: int) -> int | None:
+    """The sample dim of a tensor of shape ``real`` with ``n`` samples and ``small`` with
+    ``q`` (module docstring); None: not batched or not a tensor; AMBIGUOUS."""
+    if real is None:
+        return None
+    if small is None or len(real) != len(small):
+        return AMBIGUOUS
+    cands = [
+        d for d in range(len(real))
+        if real[d] == n and small[d] == q
+        and all(real[e] == small[e] for e in range(len(real)) if e != d)
+    ]  # fmt: skip
+    if not cands:
+        return None if real == small else AMBIGUOUS
+    return prefer if prefer in cands else (cands[0] if len(cands) == 1 else AMBIGUOUS)
+
+
+def shapes(items: list[Any]) -> list[Shape]:
+    return [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in items]
+
+
+def _small_batch(x: torch.Tensor) -> torch.Tensor:
+    """The chunk's first sample; two when it has one (the second a perturbed copy)."""
+    if x.shape[0] >= 2:
+        return x[:1]
+    x0 = x[:1]
+    if x.is_floating_point():
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        other = x0 + 0.5 * x0.std().nan_to_num(0.0).clamp_min(1e-3) * noise
+    else:
+        other = x0.flatten(1).roll(1, dims=1).view_as(x0)
+    return torch.cat([x0, other])
+
+
+def run(job, x: torch.Tensor) -> Probe | None:
+    """The probe of ``job``'s planned module calls for the chunk ``x`` (before its forward)."""
+    from fastntk.engine import _flatten, _tensors
+
+    xs = _small_batch(x.detach())
+    calls: list[tuple[str, list[Shape], list[Shape]]] = []
+
+    def record(mname):
+        def hook(mod, args, kwargs, out):
+            calls.append((mname, shapes(_flatten((args, kwargs))[0]), shapes(_tensors(out))))
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(record(mn), with_kwargs=True, prepend=True)
+        for mn, m, _ in job.plan_modules
+    ]
+    try:
+        with torch.no_grad():
+            y = job.head(job.copies.call(job.model, job._prep(xs)), xs.shape[0])
+    except Exception:  # noqa: BLE001 - the model need not run on a batch this small
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return Probe(xs.shape[0], calls, y, xs)
