@@ -101,6 +101,10 @@ def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--bn", default="eval", choices=("eval", "batch", "per_sample"),
                    help="BatchNorm semantics of the kernel (default eval)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, init and search")
+    p.add_argument("--dtype", choices=("float32", "float64"),
+                   help="dtype of the kernels (default float32; float64 for --algo prune, "
+                        "whose supernets sum every op on every edge: their eval-mode "
+                        "kernels overflow float32 on NB201)")
     _add_threads_arg(p)
 
 
@@ -189,10 +193,17 @@ def _arch_seed(seed: int, encoding: str) -> int:
     return zlib.crc32(f"{seed}:{encoding}".encode())
 
 
+def _dtype(args) -> str:
+    return args.dtype or ("float64" if getattr(args, "algo", None) == "prune" else "float32")
+
+
 def _settings(args, metrics: list[str]) -> dict[str, Any]:
-    return {"metrics": metrics, "data": args.data, "batch_size": args.batch_size,
-            "bn": args.bn, "seed": args.seed, "num_classes": 10,
-            "init": "torch.manual_seed(crc32('seed:arch'))"}
+    out = {"metrics": metrics, "data": args.data, "batch_size": args.batch_size,
+           "bn": args.bn, "seed": args.seed, "num_classes": 10,
+           "init": "torch.manual_seed(crc32('seed:arch'))"}
+    if _dtype(args) != "float32":  # (journals of float32 runs keep their key)
+        out["dtype"] = _dtype(args)
+    return out
 
 
 def _score_fn(space, metrics: list[str], args):
@@ -206,7 +217,8 @@ def _score_fn(space, metrics: list[str], args):
     def fn(arch) -> dict[str, float]:
         torch.manual_seed(_arch_seed(args.seed, space.encode(arch)))
         model = space.build(arch, num_classes=10)
-        return compute_metrics(model, x, y, metrics, bn=args.bn, errors="nan")
+        return compute_metrics(model, x, y, metrics, bn=args.bn, errors="nan",
+                               dtype=getattr(torch, _dtype(args)))
 
     return fn
 

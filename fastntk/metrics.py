@@ -864,7 +864,9 @@ def compute_metrics(
         x: (N, ...) batch; y: (N,) labels (needed by lga, expressivity, generalization).
         names: metric names (or a comma-separated string); see :data:`METRICS`.
         errors: ``"raise"`` (default) or ``"nan"``: a metric whose computation raises a
-            fastntk :class:`InputError` is recorded as ``float("nan")`` instead.
+            fastntk :class:`InputError` or :class:`NonFiniteKernelError` (a kernel that
+            overflows, an architecture whose labels or kernel do not allow it) is
+            recorded as ``float("nan")`` instead; a search then ranks it last.
 
     Returns:
         ``{name: value}`` in the order requested (groups expanded).
@@ -889,41 +891,50 @@ def compute_metrics(
 
     K = None
     reg = None
-    if need_reg:
-        assert yt is not None
-        if x_test is None:
-            n_te = n // 2
-            if n_te < 1:
-                raise InputError("expressivity/generalization need N >= 2 to split x")
-            n_tr = n - n_te
-            xte, yte, ytr = x[n_tr:], yt[n_tr:], yt[:n_tr]
-            x_pert = _perturb(xte, noise_std, seed)
-            Kx, (K_pe_all,) = _joint(model, x, [x_pert], kw)
-            K_tr, K_te, K_pe = Kx[:n_tr, :n_tr], Kx[n_tr:, :n_tr], K_pe_all[:, :n_tr]
-        else:
-            xte = _check_batch(x_test, "x_test")
-            if y_test is None:
-                raise InputError("x_test given without y_test")
-            yte = _check_labels(y_test, xte.shape[0], "y_test")
-            ytr = yt
-            x_pert = _perturb(xte, noise_std, seed)
-            Kx, (K_te, K_pe) = _joint(model, x, [xte, x_pert], kw)
-            K_tr = Kx
-        if bn != "batch":
-            K = Kx  # sample-independent BN: the x block IS Θ(x, x)
-        ncls = _resolve_classes(num_classes, ytr, yte)
+    failed = False  # errors="nan": the kernels could not be computed (all metrics NaN)
+    try:
+        if need_reg:
+            assert yt is not None
+            if x_test is None:
+                n_te = n // 2
+                if n_te < 1:
+                    raise InputError("expressivity/generalization need N >= 2 to split x")
+                n_tr = n - n_te
+                xte, yte, ytr = x[n_tr:], yt[n_tr:], yt[:n_tr]
+                x_pert = _perturb(xte, noise_std, seed)
+                Kx, (K_pe_all,) = _joint(model, x, [x_pert], kw)
+                K_tr, K_te, K_pe = Kx[:n_tr, :n_tr], Kx[n_tr:, :n_tr], K_pe_all[:, :n_tr]
+            else:
+                xte = _check_batch(x_test, "x_test")
+                if y_test is None:
+                    raise InputError("x_test given without y_test")
+                yte = _check_labels(y_test, xte.shape[0], "y_test")
+                ytr = yt
+                x_pert = _perturb(xte, noise_std, seed)
+                Kx, (K_te, K_pe) = _joint(model, x, [xte, x_pert], kw)
+                K_tr = Kx
+            if bn != "batch":
+                K = Kx  # sample-independent BN: the x block IS Θ(x, x)
+            ncls = _resolve_classes(num_classes, ytr, yte)
 
-        def _reg() -> tuple[float, float, float]:
-            return _ntk_score_from_kernels(K_tr, K_tr, K_te, K_pe, ytr, yte, ncls, jitter, rtol)
+            def _reg() -> tuple[float, float, float]:
+                return _ntk_score_from_kernels(K_tr, K_tr, K_te, K_pe, ytr, yte, ncls, jitter, rtol)
 
-        reg = _reg
-    if need_K and K is None:
-        K = _kernel(model, x, kw)
+            reg = _reg
+        if need_K and K is None:
+            K = _kernel(model, x, kw)
+    except (InputError, NonFiniteKernelError):
+        if errors == "raise":
+            raise
+        failed = True
 
     out: dict[str, float] = {}
     reg_vals: tuple[float, float, float] | None = None
     for m in wanted:
         spec = METRICS[m]
+        if failed:
+            out[m] = float("nan")
+            continue
         try:
             if spec.kind == "kernel":
                 assert spec.fn is not None
@@ -947,7 +958,7 @@ def compute_metrics(
                     dtype=dtype,
                     chunk_size=chunk_size,
                 )
-        except InputError:
+        except (InputError, NonFiniteKernelError):
             if errors == "raise":
                 raise
             out[m] = float("nan")

@@ -189,3 +189,19 @@ def test_demo_prints_kernel_times_and_paths(capsys):
     assert "seconds by phase: " in out and " forward " in out and "per_sample" in out
     assert "λmax" in out and "cond" in out and "LGA" in out
     assert "rule:ConvRule" in out and "rule:BatchNormRule" in out
+
+
+def test_prune_on_the_benchmark_supernet_runs_in_float64(capsys, tmp_path):
+    """NB201's supernets (every op summed on every edge) overflow float32 kernels in eval
+    mode: --algo prune computes in float64 unless told otherwise (it stopped at its first
+    evaluation), and the journal records it."""
+    db = tmp_path / "p.db"
+    rc, out, err = run(capsys, "search", "--algo", "prune", "--metric", "ncn", "--budget", "1",
+                       "--no-progress", "--db", str(db), "--data", "synthetic",
+                       "--batch-size", "4")  # fmt: skip
+    assert rc == 0, err
+    assert "1 evaluations (1 computed" in out
+    with Journal(db) as j:
+        (row,) = j.rows(space="nb201")
+    assert row["settings"]["dtype"] == "float64"
+    assert all(v == v for v in row["metrics"].values())  # not NaN

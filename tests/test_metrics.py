@@ -502,3 +502,21 @@ def test_ntk_score_batch_bn_uses_one_joint_batch():
     assert s[0] == pytest.approx(M.trainability(M._ntk(model, xtr, bn="batch")), rel=1e-9)
     out = M.compute_metrics(model, xtr, ytr, ["fnorm", "ntk_score"], bn="batch", num_classes=3)
     assert out["fnorm"] == pytest.approx(M.fnorm(M._ntk(model, xtr, bn="batch")), rel=1e-9)
+
+
+def test_compute_metrics_errors_nan_covers_kernels_that_overflow():
+    """errors="nan" (what a search uses): an architecture whose kernel overflows float32
+    gets NaN metrics (ranked last) instead of stopping the search; float64 computes them."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1e20)  # kernel entries ~1e80: beyond float32
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    names = ["ncn", "lga", "ntk_score"]
+    with pytest.raises(NonFiniteKernelError):
+        M.compute_metrics(m, x, y, names)
+    out = M.compute_metrics(m, x, y, names, errors="nan")
+    assert len(out) == 5 and all(math.isnan(v) for v in out.values())
+    out64 = M.compute_metrics(m, x, y, ["fnorm", "mean"], dtype=torch.float64)
+    assert all(math.isfinite(v) for v in out64.values())
