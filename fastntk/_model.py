@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import functools
 import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -365,13 +366,21 @@ def is_coupled(model: nn.Module, bn: str) -> bool:
 def model_state(model: nn.Module, bn: str) -> Iterator[None]:
     """Set the modes a computation needs; restore every flag and forward afterwards.
 
+    * the modules' backward hooks are suspended (restored afterwards);
     * every module goes to eval mode (dropout off: the kernel is deterministic);
     * ``bn="batch"``: BatchNorm modules in train mode (batch statistics);
     * ``bn="per_sample"``: BatchNorm modules normalise each sample by itself.
     """
     flags = [(m, m.training) for m in model.modules()]
     swapped: list[tuple[nn.Module, Any]] = []
+    # The user's module backward hooks are suspended: the kernel is of the function, a
+    # hook may change gradients, and torch.func refuses modules with full backward hooks.
+    hooks = [(m, m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook)
+             for m in model.modules()]  # fmt: skip
     try:
+        for m, *_ in hooks:
+            m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()
+            m._is_full_backward_hook = None
         model.eval()
         for m in batchnorms(model):
             if bn == "batch":
@@ -381,6 +390,8 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
                 m.forward = types.MethodType(_per_sample_bn_forward, m)
         yield
     finally:
+        for m, bh, bph, full in hooks:
+            m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = bh, bph, full
         for m, old in swapped:
             if old is _MISSING:
                 m.__dict__.pop("forward", None)

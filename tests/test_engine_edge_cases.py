@@ -389,3 +389,30 @@ def test_probe_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     fastntk.ntk(m, x)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap", "loop"])
+def test_user_backward_hooks_are_suspended_and_kept(method):
+    """The kernel is of the function: a user's backward hook (here one that doubles the
+    gradient) neither runs nor changes it, and stays registered (torch.func refused the
+    model before)."""
+
+    class Scale(nn.Module):  # no rule: the per-module fallback
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+        def forward(self, x):
+            return x * self.w
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Scale(), nn.Linear(4, 2)).double()
+    x = _x(5, 3)
+    ref = fastntk.ntk(m, x, method="loop", dtype=torch.float64)
+    calls = []
+    m[2].register_full_backward_hook(lambda mod, gi, go: calls.append(1) or (gi[0] * 2,))
+    m[3].register_full_backward_pre_hook(lambda mod, go: calls.append(1))
+    theta = fastntk.ntk(m, x, method=method, dtype=torch.float64)
+    assert rel_err(theta, ref) <= TOL64 and not calls
+    m(x).sum().backward()
+    assert len(calls) == 2  # still registered
