@@ -127,6 +127,29 @@ def check_inputs(model: nn.Module, x1: Any, x2: Any) -> None:
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
+def resolve_dtype(dtype: Any, model: nn.Module, selected: dict[str, torch.Tensor]) -> torch.dtype:
+    """The computation dtype: ``dtype`` checked (a real floating-point torch.dtype), or
+    the parameters' own (:func:`default_dtype`)."""
+    if dtype is None:
+        return default_dtype(model, selected)
+    if not isinstance(dtype, torch.dtype):
+        raise OptionError(
+            f"dtype must be a torch.dtype such as torch.float64, got {dtype!r} "
+            f"({type(dtype).__name__})"
+        )
+    if not dtype.is_floating_point:
+        raise OptionError(f"dtype must be a real floating-point dtype (torch.float32/float64), "
+                          f"got {dtype}")  # fmt: skip
+    return dtype
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int (numpy integers too); OptionError for anything else."""
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise OptionError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+    return int(seed.__index__())
+
+
 def default_dtype(model: nn.Module, selected: dict[str, torch.Tensor]) -> torch.dtype:
     """The computation dtype when the caller gives none: the parameters' own dtype.
 

@@ -36,10 +36,10 @@ chunks stream past it, so the kernel is assembled blockwise.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
-import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,10 +172,7 @@ def ntk(
     _model.check_inputs(model, x1, x2)
     x1, x2 = _model.plain(x1), _model.plain(x2)
     selected = _model.select_params(model, params)
-    if dtype is None:
-        dtype = _model.default_dtype(model, selected)
-    if not dtype.is_floating_point:
-        raise OptionError(f"dtype must be a floating-point dtype, got {dtype}")
+    dtype = _model.resolve_dtype(dtype, model, selected)
     samples, cols = _chunks(chunk_size)
     if method == "sketch":
 
@@ -262,10 +259,11 @@ def ntk_sketch(
         raise OptionError(
             "the sketch estimates scalar kernels; use output='sum', 'trace' or 'mean'"
         )
-    if not isinstance(sketch_dim, int) or sketch_dim < 1:
+    if not isinstance(sketch_dim, int) or isinstance(sketch_dim, bool) or sketch_dim < 1:
         raise OptionError(f"sketch_dim must be a positive int, got {sketch_dim!r}")
+    seed = _model.check_seed(seed)
     selected = _model.select_params(model, params)
-    dtype = dtype or _model.default_dtype(model, selected)
+    dtype = _model.resolve_dtype(dtype, model, selected)
     samples, cols = _chunks(chunk_size)
     job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, "torch")
     if _model.recurrent(model) is not None:
@@ -326,7 +324,11 @@ def ntk_sketch(
 
 
 def _stable_seed(seed: int, name: str, k: int) -> int:
-    return (zlib.crc32(f"{name}#{k}".encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFFFFFF
+    """The generator seed of parameter ``name``'s hashes in pass ``k``: a hash of all three
+    (every int seed its own; a multiplicative mix truncated to 47 bits made seeds 0 and
+    2**47 give the same sketch)."""
+    digest = hashlib.blake2b(f"{seed}|{name}#{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
 
 
 def _backend(method: str, device: torch.device) -> str:

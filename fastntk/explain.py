@@ -84,7 +84,7 @@ def explain(
     _model.check_inputs(model, x, x2)
     x, x2 = _model.plain(x), _model.plain(x2)
     selected = _model.select_params(model, params)
-    dtype = dtype or _model.default_dtype(model, selected)
+    dtype = _model.resolve_dtype(dtype, model, selected)
     samples, cols = engine._chunks(chunk_size)
     head = Head(output)
     job = engine._Job(model, selected, head, bn, dtype, samples, cols, False, "torch")

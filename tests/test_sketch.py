@@ -92,3 +92,26 @@ def test_sketch_errors(exact):
         fastntk.ntk_sketch(m, x, output="full")
     with pytest.raises(errors.OptionError, match="couples samples"):
         fastntk.ntk_sketch(m, x, bn="batch")
+    for bad in (True, 2.0):
+        with pytest.raises(errors.OptionError, match="sketch_dim"):
+            fastntk.ntk_sketch(m, x, sketch_dim=bad)
+    for bad in (1.5, None, "0", True):
+        with pytest.raises(errors.OptionError, match="seed must be an int"):
+            fastntk.ntk_sketch(m, x, sketch_dim=8, seed=bad)
+    for bad in ("float64", torch.int64, torch.complex64):
+        with pytest.raises(errors.OptionError, match="dtype must be"):
+            fastntk.ntk_sketch(m, x, sketch_dim=8, dtype=bad)
+        with pytest.raises(errors.OptionError, match="dtype must be"):
+            fastntk.ntk(m, x, dtype=bad)
+        with pytest.raises(errors.OptionError, match="dtype must be"):
+            fastntk.explain(m, x, dtype=bad)
+
+
+def test_every_seed_its_own_sketch(exact):
+    """Seeds were mixed into 47 bits: 0 and 2**47 gave the same sketch."""
+    import numpy as np
+
+    m, x, _ = exact
+    S = {s: fastntk.ntk_sketch(m, x[:3], sketch_dim=16, seed=s) for s in (0, 2**47, -1, 2**47 - 1)}
+    assert not torch.equal(S[0], S[2**47]) and not torch.equal(S[-1], S[2**47 - 1])
+    assert torch.equal(fastntk.ntk_sketch(m, x[:3], sketch_dim=16, seed=np.int64(2**47)), S[2**47])
