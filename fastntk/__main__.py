@@ -1,21 +1,8 @@
-"""``python -m fastntk demo`` runs the demo; anything else goes to the ``fastntk`` CLI."""
+"""``python -m fastntk ...``: the ``fastntk`` command line (``demo`` included)."""
 
 import sys
 
-
-def _main() -> int:
-    argv = sys.argv[1:]
-    from fastntk.cli import tune_own_process
-
-    tune_own_process()
-    if argv[:1] == ["demo"]:
-        from fastntk.demo import main
-
-        return main(argv[1:])
-    from fastntk.cli import main as cli_main
-
-    return cli_main(argv)
-
+from fastntk.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(entry())

@@ -70,17 +70,28 @@ def _positive_int(what: str):
     return parse
 
 
-def _positive_float(what: str):
+def _positive_float(what: str, unit: str = ""):
     def parse(s: str) -> float:
         try:
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be a number, got {s!r}") from None
         if not v > 0 or math.isinf(v):
-            raise argparse.ArgumentTypeError(f"{what} must be > 0 seconds, got {s}")
+            raise argparse.ArgumentTypeError(f"{what} must be > 0{unit}, got {s}")
         return v
 
     return parse
+
+
+def seed_arg(s: str) -> int:
+    """A ``--seed`` value: an integer in [0, 2**63)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {s!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63), got {v}")
+    return v
 
 
 def _int_list(what: str):
@@ -100,7 +111,7 @@ def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
                    help="bundled CIFAR-10 sample or seeded synthetic images")
     p.add_argument("--bn", default="eval", choices=("eval", "batch", "per_sample"),
                    help="BatchNorm semantics of the kernel (default eval)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, init and search")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of data, init and search")
     p.add_argument("--dtype", choices=("float32", "float64"),
                    help="dtype of the kernels (default float32; float64 for --algo prune, "
                         "whose supernets sum every op on every edge: their eval-mode "
@@ -118,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     top = _Parser(prog="fastntk", description="Empirical NTKs and training-free NAS.")
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    # listed for --help; `fastntk demo ...` goes to fastntk.demo before this parser (main)
+    sub.add_parser("demo", add_help=False,
+                   help="the NTK of a NAS-Bench-201 network on real CIFAR-10 images "
+                        "(fastntk demo --help)")  # fmt: skip
     p = sub.add_parser("score", help="metrics of one architecture")
     p.add_argument("--space", default="nb201")
     p.add_argument("--arch", required=True, help="architecture string of the space")
@@ -130,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", required=True, help="metric name(s); several: Borda count")
     p.add_argument("--budget", type=_positive_int("--budget"),
                    help="number of architecture evaluations")
-    p.add_argument("--time-budget", type=_positive_float("--time-budget"),
+    p.add_argument("--time-budget", type=_positive_float("--time-budget", " seconds"),
                    help="wall-clock seconds")
     p.add_argument("--db", help="SQLite journal: resumable search and result store")
     p.add_argument("--population", type=_positive_int("--population"), default=20,
@@ -326,6 +341,11 @@ def _cmd_evaluate(args) -> int:
     from fastntk.spaces import nb201
 
     nb201.accuracy(BENCH_NB201_ARCH, args.dataset)  # OptionError on an unknown data set
+    if args.plot:  # before the evaluations, not after them
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise OptionError(f"cannot write --plot {args.plot!r}: {folder} is not a writable "
+                              "folder")  # fmt: skip
     metrics = _expand_metrics(args.metric)
     journal = Journal(args.db) if args.db else None
     scorer = Scorer(_score_fn(space, metrics, args), metrics, DIRECTIONS,
@@ -623,6 +643,11 @@ def entry() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 usage or input error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo has its own options (python -m fastntk demo --help)
+        from fastntk.demo import main as demo_main
+
+        return _guarded("demo", lambda: demo_main(argv[1:]))
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:
@@ -631,15 +656,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    return _guarded(args.command, lambda: _COMMANDS[args.command](args))
+
+
+def _guarded(command: str, run) -> int:
+    """``run()``'s exit status; user errors as one line on stderr (status 2), Ctrl-C as
+    130, a closed pipe (``fastntk ... | head``) quietly."""
     try:
-        return _COMMANDS[args.command](args)
+        return run()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except FastNTKError as e:
         msg = " ".join(str(e).split())
-        print(f"fastntk {args.command}: error: {msg}", file=sys.stderr)
+        print(f"fastntk {command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fastntk {args.command}: interrupted", file=sys.stderr)
+        print(f"\nfastntk {command}: interrupted", file=sys.stderr)  # (after a progress bar)
         return 130
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # no second error at exit's flush
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -19,17 +19,41 @@ import torch
 DEFAULT_ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 
 
+def _images(s: str) -> int:
+    from fastntk.data import cifar10_size
+
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--n must be an integer, got {s!r}") from None
+    if not 1 <= n <= cifar10_size():
+        raise argparse.ArgumentTypeError(
+            f"--n must be between 1 and {cifar10_size()} (the bundled CIFAR-10 sample), got {n}"
+        )
+    return n
+
+
+def _output(s: str) -> str | int:
+    try:
+        return int(s)
+    except ValueError:
+        return s
+
+
 def main(argv: list[str] | None = None) -> int:
     import fastntk
     from fastntk import data
     from fastntk.spaces import nb201
 
-    ap = argparse.ArgumentParser(prog="python -m fastntk demo", description=__doc__)
+    from fastntk.cli import seed_arg
+
+    ap = argparse.ArgumentParser(prog="fastntk demo", description=__doc__)
     ap.add_argument("--arch", default=DEFAULT_ARCH, help="NAS-Bench-201 arch string")
-    ap.add_argument("--n", type=int, default=128, help="number of CIFAR-10 images (<= 1000)")
-    ap.add_argument("--output", default="sum", help="sum | trace | mean")
+    ap.add_argument("--n", type=_images, default=128, help="number of CIFAR-10 images (<= 1000)")
+    ap.add_argument("--output", default="sum", type=_output,
+                    help="sum | trace | mean | an integer (one logit)")
     ap.add_argument("--bn", default="eval", choices=["eval", "batch", "per_sample"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_arg, default=0)
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)

@@ -205,3 +205,39 @@ def test_prune_on_the_benchmark_supernet_runs_in_float64(capsys, tmp_path):
         (row,) = j.rows(space="nb201")
     assert row["settings"]["dtype"] == "float64"
     assert all(v == v for v in row["metrics"].values())  # not NaN
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["score", "--arch", ARCH, "--metric", "fnorm", "--seed", "-1"], "--seed must be in"),
+        (["score", "--arch", ARCH, "--metric", "fnorm", "--seed", str(2**70)], "--seed must be in"),
+        (["evaluate", "--metric", "fnorm", "--archs", "2", "--plot", "/nonexistent/d/p.png"],
+         "not a writable folder"),
+        (["search", "--metric", "fnorm", "--budget", "1", "--algo", "reinforce", "--lr", "-1"],
+         "--lr must be > 0, got -1"),
+        (["demo", "--n", "0"], "--n must be between 1 and 1000"),
+        (["demo", "--n", "2", "--arch", "bad"], "node groups"),
+    ],
+)
+def test_user_errors_are_one_line(capsys, argv, msg):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and msg in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3  # usage line(s) + the error
+
+
+def test_demo_through_the_cli_takes_an_integer_logit(capsys):
+    rc, out, err = run(capsys, "demo", "--n", "2", "--output", "3")
+    assert rc == 0, err
+    assert "output=3," in out
+
+
+def test_seeds_checked_by_the_data_loaders():
+    from fastntk import data
+    from fastntk.errors import OptionError
+
+    for bad in (-1, 2**70, 1.5, True):
+        with pytest.raises(OptionError, match="seed must be an int"):
+            data.load("cifar10", 2, seed=bad)
+        with pytest.raises(OptionError, match="seed must be an int"):
+            data.synthetic(2, seed=bad)
