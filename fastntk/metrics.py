@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastntk import _model
 from fastntk.errors import (
     InputError,
     InputTypeError,
@@ -183,8 +184,8 @@ def _clamped_spectrum(K: Any, rtol: float | None) -> tuple[torch.Tensor, float]:
         raise InputError(f"kernel has no positive eigenvalue (λmax = {lmax:.3g}); not a NTK")
     if rtol is None:
         rtol = n * _eps_of(t)
-    if rtol < 0:
-        raise OptionError(f"rtol must be >= 0, got {rtol}")
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol >= 0 or math.isinf(rtol):
+        raise OptionError(f"rtol must be a finite number >= 0 (or None), got {rtol!r}")
     tol = rtol * lmax
     lmin = float(lam[0])
     if lmin < -tol:
@@ -356,7 +357,10 @@ def borda(scores: Any, higher_is_better: bool | Sequence[bool]) -> np.ndarray:
     Returns:
         (m,) float64 numpy array of Borda totals.
     """
-    a = np.asarray(scores, dtype=np.float64)
+    try:
+        a = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputTypeError(f"borda needs numeric scores (architectures x metrics): {e}") from None
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
@@ -431,6 +435,12 @@ def _joint(
     so the blocks are a single, consistent kernel of one network function.
     """
     n = x.shape[0]
+    for e in extras:
+        if e.shape[1:] != x.shape[1:] or e.dtype != x.dtype:
+            raise InputError(
+                f"the test batch has per-sample shape {tuple(e.shape[1:])} ({e.dtype}) but the "
+                f"train batch {tuple(x.shape[1:])} ({x.dtype}): both must match"
+            )
     big = _kernel(model, torch.cat([x, *extras], dim=0), kw)
     out = []
     start = n
@@ -533,8 +543,9 @@ def _check_batch(x: Any, what: str) -> torch.Tensor:
         raise InputTypeError(f"{what} must be a torch.Tensor, got {type(x)}")
     if x.dim() < 1 or x.shape[0] == 0:
         raise InputError(f"{what} is an empty batch (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise InputTypeError(f"{what} must be floating point, got {x.dtype}")
+    if not (x.is_floating_point() or _model._is_index(x)):
+        raise InputTypeError(f"{what} must be floating point (or integer token ids for "
+                             f"models with nn.Embedding), got {x.dtype}")  # fmt: skip
     return x
 
 
@@ -799,6 +810,8 @@ DIRECTIONS: dict[str, bool] = {name: spec.higher_is_better for name, spec in MET
 def _expand(names: Iterable[str] | str) -> list[str]:
     if isinstance(names, str):
         names = [s.strip() for s in names.split(",") if s.strip()]
+    elif not isinstance(names, Iterable) or not all(isinstance(nm, str) for nm in names):
+        raise OptionError(f"metric names must be a string or a list of strings, got {names!r}")
     out: list[str] = []
     for nm in names:
         for m in _GROUPS.get(nm, (nm,)):
@@ -874,6 +887,8 @@ def compute_metrics(
     wanted = _expand(names)
     if errors not in ("raise", "nan"):
         raise OptionError(f"errors must be 'raise' or 'nan', got {errors!r}")
+    if not noise_std >= 0:
+        raise OptionError(f"noise_std must be >= 0, got {noise_std}")
     if singular not in _SINGULAR_MODES:
         raise OptionError(f"singular must be one of {_SINGULAR_MODES}, got {singular!r}")
     x = _check_batch(x, "x")
@@ -1045,7 +1060,10 @@ def kernel_evolution(
     yt = _check_labels(y, x.shape[0], "y")
     if unit not in ("step", "epoch"):
         raise OptionError(f"unit must be 'step' or 'epoch', got {unit!r}")
-    ts = sorted({0, *(int(t) for t in times)})
+    try:
+        ts = sorted({0, *(int(t) for t in times)})
+    except (TypeError, ValueError):
+        raise OptionError(f"times must be non-negative integers, got {times!r}") from None
     if ts[0] < 0:
         raise OptionError(f"times must be >= 0, got {list(times)}")
     if batch_size < 1:
@@ -1056,6 +1074,8 @@ def kernel_evolution(
         tx = _check_batch(train_x, "train_x")
         ty = _check_labels(train_y, tx.shape[0], "train_y")
     kw = _ntk_kwargs(bn, params, output, dtype, chunk_size)
+    if int(ty.min()) < 0:
+        raise InputError(f"class labels must be >= 0, got {int(ty.min())}")
 
     net = copy.deepcopy(model)
     for p in net.parameters():
@@ -1094,7 +1114,13 @@ def kernel_evolution(
                 for _ in range(n_steps):
                     idx = next(batches).to(dev)
                     opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(_logits(net(tx_d[idx])), ty_d[idx])
+                    logits = _logits(net(tx_d[idx]))
+                    if int(ty_d[idx].max()) >= logits.shape[-1]:
+                        raise InputError(
+                            f"label {int(ty_d[idx].max())} is out of range for the model's "
+                            f"{logits.shape[-1]} logits (cross-entropy training)"
+                        )
+                    loss = F.cross_entropy(logits, ty_d[idx])
                     loss.backward()
                     opt.step()
                     last.append(float(loss.detach()))

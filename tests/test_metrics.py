@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from fastntk import metrics as M
-from fastntk.errors import InputError, NonFiniteKernelError, OptionError
+from fastntk.errors import InputError, InputTypeError, NonFiniteKernelError, OptionError
 
 SIZES = [1, 7, 10, 33]
 SIZES_GE2 = [7, 10, 33]
@@ -520,3 +520,38 @@ def test_compute_metrics_errors_nan_covers_kernels_that_overflow():
     assert len(out) == 5 and all(math.isnan(v) for v in out.values())
     out64 = M.compute_metrics(m, x, y, ["fnorm", "mean"], dtype=torch.float64)
     assert all(math.isfinite(v) for v in out64.values())
+
+
+def test_metric_arguments_get_typed_errors():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    K = torch.eye(4) + 0.1
+    for bad in ("x", float("nan"), -1.0, float("inf"), True):
+        with pytest.raises(OptionError, match="rtol"):
+            M.ncn(K, rtol=bad)
+    with pytest.raises(InputTypeError, match="numeric scores"):
+        M.borda([["a", "b"]], True)
+    for bad in (None, 3, [1, 2]):
+        with pytest.raises(OptionError, match="metric names"):
+            M.expand_metrics(bad)
+    with pytest.raises(InputError, match="per-sample shape"):
+        M.compute_metrics(m, x, y, ["ntk_score"], x_test=torch.randn(4, 5), y_test=y[:4])
+    with pytest.raises(InputError, match="per-sample shape"):
+        M.ntk_score(m, x, y, torch.randn(4, 5), y[:4])
+    with pytest.raises(OptionError, match="noise_std"):
+        M.compute_metrics(m, x, y, ["ntk_score"], noise_std=-1)
+    with pytest.raises(InputError, match="out of range"):
+        M.kernel_evolution(m, x, torch.tensor([0, 1, 7, 0, 1, 2]), times=(1,), unit="step")
+    with pytest.raises(OptionError, match="times"):
+        M.kernel_evolution(m, x, y, times=["a"])
+
+
+def test_metrics_take_token_ids():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    idx = torch.randint(0, 10, (6, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = M.compute_metrics(m, idx, y, ["fnorm", "lga"])
+    K = __import__("fastntk").ntk(m, idx, dtype=torch.float64)
+    assert out["fnorm"] == pytest.approx(M.fnorm(K), rel=1e-5)
