@@ -234,3 +234,17 @@ def test_supernet_strings_build_and_round_trip():
     assert logits.shape == (2, 10)
     with pytest.raises(ArchitectureError):
         nb201.format_supernet([("conv",)] * 6)
+
+
+def test_search_arguments_checked():
+    space = ToySpace()
+    for bad in (None, "abc", 1.5, True):
+        with pytest.raises(OptionError, match="seed must be an int"):
+            random_search(space, scorer(), budget=2, seed=bad)
+    with pytest.raises(OptionError, match="budget"):
+        random_search(space, scorer(), budget=True)
+    with pytest.raises(OptionError, match="population_size must be an int"):
+        regularized_evolution(space, scorer(), budget=2, population_size=2.5, sample_size=1)
+    lacking = Scorer(lambda a: {"other": 1.0}, ["good"], DIRECTIONS)
+    with pytest.raises(OptionError, match="returned no good"):
+        random_search(space, lacking, budget=1)

@@ -158,3 +158,39 @@ def test_choice_space_gives_sample_and_mutate():
     rng = random.Random(0)
     seen = {space.sample(rng) for _ in range(200)}
     assert len(seen) == 12  # every combination is drawn
+
+
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("darts", (("sep_conv_3x3", "skip_connect"),) * 2),  # nodes as strings
+        ("darts", ((("sep_conv_3x3~0", "skip_connect~1"),) * 4,) * 2),  # pairs as strings
+        ("darts", ((1, 2, 3, 4), (1, 2, 3, 4))),
+        ("vit", (6.9, 384, 6, 4, 4)),
+        ("vit", ("6", 384, 6, 4, 4)),
+        ("vit", (True, 384, 6, 4, 4)),
+        ("resnet", ((64.7, 2), (128, 2), (256, 2), (512, 2))),
+    ],
+)
+def test_malformed_archs_are_architecture_errors(name, bad):
+    space = get_space(name)
+    with pytest.raises(ArchitectureError):
+        space.encode(bad)
+
+
+@pytest.mark.parametrize("name", SPACES)
+@pytest.mark.parametrize("num_classes", [0, -3, 2.5])
+def test_num_classes_checked(name, num_classes):
+    space = get_space(name)
+    arch = space.sample(random.Random(0))
+    with pytest.raises(OptionError, match="num_classes"):
+        space.build(arch, num_classes=num_classes)
+
+
+def test_space_options_checked():
+    from fastntk.spaces import darts
+
+    with pytest.raises(OptionError, match="C must be"):
+        darts.build_model(get_space("darts").sample(random.Random(0)), C=0)
+    with pytest.raises(OptionError, match="takes"):
+        get_space("nb201", foo=1)

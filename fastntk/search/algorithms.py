@@ -162,6 +162,13 @@ class Scorer:
 
     def __call__(self, arch: Any) -> dict[str, float]:
         out = self.fn(arch)
+        if not isinstance(out, Mapping):
+            raise OptionError(f"the scoring function must return a dict of metrics, got "
+                              f"{type(out).__name__}")  # fmt: skip
+        missing = [m for m in self.metrics if m not in out]
+        if missing:
+            raise OptionError(f"the scoring function returned no {', '.join(missing)} (it gave "
+                              f"{', '.join(map(str, out)) or 'nothing'})")  # fmt: skip
         return {m: float(out[m]) for m in self.metrics}
 
     def fitness(self, metric_dicts: Sequence[Mapping[str, float]]) -> list[float]:
@@ -280,8 +287,12 @@ class _Runner:
     def __init__(self, algorithm, space, scorer, budget, time_budget, seed, journal, progress):
         if budget is None and time_budget is None:
             raise OptionError("give an evaluation budget, a time budget, or both")
-        if budget is not None and (not isinstance(budget, int) or budget <= 0):
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
+                                   or budget <= 0):  # fmt: skip
             raise OptionError(f"the evaluation budget must be a positive integer, got {budget!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise OptionError(f"seed must be an int (a fixed seed gives the same search), got "
+                              f"{seed!r}")  # fmt: skip
         if time_budget is not None and not time_budget > 0:
             raise OptionError(f"the time budget must be positive seconds, got {time_budget!r}")
         self.algorithm, self.space, self.scorer = algorithm, space, scorer
@@ -446,6 +457,9 @@ def regularized_evolution(space, scorer: Scorer, *, budget: int | None = None,
     replacement; the oldest member then dies. ``result.population`` is the
     final population (oldest first).
     """
+    for name, v in (("population_size", population_size), ("sample_size", sample_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise OptionError(f"{name} must be an int, got {v!r}")
     if population_size < 1 or not 1 <= sample_size <= population_size:
         raise OptionError(
             f"need 1 <= sample_size ({sample_size}) <= population_size ({population_size})"
@@ -501,8 +515,8 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
     removed (``{decision: op}``). If the budget runs out mid-way, every
     decision keeps its best-scoring op so far.
     """
-    if samples_per_op < 1:
-        raise OptionError(f"samples_per_op must be >= 1, got {samples_per_op}")
+    if isinstance(samples_per_op, bool) or not isinstance(samples_per_op, int) or samples_per_op < 1:
+        raise OptionError(f"samples_per_op must be an int >= 1, got {samples_per_op!r}")
     view = categorical(space)
     decisions = view.decisions()
     names = [n for n, _ in decisions]

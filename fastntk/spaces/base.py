@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch.nn as nn
 
+from fastntk.errors import ArchitectureError, OptionError
+
 
 @runtime_checkable
 class SearchSpace(Protocol):
@@ -44,6 +46,24 @@ class SearchSpace(Protocol):
     def decode(self, s: str) -> Any:
         """Inverse of :meth:`encode`; raises :class:`fastntk.errors.ArchitectureError` on bad input."""
         ...
+
+
+def positive_int(name: str, v: Any, minimum: int = 1) -> int:
+    """``v`` as an int >= ``minimum`` (numpy integers too); OptionError otherwise."""
+    if isinstance(v, bool) or not hasattr(v, "__index__") or int(v.__index__()) < minimum:
+        raise OptionError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v.__index__())
+
+
+def exact_ints(values: Any, what: str) -> tuple[int, ...]:
+    """``values`` as ints, refusing floats, strings and bools (6.9 is not taken for 6)."""
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise ArchitectureError(f"{what}, got {values!r}") from None
+    if any(isinstance(v, bool) or not hasattr(v, "__index__") for v in items):
+        raise ArchitectureError(f"{what} (integers), got {values!r}")
+    return tuple(int(v.__index__()) for v in items)
 
 
 class ChoiceSpace:

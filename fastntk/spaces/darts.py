@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from fastntk.errors import ArchitectureError
-from fastntk.spaces.base import ChoiceSpace
+from fastntk.spaces.base import ChoiceSpace, positive_int
 
 __all__ = ["OPS", "DartsSpace", "Genotype", "NetworkCIFAR", "DARTS_V2", "build_model"]
 
@@ -74,13 +74,19 @@ def _canon_node(pairs: Sequence[tuple[str, int]]) -> Node:
 
 
 def _check_cell(cell: Sequence[Sequence[tuple[str, int]]], kind: str) -> CellGenotype:
-    if len(cell) != NUM_NODES:
-        raise ArchitectureError(f"{kind} cell must have {NUM_NODES} nodes, got {len(cell)}")
+    form = f"a sequence of {NUM_NODES} nodes, each two (op, input) pairs"
+    if isinstance(cell, str) or not isinstance(cell, Sequence) or len(cell) != NUM_NODES:
+        raise ArchitectureError(f"{kind} cell must be {form}, got {cell!r}")
     nodes = []
     for m, node in enumerate(cell):
-        if len(node) != 2:
-            raise ArchitectureError(f"{kind} node {m} must have 2 inputs, got {len(node)}")
-        for op, i in node:
+        if isinstance(node, str) or not isinstance(node, Sequence) or len(node) != 2:
+            raise ArchitectureError(f"{kind} node {m} must be two (op, input) pairs, got {node!r}")
+        for pair in node:
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise ArchitectureError(
+                    f"{kind} node {m}: each input is an (op, input index) pair, got {pair!r}"
+                )
+            op, i = pair
             if op not in OPS:
                 raise ArchitectureError(
                     f"unknown op {op!r} in {kind} node {m}; allowed ops: {', '.join(OPS)}"
@@ -286,7 +292,8 @@ class NetworkCIFAR(nn.Module):
 
 def build_model(arch, num_classes: int = 10, C: int = 16, layers: int = 8) -> NetworkCIFAR:
     """The network of ``arch`` (genotype or string); see :class:`NetworkCIFAR`."""
-    return NetworkCIFAR(arch, num_classes=num_classes, C=C, layers=layers)
+    return NetworkCIFAR(arch, num_classes=positive_int("num_classes", num_classes),
+                        C=positive_int("C", C), layers=positive_int("layers", layers))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

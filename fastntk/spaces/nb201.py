@@ -578,6 +578,9 @@ def parse_supernet(s: str) -> list[tuple[str, ...]]:
     ]
     if len(edges) != len(EDGES) or any(o not in OPS for ops in edges for o in ops):
         raise ArchitectureError(f"malformed supernet string {s!r}; ops must come from {OPS}")
+    for k, ops in enumerate(edges):
+        if len(set(ops)) != len(ops):
+            raise ArchitectureError(f"edge {k} of supernet {s!r} lists an op twice: {ops}")
     return edges
 
 

@@ -8,6 +8,7 @@ implementing :class:`fastntk.spaces.base.SearchSpace`).
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -47,5 +48,12 @@ def get_space(name: str, **kwargs: Any) -> Any:
         )
     if isinstance(entry, str):
         module, _, cls = entry.partition(":")
-        return getattr(importlib.import_module(module), cls)(**kwargs)
+        entry = getattr(importlib.import_module(module), cls)
+    try:
+        sig = inspect.signature(entry)
+        sig.bind(**kwargs)
+    except TypeError as e:
+        raise OptionError(f"space {name!r} takes {sig}: {e}") from None
+    except ValueError:  # no signature to read: let the constructor check
+        pass
     return entry(**kwargs)

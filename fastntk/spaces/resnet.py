@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from fastntk.errors import ArchitectureError
-from fastntk.spaces.base import ChoiceSpace
+from fastntk.spaces.base import ChoiceSpace, exact_ints, positive_int
 
 __all__ = ["DEPTHS", "WIDTHS", "ResNet", "ResNetSpace", "build_model", "resnet18"]
 
@@ -33,12 +33,14 @@ def validate(arch) -> Arch:
     """Canonical tuple of ``arch`` (string or sequence of (width, depth) pairs)."""
     if isinstance(arch, str):
         return decode(arch)
+    what = f"a ResNet arch is {NUM_STAGES} (width, depth) pairs"
     try:
-        stages = tuple((int(w), int(d)) for w, d in arch)
-    except (TypeError, ValueError):
-        raise ArchitectureError(
-            f"a ResNet arch is {NUM_STAGES} (width, depth) pairs, got {arch!r}"
-        ) from None
+        pairs = tuple(arch)
+    except TypeError:
+        raise ArchitectureError(f"{what}, got {arch!r}") from None
+    stages = tuple(exact_ints(st, what) for st in pairs)
+    if any(len(st) != 2 for st in stages):
+        raise ArchitectureError(f"{what}, got {arch!r}")
     if len(stages) != NUM_STAGES:
         raise ArchitectureError(f"a ResNet arch has {NUM_STAGES} stages, got {len(stages)}")
     for k, (w, d) in enumerate(stages):
@@ -128,7 +130,7 @@ class ResNet(nn.Module):
 
 
 def build_model(arch, num_classes: int = 10) -> ResNet:
-    return ResNet(arch, num_classes=num_classes)
+    return ResNet(arch, num_classes=positive_int("num_classes", num_classes))
 
 
 def resnet18(num_classes: int = 10, width: int = 64) -> ResNet:

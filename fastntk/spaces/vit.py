@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from fastntk.errors import ArchitectureError
-from fastntk.spaces.base import ChoiceSpace
+from fastntk.spaces.base import ChoiceSpace, exact_ints, positive_int
 
 __all__ = ["DEPTHS", "EMBED_DIMS", "HEADS", "MLP_RATIOS", "PATCHES", "ViT", "ViTSpace",
            "build_model", "vit_small"]
@@ -39,12 +39,7 @@ Arch = tuple[int, int, int, int, int]
 def validate(arch) -> Arch:
     if isinstance(arch, str):
         return decode(arch)
-    try:
-        vals = tuple(int(v) for v in arch)
-    except (TypeError, ValueError):
-        raise ArchitectureError(
-            f"a ViT arch is (depth, embed_dim, heads, mlp_ratio, patch), got {arch!r}"
-        ) from None
+    vals = exact_ints(arch, "a ViT arch is (depth, embed_dim, heads, mlp_ratio, patch)")
     if len(vals) != len(_FIELDS):
         raise ArchitectureError(
             f"a ViT arch has {len(_FIELDS)} fields (depth, embed_dim, heads, mlp_ratio, patch), "
@@ -136,7 +131,7 @@ class ViT(nn.Module):
 
 
 def build_model(arch, num_classes: int = 10) -> ViT:
-    return ViT(arch, num_classes=num_classes)
+    return ViT(arch, num_classes=positive_int("num_classes", num_classes))
 
 
 def vit_small(num_classes: int = 10, depth: int = 6) -> ViT:
