@@ -8,16 +8,21 @@ inside a batch-first model, a module called on a learned query with no batch dim
 (DETR/Perceiver), a weight parametrization (its call returns the weight), a shared (T, E)
 table passed to a layer when T happens to equal N.
 
-Before a job's first chunk, the probe runs the model once more on that chunk's first
-``q`` samples (``q = 1``; 2 when the chunk has one sample, the second a perturbed copy),
+Before a job's first chunk, the probe runs the model once more on that chunk's last
+``q`` samples (``q = 1``, or 2 where the model cannot run on one; when the chunk has no
+more than ``q``, the chunk and perturbed copies of its first sample, ``q + 1`` in all),
 recording the shapes of every planned module call's flattened inputs and outputs (and,
 for models with parameters used outside module calls, a second time with the autograd
 graph: the shapes of the nodes that use each parameter). In the chunk's own forward (``n`` samples), a
-tensor's sample dim is the dim of size ``n`` there and ``q`` in the probe with every other
-dim equal; a tensor whose shape is the same in both is not batched; anything else is
-ambiguous. The shapes of a tensor without samples do not change with the batch, so no
-coincidence of sizes (T = N) can pass for a sample dim. The model's output for those ``q``
-samples must also be what the chunk's forward gives them (within ``tolerance``):
+tensor's sample dim is the one dim of size ``n`` there and ``q`` in the probe; a tensor
+whose shape is the same in both is not batched; one with a dim that scales with the
+batch in a merged form (N·T rows) is ambiguous; one whose shapes differ without any dim
+that scales (sizes that depend on the data: a batch trimmed to its longest sequence)
+leaves its call unmeasured (the assumed layout). The shapes of a tensor without samples
+do not change with the batch, so no coincidence of fixed sizes (T = N) can pass for a
+sample dim; sizes that depend on the data can still coincide (rows selected by a mask,
+as many as the samples). The model's output for the probe's samples must also be what
+the chunk's forward gives them (within ``tolerance``):
 otherwise the samples are coupled inside the model (``x - x.mean(0)``) and the kernel is
 taken through the batch graph.
 
@@ -37,7 +42,8 @@ from typing import Any
 
 import torch
 
-AMBIGUOUS = -1  # not a clean sample dim: no per-module handling
+AMBIGUOUS = -1  # the samples are not in one dim (merged with another, or mixed)
+UNKNOWN = -2  # the shapes differ, but nothing scales with the batch (data-dependent sizes)
 
 Shape = tuple[int, ...] | None  # None: not a tensor
 
@@ -56,7 +62,8 @@ class Probe:
     q: int  # samples of the probe's forward
     calls: list[tuple[str, list[Shape], list[Shape]]]  # (module, input shapes, output shapes)
     y: torch.Tensor  # the model's (q, K) outputs
-    xs: torch.Tensor  # the probe's samples
+    xs: torch.Tensor  # the probe's samples: the chunk's last q (or the chunk, padded)
+    n0: int  # samples of the chunk it was made for
     # parameter -> output shapes of the autograd nodes using it (a second forward, with
     # the graph, made when first asked: only models with broadcast parameters need it)
     uses: dict[str, list[tuple[int, ...]]] | None = None
@@ -79,10 +86,13 @@ class Probe:
         _, pins, pouts = self.calls[i]
         if len(pins) != len(ins) or len(pouts) != len(outs):
             return None
-        return CallDims(
+        dims = CallDims(
             [sample_dim(a, b, n, self.q, prefer) for a, b in zip(ins, pins, strict=True)],
             [sample_dim(a, b, n, self.q, prefer) for a, b in zip(outs, pouts, strict=True)],
         )
+        if UNKNOWN in dims.ins or UNKNOWN in dims.outs:
+            return None  # not measurable: the assumed layout serves, as without a probe
+        return dims
 
     def batch_first_use(self, job, pname: str, shape: tuple[int, ...], n: int) -> bool:
         """Whether ``pname``'s one use outside module calls (a node whose output has
@@ -102,15 +112,19 @@ class Probe:
     def coupled(self, y: torch.Tensor) -> str | None:
         """Why the samples are coupled, judged by the chunk's outputs ``y`` (n, K) for
         the probe's samples, or None."""
-        k = min(self.q, y.shape[0])
-        ya, yb = y.detach()[:k], self.y[:k]
+        if y.shape[0] != self.n0:
+            return None
+        if self.n0 > self.q:  # the probe had the chunk's last q samples
+            ya, yb = y.detach()[self.n0 - self.q :], self.y
+        else:  # the whole chunk, then padding
+            ya, yb = y.detach(), self.y[: self.n0]
         if ya.shape != yb.shape:
             return None
         scale = float(torch.maximum(ya.abs().max(), yb.abs().max())) if ya.numel() else 0.0
         err = float((ya - yb).abs().max()) if ya.numel() else 0.0
         if err > tolerance(y) * max(scale, 1e-30):
             return (
-                f"the model's output for its first {self.q} sample(s) changes with the rest of "
+                f"the model's output for the batch's last sample(s) changes with the rest of "
                 f"the batch (by {err / max(scale, 1e-30):.1e} of its size): the samples are "
                 "coupled inside the model"
             )
@@ -129,62 +143,78 @@ def tolerance(y: torch.Tensor) -> float:
 
 def sample_dim(real: Shape, small: Shape, n: int, q: int, prefer: int) -> int | None:
     """The sample dim of a tensor of shape ``real`` with ``n`` samples and ``small`` with
-    ``q`` (module docstring); None: not batched or not a tensor; AMBIGUOUS."""
+    ``q`` (module docstring); None: not batched or not a tensor.
+
+    AMBIGUOUS: several dims scale with the batch, or one does in a merged form (N·T rows:
+    ``real[d] / small[d] == n / q`` with ``real[d] != n``). UNKNOWN: the shapes differ but
+    no dim scales with the batch (a size that depends on the data, e.g. a batch trimmed
+    to its longest sequence, without a sample dim the probe could confirm).
+    """
     if real is None:
         return None
     if small is None or len(real) != len(small):
-        return AMBIGUOUS
-    cands = [
+        return UNKNOWN
+    if real == small:
+        return None
+    cands = [d for d in range(len(real)) if real[d] == n and small[d] == q]
+    merged = [
         d for d in range(len(real))
-        if real[d] == n and small[d] == q
-        and all(real[e] == small[e] for e in range(len(real)) if e != d)
+        if d not in cands and real[d] != small[d] and real[d] * q == small[d] * n
     ]  # fmt: skip
-    if not cands:
-        return None if real == small else AMBIGUOUS
-    return prefer if prefer in cands else (cands[0] if len(cands) == 1 else AMBIGUOUS)
+    if merged or len(cands) > 1:
+        return AMBIGUOUS
+    return cands[0] if cands else UNKNOWN
 
 
 def shapes(items: list[Any]) -> list[Shape]:
     return [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in items]
 
 
-def _small_batch(x: torch.Tensor) -> torch.Tensor:
-    """The chunk's first sample; two when it has one (the second a perturbed copy)."""
-    if x.shape[0] >= 2:
-        return x[:1]
+def _small_batch(x: torch.Tensor, q: int) -> torch.Tensor:
+    """The chunk's last ``q`` samples (its last sample alone: a coupling such as a cumsum
+    over the batch leaves the first sample unchanged, never the last); when the chunk
+    has no more than ``q``, all of it and perturbed copies of its first, ``q + 1`` in all."""
+    n = x.shape[0]
+    if n > q:
+        return x[n - q :]
     x0 = x[:1]
+    extra = x0.expand(q + 1 - n, *x.shape[1:]).clone()
     if x.is_floating_point():
         gen = torch.Generator().manual_seed(0)
-        noise = torch.randn(x0.shape, generator=gen).to(x0)
-        other = x0 + 0.5 * x0.std().nan_to_num(0.0).clamp_min(1e-3) * noise
-    else:
-        other = x0.flatten(1).roll(1, dims=1).view_as(x0)
-    return torch.cat([x0, other])
+        noise = torch.randn(extra.shape, generator=gen).to(extra)
+        extra = extra + 0.5 * x0.abs().mean().clamp_min(1e-3) * noise
+    elif x.dim() > 1:
+        extra = extra.flatten(1).roll(1, dims=1).view_as(extra)
+    return torch.cat([x, extra])
 
 
 def run(job, x: torch.Tensor) -> Probe | None:
     """The probe of ``job``'s planned module calls for the chunk ``x`` (before its forward)."""
     from fastntk.engine import _flatten, _tensors
 
-    xs = _small_batch(x.detach())
-    calls: list[tuple[str, list[Shape], list[Shape]]] = []
+    for q in (1, 2):  # a model that cannot run on one sample gets a second try with two
+        if q > 1 and x.shape[0] <= q:
+            break
+        xs = _small_batch(x.detach(), q)
+        calls: list[tuple[str, list[Shape], list[Shape]]] = []
 
-    def record(mname):
-        def hook(mod, args, kwargs, out):
-            calls.append((mname, shapes(_flatten((args, kwargs))[0]), shapes(_tensors(out))))
+        def record(mname, calls=calls):
+            def hook(mod, args, kwargs, out):
+                calls.append((mname, shapes(_flatten((args, kwargs))[0]), shapes(_tensors(out))))
 
-        return hook
+            return hook
 
-    handles = [
-        m.register_forward_hook(record(mn), with_kwargs=True, prepend=True)
-        for mn, m, _ in job.plan_modules
-    ]
-    try:
-        with torch.no_grad():
-            y = job.head(job.copies.call(job.model, job._prep(xs)), xs.shape[0])
-    except Exception:  # noqa: BLE001 - the model need not run on a batch this small
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-    return Probe(xs.shape[0], calls, y, xs)
+        handles = [
+            m.register_forward_hook(record(mn), with_kwargs=True, prepend=True)
+            for mn, m, _ in job.plan_modules
+        ]
+        try:
+            with torch.no_grad():
+                y = job.head(job.copies.call(job.model, job._prep(xs)), xs.shape[0])
+        except Exception:  # noqa: BLE001 - the model need not run on a batch this small
+            continue
+        finally:
+            for h in handles:
+                h.remove()
+        return Probe(xs.shape[0], calls, y, xs, x.shape[0])
+    return None

@@ -463,8 +463,17 @@ class _Capture:
             k = self.calls_seen.get(mname, 0)
             self.calls_seen[mname] = k + 1
             dims = self.job.call_dims(mname, k, mod, args, kwargs, tensors, self.n)
-            pos = [i for i, t in enumerate(tensors) if t.requires_grad and t.grad_fn is not None]
+            pos = _hooked_outputs(tensors)
             rule = base_rule
+            if dims is not None and self.job.bn == "per_sample" and isinstance(
+                mod, nn.modules.batchnorm._BatchNorm
+            ) and next((d for d in dims.ins if d is not None), 0) != 0:
+                raise UnsupportedError(
+                    f"bn='per_sample' normalises each row of a BatchNorm input's dim 0, but "
+                    f"{mname!r} is given the samples merged with another dim (e.g. (N*T, C, "
+                    "H, W) frames): its statistics would be per row, not per sample. Use "
+                    "bn='eval' or 'batch' for this model"
+                )
             if dims is not None:
                 layout = _layout(dims, pos, _batch_dim(mod), rule is not None)
                 if layout == "whole":
@@ -687,6 +696,22 @@ def _detach(obj: Any) -> Any:
     return _map_tensors(obj, torch.Tensor.detach)
 
 
+def _hooked_outputs(tensors: list[torch.Tensor]) -> list[int]:
+    """Positions of the outputs whose gradients a call's hooks take: those in the graph,
+    each autograd output once (a module returning ``(a, a)`` has one output: the gradient
+    at its node already holds both uses, and counting it per position doubled it)."""
+    pos, seen = [], []
+    for i, t in enumerate(tensors):
+        if not (t.requires_grad and t.grad_fn is not None):
+            continue
+        node = t.grad_fn  # held in `seen` while compared (see _graph_nodes)
+        if any(node is m and t.output_nr == nr for m, nr in seen):
+            continue
+        seen.append((node, t.output_nr))
+        pos.append(i)
+    return pos
+
+
 def _fed_outputs(outs: list[torch.Tensor], inputs: list[torch.Tensor], limit: int = 20000):
     """Indices of the outputs of one module call that its other outputs are computed from.
 
@@ -695,15 +720,19 @@ def _fed_outputs(outs: list[torch.Tensor], inputs: list[torch.Tensor], limit: in
     both outputs' gradients would count that path twice. Walks each output's graph back
     to the call's inputs (at most ``limit`` nodes per output).
     """
-    node_of = {}
-    for j, t in enumerate(outs):
-        node_of.setdefault(id(t.grad_fn), []).append(j)
-    stops = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
+    # Every node compared by id is held here while the walk lasts: an autograd node's
+    # Python object lives only while referenced, and a later access can make a new one
+    # with another id (torch 2.11; see _graph_nodes).
+    held = [t.grad_fn for t in outs] + [t.grad_fn for t in inputs if t.grad_fn is not None]
+    node_of: dict[int, list[int]] = {}
+    for j, node in enumerate(held[: len(outs)]):
+        node_of.setdefault(id(node), []).append(j)
+    stops = {id(node) for node in held[len(outs) :]}
     fed: set[int] = set()
-    for t in outs:
+    for root in held[: len(outs)]:
         keep: list[Any] = []  # visited nodes stay alive (see _graph_nodes)
-        seen = {id(t.grad_fn)}
-        stack = [nxt for nxt, _ in t.grad_fn.next_functions if nxt is not None]
+        seen = {id(root)}
+        stack = [nxt for nxt, _ in root.next_functions if nxt is not None]
         while stack and len(keep) < limit:
             node = stack.pop()
             if id(node) in seen or id(node) in stops:
@@ -943,11 +972,21 @@ class _Job:
             coupled = self.probe.coupled(y) if self.probe is not None else None
             if coupled is not None:
                 raise _SamplesCoupled(coupled)
-            calls = self._calls(cap)
-            uses = self._param_uses(y)
-            self._untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
-            self._adopted = self._adoptions(cap, uses, calls)
-            self._untracked -= set(self._adopted)
+            self._first_calls = self._calls(cap)
+            self._untracked, self._adopted = self._outside_uses(cap, y, self._first_calls)
+        elif self._calls(cap) != self._first_calls:
+            # this chunk calls the modules otherwise than the first (a forward that
+            # branches on the batch size, data-dependent calls): its parameters must be
+            # served as the first chunk's were, or their blocks would not meet
+            untracked, adopted = self._outside_uses(cap, y, self._calls(cap))
+            changed = sorted((untracked ^ self._untracked) | (set(adopted) ^ set(self._adopted)))
+            if changed:
+                raise UnsupportedError(
+                    f"the model uses {', '.join(changed)} inside and outside its module's call "
+                    f"in different chunks (a chunk of {cap.n} samples against the first one): "
+                    "its forward depends on the batch. Pass chunk_size >= the number of "
+                    "samples (one chunk), or use method='vmap'"
+                )
         for rec in cap.records:  # adopted parameters join their ancestor's fallback
             extra = {a: p for p, (mn, a) in self._adopted.items() if mn == rec.mname}
             if extra:
@@ -1001,6 +1040,14 @@ class _Job:
             cap.broadcast.add(pname)
             for fb in by_fallback.get(pname, ()):  # its module's fallback no longer takes it
                 fb.attrs = {a: q for a, q in fb.attrs.items() if q != pname}
+
+    def _outside_uses(self, cap: _Capture, y: torch.Tensor, calls: dict[str, int]):
+        """(parameters used outside their modules' calls: the whole-model fallback,
+        parameters of never-called modules an ancestor's call takes: _adoptions)."""
+        uses = self._param_uses(y)
+        untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
+        adopted = self._adoptions(cap, uses, calls)
+        return untracked - set(adopted), adopted
 
     @staticmethod
     def _calls(cap: _Capture) -> dict[str, int]:

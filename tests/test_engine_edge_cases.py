@@ -416,3 +416,171 @@ def test_user_backward_hooks_are_suspended_and_kept(method):
     assert rel_err(theta, ref) <= TOL64 and not calls
     m(x).sum().backward()
     assert len(calls) == 2  # still registered
+
+
+# -- the probe's second round of fuzzing -----------------------------------------------
+
+
+class _Trimmed(nn.Module):
+    """A token batch trimmed to its longest sequence (padding masked): the token dim is
+    the batch's longest in a chunk, the probed sample's own length in the probe."""
+
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(11, 6, padding_idx=0)
+        self.l = nn.Linear(6, 6)
+        self.o = nn.Linear(6, 3)
+
+    def forward(self, idx):
+        length = int((idx != 0).sum(1).max())
+        idx = idx[:, :length]
+        mask = (idx != 0).unsqueeze(-1).to(self.o.weight.dtype)
+        h = torch.tanh(self.l(self.e(idx)))
+        return self.o((h * mask).sum(1) / mask.sum(1))
+
+
+def test_sizes_that_depend_on_the_data_keep_the_rules():
+    torch.manual_seed(0)
+    idx = torch.randint(1, 11, (5, 6), generator=torch.Generator().manual_seed(1))
+    for i, length in enumerate([2, 4, 3, 5, 2]):
+        idx[i, length:] = 0
+    m = _Trimmed()
+    _check(m, idx)
+    assert all(p.path.startswith("rule:") for p in fastntk.explain(m.double(), idx).params)
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_one_dim_token_inputs_with_single_sample_chunks(chunk):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    idx = torch.tensor([3, 7, 1, 3, 9])
+    _check(m, idx[:1])
+    _check(m, idx)
+    theta = fastntk.ntk(m.double(), idx, chunk_size=chunk, dtype=torch.float64)
+    assert rel_err(theta, reduce(full_kernel(m, idx), "sum")) <= TOL64
+
+
+class _Cumsum(nn.Module):
+    """Coupled without changing the first sample: y_i = f(h_0 + ... + h_i)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)).cumsum(0))
+
+
+class _NeedsBatch(nn.Module):
+    """Coupled, and refuses a batch of one (the probe retries with two samples)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.shape[0] < 2:
+            raise ValueError("needs a batch of two or more")
+        h = torch.tanh(self.a(x))
+        return self.b(h * h.std(0))
+
+
+@pytest.mark.parametrize("cls", [_Cumsum, _NeedsBatch])
+def test_couplings_the_first_sample_does_not_show(cls):
+    torch.manual_seed(0)
+    _check(cls(), _x(6, 4))
+
+
+def test_a_module_returning_one_tensor_twice():
+    """No rule, outputs (a, a): the gradient at a's node already holds both uses."""
+
+    class Dup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            a = x @ self.w.T
+            return a, a
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d, self.fc = Dup(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            a, b = self.d(x)
+            return self.fc(torch.tanh(a) + b * b)
+
+    torch.manual_seed(0)
+    _check(M(), _x(4, 3))
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(4, 4), nn.LayerNorm(4), nn.BatchNorm1d(4)])
+def test_rule_modules_called_with_a_keyword_input(layer):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.fc = layer, nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.layer(input=x)))
+
+    torch.manual_seed(0)
+    _check(M(), _x(5, 4))
+
+
+def test_forward_that_branches_on_the_batch_size_is_refused_across_chunks():
+    import torch.nn.functional as F
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x) if x.shape[0] > 1 else F.linear(x, self.a.weight, self.a.bias)
+            return self.b(torch.tanh(h))
+
+    torch.manual_seed(0)
+    m = M().double()
+    _check(m, _x(5, 4))  # one chunk: exact
+    with pytest.raises(UnsupportedError, match="depends on the batch"):
+        fastntk.ntk(m, _x(5, 4), chunk_size=2, dtype=torch.float64)
+    with pytest.raises(UnsupportedError, match="depends on the batch"):
+        fastntk.ntk(m, _x(4, 4), _x(5, 4, seed=2), chunk_size=4, dtype=torch.float64)
+
+
+def test_per_sample_batchnorm_on_merged_samples_is_refused():
+    class M(nn.Module):  # time-distributed: (N, T, C) frames through one BatchNorm
+        def __init__(self):
+            super().__init__()
+            self.bn, self.fc = nn.BatchNorm1d(3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            n, t, c = x.shape
+            return self.fc(self.bn(x.reshape(n * t, c)).reshape(n, t, c).mean(1))
+
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedError, match="per_sample"):
+        fastntk.ntk(M(), torch.randn(4, 5, 3), bn="per_sample")
+    _check(M(), _x(4, 5, 3))  # eval: exact
+
+
+def test_a_forward_that_depends_on_the_batch_position_stays_exact():
+    """Every other sample scaled by 2 (position, not data): the last sample alone differs
+    from the last sample in the batch, so the probe takes the batch graph (exact)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            scale = torch.ones(x.shape[0], 1, dtype=x.dtype)
+            scale[1::2] = 2.0
+            return self.b(torch.tanh(self.a(x)) * scale)
+
+    torch.manual_seed(0)
+    _check(M(), _x(4, 4))
+    assert "coupled" in str(fastntk.explain(M().double(), _x(4, 4)))

@@ -39,9 +39,9 @@ class Block(nn.Module):
         value = kv * 0.5 + 0.1 if self.cross else kv
         t = x.shape[1]
         kw = {}
-        if self.mask == "padding":  # the last token of every other sample is padding
+        if self.mask == "padding":  # a sample's last token is padding where its data says so
             pad = torch.zeros(x.shape[0], t, dtype=torch.bool)
-            pad[::2, -1] = True
+            pad[:, -1] = x[:, -1, 0] > 0
             kw["key_padding_mask"] = pad
         elif self.mask == "float":
             kw["attn_mask"] = torch.linspace(-1, 1, t * t).reshape(t, t)
@@ -50,7 +50,7 @@ class Block(nn.Module):
             kw["attn_mask"].fill_diagonal_(False)
         elif self.mask == "padding+float":
             pad = torch.zeros(x.shape[0], t, dtype=torch.bool)
-            pad[1::2, 0] = True
+            pad[:, 0] = x[:, 0, 1] > 0
             kw["key_padding_mask"] = pad
             kw["attn_mask"] = torch.linspace(-1, 1, t * t).reshape(t, t)
         elif self.mask == "per-head":  # (N * heads, T, T): through the module's own forward

@@ -221,9 +221,10 @@ class GramRule:
         return True
 
     def accepts(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> bool:
-        """Whether this rule serves this call (default: yes). A declined call goes
-        through the exact per-module fallback."""
-        return True
+        """Whether this rule serves this call (default: when the input is passed
+        positionally, as the rules read it: ``layer(input=x)`` goes to the fallback). A
+        declined call goes through the exact per-module fallback."""
+        return bool(args)
 
     def guards(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list:
         """Outputs other than the first that must not reach the kernel's output for this
