@@ -400,10 +400,13 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
     # hook may change gradients, and torch.func refuses modules with full backward hooks.
     hooks = [(m, m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook)
              for m in model.modules()]  # fmt: skip
+    layout_fixes = []
     try:
         for m, *_ in hooks:
             m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()
             m._is_full_backward_hook = None
+        for m in batchnorms(model):
+            layout_fixes.append(m.register_forward_hook(_bn_gradient_layout))
         model.eval()
         for m in batchnorms(model):
             if bn == "batch":
@@ -413,6 +416,8 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
                 m.forward = types.MethodType(_per_sample_bn_forward, m)
         yield
     finally:
+        for h in layout_fixes:
+            h.remove()
         for m, bh, bph, full in hooks:
             m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = bh, bph, full
         for m, old in swapped:
@@ -425,6 +430,28 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
 
 
 _MISSING = object()
+
+
+def _bn_gradient_layout(module: nn.Module, args: Any, out: Any) -> None:
+    """PyTorch's CPU BatchNorm backward (2.11 and 2.13) returns a wrong input gradient for
+    a batch of one sample when the output gradient arrives in another memory layout than
+    the output (channels-last strides, from a ``flatten(2).transpose(1, 2)`` downstream):
+    a per-sample backward or a one-sample chunk gave wrong kernels (0.93 relative error for
+    a conv bias). The gradient is handed on in the output's own layout."""
+    if not (isinstance(out, torch.Tensor) and out.grad_fn is not None and out.shape[0] == 1):
+        return
+    if torch._C._functorch.is_functorch_wrapped_tensor(out):
+        return  # torch.func (vmap, grad) never runs the native backward this way
+    fmt = (torch.channels_last if out.dim() == 4 and not out.is_contiguous()
+           and out.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)  # fmt: skip
+
+    def prehook(grad_outputs):
+        g = grad_outputs[0]
+        if g is None or g.is_contiguous(memory_format=fmt):
+            return None
+        return (g.contiguous(memory_format=fmt), *grad_outputs[1:])
+
+    out.grad_fn.register_prehook(prehook)
 
 
 def owners(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, str]]]:

@@ -836,6 +836,7 @@ class _Job:
         self._probed = False
         self._call_dims: dict[tuple[str, int], _probe.CallDims | None] = {}
         self.unbatched_calls: set[str] = set()  # modules with a call the probe sent whole
+        self._broadcast_ok: dict[str, bool] = {}  # parameter -> takes rules.broadcast
         self._plan()
 
     # -- plan ------------------------------------------------------------------
@@ -1024,8 +1025,12 @@ class _Job:
             p = self.copies.params[pname]
             alpha = broadcast.eligible(node, i, tuple(p.shape), n)
             out = tuple(node._input_metadata[0].shape)
-            if alpha is None or (self.probe is not None and not self.probe.batch_first_use(self, pname, out, n)):
-                continue  # (the probe: dim 0 of that node is not the samples' dim)
+            if pname not in self._broadcast_ok:  # decided by the first chunk, for all
+                self._broadcast_ok[pname] = self.probe is None or self.probe.batch_first_use(
+                    self, pname, out, n
+                )  # (the probe: is dim 0 of that node the samples' dim?)
+            if alpha is None or not self._broadcast_ok[pname]:
+                continue
             mname, module, attr = owners[pname][0]
             rec = _Record(
                 len(cap.records), mname, module, _BROADCAST_RULE, {attr: pname},

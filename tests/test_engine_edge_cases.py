@@ -584,3 +584,81 @@ def test_a_forward_that_depends_on_the_batch_position_stays_exact():
     torch.manual_seed(0)
     _check(M(), _x(4, 4))
     assert "coupled" in str(fastntk.explain(M().double(), _x(4, 4)))
+
+
+class _Squeezed(nn.Module):
+    """A sequence-first Linear, and a `.squeeze()` that refuses one sample (the probe
+    retries with more)."""
+
+    def __init__(self, coupled=False):
+        super().__init__()
+        self.coupled = coupled
+        self.seq, self.head = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x):  # (N, T, 4)
+        h = torch.tanh(self.seq(x.transpose(0, 1))).mean(0)
+        if self.coupled:
+            h = h - h.mean(0)
+        out = self.head(h).squeeze()
+        if out.dim() != 1:
+            raise ValueError("needs a batch of two or more")
+        return out
+
+
+@pytest.mark.parametrize("n,t,chunk", [(2, 2, None), (6, 2, 2), (2, 5, None)])
+def test_probe_retries_models_that_refuse_one_sample(n, t, chunk):
+    torch.manual_seed(0)
+    m = _Squeezed().double()
+    theta = fastntk.ntk(m, _x(n, t, 4), chunk_size=chunk, dtype=torch.float64)
+    assert rel_err(theta, reduce(full_kernel(m, _x(n, t, 4)), "sum")) <= TOL64
+    _check(_Squeezed(coupled=True), _x(2, 2, 4))
+
+
+def test_broadcast_parameter_keeps_its_rule_in_a_last_small_chunk(monkeypatch):
+    from fastntk import engine
+
+    class Pos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 3, 4) * 0.3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(x + self.pos).mean(1))
+
+    fallbacks = []
+    real = engine._Job.fallback_grads
+    monkeypatch.setattr(engine._Job, "fallback_grads",
+                        lambda self, rec, g: fallbacks.append(rec.mname) or real(self, rec, g))  # fmt: skip
+    torch.manual_seed(0)
+    m = Pos().double()
+    for chunk in (None, 2, 3):
+        theta = fastntk.ntk(m, _x(3, 3, 4), chunk_size=chunk, dtype=torch.float64)
+        assert rel_err(theta, reduce(full_kernel(m, _x(3, 3, 4)), "sum")) <= TOL64
+    assert not fallbacks
+
+
+@pytest.mark.parametrize("method", ["layerwise", "loop"])
+def test_one_sample_batchnorm_backward_with_channels_last_gradients(method):
+    """PyTorch's CPU BatchNorm backward is wrong for one sample whose output gradient
+    comes in channels-last strides (flatten(2).transpose(1, 2) downstream)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(2).transpose(1, 2)).mean(1)
+
+    torch.manual_seed(0)
+    m = M().double()
+    with torch.no_grad():
+        m.bn.running_var.uniform_(0.5, 1.5)
+        m.bn.weight.uniform_(0.5, 1.5)
+    x = _x(3, 3, 3, 3)
+    for n in (1, 3):
+        ref = reduce(full_kernel(m, x[:n], params=["conv.bias"]), "sum")
+        theta = fastntk.ntk(m, x[:n], params=["conv.bias"], method=method, dtype=torch.float64)
+        assert rel_err(theta, ref) <= TOL64
+    _check(m, x[:1], methods=["auto", "loop"])
