@@ -15,7 +15,7 @@
   with ``is_grads_batched``.
 
 Usage:
-    python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [trace] [pool] [coupled]
+    python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [trace] [pool] [coupled] [mha]
 """
 
 from __future__ import annotations

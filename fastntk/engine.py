@@ -200,8 +200,8 @@ def ntk(
         elif _model.is_coupled(model, bn):
             # One-hot backward passes batched with is_grads_batched (vmap over the backward)
             # for method="vmap", and on a GPU; on the CPU a plain loop of backward passes
-            # is faster: NB201 (C=16), N=64, bn="batch", 2-core CPU: 58 s batched vs 37 s
-            # (bench/bench_engine_choices.py coupled).
+            # is faster: NB201 (C=16), N=64, bn="batch", 2-core CPU: 30.5 s batched vs
+            # 10.4 s (python bench/bench_engine_choices.py coupled, README "Known limits").
             batched = method == "vmap" or (method != "loop" and x1.device.type != "cpu")
             theta = job.coupled(x1, x2, batched=batched, use_vmap=method == "vmap")
         elif method in ("auto", "layerwise", "triton"):
