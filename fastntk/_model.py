@@ -143,13 +143,6 @@ def resolve_dtype(dtype: Any, model: nn.Module, selected: dict[str, torch.Tensor
     return dtype
 
 
-def check_seed(seed: Any) -> int:
-    """``seed`` as an int (numpy integers too); OptionError for anything else."""
-    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
-        raise OptionError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
-    return int(seed.__index__())
-
-
 def default_dtype(model: nn.Module, selected: dict[str, torch.Tensor]) -> torch.dtype:
     """The computation dtype when the caller gives none: the parameters' own dtype.
 
@@ -436,8 +429,9 @@ def _bn_gradient_layout(module: nn.Module, args: Any, out: Any) -> None:
     """PyTorch's CPU BatchNorm backward (2.11 and 2.13) returns a wrong input gradient for
     a batch of one sample when the output gradient arrives in another memory layout than
     the output (channels-last strides, from a ``flatten(2).transpose(1, 2)`` downstream):
-    a per-sample backward or a one-sample chunk gave wrong kernels (0.93 relative error for
-    a conv bias). The gradient is handed on in the output's own layout."""
+    a per-sample backward or a one-sample chunk gave wrong kernels (the conv model of
+    ``tests/test_engine_edge_cases.py::test_one_sample_batchnorm_backward_with_channels_last_gradients``).
+    The gradient is handed on in the output's own layout."""
     if not (isinstance(out, torch.Tensor) and out.grad_fn is not None and out.shape[0] == 1):
         return
     if torch._C._functorch.is_functorch_wrapped_tensor(out):

@@ -12,6 +12,7 @@ from importlib import resources
 import numpy as np
 import torch
 
+from fastntk._args import integer
 from fastntk.errors import InputError, OptionError
 
 # Per-channel statistics of the CIFAR-10 training set (the values every
@@ -60,7 +61,7 @@ def load_cifar10(
             f"asked for {n} CIFAR-10 images from offset {offset}, but the bundled sample "
             f"holds {total}; use n + offset <= {total} (or --data synthetic for more)"
         )
-    perm = np.random.default_rng(_seed(seed)).permutation(total)[offset : offset + n]
+    perm = np.random.default_rng(integer(seed, "seed", 0, 2**63)).permutation(total)[offset : offset + n]
     x = torch.from_numpy(xs[perm].astype(np.float32) / 255.0)
     if normalize:
         mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
@@ -69,19 +70,13 @@ def load_cifar10(
     return x, torch.from_numpy(ys[perm].astype(np.int64))
 
 
-def _seed(seed) -> int:
-    if isinstance(seed, bool) or not hasattr(seed, "__index__") or not 0 <= int(seed) < 2**63:
-        raise OptionError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    return int(seed)
-
-
 def synthetic(
     n: int, *, seed: int = 0, shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded standard-normal images and uniform labels (for tests and scale runs)."""
     if n <= 0:
         raise InputError(f"n must be positive, got {n}")
-    g = torch.Generator().manual_seed(_seed(seed))
+    g = torch.Generator().manual_seed(integer(seed, "seed", 0, 2**63))
     x = torch.randn((n, *shape), generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
     return x, y

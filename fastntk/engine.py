@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, jacrev, vmap
 
-from fastntk import _model, _probe
+from fastntk import _args, _model, _probe
 from fastntk._model import Copies, Head
 from fastntk.errors import NonFiniteKernelError, OptionError, UnsupportedError
 from fastntk.profiling import count_gram, phase
@@ -192,23 +192,23 @@ def ntk(
             f"method='vmap' cannot differentiate {rnn}: torch.func has no batching rule for "
             "its fused kernel; use method='auto' (exact, through the batch graph)"
         )
+    # One-hot backward passes batched with is_grads_batched (vmap over the backward) for
+    # method="vmap", and on a GPU; on the CPU a plain loop of backward passes is faster:
+    # NB201 (C=16), N=64, bn="batch", 2-core CPU: 30.5 s batched vs 10.4 s (python
+    # bench/bench_engine_choices.py coupled, README "Known limits").
+    batched = method == "vmap" or (method != "loop" and x1.device.type != "cpu")
     with _model.model_state(model, bn):
         if rnn is not None and method in ("auto", "layerwise", "triton"):
             # no per-layer rule, no vmap (not even over the backward: is_grads_batched):
             # one backward per sample and pass (exact)
             theta = job.coupled(x1, x2, batched=False)
         elif _model.is_coupled(model, bn):
-            # One-hot backward passes batched with is_grads_batched (vmap over the backward)
-            # for method="vmap", and on a GPU; on the CPU a plain loop of backward passes
-            # is faster: NB201 (C=16), N=64, bn="batch", 2-core CPU: 30.5 s batched vs
-            # 10.4 s (python bench/bench_engine_choices.py coupled, README "Known limits").
-            batched = method == "vmap" or (method != "loop" and x1.device.type != "cpu")
             theta = job.coupled(x1, x2, batched=batched, use_vmap=method == "vmap")
         elif method in ("auto", "layerwise", "triton"):
             try:
                 theta = job.layerwise(x1, x2)
             except _SamplesCoupled:  # measured by the probe: x - x.mean(0) in a forward
-                theta = job.coupled(x1, x2, batched=x1.device.type != "cpu")
+                theta = job.coupled(x1, x2, batched=batched)
         elif method == "vmap":
             theta = job.vmap(x1, x2)
         else:
@@ -261,14 +261,15 @@ def ntk_sketch(
         )
     if not isinstance(sketch_dim, int) or isinstance(sketch_dim, bool) or sketch_dim < 1:
         raise OptionError(f"sketch_dim must be a positive int, got {sketch_dim!r}")
-    seed = _model.check_seed(seed)
+    seed = _args.integer(seed, "seed")
     selected = _model.select_params(model, params)
     dtype = _model.resolve_dtype(dtype, model, selected)
     samples, cols = _chunks(chunk_size)
     job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, "torch")
-    if _model.recurrent(model) is not None:
+    rnn = _model.recurrent(model)
+    if rnn is not None:
         raise UnsupportedError(
-            f"the sketch cannot take {_model.recurrent(model)}: it streams per-layer "
+            f"the sketch cannot take {rnn}: it streams per-layer "
             "per-sample gradients, and no rule or torch.func fallback covers recurrent "
             "layers; use fastntk.ntk(method='auto') (exact, through the batch graph)"
         )
@@ -975,11 +976,11 @@ class _Job:
                 raise _SamplesCoupled(coupled)
             self._first_calls = self._calls(cap)
             self._untracked, self._adopted = self._outside_uses(cap, y, self._first_calls)
-        elif self._calls(cap) != self._first_calls:
+        elif (calls := self._calls(cap)) != self._first_calls:
             # this chunk calls the modules otherwise than the first (a forward that
             # branches on the batch size, data-dependent calls): its parameters must be
             # served as the first chunk's were, or their blocks would not meet
-            untracked, adopted = self._outside_uses(cap, y, self._calls(cap))
+            untracked, adopted = self._outside_uses(cap, y, calls)
             changed = sorted((untracked ^ self._untracked) | (set(adopted) ^ set(self._adopted)))
             if changed:
                 raise UnsupportedError(

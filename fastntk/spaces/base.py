@@ -13,7 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch.nn as nn
 
-from fastntk.errors import ArchitectureError, OptionError
+from fastntk._args import integer, is_int
+from fastntk.errors import ArchitectureError
 
 
 @runtime_checkable
@@ -50,9 +51,7 @@ class SearchSpace(Protocol):
 
 def positive_int(name: str, v: Any, minimum: int = 1) -> int:
     """``v`` as an int >= ``minimum`` (numpy integers too); OptionError otherwise."""
-    if isinstance(v, bool) or not hasattr(v, "__index__") or int(v.__index__()) < minimum:
-        raise OptionError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v.__index__())
+    return integer(v, name, lo=minimum)
 
 
 def exact_ints(values: Any, what: str) -> tuple[int, ...]:
@@ -61,7 +60,7 @@ def exact_ints(values: Any, what: str) -> tuple[int, ...]:
         items = tuple(values)
     except TypeError:
         raise ArchitectureError(f"{what}, got {values!r}") from None
-    if any(isinstance(v, bool) or not hasattr(v, "__index__") for v in items):
+    if not all(is_int(v) for v in items):
         raise ArchitectureError(f"{what} (integers), got {values!r}")
     return tuple(int(v.__index__()) for v in items)
 
