@@ -13,6 +13,7 @@ BatchNorm forward are changed for the duration of a call and restored in a
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 import functools
 import types
@@ -322,8 +323,11 @@ class Copies:
     buffers: dict[str, torch.Tensor]
     selected: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def call(self, model: nn.Module, x: torch.Tensor) -> Any:
-        return functional_call(model, (self.params, self.buffers), (x,), tie_weights=True)
+    def call(self, model: nn.Module, x: torch.Tensor, *, samples: int | str | None = None) -> Any:
+        """``model(x)`` with the copies; ``samples``, what ``x`` holds for bn="per_sample"
+        (:func:`forward_samples`), is by default a sample per row of dim 0."""
+        with forward_samples(x.shape[0] if samples is None else samples):
+            return functional_call(model, (self.params, self.buffers), (x,), tie_weights=True)
 
 
 def make_copies(model: nn.Module, selected: dict[str, nn.Parameter], dtype: torch.dtype) -> Copies:
@@ -342,12 +346,91 @@ def make_copies(model: nn.Module, selected: dict[str, nn.Parameter], dtype: torc
     return Copies(params, buffers, {n: params[n] for n in selected})
 
 
+class MergedSamplesError(UnsupportedError):
+    """bn="per_sample": a BatchNorm's rows are not the forward's samples."""
+
+
+# What the forward running now is made of, for bn="per_sample": the number of samples
+# (a batch along dim 0: each of a BatchNorm's rows must be one of them), ALONE (one
+# sample, all rows its own: a function vmapped over the samples, as vmap(jacrev) sees the
+# model) or ROWS (each row normalised by itself, unchecked: the probe, which only measures
+# shapes, and a rule re-running one module on its samples' rows; also the default).
+ALONE, ROWS = "alone", "rows"
+_FORWARD_SAMPLES: contextvars.ContextVar[int | str] = contextvars.ContextVar(
+    "fastntk_forward_samples", default=ROWS
+)
+
+
+@contextlib.contextmanager
+def forward_samples(n: int | str) -> Iterator[None]:
+    token = _FORWARD_SAMPLES.set(n)
+    try:
+        yield
+    finally:
+        _FORWARD_SAMPLES.reset(token)
+
+
 def _per_sample_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    y = per_sample_batchnorm(self, x)
+    n = _FORWARD_SAMPLES.get()
+    if n == ALONE:  # one sample: its statistics over all its rows and positions
+        y = per_sample_batchnorm(self, x, rows_are_samples=False)
+    elif n == ROWS or x.shape[0] == n:
+        y = per_sample_batchnorm(self, x)
+    else:
+        raise MergedSamplesError(
+            f"bn='per_sample' normalises each sample by its own statistics, but a "
+            f"{type(self).__name__} is given {x.shape[0]} rows for {n} samples (samples "
+            "merged with another dim, e.g. (N*T, C) frames, or no sample dim): a batched "
+            "forward cannot tell which rows are one sample's. method='auto' or 'vmap' runs "
+            "each sample alone (exact); other methods need bn='eval' or 'batch' here"
+        )
     if self.weight is not None:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         y = y * self.weight.view(shape) + self.bias.view(shape)
     return y
+
+
+@contextlib.contextmanager
+def _input_shapes(mods: list[nn.Module]) -> Iterator[list[tuple[int, ...]]]:
+    """The first input's shape of every call of ``mods`` made inside the block."""
+    seen: list[tuple[int, ...]] = []
+    hs = [m.register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape))) for m in mods]
+    try:
+        yield seen
+    finally:
+        for h in hs:
+            h.remove()
+
+
+@contextlib.contextmanager
+def bn_rows_checked(model: nn.Module, copies: Copies, x: torch.Tensor, bn: str) -> Iterator[None]:
+    """Around a batched forward of ``x`` (the batch graph's, which has no probe): with
+    bn="per_sample", refuse BatchNorms whose rows are not the samples. A row count that
+    differs from the samples' is caught by the BatchNorm's forward; one that equals it by
+    chance (T = N time steps as rows) is caught here, against a forward of one sample:
+    each call's dim 0 must hold n rows in the batch and one alone."""
+    mods = batchnorms(model) if bn == "per_sample" and x.shape[0] > 1 else []
+    if not mods:
+        yield
+        return
+    try:
+        with torch.no_grad(), _input_shapes(mods) as alone:
+            copies.call(model, x[-1:], samples=ROWS)
+    except Exception:  # noqa: BLE001 - a model that cannot run one sample: unchecked
+        alone = None
+    with _input_shapes(mods) as batch:
+        yield
+    if alone is None:
+        return
+    if len(alone) != len(batch) or any(
+        b[0] != x.shape[0] or a[0] != 1 or a[1:] != b[1:] for a, b in zip(alone, batch)
+    ):
+        raise MergedSamplesError(
+            "bn='per_sample' normalises each row of a BatchNorm input's dim 0 as one sample, "
+            "but a BatchNorm of this model is given rows that are not its samples (time "
+            "steps, or no sample dim): method='auto' or 'vmap' runs each sample alone "
+            "(exact); other methods need bn='eval' or 'batch' here"
+        )
 
 
 def batchnorms(model: nn.Module) -> list[nn.Module]:

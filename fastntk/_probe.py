@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from fastntk import _model
+
 AMBIGUOUS = -1  # the samples are not in one dim (merged with another, or mixed)
 UNKNOWN = -2  # the shapes differ, but nothing scales with the batch (data-dependent sizes)
 
@@ -100,7 +102,8 @@ class Probe:
         (``rules.broadcast``: ``x + pos_embed``, not ``x.transpose(0, 1) + p``)."""
         if self.uses is None:
             with torch.enable_grad():
-                y = job.head(job.copies.call(job.model, job._prep(self.xs)), self.xs.shape[0])
+                xs = job._prep(self.xs)
+                y = job.head(job.copies.call(job.model, xs, samples=_model.ROWS), xs.shape[0])
                 found = job._param_consumers(y, job.selected)
             self.uses = {
                 p: [tuple(node._input_metadata[0].shape) for node, _ in lst]
@@ -208,7 +211,8 @@ def run(job, x: torch.Tensor) -> Probe | None:
         ]
         try:
             with torch.no_grad():
-                y = job.head(job.copies.call(job.model, job._prep(xs)), xs.shape[0])
+                xp = job._prep(xs)
+                y = job.head(job.copies.call(job.model, xp, samples=_model.ROWS), xs.shape[0])
         except Exception:  # noqa: BLE001 - the model need not run on a batch this small
             continue
         finally:

@@ -198,21 +198,28 @@ def ntk(
     # bench/bench_engine_choices.py coupled, README "Known limits").
     batched = method == "vmap" or (method != "loop" and x1.device.type != "cpu")
     with _model.model_state(model, bn):
-        if rnn is not None and method in ("auto", "layerwise", "triton"):
-            # no per-layer rule, no vmap (not even over the backward: is_grads_batched):
-            # one backward per sample and pass (exact)
-            theta = job.coupled(x1, x2, batched=False)
-        elif _model.is_coupled(model, bn):
-            theta = job.coupled(x1, x2, batched=batched, use_vmap=method == "vmap")
-        elif method in ("auto", "layerwise", "triton"):
-            try:
-                theta = job.layerwise(x1, x2)
-            except _SamplesCoupled:  # measured by the probe: x - x.mean(0) in a forward
-                theta = job.coupled(x1, x2, batched=batched)
-        elif method == "vmap":
+        try:
+            if rnn is not None and method in ("auto", "layerwise", "triton"):
+                # no per-layer rule, no vmap (not even over the backward: is_grads_batched):
+                # one backward per sample and pass (exact)
+                theta = job.coupled(x1, x2, batched=False)
+            elif _model.is_coupled(model, bn):
+                theta = job.coupled(x1, x2, batched=batched, use_vmap=method == "vmap")
+            elif method in ("auto", "layerwise", "triton"):
+                try:
+                    theta = job.layerwise(x1, x2)
+                except _SamplesCoupled:  # measured by the probe: x - x.mean(0) in a forward
+                    theta = job.coupled(x1, x2, batched=batched)
+            elif method == "vmap":
+                theta = job.vmap(x1, x2)
+            else:
+                theta = job.coupled(x1, x2, batched=False)
+        except _model.MergedSamplesError:
+            # bn="per_sample" with a BatchNorm whose rows are not the samples (frames
+            # merged into the batch dim): only a forward of each sample alone is exact
+            if method != "auto" or rnn is not None:
+                raise
             theta = job.vmap(x1, x2)
-        else:
-            theta = job.coupled(x1, x2, batched=False)
         if not bool(torch.isfinite(theta).all()):
             raise NonFiniteKernelError(job.diagnose_nonfinite(x1, x2))
     return theta
@@ -468,12 +475,12 @@ class _Capture:
             rule = base_rule
             if dims is not None and self.job.bn == "per_sample" and isinstance(
                 mod, nn.modules.batchnorm._BatchNorm
-            ) and next((d for d in dims.ins if d is not None), 0) != 0:
-                raise UnsupportedError(
-                    f"bn='per_sample' normalises each row of a BatchNorm input's dim 0, but "
-                    f"{mname!r} is given the samples merged with another dim (e.g. (N*T, C, "
-                    "H, W) frames): its statistics would be per row, not per sample. Use "
-                    "bn='eval' or 'batch' for this model"
+            ) and (dims.ins[0] if dims.ins else None) != 0:
+                raise _model.MergedSamplesError(
+                    f"bn='per_sample' normalises each row of a BatchNorm input's dim 0 as one "
+                    f"sample, but {mname!r} is given its samples in another dim (or none): "
+                    "method='auto' or 'vmap' runs each sample alone (exact); other methods "
+                    "need bn='eval' or 'batch' here"
                 )
             if dims is not None:
                 layout = _layout(dims, pos, _batch_dim(mod), rule is not None)
@@ -1226,13 +1233,13 @@ class _Job:
         sel = {p: copies.params[p].detach() for p in pnames}
         rest = {k: v.detach() for k, v in copies.params.items() if k not in sel}
         xp = x.detach().to(self.dtype) if x.is_floating_point() else x
-        y0 = head(copies.call(self.model, xp[:1]), 1)
+        y0 = head(copies.call(self.model, xp[:1], samples=_model.ALONE), 1)
         W = torch.stack(head.passes(y0))[:, 0]  # (npasses, K)
 
         def f(p, xi):
-            out = functional_call(
-                self.model, ({**rest, **p}, copies.buffers), (xi.unsqueeze(0),), tie_weights=True
-            )
+            with _model.forward_samples(_model.ALONE):
+                state = ({**rest, **p}, copies.buffers)
+                out = functional_call(self.model, state, (xi.unsqueeze(0),), tie_weights=True)
             return W @ head(out)[0]  # (npasses,)
 
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -1279,7 +1286,7 @@ class _Job:
         n = x.shape[0]
         names = list(self.selected)
         xp = x.detach().to(self.dtype) if x.is_floating_point() else x
-        with phase("forward"):
+        with phase("forward"), _model.bn_rows_checked(self.model, self.copies, xp, self.bn):
             raw = self.copies.call(self.model, xp)
         y = self.head(raw, n)
         passes = self.head.passes(y)
@@ -1386,7 +1393,13 @@ class _Job:
             if x is None:
                 continue
             xp = x.detach().to(self.dtype) if x.is_floating_point() else x
-            y = self.head(self.copies.call(self.model, xp))
+            try:
+                y = self.head(self.copies.call(self.model, xp))
+            except _model.MergedSamplesError:  # bn="per_sample" on merged samples: no
+                return (  # batched forward to diagnose with (the kernel came from vmap)
+                    "the kernel is not finite (NaN/Inf); compute it with "
+                    "dtype=torch.float64, or check the inputs and the model's initialisation"
+                )
             if not bool(torch.isfinite(y).all()):
                 return (
                     "the model's output is not finite (NaN/Inf) for some inputs, so the kernel "

@@ -96,6 +96,7 @@ def explain(
     with _model.model_state(model, bn):
         cap = engine._Capture(job)
         cap.install()
+        alone = None  # why ntk runs each sample alone (vmap), if it does
         try:
             xs = x[: min(2, x.shape[0])]
             job.run_probe(xs)
@@ -119,33 +120,49 @@ def explain(
                 for r in cap.records
                 for t in engine._tensors(r.saved if r.rule is None else (r.saved,))
             ) + sum(r.out_bytes for r in cap.records)
+        except _model.MergedSamplesError as e:  # bn="per_sample" on rows that are not samples
+            if rnn is not None:  # ntk cannot vmap a recurrent model: it refuses
+                raise
+            alone = str(e).split(":")[0]
         finally:
             cap.remove()
             cap.release()
-        for pname, p in selected.items():
-            mname, mod, _ = owners[pname][0]
-            if coupled:
-                path = "coupled"
-            elif pname in cap.broadcast:
-                path = "rule:BroadcastRule (added or expanded over the batch outside modules)"
-            elif pname in cap.excluded and mname in job.unbatched_calls:
-                path = "fallback:model (its module's call has no sample dim: no batched input)"
-            elif pname in cap.excluded:
-                path = "fallback:model (used outside its module's call)"
-            elif pname in job._adopted:
-                anc = job._adopted[pname][0]
-                kind = f"rule:{type(ruled[anc]).__name__}" if anc not in declined else "fallback:module"
-                path = f"{kind} (used inside {repr(anc) if anc else 'the model'}'s call)"
-            elif not any(mn in called for mn in job.module_of[pname]):
-                path = "unused (no gradient reaches it)"
-            else:
-                rule = job.rules[mname]
-                path = f"rule:{type(rule).__name__}" if rule is not None else "fallback:module"
-                if rule is not None and mname in declined:
-                    path = f"fallback:module ({type(rule).__name__} declined the call)"
-                if pname in cap.deferred_params:
-                    path += " (used several times: exact sum of uses)"
-            rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), path))
+        if alone is not None:
+            coupled = False
+            notes.append(f"{alone}: ntk's method='auto' runs each sample alone through the "
+                         "model (torch.func vmap(jacrev), exact; holds a chunk's Jacobian)")
+            for pname, p in selected.items():
+                mname, mod, _ = owners[pname][0]
+                rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), "vmap"))
+            act = 0
+        else:
+            for pname, p in selected.items():
+                mname, mod, _ = owners[pname][0]
+                if coupled:
+                    path = "coupled"
+                elif pname in cap.broadcast:
+                    path = "rule:BroadcastRule (added or expanded over the batch outside modules)"
+                elif pname in cap.excluded and mname in job.unbatched_calls:
+                    path = "fallback:model (its module's call has no sample dim: no batched input)"
+                elif pname in cap.excluded:
+                    path = "fallback:model (used outside its module's call)"
+                elif pname in job._adopted:
+                    anc = job._adopted[pname][0]
+                    kind = (
+                        f"rule:{type(ruled[anc]).__name__}" if anc not in declined
+                        else "fallback:module"
+                    )
+                    path = f"{kind} (used inside {repr(anc) if anc else 'the model'}'s call)"
+                elif not any(mn in called for mn in job.module_of[pname]):
+                    path = "unused (no gradient reaches it)"
+                else:
+                    rule = job.rules[mname]
+                    path = f"rule:{type(rule).__name__}" if rule is not None else "fallback:module"
+                    if rule is not None and mname in declined:
+                        path = f"fallback:module ({type(rule).__name__} declined the call)"
+                    if pname in cap.deferred_params:
+                        path += " (used several times: exact sum of uses)"
+                rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), path))
         # activation memory of one chunk, scaled from the probe's saved tensors
         act = act * 2 // max(1, xs.shape[0])  # per sample, inputs and output gradients
     n1 = x.shape[0]

@@ -551,20 +551,91 @@ def test_forward_that_branches_on_the_batch_size_is_refused_across_chunks():
         fastntk.ntk(m, _x(4, 4), _x(5, 4, seed=2), chunk_size=4, dtype=torch.float64)
 
 
-def test_per_sample_batchnorm_on_merged_samples_is_refused():
-    class M(nn.Module):  # time-distributed: (N, T, C) frames through one BatchNorm
-        def __init__(self):
-            super().__init__()
-            self.bn, self.fc = nn.BatchNorm1d(3), nn.Linear(3, 2)
+class _Frames(nn.Module):
+    """Time-distributed: (N, T, C) frames merged into one BatchNorm's rows (N*T, C)."""
 
-        def forward(self, x):
-            n, t, c = x.shape
-            return self.fc(self.bn(x.reshape(n * t, c)).reshape(n, t, c).mean(1))
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(3), nn.Linear(3, 2)
 
+    def forward(self, x):
+        n, t, c = x.shape
+        return self.fc(self.bn(x.reshape(n * t, c)).reshape(n, t, c).relu().mean(1))
+
+
+class _TimeRows(nn.Module):
+    """A BatchNorm1d on (T, C, N): rows are time steps, the samples its positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(x.permute(1, 2, 0)).permute(2, 0, 1).tanh().mean(1))
+
+
+class _Query(nn.Module):
+    """A BatchNorm on a learned query (no sample dim), as many rows as the samples."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.q = nn.Parameter(torch.randn(rows, 3))
+        self.bn, self.fc = nn.BatchNorm1d(3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc((x @ self.bn(self.q).T).tanh() @ self.q)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (_Frames, (4, 5, 3)),
+        (_TimeRows, (4, 5, 3)),
+        (_TimeRows, (4, 4, 3)),
+        (lambda: _Query(4), (4, 3)),
+    ],
+    ids=["merged-frames", "time-rows", "time-rows-T=N", "query-rows=N"],
+)
+def test_per_sample_batchnorm_whose_rows_are_not_the_samples(make, shape):
+    """bn="per_sample" is each sample alone through a train-mode BatchNorm (the oracle).
+    Where a BatchNorm's rows are not the samples, a batched forward cannot normalise per
+    sample (it normalised each row, silently, and method="vmap" did the same inside
+    vmap): "auto" and "vmap" run each sample alone, the batched methods refuse."""
     torch.manual_seed(0)
+    m = make().double()
+    x1, x2 = _x(*shape), _x(3, *shape[1:], seed=2)
+    for xa, xb in ((x1, None), (x1, x2)):
+        ref = reduce(full_kernel(m, xa, xb, bn="per_sample"), "sum")
+        for method in ("auto", "vmap"):
+            theta = fastntk.ntk(m, xa, xb, bn="per_sample", method=method, dtype=torch.float64)
+            assert rel_err(theta, ref) <= TOL64, method
+    for method in ("layerwise", "loop"):
+        with pytest.raises(UnsupportedError, match="per_sample.*method='auto' or 'vmap'"):
+            fastntk.ntk(m, x1, bn="per_sample", method=method, dtype=torch.float64)
     with pytest.raises(UnsupportedError, match="per_sample"):
-        fastntk.ntk(M(), torch.randn(4, 5, 3), bn="per_sample")
-    _check(M(), _x(4, 5, 3))  # eval: exact
+        fastntk.ntk_sketch(m, x1, bn="per_sample", sketch_dim=8, dtype=torch.float64)
+    report = fastntk.explain(m, x1, bn="per_sample")
+    assert {p.path for p in report.params} == {"vmap"} and "each sample alone" in str(report)
+    _check(make(), x1)  # eval: exact on every method
+
+
+def test_per_sample_batchnorm_on_one_sample_rows_keeps_the_fast_path():
+    """Rows that are the samples (the usual (N, C, H, W)): no vmap, same kernel."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
+    m.append(nn.Linear(12, 2))
+    m = m.double()
+    x = _x(5, 2, 4, 4)
+    ref = reduce(full_kernel(m, x, bn="per_sample"), "sum")
+    with fastntk.profile() as prof:
+        theta = fastntk.ntk(m, x, bn="per_sample", dtype=torch.float64)
+    assert rel_err(theta, ref) <= TOL64
+    assert prof.seconds.get("per_sample", 0) > 0 and prof.seconds.get("jacobian", 0) == 0
+    loop = fastntk.ntk(m, x, bn="per_sample", method="loop", dtype=torch.float64)
+    assert rel_err(loop, ref) <= TOL64
+    assert {p.path for p in fastntk.explain(m, x, bn="per_sample").params} == {
+        "rule:ConvRule", "rule:BatchNormRule", "rule:LinearRule"
+    }
 
 
 def test_a_forward_that_depends_on_the_batch_position_stays_exact():

@@ -34,9 +34,16 @@ def _channel_sums(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1).sum(2)
 
 
-def per_sample_batchnorm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Normalise each sample by its own per-channel statistics (no affine)."""
-    dims = tuple(range(2, x.dim()))
+def per_sample_batchnorm(
+    module: nn.Module, x: torch.Tensor, rows_are_samples: bool = True
+) -> torch.Tensor:
+    """Normalise each sample by its own per-channel statistics (no affine).
+
+    ``x`` is (rows, C, ...): each row one sample (statistics over its positions), or
+    with ``rows_are_samples=False`` all rows one sample's (statistics over the rows and
+    positions: a train-mode BatchNorm on that sample alone).
+    """
+    dims = tuple(d for d in range(x.dim()) if d >= 2 or (d == 0 and not rows_are_samples))
     if not dims:  # (n, C): one value per sample and channel, so xhat = 0
         return torch.zeros_like(x)
     mean = x.mean(dims, keepdim=True)
