@@ -18,10 +18,12 @@ Numerical conventions (shared by every spectral metric):
   ``‖K − Kᵀ‖_F / ‖K‖_F`` exceeds ``1e-4`` is rejected (it is not a kernel).
 * **Clamping rule.** With ``tol = rtol · λmax`` (default ``rtol = N · eps(K.dtype)``,
   the NumPy ``matrix_rank`` rule, with the machine epsilon of the dtype the kernel
-  was *computed* in: float32 kernels carry float32 rounding), eigenvalues with
+  was *computed* in: float32 kernels carry float32 rounding; the model-level
+  functions take it from the engine's computation dtype), eigenvalues with
   ``|λ| <= tol`` are numerically zero. An eigenvalue below ``-tol`` means the
   kernel is indefinite beyond rounding: :class:`InputError`. ``λmax <= 0``
-  (a zero or negative kernel): :class:`InputError`.
+  (a zero or negative kernel), or ``rtol >= 1`` (no eigenvalue can be told from
+  zero: a bfloat16 kernel at N >= 128, float16 at N >= 1024): :class:`InputError`.
 * **Singular kernels** (``λmin`` numerically zero) have an infinite condition
   number: :func:`condition_number` returns ``math.inf`` (``ncn``: ``-math.inf``),
   the only place a metric returns an infinity. ``singular="nonzero"`` gives the
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastntk import _model
+from fastntk import _args, _model
 from fastntk.errors import (
     InputError,
     InputTypeError,
@@ -138,9 +141,22 @@ def _check_labels(y: Any, n: int, what: str = "labels") -> torch.Tensor:
     return t.to(device="cpu", dtype=torch.int64)
 
 
+def _scaled(t: torch.Tensor) -> torch.Tensor:
+    """``t / max|t|`` (``t`` if zero): sums of squares of entries near 1e160 overflow,
+    near 1e-170 underflow, in float64."""
+    top = float(t.abs().max()) if t.numel() else 0.0
+    return t / top if top > 0.0 else t
+
+
+def _frobenius(t: torch.Tensor) -> float:
+    top = float(t.abs().max()) if t.numel() else 0.0
+    return top * float(torch.linalg.matrix_norm(t / top)) if top > 0.0 else 0.0
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
-    a = a.reshape(-1) - a.mean()
-    b = b.reshape(-1) - b.mean()
+    a, b = _scaled(a.reshape(-1)), _scaled(b.reshape(-1))
+    a = a - a.mean()
+    b = b - b.mean()
     na = torch.linalg.vector_norm(a)
     nb = torch.linalg.vector_norm(b)
     if float(na) == 0.0 or float(nb) == 0.0:
@@ -182,10 +198,17 @@ def _clamped_spectrum(K: Any, rtol: float | None) -> tuple[torch.Tensor, float]:
     lmax = float(lam[-1])
     if not lmax > 0.0:
         raise InputError(f"kernel has no positive eigenvalue (λmax = {lmax:.3g}); not a NTK")
-    if rtol is None:
+    default = rtol is None
+    if default:
         rtol = n * _eps_of(t)
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol >= 0 or math.isinf(rtol):
-        raise OptionError(f"rtol must be a finite number >= 0 (or None), got {rtol!r}")
+    _check_rtol(rtol)
+    if rtol >= 1.0:
+        why = (f"the default rtol = N·eps({t.dtype}) = {rtol:.3g}" if default
+               else f"rtol = {rtol:.3g}")  # fmt: skip
+        raise InputError(
+            f"no eigenvalue of this {n} x {n} kernel can be told from zero: {why} >= 1; "
+            "compute the kernel in float32 or float64 (dtype=...), or pass rtol < 1"
+        )
     tol = rtol * lmax
     lmin = float(lam[0])
     if lmin < -tol:
@@ -198,9 +221,26 @@ def _clamped_spectrum(K: Any, rtol: float | None) -> tuple[torch.Tensor, float]:
     return lam, tol
 
 
+def _check_rtol(rtol: Any) -> None:
+    if (
+        isinstance(rtol, bool) or not isinstance(rtol, numbers.Real)
+        or not rtol >= 0 or math.isinf(rtol)
+    ):  # fmt: skip
+        raise OptionError(f"rtol must be a finite number >= 0 (or None), got {rtol!r}")
+
+
+def _nonneg(value: Any, what: str) -> float:
+    """A finite number >= 0 (NaN and inf refused), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        value >= 0 and math.isfinite(value)
+    ):
+        raise OptionError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def fnorm(K: Any) -> float:
     """Frobenius norm ``‖Θ‖_F`` (LGA paper, Metric I; higher is better)."""
-    return float(torch.linalg.matrix_norm(_check_kernel(K)))
+    return _frobenius(_check_kernel(K))
 
 
 def mean(K: Any) -> float:
@@ -318,10 +358,11 @@ def relative_kernel_difference(K0: Any, Kt: Any) -> float:
     B = _check_kernel(Kt, "Kt", square=False)
     if A.shape != B.shape:
         raise InputError(f"kernel shapes differ: {tuple(A.shape)} vs {tuple(B.shape)}")
-    n0 = float(torch.linalg.matrix_norm(A))
+    top = max(float(A.abs().max()), float(B.abs().max()))
+    n0 = _frobenius(A)
     if n0 == 0.0:
         raise InputError("relative kernel difference is undefined: ‖Θ0‖_F = 0")
-    return float(torch.linalg.matrix_norm(B - A)) / n0
+    return _frobenius(B / top - A / top) * top / n0
 
 
 def _average_ranks(v: np.ndarray) -> np.ndarray:
@@ -420,8 +461,9 @@ def _ntk_kwargs(bn: str, params: Any, output: Any, dtype: Any, chunk_size: Any) 
 
 
 def _kernel(model: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
-    """Θ(x, x) as float64 CPU (one engine call; with ``bn="batch"`` x is one BN batch)."""
-    return _ntk(model, x, None, **kw).detach().double().cpu()
+    """Θ(x, x) on the CPU in the engine's computation dtype, which sets the spectral
+    metrics' rounding tolerance (one engine call; with ``bn="batch"`` x is one BN batch)."""
+    return _ntk(model, x, None, **kw).detach().cpu()
 
 
 def _joint(
@@ -466,8 +508,7 @@ def _solve_psd(K: torch.Tensor, B: torch.Tensor, jitter: float) -> torch.Tensor:
     scale = float(torch.diagonal(Ks).mean())
     if not scale > 0.0:
         raise InputError("kernel regression needs a positive-diagonal train kernel Θ(train, train)")
-    if jitter < 0:
-        raise OptionError(f"jitter must be >= 0, got {jitter}")
+    jitter = _nonneg(jitter, "jitter")
     eye = torch.eye(n, dtype=Ks.dtype)
     eps = jitter * scale
     for _ in range(7):
@@ -493,29 +534,30 @@ def _solve_psd(K: torch.Tensor, B: torch.Tensor, jitter: float) -> torch.Tensor:
 EXPRESSIVITY_HIGHER_IS_BETTER = False
 
 
-def _ntk_score_from_kernels(
-    K_st: torch.Tensor,
+def _regression_scores(
     K_tr: torch.Tensor,
     K_te_tr: torch.Tensor,
-    K_pe_tr: torch.Tensor,
+    K_pe_tr: torch.Tensor | None,
     y_train: torch.Tensor,
     y_test: torch.Tensor,
     num_classes: int,
     jitter: float,
-    rtol: float | None,
-) -> tuple[float, float, float]:
-    S_t = trainability(K_st, rtol=rtol)
+) -> tuple[float | None, float]:
+    """``(S_e, S_g)`` (Eq. 9, 10) by kernel regression, in float64; S_e is None without
+    the perturbed test kernel. Neither needs an eigenvalue (S_t's spectrum check can fail
+    where they are defined)."""
     Y_tr = _centred_one_hot(y_train, num_classes)
     Y_te = _centred_one_hot(y_test, num_classes)
-    alpha = _solve_psd(K_tr, Y_tr, jitter)  # Θ_tr⁻¹ Ỹ_train, (n_train, K)
-    f_te = K_te_tr @ alpha  # Eq. 6
-    f_pe = K_pe_tr @ alpha  # Eq. 8
+    alpha = _solve_psd(K_tr.double(), Y_tr, jitter)  # Θ_tr⁻¹ Ỹ_train, (n_train, K)
+    f_te = K_te_tr.double() @ alpha  # Eq. 6
+    S_g = float(torch.linalg.vector_norm(f_te - Y_te))  # Eq. 10
+    if K_pe_tr is None:
+        return None, S_g
+    f_pe = K_pe_tr.double() @ alpha  # Eq. 8
     p = torch.softmax(f_te, dim=1)
     log_q = torch.log_softmax(f_pe, dim=1)
     ce = float(-(p * log_q).sum(dim=1).mean())
-    S_e = -ce  # Eq. 9
-    S_g = float(torch.linalg.vector_norm(f_te - Y_te))  # Eq. 10
-    return S_t, S_e, S_g
+    return -ce, S_g  # Eq. 9
 
 
 def _resolve_classes(num_classes: int | None, *ys: torch.Tensor) -> int:
@@ -525,7 +567,7 @@ def _resolve_classes(num_classes: int | None, *ys: torch.Tensor) -> int:
         raise InputError(f"class labels must be >= 0, got {lo}")
     if num_classes is None:
         num_classes = hi
-    elif hi > num_classes:
+    elif (num_classes := _args.integer(num_classes, "num_classes")) < hi:
         raise InputError(f"label {hi - 1} out of range for num_classes = {num_classes}")
     if num_classes < 2:
         raise InputError("the NTK-score needs at least two classes")
@@ -533,7 +575,13 @@ def _resolve_classes(num_classes: int | None, *ys: torch.Tensor) -> int:
 
 
 def _perturb(x: torch.Tensor, noise_std: float, seed: int) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    if not x.is_floating_point():
+        raise InputError(
+            "expressivity (S_e) perturbs the test inputs with Gaussian noise (Eq. 7), which "
+            f"{x.dtype} token ids cannot take; leave it out (e.g. names='trainability,"
+            "generalization' in compute_metrics)"
+        )
+    g = torch.Generator(device="cpu").manual_seed(_args.integer(seed, "seed"))
     eps = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
     return x + noise_std * eps
 
@@ -587,6 +635,9 @@ def ntk_score(
     Θ(train, train) on the train batch alone, so that it equals ``trainability`` of the
     train kernel. The model is not changed.
 
+    ``num_classes``: K of the one-hot targets; None takes the largest label in ``y_train``
+    and ``y_test`` plus one (S_g depends on K through the centring 1/K).
+
     Returns:
         ``(S_t, S_e, S_g)`` as Python floats.
     """
@@ -595,13 +646,15 @@ def ntk_score(
     ytr = _check_labels(y_train, x_train.shape[0], "y_train")
     yte = _check_labels(y_test, x_test.shape[0], "y_test")
     num_classes = _resolve_classes(num_classes, ytr, yte)
-    if noise_std < 0:
-        raise OptionError(f"noise_std must be >= 0, got {noise_std}")
+    noise_std = _nonneg(noise_std, "noise_std")
+    jitter = _nonneg(jitter, "jitter")
     kw = _ntk_kwargs(bn, params, output, dtype, chunk_size)
     x_pert = _perturb(x_test, noise_std, seed)
     K_tr, (K_te, K_pe) = _joint(model, x_train, [x_test, x_pert], kw)
     K_st = _kernel(model, x_train, kw) if bn == "batch" else K_tr
-    return _ntk_score_from_kernels(K_st, K_tr, K_te, K_pe, ytr, yte, num_classes, jitter, rtol)
+    S_e, S_g = _regression_scores(K_tr, K_te, K_pe, ytr, yte, num_classes, jitter)
+    assert S_e is not None
+    return trainability(K_st, rtol=rtol), S_e, S_g
 
 
 # --------------------------------------------------------------------------------------
@@ -627,8 +680,7 @@ def highpass(x: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
     x = _check_batch(x, "x")
     if x.dim() < 3:
         raise InputError(f"highpass needs (N, C, *spatial) inputs, got shape {tuple(x.shape)}")
-    if cutoff < 0:
-        raise OptionError(f"cutoff must be >= 0, got {cutoff}")
+    cutoff = _nonneg(cutoff, "cutoff")
     dims = tuple(range(2, x.dim()))
     X = torch.fft.fftn(x.to(torch.float64), dim=dims)
     r2 = torch.zeros((), dtype=torch.float64)
@@ -667,21 +719,30 @@ def vintk_kernel(
     ``kernel``: Θ(x, x) if already computed with the same options (reused, saving one
     engine call); otherwise it is computed.
     """
+    return _vintk_parts(model, x, cutoff, beta, bn, params, output, dtype, chunk_size, kernel)[0]
+
+
+def _vintk_parts(
+    model, x, cutoff, beta, bn, params, output, dtype, chunk_size, kernel
+) -> tuple[torch.Tensor, float]:
+    """Θ_vi in float64, and the machine epsilon of the dtype its kernels were computed in
+    (the spectral reducers' rounding tolerance; float64 here would hide float32 noise)."""
     x = _check_batch(x, "x")
-    if beta < 0:
-        raise OptionError(f"beta must be >= 0, got {beta}")
+    beta = _nonneg(beta, "beta")
     kw = _ntk_kwargs(bn, params, output, dtype, chunk_size)
     xh = highpass(x, cutoff)
     if kernel is None:
-        K = _ntk(model, x, None, **kw).detach().double().cpu()
+        K = _kernel(model, x, kw)
     else:
-        K = _check_kernel(kernel, "kernel")
+        K = _as_tensor(kernel, "kernel")
+        _check_kernel(K, "kernel")
         if K.shape[0] != x.shape[0]:
             raise InputError(f"kernel is {tuple(K.shape)} but x has N = {x.shape[0]}")
+    eps = _eps_of(K)
     if beta == 0:
-        return K
-    Kh = _ntk(model, xh, None, **kw).detach().double().cpu()
-    return K + beta * Kh
+        return K.double(), eps
+    Kh = _kernel(model, xh, kw)
+    return K.double() + beta * Kh.double(), max(eps, _eps_of(Kh))
 
 
 def vintk(
@@ -692,6 +753,7 @@ def vintk(
     beta: float = 1.0,
     reduce: str = "ncn",
     rtol: float | None = None,
+    singular: str = "inf",
     bn: str = "eval",
     params: Any = None,
     output: Any = "sum",
@@ -705,27 +767,24 @@ def vintk(
     trainability measure, which the ViNTK paper reports as failing on ViTs with the
     plain NTK), higher is better; ``reduce`` may also be ``"fnorm"``, ``"mean"`` or
     ``"trainability"``. fastntk's reading of the ViNTK abstract, not the paper's code.
+    ``rtol`` and ``singular`` as :func:`condition_number`; the default tolerance uses the
+    epsilon of the dtype the kernels were computed in.
     """
+    names = ("fnorm", "mean", "ncn", "trainability")
+    if reduce not in names:
+        raise OptionError(f"reduce must be one of {sorted(names)}, got {reduce!r}")
+    if singular not in _SINGULAR_MODES:
+        raise OptionError(f"singular must be one of {_SINGULAR_MODES}, got {singular!r}")
+    if rtol is not None:
+        _check_rtol(rtol)
+    K, eps = _vintk_parts(model, x, cutoff, beta, bn, params, output, dtype, chunk_size, kernel)
+    r = rtol if rtol is not None else K.shape[0] * eps
     reducers: dict[str, Callable[[torch.Tensor], float]] = {
-        "ncn": lambda K: ncn(K, rtol=rtol),
+        "ncn": lambda K: ncn(K, rtol=r, singular=singular),
         "fnorm": fnorm,
         "mean": mean,
-        "trainability": lambda K: trainability(K, rtol=rtol),
+        "trainability": lambda K: trainability(K, rtol=r),
     }
-    if reduce not in reducers:
-        raise OptionError(f"reduce must be one of {sorted(reducers)}, got {reduce!r}")
-    K = vintk_kernel(
-        model,
-        x,
-        cutoff=cutoff,
-        beta=beta,
-        bn=bn,
-        params=params,
-        output=output,
-        dtype=dtype,
-        chunk_size=chunk_size,
-        kernel=kernel,
-    )
     return reducers[reduce](K)
 
 
@@ -887,8 +946,10 @@ def compute_metrics(
     wanted = _expand(names)
     if errors not in ("raise", "nan"):
         raise OptionError(f"errors must be 'raise' or 'nan', got {errors!r}")
-    if not noise_std >= 0:
-        raise OptionError(f"noise_std must be >= 0, got {noise_std}")
+    noise_std = _nonneg(noise_std, "noise_std")
+    jitter = _nonneg(jitter, "jitter")
+    if rtol is not None:
+        _check_rtol(rtol)
     if singular not in _SINGULAR_MODES:
         raise OptionError(f"singular must be one of {_SINGULAR_MODES}, got {singular!r}")
     x = _check_batch(x, "x")
@@ -903,6 +964,7 @@ def compute_metrics(
     opts = {"rtol": rtol, "singular": singular}
     need_K = any(METRICS[m].kind in ("kernel", "vintk") for m in wanted)
     need_reg = any(METRICS[m].kind == "ntk_score" for m in wanted)
+    need_e = "expressivity" in wanted  # the perturbed test batch (S_e only)
 
     K = None
     reg = None
@@ -916,24 +978,25 @@ def compute_metrics(
                     raise InputError("expressivity/generalization need N >= 2 to split x")
                 n_tr = n - n_te
                 xte, yte, ytr = x[n_tr:], yt[n_tr:], yt[:n_tr]
-                x_pert = _perturb(xte, noise_std, seed)
-                Kx, (K_pe_all,) = _joint(model, x, [x_pert], kw)
-                K_tr, K_te, K_pe = Kx[:n_tr, :n_tr], Kx[n_tr:, :n_tr], K_pe_all[:, :n_tr]
+                pert = [_perturb(xte, noise_std, seed)] if need_e else []
+                Kx, pe = _joint(model, x, pert, kw)
+                K_tr, K_te = Kx[:n_tr, :n_tr], Kx[n_tr:, :n_tr]
+                K_pe = pe[0][:, :n_tr] if need_e else None
             else:
                 xte = _check_batch(x_test, "x_test")
                 if y_test is None:
                     raise InputError("x_test given without y_test")
                 yte = _check_labels(y_test, xte.shape[0], "y_test")
                 ytr = yt
-                x_pert = _perturb(xte, noise_std, seed)
-                Kx, (K_te, K_pe) = _joint(model, x, [xte, x_pert], kw)
-                K_tr = Kx
+                pert = [_perturb(xte, noise_std, seed)] if need_e else []
+                Kx, (K_te, *pe) = _joint(model, x, [xte, *pert], kw)
+                K_tr, K_pe = Kx, (pe[0] if need_e else None)
             if bn != "batch":
                 K = Kx  # sample-independent BN: the x block IS Θ(x, x)
             ncls = _resolve_classes(num_classes, ytr, yte)
 
-            def _reg() -> tuple[float, float, float]:
-                return _ntk_score_from_kernels(K_tr, K_tr, K_te, K_pe, ytr, yte, ncls, jitter, rtol)
+            def _reg() -> tuple[float | None, float]:
+                return _regression_scores(K_tr, K_te, K_pe, ytr, yte, ncls, jitter)
 
             reg = _reg
         if need_K and K is None:
@@ -944,7 +1007,7 @@ def compute_metrics(
         failed = True
 
     out: dict[str, float] = {}
-    reg_vals: tuple[float, float, float] | None = None
+    reg_vals: tuple[float | None, float] | None = None
     for m in wanted:
         spec = METRICS[m]
         if failed:
@@ -958,7 +1021,7 @@ def compute_metrics(
                 if reg_vals is None:
                     assert reg is not None
                     reg_vals = reg()
-                out[m] = reg_vals[1] if m == "expressivity" else reg_vals[2]
+                out[m] = reg_vals[0] if m == "expressivity" else reg_vals[1]  # type: ignore[assignment]
             else:  # vintk
                 out[m] = vintk(
                     model,
@@ -967,6 +1030,7 @@ def compute_metrics(
                     cutoff=cutoff,
                     beta=beta,
                     rtol=rtol,
+                    singular=singular,
                     bn=bn,
                     params=params,
                     output=output,

@@ -555,3 +555,123 @@ def test_metrics_take_token_ids():
     out = M.compute_metrics(m, idx, y, ["fnorm", "lga"])
     K = __import__("fastntk").ntk(m, idx, dtype=torch.float64)
     assert out["fnorm"] == pytest.approx(M.fnorm(K), rel=1e-5)
+
+
+def test_model_level_metrics_use_the_computed_dtypes_tolerance():
+    """compute_metrics, ntk_score and vintk judge a float32 kernel by float32 rounding, as
+    the kernel-level functions do on the engine's kernel (they cast it to float64 first,
+    so a rank-deficient kernel raised "indefinite" and an ill-conditioned one got a
+    condition number made of rounding noise)."""
+    import fastntk
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)  # P = 8 < N: Θ is singular
+    x, y = torch.randn(32, 3), torch.arange(32) % 2
+    K32 = fastntk.ntk(model, x)
+    assert K32.dtype == torch.float32 and M.ncn(K32) == -math.inf
+    out = M.compute_metrics(model, x, y, ["ncn", "trainability"])
+    assert out["ncn"] == -math.inf and out["trainability"] == M.trainability(K32)
+    assert M.ntk_score(model, x[:16], y[:16], x[16:], y[16:])[0] == M.trainability(K32[:16, :16])
+    xi = torch.randn(16, 1, 2, 2)
+    conv = nn.Sequential(nn.Flatten(), nn.Linear(4, 1))
+    assert M.vintk(conv, xi) == -math.inf
+    assert M.compute_metrics(conv, xi, names=["vintk"]) == {"vintk": -math.inf}
+    # the same kernels computed in float64 resolve what float32 cannot
+    K64 = fastntk.ntk(model, x, dtype=torch.float64)
+    out64 = M.compute_metrics(model, x, y, ["ncn"], dtype=torch.float64)
+    assert out64["ncn"] == M.ncn(K64)
+
+
+def test_expressivity_and_generalization_need_no_spectrum():
+    """S_e and S_g are kernel regression (Eq. 6-10): a spectrum that S_t rejects (here
+    rtol=0 on a kernel with rounding-negative eigenvalues) does not take them down."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(32, 3), torch.arange(32) % 2
+    with pytest.raises(InputError, match="indefinite"):
+        M.compute_metrics(model, x, y, ["trainability"], rtol=0.0)
+    both = ["expressivity", "generalization"]
+    strict = M.compute_metrics(model, x, y, both, rtol=0.0)
+    assert strict == M.compute_metrics(model, x, y, both)
+    assert all(math.isfinite(v) for v in strict.values())
+    nan = M.compute_metrics(model, x, y, ["ntk_score"], rtol=0.0, errors="nan")
+    assert math.isnan(nan["trainability"]) and nan["expressivity"] == strict["expressivity"]
+
+
+def test_low_precision_kernels_whose_spectrum_cannot_be_resolved_raise():
+    """rtol = N·eps reaches 1 for bfloat16 at N = 128: every eigenvalue, λmax included, was
+    set to zero (cond inf for the identity, S_t NaN)."""
+    assert M.condition_number(torch.eye(64, dtype=torch.bfloat16)) == 1.0
+    assert M.trainability(torch.eye(64, dtype=torch.bfloat16)) == pytest.approx(8 / 64)
+    for fn in (M.condition_number, M.trainability, M.ncn):
+        with pytest.raises(InputError, match=r"bfloat16.*float32 or float64"):
+            fn(torch.eye(128, dtype=torch.bfloat16))
+    with pytest.raises(InputError, match="rtol = 1"):
+        M.condition_number(torch.eye(4), rtol=1.0)
+    assert M.condition_number(torch.eye(128, dtype=torch.bfloat16), rtol=0.01) == 1.0
+
+
+def test_vintk_honours_singular():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Flatten(), nn.Linear(4, 1))
+    xi = torch.randn(16, 1, 2, 2)
+    with pytest.raises(InputError, match="singular"):
+        M.compute_metrics(conv, xi, names=["vintk"], singular="raise")
+    with pytest.raises(InputError, match="singular"):
+        M.vintk(conv, xi, singular="raise")
+    Kvi = M.vintk_kernel(conv, xi)
+    lam = np.linalg.eigvalsh(Kvi.numpy())
+    tol = 16 * np.finfo(np.float32).eps * lam[-1]
+    expect = -lam[-1] / lam[lam > tol][0]
+    got = M.compute_metrics(conv, xi, names=["vintk"], singular="nonzero")["vintk"]
+    assert got == pytest.approx(expect, rel=1e-9)
+    with pytest.raises(OptionError, match="singular"):
+        M.vintk(conv, xi, singular="never")
+
+
+def test_regression_metric_arguments_and_token_ids():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    nan = float("nan")
+    for kw in ({"jitter": nan}, {"noise_std": nan}, {"jitter": -1.0}, {"noise_std": math.inf}):
+        with pytest.raises(OptionError, match=next(iter(kw))):
+            M.ntk_score(m, x, y, x, y, **kw)
+        with pytest.raises(OptionError, match=next(iter(kw))):
+            M.compute_metrics(m, x, y, ["ntk_score"], **kw)
+    with pytest.raises(OptionError, match="num_classes"):
+        M.ntk_score(m, x, y, x, y, num_classes="3")
+    xi = torch.randn(4, 1, 2, 2)
+    conv = nn.Sequential(nn.Flatten(), nn.Linear(4, 1))
+    for kw in ({"cutoff": nan}, {"beta": nan}, {"beta": math.inf}):
+        with pytest.raises(OptionError, match=next(iter(kw))):
+            M.vintk(conv, xi, **kw)
+    K = torch.eye(4) + 0.1
+    assert M.ncn(K, rtol=np.float32(1e-3)) == M.ncn(K, rtol=1e-3)
+    # token ids: S_e perturbs the inputs with noise, which ids cannot take; S_g can
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    idx = torch.randint(0, 10, (8, 3), generator=torch.Generator().manual_seed(1))
+    yy = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    with pytest.raises(InputError, match="token ids"):
+        M.ntk_score(emb, idx[:4], yy[:4], idx[4:], yy[4:])
+    with pytest.raises(InputError, match="token ids"):
+        M.compute_metrics(emb, idx, yy, ["expressivity"])
+    g = M.compute_metrics(emb, idx, yy, ["generalization"])["generalization"]
+    assert g == M.compute_metrics(emb, idx, yy, ["trainability", "generalization"])["generalization"]
+    assert math.isfinite(g)
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e200, 1e-170])
+def test_entry_scale_does_not_overflow_the_scale_free_metrics(scale):
+    """Sums of squares of entries near 1e160 overflowed (lga 0, correlation NaN, fnorm
+    inf), near 1e-170 underflowed ("constant kernel")."""
+    K, y = random_spd(12, 3), torch.arange(12) % 3
+    K2 = random_spd(12, 4)
+    assert M.lga(K * scale, y) == pytest.approx(M.lga(K, y), rel=1e-12)
+    assert M.kernel_correlation(K * scale, K2 * scale) == pytest.approx(
+        M.kernel_correlation(K, K2), rel=1e-12
+    )
+    assert M.fnorm(K * scale) / scale == pytest.approx(M.fnorm(K), rel=1e-12)
+    assert M.relative_kernel_difference(K * scale, K2 * scale) == pytest.approx(
+        M.relative_kernel_difference(K, K2), rel=1e-12
+    )
