@@ -10,10 +10,11 @@
 // U is built a few output rows at a time (contiguous row copies) into a per-thread scratch
 // of D x ~256 values (never the N x D x T unfold tensor), gout's chunk is transposed into a
 // T x C_out/g panel zero-padded to a multiple of 16 columns, and the outer-product GEMM of
-// tile.h accumulates G^T in registers over the whole chunk (short K = T needs no horizontal
-// sums: at C=64, 8x8, 3x3 one thread did 128 samples in 14-17 ms, vs 35-38 ms with the
-// dot-product tile used for the Gram). OpenMP over (sample, group) items; only the diagonal
-// group blocks are computed (no groups^2 waste for depthwise).
+// tile.h accumulates G^T in registers over the whole chunk (a short K = T needs no horizontal
+// sums, which the dot-product tile used for the Gram ends every call with). OpenMP over
+// (sample, group) items; only the diagonal group blocks are computed (no groups^2 waste for
+// depthwise). bench/bench_conv_psg.py times this op against the PyTorch strategies
+// (bench/results/conv_psg_cpu_t*.md); the engine uses it only where it wins there.
 #include <omp.h>
 
 #include <algorithm>
@@ -64,8 +65,8 @@ inline void outer(const double* A, int64_t lda, int64_t M, const double* B, int6
 
 // U (D x len) = the patches of output rows [oy0, oy0 + ny) of one (sample, group).
 // no-tree-loop-distribute-patterns: keep the short row copies as inline loops instead of
-// memcpy/memset calls (C=16, 32x32, 3x3, 128 samples: 8.7 -> 4.3 ms for this build alone,
-// standalone g++ -O3 measurement; rows are 8 values long at NB201's last stage).
+// memcpy/memset calls (rows are 8 values long at NB201's last stage: a library call per row
+// costs more than the copy).
 template <typename T>
 __attribute__((optimize("no-tree-loop-distribute-patterns"))) void build_patches(
     const T* xs, T* U, const ConvGeom& g, int64_t cin_g, int64_t oy0, int64_t ny) {
@@ -107,8 +108,8 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void build_patches
 // by t' = oy*Wp + ox over the padded width Wp: then the patch row of (ci, ky, kx) is the
 // padded plane itself from offset ky*dh*Wp + kx*dw, and the Wp - oW junk positions per row
 // get zero weight (their gout rows are zero). No im2col at all; the padded copy costs
-// C_in*Hp*Wp per sample instead of D*T. 128 samples, one thread, standalone g++:
-// C=32 16x16 3x3 57-62 -> 34-37 ms, C=16 32x32 77-85 -> 37-41 ms, C=64 8x8 unchanged.
+// C_in*Hp*Wp per sample instead of D*T (k*k times fewer values written for a k x k kernel;
+// the saving is in the larger maps).
 template <typename T>
 void conv_psg_shifted(const T* x, const T* gout, T* out, const ConvGeom& g) {
   const int64_t cin_g = g.C_in / g.groups, cout_g = g.C_out / g.groups;

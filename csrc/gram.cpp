@@ -58,8 +58,8 @@ bool use_avx512() {
 }
 
 // K chunk per micro-kernel call. Long chunks amortise the 12 horizontal sums at the end of
-// each call: 256 x 9216 float32, one thread, 32x32 tiles: kc 512 -> 13 GFLOP/s,
-// 2048 -> 18, 4096 -> 20, unchunked -> 21 (AMD EPYC, AVX2+FMA clone, loaded machine).
+// each call; a chunk keeps the panels of a tile in cache (bench/bench_gram.py times the op,
+// bench/results/gram_cpu_t*.md).
 constexpr int64_t kKcF32 = 4096;
 constexpr int64_t kKcF64 = 2048;
 

@@ -215,7 +215,7 @@ static inline __attribute__((always_inline)) void outer_gemm_rows(const T* const
 
 // Function multi-versioning: an AVX+FMA clone picked at load time where the CPU has FMA.
 // (Not "arch=haswell": its resolver tests for an Intel Haswell *model* and falls back to
-// SSE2 on AMD EPYC, measured 8x slower there.)
+// SSE2 on AMD EPYC, several times slower there.)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FASTNTK_CLONES __attribute__((target_clones("fma", "default")))
 // A function compiled for AVX-512F (called only after __builtin_cpu_supports("avx512f")).
