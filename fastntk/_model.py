@@ -16,7 +16,9 @@ import contextlib
 import contextvars
 import difflib
 import functools
+import threading
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -327,7 +329,38 @@ class Copies:
         """``model(x)`` with the copies; ``samples``, what ``x`` holds for bn="per_sample"
         (:func:`forward_samples`), is by default a sample per row of dim 0."""
         with forward_samples(x.shape[0] if samples is None else samples):
-            return functional_call(model, (self.params, self.buffers), (x,), tie_weights=True)
+            return functional(model, {**self.params, **self.buffers}, (x,))
+
+
+def functional(
+    module: nn.Module, tensors: dict[str, torch.Tensor], args: Any, kwargs: dict | None = None
+) -> Any:
+    """``module(*args, **kwargs)`` with ``tensors`` (by canonical name, as
+    ``named_parameters()`` / ``named_buffers()`` give them) in place of its own.
+
+    Every (module, attribute) slot is swapped exactly once: a parameter tied to several
+    modules reaches each of them, and a submodule registered under two names (a
+    ``ModuleList([blk, blk])``) is swapped once. torch.func's ``tie_weights=True``
+    swapped such an aliased slot twice and restored it to the copy, so a plain call
+    left fastntk's private tensors in the user's model.
+    """
+    canon = {id(t): n for n, t in module.named_parameters()}
+    canon.update({id(t): n for n, t in module.named_buffers()})
+    slots: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, str]] = set()
+    used: set[str] = set()
+    for mname, mod in module.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for attr, t in store.items():
+                if t is None or (id(mod), attr) in seen:
+                    continue
+                seen.add((id(mod), attr))
+                name = canon.get(id(t))
+                if name in tensors:
+                    slots[f"{mname}.{attr}" if mname else attr] = tensors[name]
+                    used.add(name)
+    slots.update({n: t for n, t in tensors.items() if n not in used})  # let torch.func judge
+    return functional_call(module, slots, args, kwargs, tie_weights=False)
 
 
 def make_copies(model: nn.Module, selected: dict[str, nn.Parameter], dtype: torch.dtype) -> Copies:
@@ -461,48 +494,94 @@ def is_coupled(model: nn.Module, bn: str) -> bool:
     return False
 
 
+# One call at a time per model (two threads computing kernels of one model would each
+# save the other's temporary modes and hook dicts as the user's), and the process-wide
+# module backward hooks suspended while any call runs (counted: calls on other models
+# overlap).
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_GLOBAL_LOCK = threading.Lock()
+_GLOBAL_HOOKS: dict[str, Any] = {"depth": 0, "saved": None}
+
+
+def _global_backward_hooks() -> tuple[dict, dict]:
+    from torch.nn.modules import module as _m
+
+    return _m._global_backward_hooks, _m._global_backward_pre_hooks
+
+
+@contextlib.contextmanager
+def _suspended_global_backward_hooks() -> Iterator[None]:
+    with _GLOBAL_LOCK:
+        if _GLOBAL_HOOKS["depth"] == 0:
+            hooks, pre = _global_backward_hooks()
+            _GLOBAL_HOOKS["saved"] = (dict(hooks), dict(pre))
+            hooks.clear()
+            pre.clear()
+        _GLOBAL_HOOKS["depth"] += 1
+    try:
+        yield
+    finally:
+        with _GLOBAL_LOCK:
+            _GLOBAL_HOOKS["depth"] -= 1
+            if _GLOBAL_HOOKS["depth"] == 0:
+                hooks, pre = _global_backward_hooks()
+                saved, saved_pre = _GLOBAL_HOOKS["saved"]
+                hooks.update(saved)  # (plus any registered meanwhile)
+                pre.update(saved_pre)
+                _GLOBAL_HOOKS["saved"] = None
+
+
 @contextlib.contextmanager
 def model_state(model: nn.Module, bn: str) -> Iterator[None]:
     """Set the modes a computation needs; restore every flag and forward afterwards.
 
-    * the modules' backward hooks are suspended (restored afterwards);
-    * every module goes to eval mode (dropout off: the kernel is deterministic);
+    * the modules' backward hooks are suspended (restored afterwards), and the
+      process-wide ones (``register_module_full_backward_hook``) for the call;
+    * every module goes to eval mode (dropout off: the kernel is deterministic), by its
+      ``training`` flag (a ``train()`` override of the user's is not run: its side
+      effects, e.g. freezing a backbone, would outlive the call);
     * ``bn="batch"``: BatchNorm modules in train mode (batch statistics);
     * ``bn="per_sample"``: BatchNorm modules normalise each sample by itself.
+
+    Calls on one model are serialised (a lock per model).
     """
-    flags = [(m, m.training) for m in model.modules()]
-    swapped: list[tuple[nn.Module, Any]] = []
-    # The user's module backward hooks are suspended: the kernel is of the function, a
-    # hook may change gradients, and torch.func refuses modules with full backward hooks.
-    hooks = [(m, m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook)
-             for m in model.modules()]  # fmt: skip
-    layout_fixes = []
-    try:
-        for m, *_ in hooks:
-            m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()
-            m._is_full_backward_hook = None
-        for m in batchnorms(model):
-            layout_fixes.append(m.register_forward_hook(_bn_gradient_layout))
-        model.eval()
-        for m in batchnorms(model):
-            if bn == "batch":
-                m.train()
-            elif bn == "per_sample":
-                swapped.append((m, m.__dict__.get("forward", _MISSING)))
-                m.forward = types.MethodType(_per_sample_bn_forward, m)
-        yield
-    finally:
-        for h in layout_fixes:
-            h.remove()
-        for m, bh, bph, full in hooks:
-            m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = bh, bph, full
-        for m, old in swapped:
-            if old is _MISSING:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = old
-        for m, t in flags:
-            m.training = t
+    with _GLOBAL_LOCK:
+        lock = _MODEL_LOCKS.setdefault(model, threading.RLock())
+    with lock, _suspended_global_backward_hooks():
+        flags = [(m, m.training) for m in model.modules()]
+        swapped: list[tuple[nn.Module, Any]] = []
+        # The user's module backward hooks are suspended: the kernel is of the function, a
+        # hook may change gradients, and torch.func refuses modules with full backward hooks.
+        hooks = [(m, m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook)
+                 for m in model.modules()]  # fmt: skip
+        layout_fixes = []
+        try:
+            for m, *_ in hooks:
+                m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()
+                m._is_full_backward_hook = None
+            for m in batchnorms(model):
+                layout_fixes.append(m.register_forward_hook(_bn_gradient_layout))
+            for m in model.modules():
+                m.training = False
+            for m in batchnorms(model):
+                if bn == "batch":
+                    m.training = True
+                elif bn == "per_sample":
+                    swapped.append((m, m.__dict__.get("forward", _MISSING)))
+                    m.forward = types.MethodType(_per_sample_bn_forward, m)
+            yield
+        finally:
+            for h in layout_fixes:
+                h.remove()
+            for m, bh, bph, full in hooks:
+                m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = bh, bph, full
+            for m, old in swapped:
+                if old is _MISSING:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = old
+            for m, t in flags:
+                m.training = t
 
 
 _MISSING = object()

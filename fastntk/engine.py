@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 
 from fastntk import _args, _model, _probe
 from fastntk._model import Copies, Head
@@ -327,7 +327,8 @@ def ntk_sketch(
     if output == "mean":
         S /= math.sqrt(job.head.K)
     if not bool(torch.isfinite(S).all()):
-        raise NonFiniteKernelError(job.diagnose_nonfinite(x, None))
+        with _model.model_state(model, bn):  # the diagnosis' forwards in the call's modes
+            raise NonFiniteKernelError(job.diagnose_nonfinite(x, None))
     return S
 
 
@@ -1239,7 +1240,7 @@ class _Job:
         def f(p, xi):
             with _model.forward_samples(_model.ALONE):
                 state = ({**rest, **p}, copies.buffers)
-                out = functional_call(self.model, state, (xi.unsqueeze(0),), tie_weights=True)
+                out = _model.functional(self.model, {**state[0], **state[1]}, (xi.unsqueeze(0),))
             return W @ head(out)[0]  # (npasses,)
 
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -1440,7 +1441,7 @@ class _Job:
         ]
         a, kw = _unflatten(one, spec)
         with torch.no_grad():
-            out = functional_call(rec.module, ({**const, **diff}), a, kw, tie_weights=True)
+            out = _model.functional(rec.module, {**const, **diff}, a, kw)
         every = _tensors(out)
         outs = [every[i] for i in rec.out_pos]
         dims = []
@@ -1496,7 +1497,7 @@ class _Job:
                 a.unsqueeze(d) if d is not None else a for a, d in zip(fa, in_dims, strict=True)
             ]
             a, kw = _unflatten(fa, spec)
-            out = functional_call(module, ({**const, **p}), a, kw, tie_weights=True)
+            out = _model.functional(module, {**const, **p}, a, kw)
             outs = _tensors(out)
             total = 0.0
             for i, g, d in zip(out_pos, gs, gdims, strict=True):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -1141,9 +1142,13 @@ def kernel_evolution(
     if int(ty.min()) < 0:
         raise InputError(f"class labels must be >= 0, got {int(ty.min())}")
 
+    seed = _args.integer(seed, "seed")
     net = copy.deepcopy(model)
     for p in net.parameters():
         p.grad = None
+    for m in net.modules():  # the user's backward hooks stay with the user's model (as in
+        m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()  # ntk)
+        m._is_full_backward_hook = None
     try:
         dev = next(net.parameters()).device
     except StopIteration as e:
@@ -1167,8 +1172,16 @@ def kernel_evolution(
     losses: list[float] = []
     batches = _batches()
     done = 0  # steps or epochs done
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    # the copy's RNG draws (dropout) on its own device's generator, saved and restored
+    # with the CPU's; torch.manual_seed would reseed every GPU's generator for good
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if (
+        dev.type == "cuda"
+    ) else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for i in cuda:
+            with torch.cuda.device(i):
+                torch.cuda.manual_seed(seed)
         for t in ts:
             last: list[float] = []
             while done < t:

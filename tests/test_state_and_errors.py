@@ -268,3 +268,149 @@ def test_triton_interpreter_numpy_incompatibility(monkeypatch, triton_version, n
     else:
         assert reason is None
         assert env()["triton_runnable"] is True
+
+
+class _SharedBlock(nn.Module):
+    """One block registered under two names (applied twice) and a weight tied across
+    modules: torch.func's tie_weights swapped the aliased slot twice and left fastntk's
+    private copies in the model after a successful call."""
+
+    def __init__(self):
+        super().__init__()
+        blk = nn.Linear(3, 3)
+        self.inp, self.out = nn.Linear(2, 3), nn.Linear(3, 3)
+        self.layers = nn.ModuleList([blk, blk])
+        self.tied = nn.Linear(3, 3, bias=False)
+        self.tied.weight = blk.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.out(h) + self.tied(h)
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise", "vmap", "loop", "sketch"])
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_aliased_submodule_keeps_the_users_parameters(method, dtype):
+    from reference import full_kernel, reduce, rel_err
+
+    torch.manual_seed(0)
+    m = _SharedBlock()
+    before = {n: p for n, p in m.named_parameters(remove_duplicate=False)}
+    w = m.layers[0].weight
+    w.grad = torch.ones_like(w)
+    kw = {"sketch_dim": 16} if method == "sketch" else {}
+    x = torch.randn(4, 2)
+    first = fastntk.ntk(m, x, method=method, dtype=dtype, **kw)
+    after = dict(m.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys()
+    assert all(after[n] is p for n, p in before.items())  # the same Parameter objects
+    assert m.tied.weight is m.layers[1].weight and torch.equal(w.grad, torch.ones_like(w))
+    assert torch.equal(fastntk.ntk(m, x, method=method, dtype=dtype, **kw), first)
+    if method != "sketch":
+        ref = reduce(full_kernel(m, x.double()), "sum")
+        assert rel_err(first, ref) <= (1e-10 if dtype else 1e-5)
+
+
+def test_train_override_side_effects_do_not_outlive_the_call():
+    class Frozen(nn.Module):  # a train() override that freezes a backbone in eval mode
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.flag = True
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.backbone.requires_grad_(mode)
+            self.flag = mode
+            return self
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.backbone(x)))
+
+    m = Frozen()
+    snap = snapshot(m)
+    fastntk.ntk(m, torch.randn(3, 3))
+    assert_same(snap, snapshot(m))
+    assert m.flag is True
+
+
+def test_global_module_backward_hooks_are_suspended():
+    fired = []
+    h = nn.modules.module.register_module_full_backward_hook(lambda *a: fired.append(1))
+    try:
+        m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        x = torch.randn(3, 3)
+        for method in ("auto", "vmap", "loop"):
+            fastntk.ntk(m, x, method=method)
+        assert fired == []
+        m(x).sum().backward()  # the user's own backward still sees the hook
+        assert fired
+    finally:
+        h.remove()
+
+
+def test_sketch_nan_diagnosis_runs_in_the_calls_modes():
+    class NaNs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.drop, self.out = nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.drop(self.fc(x) * float("inf")))
+
+    m = NaNs().train()
+    fired = []
+    m.fc.register_full_backward_hook(lambda *a: fired.append(1))
+    x = torch.randn(4, 3)
+    state = torch.random.get_rng_state()
+    with pytest.raises(errors.NonFiniteKernelError):
+        fastntk.ntk_sketch(m, x, sketch_dim=8)
+    assert torch.equal(torch.random.get_rng_state(), state) and fired == [] and m.training
+
+
+def test_two_threads_on_one_model_leave_it_as_it_was():
+    import threading
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.1), nn.Tanh(), nn.Linear(8, 2)).train()
+    m[0].register_full_backward_hook(lambda *a: None)
+    snap = snapshot(m)
+    x = torch.randn(16, 3)
+    ref = fastntk.ntk(m, x)
+    out, errs = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                out.append(fastntk.ntk(m, x, chunk_size=4))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errs.append(e)
+
+    ts = [threading.Thread(target=work) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errs and len(out) == 6
+    assert all(torch.allclose(k, ref, rtol=1e-5, atol=1e-6) for k in out)
+    assert_same(snap, snapshot(m))
+
+
+def test_kernel_evolution_keeps_the_users_hooks_to_the_user():
+    """The trained copy (a deepcopy) carried the user's backward hooks, which then ran on
+    every training step of the copy."""
+    from fastntk import metrics
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    fired = []
+    m[0].register_full_backward_hook(lambda *a: fired.append(1))
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    snap = snapshot(m)
+    state = torch.random.get_rng_state()
+    ev = metrics.kernel_evolution(m, x, y, times=(2,), unit="step", batch_size=4)
+    assert len(ev.kernels) == 2 and fired == []
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert_same(snap, snapshot(m))
