@@ -94,6 +94,13 @@ def seed_arg(s: str) -> int:
     return v
 
 
+def _db_path(s: str) -> str:
+    """A ``--db`` value: a file name (an empty one, ``--db "$UNSET"``, is an error)."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("--db needs a database file name, got an empty string")
+    return s
+
+
 def _int_list(what: str):
     def parse(s: str) -> list[int]:
         out = []
@@ -147,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="number of architecture evaluations")
     p.add_argument("--time-budget", type=_positive_float("--time-budget", " seconds"),
                    help="wall-clock seconds")
-    p.add_argument("--db", help="SQLite journal: resumable search and result store")
+    p.add_argument("--db", type=_db_path,
+                   help="SQLite journal: resumable search and result store")
     p.add_argument("--population", type=_positive_int("--population"), default=20,
                    help="REA population size (default 20)")
     p.add_argument("--sample-size", type=_positive_int("--sample-size"), default=5,
@@ -155,7 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float("--lr"), default=0.2,
                    help="REINFORCE learning rate (default 0.2)")
     p.add_argument("--samples-per-op", type=_positive_int("--samples-per-op"), default=1,
-                   help="pruning: architectures scored per (edge, op) (default 1)")
+                   help="pruning of spaces without supernets (darts, resnet, vit): "
+                        "architectures scored per (decision, op) (default 1); nb201 is "
+                        "pruned on supernets, where it must stay 1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_data_args(p, 64)
 
@@ -167,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10",
                    help="ground truth: cifar10 | cifar100 | imagenet16-120")
     p.add_argument("--plot", help="scatter plot PNG (metric vs accuracy)")
-    p.add_argument("--db", help="SQLite journal to reuse/store the scores")
+    p.add_argument("--db", type=_db_path, help="SQLite journal to reuse/store the scores")
     _add_data_args(p, 64)
 
     p = sub.add_parser("bench", help="time and memory of the NTK methods")
@@ -294,7 +304,7 @@ def _cmd_search(args) -> int:
     if args.algo == "rea" and args.sample_size > args.population:
         raise OptionError(f"--sample-size ({args.sample_size}) must be <= --population "
                           f"({args.population})")
-    journal = Journal(args.db) if args.db else None
+    journal = Journal(args.db) if args.db is not None else None
     scorer = Scorer(_score_fn(space, metrics, args), metrics, DIRECTIONS,
                     settings=_settings(args, metrics))
     kw: dict[str, Any] = {}
@@ -321,7 +331,7 @@ def _cmd_search(args) -> int:
     print("  " + "  ".join(f"{m}={_fmt(v)}" for m, v in res.best.metrics.items()))
     if space.name == "nb201":
         print("\n".join(_nb201_truth(res.best.encoding)))
-    if args.db:
+    if args.db is not None:
         print(f"journal {args.db}")
     return 0
 
@@ -347,7 +357,7 @@ def _cmd_evaluate(args) -> int:
             raise OptionError(f"cannot write --plot {args.plot!r}: {folder} is not a writable "
                               "folder")  # fmt: skip
     metrics = _expand_metrics(args.metric)
-    journal = Journal(args.db) if args.db else None
+    journal = Journal(args.db) if args.db is not None else None
     scorer = Scorer(_score_fn(space, metrics, args), metrics, DIRECTIONS,
                     settings=_settings(args, metrics))
     try:
@@ -637,8 +647,13 @@ def tune_own_process() -> dict | None:
 
 def entry() -> int:
     """The ``fastntk`` console script (:func:`main`, after :func:`tune_own_process`)."""
-    tune_own_process()
-    return main()
+    try:
+        tune_own_process()
+        return main()
+    except KeyboardInterrupt:  # before main's own guard (set-up, argument parsing)
+        cmd = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        print(f"\nfastntk{' ' + cmd if cmd else ''}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,9 +71,13 @@ def test_search_each_algo(capsys, tiny_nb201, shared_db, algo):
     assert rc == 0, err
     assert "2 evaluations" in out
     assert "best |" in out and "true accuracy" in out and "ImageNet16-120" in out
-    assert "eval/s" in err and "best:" in err  # progress bar on stderr
+    assert "eval/s" in err  # progress bar on stderr
+    if algo == "prune":  # it scores supernets, then the final arch: labelled as such
+        assert "best supernet:" in err and "final arch" in err
+    else:
+        assert "best:" in err
     with Journal(shared_db) as j:
-        rows = j.rows(space="nb201")
+        rows = j.rows(space="nb201(C=4,N=1)")  # the narrow network's own key
     assert rows and rows[0]["settings"]["data"] == "synthetic"
     assert rows[0]["settings"]["batch_size"] == 8
     if algo == "random":  # resume: everything served from the journal, same best
@@ -161,6 +165,10 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
         (["search", "--metric", "lga"], "--budget"),
         (["search", "--metric", "lga", "--budget", "2", "--algo", "bayes"], "unknown search"),
         (["search", "--metric", "lga", "--budget", "2", "--db", "/proc/nope/x.db"], "journal"),
+        (["search", "--metric", "lga", "--budget", "2", "--db", ""], "--db needs a database"),
+        (["evaluate", "--metric", "lga", "--archs", "2", "--db", " "], "--db needs a database"),
+        (["search", "--metric", "lga", "--budget", "2", "--algo", "prune", "--samples-per-op",
+          "3"], "samples_per_op applies to per-op pruning"),
         (["evaluate", "--metric", "lga", "--archs", "0"], "--archs"),
         (["evaluate", "--metric", "lga", "--archs", "2", "--space", "darts"], "ground-truth"),
         (["evaluate", "--metric", "lga", "--archs", "2", "--dataset", "mnist"], "dataset"),
@@ -241,3 +249,46 @@ def test_seeds_checked_by_the_data_loaders():
             data.load("cifar10", 2, seed=bad)
         with pytest.raises(OptionError, match="seed must be an int"):
             data.synthetic(2, seed=bad)
+
+
+def test_differently_sized_networks_do_not_share_the_journal(capsys, tiny_nb201, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setitem(registry._SPACES, "nb201-c2", lambda: NB201Space(C=2, N=1))
+    db = str(tmp_path / "j.db")
+    argv = ["search", "--metric", "fnorm", "--budget", "2", "--no-progress", "--db", db, *DATA]
+    outs = []
+    for space in ("nb201", "nb201-c2", "nb201"):
+        rc, out, err = run(capsys, *argv, "--space", space)
+        assert rc == 0, err
+        outs.append(out.splitlines())
+    assert "(2 computed, 0 from the journal" in outs[1][0]  # not the C=4 network's scores
+    assert "(0 computed, 2 from the journal" in outs[2][0]
+    assert outs[0][2] == outs[2][2] != outs[1][2]  # the fnorm values
+    with Journal(db) as j:
+        assert {r["space"] for r in j.rows()} == {"nb201(C=4,N=1)", "nb201(C=2,N=1)"}
+
+
+def test_ctrl_c_before_the_guarded_command(capsys, monkeypatch):
+    """Ctrl-C while ``python -m fastntk`` / the console script starts (loading the command
+    line, tuning the allocator, parsing): one line and status 130, no traceback."""
+    import runpy
+    import sys
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["fastntk", "search", "--metric", "fnorm"])
+    monkeypatch.setattr(cli, "tune_own_process", interrupt)
+    try:
+        assert cli.entry() == 130
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped cli.entry")
+    assert capsys.readouterr().err == "\nfastntk search: interrupted\n"
+    monkeypatch.setattr(cli, "entry", interrupt)
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_module("fastntk.__main__", run_name="__main__")
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped fastntk/__main__.py")
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "\nfastntk search: interrupted\n"

@@ -18,7 +18,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _toy_space import DIRECTIONS, ToySpace, toy_metrics  # noqa: E402
 
-from fastntk.search import Journal, JournalError, Scorer, regularized_evolution  # noqa: E402
+from fastntk.errors import OptionError  # noqa: E402
+from fastntk.search import (  # noqa: E402
+    Journal,
+    JournalError,
+    Scorer,
+    random_search,
+    regularized_evolution,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,3 +205,122 @@ def test_repeated_sigkill_mid_write(tmp_path):
     assert len(archs) == len(set(archs)) == len(set(ref.encodings))
     for (a, m) in con.execute("SELECT arch, metrics FROM evaluations"):
         assert json.loads(m) == {"good": toy_metrics(a)["good"]}
+
+
+def _toy_run(db, metrics=("good",), settings=None, budget=3):
+    s = Scorer(toy_metrics, list(metrics), DIRECTIONS, settings=settings)
+    with Journal(db) as j:
+        return random_search(ToySpace(), s, budget=budget, seed=0, journal=j)
+
+
+@pytest.mark.parametrize("bad", ["not json", '{"good": null}', '{"good": "x"}', "null",
+                                 '"text"', '[1.0]'])
+def test_damaged_row_raises_journal_error_naming_it(tmp_path, bad):
+    db = tmp_path / "j.db"
+    _toy_run(db)
+    con = sqlite3.connect(db)
+    con.execute("UPDATE evaluations SET metrics=? WHERE id=1", (bad,))
+    con.commit()
+    con.close()
+    with pytest.raises(JournalError, match=r"j\.db'.*row 1 is damaged"):
+        _toy_run(db)
+    with Journal(db) as j, pytest.raises(JournalError, match="row 1 is damaged"):
+        j.rows()
+
+
+def test_row_lacking_a_requested_metric_is_scored_and_completed(tmp_path):
+    """Settings that do not list the metrics: a later search asking for one more metric
+    computes it (instead of a KeyError) and the row keeps both."""
+    db, settings = tmp_path / "j.db", {"seed": 0, "data": "toy"}
+    first = _toy_run(db, ["good"], settings, budget=5)
+    second = _toy_run(db, ["good", "bad"], settings, budget=5)
+    assert second.n_computed == 5 and second.encodings == first.encodings
+    with Journal(db) as j:
+        rows = j.rows()
+    assert len(rows) == 5 and all(set(r["metrics"]) == {"good", "bad"} for r in rows)
+    assert all(r["metrics"] == {m: toy_metrics(r["arch"])[m] for m in ("good", "bad")}
+               for r in rows)
+    assert _toy_run(db, ["bad"], settings, budget=5).n_cached == 5
+
+
+def test_another_applications_database_is_refused_untouched(tmp_path):
+    db = tmp_path / "app.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE users (name TEXT)")
+    con.execute("INSERT INTO users VALUES ('ann')")
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    with pytest.raises(JournalError, match="not a fastntk journal"):
+        Journal(db)
+    assert db.read_bytes() == before and not (tmp_path / "app.sqlite-wal").exists()
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert [r[0] for r in con.execute("SELECT name FROM sqlite_master")] == ["users"]
+
+
+def test_empty_path_refused():
+    for bad in ("", "  "):
+        with pytest.raises(JournalError, match="file name"):
+            Journal(bad)
+
+
+def test_seed_the_journal_cannot_store(tmp_path):
+    calls = []
+
+    def fn(a):
+        calls.append(a)
+        return toy_metrics(a)
+
+    s = Scorer(fn, ["good"], DIRECTIONS, settings={"metrics": ["good"], "seed": 2**64})
+    with Journal(tmp_path / "j.db") as j:
+        with pytest.raises(OptionError, match="seed"):
+            random_search(ToySpace(), s, budget=3, journal=j)
+        assert calls == []  # refused before anything is computed
+        with pytest.raises(JournalError, match="seed"):
+            j.record("toy", "aaaaaa", None, {"good": 1.0}, seed=2**63)
+        np = pytest.importorskip("numpy")
+        assert j.record("toy", "aaaaaa", None, {"good": 1.0}, seed=np.int64(3))
+        assert j.rows()[0]["seed"] == 3
+
+
+LOCKED = r"""
+import sys, types
+pkg = types.ModuleType("fastntk")
+pkg.__path__ = [{pkg!r}]
+sys.modules["fastntk"] = pkg
+from fastntk.search import Journal
+print("opening", flush=True)
+try:
+    Journal(sys.argv[1], timeout=60)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+print("opened", flush=True)
+"""
+
+
+def test_ctrl_c_while_waiting_for_the_write_lock(tmp_path):
+    """SQLite's own busy wait sleeps in C, deaf to SIGINT: the journal waits in Python."""
+    db, script = tmp_path / "j.db", tmp_path / "locked.py"
+    script.write_text(LOCKED.format(pkg=str(ROOT / "fastntk")))
+    Journal(db).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    p = subprocess.Popen([sys.executable, str(script), str(db)], env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "opening"
+        time.sleep(1.0)
+        assert p.poll() is None  # still waiting for the lock
+        p.send_signal(signal.SIGINT)
+        t = time.monotonic()
+        out, err = p.communicate(timeout=10)
+        assert time.monotonic() - t < 3, "the SIGINT waited for the lock"
+        assert p.returncode == 130 and "interrupted" in out, (out, err)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -248,3 +249,146 @@ def test_search_arguments_checked():
     lacking = Scorer(lambda a: {"other": 1.0}, ["good"], DIRECTIONS)
     with pytest.raises(OptionError, match="returned no good"):
         random_search(space, lacking, budget=1)
+
+
+def test_space_configuration_is_part_of_the_journal_key(tmp_path):
+    """Two configurations of one space (same name, same arch strings) never share journal
+    rows; the default configuration keeps the bare name, so old journals stay valid."""
+    from fastntk.search import space_key
+    from fastntk.spaces.darts import DartsSpace
+    from fastntk.spaces.nb201 import NB201Space
+    from fastntk.spaces.registry import get_space
+
+    assert space_key(get_space("nb201")) == space_key(NB201Space(C=16, N=5)) == "nb201"
+    assert space_key(get_space("nb201", C=8)) == "nb201(C=8)"
+    assert space_key(NB201Space(N=1, C=4)) == "nb201(C=4,N=1)"
+    assert space_key(DartsSpace(layers=2)) == "darts(layers=2)"
+    assert space_key(get_space("resnet")) == "resnet" and space_key(ToySpace()) == "toy"
+
+    def config_scorer(space):  # the "network" depends on the configuration, like C and N
+        return Scorer(lambda a: {"good": objective(a) + 100 * (space.opts != "abcde")},
+                      ["good"], DIRECTIONS)
+
+    db = tmp_path / "j.db"
+    wide, other = ToySpace(), ToySpace(opts="edcba")
+    with Journal(db) as j:
+        r1 = random_search(wide, config_scorer(wide), budget=5, seed=0, journal=j)
+        r2 = random_search(other, config_scorer(other), budget=5, seed=0, journal=j)
+        assert {r["space"] for r in j.rows()} == {"toy", "toy(opts='edcba')"}
+    assert r1.n_computed == 5 and r2.n_computed == 5  # not served the other one's scores
+    assert all(e.metrics["good"] >= 100 for e in r2.history)
+    assert r1.space == "toy" and r2.space == "toy(opts='edcba')"
+
+
+def _supernet_fn():
+    from fastntk.spaces import nb201
+
+    w = {"none": 0, "skip_connect": 1, "avg_pool_3x3": 2, "nor_conv_1x1": 3, "nor_conv_3x3": 4}
+
+    def fn(a):  # an additive fake score of a supernet (no NTK): conv3x3 best on every edge
+        g = sum(sum(w[o] for o in ops) + 0.1 * e for e, ops in enumerate(nb201.parse_supernet(a)))
+        return {"good": g, "good3": g**3}
+
+    return fn
+
+
+def test_prune_budget_ending_mid_round_uses_only_complete_rounds():
+    """The final arch takes, per decision, the best op of the last complete round; an
+    unfinished round (its scores come from a partial set: Borda counts over fewer archs)
+    decides nothing, and no decision falls back to a fixed op ('none' on NB201)."""
+    from fastntk.spaces import nb201
+    from fastntk.spaces.registry import get_space
+
+    space, fn = get_space("nb201"), _supernet_fn()
+    dirs = {"good": True, "good3": True}
+    one = prune_search(space, Scorer(fn, ["good"], dirs), budget=33, seed=0)
+    two = prune_search(space, Scorer(fn, ["good", "good3"], dirs), budget=33, seed=0)
+    assert one.best.encoding == two.best.encoding == nb201.format_arch(["nor_conv_3x3"] * 6)
+    assert one.extra["partial_round"] == 2 and len(one.extra["rounds"]) == 1
+    # per-op pruning (toy space), Borda of two metrics that rank alike == the single metric
+    toy = ToySpace()
+    s1 = Scorer(lambda a: {"good": objective(a), "good3": objective(a) ** 3}, ["good"], dirs)
+    s2 = Scorer(s1.fn, ["good", "good3"], dirs)
+    for budget in (37, 50, 61):
+        assert (prune_search(toy, s1, budget=budget, seed=0).best.encoding
+                == prune_search(toy, s2, budget=budget, seed=0).best.encoding == "eeeeee")
+    # no complete round: the ops are drawn (seeded), not choice 0 on every unscored edge
+    finals = [prune_search(space, Scorer(fn, ["good"], dirs), budget=10, seed=s)
+              for s in range(3)]
+    for r in finals:
+        assert r.extra["rounds"] == [] and r.extra["partial_round"] == 9
+        assert nb201.parse_arch(r.best.encoding)[2:] != ("none",) * 4
+    again = prune_search(space, Scorer(fn, ["good"], dirs), budget=10, seed=0)
+    assert again.best.encoding == finals[0].best.encoding
+
+
+def test_prune_progress_labels_supernets_and_the_final_arch():
+    import io
+
+    from fastntk.spaces.registry import get_space
+
+    buf = io.StringIO()
+    prune_search(get_space("nb201"), Scorer(_supernet_fn(), ["good"], {"good": True}),
+                 budget=40, seed=0, progress=buf)
+    frames = [f for f in buf.getvalue().replace("\n", "\r").split("\r") if f.strip()]
+    assert all("best supernet:" in f for f in frames[:-1])
+    assert "final arch (round 2 unfinished, its 9 evaluations unused" in frames[-1]
+    assert "best supernet" not in frames[-1]
+
+
+def test_prune_samples_per_op_refused_where_it_has_no_effect():
+    from fastntk.spaces.registry import get_space
+
+    with pytest.raises(OptionError, match="samples_per_op applies to per-op pruning"):
+        prune_search(get_space("nb201"), Scorer(_supernet_fn(), ["good"], {"good": True}),
+                     budget=5, samples_per_op=3)
+    r = prune_search(ToySpace(), scorer(), budget=200, seed=0, samples_per_op=2)
+    assert len(r.history) == 2 * (30 + 24 + 18 + 12) + 1
+
+
+def test_scorer_deduplicates_metric_names():
+    assert Scorer(toy_metrics, "good, good,bad", DIRECTIONS).metrics == ["good", "bad"]
+    a = reinforce(ToySpace(), Scorer(toy_metrics, "good", DIRECTIONS), budget=40, seed=0)
+    b = reinforce(ToySpace(), Scorer(toy_metrics, ["good", "good"], DIRECTIONS), budget=40,
+                  seed=0)
+    assert a.encodings == b.encodings and a.extra["rewards"] == b.extra["rewards"]
+
+
+@pytest.mark.parametrize("case", [
+    "lr=inf", "lr=str", "baseline_decay=str", "time_budget=str", "time_budget=inf",
+    "journal=str", "value=str", "value=None", "metrics=None", "progress=1", "max_tries=0",
+])
+def test_python_api_errors_are_typed(case, tmp_path):
+    space = ToySpace()
+    calls = {
+        "lr=inf": lambda: reinforce(space, scorer(), budget=5, lr=math.inf),
+        "lr=str": lambda: reinforce(space, scorer(), budget=5, lr="0.1"),
+        "baseline_decay=str": lambda: reinforce(space, scorer(), budget=5, baseline_decay="x"),
+        "time_budget=str": lambda: random_search(space, scorer(), time_budget="10"),
+        "time_budget=inf": lambda: random_search(space, scorer(), time_budget=math.inf),
+        "journal=str": lambda: random_search(space, scorer(), budget=2,
+                                             journal=str(tmp_path / "runs.db")),
+        "value=str": lambda: random_search(
+            space, Scorer(lambda a: {"good": "abc"}, ["good"], DIRECTIONS), budget=2),
+        "value=None": lambda: random_search(
+            space, Scorer(lambda a: {"good": None}, ["good"], DIRECTIONS), budget=2),
+        "metrics=None": lambda: Scorer(toy_metrics, None, DIRECTIONS),
+        "progress=1": lambda: random_search(space, scorer(), budget=2, progress=1),
+        "max_tries=0": lambda: random_search(space, scorer(), budget=2, max_tries=0),
+    }
+    needles = {"value=str": "metric 'good'", "value=None": "metric 'good'",
+               "journal=str": "Journal\\(path\\)"}
+    with pytest.raises(OptionError, match=needles.get(case)):
+        calls[case]()
+    assert not (tmp_path / "runs.db").exists()
+
+
+def test_numpy_integer_seeds_and_sizes():
+    np = pytest.importorskip("numpy")
+    for algo in ALGORITHMS:
+        a = run_search(algo, ToySpace(), scorer(), budget=12, seed=3)
+        b = run_search(algo, ToySpace(), scorer(), budget=np.int64(12), seed=np.int64(3))
+        assert a.encodings == b.encodings and b.seed == 3 and type(b.seed) is int
+    r = regularized_evolution(ToySpace(), scorer(), budget=6, population_size=np.int32(3),
+                              sample_size=np.int8(2))
+    assert len(r.population) == 3

@@ -17,7 +17,7 @@ from fastntk.search.algorithms import (
     reinforce,
     run_search,
 )
-from fastntk.search.journal import Journal, JournalError, settings_key
+from fastntk.search.journal import Journal, JournalError, settings_key, space_key
 
 __all__ = [
     "ALGORITHMS",
@@ -34,4 +34,5 @@ __all__ = [
     "reinforce",
     "run_search",
     "settings_key",
+    "space_key",
 ]

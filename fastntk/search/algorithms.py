@@ -55,6 +55,7 @@ ResNet and ViT here), or NB201 (its six edges, adapted here).
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import sys
 import time
@@ -63,7 +64,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from fastntk._args import integer
 from fastntk.errors import OptionError
+from fastntk.search.journal import space_key
 
 __all__ = [
     "ALGORITHMS",
@@ -125,12 +128,15 @@ class Scorer:
     """Metric values of an architecture, and how to compare them.
 
     Args:
-        fn: ``fn(arch) -> {metric: value}``; must return at least ``metrics``.
-        metrics: the metric names that count.
+        fn: ``fn(arch) -> {metric: value}``; must return at least ``metrics``, as numbers.
+        metrics: the metric names that count (a list, or a comma-separated string);
+            repeated names count once (order kept).
         directions: ``metric -> higher_is_better``; default from
             ``fastntk.metrics.DIRECTIONS``.
         settings: everything that determines the values (the journal key);
-            default ``{"metrics": metrics}``.
+            default ``{"metrics": metrics}``. A journal row of these settings that lacks
+            one of ``metrics`` is completed: the architecture is scored again and the
+            row gains the missing values.
     """
 
     def __init__(
@@ -142,8 +148,13 @@ class Scorer:
         settings: Mapping[str, Any] | None = None,
     ):
         if isinstance(metrics, str):
-            metrics = [m for m in metrics.split(",") if m]
-        self.metrics = list(metrics)
+            metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+        elif isinstance(metrics, Sequence) and all(isinstance(m, str) for m in metrics):
+            metrics = list(metrics)
+        else:
+            raise OptionError(f"metrics must be a metric name, a comma-separated string or a "
+                              f"list of names, got {metrics!r}")  # fmt: skip
+        self.metrics = list(dict.fromkeys(metrics))  # duplicates count once, order kept
         if not self.metrics:
             raise OptionError("a scorer needs at least one metric")
         if directions is None:
@@ -169,7 +180,17 @@ class Scorer:
         if missing:
             raise OptionError(f"the scoring function returned no {', '.join(missing)} (it gave "
                               f"{', '.join(map(str, out)) or 'nothing'})")  # fmt: skip
-        return {m: float(out[m]) for m in self.metrics}
+        values = {}
+        for m in self.metrics:
+            v = out[m]
+            try:
+                if isinstance(v, (str, bytes)):
+                    raise TypeError
+                values[m] = float(v)
+            except (TypeError, ValueError):
+                raise OptionError(f"the scoring function returned a non-number for metric "
+                                  f"{m!r}: {v!r} ({type(v).__name__})") from None
+        return values
 
     def fitness(self, metric_dicts: Sequence[Mapping[str, float]]) -> list[float]:
         """Fitness of each entry within the set (higher is better; NaN is worst)."""
@@ -206,7 +227,9 @@ class SearchResult:
     """What a search returns.
 
     ``best`` is the fittest evaluation of ``history`` (for pruning: the final
-    pruned architecture); ``stop_reason`` is ``"budget"``, ``"time"``,
+    pruned architecture); ``space`` the journal's key of the space
+    (:func:`~fastntk.search.journal.space_key`: its name, plus any non-default
+    configuration); ``stop_reason`` is ``"budget"``, ``"time"``,
     ``"exhausted"`` (no new architectures) or ``"done"`` (pruning finished).
     """
 
@@ -231,6 +254,11 @@ class SearchResult:
         return [e.encoding for e in self.history]
 
 
+def _real(v: Any) -> bool:
+    """A real number (numpy floats too), not a bool or a string."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 class _Stop(Exception):
     def __init__(self, reason: str):
         self.reason = reason
@@ -245,6 +273,7 @@ class _Progress:
         self._last = 0.0
         self._width = 0
         self._line = ""
+        self.what = "best"  # what the best-so-far field shows (prune: supernets, then the arch)
 
     def update(self, n: int, elapsed: float, best: str, force: bool = False) -> None:
         if self.stream is None:
@@ -262,7 +291,8 @@ class _Progress:
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
         rate = n / elapsed if elapsed > 0 else 0.0
         count = f"{n}/{self.total}" if self.total else str(n)
-        line = f"{self.label} [{bar}] {count} {rate:.2f} eval/s {elapsed:.1f}s best: {best}"
+        line = (f"{self.label} [{bar}] {count} {rate:.2f} eval/s {elapsed:.1f}s "
+                f"{self.what}: {best}")
         if force and line == self._line:
             return
         self._line = line
@@ -287,26 +317,37 @@ class _Runner:
     def __init__(self, algorithm, space, scorer, budget, time_budget, seed, journal, progress):
         if budget is None and time_budget is None:
             raise OptionError("give an evaluation budget, a time budget, or both")
-        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
-                                   or budget <= 0):  # fmt: skip
-            raise OptionError(f"the evaluation budget must be a positive integer, got {budget!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise OptionError(f"seed must be an int (a fixed seed gives the same search), got "
-                              f"{seed!r}")  # fmt: skip
-        if time_budget is not None and not time_budget > 0:
-            raise OptionError(f"the time budget must be positive seconds, got {time_budget!r}")
+        if budget is not None:
+            budget = integer(budget, "the evaluation budget", lo=1)
+        seed = integer(seed, "seed")
+        if time_budget is not None and not (_real(time_budget) and time_budget > 0
+                                            and math.isfinite(time_budget)):  # fmt: skip
+            raise OptionError(f"the time budget must be positive, finite seconds, got "
+                              f"{time_budget!r}")  # fmt: skip
+        if journal is not None:
+            if not all(callable(getattr(journal, a, None)) for a in ("get", "record")):
+                raise OptionError(f"journal must be a fastntk.search.Journal (open one with "
+                                  f"Journal(path)), got {journal!r}")  # fmt: skip
+            if scorer.settings.get("seed") is not None:  # before anything is computed
+                integer(scorer.settings["seed"], "the seed in the scorer's settings (stored in "
+                        "the journal)", -(2**63), 2**63)  # fmt: skip
+        if progress is True:
+            stream = sys.stderr
+        elif progress is False or progress is None:
+            stream = None
+        elif callable(getattr(progress, "write", None)):
+            stream = progress
+        else:
+            raise OptionError(f"progress must be True, False or a text stream, got "
+                              f"{progress!r}")  # fmt: skip
         self.algorithm, self.space, self.scorer = algorithm, space, scorer
         self.budget, self.time_budget, self.seed, self.journal = budget, time_budget, seed, journal
         self.space_name = getattr(space, "name", type(space).__name__)
+        self.space_key = space_key(space)  # the journal's key: name + configuration
         self.history: list[Evaluation] = []
         self.cache: dict[str, dict[str, float]] = {}
         self.n_computed = self.n_cached = 0
         self.t0 = time.monotonic()
-        stream = None
-        if progress is True:
-            stream = sys.stderr
-        elif progress:
-            stream = progress
         self.progress = _Progress(budget, time_budget, stream, f"{algorithm}")
         self._best_idx: int | None = None
 
@@ -326,18 +367,21 @@ class _Runner:
         t = time.monotonic()
         metrics = self.cache.get(enc)
         cached = metrics is not None
+        stored = None
         if metrics is None and self.journal is not None:
-            metrics = self.journal.get(self.space_name, enc, self.scorer.settings)
-            if metrics is not None:
-                metrics = {m: float(metrics[m]) for m in self.scorer.metrics}
+            stored = self.journal.get(self.space_key, enc, self.scorer.settings)
+            # a row that lacks a requested metric (settings that do not list the metrics)
+            # is not a cache hit: the arch is scored again and the row completed
+            if stored is not None and all(m in stored for m in self.scorer.metrics):
+                metrics = {m: float(stored[m]) for m in self.scorer.metrics}
                 cached = True
         if metrics is None:
             metrics = self.scorer(arch)
             dt = time.monotonic() - t
             if self.journal is not None:
                 s = self.scorer.settings
-                self.journal.record(self.space_name, enc, s, metrics, seed=s.get("seed"),
-                                    data=s.get("data"), elapsed=dt)
+                self.journal.record(self.space_key, enc, s, metrics, seed=s.get("seed"),
+                                    data=s.get("data"), elapsed=dt, merge=stored is not None)
             self.n_computed += 1
         else:
             self.n_cached += 1
@@ -371,12 +415,15 @@ class _Runner:
         i = max(range(len(fit)), key=lambda k: (fit[k], -k))
         return self.history[i]
 
-    def result(self, reason: str, best: Evaluation | None = None, **kw) -> SearchResult:
+    def result(self, reason: str, best: Evaluation | None = None, what: str | None = None,
+               **kw) -> SearchResult:
         best = best if best is not None else self.best()
+        if what is not None:
+            self.progress.what = what
         self.progress.update(len(self.history), self.elapsed(),
                              _fmt_metrics(best.metrics) if best else "-", force=True)
         self.progress.close()
-        return SearchResult(self.algorithm, self.space_name, self.seed, best, self.history,
+        return SearchResult(self.algorithm, self.space_key, self.seed, best, self.history,
                             self.n_computed, self.n_cached, self.elapsed(), reason, **kw)
 
 
@@ -428,8 +475,9 @@ def random_search(space, scorer: Scorer, *, budget: int | None = None,
                   time_budget: float | None = None, seed: int = 0, journal=None,
                   progress: Any = False, max_tries: int = 1000) -> SearchResult:
     """Uniform random search without repeats (``max_tries`` draws to find an unseen arch)."""
+    max_tries = integer(max_tries, "max_tries", lo=1)
     run = _Runner("random", space, scorer, budget, time_budget, seed, journal, progress)
-    rng = random.Random(seed)
+    rng = random.Random(run.seed)
     reason = "budget"
     try:
         while True:
@@ -457,15 +505,14 @@ def regularized_evolution(space, scorer: Scorer, *, budget: int | None = None,
     replacement; the oldest member then dies. ``result.population`` is the
     final population (oldest first).
     """
-    for name, v in (("population_size", population_size), ("sample_size", sample_size)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise OptionError(f"{name} must be an int, got {v!r}")
+    population_size = integer(population_size, "population_size")
+    sample_size = integer(sample_size, "sample_size")
     if population_size < 1 or not 1 <= sample_size <= population_size:
         raise OptionError(
             f"need 1 <= sample_size ({sample_size}) <= population_size ({population_size})"
         )
     run = _Runner("rea", space, scorer, budget, time_budget, seed, journal, progress)
-    rng = random.Random(seed)
+    rng = random.Random(run.seed)
     population: deque[Evaluation] = deque()
     sizes: list[int] = []
     reason = "budget"
@@ -508,77 +555,102 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
     remaining ops) once without each remaining op, and removes on every edge the op
     whose removal leaves the best-scoring supernet, until one op per edge is left
     (NB201: 30 + 24 + 18 + 12 = 84 supernet evaluations, plus the final architecture).
-    Other spaces use per-op scoring in shared random contexts (module docstring).
+    These rounds draw no samples: ``samples_per_op`` other than 1 is an error there.
+    Other spaces use per-op scoring in ``samples_per_op`` shared random contexts
+    (module docstring).
 
     ``result.best`` is the final pruned architecture (evaluated with the last
-    unit of the budget); ``result.extra["rounds"]`` lists, per round, the ops
-    removed (``{decision: op}``). If the budget runs out mid-way, every
-    decision keeps its best-scoring op so far.
+    unit of the budget); ``result.extra["rounds"]`` lists, per complete round, the
+    ops removed (``{decision: op}``).
+
+    If the budget runs out mid-round, that round's scores are not used (they come
+    from part of the round: for several metrics, Borda counts over a smaller set) and
+    it removes nothing; ``result.extra["partial_round"]`` counts its evaluations. Every
+    decision with more than one op left then takes, among them, the op that scored
+    best in the last complete round (every remaining op was scored there, in the same
+    round, against the same set); if no round completed, it takes one of its ops drawn
+    uniformly (seeded by ``seed``), not a fixed one. The progress bar's last line says so.
     """
-    if isinstance(samples_per_op, bool) or not isinstance(samples_per_op, int) or samples_per_op < 1:
-        raise OptionError(f"samples_per_op must be an int >= 1, got {samples_per_op!r}")
+    samples_per_op = integer(samples_per_op, "samples_per_op", lo=1)
     view = categorical(space)
     decisions = view.decisions()
     names = [n for n, _ in decisions]
     choices = [tuple(ch) for _, ch in decisions]
     alive: list[list[int]] = [list(range(len(ch))) for ch in choices]  # indices into choices
+    supernet = getattr(space, "supernet", None)
+    if supernet is not None and samples_per_op != 1:
+        raise OptionError(f"samples_per_op applies to per-op pruning; space "
+                          f"{getattr(space, 'name', space)!r} is pruned on supernets (TE-NAS), "
+                          f"which draw no samples: leave samples_per_op at 1, got "
+                          f"{samples_per_op}")  # fmt: skip
     run = _Runner("prune", space, scorer, budget, time_budget, seed, journal, progress)
-    rng = random.Random(seed)
+    if supernet is not None:
+        run.progress.what = "best supernet"  # the rounds score supernets, not archs
+    rng = random.Random(run.seed)
     rounds: list[dict[str, Any]] = []
-    op_score: dict[tuple[int, int], float] = {}  # (decision, choice index) -> latest score
+    # (decision, choice index) -> score in the last COMPLETE round (higher: worth keeping)
+    op_score: dict[tuple[int, int], float] = {}
+    evs: list[tuple[tuple[int, int], Evaluation]] = []  # the current round's evaluations
     reason = "done"
 
     def arch_of(idx: Sequence[int]) -> Any:
         return view.from_choices([choices[d][k] for d, k in enumerate(idx)])
 
-    supernet = getattr(space, "supernet", None)
     try:
         while supernet is not None and any(len(a) > 1 for a in alive):
             # TE-NAS: score the supernet without each remaining op; on every edge drop the
             # op whose removal leaves the best-scoring supernet (the least useful op).
             cands = [(d, k) for d in range(len(alive)) if len(alive[d]) > 1 for k in alive[d]]
             evs = []
-            try:
-                for d, k in cands:
-                    ops = [[choices[e][i] for i in a if (e, i) != (d, k)] for e, a in enumerate(alive)]
-                    evs.append(((d, k), run.evaluate(supernet(ops), reserve=1)))
-            finally:
-                if evs:
-                    fit = scorer.fitness([e.metrics for _, e in evs])
-                    # stored negated: a low removal score marks an op worth keeping
-                    op_score.update({key: -f for (key, _), f in zip(evs, fit, strict=True)})
+            for d, k in cands:
+                ops = [[choices[e][i] for i in a if (e, i) != (d, k)] for e, a in enumerate(alive)]
+                evs.append(((d, k), run.evaluate(supernet(ops), reserve=1)))
+            fit = scorer.fitness([e.metrics for _, e in evs])
+            # stored negated: a low removal score marks an op worth keeping
+            op_score = {key: -f for (key, _), f in zip(evs, fit, strict=True)}
+            evs = []
             rounds.append(_drop_lowest(alive, op_score, names, choices))
         while any(len(a) > 1 for a in alive):
             cands = [(d, k) for d in range(len(alive)) if len(alive[d]) > 1 for k in alive[d]]
             # common random numbers: every candidate of the round is scored in the same
             # contexts (other decisions), so ops of one decision are compared pairwise.
             bases = [[a[rng.randrange(len(a))] for a in alive] for _ in range(samples_per_op)]
-            evs: list[tuple[tuple[int, int], Evaluation]] = []
-            try:
-                for d, k in cands:
-                    for base in bases:
-                        idx = list(base)
-                        idx[d] = k
-                        evs.append(((d, k), run.evaluate(arch_of(idx), reserve=1)))
-            finally:
-                if evs:
-                    fit = scorer.fitness([e.metrics for _, e in evs])
-                    acc: dict[tuple[int, int], list[float]] = {}
-                    for (key, _), f in zip(evs, fit, strict=True):
-                        acc.setdefault(key, []).append(f)
-                    op_score.update({key: sum(v) / len(v) for key, v in acc.items()})
+            evs = []
+            for d, k in cands:
+                for base in bases:
+                    idx = list(base)
+                    idx[d] = k
+                    evs.append(((d, k), run.evaluate(arch_of(idx), reserve=1)))
+            fit = scorer.fitness([e.metrics for _, e in evs])
+            acc: dict[tuple[int, int], list[float]] = {}
+            for (key, _), f in zip(evs, fit, strict=True):
+                acc.setdefault(key, []).append(f)
+            op_score = {key: sum(v) / len(v) for key, v in acc.items()}
+            evs = []
             rounds.append(_drop_lowest(alive, op_score, names, choices))
     except _Stop as s:
         reason = s.reason
-    final_idx = [max(a, key=lambda k, d=d: (op_score.get((d, k), -math.inf), -k))
-                 for d, a in enumerate(alive)]
+    partial = len(evs)  # evaluations of an unfinished round: not used
+    pick = random.Random(f"prune-final:{run.seed}")
+    final_idx = []
+    for d, a in enumerate(alive):
+        if all((d, k) in op_score for k in a):
+            final_idx.append(max(a, key=lambda k, d=d: (op_score[(d, k)], -k)))
+        else:  # no complete round yet: no information to prefer one op
+            final_idx.append(a[pick.randrange(len(a))])
     final = arch_of(final_idx)
     enc = space.encode(final)
     if enc in run.cache:
         best = next(e for e in reversed(run.history) if e.encoding == enc)
     else:
         best = run.evaluate(final, force=True)
-    return run.result(reason, best=best, extra={"rounds": rounds})
+    what = "final arch"
+    if partial:  # say that the unfinished round's evaluations decided nothing
+        how = f"decided by round {len(rounds)}" if rounds else "ops left drawn at random"
+        what += (f" (round {len(rounds) + 1} unfinished, its {partial} "
+                 f"evaluation{'s' if partial != 1 else ''} unused; {how})")
+    return run.result(reason, best=best, what=what,
+                      extra={"rounds": rounds, "partial_round": partial})
 
 
 def reinforce(space, scorer: Scorer, *, budget: int | None = None,
@@ -590,15 +662,15 @@ def reinforce(space, scorer: Scorer, *, budget: int | None = None,
     ``result.extra["policy"]`` is the final policy: ``{decision: {choice: prob}}``;
     ``result.extra["rewards"]`` the reward of each step.
     """
-    if not lr > 0:
-        raise OptionError(f"lr must be positive, got {lr}")
-    if not 0 <= baseline_decay < 1:
-        raise OptionError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
+    if not (_real(lr) and lr > 0 and math.isfinite(lr)):
+        raise OptionError(f"lr must be a positive, finite number, got {lr!r}")
+    if not (_real(baseline_decay) and 0 <= baseline_decay < 1):
+        raise OptionError(f"baseline_decay must be a number in [0, 1), got {baseline_decay!r}")
     view = categorical(space)
     decisions = view.decisions()
     logits = [[0.0] * len(ch) for _, ch in decisions]
     run = _Runner("reinforce", space, scorer, budget, time_budget, seed, journal, progress)
-    rng = random.Random(seed)
+    rng = random.Random(run.seed)
     baseline: float | None = None
     fits: list[float] = []
     rewards: list[float] = []
