@@ -89,6 +89,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the arch sample, data, init")
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                    help="dtype of the kernels (float32 resolves condition numbers up to "
+                         "1/(N·eps32) only: ncn saturates at -inf beyond)")
     ap.add_argument("--device", default="cpu", help="torch device of models and data")
     ap.add_argument(
         "--summary-only",
@@ -135,6 +138,16 @@ def tau(a, b) -> tuple[float, int]:
         a[a == -np.inf] = lo - 1.0 - abs(lo)
     t = kendalltau(a, b[ok]).statistic
     return float(t), int(ok.sum())
+
+
+def same_setting(r: dict, args) -> bool:
+    """A row of this run's setting (rows written before the dtype column: float32)."""
+    return (
+        r.get("seed") == str(args.seed)
+        and r.get("batch_size") == str(args.batch_size)
+        and r.get("params_set") == args.params
+        and (r.get("dtype") or "float32") == args.dtype
+    )
 
 
 def summarise(rows: list[dict], metrics: list[str], bns: list[str], archs: set[str]) -> str:
@@ -214,21 +227,16 @@ def main(argv=None) -> int:
         "seed",
         "batch_size",
         "params_set",
+        "dtype",
         "params",
         "accuracy",
         *metrics,
         "seconds",
         "error",
     ]
-    existing = read_rows(args.out)
-    done = {
-        (r["arch"], r["bn"])
-        for r in existing
-        if r.get("seed") == str(args.seed)
-        and r.get("batch_size") == str(args.batch_size)
-        and r.get("params_set") == args.params
-    }
-    if existing and list(existing[0].keys()) != fields:
+    existing = [r for r in read_rows(args.out) if same_setting(r, args)]
+    done = {(r["arch"], r["bn"]) for r in existing}
+    if existing and list(existing[0].keys()) != fields and not args.summary_only:
         print(f"note: {args.out} has other columns; new rows go to a fresh file", file=sys.stderr)
         base, ext = os.path.splitext(args.out)
         args.out = f"{base}.{int(time.time())}{ext}"
@@ -263,6 +271,7 @@ def main(argv=None) -> int:
                 "seed": args.seed,
                 "batch_size": args.batch_size,
                 "params_set": args.params,
+                "dtype": args.dtype,
                 "params": sum(p.numel() for p in model.parameters()),
                 "accuracy": nb201.accuracy(arch, args.dataset),
                 "error": "",
@@ -280,6 +289,7 @@ def main(argv=None) -> int:
                     y_test=yte,
                     num_classes=10,
                     seed=args.seed,
+                    dtype=getattr(torch, args.dtype),
                     errors="nan",
                 )
                 row.update(vals)
@@ -301,19 +311,12 @@ def main(argv=None) -> int:
                 flush=True,
             )
 
-    rows = read_rows(args.out)
-    rows = [
-        r
-        for r in rows
-        if r.get("seed") == str(args.seed)
-        and r.get("batch_size") == str(args.batch_size)
-        and r.get("params_set") == args.params
-    ]
+    rows = [r for r in read_rows(args.out) if same_setting(r, args)]
     table = summarise(rows, metrics, bns, set(archs))
     title = (
         f"## Kendall τ vs NAS-Bench-201 {args.dataset} 200-epoch test accuracy "
         f"({len(archs)} sampled archs, seed {args.seed}, batch {args.batch_size}, "
-        f"params={args.params})\n"
+        f"params={args.params}, {args.dtype} kernels)\n"
     )
     print("\n" + title + "\n" + table)
     md = os.path.splitext(args.out)[0] + ".md"

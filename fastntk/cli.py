@@ -122,7 +122,8 @@ def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"),
                    help="dtype of the kernels (default float32; float64 for --algo prune, "
                         "whose supernets sum every op on every edge: their eval-mode "
-                        "kernels overflow float32 on NB201)")
+                        "kernels overflow float32 on NB201, and for ncn, cond and vintk, "
+                        "whose condition numbers float32 cannot resolve beyond 1/(N*eps))")
     _add_threads_arg(p)
 
 
@@ -218,16 +219,28 @@ def _arch_seed(seed: int, encoding: str) -> int:
     return zlib.crc32(f"{seed}:{encoding}".encode())
 
 
-def _dtype(args) -> str:
-    return args.dtype or ("float64" if getattr(args, "algo", None) == "prune" else "float32")
+# Metrics that need a resolved condition number: a float32 kernel resolves λmax/λmin only
+# up to 1/(N·eps32) (1.3e5 at N=64); beyond, ncn is -inf. On 200 NB201 architectures at
+# batch 64, eval BatchNorm, 82 had ncn = -inf in float32 and 6 in float64
+# (bench/results/nb201_metric_correlation{,_f64}.md, commands in README), so these
+# metrics are scored in float64 unless --dtype says otherwise.
+_SPECTRAL = ("ncn", "cond", "vintk")
+
+
+def _dtype(args, metrics: list[str]) -> str:
+    if args.dtype:
+        return args.dtype
+    if getattr(args, "algo", None) == "prune" or any(m in _SPECTRAL for m in metrics):
+        return "float64"
+    return "float32"
 
 
 def _settings(args, metrics: list[str]) -> dict[str, Any]:
     out = {"metrics": metrics, "data": args.data, "batch_size": args.batch_size,
            "bn": args.bn, "seed": args.seed, "num_classes": 10,
            "init": "torch.manual_seed(crc32('seed:arch'))"}
-    if _dtype(args) != "float32":  # (journals of float32 runs keep their key)
-        out["dtype"] = _dtype(args)
+    if _dtype(args, metrics) != "float32":  # (journals of float32 runs keep their key)
+        out["dtype"] = _dtype(args, metrics)
     return out
 
 
@@ -243,7 +256,7 @@ def _score_fn(space, metrics: list[str], args):
         torch.manual_seed(_arch_seed(args.seed, space.encode(arch)))
         model = space.build(arch, num_classes=10)
         return compute_metrics(model, x, y, metrics, bn=args.bn, errors="nan",
-                               dtype=getattr(torch, _dtype(args)))
+                               dtype=getattr(torch, _dtype(args, metrics)))
 
     return fn
 

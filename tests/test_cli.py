@@ -216,6 +216,24 @@ def test_prune_on_the_benchmark_supernet_runs_in_float64(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "metric,dtype,expect",
+    [("ncn", None, "float64"), ("fnorm,cond", None, "float64"), ("vintk", None, "float64"),
+     ("fnorm", None, None), ("ncn", "float32", None)],
+)
+def test_condition_number_metrics_are_scored_in_float64(capsys, tmp_path, metric, dtype, expect):
+    """A float32 kernel resolves λmax/λmin only up to 1/(N·eps32): ncn, cond and vintk are
+    scored in float64 unless --dtype says otherwise (the journal records it)."""
+    db = tmp_path / "d.db"
+    argv = ["search", "--algo", "random", "--metric", metric, "--budget", "1", "--no-progress",
+            "--db", str(db), "--data", "synthetic", "--batch-size", "4"]  # fmt: skip
+    rc, out, err = run(capsys, *argv, *(["--dtype", dtype] if dtype else []))
+    assert rc == 0, err
+    with Journal(db) as j:
+        (row,) = j.rows(space="nb201")
+    assert row["settings"].get("dtype") == expect
+
+
+@pytest.mark.parametrize(
     "argv,msg",
     [
         (["score", "--arch", ARCH, "--metric", "fnorm", "--seed", "-1"], "--seed must be in"),
