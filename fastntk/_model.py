@@ -495,9 +495,11 @@ def is_coupled(model: nn.Module, bn: str) -> bool:
 
 
 # One call at a time per model (two threads computing kernels of one model would each
-# save the other's temporary modes and hook dicts as the user's), and the process-wide
-# module backward hooks suspended while any call runs (counted: calls on other models
-# overlap).
+# save the other's temporary modes and hook dicts as the user's), and process-wide state
+# suspended while any call runs (counted: calls on other models overlap): the module
+# backward hooks, and parametrize.cached()'s cache (a weight the user's forward cached
+# before the call was used by it: a wrong kernel; the call's own weights, computed from
+# fastntk's copies, were left for the user's next forward).
 _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _GLOBAL_LOCK = threading.Lock()
 _GLOBAL_HOOKS: dict[str, Any] = {"depth": 0, "saved": None}
@@ -510,13 +512,16 @@ def _global_backward_hooks() -> tuple[dict, dict]:
 
 
 @contextlib.contextmanager
-def _suspended_global_backward_hooks() -> Iterator[None]:
+def _suspended_process_state() -> Iterator[None]:
+    from torch.nn.utils import parametrize
+
     with _GLOBAL_LOCK:
         if _GLOBAL_HOOKS["depth"] == 0:
             hooks, pre = _global_backward_hooks()
-            _GLOBAL_HOOKS["saved"] = (dict(hooks), dict(pre))
+            _GLOBAL_HOOKS["saved"] = (dict(hooks), dict(pre), parametrize._cache_enabled)
             hooks.clear()
             pre.clear()
+            parametrize._cache_enabled = 0  # every parametrization computed afresh
         _GLOBAL_HOOKS["depth"] += 1
     try:
         yield
@@ -525,9 +530,10 @@ def _suspended_global_backward_hooks() -> Iterator[None]:
             _GLOBAL_HOOKS["depth"] -= 1
             if _GLOBAL_HOOKS["depth"] == 0:
                 hooks, pre = _global_backward_hooks()
-                saved, saved_pre = _GLOBAL_HOOKS["saved"]
+                saved, saved_pre, cache_enabled = _GLOBAL_HOOKS["saved"]
                 hooks.update(saved)  # (plus any registered meanwhile)
                 pre.update(saved_pre)
+                parametrize._cache_enabled = cache_enabled
                 _GLOBAL_HOOKS["saved"] = None
 
 
@@ -536,7 +542,9 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
     """Set the modes a computation needs; restore every flag and forward afterwards.
 
     * the modules' backward hooks are suspended (restored afterwards), and the
-      process-wide ones (``register_module_full_backward_hook``) for the call;
+      process-wide ones (``register_module_full_backward_hook``) for the call, as is
+      ``parametrize.cached()``'s cache; tensors kept as plain module attributes are
+      restored;
     * every module goes to eval mode (dropout off: the kernel is deterministic), by its
       ``training`` flag (a ``train()`` override of the user's is not run: its side
       effects, e.g. freezing a backbone, would outlive the call);
@@ -547,8 +555,12 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
     """
     with _GLOBAL_LOCK:
         lock = _MODEL_LOCKS.setdefault(model, threading.RLock())
-    with lock, _suspended_global_backward_hooks():
+    with lock, _suspended_process_state():
         flags = [(m, m.training) for m in model.modules()]
+        # tensors kept as plain attributes (the legacy weight_norm / spectral_norm and
+        # prune pre-hooks write the derived weight there, from fastntk's copies)
+        attrs = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
+                 for m in model.modules()]  # fmt: skip
         swapped: list[tuple[nn.Module, Any]] = []
         # The user's module backward hooks are suspended: the kernel is of the function, a
         # hook may change gradients, and torch.func refuses modules with full backward hooks.
@@ -582,6 +594,11 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
                     m.forward = old
             for m, t in flags:
                 m.training = t
+            for m, kept in attrs:
+                for k in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]:
+                    if k not in kept:
+                        del m.__dict__[k]
+                m.__dict__.update(kept)
 
 
 _MISSING = object()

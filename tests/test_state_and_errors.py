@@ -414,3 +414,42 @@ def test_kernel_evolution_keeps_the_users_hooks_to_the_user():
     assert len(ev.kernels) == 2 and fired == []
     assert torch.equal(torch.random.get_rng_state(), state)
     assert_same(snap, snapshot(m))
+
+
+def test_parametrize_cache_is_not_shared_with_the_call():
+    """Inside parametrize.cached(), a weight the user's forward had cached was used by the
+    call (the kernel w.r.t. the parametrization's originals came out wrong), and the
+    call's weights, made from fastntk's copies, were left for the user's next forward."""
+    import torch.nn.utils.parametrize as P
+    from torch.nn.utils import parametrizations
+
+    def make():
+        torch.manual_seed(0)
+        lin = parametrizations.weight_norm(nn.Linear(3, 4))
+        return nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 2))
+
+    x = torch.randn(5, 3)
+    ref = fastntk.ntk(make(), x)
+    m = make()
+    with P.cached():
+        m(x)
+        assert torch.equal(fastntk.ntk(m, x), ref)
+        before = dict(P._cache)
+        m(x).sum().backward()
+    assert P._cache_enabled == 0 and all(v.requires_grad for v in before.values())
+    assert m[0].parametrizations.weight.original1.grad.abs().sum() > 0
+
+
+def test_derived_weight_attributes_are_restored():
+    """prune and the legacy weight_norm write the derived weight as a plain attribute in a
+    forward pre-hook: the call left one computed from fastntk's copies."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    pruned = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    legacy = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2))
+    for m in (pruned, legacy):
+        w = m[0].weight
+        fastntk.ntk(m, torch.randn(4, 3), dtype=torch.float64)
+        assert m[0].weight is w and m[0].weight.dtype == torch.float32
