@@ -241,7 +241,15 @@ def _settings(args, metrics: list[str]) -> dict[str, Any]:
            "init": "torch.manual_seed(crc32('seed:arch'))"}
     if _dtype(args, metrics) != "float32":  # (journals of float32 runs keep their key)
         out["dtype"] = _dtype(args, metrics)
+    if getattr(args, "algo", None) == "prune":  # supernets: mean of the live ops, and the
+        out["supernet"] = "mean, shared weights"  # full supernet's weights (TE-NAS)
     return out
+
+
+def _is_supernet(space, enc: str) -> bool:
+    from fastntk.spaces import nb201
+
+    return hasattr(space, "full_supernet") and nb201.SUPER_SEP in enc
 
 
 def _score_fn(space, metrics: list[str], args):
@@ -251,10 +259,22 @@ def _score_fn(space, metrics: list[str], args):
     from fastntk.metrics import compute_metrics
 
     x, y = load(args.data, args.batch_size, seed=args.seed)
+    full: dict[str, Any] = {}  # the full supernet's weights, made once
 
     def fn(arch) -> dict[str, float]:
-        torch.manual_seed(_arch_seed(args.seed, space.encode(arch)))
+        enc = space.encode(arch)
+        torch.manual_seed(_arch_seed(args.seed, enc))
         model = space.build(arch, num_classes=10)
+        if _is_supernet(space, enc):
+            # TE-NAS scores every pruned supernet with the original supernet's weights
+            # (one initialisation; the candidates differ only in the ops they lack)
+            if "state" not in full:
+                top = space.full_supernet()
+                torch.manual_seed(_arch_seed(args.seed, top))
+                full["state"] = space.build(top, num_classes=10).state_dict()
+            missing, _ = model.load_state_dict(full["state"], strict=False)
+            if missing:
+                raise RuntimeError(f"supernet {enc} has weights the full supernet lacks: {missing}")
         return compute_metrics(model, x, y, metrics, bn=args.bn, errors="nan",
                                dtype=getattr(torch, _dtype(args, metrics)))
 

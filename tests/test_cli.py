@@ -310,3 +310,34 @@ def test_ctrl_c_before_the_guarded_command(capsys, monkeypatch):
         pytest.fail("KeyboardInterrupt escaped fastntk/__main__.py")
     assert e.value.code == 130
     assert capsys.readouterr().err == "\nfastntk search: interrupted\n"
+
+
+def test_prune_candidates_share_the_full_supernets_weights(capsys, monkeypatch, tmp_path):
+    """TE-NAS scores each pruned supernet with the original's weights: every candidate's
+    stem and shared ops equal the full supernet's (each used to get its own init), and the
+    journal key says so."""
+    import torch
+
+    from fastntk import metrics
+
+    stems, real = [], metrics.compute_metrics
+
+    def spy(model, *a, **kw):
+        stems.append((model.stem[0].weight.detach().clone(), model))
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(metrics, "compute_metrics", spy)
+    db = tmp_path / "p.db"
+    rc, out, err = run(capsys, "search", "--algo", "prune", "--metric", "fnorm", "--budget", "4",
+                       "--no-progress", "--db", str(db), "--data", "synthetic",
+                       "--batch-size", "2", "--dtype", "float32")  # fmt: skip
+    assert rc == 0, err
+    supers = [(w, m) for w, m in stems if hasattr(m.cells[0].layers[0], "ops")]
+    assert len(supers) == 3
+    assert all(torch.equal(w, supers[0][0]) for w, _ in supers)
+    a, b = supers[0][1], supers[1][1]  # shared ops of two candidates: the same weights
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    shared = [k for k in sd_a if k in sd_b and "ops." in k]
+    assert shared and all(torch.equal(sd_a[k], sd_b[k]) for k in shared)
+    with Journal(db) as j:
+        assert {r["settings"]["supernet"] for r in j.rows()} == {"mean, shared weights"}

@@ -374,3 +374,26 @@ def test_pooling_op_uses_box_filter_pool():
                         C=4, N=1)
     pools = [mod for mod in net.modules() if isinstance(mod, m.Pooling)]
     assert pools and all(isinstance(p.op, m.AvgPool3x3) for p in pools)
+
+
+def test_supernet_edges_average_their_ops_and_share_weights_by_name():
+    """TE-NAS weights the live ops of an edge by softmax(α) with α = 0: their mean (the
+    sum was used before); ops are kept by name, so a pruned supernet loads its weights
+    from the full one."""
+    import torch
+
+    from fastntk.spaces import nb201
+
+    torch.manual_seed(0)
+    two = ("nor_conv_3x3", "skip_connect")
+    big = nb201.build_supernet([two] * 6, C=4, N=1).eval()
+    one = nb201.build_supernet([("nor_conv_3x3",)] + [two] * 5, C=4, N=1).eval()
+    missing, unexpected = one.load_state_dict(big.state_dict(), strict=False)
+    assert not missing and not unexpected  # skip ops have no weights; the rest match by name
+    x = torch.randn(2, 3, 16, 16)
+    edge = big.cells[0].layers[0]
+    h = big.stem(x)
+    assert torch.allclose(edge(h), (edge.ops["nor_conv_3x3"](h) + h) / 2)
+    assert torch.equal(one.stem[0].weight, big.stem[0].weight)
+    first = one.cells[0].layers[0]
+    assert torch.equal(first(h), edge.ops["nor_conv_3x3"](h))

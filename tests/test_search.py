@@ -202,7 +202,9 @@ def test_progress_bar(capsys):
 
 
 def test_nb201_prune_scores_supernets_like_te_nas():
-    """NB201 pruning scores supernets (edges summing their remaining ops): 84 of them."""
+    """NB201 pruning scores supernets (edges averaging their remaining ops), from the
+    full supernet without ``none`` (TE-NAS masks it before round 1): 54 of them, and the
+    final arch has no ``none``."""
     from fastntk.spaces import nb201
     from fastntk.spaces.registry import get_space
 
@@ -215,10 +217,13 @@ def test_nb201_prune_scores_supernets_like_te_nas():
 
     r = run_search("prune", space, Scorer(fn, ["good"], DIRECTIONS), budget=200, seed=0)
     supernets = [a for a in seen if nb201.SUPER_SEP in a]
-    assert len(supernets) == 6 * (5 + 4 + 3 + 2)
+    assert len(supernets) == 6 * (4 + 3 + 2)
     assert r.best.encoding == nb201.format_arch(["nor_conv_1x1"] * 6)
-    # the first round starts from the full supernet minus one op
-    assert all(len(e) >= 4 for e in nb201.parse_supernet(supernets[0]))
+    # the first round starts from the full supernet (no none) minus one op
+    assert all(len(e) >= 3 for e in nb201.parse_supernet(supernets[0]))
+    assert not any("none" in e for a in supernets for e in nb201.parse_supernet(a))
+    no_none = [o for o in nb201.OPS if o != "none"]
+    assert space.full_supernet() == nb201.format_supernet([no_none] * 6)
 
 
 def test_supernet_strings_build_and_round_trip():
@@ -304,7 +309,7 @@ def test_prune_budget_ending_mid_round_uses_only_complete_rounds():
     one = prune_search(space, Scorer(fn, ["good"], dirs), budget=33, seed=0)
     two = prune_search(space, Scorer(fn, ["good", "good3"], dirs), budget=33, seed=0)
     assert one.best.encoding == two.best.encoding == nb201.format_arch(["nor_conv_3x3"] * 6)
-    assert one.extra["partial_round"] == 2 and len(one.extra["rounds"]) == 1
+    assert one.extra["partial_round"] == 8 and len(one.extra["rounds"]) == 1
     # per-op pruning (toy space), Borda of two metrics that rank alike == the single metric
     toy = ToySpace()
     s1 = Scorer(lambda a: {"good": objective(a), "good3": objective(a) ** 3}, ["good"], dirs)
@@ -317,7 +322,7 @@ def test_prune_budget_ending_mid_round_uses_only_complete_rounds():
               for s in range(3)]
     for r in finals:
         assert r.extra["rounds"] == [] and r.extra["partial_round"] == 9
-        assert nb201.parse_arch(r.best.encoding)[2:] != ("none",) * 4
+        assert "none" not in nb201.parse_arch(r.best.encoding)
     again = prune_search(space, Scorer(fn, ["good"], dirs), budget=10, seed=0)
     assert again.best.encoding == finals[0].best.encoding
 
@@ -332,7 +337,7 @@ def test_prune_progress_labels_supernets_and_the_final_arch():
                  budget=40, seed=0, progress=buf)
     frames = [f for f in buf.getvalue().replace("\n", "\r").split("\r") if f.strip()]
     assert all("best supernet:" in f for f in frames[:-1])
-    assert "final arch (round 2 unfinished, its 9 evaluations unused" in frames[-1]
+    assert "final arch (round 2 unfinished, its 15 evaluations unused" in frames[-1]
     assert "best supernet" not in frames[-1]
 
 

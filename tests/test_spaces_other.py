@@ -194,3 +194,52 @@ def test_space_options_checked():
         darts.build_model(get_space("darts").sample(random.Random(0)), C=0)
     with pytest.raises(OptionError, match="takes"):
         get_space("nb201", foo=1)
+
+
+def test_darts_nodes_take_two_distinct_inputs():
+    """DARTS keeps the two strongest edges from distinct nodes: a node on one input twice
+    was accepted, and 96% of sampled genotypes had one (slots drawn independently)."""
+    from fastntk.spaces.darts import DARTS_V2, decode
+
+    same = DARTS_V2.replace("sep_conv_3x3~0,sep_conv_3x3~1", "sep_conv_3x3~0,sep_conv_5x5~0", 1)
+    assert same != DARTS_V2
+    with pytest.raises(ArchitectureError, match="distinct"):
+        decode(same)
+    space = get_space("darts")
+    rng = random.Random(0)
+    seen_pairs = set()
+    for _ in range(300):
+        g = space.sample(rng)
+        assert space.from_choices(space.to_choices(g)) == g
+        child = space.mutate(g, rng)
+        assert child != g
+        for a in (g, child):
+            for cell in a:
+                for (_, i), (_, j) in cell:
+                    assert i != j
+        changed = sum(len(set(na) - set(nb)) for ca, cb in zip(g, child) for na, nb in zip(ca, cb))
+        assert changed == 1  # one (op, input) pair
+        seen_pairs |= {tuple(sorted(i for _, i in node)) for node in g[0][3:]}
+    assert seen_pairs == {(i, j) for j in range(5) for i in range(j)}  # node 3: all 10 pairs
+    sizes = [len(ch) for _, ch in space.decisions()]
+    assert len(sizes) == 24 and sizes[:3] == [1, 7, 7] and sizes[9:12] == [10, 7, 7]
+
+
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("darts", "normal=sep_conv_3x3~0,sep_conv_3x3~\u00b2"),
+        ("resnet", "\uff16\uff14x2-128x2-256x2-512x2"),
+        ("vit", "d6-e384-h6-m4-p\u0664"),
+    ],
+)
+def test_non_ascii_digits_are_refused_by_name(name, bad):
+    with pytest.raises(ArchitectureError):
+        get_space(name).decode(bad)
+
+
+def test_supernet_of_a_non_list_is_an_architecture_error():
+    from fastntk.spaces import nb201
+
+    with pytest.raises(ArchitectureError, match="list of 6 edges"):
+        nb201.build_supernet(5)

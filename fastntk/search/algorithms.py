@@ -9,11 +9,12 @@ time_budget=None, seed=0, journal=None, progress=False, **algo_params)``:
   members, mutates the fittest, appends the child and removes the OLDEST
   member (not the worst).
 * :func:`prune_search`: TE-NAS-style pruning of a supernet's edges. Every
-  decision (an NB201 edge) starts with all its ops; each round removes, from
+  decision (an NB201 edge) starts with all its ops (on a supernet space, all but
+  its ``supernet_excluded``: NB201's ``none``, as in TE-NAS); each round removes, from
   every decision that still has more than one op, the op whose removal hurts
   the score least, until one op per decision is left. Spaces that can build
   supernets (``space.supernet(ops_per_decision)``: NAS-Bench-201, whose edges
-  then sum their remaining ops) are scored as TE-NAS does, on the supernet
+  then average their remaining ops) are scored as TE-NAS does, on the supernet
   without each remaining op (see :func:`prune_search`). Other spaces are
   scored **per op**: a round draws
   ``samples_per_op`` context architectures uniformly from the remaining ops;
@@ -22,8 +23,7 @@ time_budget=None, seed=0, journal=None, progress=False, **algo_params)``:
   compared in the same contexts); the op's score is the mean fitness of those
   architectures (fitness = the metric, or the Borda count over the round's
   architectures for several metrics). The op with the LOWEST score is the
-  one whose removal hurts least, and is removed. NB201 with one sample per
-  op: 30 + 24 + 18 + 12 = 84 evaluations, plus one for the final arch.
+  one whose removal hurts least, and is removed.
 * :func:`reinforce`: REINFORCE (Williams, 1992) with an independent
   categorical policy (softmax over logits) per decision, an exponential
   moving-average baseline (``baseline_decay``) and learning rate ``lr``. The
@@ -554,7 +554,9 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
     are pruned as TE-NAS does: every round scores the supernet (each edge sums its
     remaining ops) once without each remaining op, and removes on every edge the op
     whose removal leaves the best-scoring supernet, until one op per edge is left
-    (NB201: 30 + 24 + 18 + 12 = 84 supernet evaluations, plus the final architecture).
+    The ops a space lists as ``supernet_excluded`` are removed before the first round, as
+    TE-NAS removes ``none`` (NB201: 24 + 18 + 12 = 54 supernet evaluations, plus the final
+    architecture).
     These rounds draw no samples: ``samples_per_op`` other than 1 is an error there.
     Other spaces use per-op scoring in ``samples_per_op`` shared random contexts
     (module docstring).
@@ -578,6 +580,9 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
     choices = [tuple(ch) for _, ch in decisions]
     alive: list[list[int]] = [list(range(len(ch))) for ch in choices]  # indices into choices
     supernet = getattr(space, "supernet", None)
+    if supernet is not None:  # TE-NAS removes these ops before its first round
+        gone = set(getattr(space, "supernet_excluded", ()))
+        alive = [[k for k in a if choices[d][k] not in gone] or a for d, a in enumerate(alive)]
     if supernet is not None and samples_per_op != 1:
         raise OptionError(f"samples_per_op applies to per-op pruning; space "
                           f"{getattr(space, 'name', space)!r} is pruned on supernets (TE-NAS), "

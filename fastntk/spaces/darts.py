@@ -2,9 +2,11 @@
 
 An architecture is a *genotype*: a normal cell and a reduction cell, each with
 four intermediate nodes; node ``i`` (``i = 0..3``, graph nodes 2..5) sums two
-operations applied to two earlier nodes (``0`` = output of the cell before the
-previous one, ``1`` = previous cell, ``2 + m`` = intermediate node ``m``), and
-the cell outputs the concatenation of its four intermediate nodes.
+operations applied to two *distinct* earlier nodes (``0`` = output of the cell before
+the previous one, ``1`` = previous cell, ``2 + m`` = intermediate node ``m``; DARTS
+keeps "the top-k strongest operations from distinct nodes", its ``genotype()`` the two
+best of ``range(i + 2)``), and the cell outputs the concatenation of its four
+intermediate nodes.
 
 Its canonical string (the journal key) is::
 
@@ -91,10 +93,15 @@ def _check_cell(cell: Sequence[Sequence[tuple[str, int]]], kind: str) -> CellGen
                 raise ArchitectureError(
                     f"unknown op {op!r} in {kind} node {m}; allowed ops: {', '.join(OPS)}"
                 )
-            if not isinstance(i, int) or not 0 <= i < m + 2:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < m + 2:
                 raise ArchitectureError(
                     f"input {i!r} of {kind} node {m} must be an earlier node in 0..{m + 1}"
                 )
+        if node[0][1] == node[1][1]:
+            raise ArchitectureError(
+                f"{kind} node {m} takes both its inputs from node {node[0][1]}; a DARTS node "
+                "sums two operations on two distinct earlier nodes"
+            )
         nodes.append(_canon_node(node))
     return tuple(nodes)  # type: ignore[return-value]
 
@@ -138,7 +145,7 @@ def decode(s: str) -> Genotype:
             pairs = []
             for edge in node.split(","):
                 op, tilde, src = edge.partition("~")
-                if not tilde or not src.isdigit():
+                if not tilde or not (src.isascii() and src.isdigit()):
                     raise ArchitectureError(
                         f"DARTS edge {edge!r} must have the form 'op~input', in {s!r}"
                     )
@@ -305,8 +312,10 @@ class DartsSpace(ChoiceSpace):
     """DARTS as a :class:`fastntk.spaces.base.SearchSpace`; archs are :data:`Genotype` tuples.
 
     It also exposes its categorical decisions (``decisions``, ``to_choices``,
-    ``from_choices``) for pruning and REINFORCE: per cell and node, two (op,
-    input) slots.
+    ``from_choices``) for pruning and REINFORCE: per cell and node, three: which two
+    distinct earlier nodes it takes (``inputs``, a pair ``i < j``), and the op on each
+    (``op_lo`` on ``i``, ``op_hi`` on ``j``). Every combination is a genotype and every
+    genotype one combination, so ``sample`` is uniform over genotypes.
     """
 
     name = "darts"
@@ -322,38 +331,50 @@ class DartsSpace(ChoiceSpace):
         out = []
         for kind in CELLS:
             for m in range(NUM_NODES):
-                for slot in range(2):
-                    choices = tuple((op, i) for i in range(m + 2) for op in OPS)
-                    out.append((f"{kind}.{m}.{slot}", choices))
+                pairs = tuple((i, j) for j in range(m + 2) for i in range(j))
+                out += [(f"{kind}.{m}.inputs", pairs), (f"{kind}.{m}.op_lo", OPS),
+                        (f"{kind}.{m}.op_hi", OPS)]  # fmt: skip
         return out
 
     def to_choices(self, arch) -> tuple:
-        g = validate(arch)
-        return tuple(pair for cell in g for node in cell for pair in node)
+        out: list = []
+        for cell in validate(arch):
+            for node in cell:
+                lo, hi = sorted(node, key=lambda pair: pair[1])
+                out += [(lo[1], hi[1]), lo[0], hi[0]]
+        return tuple(out)
 
     def from_choices(self, choices: Sequence) -> Genotype:
         c = list(choices)
+        if len(c) != 3 * NUM_NODES * len(CELLS):
+            raise ArchitectureError(
+                f"a DARTS genotype has {3 * NUM_NODES * len(CELLS)} decisions, got {len(c)}"
+            )
         cells = []
-        for k in range(2):
-            cells.append([c[8 * k + 2 * m: 8 * k + 2 * m + 2] for m in range(NUM_NODES)])
+        for k in range(len(CELLS)):
+            nodes = []
+            for m in range(NUM_NODES):
+                (i, j), op_lo, op_hi = c[3 * (NUM_NODES * k + m): 3 * (NUM_NODES * k + m) + 3]
+                nodes.append(((op_lo, i), (op_hi, j)))
+            cells.append(nodes)
         return validate(cells)
 
     def mutate(self, arch, rng: random.Random) -> Genotype:
-        """Change one slot's op or one slot's input (uniformly among the other values)."""
+        """Change one (op, input) pair: its op, or its input to another earlier node that
+        the node's other pair does not use (uniformly among those; node 0 has no other
+        input to move to, so its pairs change op)."""
         g = validate(arch)
-        while True:
-            c = list(self.to_choices(g))
-            d = rng.randrange(len(c))
-            op, i = c[d]
-            m = (d % 8) // 2
-            if rng.random() < 0.5:
-                op = rng.choice([o for o in OPS if o != op])
-            else:
-                i = rng.choice([j for j in range(m + 2) if j != i])
-            c[d] = (op, i)
-            new = self.from_choices(c)
-            if new != g:
-                return new
+        cells = [[list(node) for node in cell] for cell in g]
+        k, m, slot = rng.randrange(len(CELLS)), rng.randrange(NUM_NODES), rng.randrange(2)
+        op, i = cells[k][m][slot]
+        other = cells[k][m][1 - slot][1]
+        inputs = [j for j in range(m + 2) if j not in (i, other)]
+        if inputs and rng.random() < 0.5:
+            i = rng.choice(inputs)
+        else:
+            op = rng.choice([o for o in OPS if o != op])
+        cells[k][m][slot] = (op, i)
+        return validate(cells)
 
     def build(self, arch, num_classes: int = 10) -> nn.Module:
         return build_model(arch, num_classes=num_classes, C=self.C, layers=self.layers)

@@ -548,7 +548,12 @@ SUPER_SEP = "&"
 
 def format_supernet(ops_per_edge) -> str:
     """``[[op, ...] x 6 edges]`` -> ``|op&op~0|+|op~0|op&op~1|+|...|`` (ops in OPS order)."""
-    ops_per_edge = [tuple(e) for e in ops_per_edge]
+    try:
+        ops_per_edge = [(e,) if isinstance(e, str) else tuple(e) for e in ops_per_edge]
+    except TypeError:
+        raise ArchitectureError(
+            f"a supernet is a list of {len(EDGES)} edges, each a list of ops, got {ops_per_edge!r}"
+        ) from None
     if len(ops_per_edge) != len(EDGES):
         raise ArchitectureError(f"a supernet needs {len(EDGES)} edges, got {len(ops_per_edge)}")
     parts = []
@@ -585,22 +590,28 @@ def parse_supernet(s: str) -> list[tuple[str, ...]]:
 
 
 class MixedOp(nn.Module):
-    """The sum of several candidate ops on one supernet edge."""
+    """The mean of several candidate ops on one supernet edge: TE-NAS weights each op
+    still alive by softmax(α) with α = 0 for all of them (the pruned at -inf), 1/k each.
+
+    The ops are held by name (``ops["nor_conv_3x3"]``), so a supernet with some ops
+    removed takes the remaining ones' weights from a fuller one by ``load_state_dict``
+    (TE-NAS scores every pruned supernet with the original's weights)."""
 
     def __init__(self, ops, C_in: int, C_out: int, stride: int):
         super().__init__()
         self.names = tuple(ops)
-        self.ops = nn.ModuleList(_make_op(op, C_in, C_out, stride) for op in ops)
+        self.ops = nn.ModuleDict({op: _make_op(op, C_in, C_out, stride) for op in ops})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.ops[0](x)
-        for op in self.ops[1:]:
+        ops = list(self.ops.values())
+        out = ops[0](x)
+        for op in ops[1:]:
             out = out + op(x)
-        return out
+        return out / len(ops) if len(ops) > 1 else out
 
 
 class SuperCell(InferCell):
-    """A cell whose edges are :class:`MixedOp` sums (TE-NAS's pruning supernet)."""
+    """A cell whose edges are :class:`MixedOp` means (TE-NAS's pruning supernet)."""
 
     def __init__(self, arch: str, C_in: int, C_out: int, stride: int = 1):
         nn.Module.__init__(self)
@@ -614,7 +625,7 @@ class SuperCell(InferCell):
 
 
 def build_supernet(ops_per_edge, num_classes: int = 10, C: int = 16, N: int = 5) -> nn.Module:
-    """The NB201 network whose cells sum, on every edge, the given candidate ops."""
+    """The NB201 network whose cells average, on every edge, the given candidate ops."""
     arch = ops_per_edge if isinstance(ops_per_edge, str) else format_supernet(ops_per_edge)
     parse_supernet(arch)
     return TinyNetwork(arch, C=C, N=N, num_classes=num_classes)
@@ -755,9 +766,18 @@ class NB201Space:
             return format_supernet(parse_supernet(s))
         return validate_arch(s)
 
+    #: ops that TE-NAS prunes before its first round (its ``alpha[:, none] = -inf``): a
+    #: pruned NB201 architecture never contains ``none``.
+    supernet_excluded: tuple[str, ...] = ("none",)
+
     def supernet(self, ops_per_edge) -> str:
         """Encoding of the supernet with these candidate ops per edge (for pruning)."""
         return format_supernet(ops_per_edge)
+
+    def full_supernet(self) -> str:
+        """The supernet every pruning round starts from: every op but
+        :attr:`supernet_excluded` on every edge."""
+        return format_supernet([[o for o in OPS if o not in self.supernet_excluded]] * len(EDGES))
 
     def all(self) -> list[str]:
         """All archs in benchmark index order."""

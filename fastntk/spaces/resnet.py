@@ -71,7 +71,7 @@ def decode(s: str) -> Arch:
     stages = []
     for p in parts:
         w, x, d = p.partition("x")
-        if not x or not w.isdigit() or not d.isdigit():
+        if not x or not (w + d).isascii() or not w.isdigit() or not d.isdigit():
             raise ArchitectureError(f"ResNet stage {p!r} must be 'WIDTHxDEPTH', in {s!r}")
         stages.append((int(w), int(d)))
     return validate(stages)

@@ -68,7 +68,7 @@ def decode(s: str) -> Arch:
         )
     vals = []
     for (key, _), p in zip(_FIELDS, parts, strict=True):
-        if not p.startswith(key) or not p[1:].isdigit():
+        if not p.startswith(key) or not p[1:].isascii() or not p[1:].isdigit():
             raise ArchitectureError(f"ViT field {p!r} should be '{key}<int>', in {s!r}")
         vals.append(int(p[1:]))
     return validate(vals)
