@@ -45,8 +45,11 @@ def is_oom(e: BaseException) -> bool:
     oom_cls = getattr(torch, "OutOfMemoryError", None)
     if oom_cls is not None and isinstance(e, oom_cls):
         return True
-    return isinstance(e, (RuntimeError, MemoryError)) and (
-        isinstance(e, MemoryError) or "out of memory" in str(e).lower()
+    msg = str(e).lower()
+    # CPU: PyTorch's allocator raises RuntimeError("[enforce fail ...] DefaultCPUAllocator:
+    # can't allocate memory: you tried to allocate ... bytes")
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg
     )
 
 

@@ -413,7 +413,8 @@ def _cmd_evaluate(args) -> int:
     if len(metrics) > 1:
         cols.append(("borda", scorer.fitness([e.metrics for e in res.history])))
     print(f"{len(archs)} NB201 archs, ground truth {args.dataset}; metrics oriented so that "
-          "higher predicts better (lower-is-better metrics negated)")
+          "higher predicts better (lower-is-better metrics negated; undefined values rank "
+          "last)")
     print(f"  {'metric':<16} {'kendall_tau':>11} {'spearman_rho':>12}")
     for name, vals in cols:
         r = stats.rankdata(np.asarray(vals, dtype=float))
@@ -426,6 +427,8 @@ def _cmd_evaluate(args) -> int:
         print(f"  {name:<16} {tau:>11.4f} {rho:>12.4f}")
     if args.plot:
         name, vals = cols[-1]
+        if name != "borda" and not DIRECTIONS[name]:
+            name = f"-{name}"  # the plotted values are negated (oriented)
         xs = np.asarray(vals, dtype=float)
         _scatter_png(args.plot, xs, acc, xlabel=name, ylabel=f"{args.dataset} accuracy (%)")
         fin = xs[np.isfinite(xs)]
@@ -572,11 +575,11 @@ def _bench_child(spec_json: str) -> None:
         out["gram_s"] = prof.seconds.get("gram", 0.0)
         out["gram_tflops"] = prof.gram_tflops
         if cuda:
-            out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            out["memory"] = "cuda max_memory_allocated"
+            out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            out["memory"] = "cuda_max_allocated"
         else:
-            out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            out["memory"] = "peak RSS"
+            out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+            out["memory"] = "process_peak_rss"
         out["device"] = torch.cuda.get_device_name() if cuda else "cpu"
     except Exception as e:  # reported as a row, not a crash of the table
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
@@ -628,7 +631,7 @@ def _cmd_bench(args) -> int:
             print(f"  n={n} {method}: " + (f"{row['time_s']:.3f} s" if "time_s" in row
                                             else row.get("error", "?")), file=sys.stderr)
     header = ("model", "method", "n", "output", "time_s", "samples_per_s", "gram_tflops",
-              "peak_mb", "device", "error")
+              "peak_mib", "memory", "device", "error")
     table = []
     for r in rows:
         table.append([
@@ -636,7 +639,7 @@ def _cmd_bench(args) -> int:
             f"{r['time_s']:.4f}" if "time_s" in r else "-",
             f"{r['samples_per_s']:.1f}" if "samples_per_s" in r else "-",
             f"{r['gram_tflops']:.4f}" if r.get("gram_tflops") else "-",
-            f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-",
+            f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-", str(r.get("memory", "-")),
             str(r.get("device", "-")), str(r.get("error", "")),
         ])
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]

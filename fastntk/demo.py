@@ -100,17 +100,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{k[:-2]} {v:.2f}" for k, v in prof.as_dict().items() if k.endswith("_s") and v > 0.005
     )
     print(f"warm call     seconds by phase: {phases}")
-    print(f"spectrum      λmax {lmax:.4g}   λmin {lmin:.4g}   cond {lmax / max(lmin, 1e-300):.4g}")
+    from fastntk import metrics
+    from fastntk.errors import FastNTKError
+
+    try:  # the float32 kernel's condition number, by the metrics' clamping rule
+        c = metrics.condition_number(theta)
+        cond = f"{c:.4g}"
+        if math.isinf(c) and lmin > 0:
+            limit = 1 / (args.n * torch.finfo(theta.dtype).eps)
+            cond += f" (beyond the {limit:.2g} a {theta.dtype} kernel of N={args.n} resolves)"
+    except FastNTKError as e:
+        cond = f"undefined ({e})"
+    print(f"spectrum      λmax {lmax:.4g}   λmin {lmin:.4g}   cond {cond}")
     print(
         f"              trace {ev.sum().item():.4g}   top-{k} eigenvalue mass "
-        f"{(ev[-k:].sum() / ev.sum()).item():.3f}   ‖Θ‖_F {theta.norm().item():.4g}"
+        f"{(ev[-k:].sum() / ev.sum()).item():.3f}   ‖Θ‖_F {metrics.fnorm(theta):.4g}"
     )
     try:
-        from fastntk import metrics
-
-        print(f"metrics       LGA {metrics.lga(theta, y):.4f}   mean(Θ) {metrics.mean(theta):.4g}")
-    except Exception as e:  # metrics are optional for the demo
-        print(f"metrics       unavailable ({e})")
+        lga = f"{metrics.lga(theta, y):.4f}"
+    except FastNTKError as e:  # a constant kernel, one class in the batch
+        lga = f"undefined ({e})"
+    print(f"metrics       LGA {lga}   mean(Θ) {metrics.mean(theta):.4g}")
     print()
     print("paths (fastntk.explain):")
     ex = fastntk.explain(model, x, output=args.output, bn=args.bn)

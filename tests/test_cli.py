@@ -39,7 +39,7 @@ def test_score_real_nb201(capsys):
     rc, out, err = run(capsys, "score", "--space", "nb201", "--arch", ARCH, "--metric", "lga",
                        *DATA)
     assert rc == 0, err
-    assert "lga" in out and "CIFAR-10 93.65%" in out and "rank 273 of 15625" in out
+    assert "lga" in out and "CIFAR-10 93.65%" in out and "rank 272 of 15625" in out
 
 
 def test_score_is_reproducible(capsys, tiny_nb201):
@@ -108,6 +108,16 @@ def test_evaluate_prints_correlations_and_plot(capsys, tiny_nb201, shared_db, tm
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_plot_names_negated_values(capsys, tiny_nb201, shared_db, tmp_path):
+    """A lower-is-better metric is plotted negated (oriented): its label says so."""
+    png = tmp_path / "tr.png"
+    rc, out, err = run(capsys, "evaluate", "--archs", "3", "--metric", "trainability",
+                       "--plot", str(png), "--db", str(shared_db), "--data", "synthetic",
+                       "--batch-size", "4")  # fmt: skip
+    assert rc == 0, err
+    assert "(x: -trainability -" in out
+
+
 def test_png_writer(tmp_path):
     import struct
     import zlib
@@ -143,8 +153,10 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
                        "auto,loop", "--csv", str(csv_path))
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:9] == ["model", "method", "n", "output", "time_s",
-                                    "samples_per_s", "gram_tflops", "peak_mb", "device"]
+    assert lines[0].split()[:10] == ["model", "method", "n", "output", "time_s",
+                                     "samples_per_s", "gram_tflops", "peak_mib", "memory",
+                                     "device"]
+    assert "process_peak_rss" in lines[1]
     assert len([ln for ln in lines if ln.startswith("nb201")]) == 2
     rows = csv_path.read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("model,method,n")
@@ -341,3 +353,13 @@ def test_prune_candidates_share_the_full_supernets_weights(capsys, monkeypatch, 
     assert shared and all(torch.equal(sd_a[k], sd_b[k]) for k in shared)
     with Journal(db) as j:
         assert {r["settings"]["supernet"] for r in j.rows()} == {"mean, shared weights"}
+
+
+def test_demo_spectrum_of_a_singular_kernel(capsys):
+    """An all-none network's kernel is singular and constant: cond inf by the metrics'
+    rule (it printed 8e+301 from lmax / max(lmin, 1e-300)), ‖Θ‖_F without overflow, and
+    mean(Θ) even though LGA is undefined."""
+    none = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+    rc, out, err = run(capsys, "demo", "--n", "8", "--arch", none)
+    assert rc == 0, err
+    assert "cond inf" in out and "LGA undefined" in out and "mean(Θ) 10" in out
