@@ -551,12 +551,13 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
     """TE-NAS-style pruning.
 
     Spaces with a ``supernet(ops_per_decision) -> encoding`` method (NAS-Bench-201)
-    are pruned as TE-NAS does: every round scores the supernet (each edge sums its
+    are pruned as TE-NAS does: every round scores the supernet (each edge averages its
     remaining ops) once without each remaining op, and removes on every edge the op
-    whose removal leaves the best-scoring supernet, until one op per edge is left
+    whose removal leaves the best-scoring supernet, until one op per edge is left.
     The ops a space lists as ``supernet_excluded`` are removed before the first round, as
     TE-NAS removes ``none`` (NB201: 24 + 18 + 12 = 54 supernet evaluations, plus the final
-    architecture).
+    architecture). Sharing the full supernet's weights across a round's candidates, as
+    TE-NAS does, is the scoring function's part (the CLI's does it).
     These rounds draw no samples: ``samples_per_op`` other than 1 is an error there.
     Other spaces use per-op scoring in ``samples_per_op`` shared random contexts
     (module docstring).

@@ -543,7 +543,7 @@ class InferCell(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# Supernets (TE-NAS-style pruning): every edge sums a set of candidate ops.
+# Supernets (TE-NAS-style pruning): every edge averages a set of candidate ops.
 # ---------------------------------------------------------------------------
 
 SUPER_SEP = "&"
