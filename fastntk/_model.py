@@ -414,8 +414,8 @@ def _per_sample_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
             f"bn='per_sample' normalises each sample by its own statistics, but a "
             f"{type(self).__name__} is given {x.shape[0]} rows for {n} samples (samples "
             "merged with another dim, e.g. (N*T, C) frames, or no sample dim): a batched "
-            "forward cannot tell which rows are one sample's. method='auto' or 'vmap' runs "
-            "each sample alone (exact); other methods need bn='eval' or 'batch' here"
+            "forward cannot tell which rows are one sample's. method='auto', 'loop' or 'vmap' "
+            "runs each sample alone (exact); the layerwise methods need bn='eval' or 'batch'"
         )
     if self.weight is not None:
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -461,8 +461,8 @@ def bn_rows_checked(model: nn.Module, copies: Copies, x: torch.Tensor, bn: str) 
         raise MergedSamplesError(
             "bn='per_sample' normalises each row of a BatchNorm input's dim 0 as one sample, "
             "but a BatchNorm of this model is given rows that are not its samples (time "
-            "steps, or no sample dim): method='auto' or 'vmap' runs each sample alone "
-            "(exact); other methods need bn='eval' or 'batch' here"
+            "steps, or no sample dim): method='auto', 'loop' or 'vmap' runs each sample "
+            "alone (exact); the layerwise methods need bn='eval' or 'batch'"
         )
 
 
@@ -505,23 +505,23 @@ _GLOBAL_LOCK = threading.Lock()
 _GLOBAL_HOOKS: dict[str, Any] = {"depth": 0, "saved": None}
 
 
-def _global_backward_hooks() -> tuple[dict, dict]:
-    from torch.nn.modules import module as _m
-
-    return _m._global_backward_hooks, _m._global_backward_pre_hooks
-
-
 @contextlib.contextmanager
 def _suspended_process_state() -> Iterator[None]:
+    """Process-wide state off for the calls running (counted): the module backward hooks
+    (their dicts swapped for empty ones, so a handle removed meanwhile stays removed) and
+    parametrize.cached() (its counter lowered by the value found, then raised by it: a
+    thread leaving its cached() block meanwhile keeps its count)."""
+    from torch.nn.modules import module as _m
     from torch.nn.utils import parametrize
 
     with _GLOBAL_LOCK:
         if _GLOBAL_HOOKS["depth"] == 0:
-            hooks, pre = _global_backward_hooks()
-            _GLOBAL_HOOKS["saved"] = (dict(hooks), dict(pre), parametrize._cache_enabled)
-            hooks.clear()
-            pre.clear()
-            parametrize._cache_enabled = 0  # every parametrization computed afresh
+            _GLOBAL_HOOKS["saved"] = (
+                _m._global_backward_hooks, _m._global_backward_pre_hooks,
+                parametrize._cache_enabled,
+            )  # fmt: skip
+            _m._global_backward_hooks, _m._global_backward_pre_hooks = OrderedDict(), OrderedDict()
+            parametrize._cache_enabled -= _GLOBAL_HOOKS["saved"][2]  # computed afresh
         _GLOBAL_HOOKS["depth"] += 1
     try:
         yield
@@ -529,11 +529,11 @@ def _suspended_process_state() -> Iterator[None]:
         with _GLOBAL_LOCK:
             _GLOBAL_HOOKS["depth"] -= 1
             if _GLOBAL_HOOKS["depth"] == 0:
-                hooks, pre = _global_backward_hooks()
-                saved, saved_pre, cache_enabled = _GLOBAL_HOOKS["saved"]
-                hooks.update(saved)  # (plus any registered meanwhile)
-                pre.update(saved_pre)
-                parametrize._cache_enabled = cache_enabled
+                hooks, pre, cached = _GLOBAL_HOOKS["saved"]
+                hooks.update(_m._global_backward_hooks)  # (any registered meanwhile)
+                pre.update(_m._global_backward_pre_hooks)
+                _m._global_backward_hooks, _m._global_backward_pre_hooks = hooks, pre
+                parametrize._cache_enabled += cached
                 _GLOBAL_HOOKS["saved"] = None
 
 

@@ -120,10 +120,9 @@ def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
                    help="BatchNorm semantics of the kernel (default eval)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of data, init and search")
     p.add_argument("--dtype", choices=("float32", "float64"),
-                   help="dtype of the kernels (default float32; float64 for --algo prune, "
-                        "whose supernets sum every op on every edge: their eval-mode "
-                        "kernels overflow float32 on NB201, and for ncn, cond and vintk, "
-                        "whose condition numbers float32 cannot resolve beyond 1/(N*eps))")
+                   help="dtype of the kernels (default float32; float64 for ncn, cond and "
+                        "vintk, whose condition numbers float32 cannot resolve beyond "
+                        "1/(N*eps))")
     _add_threads_arg(p)
 
 
@@ -230,19 +229,20 @@ _SPECTRAL = ("ncn", "cond", "vintk")
 def _dtype(args, metrics: list[str]) -> str:
     if args.dtype:
         return args.dtype
-    if getattr(args, "algo", None) == "prune" or any(m in _SPECTRAL for m in metrics):
+    if any(m in _SPECTRAL for m in metrics):
         return "float64"
     return "float32"
 
 
-def _settings(args, metrics: list[str]) -> dict[str, Any]:
+def _settings(args, metrics: list[str], space: Any) -> dict[str, Any]:
     out = {"metrics": metrics, "data": args.data, "batch_size": args.batch_size,
            "bn": args.bn, "seed": args.seed, "num_classes": 10,
            "init": "torch.manual_seed(crc32('seed:arch'))"}
     if _dtype(args, metrics) != "float32":  # (journals of float32 runs keep their key)
         out["dtype"] = _dtype(args, metrics)
-    if getattr(args, "algo", None) == "prune":  # supernets: mean of the live ops, and the
-        out["supernet"] = "mean, shared weights"  # full supernet's weights (TE-NAS)
+    if getattr(args, "algo", None) == "prune" and hasattr(space, "full_supernet"):
+        out["supernet"] = "mean, shared weights"  # TE-NAS's: the live ops' mean, the full
+        # supernet's weights (a key apart from the summed, separately seeded ones before)
     return out
 
 
@@ -339,7 +339,7 @@ def _cmd_search(args) -> int:
                           f"({args.population})")
     journal = Journal(args.db) if args.db is not None else None
     scorer = Scorer(_score_fn(space, metrics, args), metrics, DIRECTIONS,
-                    settings=_settings(args, metrics))
+                    settings=_settings(args, metrics, space))
     kw: dict[str, Any] = {}
     if args.algo == "rea":
         kw = {"population_size": args.population, "sample_size": args.sample_size}
@@ -392,7 +392,7 @@ def _cmd_evaluate(args) -> int:
     metrics = _expand_metrics(args.metric)
     journal = Journal(args.db) if args.db is not None else None
     scorer = Scorer(_score_fn(space, metrics, args), metrics, DIRECTIONS,
-                    settings=_settings(args, metrics))
+                    settings=_settings(args, metrics, space))
     try:
         res = random_search(space, scorer, budget=args.archs, seed=args.seed, journal=journal,
                             progress=True)

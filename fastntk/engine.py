@@ -216,8 +216,10 @@ def ntk(
                 theta = job.coupled(x1, x2, batched=False)
         except _model.MergedSamplesError:
             # bn="per_sample" with a BatchNorm whose rows are not the samples (frames
-            # merged into the batch dim): only a forward of each sample alone is exact
-            if method != "auto" or rnn is not None:
+            # merged into the batch dim, a BatchNorm on part of the batch): only a
+            # forward of each sample alone is exact. "loop" is the reference: it takes
+            # that path too; the layerwise methods were asked for the layerwise engine.
+            if method not in ("auto", "loop") or rnn is not None:
                 raise
             theta = job.vmap(x1, x2)
         if not bool(torch.isfinite(theta).all()):
@@ -480,8 +482,8 @@ class _Capture:
                 raise _model.MergedSamplesError(
                     f"bn='per_sample' normalises each row of a BatchNorm input's dim 0 as one "
                     f"sample, but {mname!r} is given its samples in another dim (or none): "
-                    "method='auto' or 'vmap' runs each sample alone (exact); other methods "
-                    "need bn='eval' or 'batch' here"
+                    "method='auto', 'loop' or 'vmap' runs each sample alone (exact); the "
+                    "layerwise methods need bn='eval' or 'batch'"
                 )
             if dims is not None:
                 layout = _layout(dims, pos, _batch_dim(mod), rule is not None)

@@ -736,7 +736,7 @@ def _vintk_parts(
     if kernel is None:
         K = _kernel(model, x, kw)
     else:
-        K = _as_tensor(kernel, "kernel")
+        K = _as_tensor(kernel, "kernel").cpu()  # (the high-pass kernel is a CPU one)
         _check_kernel(K, "kernel")
         if K.shape[0] != x.shape[0]:
             raise InputError(f"kernel is {tuple(K.shape)} but x has N = {x.shape[0]}")

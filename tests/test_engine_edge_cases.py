@@ -600,18 +600,17 @@ def test_per_sample_batchnorm_whose_rows_are_not_the_samples(make, shape):
     """bn="per_sample" is each sample alone through a train-mode BatchNorm (the oracle).
     Where a BatchNorm's rows are not the samples, a batched forward cannot normalise per
     sample (it normalised each row, silently, and method="vmap" did the same inside
-    vmap): "auto" and "vmap" run each sample alone, the batched methods refuse."""
+    vmap): "auto", "loop" and "vmap" run each sample alone, the layerwise methods refuse."""
     torch.manual_seed(0)
     m = make().double()
     x1, x2 = _x(*shape), _x(3, *shape[1:], seed=2)
     for xa, xb in ((x1, None), (x1, x2)):
         ref = reduce(full_kernel(m, xa, xb, bn="per_sample"), "sum")
-        for method in ("auto", "vmap"):
+        for method in ("auto", "vmap", "loop"):
             theta = fastntk.ntk(m, xa, xb, bn="per_sample", method=method, dtype=torch.float64)
             assert rel_err(theta, ref) <= TOL64, method
-    for method in ("layerwise", "loop"):
-        with pytest.raises(UnsupportedError, match="per_sample.*method='auto' or 'vmap'"):
-            fastntk.ntk(m, x1, bn="per_sample", method=method, dtype=torch.float64)
+    with pytest.raises(UnsupportedError, match="per_sample.*method='auto', 'loop' or 'vmap'"):
+        fastntk.ntk(m, x1, bn="per_sample", method="layerwise", dtype=torch.float64)
     with pytest.raises(UnsupportedError, match="per_sample"):
         fastntk.ntk_sketch(m, x1, bn="per_sample", sketch_dim=8, dtype=torch.float64)
     report = fastntk.explain(m, x1, bn="per_sample")
@@ -733,3 +732,27 @@ def test_one_sample_batchnorm_backward_with_channels_last_gradients(method):
         theta = fastntk.ntk(m, x[:n], params=["conv.bias"], method=method, dtype=torch.float64)
         assert rel_err(theta, ref) <= TOL64
     _check(m, x[:1], methods=["auto", "loop"])
+
+
+def test_per_sample_batchnorm_on_part_of_the_batch():
+    """A BatchNorm on each half of the batch: its rows are samples, but fewer than the
+    batch's; "loop" refused it for a while (the row count), now it and "auto" are exact."""
+
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.out = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            h = torch.stack([h, h**2], 2)  # (N, 4, 2)
+            h = torch.cat([self.bn(p) for p in h.chunk(2)])
+            return self.out(torch.tanh(h).sum(2))
+
+    torch.manual_seed(0)
+    m = Halves().double()
+    x = _x(6, 3)
+    ref = reduce(full_kernel(m, x, bn="per_sample"), "sum")
+    for method in ("auto", "loop", "vmap"):
+        theta = fastntk.ntk(m, x, bn="per_sample", method=method, dtype=torch.float64)
+        assert rel_err(theta, ref) <= TOL64, method

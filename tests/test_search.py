@@ -353,6 +353,9 @@ def test_prune_samples_per_op_refused_where_it_has_no_effect():
 
 def test_scorer_deduplicates_metric_names():
     assert Scorer(toy_metrics, "good, good,bad", DIRECTIONS).metrics == ["good", "bad"]
+    # any iterable of names (dict keys, generators), as before the names were checked
+    assert Scorer(toy_metrics, {"good": 1, "bad": 2}.keys(), DIRECTIONS).metrics == ["good", "bad"]
+    assert Scorer(toy_metrics, (m for m in ["bad", "bad"]), DIRECTIONS).metrics == ["bad"]
     a = reinforce(ToySpace(), Scorer(toy_metrics, "good", DIRECTIONS), budget=40, seed=0)
     b = reinforce(ToySpace(), Scorer(toy_metrics, ["good", "good"], DIRECTIONS), budget=40,
                   seed=0)

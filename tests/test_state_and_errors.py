@@ -453,3 +453,49 @@ def test_derived_weight_attributes_are_restored():
         w = m[0].weight
         fastntk.ntk(m, torch.randn(4, 3), dtype=torch.float64)
         assert m[0].weight is w and m[0].weight.dtype == torch.float32
+
+
+def test_process_wide_state_changed_by_another_thread_during_a_call():
+    """Another thread that leaves parametrize.cached() or removes a global backward hook
+    while a call runs: its change stands afterwards (the call restored snapshots: the
+    cache counter ended at 1 with nobody inside cached(), the removed hook came back)."""
+    import threading
+
+    import torch.nn.utils.parametrize as P
+    from torch.nn.modules import module as M
+
+    inside, go = threading.Event(), threading.Event()
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if threading.current_thread().name == "call" and not inside.is_set():
+                inside.set()
+                go.wait(30)
+            return self.lin(x)
+
+    def call():
+        fastntk.ntk(Slow(), torch.randn(4, 3))
+
+    cm = P.cached()
+    cm.__enter__()
+    t = threading.Thread(target=call, name="call")
+    t.start()
+    assert inside.wait(30)
+    cm.__exit__(None, None, None)  # this thread leaves cached() during the call
+    go.set()
+    t.join()
+    assert P._cache_enabled == 0
+    inside.clear()
+    go.clear()
+    h = M.register_module_full_backward_hook(lambda *a: None)
+    t = threading.Thread(target=call, name="call")
+    t.start()
+    assert inside.wait(30)
+    h.remove()  # removed during the call
+    go.set()
+    t.join()
+    assert len(M._global_backward_hooks) == 0

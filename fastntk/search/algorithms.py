@@ -60,7 +60,7 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -147,13 +147,14 @@ class Scorer:
         *,
         settings: Mapping[str, Any] | None = None,
     ):
+        given = metrics
         if isinstance(metrics, str):
             metrics = [m.strip() for m in metrics.split(",") if m.strip()]
-        elif isinstance(metrics, Sequence) and all(isinstance(m, str) for m in metrics):
-            metrics = list(metrics)
-        else:
-            raise OptionError(f"metrics must be a metric name, a comma-separated string or a "
-                              f"list of names, got {metrics!r}")  # fmt: skip
+        elif isinstance(metrics, Iterable):
+            metrics = list(metrics)  # (dict keys, sets and generators too)
+        if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+            raise OptionError(f"metrics must be a metric name, a comma-separated string or "
+                              f"names, got {given!r}")  # fmt: skip
         self.metrics = list(dict.fromkeys(metrics))  # duplicates count once, order kept
         if not self.metrics:
             raise OptionError("a scorer needs at least one metric")
