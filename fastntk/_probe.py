@@ -66,6 +66,10 @@ class Probe:
     y: torch.Tensor  # the model's (q, K) outputs
     xs: torch.Tensor  # the probe's samples: the chunk's last q (or the chunk, padded)
     n0: int  # samples of the chunk it was made for
+    # the model's outputs for the chunk's FIRST q samples alone (a reversed cumsum, or a
+    # reference taken from the last sample, leaves the last sample's output unchanged);
+    # None where the chunk has no q samples apart from its last q
+    y_first: torch.Tensor | None = None
     # parameter -> output shapes of the autograd nodes using it (a second forward, with
     # the graph, made when first asked: only models with broadcast parameters need it)
     uses: dict[str, list[tuple[int, ...]]] | None = None
@@ -121,16 +125,27 @@ class Probe:
             ya, yb = y.detach()[self.n0 - self.q :], self.y
         else:  # the whole chunk, then padding
             ya, yb = y.detach(), self.y[: self.n0]
-        if ya.shape != yb.shape:
-            return None
-        scale = float(torch.maximum(ya.abs().max(), yb.abs().max())) if ya.numel() else 0.0
-        err = float((ya - yb).abs().max()) if ya.numel() else 0.0
-        if err > tolerance(y) * max(scale, 1e-30):
-            return (
-                f"the model's output for the batch's last sample(s) changes with the rest of "
-                f"the batch (by {err / max(scale, 1e-30):.1e} of its size): the samples are "
-                "coupled inside the model"
-            )
+        pairs = [("last", ya, yb)]
+        if self.y_first is not None:
+            pairs.append(("first", y.detach()[: self.q], self.y_first))
+        for which, ya, yb in pairs:
+            if ya.shape != yb.shape:
+                return None
+            if not (bool(torch.isfinite(ya).all()) and bool(torch.isfinite(yb).all())):
+                if bool(torch.isfinite(ya).all()):  # finite in the batch, not alone (the
+                    return (  # std of one sample): the output depends on the batch
+                        f"the model's output for the batch's {which} sample(s) alone is not "
+                        "finite, in the batch it is: the samples are coupled inside the model"
+                    )
+                return None  # not finite in the batch either: the kernel will say so
+            scale = float(torch.maximum(ya.abs().max(), yb.abs().max())) if ya.numel() else 0.0
+            err = float((ya - yb).abs().max()) if ya.numel() else 0.0
+            if err > tolerance(y) * max(scale, 1e-30):
+                return (
+                    f"the model's output for the batch's {which} sample(s) changes with the "
+                    f"rest of the batch (by {err / max(scale, 1e-30):.1e} of its size): the "
+                    "samples are coupled inside the model"
+                )
         return None
 
 
@@ -174,9 +189,10 @@ def shapes(items: list[Any]) -> list[Shape]:
 
 
 def _small_batch(x: torch.Tensor, q: int) -> torch.Tensor:
-    """The chunk's last ``q`` samples (its last sample alone: a coupling such as a cumsum
-    over the batch leaves the first sample unchanged, never the last); when the chunk
-    has no more than ``q``, all of it and perturbed copies of its first, ``q + 1`` in all."""
+    """The chunk's last ``q`` samples (a cumsum over the batch leaves the first sample
+    unchanged; :func:`run` also runs the first ``q`` alone, for couplings that leave the
+    last unchanged); when the chunk has no more than ``q``, all of it and perturbed
+    copies of its first, ``q + 1`` in all."""
     n = x.shape[0]
     if n > q:
         return x[n - q :]
@@ -218,5 +234,13 @@ def run(job, x: torch.Tensor) -> Probe | None:
         finally:
             for h in handles:
                 h.remove()
-        return Probe(xs.shape[0], calls, y, xs, x.shape[0])
+        y_first = None
+        if x.shape[0] > 2 * q:  # the chunk's first q samples alone, apart from its last q
+            try:
+                with torch.no_grad():
+                    xf = job._prep(x.detach()[:q])
+                    y_first = job.head(job.copies.call(job.model, xf, samples=_model.ROWS), q)
+            except Exception:  # noqa: BLE001 - (it ran on q samples a moment ago)
+                y_first = None
+        return Probe(xs.shape[0], calls, y, xs, x.shape[0], y_first=y_first)
     return None

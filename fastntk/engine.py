@@ -981,7 +981,13 @@ class _Job:
         fallback; find multi-use parameters and uses no hook saw."""
         cap.check_guards(y)
         if not hasattr(self, "_untracked"):
-            coupled = self.probe.coupled(y) if self.probe is not None else None
+            if self.probe is not None:
+                coupled = self.probe.coupled(y)
+            else:  # the model ran on the chunk but not on one or two of its samples (it
+                coupled = (  # groups them, say): independence unchecked, so not assumed
+                    "the model does not run on one or two samples, so their independence "
+                    "could not be checked"
+                )
             if coupled is not None:
                 raise _SamplesCoupled(coupled)
             self._first_calls = self._calls(cap)

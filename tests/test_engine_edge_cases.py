@@ -756,3 +756,54 @@ def test_per_sample_batchnorm_on_part_of_the_batch():
     for method in ("auto", "loop", "vmap"):
         theta = fastntk.ntk(m, x, bn="per_sample", method=method, dtype=torch.float64)
         assert rel_err(theta, ref) <= TOL64, method
+
+
+class _Coupled(nn.Module):
+    """Samples coupled in ways the probe's last sample alone did not show."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.a, self.b, self.kind = nn.Linear(3, 4), nn.Linear(4, 2), kind
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.kind == "std":  # one sample alone: std NaN (the probe read NaN as "equal")
+            h = (h - h.mean(0)) / h.std(0)
+        elif self.kind == "reverse_cumsum":  # leaves the last sample's output unchanged
+            h = h.flip(0).cumsum(0).flip(0)
+        elif self.kind == "minus_last":  # a reference taken from the last sample
+            h = h - 0.5 * h[-1:]
+        elif self.kind == "groups_of_3":  # cannot run on one or two samples
+            g = h.view(-1, 3, 4)
+            h = (g + g.mean(1, keepdim=True)).view(-1, 4)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("kind", ["std", "reverse_cumsum", "minus_last", "groups_of_3"])
+def test_couplings_the_last_sample_alone_does_not_show(kind):
+    """Each was a silent wrong kernel (0.13-0.23 relative error in the fuzzing run): the
+    probe now also runs the chunk's first sample alone, takes a sample's non-finite output
+    alone (finite in the batch) as coupling, and a model that cannot run on one or two
+    samples through the batch graph (independence unchecked)."""
+    torch.manual_seed(0)
+    m = _Coupled(kind).double()
+    x = _x(6, 3)
+    ref = reduce(full_kernel(m, x), "sum")
+    for method in ("auto", "layerwise"):
+        theta = fastntk.ntk(m, x, method=method, dtype=torch.float64)
+        assert rel_err(theta, ref) <= TOL64, method
+
+
+@pytest.mark.parametrize("n", [2, 5])
+@pytest.mark.parametrize("output", ["sum", "trace"])
+def test_prelu_under_vmap(n, output):
+    """torch.func's vmap(jacrev) over F.prelu is wrong in torch 2.13 (0.14 relative error
+    at N = K = 2, a size error otherwise): PReLU runs as torch.where during a call."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2), nn.PReLU()).double()
+    x = _x(n, 3)
+    ref = reduce(full_kernel(m, x), output)
+    for method in ("vmap", "auto", "layerwise"):
+        theta = fastntk.ntk(m, x, output=output, method=method, dtype=torch.float64)
+        assert rel_err(theta, ref) <= TOL64, method
+    assert "forward" not in m[1].__dict__  # restored
