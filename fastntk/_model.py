@@ -468,9 +468,9 @@ def bn_rows_checked(model: nn.Module, copies: Copies, x: torch.Tensor, bn: str) 
 
 def _prelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``F.prelu(x, weight)`` by ``torch.where``: torch.func's vmap(jacrev) over
-    ``F.prelu`` gives wrong Jacobians in torch 2.13 (0.14-0.2 relative error, or a size
-    error, against per-sample jacrev); the same function and gradients (x > 0: 1, else
-    the weight, as ``prelu``'s backward) through ops it batches right."""
+    ``F.prelu`` gives wrong Jacobians in torch 2.13 (against per-sample jacrev; or a size
+    error: tests/test_engine_edge_cases.py); the same function and gradients (x > 0: 1,
+    else the weight, as ``prelu``'s backward) through ops it batches right."""
     w = self.weight
     if w.numel() > 1 and x.dim() >= 2:
         w = w.view((1, -1) + (1,) * (x.dim() - 2))

@@ -781,8 +781,7 @@ class _Coupled(nn.Module):
 
 @pytest.mark.parametrize("kind", ["std", "reverse_cumsum", "minus_last", "groups_of_3"])
 def test_couplings_the_last_sample_alone_does_not_show(kind):
-    """Each was a silent wrong kernel (0.13-0.23 relative error in the fuzzing run): the
-    probe now also runs the chunk's first sample alone, takes a sample's non-finite output
+    """Each was a silent wrong kernel (the oracle check below failed): the probe now also runs the chunk's first sample alone, takes a sample's non-finite output
     alone (finite in the batch) as coupling, and a model that cannot run on one or two
     samples through the batch graph (independence unchecked)."""
     torch.manual_seed(0)
@@ -797,8 +796,8 @@ def test_couplings_the_last_sample_alone_does_not_show(kind):
 @pytest.mark.parametrize("n", [2, 5])
 @pytest.mark.parametrize("output", ["sum", "trace"])
 def test_prelu_under_vmap(n, output):
-    """torch.func's vmap(jacrev) over F.prelu is wrong in torch 2.13 (0.14 relative error
-    at N = K = 2, a size error otherwise): PReLU runs as torch.where during a call."""
+    """torch.func's vmap(jacrev) over F.prelu is wrong in torch 2.13 (silently at N = K = 2
+    for "trace", a size error otherwise): PReLU runs as torch.where during a call."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2), nn.PReLU()).double()
     x = _x(n, 3)
