@@ -66,9 +66,11 @@ class Probe:
     y: torch.Tensor  # the model's (q, K) outputs
     xs: torch.Tensor  # the probe's samples: the chunk's last q (or the chunk, padded)
     n0: int  # samples of the chunk it was made for
-    # the model's outputs for the chunk's FIRST q samples alone (a reversed cumsum, or a
-    # reference taken from the last sample, leaves the last sample's output unchanged);
-    # None where the chunk has no q samples apart from its last q
+    # the model's outputs for the chunk's FIRST sample alone (a reversed cumsum, or a
+    # reference taken from the last sample, leaves the last sample's output unchanged),
+    # or with q = 2 for the first and the last together (samples grouped in pairs: the
+    # last two are one group, but the first and the last are not); None where the chunk
+    # has too few samples for either
     y_first: torch.Tensor | None = None
     # parameter -> output shapes of the autograd nodes using it (a second forward, with
     # the graph, made when first asked: only models with broadcast parameters need it)
@@ -127,7 +129,8 @@ class Probe:
             ya, yb = y.detach(), self.y[: self.n0]
         pairs = [("last", ya, yb)]
         if self.y_first is not None:
-            pairs.append(("first", y.detach()[: self.q], self.y_first))
+            rows = [0] if self.q == 1 else [0, self.n0 - 1]
+            pairs.append(("first", y.detach()[rows], self.y_first))
         for which, ya, yb in pairs:
             if ya.shape != yb.shape:
                 return None
@@ -235,10 +238,12 @@ def run(job, x: torch.Tensor) -> Probe | None:
             for h in handles:
                 h.remove()
         y_first = None
-        if x.shape[0] > 2 * q:  # the chunk's first q samples alone, apart from its last q
+        n = x.shape[0]
+        if n > q + 1:  # the first sample alone (q = 1), or with the last (q = 2)
+            first = x.detach()[:1] if q == 1 else x.detach()[[0, n - 1]]
             try:
                 with torch.no_grad():
-                    xf = job._prep(x.detach()[:q])
+                    xf = job._prep(first)
                     y_first = job.head(job.copies.call(job.model, xf, samples=_model.ROWS), q)
             except Exception:  # noqa: BLE001 - (it ran on q samples a moment ago)
                 y_first = None

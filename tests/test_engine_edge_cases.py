@@ -773,17 +773,21 @@ class _Coupled(nn.Module):
             h = h.flip(0).cumsum(0).flip(0)
         elif self.kind == "minus_last":  # a reference taken from the last sample
             h = h - 0.5 * h[-1:]
-        elif self.kind == "groups_of_3":  # cannot run on one or two samples
-            g = h.view(-1, 3, 4)
+        elif self.kind.startswith("groups_of_"):  # cannot run on one sample (or two)
+            g = h.view(-1, int(self.kind[-1]), 4)
             h = (g + g.mean(1, keepdim=True)).view(-1, 4)
         return self.b(torch.tanh(h))
 
 
-@pytest.mark.parametrize("kind", ["std", "reverse_cumsum", "minus_last", "groups_of_3"])
+@pytest.mark.parametrize(
+    "kind", ["std", "reverse_cumsum", "minus_last", "groups_of_2", "groups_of_3"]
+)
 def test_couplings_the_last_sample_alone_does_not_show(kind):
-    """Each was a silent wrong kernel (the oracle check below failed): the probe now also runs the chunk's first sample alone, takes a sample's non-finite output
-    alone (finite in the batch) as coupling, and a model that cannot run on one or two
-    samples through the batch graph (independence unchecked)."""
+    """Each was a silent wrong kernel (the oracle check below failed). The probe now also
+    runs the chunk's first sample alone (with two-sample probes: the first and the last
+    together, which pairs do not group), takes a sample's non-finite output alone (finite
+    in the batch) as coupling, and a model that cannot run on one or two samples through
+    the batch graph (independence unchecked)."""
     torch.manual_seed(0)
     m = _Coupled(kind).double()
     x = _x(6, 3)
