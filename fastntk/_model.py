@@ -325,42 +325,55 @@ class Copies:
     buffers: dict[str, torch.Tensor]
     selected: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    # module id -> its (module.attribute slot, canonical name) pairs, made once per call:
+    # the structure cannot change while the copies live (one ntk call)
+    _slots: dict[int, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
+
     def call(self, model: nn.Module, x: torch.Tensor, *, samples: int | str | None = None) -> Any:
         """``model(x)`` with the copies; ``samples``, what ``x`` holds for bn="per_sample"
         (:func:`forward_samples`), is by default a sample per row of dim 0."""
         with forward_samples(x.shape[0] if samples is None else samples):
-            return functional(model, {**self.params, **self.buffers}, (x,))
+            return self.functional(model, {**self.params, **self.buffers}, (x,))
+
+    def functional(
+        self, module: nn.Module, tensors: dict[str, torch.Tensor], args: Any,
+        kwargs: dict | None = None,
+    ) -> Any:  # fmt: skip
+        """``module(*args, **kwargs)`` with ``tensors`` (by canonical name, as
+        ``named_parameters()`` / ``named_buffers()`` give them) in place of its own.
+
+        Every (module, attribute) slot is swapped exactly once: a parameter tied to several
+        modules reaches each of them, and a submodule registered under two names (a
+        ``ModuleList([blk, blk])``) is swapped once. torch.func's ``tie_weights=True``
+        swapped such an aliased slot twice and restored it to the copy, so a plain call
+        left fastntk's private tensors in the user's model.
+        """
+        if id(module) not in self._slots:
+            self._slots[id(module)] = _slot_names(module)
+        slots, used = {}, set()
+        for slot, name in self._slots[id(module)]:
+            if name in tensors:
+                slots[slot] = tensors[name]
+                used.add(name)
+        slots.update({n: t for n, t in tensors.items() if n not in used})  # torch.func judges
+        return functional_call(module, slots, args, kwargs, tie_weights=False)
 
 
-def functional(
-    module: nn.Module, tensors: dict[str, torch.Tensor], args: Any, kwargs: dict | None = None
-) -> Any:
-    """``module(*args, **kwargs)`` with ``tensors`` (by canonical name, as
-    ``named_parameters()`` / ``named_buffers()`` give them) in place of its own.
-
-    Every (module, attribute) slot is swapped exactly once: a parameter tied to several
-    modules reaches each of them, and a submodule registered under two names (a
-    ``ModuleList([blk, blk])``) is swapped once. torch.func's ``tie_weights=True``
-    swapped such an aliased slot twice and restored it to the copy, so a plain call
-    left fastntk's private tensors in the user's model.
-    """
+def _slot_names(module: nn.Module) -> list[tuple[str, str]]:
+    """``(slot, canonical name)`` for every (module, attribute) slot of ``module`` that
+    holds a parameter or buffer, each slot once (an aliased submodule under one name)."""
     canon = {id(t): n for n, t in module.named_parameters()}
     canon.update({id(t): n for n, t in module.named_buffers()})
-    slots: dict[str, torch.Tensor] = {}
+    out: list[tuple[str, str]] = []
     seen: set[tuple[int, str]] = set()
-    used: set[str] = set()
     for mname, mod in module.named_modules(remove_duplicate=False):
         for store in (mod._parameters, mod._buffers):
             for attr, t in store.items():
-                if t is None or (id(mod), attr) in seen:
+                if t is None or (id(mod), attr) in seen or id(t) not in canon:
                     continue
                 seen.add((id(mod), attr))
-                name = canon.get(id(t))
-                if name in tensors:
-                    slots[f"{mname}.{attr}" if mname else attr] = tensors[name]
-                    used.add(name)
-    slots.update({n: t for n, t in tensors.items() if n not in used})  # let torch.func judge
-    return functional_call(module, slots, args, kwargs, tie_weights=False)
+                out.append((f"{mname}.{attr}" if mname else attr, canon[id(t)]))
+    return out
 
 
 def make_copies(model: nn.Module, selected: dict[str, nn.Parameter], dtype: torch.dtype) -> Copies:
@@ -380,7 +393,15 @@ def make_copies(model: nn.Module, selected: dict[str, nn.Parameter], dtype: torc
 
 
 class MergedSamplesError(UnsupportedError):
-    """bn="per_sample": a BatchNorm's rows are not the forward's samples."""
+    """bn="per_sample": a BatchNorm's rows are not the forward's samples (``what`` says
+    how); the message gives the advice."""
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"bn='per_sample' normalises each sample by its own statistics, but {what}: "
+            "method='auto', 'loop' or 'vmap' runs each sample alone (exact); the layerwise "
+            "methods need bn='eval' or 'batch'"
+        )
 
 
 # What the forward running now is made of, for bn="per_sample": the number of samples
@@ -403,6 +424,12 @@ def forward_samples(n: int | str) -> Iterator[None]:
         _FORWARD_SAMPLES.reset(token)
 
 
+def clear_backward_hooks(module: nn.Module) -> None:
+    """Drop ``module``'s own backward hooks (the caller keeps the dicts to restore them)."""
+    module._backward_hooks, module._backward_pre_hooks = OrderedDict(), OrderedDict()
+    module._is_full_backward_hook = None
+
+
 def _per_sample_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     n = _FORWARD_SAMPLES.get()
     if n == ALONE:  # one sample: its statistics over all its rows and positions
@@ -411,11 +438,9 @@ def _per_sample_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = per_sample_batchnorm(self, x)
     else:
         raise MergedSamplesError(
-            f"bn='per_sample' normalises each sample by its own statistics, but a "
-            f"{type(self).__name__} is given {x.shape[0]} rows for {n} samples (samples "
-            "merged with another dim, e.g. (N*T, C) frames, or no sample dim): a batched "
-            "forward cannot tell which rows are one sample's. method='auto', 'loop' or 'vmap' "
-            "runs each sample alone (exact); the layerwise methods need bn='eval' or 'batch'"
+            f"a {type(self).__name__} is given {x.shape[0]} rows for {n} samples (samples "
+            "merged with another dim, e.g. (N*T, C) frames, or no sample dim), and a batched "
+            "forward cannot tell which rows are one sample's"
         )
     if self.weight is not None:
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -459,10 +484,8 @@ def bn_rows_checked(model: nn.Module, copies: Copies, x: torch.Tensor, bn: str) 
         b[0] != x.shape[0] or a[0] != 1 or a[1:] != b[1:] for a, b in zip(alone, batch)
     ):
         raise MergedSamplesError(
-            "bn='per_sample' normalises each row of a BatchNorm input's dim 0 as one sample, "
-            "but a BatchNorm of this model is given rows that are not its samples (time "
-            "steps, or no sample dim): method='auto', 'loop' or 'vmap' runs each sample "
-            "alone (exact); the layerwise methods need bn='eval' or 'batch'"
+            "a BatchNorm of this model is given rows that are not its samples (time steps, "
+            "or no sample dim)"
         )
 
 
@@ -515,7 +538,7 @@ def is_coupled(model: nn.Module, bn: str) -> bool:
 # fastntk's copies, were left for the user's next forward).
 _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _GLOBAL_LOCK = threading.Lock()
-_GLOBAL_HOOKS: dict[str, Any] = {"depth": 0, "saved": None}
+_SUSPENDED: dict[str, Any] = {"depth": 0, "saved": None}
 
 
 @contextlib.contextmanager
@@ -528,26 +551,26 @@ def _suspended_process_state() -> Iterator[None]:
     from torch.nn.utils import parametrize
 
     with _GLOBAL_LOCK:
-        if _GLOBAL_HOOKS["depth"] == 0:
-            _GLOBAL_HOOKS["saved"] = (
+        if _SUSPENDED["depth"] == 0:
+            _SUSPENDED["saved"] = (
                 _m._global_backward_hooks, _m._global_backward_pre_hooks,
                 parametrize._cache_enabled,
             )  # fmt: skip
             _m._global_backward_hooks, _m._global_backward_pre_hooks = OrderedDict(), OrderedDict()
-            parametrize._cache_enabled -= _GLOBAL_HOOKS["saved"][2]  # computed afresh
-        _GLOBAL_HOOKS["depth"] += 1
+            parametrize._cache_enabled -= _SUSPENDED["saved"][2]  # computed afresh
+        _SUSPENDED["depth"] += 1
     try:
         yield
     finally:
         with _GLOBAL_LOCK:
-            _GLOBAL_HOOKS["depth"] -= 1
-            if _GLOBAL_HOOKS["depth"] == 0:
-                hooks, pre, cached = _GLOBAL_HOOKS["saved"]
+            _SUSPENDED["depth"] -= 1
+            if _SUSPENDED["depth"] == 0:
+                hooks, pre, cached = _SUSPENDED["saved"]
                 hooks.update(_m._global_backward_hooks)  # (any registered meanwhile)
                 pre.update(_m._global_backward_pre_hooks)
                 _m._global_backward_hooks, _m._global_backward_pre_hooks = hooks, pre
                 parametrize._cache_enabled += cached
-                _GLOBAL_HOOKS["saved"] = None
+                _SUSPENDED["saved"] = None
 
 
 @contextlib.contextmanager
@@ -582,8 +605,7 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
         layout_fixes = []
         try:
             for m, *_ in hooks:
-                m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()
-                m._is_full_backward_hook = None
+                clear_backward_hooks(m)
             for m in batchnorms(model):
                 layout_fixes.append(m.register_forward_hook(_bn_gradient_layout))
             for m in model.modules():

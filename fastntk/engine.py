@@ -480,10 +480,7 @@ class _Capture:
                 mod, nn.modules.batchnorm._BatchNorm
             ) and (dims.ins[0] if dims.ins else None) != 0:
                 raise _model.MergedSamplesError(
-                    f"bn='per_sample' normalises each row of a BatchNorm input's dim 0 as one "
-                    f"sample, but {mname!r} is given its samples in another dim (or none): "
-                    "method='auto', 'loop' or 'vmap' runs each sample alone (exact); the "
-                    "layerwise methods need bn='eval' or 'batch'"
+                    f"{mname!r} is given its samples in another dim than its rows (or none)"
                 )
             if dims is not None:
                 layout = _layout(dims, pos, _batch_dim(mod), rule is not None)
@@ -1248,7 +1245,7 @@ class _Job:
         def f(p, xi):
             with _model.forward_samples(_model.ALONE):
                 state = ({**rest, **p}, copies.buffers)
-                out = _model.functional(self.model, {**state[0], **state[1]}, (xi.unsqueeze(0),))
+                out = copies.functional(self.model, {**state[0], **state[1]}, (xi.unsqueeze(0),))
             return W @ head(out)[0]  # (npasses,)
 
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -1449,7 +1446,7 @@ class _Job:
         ]
         a, kw = _unflatten(one, spec)
         with torch.no_grad():
-            out = _model.functional(rec.module, {**const, **diff}, a, kw)
+            out = self.copies.functional(rec.module, {**const, **diff}, a, kw)
         every = _tensors(out)
         outs = [every[i] for i in rec.out_pos]
         dims = []
@@ -1505,7 +1502,7 @@ class _Job:
                 a.unsqueeze(d) if d is not None else a for a, d in zip(fa, in_dims, strict=True)
             ]
             a, kw = _unflatten(fa, spec)
-            out = _model.functional(module, {**const, **p}, a, kw)
+            out = self.copies.functional(module, {**const, **p}, a, kw)
             outs = _tensors(out)
             total = 0.0
             for i, g, d in zip(out_pos, gs, gdims, strict=True):

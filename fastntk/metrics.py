@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -1147,9 +1146,8 @@ def kernel_evolution(
     net = copy.deepcopy(model)
     for p in net.parameters():
         p.grad = None
-    for m in net.modules():  # the user's backward hooks stay with the user's model (as in
-        m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()  # ntk)
-        m._is_full_backward_hook = None
+    for m in net.modules():  # the user's backward hooks stay with the user's model (as ntk)
+        _model.clear_backward_hooks(m)
     try:
         dev = next(net.parameters()).device
     except StopIteration as e:

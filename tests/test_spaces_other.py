@@ -202,7 +202,7 @@ def test_space_options_checked():
 
 def test_darts_nodes_take_two_distinct_inputs():
     """DARTS keeps the two strongest edges from distinct nodes: a node on one input twice
-    was accepted, and 96% of sampled genotypes had one (slots drawn independently)."""
+    was accepted, and most sampled genotypes had one (slots drawn independently)."""
     from fastntk.spaces.darts import DARTS_V2, decode
 
     same = DARTS_V2.replace("sep_conv_3x3~0,sep_conv_3x3~1", "sep_conv_3x3~0,sep_conv_5x5~0", 1)
