@@ -530,8 +530,10 @@ def is_coupled(model: nn.Module, bn: str) -> bool:
     return False
 
 
-# One call at a time per model (two threads computing kernels of one model would each
-# save the other's temporary modes and hook dicts as the user's), and process-wide state
+# One call at a time per module (two threads computing kernels of one model, or of two
+# models sharing a block, would each save the other's temporary modes, hook dicts and
+# private parameter copies as the user's): a call takes the locks of all its modules, in
+# one order for every call (by id: no two calls wait on each other). Process-wide state is
 # suspended while any call runs (counted: calls on other models overlap): the module
 # backward hooks, and parametrize.cached()'s cache (a weight the user's forward cached
 # before the call was used by it: a wrong kernel; the call's own weights, computed from
@@ -587,11 +589,15 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
     * ``bn="batch"``: BatchNorm modules in train mode (batch statistics);
     * ``bn="per_sample"``: BatchNorm modules normalise each sample by itself.
 
-    Calls on one model are serialised (a lock per model).
+    Calls on one model, or on models sharing a module, are serialised (a lock per module).
     """
     with _GLOBAL_LOCK:
-        lock = _MODEL_LOCKS.setdefault(model, threading.RLock())
-    with lock, _suspended_process_state():
+        locks = [_MODEL_LOCKS.setdefault(m, threading.RLock())
+                 for m in sorted(model.modules(), key=id)]  # fmt: skip
+    with contextlib.ExitStack() as held:
+        for lock in locks:
+            held.enter_context(lock)
+        held.enter_context(_suspended_process_state())
         flags = [(m, m.training) for m in model.modules()]
         # tensors kept as plain attributes (the legacy weight_norm / spectral_norm and
         # prune pre-hooks write the derived weight there, from fastntk's copies)

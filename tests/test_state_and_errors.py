@@ -499,3 +499,56 @@ def test_process_wide_state_changed_by_another_thread_during_a_call():
     go.set()
     t.join()
     assert len(M._global_backward_hooks) == 0
+
+
+def test_two_threads_on_models_sharing_a_submodule_leave_it_as_it_was():
+    """Calls on two models that share a block (weight-sharing supernets scored in
+    threads) took different locks: the second call saved the first one's temporary modes,
+    hooks and private parameter copies as the user's and left them on the block."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    blk = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.1), nn.Tanh()).train()
+    blk[0].register_full_backward_hook(lambda *a: None)
+    m1, m2 = nn.Sequential(blk, nn.Linear(8, 2)), nn.Sequential(blk, nn.Linear(8, 3))
+    weight = blk[0].weight
+    x = torch.randn(6, 3)
+    refs = [fastntk.ntk(m1, x), fastntk.ntk(m2, x)]
+    inside, go_first, go_second = threading.Event(), threading.Event(), threading.Event()
+
+    def pause(event, gate):
+        def hook(*args):
+            if not event.is_set():
+                event.set()
+                gate.wait(10)
+
+        return hook
+
+    m1[1].register_forward_hook(pause(inside, go_first))
+    m2[1].register_forward_hook(pause(threading.Event(), go_second))
+    snap1, snap2 = snapshot(m1), snapshot(m2)
+    out, errs = {}, []
+
+    def work(i, m):
+        try:
+            out[i] = fastntk.ntk(m, x)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errs.append(e)
+
+    a = threading.Thread(target=work, args=(0, m1))
+    b = threading.Thread(target=work, args=(1, m2))
+    a.start()
+    assert inside.wait(10)
+    b.start()  # with one lock per model it ran inside the first call
+    time.sleep(0.3)
+    go_first.set()
+    a.join(10)
+    go_second.set()  # the second call, if it started, finishes last
+    b.join(10)
+    assert not errs and set(out) == {0, 1}
+    for i in (0, 1):
+        assert torch.allclose(out[i], refs[i], rtol=1e-5, atol=1e-6)
+    assert blk[0].weight is weight and blk.training
+    assert_same(snap1, snapshot(m1))
+    assert_same(snap2, snapshot(m2))
