@@ -14,13 +14,43 @@ Metrics live in :mod:`fastntk.metrics`, search spaces in :mod:`fastntk.spaces`,
 search algorithms in :mod:`fastntk.search`; errors in :mod:`fastntk.errors`.
 """
 
-from fastntk.engine import ntk, ntk_sketch
-from fastntk.errors import FastNTKError
-from fastntk.explain import explain
-from fastntk.profiling import profile
-from fastntk.rules import register_gram_rule
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# The public functions are imported on first use (PEP 562): ``import fastntk`` does not
+# import torch, so ``python -m fastntk`` answers Ctrl-C while torch loads with one line
+# (``fastntk/__main__.py``), and a library that embeds fastntk pays for torch when it uses it.
+_LAZY = {
+    "ntk": "fastntk.engine",
+    "ntk_sketch": "fastntk.engine",
+    "FastNTKError": "fastntk.errors",
+    "explain": "fastntk._explain",
+    "profile": "fastntk.profiling",
+    "register_gram_rule": "fastntk.rules",
+}
+
+if TYPE_CHECKING:
+    from fastntk._explain import explain
+    from fastntk.engine import ntk, ntk_sketch
+    from fastntk.errors import FastNTKError
+    from fastntk.profiling import profile
+    from fastntk.rules import register_gram_rule
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fastntk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # (once: later lookups do not come here)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def env() -> dict:

@@ -324,6 +324,33 @@ def test_ctrl_c_before_the_guarded_command(capsys, monkeypatch):
     assert capsys.readouterr().err == "\nfastntk search: interrupted\n"
 
 
+def test_ctrl_c_while_torch_loads():
+    """``import fastntk`` imported torch (seconds): a Ctrl-C then, before
+    ``fastntk/__main__.py`` could guard anything, printed a traceback."""
+    import os
+    import signal
+    import sys
+    import time
+
+    code = "import sys, fastntk; print('torch' in sys.modules, flush=True)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "False\n"  # the package alone is cheap
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "fastntk", "demo"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    # -X importtime writes one line per module imported: wait for torch's first ones
+    seen = ""
+    deadline = time.monotonic() + 60
+    while "torch" not in seen and time.monotonic() < deadline:
+        seen += p.stderr.readline()
+    assert "torch" in seen
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    err = "\n".join(ln for ln in err.splitlines() if not ln.startswith("import time:"))
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.strip() == "fastntk demo: interrupted", err
+
+
 def test_prune_candidates_share_the_full_supernets_weights(capsys, monkeypatch, tmp_path):
     """TE-NAS scores each pruned supernet with the original's weights: every candidate's
     stem and shared ops equal the full supernet's (each used to get its own init), and the
