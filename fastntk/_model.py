@@ -609,6 +609,7 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
         hooks = [(m, m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook)
                  for m in model.modules()]  # fmt: skip
         layout_fixes = []
+        sparse: list[nn.Module] = []
         try:
             for m, *_ in hooks:
                 clear_backward_hooks(m)
@@ -622,6 +623,10 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
                 elif bn == "per_sample":
                     swapped.append((m, m.__dict__.get("forward", _MISSING)))
                     m.forward = types.MethodType(_per_sample_bn_forward, m)
+            for m in model.modules():  # sparse tables: dense gradients (same values)
+                if isinstance(m, nn.Embedding) and m.sparse:
+                    sparse.append(m)
+                    m.sparse = False
             for m in model.modules():
                 if type(m) is nn.PReLU and "forward" not in m.__dict__:  # (not a subclass)
                     swapped.append((m, m.__dict__.get("forward", _MISSING)))
@@ -630,6 +635,8 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
         finally:
             for h in layout_fixes:
                 h.remove()
+            for m in sparse:
+                m.sparse = True
             for m, bh, bph, full in hooks:
                 m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = bh, bph, full
             for m, old in swapped:

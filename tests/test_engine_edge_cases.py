@@ -8,6 +8,8 @@ each other, blocks split into parameter-row ranges across chunks.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -810,3 +812,77 @@ def test_prelu_under_vmap(n, output):
         theta = fastntk.ntk(m, x, output=output, method=method, dtype=torch.float64)
         assert rel_err(theta, ref) <= TOL64, method
     assert "forward" not in m[1].__dict__  # restored
+
+
+class _CausalHintWithMask(nn.Module):
+    """``is_causal=True`` with a mask that is not causal: PyTorch's attention forward drops
+    the mask for the hint only with ``need_weights=False``; the rule dropped it always."""
+
+    def __init__(self, need_weights):
+        super().__init__()
+        self.need_weights = need_weights
+        self.mha, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        am = torch.zeros(4, 4, dtype=torch.bool)
+        am[0, 1] = am[2, 0] = True
+        o, _ = self.mha(x, x, x, attn_mask=am, is_causal=True, need_weights=self.need_weights)
+        return self.head(o).mean(1)
+
+
+class _Float32Masks(nn.Module):
+    """Float masks in float32 with a float64 computation: PyTorch adds them in their own
+    dtype, then casts; the rule cast each first (errors of 1e-9)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        am = torch.linspace(-1, 1, t * t).view(t, t) * 1.37
+        kpm = (x[..., 0] > 0.5).float() * -3.1
+        o, _ = self.mha(x, x, x, attn_mask=am, key_padding_mask=kpm, need_weights=False)
+        return self.head(o).mean(1)
+
+
+@pytest.mark.parametrize("model", ["hint, weights", "hint, no weights", "float32 masks"])
+def test_attention_masks_as_pytorch_reads_them(model):
+    torch.manual_seed(0)
+    m = {"hint, weights": lambda: _CausalHintWithMask(True),
+         "hint, no weights": lambda: _CausalHintWithMask(False),
+         "float32 masks": _Float32Masks}[model]()  # fmt: skip
+    x = _x(5, 4, 8) if model != "float32 masks" else _x(6, 5, 8)
+    _check(m, x, output="trace")
+
+
+class _SparseTable(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.e, self.bn, self.h = nn.Embedding(6, 3, sparse=True), nn.BatchNorm1d(3), nn.Linear(3, 2)
+
+    def forward(self, t):
+        u = torch.tanh(self.e(t)).sum(1)
+        if self.how == "tied":  # the table used outside its module's call: whole-model fallback
+            return nn.functional.linear(u, self.e.weight)
+        return self.h(self.bn(u) if self.how == "bn" else u)
+
+
+@pytest.mark.parametrize("how, method, bn", [
+    ("plain", "loop", "eval"), ("plain", "vmap", "eval"), ("plain", "auto", "eval"),
+    ("bn", "auto", "batch"), ("tied", "auto", "eval"),
+])  # fmt: skip
+def test_sparse_embedding_on_every_path(how, method, bn):
+    """``nn.Embedding(sparse=True)``: sparse gradients crashed the loop, vmap, the batch
+    graph and the whole-model fallback with raw torch errors. The table is dense during
+    the call (the same values) and sparse again afterwards."""
+    torch.manual_seed(0)
+    m = _SparseTable(how).double()
+    x = torch.randint(0, 6, (4, 3), generator=torch.Generator().manual_seed(2))
+    dense = copy.deepcopy(m)
+    dense.e.sparse = False  # (the oracle's jacrev cannot take sparse gradients either)
+    ref = reduce(full_kernel(dense, x, bn=bn), "sum")
+    theta = fastntk.ntk(m, x, method=method, bn=bn, dtype=torch.float64)
+    assert rel_err(theta, ref) <= TOL64
+    assert m.e.sparse

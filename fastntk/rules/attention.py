@@ -133,7 +133,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
          "average_attn_weights", "is_causal")  # fmt: skip
-_DEFAULTS = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}
+_DEFAULTS = {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "is_causal": False}
 _UNSUPPORTED = object()
 
 
@@ -149,7 +149,7 @@ def _float_mask(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask (True: masked out) as an additive float mask, as PyTorch reads it."""
     if m.dtype == torch.bool:
         return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
-    return m.to(dtype)
+    return m  # float masks keep their dtype until merged, as PyTorch merges them
 
 
 def _sdpa_mask(module, call, n, tq, tk, dtype):
@@ -157,7 +157,7 @@ def _sdpa_mask(module, call, n, tq, tk, dtype):
     ``F.multi_head_attention_forward`` builds them (need_weights=False path), or
     ``_UNSUPPORTED`` for mask shapes left to the module's own forward."""
     kpm, am, causal = call["key_padding_mask"], call["attn_mask"], bool(call["is_causal"])
-    if causal and kpm is None:
+    if causal and kpm is None and not call["need_weights"]:
         return None, True  # PyTorch then ignores attn_mask's values: a causal hint
     if am is not None and am.dim() != 2:
         return _UNSUPPORTED  # (N*heads, Tq, Tk) masks: the module's forward handles them
@@ -170,7 +170,7 @@ def _sdpa_mask(module, call, n, tq, tk, dtype):
         k = _float_mask(kpm, dtype).view(n, 1, 1, tk)
         mask = k if mask is None else mask + k
     if mask is not None:
-        mask = mask.expand(n, module.num_heads, tq, tk)
+        mask = mask.to(dtype).expand(n, module.num_heads, tq, tk)
     return mask, False
 
 
