@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -74,6 +75,7 @@ DEFAULT_SAMPLE_CHUNK = 256
 BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
 PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows
 JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
+HASH_BYTES = 256 * 2**20  # sketch: hashes kept between chunks (5 bytes a coordinate and pass)
 GRAM_BUFFER_BYTES = 16 * 2**20  # small dense blocks batched into one Gram
 GRAM_DIRECT_BYTES = 2**20  # a dense block this big gets its own GEMM (no copy into the buffer)
 # "trace"/"mean": keep all logits' output gradients (K x one pass's) up to this size and
@@ -174,6 +176,7 @@ def ntk(
     selected = _model.select_params(model, params)
     dtype = _model.resolve_dtype(dtype, model, selected)
     samples, cols = _chunks(chunk_size)
+    sketch_dim, seed = _sketch_args(sketch_dim, seed)  # (checked for every method)
     if method == "sketch":
 
         def sketch(x: torch.Tensor) -> torch.Tensor:
@@ -244,16 +247,24 @@ def ntk_sketch(
     """A sketch S (N, m) of the per-sample gradients with Θ ≈ S Sᵀ, for N too large for Θ.
 
     Each parameter coordinate c is hashed to one of ``m = sketch_dim``
-    columns h(c) with a random sign s(c) (a CountSketch, generated from
-    ``seed`` and the parameter's name: never a P x m matrix), and
-    S_i = Σ_c s(c) G_i[c] e_h(c) is accumulated layer by layer in sample
-    chunks, so memory is O(N m + one chunk). The estimate is unbiased:
-    E[S_i · S_j] = Θ_ij, with variance (Θ_ii Θ_jj + Θ_ij² - 2 Σ_c G_ic² G_jc²) / m,
-    so the relative error of each entry shrinks like 1/√m (about 2-3 % at
-    m = 4096 on a NAS-Bench-201 network; tests/test_sketch.py measures it).
-    The same seed gives the same sketch, so sketches of different batches
+    columns h(c) with a random sign s(c) (a CountSketch: h and s are degree-3
+    polynomials modulo 2**31 - 1, 4-wise independent, with coefficients from
+    ``seed`` and the parameter's name; computed per block, never a P x m matrix
+    nor a stored hash per coordinate), and S_i = Σ_c s(c) G_i[c] e_h(c) is
+    accumulated layer by layer in sample chunks, so memory is O(N m + one chunk)
+    (plus at most ``HASH_BYTES`` of hashes kept between chunks). The estimate is
+    unbiased: E[S_i · S_j] = Θ_ij, with variance
+    (Θ_ii Θ_jj + Θ_ij² - 2 Σ_c G_ic² G_jc²) / m (tests/test_sketch.py holds the
+    mean squared error to it). So the error of an entry is of order
+    √(Θ_ii Θ_jj / m), relative to the diagonal, not to |Θ_ij|, and the relative
+    Frobenius error ‖S Sᵀ - Θ‖_F / ‖Θ‖_F shrinks like 1/√m; a few large gradient
+    coordinates make it vary from seed to seed. Measured on the NAS-Bench-201
+    benchmark network: bench/results/sketch_error_cpu.md
+    (``python bench/bench_sketch.py --sweep ...``). The same seed gives the same
+    sketch on any device and for any chunking, so sketches of different batches
     combine: Θ(x1, x2) ≈ S(x1) S(x2)ᵀ. For ``output="trace"``/``"mean"`` the K
     logits' gradients are hashed independently and summed (still unbiased).
+    Parameters with more than 2**31 - 1 elements are refused.
 
     Args: as :func:`ntk`, plus ``sketch_dim`` (m) and ``seed``.
 
@@ -268,9 +279,7 @@ def ntk_sketch(
         raise OptionError(
             "the sketch estimates scalar kernels; use output='sum', 'trace' or 'mean'"
         )
-    if not isinstance(sketch_dim, int) or isinstance(sketch_dim, bool) or sketch_dim < 1:
-        raise OptionError(f"sketch_dim must be a positive int, got {sketch_dim!r}")
-    seed = _args.integer(seed, "seed")
+    sketch_dim, seed = _sketch_args(sketch_dim, seed)
     selected = _model.select_params(model, params)
     dtype = _model.resolve_dtype(dtype, model, selected)
     samples, cols = _chunks(chunk_size)
@@ -289,27 +298,45 @@ def ntk_sketch(
         )
     n = x.shape[0]
     job.chunk_n = min(samples, n)
-    S = torch.zeros(n, sketch_dim, dtype=dtype, device=job.device)
-    hashes: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hashed(pname: str, k: int):
-        if (pname, k) not in hashes:
-            p = job.copies.params[pname]
-            g = torch.Generator().manual_seed(_stable_seed(seed, pname, k))
-            h = torch.randint(0, sketch_dim, (p.numel(),), generator=g)
-            sgn = torch.randint(0, 2, (p.numel(),), generator=g).to(dtype) * 2 - 1
-            hashes[(pname, k)] = (h.to(job.device), sgn.to(job.device))
-        return hashes[(pname, k)]
+    for pname in selected:
+        if job.copies.params[pname].numel() > _PRIME:
+            raise UnsupportedError(
+                f"the sketch hashes coordinates below 2**31 - 1; parameter {pname!r} has "
+                f"{job.copies.params[pname].numel()}: select it out (params=...)"
+            )
+    need = n * sketch_dim * dtype.itemsize
+    why = None
+    if need > _device_memory(job.device):  # (an allocator that overcommits would try it)
+        why = f"more than the {_device_memory(job.device) / 2**30:.3g} GiB of {job.device}"
+    else:
+        try:
+            S = torch.zeros(n, sketch_dim, dtype=dtype, device=job.device)
+        except RuntimeError as e:  # the allocator's failure
+            why = f"{type(e).__name__}: {e}"
+    if why is not None:
+        raise OptionError(
+            f"the ({n}, {sketch_dim}) sketch does not fit ({need / 2**30:.3g} GiB of {dtype}; "
+            f"{why}): choose a smaller sketch_dim"
+        )
+    # a block's hashes are kept for the next chunks while they fit in HASH_BYTES
+    kept: dict[tuple[str, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    kept_bytes = 0
 
     def project(key, blk, s0, s1):
+        nonlocal kept_bytes
         pname, r0, k = key
         G = blk.dense()
         p = job.copies.params[pname]
-        per_row = p.numel() // _rows_of(p)
-        h, sgn = hashed(pname, k)
-        c0 = r0 * per_row
+        c0 = r0 * (p.numel() // _rows_of(p))
         c1 = c0 + G.shape[1]
-        S[s0:s1].index_add_(1, h[c0:c1], G * sgn[c0:c1])
+        hashes = kept.get((pname, k, c0, c1))
+        if hashes is None:
+            hashes = _count_sketch(_hash_coefficients(seed, pname, k), c0, c1, sketch_dim, G.device)
+            if kept_bytes + 5 * (c1 - c0) <= HASH_BYTES:
+                kept[(pname, k, c0, c1)] = hashes
+                kept_bytes += 5 * (c1 - c0)
+        h, sgn = hashes
+        S[s0:s1].index_add_(1, h, G * sgn)
 
     bar = _Progress(-(-n // samples), "sketch", progress if progress is not None else n > samples)
     with _model.model_state(model, bn):
@@ -334,12 +361,53 @@ def ntk_sketch(
     return S
 
 
-def _stable_seed(seed: int, name: str, k: int) -> int:
-    """The generator seed of parameter ``name``'s hashes in pass ``k``: a hash of all three
-    (every int seed its own; a multiplicative mix truncated to 47 bits made seeds 0 and
-    2**47 give the same sketch)."""
-    digest = hashlib.blake2b(f"{seed}|{name}#{k}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
+def _device_memory(device: torch.device) -> int:
+    """The device's memory in bytes (a CPU: the physical memory); 2**63 where unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return 2**63
+
+
+def _sketch_args(sketch_dim: Any, seed: Any) -> tuple[int, int]:
+    return _args.integer(sketch_dim, "sketch_dim", 1), _args.integer(seed, "seed")
+
+
+# The sketch's hashes are computed, not stored: coordinate c of parameter ``name`` in pass
+# k goes to column h(c) with sign s(c), two polynomials of degree 3 over the integers
+# modulo the prime 2**31 - 1 (4-wise independent families: unbiased, with the variance
+# of a CountSketch) whose coefficients come from (seed, name, k). Every block computes its
+# own coordinates' hashes (memory O(block), not O(P) per logit; the same sketch on any
+# device and for any chunking). In int64 nothing overflows: c and the coefficients are
+# below 2**31, so each Horner step stays below 2**62 + 2**31.
+_PRIME = 2**31 - 1
+
+
+def _hash_coefficients(seed: int, name: str, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The coefficients of parameter ``name``'s column and sign polynomials in pass ``k``:
+    a hash of all three (every int seed its own: a multiplicative mix truncated to 47 bits
+    once made seeds 0 and 2**47 give the same sketch)."""
+    digest = hashlib.blake2b(f"{seed}|{name}#{k}".encode(), digest_size=64).digest()
+    words = [int.from_bytes(digest[i : i + 8], "little") % _PRIME for i in range(0, 64, 8)]
+    return tuple(words[:4]), tuple(words[4:])
+
+
+def _polynomial(coeffs: tuple[int, ...], c: torch.Tensor) -> torch.Tensor:
+    v = torch.full_like(c, coeffs[0])
+    for a in coeffs[1:]:
+        v = (v * c + a) % _PRIME
+    return v
+
+
+def _count_sketch(coeffs: tuple[tuple[int, ...], tuple[int, ...]], c0: int, c1: int, m: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Columns (int32) and signs (int8, ±1) of coordinates c0..c1-1."""
+    c = torch.arange(c0, c1, dtype=torch.int64, device=device)
+    h = (_polynomial(coeffs[0], c) % m).to(torch.int32)
+    sgn = (1 - 2 * (_polynomial(coeffs[1], c) & 1)).to(torch.int8)
+    return h, sgn
 
 
 def _backend(method: str, device: torch.device) -> str:

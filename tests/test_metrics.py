@@ -675,3 +675,56 @@ def test_entry_scale_does_not_overflow_the_scale_free_metrics(scale):
     assert M.relative_kernel_difference(K * scale, K2 * scale) == pytest.approx(
         M.relative_kernel_difference(K, K2), rel=1e-12
     )
+
+
+@pytest.mark.parametrize("n, m, chunk", [(50, 8, 6), (20, 64, 8192), (7, 7, 1)])
+def test_sketch_metrics_are_the_metrics_of_s_st(n, m, chunk):
+    """metrics.sketch_metrics(S, y) equals each kernel metric of S Sᵀ without forming it."""
+    g = torch.Generator().manual_seed(n)
+    S = torch.randn(n, m, generator=g, dtype=torch.float64) + 0.3
+    y = torch.randperm(n, generator=g) % 3
+    K = S @ S.T
+    got = M.sketch_metrics(S, y, chunk=chunk)
+    want = {"fnorm": M.fnorm(K), "mean": M.mean(K), "lga": M.lga(K, y),
+            "trainability": M.trainability(K)}  # fmt: skip
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-14), k
+    assert "lga" not in M.sketch_metrics(S)
+    # scale: entries of S near 1e100 (S Sᵀ near 1e200) and near 1e-100
+    for scale in (1e100, 1e-100):
+        big = M.sketch_metrics(S * scale, y, chunk=chunk)
+        assert big["lga"] == pytest.approx(got["lga"], rel=1e-12)
+        assert big["mean"] == pytest.approx(got["mean"] * scale**2, rel=1e-12)
+
+
+def test_sketch_metrics_of_a_real_sketch():
+    """On fastntk.ntk_sketch's output: the same values as the metrics of S Sᵀ."""
+    import fastntk
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(40, 5)
+    y = torch.arange(40) % 3
+    S = fastntk.ntk_sketch(model, x, sketch_dim=32, seed=1, dtype=torch.float64)
+    got = M.sketch_metrics(S, y)
+    K = S @ S.T
+    assert got["lga"] == pytest.approx(M.lga(K, y), rel=1e-12)
+    assert got["trainability"] == pytest.approx(M.trainability(K), rel=1e-12)
+
+
+def test_sketch_metrics_errors():
+    S = torch.randn(6, 4)
+    for bad in (torch.randn(6), torch.zeros(0, 4)):
+        with pytest.raises(InputError, match="2-D"):
+            M.sketch_metrics(bad)
+    with pytest.raises(NonFiniteKernelError):
+        M.sketch_metrics(torch.full((6, 4), float("nan")))
+    with pytest.raises(InputError, match="zero"):
+        M.sketch_metrics(torch.zeros(6, 4))
+    with pytest.raises(InputError, match="entries"):
+        M.sketch_metrics(S, torch.arange(5))
+    with pytest.raises(InputError, match="two classes"):
+        M.sketch_metrics(S, torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(OptionError, match="chunk"):
+        M.sketch_metrics(S, chunk=0)

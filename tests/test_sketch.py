@@ -45,7 +45,42 @@ def test_error_at_4096_and_shrinks_with_m(exact):
             / 3
         )
     assert errs[4096] <= 0.05
-    assert errs[64] > 2 * errs[4096]  # 1/sqrt(m) would give 8x; collisions among few params less
+    assert errs[64] > 2 * errs[4096]
+
+
+@pytest.mark.parametrize("dim", [16, 128])
+def test_squared_error_is_the_count_sketchs(dim):
+    """E‖S Sᵀ − Θ‖²_F = Σ_ij (Θ_ii Θ_jj + Θ_ij² − 2 Σ_c G_ic² G_jc²) / m, the variance of a
+    CountSketch with 4-wise independent hashes: the error shrinks like 1/√m. A model whose
+    gradient coordinates are of one size (no few dominating ones: the mean over seeds
+    converges); held to 4 standard errors of the mean over 200 seeds."""
+    from reference import jacobian
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    x = torch.randn(6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    G = jacobian(m, x, "eval")[:, 0]
+    theta = G @ G.T
+    d = theta.diagonal()
+    expected = float((d[:, None] * d[None, :] + theta**2 - 2 * (G**2) @ (G**2).T).sum()) / dim
+    sq = torch.tensor([float(((S @ S.T - theta) ** 2).sum()) for S in (
+        fastntk.ntk_sketch(m, x, sketch_dim=dim, seed=s) for s in range(200))], dtype=torch.float64)  # fmt: skip
+    se = float(sq.std()) / 200**0.5
+    assert abs(float(sq.mean()) - expected) <= 4 * se, (float(sq.mean()), expected, se)
+
+
+def test_hashes_computed_or_kept_give_one_sketch(exact, monkeypatch):
+    """Hashes are computed per block from (seed, name, pass, coordinate) and kept between
+    chunks while they fit in HASH_BYTES (they were stored for every parameter and logit:
+    O(K·P) memory); kept or not, chunked or not, the sketch is the same."""
+    from fastntk import engine
+
+    m, x, _ = exact
+    a = fastntk.ntk_sketch(m, x, sketch_dim=64, seed=3, output="trace", dtype=torch.float64)
+    monkeypatch.setattr(engine, "HASH_BYTES", 0)
+    b = fastntk.ntk_sketch(m, x, sketch_dim=64, seed=3, output="trace", dtype=torch.float64,
+                           chunk_size=(3, 7))  # fmt: skip
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(a.abs().max()))
 
 
 def test_unbiased_average_of_seeds(exact):
@@ -92,9 +127,19 @@ def test_sketch_errors(exact):
         fastntk.ntk_sketch(m, x, output="full")
     with pytest.raises(errors.OptionError, match="couples samples"):
         fastntk.ntk_sketch(m, x, bn="batch")
-    for bad in (True, 2.0):
+    for bad in (True, 2.0, -3, "8"):
         with pytest.raises(errors.OptionError, match="sketch_dim"):
             fastntk.ntk_sketch(m, x, sketch_dim=bad)
+        with pytest.raises(errors.OptionError, match="sketch_dim"):
+            fastntk.ntk(m, x, sketch_dim=bad)  # (checked whatever the method)
+    with pytest.raises(errors.OptionError, match="does not fit"):
+        fastntk.ntk_sketch(m, x, sketch_dim=10**12)
+    with pytest.raises(errors.OptionError, match="does not fit"):
+        fastntk.ntk_sketch(m, x, sketch_dim=2**62)
+    import numpy as np
+
+    assert torch.equal(fastntk.ntk_sketch(m, x, sketch_dim=np.int64(8)),
+                       fastntk.ntk_sketch(m, x, sketch_dim=8))  # fmt: skip
     for bad in (1.5, None, "0", True):
         with pytest.raises(errors.OptionError, match="seed must be an int"):
             fastntk.ntk_sketch(m, x, sketch_dim=8, seed=bad)
