@@ -13,6 +13,7 @@
 * ``pool``: NAS-Bench-201's avg_pool_3x3 as PyTorch's avg_pool2d vs a box-filter conv.
 * ``coupled``: ``bn="batch"`` kernel with one-hot backward passes in a loop vs batched
   with ``is_grads_batched``.
+* ``mha``: ``nn.MultiheadAttention`` through its rule vs the per-module fallback vs vmap.
 
 Usage:
     python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [trace] [pool] [coupled] [mha]
@@ -330,6 +331,13 @@ if __name__ == "__main__":
     sections = {"conv": conv, "chunks": chunks, "gram": gram, "affine": affine, "trace": trace,
                 "pool": pool, "coupled": coupled, "mha": mha}
     which = sys.argv[1:] or list(sections)
+    if any(w in ("-h", "--help") for w in which):
+        print(__doc__)
+        sys.exit(0)
+    unknown = [w for w in which if w not in sections]
+    if unknown:
+        sys.exit(f"bench_engine_choices.py: unknown section(s) {', '.join(unknown)}; "
+                 f"choose from {', '.join(sections)}")  # fmt: skip
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for w in which:
         sections[w]()

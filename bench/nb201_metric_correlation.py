@@ -318,10 +318,18 @@ def main(argv=None) -> int:
         f"({len(archs)} sampled archs, seed {args.seed}, batch {args.batch_size}, "
         f"params={args.params}, {args.dtype} kernels)\n"
     )
-    print("\n" + title + "\n" + table)
+    from _meta import git_sha
+
+    where = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}. "
+        f"Command: `python3 bench/nb201_metric_correlation.py {' '.join(sys.argv[1:])}`; "
+        f"summary written at commit {git_sha()}, {time.strftime('%Y-%m-%d')} (the CSV's rows "
+        "may come from earlier runs of the same setting: its rows do not record a commit).\n"
+    )
+    print("\n" + title + "\n" + where + "\n" + table)
     md = os.path.splitext(args.out)[0] + ".md"
     with open(md, "w") as f:
-        f.write(title + "\n" + table + "\n")
+        f.write(title + "\n" + where + "\n" + table + "\n")
     print(f"\nrows: {args.out}\nsummary: {md}")
     return 0
 

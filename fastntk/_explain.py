@@ -72,8 +72,9 @@ def explain(
 ) -> Explanation:
     """Report, per parameter, which path :func:`fastntk.ntk` takes, and its memory needs.
 
-    Runs one forward pass on at most two samples of ``x`` (the model is left
-    unchanged) to see which modules are called and how often.
+    Runs the probe of :func:`fastntk.ntk` (a few forward passes on at most two samples
+    of ``x`` and on each alone; the model is left unchanged) to see which modules are
+    called, how often, and which dims hold the samples.
 
     Args: as :func:`fastntk.ntk`.
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.func import functional_call
@@ -83,6 +84,11 @@ def select_params(model: nn.Module, params: ParamSpec) -> dict[str, nn.Parameter
     if not sel:
         raise ParameterSelectionError("params is an empty list: select at least one parameter")
     return sel
+
+
+def check_progress(progress: Any) -> None:
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise OptionError(f"progress must be True, False or None (the default), got {progress!r}")
 
 
 def check_inputs(model: nn.Module, x1: Any, x2: Any) -> None:
@@ -171,6 +177,11 @@ def check_model(model: nn.Module) -> None:
     depend on which batches came first); ``scale_grad_by_freq`` scales gradients by
     token counts over the whole batch, which is no per-sample gradient.
     """
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__} (wrap a function of "
+            "parameters in an nn.Module that holds them as nn.Parameter)"
+        )
     for name, m in model.named_modules():
         if not isinstance(m, _EMBEDDINGS):
             continue

@@ -37,7 +37,14 @@ def _output(s: str) -> str | int:
     try:
         return int(s)
     except ValueError:
-        return s
+        pass
+    if s not in ("sum", "trace", "mean"):
+        why = (" (the demo summarises an (N, N) kernel; output='full' is the API's: "
+               "fastntk.ntk(model, x, output='full'))" if s == "full" else "")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"--output must be sum, trace, mean or an integer (one logit), got {s!r}{why}"
+        )
+    return s
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,8 +102,8 @@ def ntk(
 ) -> torch.Tensor:
     """Empirical neural tangent kernel Θ(x1, x2) of ``model``.
 
-    Θ_ij = <∂f(x1_i)/∂θ, ∂f(x2_j)/∂θ> over the selected parameters θ, exact
-    (no approximation on any path).
+    Θ_ij = <∂f(x1_i)/∂θ, ∂f(x2_j)/∂θ> over the selected parameters θ, exact on
+    every path but ``method="sketch"`` (an unbiased estimate).
 
     Args:
         model: any ``nn.Module`` mapping a batch (N, ...) to outputs (N, K)
@@ -171,6 +171,7 @@ def ntk(
         not finite).
     """
     _model.check_options(output, bn, method, METHODS)
+    _model.check_progress(progress)
     _model.check_inputs(model, x1, x2)
     x1, x2 = _model.plain(x1), _model.plain(x2)
     selected = _model.select_params(model, params)
@@ -273,6 +274,7 @@ def ntk_sketch(
         for ``output="mean"``, S is scaled by 1/√K).
     """
     _model.check_options(output, bn, "auto", METHODS)
+    _model.check_progress(progress)
     _model.check_inputs(model, x, None)
     x = _model.plain(x)
     if output == "full":

@@ -32,7 +32,8 @@ Numerical conventions (shared by every spectral metric):
   LGA reference code's rule (``λmax`` over the smallest *nonzero* eigenvalue) and
   ``singular="raise"`` raises :class:`InputError`.
 * A kernel containing NaN or Inf raises :class:`NonFiniteKernelError`; an empty,
-  non-square or non-2-D kernel raises :class:`InputError`. No metric returns NaN.
+  non-square or non-2-D kernel raises :class:`InputError`. No metric returns NaN
+  (``compute_metrics(..., errors="nan")`` records a metric that raised as NaN).
 """
 
 from __future__ import annotations

@@ -256,6 +256,8 @@ def test_condition_number_metrics_are_scored_in_float64(capsys, tmp_path, metric
          "--lr must be > 0, got -1"),
         (["demo", "--n", "0"], "--n must be between 1 and 1000"),
         (["demo", "--n", "2", "--arch", "bad"], "node groups"),
+        (["demo", "--n", "2", "--output", "full"], "output='full' is the API's"),  # (a traceback)
+        (["demo", "--n", "2", "--output", "foo"], "--output must be sum, trace, mean"),
     ],
 )
 def test_user_errors_are_one_line(capsys, argv, msg):

@@ -136,12 +136,25 @@ def test_output_index_out_of_range(mlp):
         ({"output": True}, "unknown output"),
         ({"chunk_size": 0}, "positive"),
         ({"dtype": torch.int64}, "floating-point"),
+        ({"progress": "yes"}, "progress must be"),
+        ({"progress": 1}, "progress must be"),
     ],
 )
 def test_unknown_options(mlp, kw, match):
     m, x1, _ = mlp
     with pytest.raises(errors.OptionError, match=match):
         fastntk.ntk(m, x1, **kw)
+    if "progress" in kw:
+        with pytest.raises(errors.OptionError, match=match):
+            fastntk.ntk_sketch(m, x1, sketch_dim=4, **kw)
+
+
+def test_model_must_be_a_module(mlp):
+    """A plain function gave AttributeError: 'function' object has no attribute ..."""
+    _, x1, _ = mlp
+    for call in (fastntk.ntk, fastntk.ntk_sketch, fastntk.explain):
+        with pytest.raises(errors.InputTypeError, match="nn.Module"):
+            call(lambda z: z, x1)
 
 
 class NaNLayer(nn.Module):
