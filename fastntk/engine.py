@@ -75,7 +75,7 @@ DEFAULT_SAMPLE_CHUNK = 256
 BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
 PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows
 JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
-HASH_BYTES = 256 * 2**20  # sketch: hashes kept between chunks (5 bytes a coordinate and pass)
+HASH_BYTES = 256 * 2**20  # sketch: hashes kept between chunks (9 bytes a coordinate and pass)
 GRAM_BUFFER_BYTES = 16 * 2**20  # small dense blocks batched into one Gram
 GRAM_DIRECT_BYTES = 2**20  # a dense block this big gets its own GEMM (no copy into the buffer)
 # "trace"/"mean": keep all logits' output gradients (K x one pass's) up to this size and
@@ -248,10 +248,10 @@ def ntk_sketch(
     """A sketch S (N, m) of the per-sample gradients with Θ ≈ S Sᵀ, for N too large for Θ.
 
     Each parameter coordinate c is hashed to one of ``m = sketch_dim``
-    columns h(c) with a random sign s(c) (a CountSketch: h and s are degree-3
-    polynomials modulo 2**31 - 1, 4-wise independent, with coefficients from
-    ``seed`` and the parameter's name; computed per block, never a P x m matrix
-    nor a stored hash per coordinate), and S_i = Σ_c s(c) G_i[c] e_h(c) is
+    columns h(c) with a random sign s(c) (a CountSketch: drawn by torch's CPU
+    generator in segments of ``SEGMENT`` coordinates, each seeded from ``seed``,
+    the parameter's name, the pass and the segment; never a P x m matrix), and
+    S_i = Σ_c s(c) G_i[c] e_h(c) is
     accumulated layer by layer in sample chunks, so memory is O(N m + one chunk)
     (plus at most ``HASH_BYTES`` of hashes kept between chunks). The estimate is
     unbiased: E[S_i · S_j] = Θ_ij, with variance
@@ -262,10 +262,10 @@ def ntk_sketch(
     coordinates make it vary from seed to seed. Measured on the NAS-Bench-201
     benchmark network: bench/results/sketch_error_cpu.md
     (``python bench/bench_sketch.py --sweep ...``). The same seed gives the same
-    sketch on any device and for any chunking, so sketches of different batches
+    hashes on any device and for any chunking (the sketch is the same up to the
+    rounding of the sums' order), so sketches of different batches
     combine: Θ(x1, x2) ≈ S(x1) S(x2)ᵀ. For ``output="trace"``/``"mean"`` the K
     logits' gradients are hashed independently and summed (still unbiased).
-    Parameters with more than 2**31 - 1 elements are refused.
 
     Args: as :func:`ntk`, plus ``sketch_dim`` (m) and ``seed``.
 
@@ -300,12 +300,6 @@ def ntk_sketch(
         )
     n = x.shape[0]
     job.chunk_n = min(samples, n)
-    for pname in selected:
-        if job.copies.params[pname].numel() > _PRIME:
-            raise UnsupportedError(
-                f"the sketch hashes coordinates below 2**31 - 1; parameter {pname!r} has "
-                f"{job.copies.params[pname].numel()}: select it out (params=...)"
-            )
     need = n * sketch_dim * dtype.itemsize
     why = None
     if need > _device_memory(job.device):  # (an allocator that overcommits would try it)
@@ -320,24 +314,34 @@ def ntk_sketch(
             f"the ({n}, {sketch_dim}) sketch does not fit ({need / 2**30:.3g} GiB of {dtype}; "
             f"{why}): choose a smaller sketch_dim"
         )
-    # a block's hashes are kept for the next chunks while they fit in HASH_BYTES
-    kept: dict[tuple[str, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    # segments of hashes kept for the next blocks and chunks while they fit in HASH_BYTES
+    kept: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     kept_bytes = 0
 
-    def project(key, blk, s0, s1):
+    def segment(pname: str, k: int, j: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal kept_bytes
+        seg = kept.get((pname, k, j))
+        if seg is None:
+            seg = tuple(t.to(job.device) for t in _segment(seed, pname, k, j, numel, sketch_dim))
+            if kept_bytes + 9 * seg[0].numel() <= HASH_BYTES:
+                kept[(pname, k, j)] = seg
+                kept_bytes += 9 * seg[0].numel()
+        return seg
+
+    def project(key, blk, s0, s1):
         pname, r0, k = key
         G = blk.dense()
         p = job.copies.params[pname]
         c0 = r0 * (p.numel() // _rows_of(p))
         c1 = c0 + G.shape[1]
-        hashes = kept.get((pname, k, c0, c1))
-        if hashes is None:
-            hashes = _count_sketch(_hash_coefficients(seed, pname, k), c0, c1, sketch_dim, G.device)
-            if kept_bytes + 5 * (c1 - c0) <= HASH_BYTES:
-                kept[(pname, k, c0, c1)] = hashes
-                kept_bytes += 5 * (c1 - c0)
-        h, sgn = hashes
+        j0, j1 = c0 // SEGMENT, (c1 - 1) // SEGMENT
+        segs = [segment(pname, k, j, p.numel()) for j in range(j0, j1 + 1)]
+        a, b = c0 - j0 * SEGMENT, c1 - j0 * SEGMENT
+        if len(segs) == 1:
+            h, sgn = segs[0][0][a:b], segs[0][1][a:b]
+        else:
+            h = torch.cat([t[0] for t in segs])[a:b]
+            sgn = torch.cat([t[1] for t in segs])[a:b]
         S[s0:s1].index_add_(1, h, G * sgn)
 
     bar = _Progress(-(-n // samples), "sketch", progress if progress is not None else n > samples)
@@ -377,38 +381,29 @@ def _sketch_args(sketch_dim: Any, seed: Any) -> tuple[int, int]:
     return _args.integer(sketch_dim, "sketch_dim", 1), _args.integer(seed, "seed")
 
 
-# The sketch's hashes are computed, not stored: coordinate c of parameter ``name`` in pass
-# k goes to column h(c) with sign s(c), two polynomials of degree 3 over the integers
-# modulo the prime 2**31 - 1 (4-wise independent families: unbiased, with the variance
-# of a CountSketch) whose coefficients come from (seed, name, k). Every block computes its
-# own coordinates' hashes (memory O(block), not O(P) per logit; the same sketch on any
-# device and for any chunking). In int64 nothing overflows: c and the coefficients are
-# below 2**31, so each Horner step stays below 2**62 + 2**31.
-_PRIME = 2**31 - 1
+# The sketch's hashes: coordinate c of parameter ``name`` in pass k goes to column h(c)
+# with sign s(c), drawn by torch's CPU generator in segments of SEGMENT coordinates, each
+# segment's generator seeded from (seed, name, k, segment). A block draws the segments it
+# covers (kept for the next chunks while they fit in HASH_BYTES), so no hash per
+# coordinate of every parameter and logit is held (that was O(K·P) memory), and the hashes
+# do not depend on the blocks, the chunking or the device.
+SEGMENT = 2**16
 
 
-def _hash_coefficients(seed: int, name: str, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The coefficients of parameter ``name``'s column and sign polynomials in pass ``k``:
-    a hash of all three (every int seed its own: a multiplicative mix truncated to 47 bits
+def _segment_seed(seed: int, name: str, k: int, j: int) -> int:
+    """The generator seed of segment ``j`` of parameter ``name``'s hashes in pass ``k``: a
+    hash of all four (every int seed its own: a multiplicative mix truncated to 47 bits
     once made seeds 0 and 2**47 give the same sketch)."""
-    digest = hashlib.blake2b(f"{seed}|{name}#{k}".encode(), digest_size=64).digest()
-    words = [int.from_bytes(digest[i : i + 8], "little") % _PRIME for i in range(0, 64, 8)]
-    return tuple(words[:4]), tuple(words[4:])
+    digest = hashlib.blake2b(f"{seed}|{name}#{k}@{j}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
 
 
-def _polynomial(coeffs: tuple[int, ...], c: torch.Tensor) -> torch.Tensor:
-    v = torch.full_like(c, coeffs[0])
-    for a in coeffs[1:]:
-        v = (v * c + a) % _PRIME
-    return v
-
-
-def _count_sketch(coeffs: tuple[tuple[int, ...], tuple[int, ...]], c0: int, c1: int, m: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Columns (int32) and signs (int8, ±1) of coordinates c0..c1-1."""
-    c = torch.arange(c0, c1, dtype=torch.int64, device=device)
-    h = (_polynomial(coeffs[0], c) % m).to(torch.int32)
-    sgn = (1 - 2 * (_polynomial(coeffs[1], c) & 1)).to(torch.int8)
+def _segment(seed: int, name: str, k: int, j: int, numel: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns (int64) and signs (int8, ±1) of coordinates j·SEGMENT .. of one parameter."""
+    g = torch.Generator().manual_seed(_segment_seed(seed, name, k, j))
+    n = min(SEGMENT, numel - j * SEGMENT)
+    h = torch.randint(0, m, (n,), generator=g)
+    sgn = torch.randint(0, 2, (n,), generator=g, dtype=torch.int8) * 2 - 1
     return h, sgn
 
 
