@@ -40,7 +40,7 @@ TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 CASES = ["mlp", "convzoo", "resnet", "vit", "tied", "nb201"]
 
 
-def check_methods(device: str, lines: list[str]) -> bool:
+def check_methods(device: str, lines: list[str], save=lambda: None) -> bool:
     lines += ["## Methods on the device against the float64 oracle (CPU)", "",
               "| model | method | dtype | output | rel. error | tolerance | ok |",
               "|---|---|---|---|---|---|---|"]
@@ -65,6 +65,7 @@ def check_methods(device: str, lines: list[str]) -> bool:
                     lines.append(f"| {name} | {method} | {str(dtype)[6:]} | {output} | {cell} "
                                  f"| {TOL[dtype]:.0e} | {'yes' if ok else '**NO**'} |")
         m.cpu()
+        save()  # after every model: a run cut short by its time limit keeps the rows so far
     return ok_all
 
 
@@ -273,12 +274,19 @@ def main() -> int:
     ap.add_argument("--gram-shapes", default="1024x36864,4096x9216,16384x2304",
                     help="NxCOLS,... for parts 2 and 3 (small ones for a CPU smoke run)")
     args = ap.parse_args()
+    # float32 "exact" means IEEE float32: cuDNN convolutions default to TF32 on Ampere and
+    # later (torch.backends.cudnn.allow_tf32 is True), about 1e-3 relative error, over the
+    # 1e-4 tolerance of every float32 conv model. (Matmuls default to IEEE already.)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     parts = {int(v) for v in args.parts.split(",")}
     env = fastntk.env()
     lines = [f"# GPU checks: device {args.device} ({env.get('device_name')}), torch "
              f"{torch.__version__}, triton {env.get('triton_version')}, git {git_sha()}", "",
              f"Command: `python bench/gpu_check.py --parts {args.parts} --gram-shapes "
-             f"{args.gram_shapes} --conv-n {args.conv_n}`", ""]
+             f"{args.gram_shapes} --conv-n {args.conv_n}`", "",
+             "TF32 off (torch.backends.cudnn.allow_tf32 = False, cuda.matmul.allow_tf32 = "
+             "False): float32 is IEEE float32 except in the Triton tf32/bf16 modes.", ""]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.gram_shapes.split(",")]
 
     def save() -> None:  # after every part: a run cut short keeps what it measured
@@ -288,7 +296,7 @@ def main() -> int:
 
     ok = True
     if 1 in parts:
-        ok &= check_methods(args.device, lines)
+        ok &= check_methods(args.device, lines, save)
         save()
     if 2 in parts:
         try:
@@ -296,18 +304,18 @@ def main() -> int:
         except Exception as exc:  # part 2 is a measurement; report and go on
             lines.append(f"Gram modes failed: {type(exc).__name__}: {exc}")
         save()
-    if 4 in parts:
-        try:
-            time_conv_paths(args.device, args.conv_n, lines)
-        except Exception as exc:  # a measurement; report and go on
-            lines.append(f"conv paths failed: {type(exc).__name__}: {exc}")
-        save()
-    if 3 in parts:
+    if 3 in parts:  # before part 4: the checks of never-run kernels before timings
         try:
             ok &= check_csrc(args.device, shapes, lines)
         except Exception as exc:  # reported, counted as a failure
             lines.append(f"C++ CUDA kernels failed: {type(exc).__name__}: {exc}")
             ok = False
+        save()
+    if 4 in parts:
+        try:
+            time_conv_paths(args.device, args.conv_n, lines)
+        except Exception as exc:  # a measurement; report and go on
+            lines.append(f"conv paths failed: {type(exc).__name__}: {exc}")
         save()
     print("\n".join(lines))
     return 0 if ok else 1

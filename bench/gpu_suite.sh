@@ -3,16 +3,19 @@
 # may run 10 minutes, a session has 15 minutes of device time with the machine's start
 # (a minute or more) counted in. Two calls, most valuable figures first:
 #
-#   FASTNTK_GIT=<sha> bash bench/gpu_suite.sh first    # one call, <= BUDGET s (default 540):
+#   FASTNTK_GIT=<sha> bash bench/gpu_suite.sh first    # one call, <= BUDGET s (default 480):
 #       NB201 N=1024 "sum" (floor, auto, layerwise, triton, vmap), exact N=16384 "sum",
 #       sketch N=100,000 m=4096, N=1024 "trace", then methods vs the float64 oracle on
 #       CUDA and the Triton Gram operand modes (gpu_check parts 1-2)
-#   FASTNTK_GIT=<sha> bash bench/gpu_suite.sh second   # a second call, <= BUDGET s (default 280):
+#   FASTNTK_GIT=<sha> bash bench/gpu_suite.sh second   # a second call, <= BUDGET s (default 240):
 #       CUDA build of fastntk._C, its kernels vs float64 references (part 3), the conv
 #       weight-gradient paths (part 4), ResNet-18 and ViT tables
 #
-# Each step gets at most its own limit and what is left of BUDGET, so the last steps are
-# the ones cut short; each writes its results as it goes. The older single-purpose plans:
+# 480 + 240 s leave the machine's start and the transfers in 15 minutes: send `second` as
+# soon as `first` returns (the machine goes back after 30 s idle), with BUDGET set to the
+# device tool's budget_left_s minus about 60. Each step gets at most its own limit and
+# what is left of BUDGET, so the last steps are the ones cut short; each writes its
+# results as it goes (gpu_check after every model). The older single-purpose plans:
 #
 #   bash bench/gpu_suite.sh check    # CUDA build of fastntk._C; gpu_check parts 1-4 (~5 min)
 #   bash bench/gpu_suite.sh engine   # NB201 N=1024 "sum" and "trace": floor, auto, triton, vmap (~5 min)
@@ -49,8 +52,8 @@ fi
 
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/suite.log"; }
 case "${1:-all}" in  # seconds for the whole plan; the device tool's call limit is 600
-  first) BUDGET=${BUDGET:-540} ;;
-  second) BUDGET=${BUDGET:-280} ;;
+  first) BUDGET=${BUDGET:-480} ;;
+  second) BUDGET=${BUDGET:-240} ;;
   *) BUDGET=${BUDGET:-100000} ;;
 esac
 step() {  # step SECONDS CMD...: run with a time limit (and within BUDGET), keep going on failure

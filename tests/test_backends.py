@@ -85,3 +85,37 @@ def test_triton_without_interpreter_or_gpu_is_a_clear_error(case, monkeypatch):
         pytest.skip("a GPU is present: the Triton method can run")
     with pytest.raises(fastntk.errors.UnsupportedError, match="triton"):
         fastntk.ntk(m, x1, method="triton")
+
+
+@pytest.mark.skipif(not _ext.available(), reason=f"C++ extension not built: {_ext.why_not()}")
+def test_compiled_conv_gradients_per_row_range(case, monkeypatch):
+    """A layer cut into row ranges (column blocks): the compiled kernels take only the
+    range's output channels (they computed every channel once per range, ranges x the
+    work), and the kernel is still exact."""
+    from fastntk import _ext as ext
+    from fastntk import engine
+
+    monkeypatch.setattr(engine, "_backend", lambda method, device: "csrc")
+    seen = []
+    real = ext.conv2d_psg
+
+    def spy(x, gout, **kw):
+        seen.append(gout.shape[1])
+        return real(x, gout, **kw)
+
+    monkeypatch.setattr(ext, "conv2d_psg", spy)
+    m, x1, x2, ref = case
+    widest = max(c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d))
+    for output, passes in (("sum", 1), ("trace", 3)):  # (trace: the logits' rows stacked)
+        seen.clear()
+        theta = fastntk.ntk(m, x1, x2, output=output, chunk_size=(3, 20), dtype=torch.float64)
+        assert rel_err(theta, reduce(ref, output)) <= 1e-6
+        assert seen and max(seen) < passes * widest, (output, seen)
+
+
+@pytest.mark.skipif(_triton_why_not() is not None, reason=str(_triton_why_not()))
+def test_triton_conv_gradients_per_row_range(case):
+    m, x1, x2, ref = case
+    for output in ("sum", "trace"):
+        theta = fastntk.ntk(m, x1, x2, output=output, method="triton", chunk_size=(3, 20))
+        assert rel_err(theta, reduce(ref, output)) <= 1e-4

@@ -196,9 +196,10 @@ def _weight_grad(module, ctx, xs, gs, hg, out=None):
     return _patches_weight_grad(module, ctx, xs, gs, hg, out)
 
 
-def _compiled_weight_grad(module, x, gout, backend, T):
+def _compiled_weight_grad(module, x, gout, backend, T, groups=None):
     """fastntk's own kernels for 2-D convolutions: Triton (``method="triton"``), or the C++
     op for ``backend="csrc"`` (not chosen by ``"auto"``, see the module docstring).
+    ``groups``: of the channels passed (a slice of whole groups), default the module's.
     Returns (n, C_out, C_in/groups, kh, kw) or None."""
     if len(module.kernel_size) != 2 or backend not in ("triton", "csrc"):
         return None
@@ -208,7 +209,7 @@ def _compiled_weight_grad(module, x, gout, backend, T):
         stride=module.stride,
         padding=padding,
         dilation=module.dilation,
-        groups=module.groups,
+        groups=module.groups if groups is None else groups,
     )
     if backend == "triton":
         from fastntk.kernels.conv_psg import conv2d_psg
@@ -253,9 +254,11 @@ class ConvRule(GramRule):
         x, ctx = saved
         K, nd = len(gouts), len(module.kernel_size)
         if ctx.backend in ("triton", "csrc"):  # the compiled kernels take the stacked gradients
-            c = K * gouts[0].shape[1]
-            G = self.grad_rows(module, saved, torch.cat(gouts, 1), name, 0, c).G
+            c = K * (r1 - r0)  # (of rows r0:r1 only: all rows once per row range was waste)
+            G = self.grad_rows(module, saved, torch.cat([gk[:, r0:r1] for gk in gouts], 1),
+                               name, 0, c).G  # fmt: skip
             G = G.reshape(G.shape[0], c, -1)
+            r0, r1 = 0, r1 - r0
         else:
             if x.dim() == nd + 1:
                 x, gouts = x.unsqueeze(0), [g.unsqueeze(0) for g in gouts]
@@ -278,11 +281,10 @@ class ConvRule(GramRule):
         if x.dim() == nd + 1:
             x = x.unsqueeze(0)
         T = g.shape[-1]
-        compiled = _compiled_weight_grad(module, x, gout, ctx.backend, T)
-        if compiled is not None:
-            return Dense(compiled.reshape(n, c_out, -1)[:, r0:r1].reshape(n, -1))
         groups = module.groups
         og = c_out // groups
+        # Only what rows r0:r1 need (a big layer is cut into row ranges: the whole layer
+        # once per range was ranges x the work), for every strategy:
         if groups == 1:  # rows r0:r1 are output channels r0:r1: only their gradients
             h0, h1, xs, gs = 0, 1, x, gout[:, r0:r1]
             lo, hi = 0, r1 - r0
@@ -291,7 +293,10 @@ class ConvRule(GramRule):
             cin_g = x.shape[1] // groups
             xs, gs = x[:, h0 * cin_g : h1 * cin_g], gout[:, h0 * og : h1 * og]
             lo, hi = r0 - h0 * og, r1 - h0 * og
-            if (lo, hi) != (0, gs.shape[1]):
-                out = None  # the result is sliced: not written into ``out``
+        compiled = _compiled_weight_grad(module, xs, gs, ctx.backend, T, groups=h1 - h0)
+        if compiled is not None:
+            return Dense(compiled.reshape(n, gs.shape[1], -1)[:, lo:hi].reshape(n, -1))
+        if (lo, hi) != (0, gs.shape[1]):
+            out = None  # the result is sliced: not written into ``out``
         G = _weight_grad(module, ctx, xs, gs, h1 - h0, out)
         return Dense(G[:, lo:hi].reshape(n, -1))
