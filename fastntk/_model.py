@@ -36,6 +36,7 @@ from fastntk.errors import (
     ParameterSelectionError,
     UnsupportedError,
 )
+from fastntk import rules as _rules
 from fastntk.rules.norm import per_sample_batchnorm
 
 BN_MODES = ("eval", "batch", "per_sample")
@@ -513,6 +514,9 @@ def _prelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x, w * x)
 
 
+_rules.OWN_FORWARDS.update({_per_sample_bn_forward, _prelu_forward})
+
+
 def batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -631,8 +635,8 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
             for m in batchnorms(model):
                 if bn == "batch":
                     m.training = True
-                elif bn == "per_sample":
-                    swapped.append((m, m.__dict__.get("forward", _MISSING)))
+                elif bn == "per_sample" and "forward" not in m.__dict__:  # (not the user's)
+                    swapped.append((m, _MISSING))
                     m.forward = types.MethodType(_per_sample_bn_forward, m)
             for m in model.modules():  # sparse tables: dense gradients (same values)
                 if isinstance(m, nn.Embedding) and m.sparse:

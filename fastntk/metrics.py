@@ -808,13 +808,14 @@ def vintk_kernel(
 
 
 def _vintk_parts(
-    model, x, cutoff, beta, bn, params, output, dtype, chunk_size, kernel
+    model, x, cutoff, beta, bn, params, output, dtype, chunk_size, kernel, progress=None
 ) -> tuple[torch.Tensor, float]:
     """Θ_vi in float64, and the machine epsilon of the dtype its kernels were computed in
     (the spectral reducers' rounding tolerance; float64 here would hide float32 noise)."""
     x = _check_batch(x, "x")
     beta = _nonneg(beta, "beta")
-    kw = _ntk_kwargs(bn, params, output, dtype, chunk_size)
+    _model.check_progress(progress)
+    kw = {**_ntk_kwargs(bn, params, output, dtype, chunk_size), "progress": progress}
     xh = highpass(x, cutoff)
     if kernel is None:
         K = _kernel(model, x, kw)
@@ -845,6 +846,7 @@ def vintk(
     dtype: Any = None,
     chunk_size: int | None = None,
     kernel: torch.Tensor | None = None,
+    progress: bool | None = None,
 ) -> float:
     """fastntk's ViNTK score: a label-free kernel metric of :func:`vintk_kernel`.
 
@@ -862,7 +864,8 @@ def vintk(
         raise OptionError(f"singular must be one of {_SINGULAR_MODES}, got {singular!r}")
     if rtol is not None:
         _check_rtol(rtol)
-    K, eps = _vintk_parts(model, x, cutoff, beta, bn, params, output, dtype, chunk_size, kernel)
+    K, eps = _vintk_parts(model, x, cutoff, beta, bn, params, output, dtype, chunk_size, kernel,
+                          progress)  # fmt: skip
     r = rtol if rtol is not None else K.shape[0] * eps
     reducers: dict[str, Callable[[torch.Tensor], float]] = {
         "ncn": lambda K: ncn(K, rtol=r, singular=singular),
@@ -1000,6 +1003,7 @@ def compute_metrics(
     cutoff: float = 0.25,
     beta: float = 1.0,
     errors: str = "raise",
+    progress: bool | None = None,
 ) -> dict[str, float]:
     """Compute the requested metrics of one model, computing each kernel once.
 
@@ -1024,6 +1028,7 @@ def compute_metrics(
             fastntk :class:`InputError` or :class:`NonFiniteKernelError` (a kernel that
             overflows, an architecture whose labels or kernel do not allow it) is
             recorded as ``float("nan")`` instead; a search then ranks it last.
+        progress: the engine's progress bar (:func:`fastntk.ntk`'s ``progress``).
 
     Returns:
         ``{name: value}`` in the order requested (groups expanded).
@@ -1038,7 +1043,8 @@ def compute_metrics(
     if singular not in _SINGULAR_MODES:
         raise OptionError(f"singular must be one of {_SINGULAR_MODES}, got {singular!r}")
     x = _check_batch(x, "x")
-    kw = _ntk_kwargs(bn, params, output, dtype, chunk_size)
+    _model.check_progress(progress)
+    kw = {**_ntk_kwargs(bn, params, output, dtype, chunk_size), "progress": progress}
     n = x.shape[0]
     yt = None
     if any(METRICS[m].needs_labels for m in wanted):
@@ -1121,6 +1127,7 @@ def compute_metrics(
                     output=output,
                     dtype=dtype,
                     chunk_size=chunk_size,
+                    progress=progress,
                 )
         except (InputError, NonFiniteKernelError):
             if errors == "raise":

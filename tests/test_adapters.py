@@ -119,3 +119,132 @@ def test_is_oom():
     # what torch's CPU allocator raises when an allocation fails (it was not retried)
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
                                "can't allocate memory: you tried to allocate 3 bytes."))
+
+
+def _tenas_cond(net, x):
+    """TE-NAS's condition number (VITA-Group/TENAS, lib/procedures/ntk.py, get_ntk_n),
+    re-written from its description: train-mode BatchNorm over the whole batch, one
+    backward of the sum of each sample's logits, the gradients of the parameters named
+    "weight" concatenated, Θ = G Gᵀ, λmax/λmin of its eigenvalues (ascending)."""
+    import copy
+
+    net = copy.deepcopy(net).double().train()
+    out = net(x.double())
+    logits = out[-1] if isinstance(out, tuple) else out
+    rows = []
+    for i in range(x.shape[0]):
+        net.zero_grad()
+        logits[i : i + 1].backward(torch.ones_like(logits[i : i + 1]), retain_graph=True)
+        rows.append(torch.cat([p.grad.reshape(-1) for n, p in net.named_parameters()
+                               if "weight" in n and p.grad is not None]))  # fmt: skip
+    G = torch.stack(rows)
+    lam = torch.linalg.eigvalsh(G @ G.T)
+    return float(lam[-1] / lam[0])
+
+
+def test_tenas_options_reproduce_tenas():
+    """measure("ncn", **TENAS) is TE-NAS's -cond; the defaults (eval BatchNorm, every
+    parameter) are another kernel, which the README says."""
+    from fastntk.spaces import nb201
+
+    torch.manual_seed(0)
+    net = nb201.build_model("|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|avg_pool_3x3~0|"
+                            "nor_conv_3x3~1|nor_conv_3x3~2|", C=4, N=1)  # fmt: skip
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    want = -_tenas_cond(net, x)
+    got = measure("ncn", **adapters.TENAS, dtype=torch.float64)(net, x, None)
+    assert got == pytest.approx(want, rel=1e-8)
+    assert measure("ncn", **adapters.TENAS, dtype=torch.float64)(net, x, None, split_data=4) == \
+        pytest.approx(want, rel=1e-8)
+    assert MEASURES["ncn"](net, x.double(), None) != pytest.approx(want, rel=1e-2)
+
+
+class _Registry:
+    """zero-cost-nas / NASLib's measures package and find_measures, as they are written
+    (foresight/pruners/measures/__init__.py, predictive.py): a decorator that registers
+    ``measure_impl(net_orig, device, *args, **kwargs)`` calling the function on
+    ``net_orig.get_prunable_copy(bn=bn)``; the harness sums the returned list."""
+
+    def __init__(self):
+        self.impls = {}
+
+    def measure(self, name, bn=True, copy_net=True, force_clean=True, **impl_args):
+        def make_impl(func):
+            def measure_impl(net_orig, device, *args, **kwargs):
+                net = net_orig.get_prunable_copy(bn=bn) if copy_net else net_orig
+                return func(net, *args, **kwargs, **impl_args)
+
+            if name in self.impls:
+                raise KeyError(f"Duplicated measure! {name}")
+            self.impls[name] = measure_impl
+            return func
+
+        return make_impl
+
+    def find_measures(self, net, name, inputs, targets, split_data=1):
+        import copy
+        import types
+
+        def copynet(self_, bn):
+            c = copy.deepcopy(self_)
+            if not bn:
+                for m in c.modules():
+                    if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                        m.forward = types.MethodType(lambda s, x: x, m)
+            return c
+
+        net.get_prunable_copy = types.MethodType(copynet, net)
+        v = self.impls[name](net, "cpu", inputs, targets, loss_fn=nn.CrossEntropyLoss(),
+                             split_data=split_data)  # fmt: skip
+        total = 0.0
+        for i in range(len(v)):  # their sum_arr
+            total += torch.sum(v[i])
+        return total.item()
+
+
+def test_register_in_a_zero_cost_registry(capsys):
+    reg = _Registry()
+    net, (x, y) = small_net(), data()
+    key = adapters.register(reg, "lga", impl_args={"mode": "param"})  # (passed on by the registry)
+    assert key == "fastntk_lga"
+    assert reg.find_measures(net, key, x, y, split_data=2) == pytest.approx(
+        MEASURES["lga"](net, x, y), rel=1e-5)  # fmt: skip
+    assert capsys.readouterr().err == ""  # (no progress bar for split_data > 1)
+    # bn=False: the harness's copy has identity BatchNorms: the kernel of that function
+    key = adapters.register(reg, "fnorm", as_name="fnorm_nobn", bn=False, dtype=torch.float64)
+    nobn = nn.Sequential(*[m for m in small_net() if not isinstance(m, nn.BatchNorm2d)])
+    assert reg.find_measures(net, key, x, y) == pytest.approx(
+        MEASURES["fnorm"](nobn.double(), x.double(), y), rel=1e-10)  # fmt: skip
+    # a constant kernel (an all-"none" cell gives one) is NaN in a harness, not a crash
+    class Dead(nn.Module):  # the output does not depend on the input: Θ is constant
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 8 * 8, 5)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1) * 0)
+
+    dead = Dead()
+    key = adapters.register(reg, "lga", as_name="lga2")
+    assert math.isnan(reg.find_measures(dead, key, x, y))
+    with pytest.raises(OptionError, match="measures package"):
+        adapters.register(object(), "lga")
+
+
+def test_measure_options_and_inputs_checked():
+    net, (x, y) = small_net(), data()
+    with pytest.raises(OptionError, match="compute_metrics"):
+        measure("lga", bogus=1)
+    with pytest.raises(OptionError, match="binds names"):
+        measure("lga", names=["fnorm"])
+    with pytest.raises(adapters.InputTypeError, match="torch.Tensor"):
+        MEASURES["lga"](net, list(x), y)
+    for bad in (True, 0, 1.5):
+        with pytest.raises(OptionError, match="split_data"):
+            MEASURES["lga"](net, x, y, split_data=bad)
+    import numpy as np
+
+    v = MEASURES["lga"](net, x, y)
+    assert MEASURES["lga"](net, x, y, split_data=np.int64(2)) == pytest.approx(v, rel=1e-5)
+    # a bound chunk_size smaller than split_data's chunks stays
+    assert measure("lga", chunk_size=2)(net, x, y, split_data=2) == pytest.approx(v, rel=1e-5)

@@ -886,3 +886,30 @@ def test_sparse_embedding_on_every_path(how, method, bn):
     theta = fastntk.ntk(m, x, method=method, bn=bn, dtype=torch.float64)
     assert rel_err(theta, ref) <= TOL64
     assert m.e.sparse
+
+
+def _identity(self, x):
+    return x
+
+
+@pytest.mark.parametrize("bn", ["eval", "batch", "per_sample"])
+def test_forward_set_on_an_instance(bn):
+    """NASLib / zero-cost-nas copy a network with ``bn=False`` by setting each
+    BatchNorm's forward to an identity on the instance: the BatchNorm rule still applied
+    (gamma and beta got gradients the function does not have: 35 % off), and
+    ``bn="per_sample"`` replaced the user's forward with fastntk's."""
+    import types
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
+                      nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()  # fmt: skip
+    with torch.no_grad():
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-0.5, 0.5)
+    m[1].forward = types.MethodType(_identity, m[1])
+    x = _x(5, 2, 5, 5)
+    ref = reduce(full_kernel(m, x), "sum")  # (the identity: no batch statistics in any mode)
+    for method in ("auto", "layerwise", "vmap", "loop"):
+        theta = fastntk.ntk(m, x, bn=bn, method=method, dtype=torch.float64)
+        assert rel_err(theta, ref) <= TOL64, method
+    assert m[1].forward.__func__ is _identity

@@ -287,8 +287,19 @@ def register_gram_rule(module_type: type) -> Callable[[type], type]:
     return deco
 
 
+# Forwards fastntk itself puts on instances during a call (``_model.model_state``: the
+# per-sample BatchNorm); any other forward set on an instance is the user's.
+OWN_FORWARDS: set[Any] = set()
+
+
 def find_rule(module: nn.Module) -> GramRule | None:
-    """The rule for ``module``: the most specific registered base type with the same forward."""
+    """The rule for ``module``: the most specific registered base type with the same forward.
+
+    A forward set on the instance (``module.forward = ...``; NASLib and zero-cost-nas
+    turn BatchNorm into an identity this way) is another computation: no rule."""
+    own = module.__dict__.get("forward")
+    if own is not None and getattr(own, "__func__", own) not in OWN_FORWARDS:
+        return None
     for klass in type(module).__mro__:
         rule = _RULES.get(klass)
         if rule is None:
