@@ -41,16 +41,24 @@ if TYPE_CHECKING:
     from fastntk.rules import register_gram_rule
 
 
+# Submodules reachable as attributes after ``import fastntk`` (``fastntk.errors.InputError``).
+_SUBMODULES = ("adapters", "data", "engine", "errors", "kernels", "metrics", "profiling",
+               "rules", "search", "spaces")  # fmt: skip
+
+
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"fastntk.{name}")
+    else:
         raise AttributeError(f"module 'fastntk' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # (once: later lookups do not come here)
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 def env() -> dict:

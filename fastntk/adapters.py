@@ -176,10 +176,10 @@ def register(measures: Any, name: str, *, as_name: str | None = None, bn: bool =
     ``fn(net, inputs, targets, loss_fn=..., split_data=...)`` on a copy of the network
     (``bn=False`` makes the copy's BatchNorms identities) and whose result it sums as a
     list of tensors. The registered function returns ``[tensor(score)]`` and takes (and
-    ignores) the registry's extra arguments (``impl_args``, handed to their decorator). Unlike the measure from :func:`measure`, an
-    architecture whose metric is undefined (a constant kernel) scores NaN instead of
-    raising (``errors="nan"``, which a binding in ``options`` overrides): their harness
-    stops at the first error.
+    ignores) the registry's extra arguments (``impl_args``, handed to their decorator).
+    Unlike the measure from :func:`measure`, an architecture whose metric is undefined
+    (a constant kernel) scores NaN instead of raising (``errors="nan"``, which a binding
+    in ``options`` overrides): their harness stops at the first error.
 
     Returns:
         the registered name (``as_name``, default ``"fastntk_" + name``).

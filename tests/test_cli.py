@@ -337,6 +337,11 @@ def test_ctrl_c_while_torch_loads():
     code = "import sys, fastntk; print('torch' in sys.modules, flush=True)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout == "False\n"  # the package alone is cheap
+    # ... and what it offered eagerly is still there (functions, and submodules)
+    code = ("import fastntk; print(callable(fastntk.ntk), callable(fastntk.explain), "
+            "fastntk.errors.InputError.__name__, callable(fastntk.metrics.fnorm))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "True True InputError True\n"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "fastntk", "demo"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip

@@ -288,7 +288,7 @@ def register_gram_rule(module_type: type) -> Callable[[type], type]:
 
 
 # Forwards fastntk itself puts on instances during a call (``_model.model_state``: the
-# per-sample BatchNorm); any other forward set on an instance is the user's.
+# per-sample BatchNorm, nn.PReLU's); any other forward set on an instance is the user's.
 OWN_FORWARDS: set[Any] = set()
 
 
