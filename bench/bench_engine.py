@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -93,22 +94,31 @@ def measure(
         def run():
             out = model(x)[1]
             k = out.shape[1] if output == "trace" and provider == "floor" else 1
+            # one-hot weights made on the device (as fastntk's Head.passes does): a
+            # torch.tensor([j], device=cuda) per pass is a blocking host-to-device copy
+            eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device) if k > 1 else None
             for j in range(k):
-                w = (
-                    torch.ones_like(out)
-                    if k == 1
-                    else torch.zeros_like(out).index_fill_(
-                        1, torch.tensor([j], device=out.device), 1.0
-                    )
-                )
+                w = torch.ones_like(out) if k == 1 else eye[j].expand_as(out).contiguous()
                 torch.autograd.grad(out, params, grad_outputs=w, retain_graph=j < k - 1)
             if provider == "floor":
+                # the Gram's own time: on CUDA events in the stream (the backward's kernels
+                # may still run when the host gets here, and a host sync would change the
+                # floor's total); on the CPU the calls are synchronous
+                cuda = device.startswith("cuda")
+                if cuda:
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
                 t0 = time.perf_counter()
                 theta = G @ G.T  # the Gram of an (N, P) matrix, once per output dimension
                 for _ in range(k - 1):
                     theta.addmm_(G, G.T)
-                _sync(device)
-                info.setdefault("gram_s", []).append(time.perf_counter() - t0)
+                if cuda:
+                    e1.record()
+                    e1.synchronize()
+                    gram_s = e0.elapsed_time(e1) / 1e3
+                else:
+                    gram_s = time.perf_counter() - t0
+                info.setdefault("gram_s", []).append(gram_s)
                 info["gram_flop"] = 2.0 * n * n * P * k
 
     elif provider == "loop":
@@ -155,8 +165,10 @@ def measure(
         med = med * n / info["rows_timed"]  # extrapolated: one backward per row
         first = first * n / info["rows_timed"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reserved = None
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
+        reserved = torch.cuda.max_memory_reserved()  # what the process holds (fragmentation)
     res = {
         "provider": provider,
         "n": n,
@@ -168,6 +180,7 @@ def measure(
         "spread_s": (max(times) - min(times)) if len(times) > 1 else 0.0,
         "first_s": first,
         "peak_bytes": peak,
+        "peak_reserved_bytes": reserved,
         "extrapolated": provider == "loop" and info.get("rows_timed", n) < n,
     }
     if "gram_s" in info:
@@ -190,12 +203,25 @@ def machine() -> dict:
 
     dev = "cpu"
     name = platform.processor() or platform.machine()
+    extra = ""
     if torch.cuda.is_available():
         dev = "cuda"
         name = torch.cuda.get_device_name()
+        try:
+            import triton
+
+            tv = triton.__version__
+        except ImportError:
+            tv = "none"
+        extra = (
+            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, triton {tv}, "
+            f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, "
+            f"TF32 matmuls {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+        )
     return {
         "device": dev,
         "device_name": name,
+        "stack": extra,
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -248,14 +274,30 @@ def main(argv=None) -> int:
 
     info = machine()
     rows = []
-    for n in [int(v) for v in args.n.split(",")]:
-        rounds: dict[str, list[dict]] = {}
-        for r in range(args.rounds):
-            for prov in args.providers.split(","):
-                rounds.setdefault(prov, []).append(_child(prov, n, args, r))
-        rows += [_merge(results) for results in rounds.values()]
+
+    def _term(signum, frame):  # timeout(1) of the suite's step: report what was measured
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _term)
+    cut = None
+    try:
+        for n in [int(v) for v in args.n.split(",")]:
+            rounds: dict[str, list[dict]] = {}
+            try:
+                for r in range(args.rounds):
+                    for prov in args.providers.split(","):
+                        res = _child(prov, n, args, r)
+                        rounds.setdefault(prov, []).append(res)
+            finally:
+                rows += [_merge(results) for results in rounds.values()]
+                missing = [p for p in args.providers.split(",") if p not in rounds]
+    except KeyboardInterrupt as e:
+        cut = str(e) or "interrupted"
+        sys.stderr.write(f"  stopped ({cut}): the table below has what was measured\n")
+        rows += [{"provider": p, "n": n, "output": args.output,
+                  "error": f"not measured: the run was stopped ({cut})"} for p in missing]  # fmt: skip
     _report(rows, info, args)
-    return 0
+    return 1 if cut else 0
 
 
 def _child(prov: str, n: int, args, r: int) -> dict:
@@ -329,41 +371,53 @@ def _report(rows, info, args):
     by = {(r["provider"], r["n"]): r for r in rows}
     hdr = (
         "| N | output | provider | median s | samples/s | first-call s | peak mem GB | x floor | "
-        "layerwise speed-up | mem / fwd+bwd | Gram TFLOP/s |"
+        "layerwise speed-up | vmap / this | mem / fwd+bwd | Gram TFLOP/s |"
     )
     lines = [
         f"Machine: {info['device_name']} ({info['device']}, {info['cpus']} CPUs), torch {info['torch']}, "
-        f"git {info['git']}, {info['date']}.",
+        f"git {info['git']}, {info['date']}." + (f" {info['stack']}." if info.get("stack") else ""),
         f"Command: `python bench/bench_engine.py --n {args.n} --output {args.output} "
         f"--providers {args.providers} --repeats {args.repeats} --rounds {args.rounds}"
         + (" --tune-allocator" if args.tune_allocator else "")
         + "`",
         "",
         hdr,
-        "|" + "---|" * 11,
+        "|" + "---|" * 12,
     ]
     for r in rows:
         if "error" in r:
             lines.append(
                 f"| {r['n']} | {r['output']} | {r['provider']} | failed: {r['error']} "
-                "| | | | | | | |"
+                "| | | | | | | | |"
             )
             continue
         floor = by.get(("floor", r["n"]))
         fb = by.get(("fwdbwd", r["n"]))
         lw = by.get(("layerwise", r["n"]))
+        vm = by.get(("vmap", r["n"]))
         xf = f"{r['median_s'] / floor['median_s']:.2f}" if floor and "median_s" in floor else ""
         sp = f"{r['median_s'] / lw['median_s']:.1f}x" if lw and "median_s" in lw else ""
+        vs = f"{vm['median_s'] / r['median_s']:.2f}x" if vm and "median_s" in vm else ""
         mem = f"{r['peak_bytes'] / fb['peak_bytes']:.2f}" if fb and "peak_bytes" in fb else ""
         name = r["provider"] + (" (extrapolated)" if r.get("extrapolated") else "")
         if r["provider"] == "floor" and "gram_s" in r:
-            name += f" (Gram {r['gram_s']:.2f} s)"
+            name += f" (Gram {r['gram_s']:.4f} s)"
         tf = f"{r['gram_tflops']:.3f}" if r.get("gram_tflops") else ""
         lines.append(
             f"| {r['n']} | {r['output']} | {name} | {r['median_s']:.3f} | "
             f"{r['n'] / r['median_s']:.1f} | {r['first_s']:.3f} | "
-            f"{r['peak_bytes'] / 1e9:.2f} | {xf} | {sp} | {mem} | {tf} |"
+            f"{r['peak_bytes'] / 1e9:.2f} | {xf} | {sp} | {vs} | {mem} | {tf} |"
         )
+    lines += ["", "Times: medians of the warm calls (the first call of each fresh process is "
+              "the first-call column). Peak memory: "
+              + ("torch.cuda.max_memory_allocated over the process (model, inputs and the "
+                 "floor's (N, P) operand included); reserved by the caching allocator: "
+                 + ", ".join(f"{r['provider']} {r['peak_reserved_bytes'] / 1e9:.2f} GB"
+                             for r in rows if r.get("peak_reserved_bytes"))
+                 if info["device"] == "cuda" else "peak RSS of the process")
+              + ". Gram TFLOP/s: 2·n_A·n_B·cols per product (GEMM convention; the symmetric "
+              "Triton kernel executes about half of it), fastntk's from one more call under "
+              "fastntk.profile()."]  # fmt: skip
     phases = [f"* {r['provider']}: {r['phases']}" for r in rows if r.get("phases")]
     if phases:
         lines += ["", "Phase split of one more call under `fastntk.profile()` (seconds):", *phases]

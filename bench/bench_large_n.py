@@ -11,7 +11,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import sys
 import time
 
 import torch
@@ -19,6 +21,9 @@ import torch
 import fastntk
 from fastntk import data
 from fastntk.spaces import nb201
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _meta import git_sha  # noqa: E402
 
 ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 
@@ -30,32 +35,57 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--method", default="auto")
     ap.add_argument("--chunk", type=int, default=None, help="samples per forward/backward")
+    ap.add_argument("--profile", action="store_true",
+                    help="time the call under fastntk.profile() (CUDA syncs at phase boundaries, "
+                    "a little slower): phase split and the Gram step's TFLOP/s")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = nb201.build_model(ARCH).to(args.device)
     x, _ = data.synthetic(args.n, seed=0)  # more than the 1,000 bundled images
     x = x.to(args.device)
     cuda = args.device.startswith("cuda")
-    t0 = time.perf_counter()
-    theta = fastntk.ntk(model, x, progress=True, method=args.method, chunk_size=args.chunk)
     if cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    import contextlib
+
+    ctx = fastntk.profile() if args.profile else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with ctx as prof:
+        theta = fastntk.ntk(model, x, progress=True, method=args.method, chunk_size=args.chunk)
+        if cuda:
+            torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    if cuda:  # GPU memory beyond the kernel itself, as the issue counts it
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        extra = peak - theta.numel() * theta.element_size() / 2**30
-        where = f"peak GPU memory {peak:.2f} GiB ({extra:.2f} GiB beyond the kernel)"
+    if cuda:  # GPU memory beyond the kernel itself, as the issue counts it (GB = 1e9 bytes)
+        peak = torch.cuda.max_memory_allocated()
+        kern = theta.numel() * theta.element_size()
+        res = torch.cuda.max_memory_reserved()
+        where = (
+            f"peak GPU memory allocated {peak / 1e9:.2f} GB ({(peak - kern) / 1e9:.2f} GB beyond the "
+            f"{kern / 1e9:.2f} GB kernel; model and inputs included), reserved {res / 1e9:.2f} GB "
+            f"({(res - kern) / 1e9:.2f} GB beyond the kernel)"
+        )
     else:
         where = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
     k = min(args.check, args.n)
     ref = fastntk.ntk(model, x[:k], method=args.method)
     err = ((theta[:k, :k] - ref).abs().max() / ref.abs().max()).item()
     sym = ((theta - theta.T).abs().max() / theta.abs().max()).item()
+    tf32 = ("TF32 convolutions " + ("on" if torch.backends.cudnn.allow_tf32 else "off")) if cuda else "no TF32"
+    dev = torch.cuda.get_device_name() if cuda else "cpu"
+    print(
+        f"[{dev}, torch {torch.__version__}, CUDA {torch.version.cuda}, {tf32}, git {git_sha()}; "
+        "one cold call in a fresh process]"
+    )
     print(
         f"N={args.n} sum kernel {tuple(theta.shape)} on {args.device} ({args.method}): "
         f"{dt:.1f} s, {where}, samples/s {args.n / dt:.1f}; block check rel err {err:.2e}, "
         f"asymmetry {sym:.1e}"
     )
+    if prof is not None:
+        print(f"under fastntk.profile(): Gram {prof.gram_flops / 1e12:.2f} TFLOP (2·n_A·n_B·cols "
+              f"per product) at {prof.gram_tflops:.2f} TFLOP/s; " + " ".join(
+                  f"{k}={v:.2f}" for k, v in prof.as_dict().items() if k.endswith("_s") and v > 0))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ def main() -> None:
     x, _ = data.synthetic(args.n, seed=0)
     x = x.to(args.device)
     cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     S = fastntk.ntk_sketch(model, x, sketch_dim=args.m, seed=0, chunk_size=args.chunk,
                            output=args.output, progress=True)  # fmt: skip
@@ -62,7 +65,10 @@ def main() -> None:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     if cuda:
-        where = f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        where = (f"peak GPU memory allocated {torch.cuda.max_memory_allocated() / 1e9:.2f} GB, "
+                 f"reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB "
+                 f"({torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                 f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'})")
     else:
         where = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
     k = min(args.check, args.n)

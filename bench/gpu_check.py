@@ -92,6 +92,8 @@ def check_gram_modes(device: str, shapes: list[tuple[int, int]], lines: list[str
     lines += ["", "## Triton Gram operand modes (symmetric G Gᵀ; accumulation in float32)", "",
               "Data: standard normal plus a common offset of 1 per column (mean-dominated "
               "entries, as per-sample gradients of one layer often are).", "",
+              "TFLOP/s: 2·N²·columns / s for every row (the symmetric Triton kernel executes "
+              "about half of it: its figure is an effective rate).", "",
               "| N | columns | mode | s | TFLOP/s | rel. Frobenius error | max rel. entry error |",
               "|---|---|---|---|---|---|---|"]
     for n, cols in shapes:
@@ -277,6 +279,7 @@ def main() -> int:
     # float32 "exact" means IEEE float32: cuDNN convolutions default to TF32 on Ampere and
     # later (torch.backends.cudnn.allow_tf32 is True), about 1e-3 relative error, over the
     # 1e-4 tolerance of every float32 conv model. (Matmuls default to IEEE already.)
+    defaults = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     parts = {int(v) for v in args.parts.split(",")}
@@ -312,6 +315,11 @@ def main() -> int:
             ok = False
         save()
     if 4 in parts:
+        # timings for choosing auto's GPU conv path: at PyTorch's defaults, which the
+        # engine runs with (cuDNN's grouped weight gradient is faster under TF32)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = defaults
+        lines.append(f"\nPart 4 runs at PyTorch's TF32 defaults (cuDNN {defaults[0]}, "
+                     f"matmul {defaults[1]}), as fastntk.ntk does.")
         try:
             time_conv_paths(args.device, args.conv_n, lines)
         except Exception as exc:  # a measurement; report and go on

@@ -136,13 +136,13 @@ models() {
   done
 }
 
-first() {
+first() {  # step limits within the 480 s budget (the last step gets what is left)
   header
-  engine_sum 120
-  large_n 75
-  sketch 100
-  engine_trace 120
-  gpu_check 150 1,2
+  engine_sum 100
+  large_n 60
+  sketch 70
+  engine_trace 100
+  gpu_check 140 1,2
 }
 
 second() {

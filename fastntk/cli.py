@@ -555,9 +555,15 @@ def _bench_child(spec_json: str) -> None:
     x = x.to(device)
     out: dict[str, Any] = {}
     try:
-        ntk(model, x[:2], output=spec["output"], method=spec["method"])  # warm-up
+        # warm-up on the measured batch itself: a smaller one leaves the first timed call
+        # to compile the Triton kernels for the batch's shapes (they specialise on sizes
+        # divisible by 16) and to choose cuDNN/cuBLAS algorithms for its shapes
+        t = time.perf_counter()
+        ntk(model, x, output=spec["output"], method=spec["method"])
         if cuda:
             torch.cuda.synchronize()
+        out["first_s"] = time.perf_counter() - t
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(spec["repeat"]):
@@ -581,6 +587,9 @@ def _bench_child(spec_json: str) -> None:
             out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
             out["memory"] = "process_peak_rss"
         out["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+        out["stack"] = f"torch {torch.__version__}" + (
+            f" CUDA {torch.version.cuda} TF32-conv {'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
+            if cuda else "")  # fmt: skip
     except Exception as e:  # reported as a row, not a crash of the table
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
     print("FASTNTK_BENCH " + json.dumps(out), flush=True)
@@ -631,7 +640,7 @@ def _cmd_bench(args) -> int:
             print(f"  n={n} {method}: " + (f"{row['time_s']:.3f} s" if "time_s" in row
                                             else row.get("error", "?")), file=sys.stderr)
     header = ("model", "method", "n", "output", "time_s", "samples_per_s", "gram_tflops",
-              "peak_mib", "memory", "device", "error")
+              "peak_mib", "memory", "device", "first_s", "stack", "error")
     table = []
     for r in rows:
         table.append([
@@ -640,7 +649,9 @@ def _cmd_bench(args) -> int:
             f"{r['samples_per_s']:.1f}" if "samples_per_s" in r else "-",
             f"{r['gram_tflops']:.4f}" if r.get("gram_tflops") else "-",
             f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-", str(r.get("memory", "-")),
-            str(r.get("device", "-")), str(r.get("error", "")),
+            str(r.get("device", "-")),
+            f"{r['first_s']:.3f}" if "first_s" in r else "-", str(r.get("stack", "-")),
+            str(r.get("error", "")),
         ])
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
