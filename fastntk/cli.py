@@ -614,6 +614,45 @@ def _cmd_bench(args) -> int:
     print(f"bench {args.model} ({params / 1e6:.2f}M parameters), output {args.output}, "
           f"{args.threads or torch.get_num_threads()} threads; one fresh process per "
           "measurement", file=sys.stderr)
+    header = ("model", "method", "n", "output", "time_s", "samples_per_s", "gram_tflops",
+              "peak_mib", "memory", "device", "first_s", "stack", "error")
+    csv_file = None
+    if args.csv:  # written row by row: a run stopped by a time limit keeps what it measured
+        import csv
+
+        try:
+            csv_file = open(args.csv, "w", newline="")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise OptionError(f"cannot write --csv {args.csv!r}: {e.strerror}") from None
+        writer = csv.writer(csv_file)
+        writer.writerow(header)
+        csv_file.flush()
+
+    def emit(row: dict[str, Any]) -> None:
+        if csv_file is not None:
+            writer.writerow([row.get(h, "") for h in header])
+            csv_file.flush()
+
+    import signal
+
+    def _stop(signum, frame):  # timeout(1)'s SIGTERM: kill the measuring child, keep the rows
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old_term = signal.signal(signal.SIGTERM, _stop)
+    try:
+        _bench_rows(args, methods, rows, emit)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if csv_file is not None:
+            csv_file.close()
+        _bench_table(rows, header)
+        if args.csv:
+            print(f"csv {args.csv}")
+    return 0
+
+
+def _bench_rows(args, methods, rows, emit) -> None:
+    """One fresh process per (n, method); each row handed to ``emit`` as it is measured."""
     for n in args.n:
         for method in methods:
             spec = {"model": args.model, "n": n, "method": method, "output": args.output,
@@ -637,10 +676,14 @@ def _cmd_bench(args) -> int:
             if "time_s" in row:
                 row["samples_per_s"] = n / row["time_s"] if row["time_s"] > 0 else math.inf
             rows.append(row)
+            emit(row)
             print(f"  n={n} {method}: " + (f"{row['time_s']:.3f} s" if "time_s" in row
                                             else row.get("error", "?")), file=sys.stderr)
-    header = ("model", "method", "n", "output", "time_s", "samples_per_s", "gram_tflops",
-              "peak_mib", "memory", "device", "first_s", "stack", "error")
+
+
+def _bench_table(rows, header) -> None:
+    if not rows:
+        return
     table = []
     for r in rows:
         table.append([
@@ -657,19 +700,6 @@ def _cmd_bench(args) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     for t in table:
         print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
-    if args.csv:
-        import csv
-
-        try:
-            with open(args.csv, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(header)
-                for r in rows:
-                    w.writerow([r.get(h, "") for h in header])
-        except OSError as e:
-            raise OptionError(f"cannot write --csv {args.csv!r}: {e.strerror}") from None
-        print(f"csv {args.csv}")
-    return 0
 
 
 # ---------------------------------------------------------------------------

@@ -212,6 +212,29 @@ def test_demo_prints_kernel_times_and_paths(capsys):
     assert "rule:ConvRule" in out and "rule:BatchNormRule" in out
 
 
+def test_bench_stopped_by_a_time_limit_keeps_its_rows(tmp_path):
+    """The GPU suite runs ``fastntk bench`` under timeout(1): the CSV was written at the
+    end only, so a stopped run left none (and its measuring child ran on). Rows are
+    written as they are measured; SIGTERM stops the child and prints the table so far."""
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "b.csv"
+    p = subprocess.Popen([sys.executable, "-m", "fastntk", "bench", "--model", "nb201", "--n", "2",
+                          "--method", "auto,loop,vmap,auto", "--repeat", "1", "--csv", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    rows = out.read_text().splitlines()
+    assert rows[0].startswith("model,method,n") and 2 <= len(rows) < 5, rows
+    assert "time_s" in stdout and "interrupted" in stderr
+
+
 def test_prune_on_the_benchmark_supernet(capsys, tmp_path):
     """NB201's supernets average their ops on every edge: float32 kernels stay finite in
     eval mode (summed, they overflowed, and prune ran in float64)."""
