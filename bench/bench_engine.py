@@ -101,9 +101,9 @@ def measure(
                 w = torch.ones_like(out) if k == 1 else eye[j].expand_as(out).contiguous()
                 torch.autograd.grad(out, params, grad_outputs=w, retain_graph=j < k - 1)
             if provider == "floor":
-                # the Gram's own time: on CUDA events in the stream (the backward's kernels
-                # may still run when the host gets here, and a host sync would change the
-                # floor's total); on the CPU the calls are synchronous
+                # the Gram's own time: on CUDA from events in the stream (the backward's
+                # kernels may still run when the host gets here, so a host timer would count
+                # them); on the CPU the calls are synchronous
                 cuda = device.startswith("cuda")
                 if cuda:
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -517,6 +517,10 @@ def _prelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _rules.OWN_FORWARDS.update({_per_sample_bn_forward, _prelu_forward})
 
 
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), "?") or "the model"
+
+
 def batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -635,7 +639,14 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
             for m in batchnorms(model):
                 if bn == "batch":
                     m.training = True
-                elif bn == "per_sample" and "forward" not in m.__dict__:  # (not the user's)
+                elif bn == "per_sample":
+                    if "forward" in m.__dict__:  # the user's: what it computes is unknown
+                        raise UnsupportedError(
+                            f"bn='per_sample' cannot normalise {type(m).__name__} "
+                            f"{_name_of(model, m)!r}: its forward is set on the instance (an "
+                            "identity, a wrapper); use bn='eval' or 'batch', under which that "
+                            "forward runs as set"
+                        )
                     swapped.append((m, _MISSING))
                     m.forward = types.MethodType(_per_sample_bn_forward, m)
             for m in model.modules():  # sparse tables: dense gradients (same values)

@@ -98,6 +98,24 @@ def _restore(net: nn.Module, snap: tuple[dict[str, torch.Tensor], dict[str, bool
             m.training = modes[name]
 
 
+def _check_values(options: dict[str, Any]) -> None:
+    """The options' values, checked when the measure is made (not at a harness's first
+    call, where an error stops the whole run)."""
+    from fastntk import _model
+    from fastntk.engine import METHODS, _chunks
+
+    if "bn" in options or "output" in options:
+        _model.check_options(options.get("output", "sum"), options.get("bn", "eval"), "auto",
+                             METHODS)  # fmt: skip
+        if options.get("output") == "full":
+            raise OptionError("metrics need a (N, N) kernel: output='full' is not accepted")
+    if options.get("chunk_size") is not None:
+        _chunks(options["chunk_size"])
+    if options.get("errors", "raise") not in ("raise", "nan"):
+        raise OptionError(f"errors must be 'raise' or 'nan', got {options['errors']!r}")
+    _model.check_progress(options.get("progress"))
+
+
 def _split_chunk(chunk: int, bound: Any) -> Any:
     """split_data's chunk, within a chunk_size bound to the measure (samples, or
     (samples, columns)): the smaller number of samples."""
@@ -130,6 +148,7 @@ def measure(name: str, **options: Any) -> Measure:
     except TypeError as e:
         raise OptionError(f"measure({name!r}, ...): {e} (options of "
                           "fastntk.metrics.compute_metrics)") from None  # fmt: skip
+    _check_values(options)
     bound_chunk = options.get("chunk_size")
 
     def fn(net: nn.Module, inputs: torch.Tensor, targets: Any = None, split_data: int = 1,
@@ -166,7 +185,7 @@ def measure(name: str, **options: Any) -> Measure:
     return fn
 
 
-def register(measures: Any, name: str, *, as_name: str | None = None, bn: bool = True,
+def register(measures: Any, name: str, *, as_name: str | None = None, copy_bn: bool = True,
              impl_args: dict[str, Any] | None = None, **options: Any) -> str:
     """Register the fastntk metric ``name`` in a zero-cost-nas / NASLib measure registry.
 
@@ -174,8 +193,9 @@ def register(measures: Any, name: str, *, as_name: str | None = None, bn: bool =
     or ``foresight.pruners.measures``): its ``measure(name, bn=..., **impl_args)``
     decorator registers a function that their ``find_measures`` calls as
     ``fn(net, inputs, targets, loss_fn=..., split_data=...)`` on a copy of the network
-    (``bn=False`` makes the copy's BatchNorms identities) and whose result it sums as a
-    list of tensors. The registered function returns ``[tensor(score)]`` and takes (and
+    (their ``bn=False``, ``copy_bn=False`` here, makes the copy's BatchNorms identities)
+    and whose result it sums as a list of tensors. ``options`` are :func:`measure`'s
+    (``bn`` among them: ``register(measures, "ncn", **TENAS)``). The registered function returns ``[tensor(score)]`` and takes (and
     ignores) the registry's extra arguments (``impl_args``, handed to their decorator).
     Unlike the measure from :func:`measure`, an architecture whose metric is undefined
     (a constant kernel) scores NaN instead of raising (``errors="nan"``, which a binding
@@ -195,7 +215,7 @@ def register(measures: Any, name: str, *, as_name: str | None = None, bn: bool =
         return [torch.tensor(fn(net, inputs, targets, split_data=split_data), dtype=torch.float64)]
 
     harness_fn.__name__ = key
-    measures.measure(key, bn=bn, **(impl_args or {}))(harness_fn)
+    measures.measure(key, bn=bool(copy_bn), **(impl_args or {}))(harness_fn)
     return key
 
 

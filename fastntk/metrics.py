@@ -417,8 +417,12 @@ def sketch_metrics(S: Any, y: Any = None, *, chunk: int = 8192) -> dict[str, flo
         cov = sum_kl - total * sum_l / n2
         var_k = sum_k2 - total**2 / n2
         var_l = n2 - sum_l**2 / n2
-        if not var_k > 0.0:
-            raise InputError("LGA (constant kernel) is undefined: one argument is constant (zero variance)")
+        if not var_k > 1e-12 * sum_k2:  # (one-pass variance: below this, cancellation)
+            raise InputError(
+                "LGA of this sketch is undefined or not resolved in float64: the entries of "
+                "S Sᵀ vary by less than 1e-6 of their size (a constant kernel, or one "
+                "dominated by its mean; metrics.lga(S @ S.T, y) where N allows)"
+            )
         out["lga"] = max(-1.0, min(1.0, cov / math.sqrt(var_k * var_l)))
     return out
 

@@ -211,7 +211,7 @@ def test_register_in_a_zero_cost_registry(capsys):
         MEASURES["lga"](net, x, y), rel=1e-5)  # fmt: skip
     assert capsys.readouterr().err == ""  # (no progress bar for split_data > 1)
     # bn=False: the harness's copy has identity BatchNorms: the kernel of that function
-    key = adapters.register(reg, "fnorm", as_name="fnorm_nobn", bn=False, dtype=torch.float64)
+    key = adapters.register(reg, "fnorm", as_name="fnorm_nobn", copy_bn=False, dtype=torch.float64)
     nobn = nn.Sequential(*[m for m in small_net() if not isinstance(m, nn.BatchNorm2d)])
     assert reg.find_measures(net, key, x, y) == pytest.approx(
         MEASURES["fnorm"](nobn.double(), x.double(), y), rel=1e-10)  # fmt: skip
@@ -229,6 +229,12 @@ def test_register_in_a_zero_cost_registry(capsys):
     assert math.isnan(reg.find_measures(dead, key, x, y))
     with pytest.raises(OptionError, match="measures package"):
         adapters.register(object(), "lga")
+    # the README's call: TENAS's bn reaches the metric (a bn= of register's own caught it)
+    key = adapters.register(reg, "ncn", **adapters.TENAS, dtype=torch.float64)
+    assert reg.find_measures(net, key, x, y) == pytest.approx(
+        measure("ncn", **adapters.TENAS, dtype=torch.float64)(net, x, y), rel=1e-10)  # fmt: skip
+    assert measure("ncn", **adapters.TENAS)(net, x, y) != pytest.approx(
+        measure("ncn", params=adapters.TENAS["params"])(net, x, y), rel=1e-3)  # fmt: skip
 
 
 def test_measure_options_and_inputs_checked():
@@ -237,6 +243,11 @@ def test_measure_options_and_inputs_checked():
         measure("lga", bogus=1)
     with pytest.raises(OptionError, match="binds names"):
         measure("lga", names=["fnorm"])
+    for bad, match in (({"bn": "bogus"}, "bn"), ({"output": "bad"}, "output"),
+                       ({"output": "full"}, "full"), ({"chunk_size": 0}, "positive"),
+                       ({"errors": "bogus"}, "errors"), ({"progress": "yes"}, "progress")):
+        with pytest.raises(OptionError, match=match):  # when made, not at the first call
+            measure("lga", **bad)
     with pytest.raises(adapters.InputTypeError, match="torch.Tensor"):
         MEASURES["lga"](net, list(x), y)
     for bad in (True, 0, 1.5):

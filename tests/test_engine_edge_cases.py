@@ -896,8 +896,9 @@ def _identity(self, x):
 def test_forward_set_on_an_instance(bn):
     """NASLib / zero-cost-nas copy a network with ``bn=False`` by setting each
     BatchNorm's forward to an identity on the instance: the BatchNorm rule still applied
-    (gamma and beta got gradients the function does not have: 35 % off), and
-    ``bn="per_sample"`` replaced the user's forward with fastntk's."""
+    (gamma and beta got gradients the function does not have), and ``bn="per_sample"``
+    replaced the user's forward with fastntk's. Now the forward runs as set (eval,
+    batch); per_sample, which would have to replace it, refuses."""
     import types
 
     torch.manual_seed(0)
@@ -910,6 +911,10 @@ def test_forward_set_on_an_instance(bn):
     x = _x(5, 2, 5, 5)
     ref = reduce(full_kernel(m, x), "sum")  # (the identity: no batch statistics in any mode)
     for method in ("auto", "layerwise", "vmap", "loop"):
+        if bn == "per_sample":
+            with pytest.raises(UnsupportedError, match="forward is set on the instance"):
+                fastntk.ntk(m, x, bn=bn, method=method, dtype=torch.float64)
+            continue
         theta = fastntk.ntk(m, x, bn=bn, method=method, dtype=torch.float64)
         assert rel_err(theta, ref) <= TOL64, method
-    assert m[1].forward.__func__ is _identity
+    assert m[1].forward.__func__ is _identity and m.training  # (as it came)

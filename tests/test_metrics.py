@@ -722,6 +722,10 @@ def test_sketch_metrics_errors():
         M.sketch_metrics(torch.full((6, 4), float("nan")))
     with pytest.raises(InputError, match="zero"):
         M.sketch_metrics(torch.zeros(6, 4))
+    g = torch.Generator().manual_seed(0)  # entries equal to 1e-9 of their size: not resolved
+    near = torch.ones(6, 4, dtype=torch.float64) * 3e7 + torch.randn(6, 4, generator=g, dtype=torch.float64)
+    with pytest.raises(InputError, match="not resolved in float64"):
+        M.sketch_metrics(near, torch.arange(6) % 2)
     with pytest.raises(InputError, match="entries"):
         M.sketch_metrics(S, torch.arange(5))
     with pytest.raises(InputError, match="two classes"):
