@@ -29,3 +29,21 @@ def git_sha() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+def gpu_stack() -> str:
+    """The CUDA side of a table's machine line: CUDA, cuDNN and Triton versions and the TF32
+    state (PyTorch runs float32 convolutions in TF32 by default on Ampere and later)."""
+    import torch
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    return (
+        f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, triton {tv}, "
+        f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, "
+        f"TF32 matmuls {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+    )

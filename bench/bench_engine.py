@@ -41,7 +41,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _meta import git_sha  # noqa: E402
+from _meta import git_sha, gpu_stack  # noqa: E402
 
 ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -207,17 +207,7 @@ def machine() -> dict:
     if torch.cuda.is_available():
         dev = "cuda"
         name = torch.cuda.get_device_name()
-        try:
-            import triton
-
-            tv = triton.__version__
-        except ImportError:
-            tv = "none"
-        extra = (
-            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, triton {tv}, "
-            f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, "
-            f"TF32 matmuls {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
-        )
+        extra = gpu_stack()
     return {
         "device": dev,
         "device_name": name,

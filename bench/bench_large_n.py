@@ -23,7 +23,7 @@ from fastntk import data
 from fastntk.spaces import nb201
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _meta import git_sha  # noqa: E402
+from _meta import git_sha, gpu_stack  # noqa: E402
 
 ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 
@@ -71,12 +71,8 @@ def main() -> None:
     ref = fastntk.ntk(model, x[:k], method=args.method)
     err = ((theta[:k, :k] - ref).abs().max() / ref.abs().max()).item()
     sym = ((theta - theta.T).abs().max() / theta.abs().max()).item()
-    tf32 = ("TF32 convolutions " + ("on" if torch.backends.cudnn.allow_tf32 else "off")) if cuda else "no TF32"
-    dev = torch.cuda.get_device_name() if cuda else "cpu"
-    print(
-        f"[{dev}, torch {torch.__version__}, CUDA {torch.version.cuda}, {tf32}, git {git_sha()}; "
-        "one cold call in a fresh process]"
-    )
+    dev = f"{torch.cuda.get_device_name()}, {gpu_stack()}" if cuda else "cpu"
+    print(f"[{dev}, torch {torch.__version__}, git {git_sha()}; one cold call in a fresh process]")
     print(
         f"N={args.n} sum kernel {tuple(theta.shape)} on {args.device} ({args.method}): "
         f"{dt:.1f} s, {where}, samples/s {args.n / dt:.1f}; block check rel err {err:.2e}, "

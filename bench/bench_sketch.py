@@ -23,7 +23,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import sys
 import time
 
 import torch
@@ -31,6 +33,9 @@ import torch
 import fastntk
 from fastntk import data
 from fastntk.spaces import nb201
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _meta import git_sha, gpu_stack  # noqa: E402
 
 ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 
@@ -67,8 +72,8 @@ def main() -> None:
     if cuda:
         where = (f"peak GPU memory allocated {torch.cuda.max_memory_allocated() / 1e9:.2f} GB, "
                  f"reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB "
-                 f"({torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                 f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'})")
+                 f"({torch.cuda.get_device_name()}, torch {torch.__version__}, {gpu_stack()}, "
+                 f"git {git_sha()})")
     else:
         where = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
     k = min(args.check, args.n)
@@ -103,8 +108,6 @@ def sweep(model: torch.nn.Module, args: argparse.Namespace) -> None:
         rows.append((m, float(e.mean()), float(e.median()), float(e.max()),
                      float(e.mean()) * m**0.5, float(q.median()), float(torch.quantile(q, 0.99))))  # fmt: skip
     import platform
-
-    from _meta import git_sha
 
     lines = [
         f"Machine: {platform.machine()} ({args.device}, {torch.get_num_threads()} threads), "

@@ -103,16 +103,14 @@ def _check_values(options: dict[str, Any]) -> None:
     call, where an error stops the whole run)."""
     from fastntk import _model
     from fastntk.engine import METHODS, _chunks
+    from fastntk.metrics import _check_errors, _ntk_kwargs
 
-    if "bn" in options or "output" in options:
-        _model.check_options(options.get("output", "sum"), options.get("bn", "eval"), "auto",
-                             METHODS)  # fmt: skip
-        if options.get("output") == "full":
-            raise OptionError("metrics need a (N, N) kernel: output='full' is not accepted")
+    output, bn = options.get("output", "sum"), options.get("bn", "eval")
+    _model.check_options(output, bn, "auto", METHODS)  # the engine's check of both
+    _ntk_kwargs(bn, None, output, None, None)  # the metrics' own (no output="full")
     if options.get("chunk_size") is not None:
         _chunks(options["chunk_size"])
-    if options.get("errors", "raise") not in ("raise", "nan"):
-        raise OptionError(f"errors must be 'raise' or 'nan', got {options['errors']!r}")
+    _check_errors(options.get("errors", "raise"))
     _model.check_progress(options.get("progress"))
 
 

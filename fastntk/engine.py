@@ -300,10 +300,10 @@ def ntk_sketch(
         )
     n = x.shape[0]
     job.chunk_n = min(samples, n)
-    need = n * sketch_dim * dtype.itemsize
+    need, have = n * sketch_dim * dtype.itemsize, _device_memory(job.device)
     why = None
-    if need > _device_memory(job.device):  # (an allocator that overcommits would try it)
-        why = f"more than the {_device_memory(job.device) / 2**30:.3g} GiB of {job.device}"
+    if need > have:  # (an allocator that overcommits would try it)
+        why = f"more than the {have / 2**30:.3g} GiB of {job.device}"
     else:
         try:
             S = torch.zeros(n, sketch_dim, dtype=dtype, device=job.device)

@@ -343,9 +343,6 @@ def trainability(K: Any, *, rtol: float | None = None) -> float:
     return float(desc[:k].sum() / desc.sum())
 
 
-SKETCH_METRICS = ("fnorm", "mean", "lga", "trainability")
-
-
 def sketch_metrics(S: Any, y: Any = None, *, chunk: int = 8192) -> dict[str, float]:
     """The kernel metrics of Θ̂ = S Sᵀ from a sketch S (N, m) (:func:`fastntk.ntk_sketch`),
     never forming the (N, N) kernel: for N too large for Θ.
@@ -533,6 +530,11 @@ def _ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, **k
 
 
 _BN_MODES = ("eval", "batch", "per_sample")
+
+
+def _check_errors(errors: Any) -> None:
+    if errors not in ("raise", "nan"):
+        raise OptionError(f"errors must be 'raise' or 'nan', got {errors!r}")
 
 
 def _ntk_kwargs(bn: str, params: Any, output: Any, dtype: Any, chunk_size: Any) -> dict:
@@ -818,7 +820,6 @@ def _vintk_parts(
     (the spectral reducers' rounding tolerance; float64 here would hide float32 noise)."""
     x = _check_batch(x, "x")
     beta = _nonneg(beta, "beta")
-    _model.check_progress(progress)
     kw = {**_ntk_kwargs(bn, params, output, dtype, chunk_size), "progress": progress}
     xh = highpass(x, cutoff)
     if kernel is None:
@@ -1038,8 +1039,7 @@ def compute_metrics(
         ``{name: value}`` in the order requested (groups expanded).
     """
     wanted = _expand(names)
-    if errors not in ("raise", "nan"):
-        raise OptionError(f"errors must be 'raise' or 'nan', got {errors!r}")
+    _check_errors(errors)
     noise_std = _nonneg(noise_std, "noise_std")
     jitter = _nonneg(jitter, "jitter")
     if rtol is not None:
@@ -1047,7 +1047,6 @@ def compute_metrics(
     if singular not in _SINGULAR_MODES:
         raise OptionError(f"singular must be one of {_SINGULAR_MODES}, got {singular!r}")
     x = _check_batch(x, "x")
-    _model.check_progress(progress)
     kw = {**_ntk_kwargs(bn, params, output, dtype, chunk_size), "progress": progress}
     n = x.shape[0]
     yt = None
