@@ -414,52 +414,39 @@ def _report(rows, info, args):
     text = "\n".join(lines)
     print(text)
     path = args.csv or os.path.join(HERE, "results", f"engine_{info['device']}.csv")
+    append_csv(path, info, rows)
+
+
+# The CSV's columns. A file written before a column was added is rewritten once with the
+# new header (its old rows get empty cells there), so every row of a file has one layout.
+CSV_FIELDS = ["date", "git", "device_name", "torch", "stack", "n", "output", "provider",
+              "median_s", "spread_s", "first_s", "peak_bytes", "peak_reserved_bytes",
+              "extrapolated", "error", "gram_s", "gram_tflops", "phases"]  # fmt: skip
+
+
+def append_csv(path: str, info: dict, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(
-                [
-                    "date",
-                    "git",
-                    "device_name",
-                    "torch",
-                    "n",
-                    "output",
-                    "provider",
-                    "median_s",
-                    "spread_s",
-                    "first_s",
-                    "peak_bytes",
-                    "extrapolated",
-                    "error",
-                    "gram_s",
-                    "gram_tflops",
-                    "phases",
-                ]
-            )
+    old: list[dict] | None = []  # rows to write again under the new header; None: append
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            if fields == CSV_FIELDS:
+                old = None
+            else:
+                unknown = set(fields) - set(CSV_FIELDS)
+                if unknown:
+                    raise SystemExit(f"{path}: columns {sorted(unknown)} are not this script's; "
+                                     "pass another --csv")
+                old = list(reader)
+    with open(path, "a" if old is None else "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
+        if old is not None:
+            w.writeheader()
+            w.writerows(old)
         for r in rows:
-            w.writerow(
-                [
-                    info["date"],
-                    info["git"],
-                    info["device_name"],
-                    info["torch"],
-                    r["n"],
-                    r["output"],
-                    r["provider"],
-                    r.get("median_s", ""),
-                    r.get("spread_s", ""),
-                    r.get("first_s", ""),
-                    r.get("peak_bytes", ""),
-                    r.get("extrapolated", ""),
-                    r.get("error", ""),
-                    r.get("gram_s", ""),
-                    r.get("gram_tflops", ""),
-                    r.get("phases", ""),
-                ]
-            )
+            w.writerow({**{k: info.get(k, "") for k in ("date", "git", "device_name", "torch", "stack")},
+                        **{k: r.get(k, "") for k in CSV_FIELDS[5:]}})  # fmt: skip
 
 
 if __name__ == "__main__":
