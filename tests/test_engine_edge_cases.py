@@ -918,3 +918,55 @@ def test_forward_set_on_an_instance(bn):
         theta = fastntk.ntk(m, x, bn=bn, method=method, dtype=torch.float64)
         assert rel_err(theta, ref) <= TOL64, method
     assert m[1].forward.__func__ is _identity and m.training  # (as it came)
+
+
+class _ScaledConv1d(nn.Conv1d):
+    """A weight transformed in ``_conv_forward`` (fake quantisation, weight scaling):
+    ``forward`` is inherited, the computation is not Conv1d's."""
+
+    def _conv_forward(self, x, w, b):
+        return super()._conv_forward(x, 2.0 * w.tanh(), b)
+
+
+class _ScaledConv2d(nn.Conv2d):
+    def _conv_forward(self, x, w, b):
+        return super()._conv_forward(x, 2.0 * w.tanh(), b)
+
+
+class _InitConv2d(nn.Conv2d):
+    """Only the initialisation is its own: Conv2d's computation, so Conv2d's rule."""
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.3)
+        nn.init.zeros_(self.bias)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: _ScaledConv1d(2, 3, 3), (4, 2, 6)),
+    (lambda: _ScaledConv2d(2, 3, 3), (4, 2, 5, 5)),
+    (lambda: _ScaledConv2d(2, 3, 3, padding=1), (3, 2, 12, 12)),  # the >= 64-position strategy
+    (lambda: _InitConv2d(2, 3, 3), (4, 2, 5, 5)),
+], ids=["conv1d", "conv2d-patches", "conv2d-grouped-grad", "own-init"])  # fmt: skip
+def test_conv_subclass_that_overrides_conv_forward(make, shape):
+    """``_conv_forward`` overridden, ``forward`` inherited: the Conv rule (the gradient of
+    the untransformed weight) gave wrong kernels; such a subclass is another
+    computation and takes the exact fallback. A subclass with its own initialisation only
+    keeps the rule."""
+    torch.manual_seed(0)
+    conv = make()
+    m = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
+    x = _x(*shape)
+    m(x)  # the lazy layer takes its size
+    _check(m, x, output="trace")
+    _check(m, x, _x(2, *shape[1:], seed=3), output="sum")
+    path = {p.name: p.path for p in fastntk.explain(m, x).params}["0.weight"]
+    assert (path == "rule:ConvRule") == isinstance(conv, _InitConv2d), path
+
+
+def test_conv_forward_set_on_the_instance_is_not_the_rules():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3)
+    conv._conv_forward = lambda x, w, b: nn.functional.conv2d(x, w.abs(), b)
+    m = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(27, 2))
+    _check(m, _x(4, 2, 5, 5))
+    assert {p.name: p.path for p in fastntk.explain(m, _x(4, 2, 5, 5)).params}["0.weight"] != "rule:ConvRule"

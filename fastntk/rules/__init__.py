@@ -21,6 +21,7 @@ Register a rule for your own module type with :func:`register_gram_rule`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -261,9 +262,11 @@ _RULES: dict[type, GramRule] = {}
 def register_gram_rule(module_type: type) -> Callable[[type], type]:
     """Class decorator registering a :class:`GramRule` subclass for ``module_type``.
 
-    The rule serves instances of ``module_type`` and of subclasses that do not
-    override ``forward`` (a subclass with its own forward falls back to the
-    exact torch.func path). Registering a type again replaces its rule.
+    The rule serves instances of ``module_type`` and of subclasses that override
+    none of the methods its forward may run: ``forward`` or any other method of
+    ``module_type`` and its bases below ``nn.Module``, except those in
+    ``NOT_COMPUTATION`` (initialisation, input checks). Any other subclass falls
+    back to the exact torch.func path. Registering a type again replaces its rule.
 
     Example::
 
@@ -292,20 +295,52 @@ def register_gram_rule(module_type: type) -> Callable[[type], type]:
 OWN_FORWARDS: set[Any] = set()
 
 
-def find_rule(module: nn.Module) -> GramRule | None:
-    """The rule for ``module``: the most specific registered base type with the same forward.
+# Methods of a rule's module class that do not take part in its computation: a subclass
+# may override them and keep the rule (construction and initialisation, input checks, and
+# the input rank InstanceNorm1d/2d/3d each declare).
+NOT_COMPUTATION = frozenset({
+    "__init__", "__setstate__", "reset_parameters", "_reset_parameters", "reset_running_stats",
+    "_fill_padding_idx_with_zero", "from_pretrained", "extra_repr", "_load_from_state_dict",
+    "_check_input_dim", "_get_no_batch_dim",
+})  # fmt: skip
+_COMPUTATION: dict[type, frozenset[str]] = {}
 
-    A forward set on the instance (``module.forward = ...``; NASLib and zero-cost-nas
-    turn BatchNorm into an identity this way) is another computation: no rule."""
-    own = module.__dict__.get("forward")
-    if own is not None and getattr(own, "__func__", own) not in OWN_FORWARDS:
-        return None
-    for klass in type(module).__mro__:
+
+def _computation(klass: type) -> frozenset[str]:
+    """The methods of ``klass`` and its bases up to ``nn.Module`` that its forward may run
+    (``forward``, ``Conv2d._conv_forward``, ``MultiheadAttention.merge_masks``, ...)."""
+    names = _COMPUTATION.get(klass)
+    if names is None:
+        names = frozenset(
+            name
+            for c in klass.__mro__[: klass.__mro__.index(nn.Module)]
+            for name, v in vars(c).items()
+            if name not in NOT_COMPUTATION and (callable(v) or isinstance(v, (staticmethod, classmethod)))
+        )  # fmt: skip
+        _COMPUTATION[klass] = names
+    return names
+
+
+def find_rule(module: nn.Module) -> GramRule | None:
+    """The rule for ``module``: the most specific registered base type whose computation
+    the module's class keeps.
+
+    A subclass that overrides any method the registered class's forward may run (its
+    ``forward``, or a helper it calls: ``Conv2d._conv_forward`` transforming the weight)
+    is another computation: no rule (the exact fallback runs it). So is such a method set
+    on the instance (``module.forward = ...``; NASLib and zero-cost-nas turn BatchNorm
+    into an identity this way), except fastntk's own temporary forwards."""
+    own = module.__dict__
+    cls = type(module)
+    for klass in cls.__mro__:
         rule = _RULES.get(klass)
         if rule is None:
             continue
-        if type(module).forward is not klass.forward:
-            return None  # a subclass changed the computation: no factorised rule applies
+        for name in _computation(klass):
+            if name in own and not (name == "forward" and getattr(own[name], "__func__", own[name]) in OWN_FORWARDS):
+                return None  # set on the instance
+            if inspect.getattr_static(cls, name) is not inspect.getattr_static(klass, name):
+                return None  # a subclass changed the computation: no factorised rule applies
         return rule if rule.covers(module) else None
     return None
 
