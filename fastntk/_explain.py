@@ -124,7 +124,15 @@ def explain(
         except _model.MergedSamplesError as e:  # bn="per_sample" on rows that are not samples
             if rnn is not None:  # ntk cannot vmap a recurrent model: it refuses
                 raise
-            alone = str(e).split(":")[0]
+            if isinstance(e, _model.OneValuePerChannelError):
+                # rows of one value per channel: ntk's forward of one sample alone decides
+                # (it raises where the sample alone has one value per channel too)
+                cap.active = False
+                with torch.no_grad():
+                    job.copies.call(model, job._prep(x[:1]), samples=_model.ALONE)
+                alone = "bn='per_sample' with rows that are not the samples"
+            else:
+                alone = str(e).split(":")[0]
         finally:
             cap.remove()
             cap.release()

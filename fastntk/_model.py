@@ -442,11 +442,43 @@ def clear_backward_hooks(module: nn.Module) -> None:
     module._is_full_backward_hook = None
 
 
+class OneValuePerChannelError(MergedSamplesError):
+    """bn="per_sample": a batched forward gives a BatchNorm one value per channel in each
+    row. If the rows are the samples, the per-sample statistics are degenerate; if not (time
+    steps as rows, T = N), only a forward of each sample alone can tell: "auto" and "loop"
+    take it (and raise the plain :class:`UnsupportedError` where the sample alone has one
+    value per channel too)."""
+
+    def __init__(self, module: nn.Module, shape: tuple[int, ...]):
+        UnsupportedError.__init__(
+            self,
+            f"bn='per_sample': a {type(module).__name__} gets one value per channel per sample "
+            f"(input {shape}); if its rows are the samples, each is normalised to 0 by its own "
+            "statistics (PyTorch refuses a train-mode BatchNorm on one such sample): use "
+            "bn='eval' (running statistics) or bn='batch'; if they are not (time steps as "
+            "rows), method='auto', 'loop' or 'vmap' runs each sample alone",
+        )
+
+
+def _degenerate(self: nn.Module, x: torch.Tensor) -> UnsupportedError:
+    return UnsupportedError(
+        f"bn='per_sample': a {type(self).__name__} gets one value per channel per sample "
+        f"(input {tuple(x.shape)} for one sample), which its own statistics normalise to 0 "
+        "whatever the input, so nothing before it reaches the kernel (PyTorch refuses a "
+        "train-mode BatchNorm on one such sample); use bn='eval' (running statistics) or "
+        "bn='batch'"
+    )
+
+
 def _per_sample_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     n = _FORWARD_SAMPLES.get()
     if n == ALONE:  # one sample: its statistics over all its rows and positions
+        if x.numel() <= x.shape[1]:
+            raise _degenerate(self, x)
         y = per_sample_batchnorm(self, x, rows_are_samples=False)
     elif n == ROWS or x.shape[0] == n:
+        if n != ROWS and x[0].numel() <= x.shape[1]:
+            raise OneValuePerChannelError(self, tuple(x.shape))
         y = per_sample_batchnorm(self, x)
     else:
         raise MergedSamplesError(

@@ -136,7 +136,9 @@ def ntk(
               (exactly TE-NAS and the LGA code's train mode). For a
               cross-kernel, x1 and x2 form one batch.
             * ``"per_sample"``: each sample normalised by its own statistics
-              (what ``vmap`` over a train-mode BatchNorm computes).
+              (what ``vmap`` over a train-mode BatchNorm computes); a BatchNorm
+              with one value per channel per sample ((N, C) features) is
+              refused (UnsupportedError).
 
             Every other module runs in eval mode (dropout off) in all three.
         params: which parameters define the kernel: None = all with

@@ -970,3 +970,30 @@ def test_conv_forward_set_on_the_instance_is_not_the_rules():
     m = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(27, 2))
     _check(m, _x(4, 2, 5, 5))
     assert {p.name: p.path for p in fastntk.explain(m, _x(4, 2, 5, 5)).params}["0.weight"] != "rule:ConvRule"
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (4, 4, 1)], ids=["(N, C)", "(N, C, 1)"])
+@pytest.mark.parametrize("method", ["auto", "layerwise", "vmap", "loop", "sketch"])
+def test_per_sample_batchnorm_of_one_value_per_channel_is_refused(shape, method):
+    """bn="per_sample" on (N, C) features: each sample's one value per channel, normalised
+    by its own statistics, is 0 whatever the input. The layerwise methods gave an all-zero
+    kernel (the constant output cut the graph, and every parameter's blocks with it), vmap
+    and loop another; PyTorch refuses a train-mode BatchNorm on one such sample, and so
+    does fastntk, on every method, leaving the model as it was."""
+    torch.manual_seed(0)
+    first = nn.Linear(4, 5) if len(shape) == 2 else nn.Conv1d(4, 5, 1)
+    m = nn.Sequential(first, nn.BatchNorm1d(5), nn.Tanh(), nn.Flatten(), nn.Linear(5, 2)).double()
+    before = copy.deepcopy(m.state_dict())
+    x = _x(*shape)
+    with pytest.raises(UnsupportedError, match="one value per channel per sample.*bn='eval'"):
+        fastntk.ntk(m, x, bn="per_sample", method=method, dtype=torch.float64)
+    with pytest.raises(UnsupportedError, match="one value per channel per sample"):
+        fastntk.ntk(m, x, x[:2], bn="per_sample", method=method, dtype=torch.float64)
+    with pytest.raises(UnsupportedError, match="one value per channel per sample"):
+        fastntk.explain(m, x, bn="per_sample")
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert m.training
+    for bn in ("eval", "batch"):  # the other modes are defined (and held to the oracle)
+        theta = fastntk.ntk(m, x, bn=bn, method=method if method != "sketch" else "auto",
+                            dtype=torch.float64)  # fmt: skip
+        assert rel_err(theta, reduce(full_kernel(m, x, bn=bn), "sum")) <= TOL64, bn

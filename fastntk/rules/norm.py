@@ -44,8 +44,8 @@ def per_sample_batchnorm(
     positions: a train-mode BatchNorm on that sample alone).
     """
     dims = tuple(d for d in range(x.dim()) if d >= 2 or (d == 0 and not rows_are_samples))
-    if not dims:  # (n, C): one value per sample and channel, so xhat = 0
-        return torch.zeros_like(x)
+    if not dims:  # (n, C): one value per row and channel, so xhat = 0 (the graph kept: the
+        return x - x  # backward still reaches the layers before; bn="per_sample" refuses it)
     mean = x.mean(dims, keepdim=True)
     var = x.var(dims, unbiased=False, keepdim=True)
     return (x - mean) * torch.rsqrt(var + module.eps)
