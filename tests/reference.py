@@ -66,12 +66,24 @@ def _flat(J: dict, names) -> torch.Tensor:
     return torch.cat(parts, 2)
 
 
+def _batch_statistics(model, bn) -> bool:
+    """Whether a BatchNorm normalises by the statistics of the batch it is given: all of
+    them for bn="batch", those without running statistics (which use the batch's in eval
+    mode too) for bn="eval"."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bn == "batch":
+        return bool(bns)
+    return bn == "eval" and any(m.running_mean is None for m in bns)
+
+
 def full_kernel(model, x1, x2=None, bn="eval", params=None) -> torch.Tensor:
-    """Θ_ijab (N1, N2, K, K) in float64. For bn="batch", x1 and x2 form one batch."""
+    """Θ_ijab (N1, N2, K, K) in float64. Where a BatchNorm normalises by batch statistics
+    (bn="batch"; bn="eval" with a BatchNorm without running statistics), x1 and x2 form
+    one batch (fastntk's documented cross-kernel of coupled samples)."""
     if x2 is None:
         J1 = jacobian(model, x1, bn, params)
         J2 = J1
-    elif bn == "batch":
+    elif _batch_statistics(model, bn):
         J = jacobian(model, torch.cat([x1, x2]), bn, params)
         J1, J2 = J[: x1.shape[0]], J[x1.shape[0] :]
     else:

@@ -997,3 +997,30 @@ def test_per_sample_batchnorm_of_one_value_per_channel_is_refused(shape, method)
         theta = fastntk.ntk(m, x, bn=bn, method=method if method != "sketch" else "auto",
                             dtype=torch.float64)  # fmt: skip
         assert rel_err(theta, reduce(full_kernel(m, x, bn=bn), "sum")) <= TOL64, bn
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_batchnorm_without_running_statistics(dims, affine):
+    """``track_running_stats=False``: batch statistics in eval mode too, so the samples
+    are coupled under bn="eval" (the batch graph), and a cross-kernel takes x1 and x2 as
+    one batch, as bn="batch" does (the oracle had normalised them apart)."""
+    torch.manual_seed(0)
+    if dims == 1:
+        body = [nn.Linear(3, 4), nn.BatchNorm1d(4, affine=affine, track_running_stats=False)]
+        shape = (3,)
+    else:
+        body = [nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=affine, track_running_stats=False),
+                nn.Flatten()]  # fmt: skip
+        shape = (2, 4, 4)
+    m = nn.Sequential(*body, nn.Tanh(), nn.LazyLinear(2)).double()
+    x1, x2 = _x(5, *shape), _x(3, *shape, seed=2)
+    m(x1)
+    for mode in ("train", "eval"):
+        getattr(m, mode)()
+        _check(m, x1, methods=["auto", "layerwise", "vmap", "loop"])
+        _check(m, x1, x2, methods=["auto", "layerwise", "vmap", "loop"])
+        _check(m, x1, x2, output="trace", methods=["auto"])
+        assert m.training == (mode == "train")
+    joint = fastntk.ntk(m, torch.cat([x1, x2]), dtype=torch.float64)
+    assert torch.allclose(fastntk.ntk(m, x1, x2, dtype=torch.float64), joint[:5, 5:], rtol=1e-12, atol=0)
