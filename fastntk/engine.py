@@ -36,13 +36,14 @@ chunks stream past it, so the kernel is assembled blockwise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +221,13 @@ def ntk(
                 theta = job.vmap(x1, x2)
             else:
                 theta = job.coupled(x1, x2, batched=False)
+        except CapturedMutationError:
+            # a per-module (or whole-model) torch.func fallback met a forward that updates
+            # a buffer in place: the batch graph is exact without torch.func
+            if method not in ("auto", "layerwise", "triton") or _model.is_coupled(model, bn):
+                raise
+            job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, backend)
+            theta = job.coupled(x1, x2, batched=False)
         except _model.MergedSamplesError:
             # bn="per_sample" with a BatchNorm whose rows are not the samples (frames
             # merged into the batch dim, a BatchNorm on part of the batch): only a
@@ -1317,7 +1325,8 @@ class _Job:
 
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
         for s0 in range(0, xp.shape[0], self.samples):
-            J = vmap(jacrev(f), in_dims=(None, 0))(sel, xp[s0 : s0 + self.samples])
+            with _torch_func("the model"):
+                J = vmap(jacrev(f), in_dims=(None, 0))(sel, xp[s0 : s0 + self.samples])
             for p in pnames:
                 out[p].append(J[p].reshape(J[p].shape[0], W.shape[0], -1))
         return {p: torch.cat(v) for p, v in out.items()}
@@ -1578,8 +1587,32 @@ class _Job:
 
         from torch.func import grad
 
-        G = vmap(grad(f), in_dims=(None, *in_dims, *gdims))(diff, *flat_args, *g_list)
+        with _torch_func(f"{rec.mname!r} ({type(module).__name__}, no rule: torch.func fallback)"):
+            G = vmap(grad(f), in_dims=(None, *in_dims, *gdims))(diff, *flat_args, *g_list)
         return G
+
+
+class CapturedMutationError(UnsupportedError):
+    """torch.func cannot transform a forward that changes a tensor in place which the
+    transform does not own (a buffer updated in ``forward``: a running average, a call
+    counter). ``ntk``'s layerwise methods then take the batch graph (one backward per sample
+    and pass, exact); ``method="vmap"`` and the sketch refuse."""
+
+
+@contextlib.contextmanager
+def _torch_func(what: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if "mutate a captured Tensor" not in text and "vmap: inplace arithmetic" not in text:
+            raise
+        raise CapturedMutationError(
+            f"torch.func cannot differentiate {what}: its forward changes a tensor in place "
+            "that is not an input of the transformed function (a buffer updated in forward, "
+            "e.g. a running average); fastntk.ntk with method='auto' or 'loop' computes this "
+            "kernel through the batch graph"
+        ) from e
 
 
 def _zeros_if_none(g, t, batch=None):

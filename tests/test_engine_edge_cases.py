@@ -1024,3 +1024,46 @@ def test_batchnorm_without_running_statistics(dims, affine):
         assert m.training == (mode == "train")
     joint = fastntk.ntk(m, torch.cat([x1, x2]), dtype=torch.float64)
     assert torch.allclose(fastntk.ntk(m, x1, x2, dtype=torch.float64), joint[:5, 5:], rtol=1e-12, atol=0)
+
+
+class _RunningMean(nn.Module):
+    """A user layer (no rule) that updates a buffer in its forward, as a running average."""
+
+    def __init__(self, mutate=True):
+        super().__init__()
+        self.mutate = mutate
+        self.w = nn.Parameter(torch.randn(3))
+        self.register_buffer("avg", torch.zeros(3))
+
+    def forward(self, x):
+        if self.mutate:
+            with torch.no_grad():
+                self.avg.mul_(0.9).add_(0.1 * x.mean(0))
+        return torch.tanh(x * self.w)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_forward_that_updates_a_buffer_in_place(chunk_size):
+    """torch.func cannot transform an in-place update of a buffer it does not own: "auto"
+    crashed with torch.func's RuntimeError (the layer's per-module fallback); the
+    layerwise methods now take the batch graph, "vmap" and the sketch raise a typed error
+    saying so. The oracle cannot run it either: it is held to the same model without
+    the update (the buffer does not reach the output)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 3), _RunningMean(), nn.Linear(3, 2)).double()
+    x1, x2 = _x(5, 3), _x(3, 3, seed=2)
+    m[1].mutate = False
+    refs = [reduce(full_kernel(m, x1, x2), "sum"), reduce(full_kernel(m, x1), "trace")]
+    m[1].mutate = True
+    for method in ("auto", "layerwise", "loop"):
+        got = [fastntk.ntk(m, x1, x2, method=method, chunk_size=chunk_size, dtype=torch.float64),
+               fastntk.ntk(m, x1, output="trace", method=method, chunk_size=chunk_size,
+                           dtype=torch.float64)]  # fmt: skip
+        assert all(rel_err(g, r) <= TOL64 for g, r in zip(got, refs)), method
+    from fastntk.engine import CapturedMutationError
+
+    with pytest.raises(CapturedMutationError, match="buffer updated in forward.*'auto' or 'loop'"):
+        fastntk.ntk(m, x1, method="vmap", dtype=torch.float64)
+    with pytest.raises(UnsupportedError, match=r"'1' \(_RunningMean"):
+        fastntk.ntk_sketch(m, x1, sketch_dim=8, dtype=torch.float64)
+    assert torch.equal(m[1].avg, torch.zeros(3, dtype=torch.float64))  # the user's buffer
