@@ -156,7 +156,8 @@ def ntk(
             (``sketch_dim`` columns, ``seed``; the only inexact method).
         chunk_size: samples per forward/backward chunk (int), or
             ``(samples, columns)`` also bounding the columns of one
-            per-sample gradient block. Default: 256 samples, 256 MiB blocks.
+            per-sample gradient block (``columns=None``: the default bound).
+            Default: 256 samples, 256 MiB blocks.
         dtype: computation dtype (``torch.float64`` for exactness); default:
             the dtype of the model's parameters.
         progress: print progress to stderr (default: only for multi-chunk
@@ -439,17 +440,18 @@ def _backend(method: str, device: torch.device) -> str:
 
 
 def _chunks(chunk_size: Any) -> tuple[int, int | None]:
+    """(samples, columns or None) of a ``chunk_size`` option: an int, or a pair of an int
+    and an int or None (the default column bound)."""
     if chunk_size is None:
         return DEFAULT_SAMPLE_CHUNK, None
-    if isinstance(chunk_size, int) and not isinstance(chunk_size, bool):
-        s, c = chunk_size, None
-    elif isinstance(chunk_size, tuple) and len(chunk_size) == 2:
+    if isinstance(chunk_size, tuple) and len(chunk_size) == 2:
         s, c = chunk_size
+    elif _args.is_int(chunk_size):
+        s, c = chunk_size, None
     else:
         raise OptionError(f"chunk_size must be an int or (samples, columns), got {chunk_size!r}")
-    if not isinstance(s, int) or s < 1 or (c is not None and (not isinstance(c, int) or c < 1)):
-        raise OptionError(f"chunk_size values must be positive ints, got {chunk_size!r}")
-    return s, c
+    s = _args.integer(s, "chunk_size's samples", 1)
+    return s, None if c is None else _args.integer(c, "chunk_size's columns", 1)
 
 
 # ---------------------------------------------------------------------------

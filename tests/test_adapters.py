@@ -244,7 +244,7 @@ def test_measure_options_and_inputs_checked():
     with pytest.raises(OptionError, match="binds names"):
         measure("lga", names=["fnorm"])
     for bad, match in (({"bn": "bogus"}, "bn"), ({"output": "bad"}, "output"),
-                       ({"output": "full"}, "full"), ({"chunk_size": 0}, "positive"),
+                       ({"output": "full"}, "full"), ({"chunk_size": 0}, "chunk_size.s samples must be an int >= 1"),
                        ({"errors": "bogus"}, "errors"), ({"progress": "yes"}, "progress")):
         with pytest.raises(OptionError, match=match):  # when made, not at the first call
             measure("lga", **bad)

@@ -134,7 +134,13 @@ def test_output_index_out_of_range(mlp):
         ({"method": "jacobian"}, "unknown method"),
         ({"output": "diag"}, "unknown output"),
         ({"output": True}, "unknown output"),
-        ({"chunk_size": 0}, "positive"),
+        ({"chunk_size": 0}, "chunk_size's samples must be an int >= 1"),
+        ({"chunk_size": True}, "chunk_size must be an int or"),
+        ({"chunk_size": 2.0}, "chunk_size must be an int or"),
+        ({"chunk_size": (True, 4)}, "chunk_size's samples must be an int"),
+        ({"chunk_size": (2, 0)}, "chunk_size's columns must be an int >= 1"),
+        ({"chunk_size": (2, 1.5)}, "chunk_size's columns must be an int"),
+        ({"chunk_size": (2, 3, 4)}, "chunk_size must be an int or"),
         ({"dtype": torch.int64}, "floating-point"),
         ({"progress": "yes"}, "progress must be"),
         ({"progress": 1}, "progress must be"),
@@ -144,6 +150,9 @@ def test_unknown_options(mlp, kw, match):
     m, x1, _ = mlp
     with pytest.raises(errors.OptionError, match=match):
         fastntk.ntk(m, x1, **kw)
+    if "chunk_size" in kw:
+        with pytest.raises(errors.OptionError, match=match):
+            fastntk.ntk_sketch(m, x1, sketch_dim=4, **kw)
     if "progress" in kw:
         with pytest.raises(errors.OptionError, match=match):
             fastntk.ntk_sketch(m, x1, sketch_dim=4, **kw)
@@ -565,3 +574,14 @@ def test_two_threads_on_models_sharing_a_submodule_leave_it_as_it_was():
     assert blk[0].weight is weight and blk.training
     assert_same(snap1, snapshot(m1))
     assert_same(snap2, snapshot(m2))
+
+
+def test_chunk_size_forms(mlp):
+    """An int (numpy ints too), or (samples, columns) with columns None for the default."""
+    import numpy as np
+
+    m, x1, _ = mlp
+    ref = fastntk.ntk(m, x1, dtype=torch.float64)
+    for chunk in (2, np.int64(2), (2, None), (np.int32(2), 3), (1, 1)):
+        assert torch.allclose(fastntk.ntk(m, x1, chunk_size=chunk, dtype=torch.float64), ref,
+                              rtol=1e-12, atol=1e-12), chunk  # fmt: skip
