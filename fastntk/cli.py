@@ -156,13 +156,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="wall-clock seconds")
     p.add_argument("--db", type=_db_path,
                    help="SQLite journal: resumable search and result store")
-    p.add_argument("--population", type=_positive_int("--population"), default=20,
+    p.add_argument("--population", type=_positive_int("--population"),
                    help="REA population size (default 20)")
-    p.add_argument("--sample-size", type=_positive_int("--sample-size"), default=5,
+    p.add_argument("--sample-size", type=_positive_int("--sample-size"),
                    help="REA tournament size (default 5)")
-    p.add_argument("--lr", type=_positive_float("--lr"), default=0.2,
+    p.add_argument("--lr", type=_positive_float("--lr"),
                    help="REINFORCE learning rate (default 0.2)")
-    p.add_argument("--samples-per-op", type=_positive_int("--samples-per-op"), default=1,
+    p.add_argument("--samples-per-op", type=_positive_int("--samples-per-op"),
                    help="pruning of spaces without supernets (darts, resnet, vit): "
                         "architectures scored per (decision, op) (default 1); nb201 is "
                         "pruned on supernets, where it must stay 1")
@@ -240,6 +240,11 @@ def _settings(args, metrics: list[str], space: Any) -> dict[str, Any]:
            "init": "torch.manual_seed(crc32('seed:arch'))"}
     if _dtype(args, metrics) != "float32":  # (journals of float32 runs keep their key)
         out["dtype"] = _dtype(args, metrics)
+    from fastntk.metrics import REVISIONS
+
+    revised = {m: REVISIONS[m] for m in metrics if m in REVISIONS}
+    if revised:  # (journals of metrics never revised keep their key)
+        out["revisions"] = revised
     if getattr(args, "algo", None) == "prune" and hasattr(space, "full_supernet"):
         out["supernet"] = "mean, shared weights"  # TE-NAS's: the live ops' mean, the full
         # supernet's weights (a key apart from the summed, separately seeded ones before)
@@ -316,10 +321,35 @@ def _cmd_score(args) -> int:
     width = max(len(m) for m in metrics)
     for m in metrics:
         print(f"  {m:<{width}}  {_fmt(values[m])}")
-    if space.name == "nb201":
+    if _is_supernet(space, enc):
+        print("a supernet (several ops on an edge): NAS-Bench-201 holds no accuracy for it")
+    elif space.name == "nb201":
         print("\n".join(_nb201_truth(enc)))
     print(f"time {dt:.2f} s")
     return 0
+
+
+# Each algorithm's own options and their defaults (None in the parser: given or not).
+_ALGO_OPTIONS = {"rea": {"population": 20, "sample_size": 5}, "reinforce": {"lr": 0.2},
+                 "prune": {"samples_per_op": 1}}  # fmt: skip
+
+
+def _algo_options(args) -> None:
+    """Fill in the defaults of the algorithm's options; a note on stderr for an option
+    another algorithm takes (ignored) and for an REA population that the budget never
+    gets past (no mutation: random search)."""
+    for algo, opts in _ALGO_OPTIONS.items():
+        for name, default in opts.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+            elif algo != args.algo:
+                flag = "--" + name.replace("_", "-")
+                print(f"fastntk search: note: {flag} is an option of --algo {algo}; "
+                      f"--algo {args.algo} does not use it", file=sys.stderr)
+    if args.algo == "rea" and args.budget is not None and args.population >= args.budget:
+        print(f"fastntk search: note: --population {args.population} >= --budget "
+              f"{args.budget}: REA samples its whole budget at random and never mutates",
+              file=sys.stderr)
 
 
 def _cmd_search(args) -> int:
@@ -334,6 +364,7 @@ def _cmd_search(args) -> int:
         raise OptionError("give --budget N (evaluations) and/or --time-budget SECONDS")
     space = get_space(args.space)
     metrics = _expand_metrics(args.metric)
+    _algo_options(args)
     if args.algo == "rea" and args.sample_size > args.population:
         raise OptionError(f"--sample-size ({args.sample_size}) must be <= --population "
                           f"({args.population})")
@@ -361,6 +392,8 @@ def _cmd_search(args) -> int:
         print("no architecture evaluated")
         return 0
     print(f"best {res.best.encoding}")
+    if res.extra.get("note"):  # prune stopped inside a round (the budget)
+        print(f"  pruning unfinished: {res.extra['note']}")
     print("  " + "  ".join(f"{m}={_fmt(v)}" for m, v in res.best.metrics.items()))
     if space.name == "nb201":
         print("\n".join(_nb201_truth(res.best.encoding)))

@@ -624,6 +624,12 @@ def _solve_psd(K: torch.Tensor, B: torch.Tensor, jitter: float) -> torch.Tensor:
 # accuracy, as Eq. 9's sentence says.
 EXPRESSIVITY_HIGHER_IS_BETTER = False
 
+# Revisions of metric definitions whose values changed for some networks: search
+# journals key on them (fastntk.cli), so scores stored before a change are not served as
+# today's. Revision 2 of S_e and S_g: NaN for a constant train kernel (they had scored
+# networks whose output ignores the input as the best).
+REVISIONS: dict[str, int] = {"expressivity": 2, "generalization": 2}
+
 
 def _regression_scores(
     K_tr: torch.Tensor,
@@ -636,7 +642,15 @@ def _regression_scores(
 ) -> tuple[float | None, float]:
     """``(S_e, S_g)`` (Eq. 9, 10) by kernel regression, in float64; S_e is None without
     the perturbed test kernel. Neither needs an eigenvalue (S_t's spectrum check can fail
-    where they are defined)."""
+    where they are defined). A constant Θ(train, train) (a network whose output does not
+    depend on its input: a NAS-Bench-201 cell with no path from input to output) makes
+    both undefined, as LGA: the regression then predicts the same for every input, and
+    S_e and S_g would score it as the most expressive and best generalising."""
+    if float(K_tr.max()) == float(K_tr.min()):
+        raise InputError(
+            "kernel regression (S_e, S_g) is undefined: Θ(train, train) is constant (the "
+            "network's output does not depend on its input)"
+        )
     Y_tr = _centred_one_hot(y_train, num_classes)
     Y_te = _centred_one_hot(y_test, num_classes)
     alpha = _solve_psd(K_tr.double(), Y_tr, jitter)  # Θ_tr⁻¹ Ỹ_train, (n_train, K)
@@ -719,6 +733,9 @@ def ntk_score(
       ``q = softmax(f(X_test'))``. Its direction is :data:`EXPRESSIVITY_HIGHER_IS_BETTER`.
     * ``S_g = ‖f(X_test) − Ỹ_test‖₂`` (Eq. 10): the 2-norm over all n_test × K entries,
       not squared, not averaged; lower is better.
+    * A constant Θ(train, train) (the output does not depend on the input) leaves S_e and
+      S_g undefined: :class:`InputError` (NaN under ``errors="nan"`` in
+      :func:`compute_metrics`, so search ranks such a network last on them).
 
     Kernels: Θ(train, train), Θ(test, train), Θ(test', train) are blocks of ONE engine call
     on [train; test; test']. With ``bn="batch"`` that concatenation is one BatchNorm batch

@@ -7,6 +7,7 @@ the 2-core CI machine; ``test_score_real_nb201`` runs the real network once.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 
@@ -420,3 +421,65 @@ def test_demo_spectrum_of_a_singular_kernel(capsys):
     rc, out, err = run(capsys, "demo", "--n", "8", "--arch", none)
     assert rc == 0, err
     assert "cond inf" in out and "LGA undefined" in out and "mean(Θ) 10" in out
+
+
+def test_journal_keys_on_revised_metric_definitions(capsys, tiny_nb201, tmp_path):
+    """S_e and S_g changed their values for networks whose output ignores the input
+    (metrics.REVISIONS): a journal row stored before (settings without the revision) is
+    not served as today's score; metrics never revised keep their old key."""
+    db = tmp_path / "r.db"
+    argv = ["search", "--algo", "random", "--budget", "2", "--no-progress", "--seed", "0",
+            "--db", str(db), *DATA]  # fmt: skip
+    rc, out, err = run(capsys, *argv, "--metric", "ntk_score")
+    assert rc == 0, err
+    with Journal(db) as j:
+        rows = j.rows(space="nb201(C=4,N=1)")
+        assert {json.dumps(r["settings"].get("revisions"), sort_keys=True) for r in rows} == {
+            '{"expressivity": 2, "generalization": 2}'
+        }
+        for r in rows:  # the same rows as written before the revision, with other values
+            old = {k: v for k, v in r["settings"].items() if k != "revisions"}
+            j.record("nb201(C=4,N=1)", r["arch"], old, {k: -1e9 for k in r["metrics"]})
+        stale = j.rows(space="nb201(C=4,N=1)")
+    assert len(stale) == 4
+    rc, out2, err = run(capsys, *argv, "--metric", "ntk_score")
+    assert rc == 0, err
+    assert "0 computed, 2 from the journal" in out2 and "-1e+09" not in out2 and "-1000000000" not in out2
+    rc, out3, err = run(capsys, *argv, "--metric", "lga,fnorm")
+    with Journal(db) as j:
+        plain = [r for r in j.rows(space="nb201(C=4,N=1)") if "lga" in r["metrics"]]
+    assert plain and all("revisions" not in r["settings"] for r in plain)
+
+
+def test_prune_stopped_inside_a_round_says_so(capsys, tiny_nb201, tmp_path):
+    """--budget 3 ends prune inside its first round: the final ops are drawn at random,
+    which the summary says (it said so only on the progress line, gone with --no-progress)."""
+    rc, out, err = run(capsys, "search", "--algo", "prune", "--metric", "fnorm", "--budget", "3",
+                       "--no-progress", "--db", str(tmp_path / "p.db"), *DATA)  # fmt: skip
+    assert rc == 0, err
+    assert "pruning unfinished: round 1 unfinished, its 2 evaluations unused; ops left drawn at random" in out
+
+
+def test_score_of_a_supernet(capsys, tiny_nb201):
+    """A supernet string is scored (as prune scores it); it has no benchmark accuracy,
+    which the output says, instead of an 'unknown op' error after the metric lines."""
+    sup = "|skip_connect&nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_1x1~1|nor_conv_3x3~2|"
+    rc, out, err = run(capsys, "score", "--space", "nb201", "--arch", sup, "--metric", "fnorm", *DATA)
+    assert rc == 0, err
+    assert "fnorm" in out and "NAS-Bench-201 holds no accuracy" in out and "time " in out
+
+
+def test_search_notes_options_it_does_not_use(capsys, tiny_nb201, tmp_path):
+    base = ["search", "--metric", "fnorm", "--no-progress", "--db", str(tmp_path / "n.db"), *DATA]
+    rc, out, err = run(capsys, *base, "--algo", "random", "--budget", "2", "--population", "50",
+                       "--lr", "3")  # fmt: skip
+    assert rc == 0, err
+    assert "note: --population is an option of --algo rea; --algo random does not use it" in err
+    assert "note: --lr is an option of --algo reinforce" in err
+    rc, out, err = run(capsys, *base, "--algo", "rea", "--budget", "3", "--population", "4",
+                       "--sample-size", "2")  # fmt: skip
+    assert rc == 0, err
+    assert "--population 4 >= --budget 3: REA samples its whole budget at random" in err
+    rc, out, err = run(capsys, *base, "--algo", "rea", "--budget", "3", "--population", "2",
+                       "--sample-size", "2")  # fmt: skip
+    assert rc == 0 and "note" not in err, err

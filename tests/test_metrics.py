@@ -732,3 +732,33 @@ def test_sketch_metrics_errors():
         M.sketch_metrics(S, torch.zeros(6, dtype=torch.int64))
     with pytest.raises(OptionError, match="chunk"):
         M.sketch_metrics(S, chunk=0)
+
+
+def test_ntk_score_of_a_network_whose_output_ignores_its_input():
+    """A NAS-Bench-201 cell with no path from input to output has a constant kernel:
+    kernel regression predicts the same for every input, and S_e and S_g scored it as
+    the most expressive and best generalising, so Borda put dead cells first (a search
+    with ntk_score returned one). Both are undefined there, as LGA: NaN, ranked last."""
+    from fastntk.spaces import nb201
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % 3
+    dead = nb201.build_model("|none~0|+|avg_pool_3x3~0|nor_conv_3x3~1|+|none~0|avg_pool_3x3~1|none~2|",
+                             C=4, N=1, num_classes=3)  # fmt: skip
+    live = nb201.build_model("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|",
+                             C=4, N=1, num_classes=3)  # fmt: skip
+    K = M._kernel(dead, x[:8], M._ntk_kwargs("eval", None, "sum", torch.float64, None))
+    assert float(K.max()) == float(K.min())  # the premise: a constant kernel
+    with pytest.raises(InputError, match="Θ\\(train, train\\) is constant"):
+        M.ntk_score(dead, x[:8], y[:8], x[8:], y[8:], dtype=torch.float64)
+    names = ["trainability", "expressivity", "generalization"]
+    rows = []
+    for net in (dead, live):
+        r = M.compute_metrics(net, x[:8], y[:8], x_test=x[8:], y_test=y[8:], names=names,
+                              errors="nan", dtype=torch.float64)  # fmt: skip
+        rows.append([r[n] for n in names])
+    assert rows[0][0] == pytest.approx(1.0) and math.isnan(rows[0][1]) and math.isnan(rows[0][2])
+    assert all(math.isfinite(v) for v in rows[1])
+    totals = M.borda(rows, [M.DIRECTIONS[n] for n in names])
+    assert totals[0] < totals[1]

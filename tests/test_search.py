@@ -146,6 +146,22 @@ def test_nan_is_worst():
     assert s.fitness([{"good": float("nan")}, {"good": -1e9}]) == [float("-inf"), -1e9]
 
 
+@pytest.mark.parametrize("metric, worst", [("ncn", float("-inf")), ("cond", float("inf"))])
+def test_nan_is_below_the_worst_number(metric, worst):
+    """An undefined score (NaN) ranks below a defined worst one (an NCN of -inf: beyond
+    what float32 resolves; a condition number of +inf): it tied with it, and the earlier
+    entry won, so a search could return the NaN architecture as its best."""
+    from fastntk.metrics import DIRECTIONS as D
+
+    one = Scorer(lambda a: {}, [metric], D)
+    f = one.fitness([{metric: float("nan")}, {metric: worst}, {metric: 3.0 if metric == "cond" else -3.0}])
+    assert f[0] < f[1] < f[2] and f[0] == float("-inf")
+    ms = [{metric: float("nan"), "lga": 0.5}, {metric: worst, "lga": 0.5}]
+    assert borda_scores(ms, {metric: D[metric], "lga": True}) == [0.5, 1.5]
+    both = Scorer(lambda a: {}, [metric, "lga"], D)
+    assert both.fitness(ms) == [0.5, 1.5]
+
+
 def test_journal_cache_resume_same_trajectory(tmp_path):
     db = tmp_path / "j.db"
     calls = []

@@ -89,15 +89,13 @@ __all__ = [
 
 
 def _ranks(values: Sequence[float], higher_is_better: bool) -> list[float]:
-    """Rank of each value, 0 = worst .. n-1 = best; ties get the mean rank; NaN is worst."""
+    """Rank of each value, 0 = worst .. n-1 = best; ties get the mean rank; NaN is worst,
+    below the worst number (-inf, or +inf when lower is better), tied among themselves."""
     n = len(values)
     keyed = []
     for i, v in enumerate(values):
         v = float(v)
-        if math.isnan(v):
-            k = -math.inf
-        else:
-            k = v if higher_is_better else -v
+        k = (0, 0.0) if math.isnan(v) else (1, v if higher_is_better else -v)
         keyed.append((k, i))
     keyed.sort()
     ranks = [0.0] * n
@@ -194,14 +192,16 @@ class Scorer:
         return values
 
     def fitness(self, metric_dicts: Sequence[Mapping[str, float]]) -> list[float]:
-        """Fitness of each entry within the set (higher is better; NaN is worst)."""
+        """Fitness of each entry within the set (higher is better; NaN is worst: -inf,
+        below the worst number, which a metric's own -inf, e.g. an NCN beyond float32,
+        becomes: the most negative float)."""
         if len(self.metrics) == 1:
             (m,) = self.metrics
             sign = 1.0 if self.directions[m] else -1.0
             out = []
             for d in metric_dicts:
                 v = float(d.get(m, math.nan))
-                out.append(-math.inf if math.isnan(v) else sign * v)
+                out.append(-math.inf if math.isnan(v) else max(sign * v, -sys.float_info.max))
             return out
         return borda_scores(metric_dicts, self.directions)
 
@@ -569,7 +569,8 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
 
     If the budget runs out mid-round, that round's scores are not used (they come
     from part of the round: for several metrics, Borda counts over a smaller set) and
-    it removes nothing; ``result.extra["partial_round"]`` counts its evaluations. Every
+    it removes nothing; ``result.extra["partial_round"]`` counts its evaluations (and
+    ``result.extra["note"]`` says so in words; None when pruning finished). Every
     decision with more than one op left then takes, among them, the op that scored
     best in the last complete round (every remaining op was scored there, in the same
     round, against the same set); if no round completed, it takes one of its ops drawn
@@ -652,12 +653,14 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
     else:
         best = run.evaluate(final, force=True)
     what = "final arch"
+    note = None
     if partial:  # say that the unfinished round's evaluations decided nothing
         how = f"decided by round {len(rounds)}" if rounds else "ops left drawn at random"
-        what += (f" (round {len(rounds) + 1} unfinished, its {partial} "
-                 f"evaluation{'s' if partial != 1 else ''} unused; {how})")
+        note = (f"round {len(rounds) + 1} unfinished, its {partial} "
+                f"evaluation{'s' if partial != 1 else ''} unused; {how}")
+        what += f" ({note})"
     return run.result(reason, best=best, what=what,
-                      extra={"rounds": rounds, "partial_round": partial})
+                      extra={"rounds": rounds, "partial_round": partial, "note": note})
 
 
 def reinforce(space, scorer: Scorer, *, budget: int | None = None,
