@@ -234,3 +234,38 @@ def test_supernet_of_a_non_list_is_an_architecture_error():
 
     with pytest.raises(ArchitectureError, match="list of 6 edges"):
         nb201.build_supernet(5)
+
+
+def test_numbers_of_the_spaces_checked_alike():
+    """num_classes (and NB201's C, N) as ints, numpy ints accepted, bools and
+    non-positive values refused with OptionError in every space; a ResNet choice list of
+    the wrong length and a DARTS input index given as a numpy int (helper-23's review)."""
+    import numpy as np
+
+    from fastntk.errors import ArchitectureError, OptionError
+    from fastntk.spaces import darts, nb201, resnet, vit
+
+    arch = "|nor_conv_3x3~0|+|none~0|skip_connect~1|+|none~0|none~1|avg_pool_3x3~2|"
+    assert nb201.build_model(arch, num_classes=np.int64(3), C=np.int32(2), N=1).classifier.out_features == 3
+    for bad in (True, 0, 2.0):
+        with pytest.raises(OptionError, match="num_classes"):
+            nb201.build_model(arch, num_classes=bad, C=2, N=1)
+        with pytest.raises(OptionError, match="num_classes"):
+            resnet.resnet18(num_classes=bad)
+        with pytest.raises(OptionError, match="num_classes"):
+            vit.vit_small(num_classes=bad, depth=1)
+    with pytest.raises(OptionError, match="N must be an int >= 0"):
+        nb201.build_model(arch, C=2, N=-1)
+    space = resnet.ResNetSpace()
+    good = space.to_choices(space.sample(__import__("random").Random(0)))
+    for wrong in (good[:2], [*good, 64]):
+        with pytest.raises(ArchitectureError, match="a ResNet arch has 8 decisions"):
+            space.from_choices(wrong)
+    g = darts.validate(darts.DARTS_V2)  # (normal, reduce) cells of (op, input) pairs
+    numpy_inputs = tuple(tuple(tuple((op, np.int64(i)) for op, i in node) for node in cell) for cell in g)
+    assert darts.validate(numpy_inputs) == g
+    assert all(type(i) is int for cell in darts.validate(numpy_inputs) for node in cell for _, i in node)
+    normal = list(g[0])
+    normal[0] = (("sep_conv_3x3", 0.0), ("sep_conv_3x3", 1))
+    with pytest.raises(ArchitectureError, match="must be an integer node index"):
+        darts.validate((tuple(normal), g[1]))

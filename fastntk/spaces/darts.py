@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from fastntk.errors import ArchitectureError
+from fastntk._args import is_int
 from fastntk.spaces.base import ChoiceSpace, positive_int
 
 __all__ = ["OPS", "DartsSpace", "Genotype", "NetworkCIFAR", "DARTS_V2", "build_model"]
@@ -83,6 +84,7 @@ def _check_cell(cell: Sequence[Sequence[tuple[str, int]]], kind: str) -> CellGen
     for m, node in enumerate(cell):
         if isinstance(node, str) or not isinstance(node, Sequence) or len(node) != 2:
             raise ArchitectureError(f"{kind} node {m} must be two (op, input) pairs, got {node!r}")
+        pairs = []
         for pair in node:
             if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
                 raise ArchitectureError(
@@ -93,10 +95,18 @@ def _check_cell(cell: Sequence[Sequence[tuple[str, int]]], kind: str) -> CellGen
                 raise ArchitectureError(
                     f"unknown op {op!r} in {kind} node {m}; allowed ops: {', '.join(OPS)}"
                 )
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < m + 2:
+            if not is_int(i):
+                raise ArchitectureError(
+                    f"input {i!r} of {kind} node {m} must be an integer node index, got "
+                    f"{type(i).__name__}"
+                )
+            i = int(i.__index__())  # (numpy integers too)
+            if not 0 <= i < m + 2:
                 raise ArchitectureError(
                     f"input {i!r} of {kind} node {m} must be an earlier node in 0..{m + 1}"
                 )
+            pairs.append((op, i))
+        node = pairs
         if node[0][1] == node[1][1]:
             raise ArchitectureError(
                 f"{kind} node {m} takes both its inputs from node {node[0][1]}; a DARTS node "

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastntk._args import integer
 from fastntk.errors import ArchitectureError, OptionError
 
 __all__ = [
@@ -710,12 +711,8 @@ def build_model(arch: ArchLike, num_classes: int = 10, C: int = 16, N: int = 5) 
     No op works in place, so the model runs under ``torch.func`` transforms.
     """
     arch = _as_arch(arch)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise OptionError(f"num_classes must be a positive int, got {num_classes!r}")
-    if not isinstance(C, int) or C < 1:
-        raise OptionError(f"C must be a positive int, got {C!r}")
-    if not isinstance(N, int) or N < 0:
-        raise OptionError(f"N must be a non-negative int, got {N!r}")
+    num_classes = integer(num_classes, "num_classes", 1)  # (numpy integers too, not bools)
+    C, N = integer(C, "C", 1), integer(N, "N", 0)
     return TinyNetwork(arch, C=C, N=N, num_classes=num_classes)
 
 

@@ -109,6 +109,7 @@ class ResNet(nn.Module):
     def __init__(self, arch, num_classes: int = 10, stem_width: int | None = None):
         super().__init__()
         stages = validate(arch)
+        num_classes = positive_int("num_classes", num_classes)
         C = stem_width or stages[0][0]
         self.conv1 = nn.Conv2d(3, C, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(C)
@@ -130,7 +131,7 @@ class ResNet(nn.Module):
 
 
 def build_model(arch, num_classes: int = 10) -> ResNet:
-    return ResNet(arch, num_classes=positive_int("num_classes", num_classes))
+    return ResNet(arch, num_classes=num_classes)
 
 
 def resnet18(num_classes: int = 10, width: int = 64) -> ResNet:
@@ -162,6 +163,11 @@ class ResNetSpace(ChoiceSpace):
 
     def from_choices(self, choices: Sequence) -> Arch:
         c = list(choices)
+        if len(c) != 2 * NUM_STAGES:
+            raise ArchitectureError(
+                f"a ResNet arch has {2 * NUM_STAGES} decisions (width and depth of "
+                f"{NUM_STAGES} stages), got {len(c)}: {c!r}"
+            )
         return validate([(c[2 * k], c[2 * k + 1]) for k in range(NUM_STAGES)])
 
     def build(self, arch, num_classes: int = 10) -> nn.Module:

@@ -113,6 +113,7 @@ class ViT(nn.Module):
     def __init__(self, arch, num_classes: int = 10, image_size: int = 32):
         super().__init__()
         depth, dim, heads, mlp_ratio, patch = validate(arch)
+        num_classes = positive_int("num_classes", num_classes)
         if image_size % patch:
             raise ArchitectureError(f"image size {image_size} is not a multiple of patch {patch}")
         T = (image_size // patch) ** 2
@@ -131,7 +132,7 @@ class ViT(nn.Module):
 
 
 def build_model(arch, num_classes: int = 10) -> ViT:
-    return ViT(arch, num_classes=positive_int("num_classes", num_classes))
+    return ViT(arch, num_classes=num_classes)
 
 
 def vit_small(num_classes: int = 10, depth: int = 6) -> ViT:
