@@ -33,7 +33,8 @@ class SearchSpace(Protocol):
         ...
 
     def mutate(self, arch: Any, rng: random.Random) -> Any:
-        """Return a neighbour of ``arch`` that differs in one decision and lies in the space."""
+        """Return a neighbour of ``arch`` in the space, one change away (one decision; in
+        DARTS one (op, input) pair, which can reorder its node's canonical pair)."""
         ...
 
     def build(self, arch: Any, num_classes: int = 10) -> nn.Module:
