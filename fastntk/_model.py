@@ -548,6 +548,10 @@ def _prelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 _rules.OWN_FORWARDS.update({_per_sample_bn_forward, _prelu_forward})
 
+# BatchNorm forwards bn="per_sample" replaces by per-sample statistics: torch's own
+# (SyncBatchNorm's adds only the cross-process reduction of the batch statistics).
+_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is module), "?") or "the model"
@@ -678,6 +682,13 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
                             f"{_name_of(model, m)!r}: its forward is set on the instance (an "
                             "identity, a wrapper); use bn='eval' or 'batch', under which that "
                             "forward runs as set"
+                        )
+                    if type(m).forward not in _BN_FORWARDS:  # a subclass's own computation
+                        raise UnsupportedError(
+                            f"bn='per_sample' cannot normalise {type(m).__name__} "
+                            f"{_name_of(model, m)!r}: its class overrides BatchNorm's forward, "
+                            "which per-sample statistics would have to replace; use bn='eval' "
+                            "or 'batch', under which that forward runs as written"
                         )
                     swapped.append((m, _MISSING))
                     m.forward = types.MethodType(_per_sample_bn_forward, m)

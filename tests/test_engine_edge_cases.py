@@ -1067,3 +1067,28 @@ def test_forward_that_updates_a_buffer_in_place(chunk_size):
     with pytest.raises(UnsupportedError, match=r"'1' \(_RunningMean"):
         fastntk.ntk_sketch(m, x1, sketch_dim=8, dtype=torch.float64)
     assert torch.equal(m[1].avg, torch.zeros(3, dtype=torch.float64))  # the user's buffer
+
+
+class _DoubledBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_batchnorm_subclass_with_its_own_forward():
+    """bn="per_sample" replaced every BatchNorm's forward by per-sample statistics, also
+    a subclass's own forward (its extra computation was dropped: wrong kernels on every
+    method, helper-24); it is refused now, as a forward set on the instance is. Under
+    "eval" and "batch" the subclass's forward runs as written (exact)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), _DoubledBN(3), nn.Flatten(), nn.Linear(48, 2)).double()
+    x = _x(3, 3, 4, 4)
+    for method in ("auto", "layerwise", "vmap", "loop", "sketch"):
+        with pytest.raises(UnsupportedError, match="its class overrides BatchNorm's forward"):
+            fastntk.ntk(m, x, bn="per_sample", method=method, dtype=torch.float64)
+    for bn in ("eval", "batch"):
+        for method in ("auto", "vmap", "loop"):
+            theta = fastntk.ntk(m, x, bn=bn, method=method, dtype=torch.float64)
+            assert rel_err(theta, reduce(full_kernel(m, x, bn=bn), "sum")) <= TOL64, (bn, method)
+    sync = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.SyncBatchNorm(3), nn.Flatten(), nn.Linear(48, 2)).double()
+    theta = fastntk.ntk(sync, x, bn="per_sample", dtype=torch.float64)  # torch's own: replaced
+    assert rel_err(theta, reduce(full_kernel(sync, x, bn="per_sample"), "sum")) <= TOL64
