@@ -482,6 +482,9 @@ class _Record:
     # positions in ``_tensors(output)`` of the outputs whose gradients the hooks receive
     out_pos: list[int] = field(default_factory=list)
     dims: _probe.CallDims | None = None  # measured sample dims of this call (the probe)
+    # (output nodes, input nodes) of the call in the autograd graph, until the chunk is
+    # classified: which parameter uses happen inside the call (_uses_outside_calls)
+    graph: tuple[list[Any], list[Any]] | None = None
 
     @property
     def out_bytes(self) -> int:
@@ -581,6 +584,10 @@ class _Capture:
             else:
                 saved = (dargs, dkwargs)
             rec = _Record(len(self.records), mname, mod, rule, attrs, saved, n, dims=dims)
+            rec.graph = (
+                [t.grad_fn for t in tensors if t.grad_fn is not None],
+                [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None],
+            )
             self.records.append(rec)
             if rule is not None:
                 guards = rule.guards(mod, args, kwargs, out)
@@ -1088,6 +1095,8 @@ class _Job:
         for pname, c in self._calls(cap).items():
             if c > 1 and pname not in cap.excluded:
                 cap.deferred_params.add(pname)
+        for rec in cap.records:
+            rec.graph = None  # (the walks are done)
 
     def _hook_broadcasts(self, cap: _Capture, y: torch.Tensor) -> None:
         """Parameters whose one use is a broadcast over the batch (ViT position embeddings,
@@ -1140,10 +1149,46 @@ class _Job:
     def _outside_uses(self, cap: _Capture, y: torch.Tensor, calls: dict[str, int]):
         """(parameters used outside their modules' calls: the whole-model fallback,
         parameters of never-called modules an ancestor's call takes: _adoptions)."""
-        uses = self._param_uses(y)
+        consumers = self._param_consumers(y, self.selected)
+        uses = {p: len(v) for p, v in consumers.items()}
         untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
+        untracked |= self._uses_outside_calls(cap, consumers, calls)
         adopted = self._adoptions(cap, uses, calls)
         return untracked - set(adopted), adopted
+
+    def _uses_outside_calls(self, cap: _Capture, consumers, calls: dict[str, int]) -> set[str]:
+        """Parameters with a use outside every call of their modules, though counted no
+        more often than those calls (a parameter its module holds but only the parent
+        uses: ``self.h(self.b(x) * self.b.gamma)``; the module's fallback would re-run a
+        forward without it). A use is inside a call when the autograd graph reaches it
+        from the call's outputs without passing the call's inputs. ``consumers`` (the
+        uses in the graph of the output, from :meth:`_param_consumers`) holds their
+        nodes alive, so node identities compare across the walks."""
+        inside: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        for rec in cap.records:
+            want = {id(self.copies.params[p]): p for p in rec.attrs.values()}
+            if rec.graph is None or not want:
+                continue
+            outs, ins = rec.graph
+            stop = {id(node) for node in ins}
+            seen: dict[int, Any] = {}  # (alive while the walk lasts: _graph_nodes)
+            stack = list(outs)
+            while stack:
+                node = stack.pop()
+                if node is None or id(node) in seen or id(node) in stop:
+                    continue
+                seen[id(node)] = node
+                for i, (nxt, _) in enumerate(getattr(node, "next_functions", ())):
+                    var = getattr(nxt, "variable", None)
+                    if var is not None:
+                        if id(var) in want:
+                            inside[want[id(var)]].add((id(node), i))
+                    elif nxt is not None:
+                        stack.append(nxt)
+        return {
+            p for p, lst in consumers.items()
+            if calls.get(p, 0) and any((id(node), i) not in inside[p] for node, i in lst)
+        }  # fmt: skip
 
     @staticmethod
     def _calls(cap: _Capture) -> dict[str, int]:
@@ -1152,15 +1197,6 @@ class _Job:
             for pname in rec.attrs.values():
                 calls[pname] += 1
         return calls
-
-    def _param_uses(self, y: torch.Tensor) -> dict[str, int]:
-        """How often autograd uses each selected parameter in the graph of ``y``.
-
-        A parameter used more often than its module's calls account for (e.g.
-        ``F.linear(x, self.fc.weight)`` in a parent's forward, an ``nn.Parameter`` of a
-        container) is not seen by the hooks.
-        """
-        return {p: len(v) for p, v in self._param_consumers(y, self.selected).items()}
 
     def _param_consumers(self, y: torch.Tensor, pnames) -> dict[str, list[tuple[Any, int]]]:
         """Walk the autograd graph of ``y`` once: for each parameter of ``pnames``, the

@@ -1092,3 +1092,56 @@ def test_batchnorm_subclass_with_its_own_forward():
     sync = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.SyncBatchNorm(3), nn.Flatten(), nn.Linear(48, 2)).double()
     theta = fastntk.ntk(sync, x, bn="per_sample", dtype=torch.float64)  # torch's own: replaced
     assert rel_err(theta, reduce(full_kernel(sync, x, bn="per_sample"), "sum")) <= TOL64
+
+
+class _ScaleHeld(nn.Module):
+    """Holds ``gamma`` but never uses it: the parent does (a layer scale, a temperature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+        self.gamma = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.sin(x * self.w)
+
+
+class _HeldByChild(nn.Module):
+    def __init__(self, child):
+        super().__init__()
+        self.b, self.h = child, nn.Linear(4, 2)
+
+    def forward(self, x):
+        scale = self.b.gamma if hasattr(self.b, "gamma") else self.b.extra
+        return self.h(torch.tanh(self.b(x)) * scale)
+
+
+def _linear_with_extra():
+    lin = nn.Linear(4, 4)
+    lin.register_parameter("extra", nn.Parameter(torch.randn(4)))
+    return lin
+
+
+@pytest.mark.parametrize("make", [_ScaleHeld, _linear_with_extra], ids=["user-module", "linear"])
+def test_parameter_its_module_holds_but_only_the_parent_uses(make):
+    """One use, one call of its module, so the count (uses > calls) took the use as inside
+    the call: the module's fallback re-ran a forward without it, and the kernel missed it
+    (zero for that parameter alone; helper-24). A use is inside a call only when the
+    graph reaches it from the call's outputs without passing its inputs; this one is not,
+    so the parameter takes the whole-model fallback (exact)."""
+    torch.manual_seed(0)
+    m = _HeldByChild(make()).double()
+    held = "b.gamma" if hasattr(m.b, "gamma") else "b.extra"
+    x1, x2 = _x(4, 4), _x(3, 4, seed=2)
+    for params in (None, [held]):
+        ref = reference_ntk_of(m, x1, x2, params)
+        for method in ("auto", "layerwise", "vmap", "loop"):
+            theta = fastntk.ntk(m, x1, x2, params=params, method=method, dtype=torch.float64)
+            assert rel_err(theta, ref) <= TOL64, (params, method)
+    paths = {p.name: p.path for p in fastntk.explain(m, x1).params}
+    assert paths[held].startswith("fallback:model"), paths
+    assert paths["h.weight"] == "rule:LinearRule"
+
+
+def reference_ntk_of(m, x1, x2, params):
+    return reduce(full_kernel(m, x1, x2, params=params), "sum")
