@@ -34,11 +34,15 @@ class Explanation:
     block_bytes: int
     activation_bytes: int
     notes: list[str] = field(default_factory=list)
+    # a kernel assembled from panels: the per-sample gradients of one panel of rows, kept
+    # while the other chunks stream past (and their concatenation when it is made)
+    panel_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
-        """Estimated peak beyond the model itself: activations of one chunk + kernel + one block."""
-        return self.activation_bytes + self.kernel_bytes + self.block_bytes
+        """Estimated peak beyond the model itself: activations of one chunk + kernel + one
+        block, + the panel's per-sample gradients where the kernel is assembled from panels."""
+        return self.activation_bytes + self.kernel_bytes + self.block_bytes + self.panel_bytes
 
     def __str__(self) -> str:
         w = max([len(p.name) for p in self.params] + [9])
@@ -52,7 +56,10 @@ class Explanation:
             + (" [samples coupled: exact batched one-hot backward]" if self.coupled else ""),
             f"memory estimate: kernel {self.kernel_bytes / mb:.1f} MiB + largest gradient block "
             f"{self.block_bytes / mb:.1f} MiB + activations of one chunk "
-            f"~{self.activation_bytes / mb:.1f} MiB = ~{self.peak_bytes / mb:.1f} MiB",
+            f"~{self.activation_bytes / mb:.1f} MiB"
+            + (f" + per-sample gradients of a panel {self.panel_bytes / mb:.1f} MiB"
+               if self.panel_bytes else "")
+            + f" = ~{self.peak_bytes / mb:.1f} MiB",
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -181,6 +188,12 @@ def explain(
     kernel = R * R * n1 * n2 * dtype.itemsize
     biggest = max(p.numel() for p in selected.values())
     block = min(engine.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
+    panel = 0
+    if (n1 if x2 is None else n1 + n2) > samples:  # ntk's _panels
+        per_sample = max(1, job._panel_bytes_per_sample(x))
+        budget = engine._panel_budget(job.device)
+        rows = min(n1, max(samples, (budget // per_sample) // samples * samples))
+        panel = 2 * rows * per_sample  # kept, and concatenated once per panel
     if n1 > samples:
         notes.append(
             f"{n1} samples exceed the chunk of {samples}: the kernel is assembled from panels "
@@ -191,4 +204,5 @@ def explain(
                      "(one backward per sample and pass; no per-layer rule, no vmap)")
     elif _model.is_coupled(model, bn):
         notes.append("bn='batch' (or BatchNorm without running stats) couples the samples")
-    return Explanation(rows, n1, n2, head.K, bn, coupled, kernel, block, act * chunk, notes)
+    return Explanation(rows, n1, n2, head.K, bn, coupled, kernel, block, act * chunk, notes,
+                       panel_bytes=0 if coupled or alone is not None else panel)

@@ -74,7 +74,16 @@ METHODS = ("auto", "layerwise", "triton", "sketch", "vmap", "loop")
 # 24 GB development CPU (NB201 C=16 at N=256 needs about 2 GB for forward+backward).
 DEFAULT_SAMPLE_CHUNK = 256
 BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
-PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows
+PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows (at least)
+
+
+def _panel_budget(device: torch.device) -> int:
+    """Bytes of per-sample gradients a panel keeps: PANEL_BYTES, or on a CUDA device an
+    eighth of its memory where that is more (an H200: 17 GiB, NB201 "trace" N=1024 in two
+    panels instead of four; fewer panels, fewer chunk recomputations. Not yet measured)."""
+    if device.type == "cuda":
+        return max(PANEL_BYTES, torch.cuda.get_device_properties(device).total_memory // 8)
+    return PANEL_BYTES
 JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
 HASH_BYTES = 256 * 2**20  # sketch: hashes kept between chunks (9 bytes a coordinate and pass)
 GRAM_BUFFER_BYTES = 16 * 2**20  # small dense blocks batched into one Gram
@@ -1285,16 +1294,31 @@ class _Job:
         self._run_chunk(torch.cat([x1, x2]), acc.add, acc.streams)
         return self.head.finish(acc.result(), n1, n2)
 
+    def _panel_bytes_per_sample(self, x: torch.Tensor) -> int:
+        """Bytes of one sample's per-sample gradients over all backward passes (K for
+        "trace", "mean" and "full", else 1; K from one forward of a sample or two when no
+        chunk has run yet)."""
+        out = self.head.output
+        passes = 1
+        if not (out == "sum" or callable(out) or isinstance(out, int)):
+            if not self.head.K:
+                xs = self._prep(x[: min(2, x.shape[0])])
+                with torch.no_grad():
+                    self.head.passes(self.head(self.copies.call(self.model, xs, samples=_model.ROWS)))
+            passes = max(1, self.head.K)
+        return sum(p.numel() for p in self.selected.values()) * self.dtype.itemsize * passes
+
     def _panels(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
         """Blockwise assembly for batches larger than one sample chunk."""
         sym = x2 is None
         xb = x1 if sym else x2
         n1, n2 = x1.shape[0], xb.shape[0]
         c = self.samples
-        # Panel rows: as many per-sample gradients as PANEL_BYTES holds.
-        nparams = sum(p.numel() for p in self.selected.values())
-        per_sample = max(1, nparams * self.dtype.itemsize * max(1, self.head.R))
-        panel = max(c, (PANEL_BYTES // per_sample) // c * c)
+        # Panel rows: as many per-sample gradients as the panel budget holds, of every
+        # backward pass (the K passes of "trace"/"mean" are kept alike: counting one
+        # made a "trace" panel hold K times the budget).
+        per_sample = max(1, self._panel_bytes_per_sample(x1))
+        panel = max(c, (_panel_budget(self.device) // per_sample) // c * c)
         col_chunks = [(s, min(n2, s + c)) for s in range(0, n2, c)]
         panels = [(s, min(n1, s + panel)) for s in range(0, n1, panel)]
         theta: torch.Tensor | None = None

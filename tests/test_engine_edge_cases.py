@@ -1145,3 +1145,42 @@ def test_parameter_its_module_holds_but_only_the_parent_uses(make):
 
 def reference_ntk_of(m, x1, x2, params):
     return reduce(full_kernel(m, x1, x2, params=params), "sum")
+
+
+class _Dense64(nn.Module):
+    """No rule: dense per-sample gradient blocks (what a panel keeps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 6) * 0.3)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w)
+
+
+@pytest.mark.parametrize("output, panel_rows", [("sum", 16), ("trace", 4), ("mean", 4), ("full", 4)])
+def test_panels_keep_the_per_sample_gradients_of_every_pass_within_the_budget(
+    monkeypatch, output, panel_rows
+):
+    """A panel keeps each backward pass's per-sample gradients: "trace" over K logits
+    keeps K per sample, but the panel's rows were sized for one, so a "trace" panel held K
+    times its budget (NB201, N=1024: about 34 GB of per-sample gradients). The rows now
+    count every pass; here a budget of 16 samples' one-pass gradients gives panels of 16
+    rows for "sum" and of one chunk (4) for the K = 10 passes of "trace"/"mean"/"full"."""
+    from fastntk import engine
+
+    torch.manual_seed(0)
+    m = nn.Sequential(_Dense64(), nn.Linear(6, 10)).double()
+    x = _x(32, 6)
+    P = sum(p.numel() for p in m.parameters())
+    monkeypatch.setattr(engine, "PANEL_BYTES", 16 * P * 8)
+    runs = []
+    real = engine._Job._run_chunk
+    monkeypatch.setattr(engine._Job, "_run_chunk", lambda self, xc, *a, **k: (runs.append(xc.shape[0]), real(self, xc, *a, **k))[1])
+    theta = fastntk.ntk(m, x, output=output, chunk_size=4, dtype=torch.float64, progress=False)
+    assert rel_err(theta, reduce(full_kernel(m, x), output)) <= TOL64
+    n_panels = 32 // panel_rows
+    # each panel's own chunks, then the chunks of the columns after it (symmetric kernel)
+    assert len(runs) == 32 // 4 + sum((32 - (i + 1) * panel_rows) // 4 for i in range(n_panels))
+    est = fastntk.explain(m, x, output=output, chunk_size=4)
+    assert est.panel_bytes == 2 * panel_rows * P * 8 * (1 if output == "sum" else 10)
