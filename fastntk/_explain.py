@@ -106,7 +106,7 @@ def explain(
         cap.install()
         alone = None  # why ntk runs each sample alone (vmap), if it does
         try:
-            xs = x[: min(2, x.shape[0])]
+            xs = x[: min(samples, x.shape[0])]  # ntk's first chunk (its probe's too)
             job.run_probe(xs)
             cap.n = xs.shape[0]
             xp = job._prep(xs)
@@ -115,6 +115,7 @@ def explain(
             cap.active = False
             y = head(raw)
             head.passes(y)
+            reached = set(job._param_consumers(y, list(selected)))  # used in y's graph
             try:
                 job._classify(cap, y)
             except engine._SamplesCoupled as e:
@@ -169,7 +170,9 @@ def explain(
                         else "fallback:module"
                     )
                     path = f"{kind} (used inside {repr(anc) if anc else 'the model'}'s call)"
-                elif not any(mn in called for mn in job.module_of[pname]):
+                elif not any(mn in called for mn in job.module_of[pname]) or (
+                    pname not in reached and pname not in cap.broadcast
+                ):  # (a call under torch.no_grad(): its output does not reach the kernel)
                     path = "unused (no gradient reaches it)"
                 else:
                     rule = job.rules[mname]

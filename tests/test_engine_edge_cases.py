@@ -1184,3 +1184,40 @@ def test_panels_keep_the_per_sample_gradients_of_every_pass_within_the_budget(
     assert len(runs) == 32 // 4 + sum((32 - (i + 1) * panel_rows) // 4 for i in range(n_panels))
     est = fastntk.explain(m, x, output=output, chunk_size=4)
     assert est.panel_bytes == 2 * panel_rows * P * 8 * (1 if output == "sum" else 10)
+
+
+def test_explain_reports_what_the_call_does():
+    """explain probed two samples where ntk probes its first chunk, so a coupling in a
+    later sample went unseen (it reported rules, ntk took the batch graph), and a module
+    called under torch.no_grad() was reported with its rule though no gradient reaches it
+    (helper-24)."""
+
+    class Later(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u, self.h = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.u(x)
+            return self.h(h - h[2:].mean(0))  # samples 2.. couple everything
+
+    class NoGrad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.h = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                z = self.l(x)
+            return self.h(x + z)
+
+    torch.manual_seed(0)
+    m = Later().double()
+    x = _x(5, 3)
+    report = fastntk.explain(m, x)
+    assert report.coupled and {p.path for p in report.params} == {"coupled"}
+    _check(m, x, methods=["auto", "loop"])
+    m = NoGrad().double()
+    paths = {p.name: p.path for p in fastntk.explain(m, _x(3, 4)).params}
+    assert paths["l.weight"].startswith("unused") and paths["h.weight"] == "rule:LinearRule"
+    _check(m, _x(3, 4))
