@@ -124,6 +124,11 @@ def explain(
             called = {r.mname for r in cap.records}
             declined = {r.mname for r in cap.records if r.rule is None}  # fallback calls
             ruled = {r.mname: r.rule for r in cap.records if r.rule is not None}
+            kinds: dict[str, list[str]] = {}  # parameter -> the path of each call using it
+            for r in cap.records:
+                kind = f"rule:{type(r.rule).__name__}" if r.rule is not None else "fallback:module"
+                for q in r.attrs.values():
+                    kinds.setdefault(q, []).append(kind)
             act = sum(
                 t.numel() * t.element_size()
                 for r in cap.records
@@ -180,6 +185,9 @@ def explain(
                     if rule is not None and mname in declined:
                         path = f"fallback:module ({type(rule).__name__} declined the call)"
                     if pname in cap.deferred_params:
+                        both = sorted(set(kinds.get(pname, ())))
+                        if len(both) > 1:  # tied across module types: each call's own path
+                            path = " + ".join(both)
                         path += " (used several times: exact sum of uses)"
                 rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), path))
         # activation memory of one chunk, scaled from the probe's saved tensors

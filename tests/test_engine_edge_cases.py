@@ -1221,3 +1221,16 @@ def test_explain_reports_what_the_call_does():
     paths = {p.name: p.path for p in fastntk.explain(m, _x(3, 4)).params}
     assert paths["l.weight"].startswith("unused") and paths["h.weight"] == "rule:LinearRule"
     _check(m, _x(3, 4))
+
+
+def test_explain_names_each_path_of_a_tied_weight():
+    """A weight tied across module types takes each call's own path (an embedding's rule
+    and a linear's); explain named only its owner's."""
+    import zoo
+
+    m, x1, _ = zoo.make("tied")
+    paths = {p.name: p.path for p in fastntk.explain(m, x1).params}
+    assert paths["emb.weight"] == "rule:EmbeddingRule + rule:LinearRule (used several times: exact sum of uses)"
+    with fastntk.profile() as prof:
+        fastntk.ntk(m, x1)
+    assert prof.seconds.get("fallback", 0) == 0  # both uses by rules, as reported
