@@ -394,6 +394,8 @@ def make_copies(model: nn.Module, selected: dict[str, nn.Parameter], dtype: torc
         t = p.detach()
         if t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
+        else:  # own storage: a forward that edits a parameter in place (a clamp_ under
+            t = t.clone()  # no_grad) edits this copy, not the user's parameter
         params[n] = t.requires_grad_(n in selected)
     buffers = {}
     for n, b in model.named_buffers():

@@ -214,7 +214,7 @@ def ntk(
     # NB201 (C=16), N=64, bn="batch", 2-core CPU: 30.5 s batched vs 10.4 s (python
     # bench/bench_engine_choices.py coupled, README "Known limits").
     batched = method == "vmap" or (method != "loop" and x1.device.type != "cpu")
-    with _model.model_state(model, bn):
+    with _model.model_state(model, bn), _inplace_refused():
         try:
             if rnn is not None and method in ("auto", "layerwise", "triton"):
                 # no per-layer rule, no vmap (not even over the backward: is_grads_batched):
@@ -365,7 +365,7 @@ def ntk_sketch(
         S[s0:s1].index_add_(1, h, G * sgn)
 
     bar = _Progress(-(-n // samples), "sketch", progress if progress is not None else n > samples)
-    with _model.model_state(model, bn):
+    with _model.model_state(model, bn), _inplace_refused():
         for s0 in range(0, n, samples):
             s1 = min(n, s0 + samples)
 
@@ -1652,6 +1652,24 @@ class _Job:
         with _torch_func(f"{rec.mname!r} ({type(module).__name__}, no rule: torch.func fallback)"):
             G = vmap(grad(f), in_dims=(None, *in_dims, *gdims))(diff, *flat_args, *g_list)
         return G
+
+
+@contextlib.contextmanager
+def _inplace_refused() -> Iterator[None]:
+    """autograd's error for a tensor its backward needs that the forward then changed in
+    place (a weight clamped in forward under no_grad) as a typed error. The change went
+    to the call's private copies, not to the user's parameters."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e):
+            raise
+        raise UnsupportedError(
+            "the model's forward changes a tensor in place that its backward needs (e.g. a "
+            "weight clamped or renormalised in forward): its gradients are not defined as "
+            "written, so fastntk cannot compute the kernel; make the change out of place "
+            "(w = w.clamp(...)) or apply it to the model before the call"
+        ) from e
 
 
 class CapturedMutationError(UnsupportedError):

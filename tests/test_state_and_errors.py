@@ -585,3 +585,27 @@ def test_chunk_size_forms(mlp):
     for chunk in (2, np.int64(2), (2, None), (np.int32(2), 3), (1, 1)):
         assert torch.allclose(fastntk.ntk(m, x1, chunk_size=chunk, dtype=torch.float64), ref,
                               rtol=1e-12, atol=1e-12), chunk  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise", "loop", "vmap", "sketch"])
+def test_forward_that_edits_its_weight_in_place_leaves_the_users_weight(method):
+    """The call's parameter copies were detached views sharing the user's storage, so a
+    forward clamping its weight in place (under no_grad) clipped the user's parameter
+    (helper-26); the copies own their storage now, and the undefined gradient is a typed
+    error instead of autograd's RuntimeError."""
+
+    class Clipped(nn.Linear):
+        def forward(self, x):
+            with torch.no_grad():
+                self.weight.clamp_(-0.1, 0.1)
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Clipped(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    w0, v0 = m[0].weight.detach().clone(), m[0].weight._version
+    if method in ("loop", "vmap"):  # one forward per graph: the clamped copy's kernel
+        assert torch.isfinite(fastntk.ntk(m, torch.randn(5, 4), method=method)).all()
+    else:  # the layerwise passes meet a copy changed after autograd saved it
+        with pytest.raises(errors.UnsupportedError, match="changes a tensor in place"):
+            fastntk.ntk(m, torch.randn(5, 4), method=method)
+    assert torch.equal(m[0].weight, w0) and m[0].weight._version == v0
