@@ -1081,36 +1081,59 @@ def compute_metrics(
     K = None
     reg = None
     failed = False  # errors="nan": the kernels could not be computed (all metrics NaN)
+    reg_failed = False  # the regression's own inputs are unusable (its metrics NaN only)
+
+    def _reg_input(fn: Callable[[], Any]) -> Any:
+        """``fn()``; under errors="nan" an InputError of the regression's own inputs
+        (labels, the split, the test batch) marks only S_e and S_g as undefined."""
+        nonlocal reg_failed
+        try:
+            return fn()
+        except InputError:
+            if errors == "raise":
+                raise
+            reg_failed = True
+            return None
+
     try:
         if need_reg:
             assert yt is not None
-            if x_test is None:
-                n_te = n // 2
-                if n_te < 1:
-                    raise InputError("expressivity/generalization need N >= 2 to split x")
-                n_tr = n - n_te
-                xte, yte, ytr = x[n_tr:], yt[n_tr:], yt[:n_tr]
-                pert = [_perturb(xte, noise_std, seed)] if need_e else []
-                Kx, pe = _joint(model, x, pert, kw)
-                K_tr, K_te = Kx[:n_tr, :n_tr], Kx[n_tr:, :n_tr]
-                K_pe = pe[0][:, :n_tr] if need_e else None
-            else:
+
+            def _batches() -> tuple:  # (x_test or None for the split, y_test, y_train, [x_test'])
+                if x_test is None:
+                    n_te = n // 2
+                    if n_te < 1:
+                        raise InputError("expressivity/generalization need N >= 2 to split x")
+                    xte = x[n - n_te :]
+                    pert = [_perturb(xte, noise_std, seed)] if need_e else []
+                    return None, yt[n - n_te :], yt[: n - n_te], pert
                 xte = _check_batch(x_test, "x_test")
                 if y_test is None:
                     raise InputError("x_test given without y_test")
                 yte = _check_labels(y_test, xte.shape[0], "y_test")
-                ytr = yt
                 pert = [_perturb(xte, noise_std, seed)] if need_e else []
-                Kx, (K_te, *pe) = _joint(model, x, [xte, *pert], kw)
-                K_tr, K_pe = Kx, (pe[0] if need_e else None)
-            if bn != "batch":
-                K = Kx  # sample-independent BN: the x block IS Θ(x, x)
-            ncls = _resolve_classes(num_classes, ytr, yte)
+                return xte, yte, yt, pert
 
-            def _reg() -> tuple[float | None, float]:
-                return _regression_scores(K_tr, K_te, K_pe, ytr, yte, ncls, jitter)
+            got = _reg_input(_batches)
+            if got is not None:
+                xte, yte, ytr, pert = got
+                if xte is None:  # the split: blocks of one kernel of x (and x_test')
+                    n_tr = ytr.shape[0]
+                    Kx, pe = _joint(model, x, pert, kw)
+                    K_tr, K_te = Kx[:n_tr, :n_tr], Kx[n_tr:, :n_tr]
+                    K_pe = pe[0][:, :n_tr] if need_e else None
+                else:
+                    Kx, (K_te, *pe) = _joint(model, x, [xte, *pert], kw)
+                    K_tr, K_pe = Kx, (pe[0] if need_e else None)
+                if bn != "batch":
+                    K = Kx  # sample-independent BN: the x block IS Θ(x, x)
+                ncls = _reg_input(lambda: _resolve_classes(num_classes, ytr, yte))
+                if ncls is not None:
 
-            reg = _reg
+                    def _reg() -> tuple[float | None, float]:
+                        return _regression_scores(K_tr, K_te, K_pe, ytr, yte, ncls, jitter)
+
+                    reg = _reg
         if need_K and K is None:
             K = _kernel(model, x, kw)
     except (InputError, NonFiniteKernelError):
@@ -1122,7 +1145,7 @@ def compute_metrics(
     reg_vals: tuple[float | None, float] | None = None
     for m in wanted:
         spec = METRICS[m]
-        if failed:
+        if failed or (spec.kind == "ntk_score" and reg_failed):
             out[m] = float("nan")
             continue
         try:

@@ -762,3 +762,30 @@ def test_ntk_score_of_a_network_whose_output_ignores_its_input():
     assert all(math.isfinite(v) for v in rows[1])
     totals = M.borda(rows, [M.DIRECTIONS[n] for n in names])
     assert totals[0] < totals[1]
+
+
+def test_errors_nan_keeps_the_metrics_that_are_defined():
+    """errors="nan": an InputError of the regression's own inputs (more label classes
+    than num_classes, a batch of one to split) made every metric NaN, the kernel metrics
+    too (helper-26); only S_e and S_g are NaN now, and a failure of the kernel itself
+    still makes all NaN."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 3
+    alone = M.compute_metrics(m, x, y, names="fnorm,lga")
+    got = M.compute_metrics(m, x, y, names="fnorm,lga,ntk_score", num_classes=2, errors="nan")
+    # (the split's kernel is a block of one call on [x; x_test']: equal up to rounding)
+    assert got["fnorm"] == pytest.approx(alone["fnorm"], rel=1e-12)
+    assert got["lga"] == pytest.approx(alone["lga"], rel=1e-12)
+    assert math.isfinite(got["trainability"])
+    assert math.isnan(got["expressivity"]) and math.isnan(got["generalization"])
+    with pytest.raises(InputError, match="out of range for num_classes"):
+        M.compute_metrics(m, x, y, names="fnorm,ntk_score", num_classes=2)
+    one = M.compute_metrics(m, x[:1], y[:1], names="fnorm,ntk_score", errors="nan")
+    assert one["fnorm"] == pytest.approx(M.compute_metrics(m, x[:1], y[:1], names="fnorm")["fnorm"], rel=1e-12)
+    assert math.isnan(one["expressivity"]) and math.isnan(one["generalization"])
+    bad = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).double()
+    with torch.no_grad():
+        bad[0].weight.fill_(float("inf"))
+    assert all(math.isnan(v) for v in M.compute_metrics(bad, x, y, names="fnorm,ntk_score", errors="nan").values())
