@@ -787,6 +787,11 @@ def highpass(x: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
         Real tensor of x's shape and dtype.
     """
     x = _check_batch(x, "x")
+    if not x.is_floating_point():
+        raise InputError(
+            f"highpass filters images; {x.dtype} token ids have no spatial frequencies (the "
+            "filtered ids would be other, even negative, ids): leave vintk out for token models"
+        )
     if x.dim() < 3:
         raise InputError(f"highpass needs (N, C, *spatial) inputs, got shape {tuple(x.shape)}")
     cutoff = _nonneg(cutoff, "cutoff")

@@ -789,3 +789,14 @@ def test_errors_nan_keeps_the_metrics_that_are_defined():
     with torch.no_grad():
         bad[0].weight.fill_(float("inf"))
     assert all(math.isnan(v) for v in M.compute_metrics(bad, x, y, names="fnorm,ntk_score", errors="nan").values())
+
+
+def test_vintk_refuses_token_ids():
+    """highpass FFT-filtered integer token ids and cast them back (negative ids): a
+    garbage ViNTK score, or an untyped IndexError past errors="nan" (helper-26)."""
+    tok = torch.randint(0, 10, (5, 1, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match="token ids"):
+        M.highpass(tok)
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(32, 2))
+    got = M.compute_metrics(emb, tok, names="fnorm,vintk", errors="nan")
+    assert math.isfinite(got["fnorm"]) and math.isnan(got["vintk"])
