@@ -183,6 +183,12 @@ def check_model(model: nn.Module) -> None:
             f"model must be a torch.nn.Module, got {type(model).__name__} (wrap a function of "
             "parameters in an nn.Module that holds them as nn.Parameter)"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedError(
+            "a TorchScript module (torch.jit.script / trace) takes no forward hooks nor "
+            "torch.func transforms, which fastntk's methods need: pass the eager nn.Module "
+            "it was made from"
+        )
     for name, m in model.named_modules():
         if not isinstance(m, _EMBEDDINGS):
             continue
@@ -601,6 +607,20 @@ _SUSPENDED: dict[str, Any] = {"depth": 0, "saved": None}
 
 
 @contextlib.contextmanager
+def locked(model: nn.Module) -> Iterator[None]:
+    """The locks of all of ``model``'s modules, taken in one order (by id): while held, no
+    fastntk call changes (temporarily) any of them (metrics.kernel_evolution copies the
+    model under it: a copy made during another call took that call's modes and forwards)."""
+    with _GLOBAL_LOCK:
+        locks = [_MODEL_LOCKS.setdefault(m, threading.RLock())
+                 for m in sorted(model.modules(), key=id)]  # fmt: skip
+    with contextlib.ExitStack() as held:
+        for lock in locks:
+            held.enter_context(lock)
+        yield
+
+
+@contextlib.contextmanager
 def _suspended_process_state() -> Iterator[None]:
     """Process-wide state off for the calls running (counted): the module backward hooks
     (their dicts swapped for empty ones, so a handle removed meanwhile stays removed) and
@@ -648,12 +668,8 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
 
     Calls on one model, or on models sharing a module, are serialised (a lock per module).
     """
-    with _GLOBAL_LOCK:
-        locks = [_MODEL_LOCKS.setdefault(m, threading.RLock())
-                 for m in sorted(model.modules(), key=id)]  # fmt: skip
     with contextlib.ExitStack() as held:
-        for lock in locks:
-            held.enter_context(lock)
+        held.enter_context(locked(model))
         held.enter_context(_suspended_process_state())
         flags = [(m, m.training) for m in model.modules()]
         # tensors kept as plain attributes (the legacy weight_norm / spectral_norm and

@@ -132,6 +132,7 @@ class Probe:
             rows = [0] if self.q == 1 else [0, self.n0 - 1]
             pairs.append(("first", y.detach()[rows], self.y_first))
         for which, ya, yb in pairs:
+            yb = yb.detach()  # (a model that returns a parameter: it requires grad under no_grad)
             if ya.shape != yb.shape:
                 return None
             if not (bool(torch.isfinite(ya).all()) and bool(torch.isfinite(yb).all())):

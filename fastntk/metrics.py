@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -1220,6 +1221,12 @@ def _logits(out: Any) -> torch.Tensor:
     return out
 
 
+# kernel_evolution seeds torch's process-wide generator for its copy's dropout (inside
+# fork_rng): two calls at once would restore each other's state; they take turns.
+_RNG_LOCK = threading.Lock()
+
+
+@_model.with_grad
 def kernel_evolution(
     model: nn.Module,
     x: torch.Tensor,
@@ -1247,7 +1254,9 @@ def kernel_evolution(
     of ``batch_size`` (1024 in the paper) from ``(train_x, train_y)`` (default: the probe
     batch itself), reshuffled each epoch by a CPU generator seeded with ``seed``; the
     global RNG (dropout, ...) is seeded with ``seed`` inside ``torch.random.fork_rng`` so
-    the caller's RNG state is untouched. The copy trains in train mode; each kernel is
+    the caller's RNG state is untouched (calls take turns on it; a draw from another
+    thread while a call trains still moves the shared generator, and the copy's dropout
+    with it). The copy trains in train mode; each kernel is
     computed on the copy with ``bn`` (eval mode then uses the copy's updated running
     statistics, as the paper's Eval-mode BN after training).
 
@@ -1261,29 +1270,31 @@ def kernel_evolution(
         :class:`KernelEvolution`. The user's model (parameters, buffers, gradients,
         training flag) is not changed.
     """
-    x = _check_batch(x, "x")
+    _model.check_model(model)
+    x = _model.plain(_check_batch(x, "x"))
     yt = _check_labels(y, x.shape[0], "y")
     if unit not in ("step", "epoch"):
         raise OptionError(f"unit must be 'step' or 'epoch', got {unit!r}")
-    try:
-        ts = sorted({0, *(int(t) for t in times)})
-    except (TypeError, ValueError):
-        raise OptionError(f"times must be non-negative integers, got {times!r}") from None
-    if ts[0] < 0:
-        raise OptionError(f"times must be >= 0, got {list(times)}")
-    if batch_size < 1:
-        raise OptionError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(times, (str, bytes)) or not isinstance(times, Iterable):
+        raise OptionError(f"times must be a sequence of non-negative integers, got {times!r}")
+    ts = sorted({0, *(_args.integer(t, "each of times", 0) for t in times)})
+    batch_size = _args.integer(batch_size, "batch_size", 1)
+    if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise OptionError(f"lr must be a finite number > 0, got {lr!r}")
+    momentum = _nonneg(momentum, "momentum")
+    weight_decay = _nonneg(weight_decay, "weight_decay")
     if train_x is None:
         tx, ty = x, yt
     else:
-        tx = _check_batch(train_x, "train_x")
+        tx = _model.plain(_check_batch(train_x, "train_x"))
         ty = _check_labels(train_y, tx.shape[0], "train_y")
     kw = _ntk_kwargs(bn, params, output, dtype, chunk_size)
     if int(ty.min()) < 0:
         raise InputError(f"class labels must be >= 0, got {int(ty.min())}")
 
-    seed = _args.integer(seed, "seed")
-    net = copy.deepcopy(model)
+    seed = _args.integer(seed, "seed", -(2**63), 2**64)  # (what torch.manual_seed takes)
+    with _model.locked(model):  # not a copy of another call's temporary modes and forwards
+        net = copy.deepcopy(model)
     for p in net.parameters():
         p.grad = None
     for m in net.modules():  # the user's backward hooks stay with the user's model (as ntk)
@@ -1316,7 +1327,7 @@ def kernel_evolution(
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if (
         dev.type == "cuda"
     ) else []
-    with torch.random.fork_rng(devices=cuda):
+    with _RNG_LOCK, torch.random.fork_rng(devices=cuda):
         torch.random.default_generator.manual_seed(seed)
         for i in cuda:
             with torch.cuda.device(i):

@@ -800,3 +800,50 @@ def test_vintk_refuses_token_ids():
     emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(32, 2))
     got = M.compute_metrics(emb, tok, names="fnorm,vintk", errors="nan")
     assert math.isfinite(got["fnorm"]) and math.isnan(got["vintk"])
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_kernel_evolution_under_no_grad(mode):
+    """NAS scoring code runs under no_grad: kernel_evolution crashed there with autograd's
+    errors (ntk and the other metrics did not; helper-26)."""
+    model = mlp(3)
+    x, y = data(16, 7)
+    ref = M.kernel_evolution(model, x, y, times=[1], unit="step", batch_size=8, seed=0)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        got = M.kernel_evolution(model, x.clone(), y, times=[1], unit="step", batch_size=8, seed=0)
+    assert got.lga == ref.lga and got.relative_difference == ref.relative_difference
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"batch_size": 2.5}, "batch_size must be an int"), ({"batch_size": True}, "batch_size must be an int"),
+    ({"times": "12"}, "times must be a sequence"), ({"times": [1.7]}, "each of times must be an int"),
+    ({"lr": float("nan")}, "lr must be a finite number > 0"), ({"momentum": -1}, "momentum"),
+    ({"seed": 2**70}, "seed must be an int"),
+])  # fmt: skip
+def test_kernel_evolution_options_checked(kw, match):
+    model = mlp(3)
+    x, y = data(8, 7)
+    with pytest.raises(OptionError, match=match):
+        M.kernel_evolution(model, x, y, **kw)
+
+
+def test_kernel_evolution_copies_the_model_outside_other_calls():
+    """The copy it trains was made without fastntk's per-module locks, so a copy made
+    while another thread's ntk call held the model took that call's temporary modes and
+    per-sample BatchNorm forwards (helper-26); it waits for the model's locks now."""
+    import threading
+
+    from fastntk import _model
+
+    model = mlp(3)
+    x, y = data(16, 7)
+    ref = M.kernel_evolution(model, x, y, times=[1], unit="step", batch_size=8, seed=0)
+    out = []
+    with _model.locked(model):  # as an ntk call on another thread holds it
+        t = threading.Thread(target=lambda: out.append(
+            M.kernel_evolution(model, x, y, times=[1], unit="step", batch_size=8, seed=0)))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not out  # waiting for the model
+    t.join()
+    assert out[0].lga == ref.lga and out[0].relative_difference == ref.relative_difference

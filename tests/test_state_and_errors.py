@@ -609,3 +609,11 @@ def test_forward_that_edits_its_weight_in_place_leaves_the_users_weight(method):
         with pytest.raises(errors.UnsupportedError, match="changes a tensor in place"):
             fastntk.ntk(m, torch.randn(5, 4), method=method)
     assert torch.equal(m[0].weight, w0) and m[0].weight._version == v0
+
+
+def test_torchscript_module_is_refused_with_advice():
+    m = torch.jit.script(nn.Sequential(nn.Linear(3, 2)))
+    for call in (lambda: fastntk.ntk(m, torch.randn(4, 3)), lambda: fastntk.explain(m, torch.randn(4, 3)),
+                 lambda: fastntk.ntk_sketch(m, torch.randn(4, 3), sketch_dim=4)):  # fmt: skip
+        with pytest.raises(errors.UnsupportedError, match="TorchScript"):
+            call()
