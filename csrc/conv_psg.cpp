@@ -107,7 +107,9 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void build_patches
 // Stride 1: output position (oy, ox) reads xpad[ci, oy + ky*dh, ox + kx*dw]. Index positions
 // by t' = oy*Wp + ox over the padded width Wp: then the patch row of (ci, ky, kx) is the
 // padded plane itself from offset ky*dh*Wp + kx*dw, and the Wp - oW junk positions per row
-// get zero weight (their gout rows are zero). No im2col at all; the padded copy costs
+// get zero weight (their gout rows are zero; so a NaN/Inf of x there still reaches weights
+// that do not read it, as 0*Inf: non-finite inputs give non-finite gradients beyond PyTorch's,
+// and the engine refuses a non-finite kernel). No im2col at all; the padded copy costs
 // C_in*Hp*Wp per sample instead of D*T (k*k times fewer values written for a k x k kernel;
 // the saving is in the larger maps).
 template <typename T>
@@ -118,13 +120,21 @@ void conv_psg_shifted(const T* x, const T* gout, T* out, const ConvGeom& g) {
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.oH, 256 / Wp));
   const int64_t items = g.N * g.groups;
   const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(items)));
+  constexpr int64_t NB = 2 * detail::VecTraits<T, T>::W;
+  const int64_t ldg = (cout_g + NB - 1) / NB * NB;
+  // Each thread's buffers, allocated here: an allocation failure inside the parallel region
+  // cannot propagate (std::terminate); here it is an exception the caller sees.
+  std::vector<std::vector<T>> xps(nthreads), gTs(nthreads), accs(nthreads);
+  for (int t = 0; t < nthreads; ++t) {
+    xps[t].assign(static_cast<size_t>(cin_g * Hp * Wp), T(0));  // borders stay 0
+    gTs[t].assign(static_cast<size_t>(rows * Wp * ldg), T(0));  // junk/pad stay 0
+    accs[t].resize(static_cast<size_t>(D * ldg));
+  }
 #pragma omp parallel num_threads(nthreads)
   {
-    constexpr int64_t NB = 2 * detail::VecTraits<T, T>::W;
-    const int64_t ldg = (cout_g + NB - 1) / NB * NB;
-    std::vector<T> xp(static_cast<size_t>(cin_g * Hp * Wp), T(0));  // borders stay 0
-    std::vector<T> gT(static_cast<size_t>(rows * Wp * ldg), T(0));   // junk/pad stay 0
-    std::vector<T> acc(static_cast<size_t>(D * ldg));
+    std::vector<T>& xp = xps[omp_get_thread_num()];
+    std::vector<T>& gT = gTs[omp_get_thread_num()];
+    std::vector<T>& acc = accs[omp_get_thread_num()];
     std::vector<const T*> arow(static_cast<size_t>(D));
     for (int64_t ci = 0; ci < cin_g; ++ci)
       for (int64_t ky = 0; ky < g.kh; ++ky)
@@ -171,13 +181,19 @@ void conv_psg_impl(const T* x, const T* gout, T* out, const ConvGeom& g) {
   const int64_t items = g.N * g.groups;
   const bool direct = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
   const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(items)));
+  constexpr int64_t NB = 2 * detail::VecTraits<T, T>::W;
+  const int64_t ldg = (cout_g + NB - 1) / NB * NB;
+  std::vector<std::vector<T>> Us(nthreads), gTs(nthreads), accs(nthreads);  // (as above)
+  for (int t = 0; t < nthreads; ++t) {
+    Us[t].resize(static_cast<size_t>(D * rows * g.oW));
+    gTs[t].assign(static_cast<size_t>(rows * g.oW * ldg), T(0));  // pad columns stay 0
+    accs[t].resize(static_cast<size_t>(D * ldg));
+  }
 #pragma omp parallel num_threads(nthreads)
   {
-    constexpr int64_t NB = 2 * detail::VecTraits<T, T>::W;
-    const int64_t ldg = (cout_g + NB - 1) / NB * NB;
-    std::vector<T> U(static_cast<size_t>(D * rows * g.oW));
-    std::vector<T> gT(static_cast<size_t>(rows * g.oW * ldg), T(0));  // pad columns stay 0
-    std::vector<T> acc(static_cast<size_t>(D * ldg));
+    std::vector<T>& U = Us[omp_get_thread_num()];
+    std::vector<T>& gT = gTs[omp_get_thread_num()];
+    std::vector<T>& acc = accs[omp_get_thread_num()];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t n = it / g.groups, grp = it % g.groups;
@@ -225,6 +241,16 @@ ConvGeom conv_geom_checked(const at::Tensor& x, const at::Tensor& gout, int64_t 
   TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 && dw >= 1,
               "fastntk.conv2d_psg: kernel size, stride and dilation must be >= 1");
   TORCH_CHECK(ph >= 0 && pw >= 0, "fastntk.conv2d_psg: padding must be >= 0");
+  // (bounds that keep the size arithmetic below in int64: H + 2*ph, dh*(kh - 1), ...)
+  constexpr int64_t kMax = int64_t{1} << 31;
+  TORCH_CHECK(kh <= kMax && kw <= kMax && sh <= kMax && sw <= kMax && dh <= kMax && dw <= kMax &&
+                  ph <= kMax && pw <= kMax && x.size(2) <= kMax && x.size(3) <= kMax,
+              "fastntk.conv2d_psg: kernel size, stride, dilation, padding and input size must "
+              "be <= 2**31");
+  TORCH_CHECK(x.size(2) + 2 * ph >= dh * (kh - 1) + 1 && x.size(3) + 2 * pw >= dw * (kw - 1) + 1,
+              "fastntk.conv2d_psg: the (dilated) kernel is larger than the padded input (",
+              x.size(2) + 2 * ph, ", ", x.size(3) + 2 * pw, "), as torch.nn.functional.conv2d "
+              "refuses");
   ConvGeom g{x.size(0), x.size(1), x.size(2), x.size(3), gout.size(1), gout.size(2),
              gout.size(3), kh, kw, sh, sw, ph, pw, dh, dw, groups};
   TORCH_CHECK(gout.size(0) == g.N, "fastntk.conv2d_psg: batch sizes differ (", g.N, ", ",

@@ -121,7 +121,11 @@ def gram_cross(
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    if isinstance(v, int):
+        return v, v
+    if len(v) != 2:  # (a 3-D kernel size was read as its first two values)
+        raise ValueError(f"conv2d_psg takes an int or a pair, got {v!r}")
+    return int(v[0]), int(v[1])
 
 
 def conv2d_psg(
@@ -143,7 +147,9 @@ def conv2d_psg(
         kernel_size, stride, padding, dilation, groups: as in ``nn.Conv2d`` (zero padding).
 
     Returns:
-        (N, C_out, C_in // groups, kh, kw), dtype of ``x``.
+        (N, C_out, C_in // groups, kh, kw), dtype of ``x``. A NaN or Inf in ``x`` can reach
+        more weights than it does in PyTorch (stride 1 reads padded rows with zero weight,
+        0 * Inf); the engine refuses non-finite kernels.
     """
     _require(x, gout)
     kh, kw = _pair(kernel_size)

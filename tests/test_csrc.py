@@ -183,6 +183,37 @@ def test_conv2d_psg_bad_inputs():
         ops.conv2d_psg(x, g, 3, 3, 0, 1, 1, 1, 1, 1, 1)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.conv2d_psg(x.int(), g.int(), 3, 3, 1, 1, 1, 1, 1, 1, 1)
+    # helper-25's fuzzing: a padding whose H + 2*ph overflowed int64 passed the size check
+    # and the op wrote out of bounds (heap corruption); a kernel larger than the padded
+    # input (which F.conv2d refuses) was taken as zero-padded at the bottom right
+    x1, g1 = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 6, 8)
+    with pytest.raises(RuntimeError, match="<= 2\\*\\*31"):
+        ops.conv2d_psg(x1, g1, 1, 1, 1, 1, 2**63 - 1, 0, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        ops.conv2d_psg(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 1, 1), 3, 3, 2, 2, 0, 0, 1, 1, 1)
+    with pytest.raises(ValueError, match="an int or a pair"):
+        _ext.conv2d_psg(x, g, kernel_size=(3, 3, 3), padding=1)
+
+
+def test_conv2d_psg_allocation_failure_is_an_exception():
+    """Per-thread buffers were allocated inside the OpenMP region, where std::bad_alloc
+    cannot propagate: the process aborted (helper-25). Under an address-space limit the
+    op now raises MemoryError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from fastntk import _ext\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))\n"
+        "x, g = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)\n"
+        "try:\n"
+        "    _ext.conv2d_psg(x, g, kernel_size=3, padding=(10**9, 1), dilation=(10**9, 1))\n"
+        "except MemoryError:\n"
+        "    print('MemoryError')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "MemoryError", (r.returncode, r.stdout, r.stderr[-500:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
