@@ -2,12 +2,13 @@
 copies of the parameters and buffers, train/eval modes, output reduction.
 
 The engine never runs the user's parameters or buffers: every forward goes
-through ``torch.func.functional_call`` with private copies (detached, cast to
-the computation dtype, ``requires_grad`` set only on the selected ones;
-buffers cloned so that a train-mode BatchNorm updates the copy, not the
-user's running statistics). Module train/eval flags and the per-sample
-BatchNorm forward are changed for the duration of a call and restored in a
-``finally`` block by :func:`model_state`.
+through ``torch.func.functional_call`` with private copies (their own storage,
+cast to the computation dtype, ``requires_grad`` set only on the selected ones;
+so a train-mode BatchNorm updates the copy, not the user's running statistics,
+and a forward editing a weight in place edits the copy). Module train/eval
+flags and the per-sample BatchNorm forward are changed for the duration of a
+call and restored in a ``finally`` block by :func:`model_state` (Ctrl-C held
+back while it restores; every parameter and buffer slot put back as it was).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import contextvars
 import difflib
 import functools
+import signal
 import threading
 import types
 import weakref
@@ -607,6 +609,32 @@ _SUSPENDED: dict[str, Any] = {"depth": 0, "saved": None}
 
 
 @contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held back while the block changes or restores the user's state, and
+    delivered at its end: a KeyboardInterrupt in the middle of a restore left modules in
+    eval mode, their backward hooks gone, or the process-wide hooks lost (helper-26). Only
+    in the main thread (where Python runs signal handlers); other signals are not held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[Any] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda sig, frame: got.append(frame))
+    except (ValueError, TypeError):  # (no signal handling in this interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            if callable(old):
+                old(signal.SIGINT, got[0])  # (the default handler raises KeyboardInterrupt)
+            elif old == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
 def locked(model: nn.Module) -> Iterator[None]:
     """The locks of all of ``model``'s modules, taken in one order (by id): while held, no
     fastntk call changes (temporarily) any of them (metrics.kernel_evolution copies the
@@ -629,27 +657,35 @@ def _suspended_process_state() -> Iterator[None]:
     from torch.nn.modules import module as _m
     from torch.nn.utils import parametrize
 
-    with _GLOBAL_LOCK:
-        if _SUSPENDED["depth"] == 0:
-            _SUSPENDED["saved"] = (
-                _m._global_backward_hooks, _m._global_backward_pre_hooks,
-                parametrize._cache_enabled,
-            )  # fmt: skip
-            _m._global_backward_hooks, _m._global_backward_pre_hooks = OrderedDict(), OrderedDict()
-            parametrize._cache_enabled -= _SUSPENDED["saved"][2]  # computed afresh
-        _SUSPENDED["depth"] += 1
+    entered = False
     try:
+        with _sigint_deferred(), _GLOBAL_LOCK:  # (a Ctrl-C is delivered inside the try)
+            if _SUSPENDED["depth"] == 0:
+                _SUSPENDED["saved"] = (
+                    _m._global_backward_hooks, _m._global_backward_pre_hooks,
+                    parametrize._cache_enabled,
+                )  # fmt: skip
+                _m._global_backward_hooks, _m._global_backward_pre_hooks = OrderedDict(), OrderedDict()
+                parametrize._cache_enabled -= _SUSPENDED["saved"][2]  # computed afresh
+            _SUSPENDED["depth"] += 1
+            entered = True
         yield
     finally:
-        with _GLOBAL_LOCK:
-            _SUSPENDED["depth"] -= 1
-            if _SUSPENDED["depth"] == 0:
-                hooks, pre, cached = _SUSPENDED["saved"]
-                hooks.update(_m._global_backward_hooks)  # (any registered meanwhile)
-                pre.update(_m._global_backward_pre_hooks)
-                _m._global_backward_hooks, _m._global_backward_pre_hooks = hooks, pre
-                parametrize._cache_enabled += cached
-                _SUSPENDED["saved"] = None
+        if entered:
+            with _sigint_deferred(), _GLOBAL_LOCK:
+                _restore_process_state(_m, parametrize)
+
+
+def _restore_process_state(_m: Any, parametrize: Any) -> None:
+    """The last call out puts the process-wide state back (under _GLOBAL_LOCK)."""
+    _SUSPENDED["depth"] -= 1
+    if _SUSPENDED["depth"] == 0:
+        hooks, pre, cached = _SUSPENDED["saved"]
+        hooks.update(_m._global_backward_hooks)  # (any registered meanwhile)
+        pre.update(_m._global_backward_pre_hooks)
+        _m._global_backward_hooks, _m._global_backward_pre_hooks = hooks, pre
+        parametrize._cache_enabled += cached
+        _SUSPENDED["saved"] = None
 
 
 @contextlib.contextmanager
@@ -681,6 +717,9 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
         # hook may change gradients, and torch.func refuses modules with full backward hooks.
         hooks = [(m, m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook)
                  for m in model.modules()]  # fmt: skip
+        # the (module, attribute) slots: torch.func's functional_call swaps fastntk's copies
+        # in and out; a Ctrl-C inside its swap-out left copies in the user's model
+        slots = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
         layout_fixes = []
         sparse: list[nn.Module] = []
         try:
@@ -720,24 +759,35 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
                     m.forward = types.MethodType(_prelu_forward, m)
             yield
         finally:
-            for h in layout_fixes:
-                h.remove()
-            for m in sparse:
-                m.sparse = True
-            for m, bh, bph, full in hooks:
-                m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = bh, bph, full
-            for m, old in swapped:
-                if old is _MISSING:
-                    m.__dict__.pop("forward", None)
-                else:
-                    m.forward = old
-            for m, t in flags:
-                m.training = t
-            for m, kept in attrs:
-                for k in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]:
-                    if k not in kept:
-                        del m.__dict__[k]
-                m.__dict__.update(kept)
+            with _sigint_deferred():  # (a Ctrl-C now is delivered once all is restored)
+                _restore_model(layout_fixes, sparse, hooks, swapped, flags, attrs, slots)
+
+
+def _restore_model(layout_fixes, sparse, hooks, swapped, flags, attrs, slots) -> None:
+    """What model_state changed, put back (each step idempotent)."""
+    for h in layout_fixes:
+        h.remove()
+    for m in sparse:
+        m.sparse = True
+    for m, bh, bph, full in hooks:
+        m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook = bh, bph, full
+    for m, old in swapped:
+        if old is _MISSING:
+            m.__dict__.pop("forward", None)
+        else:
+            m.forward = old
+    for m, t in flags:
+        m.training = t
+    for m, kept in attrs:
+        for k in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]:
+            if k not in kept:
+                del m.__dict__[k]
+        m.__dict__.update(kept)
+    for m, params, buffers in slots:
+        for store, saved in ((m._parameters, params), (m._buffers, buffers)):
+            for k, v in saved.items():
+                if store.get(k) is not v:
+                    store[k] = v
 
 
 _MISSING = object()

@@ -617,3 +617,65 @@ def test_torchscript_module_is_refused_with_advice():
                  lambda: fastntk.ntk_sketch(m, torch.randn(4, 3), sketch_dim=4)):  # fmt: skip
         with pytest.raises(errors.UnsupportedError, match="TorchScript"):
             call()
+
+
+def test_ctrl_c_during_a_restore_is_delivered_after_it():
+    """A KeyboardInterrupt in the middle of model_state's restore left every module in
+    eval mode or its backward hooks gone (helper-26, with a SIGALRM handler); Ctrl-C is
+    now held back while the user's state is put back, and delivered afterwards."""
+    import os
+    import signal
+    import time
+
+    from fastntk import _model
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _model._sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (the handler has run by now)
+            reached.append(True)
+    assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    m[1].register_full_backward_hook(lambda *a: None)
+    params = {n: p for n, p in m.named_parameters()}
+    real = _model._restore_model
+
+    def interrupted(*a):  # Ctrl-C arrives as the restore starts
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        real(*a)
+
+    _model._restore_model = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fastntk.ntk(m, torch.randn(5, 3))
+    finally:
+        _model._restore_model = real
+    assert all(mm.training for mm in m.modules()) and len(m[1]._backward_hooks) == 1
+    assert all(p is params[n] for n, p in m.named_parameters())
+
+
+def test_interrupted_swap_out_leaves_no_copies_in_the_model(monkeypatch):
+    """torch.func's functional_call does not undo a partial swap: interrupted while it puts
+    the user's tensors back, the model kept fastntk's copies (plain tensors, other ids);
+    model_state puts every (module, attribute) slot back as it was."""
+    from fastntk import _model
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = {n: p for n, p in m.named_parameters()}
+    real = _model.functional_call
+
+    def partial(module, slots, *a, **k):
+        out = real(module, slots, *a, **k)
+        module[0]._parameters["weight"] = slots["0.weight"]  # as if interrupted mid-restore
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_model, "functional_call", partial)
+    with pytest.raises(KeyboardInterrupt):
+        fastntk.ntk(m, torch.randn(5, 3))
+    assert all(p is params[n] for n, p in m.named_parameters())
+    assert all(type(p) is nn.Parameter for p in m.parameters())
