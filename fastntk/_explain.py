@@ -65,6 +65,9 @@ class Explanation:
         return "\n".join(lines)
 
 
+EXPLAIN_SAMPLES = 16  # samples explain's forward and probe run on (at most)
+
+
 @_model.with_grad
 def explain(
     model: nn.Module,
@@ -79,9 +82,11 @@ def explain(
 ) -> Explanation:
     """Report, per parameter, which path :func:`fastntk.ntk` takes, and its memory needs.
 
-    Runs the probe of :func:`fastntk.ntk` (a few forward passes on at most two samples
-    of ``x`` and on each alone; the model is left unchanged) to see which modules are
-    called, how often, and which dims hold the samples.
+    Runs the probe of :func:`fastntk.ntk` (a few forward passes on at most
+    ``EXPLAIN_SAMPLES`` (16) samples of ``x``, the first chunk's, and on its first and
+    last alone; the model is left unchanged) to see which modules are called, how
+    often, which dims hold the samples, and whether the samples are coupled (a coupling
+    only among later samples of a larger chunk is seen by ntk's probe, not here).
 
     Args: as :func:`fastntk.ntk`.
 
@@ -106,7 +111,9 @@ def explain(
         cap.install()
         alone = None  # why ntk runs each sample alone (vmap), if it does
         try:
-            xs = x[: min(samples, x.shape[0])]  # ntk's first chunk (its probe's too)
+            # the first chunk's first samples: two missed couplings among later ones (ntk
+            # probes its whole first chunk); all of a 256-sample chunk cost 25-90x the time
+            xs = x[: min(samples, x.shape[0], EXPLAIN_SAMPLES)]
             job.run_probe(xs)
             cap.n = xs.shape[0]
             xp = job._prep(xs)

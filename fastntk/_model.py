@@ -614,8 +614,8 @@ def _sigint_deferred() -> Iterator[None]:
     delivered at its end: a KeyboardInterrupt in the middle of a restore left modules in
     eval mode, their backward hooks gone, or the process-wide hooks lost (helper-26). Only
     in the main thread (where Python runs signal handlers); other signals are not held."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler installed outside Python, which could not be put back)
         return
     got: list[Any] = []
     try:
@@ -626,7 +626,8 @@ def _sigint_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        if old is not None:  # (getsignal said it was Python's; None cannot be put back)
+            signal.signal(signal.SIGINT, old)
         if got:
             if callable(old):
                 old(signal.SIGINT, got[0])  # (the default handler raises KeyboardInterrupt)

@@ -240,11 +240,6 @@ def _settings(args, metrics: list[str], space: Any) -> dict[str, Any]:
            "init": "torch.manual_seed(crc32('seed:arch'))"}
     if _dtype(args, metrics) != "float32":  # (journals of float32 runs keep their key)
         out["dtype"] = _dtype(args, metrics)
-    from fastntk.metrics import REVISIONS
-
-    revised = {m: REVISIONS[m] for m in metrics if m in REVISIONS}
-    if revised:  # (journals of metrics never revised keep their key)
-        out["revisions"] = revised
     if getattr(args, "algo", None) == "prune" and hasattr(space, "full_supernet"):
         out["supernet"] = "mean, shared weights"  # TE-NAS's: the live ops' mean, the full
         # supernet's weights (a key apart from the summed, separately seeded ones before)

@@ -1296,13 +1296,14 @@ class _Job:
 
     def _panel_bytes_per_sample(self, x: torch.Tensor) -> int:
         """Bytes of one sample's per-sample gradients over all backward passes (K for
-        "trace", "mean" and "full", else 1; K from one forward of a sample or two when no
-        chunk has run yet)."""
+        "trace", "mean" and "full", else 1; K from a forward of the first chunk when no
+        chunk has run yet: the model may not run on fewer samples, e.g. one that groups
+        them)."""
         out = self.head.output
         passes = 1
         if not (out == "sum" or callable(out) or isinstance(out, int)):
             if not self.head.K:
-                xs = self._prep(x[: min(2, x.shape[0])])
+                xs = self._prep(x[: min(self.samples, x.shape[0])])
                 with torch.no_grad():
                     self.head.passes(self.head(self.copies.call(self.model, xs, samples=_model.ROWS)))
             passes = max(1, self.head.K)
@@ -1665,10 +1666,11 @@ def _inplace_refused() -> Iterator[None]:
         if "modified by an inplace operation" not in str(e):
             raise
         raise UnsupportedError(
-            "the model's forward changes a tensor in place that its backward needs (e.g. a "
-            "weight clamped or renormalised in forward): its gradients are not defined as "
-            "written, so fastntk cannot compute the kernel; make the change out of place "
-            "(w = w.clamp(...)) or apply it to the model before the call"
+            "the model's forward changes a tensor in place that autograd saved for the "
+            "backward (e.g. a weight clamped or renormalised in forward), and this method runs "
+            "that forward again after saving it; method='loop' or 'vmap' (one forward per "
+            "graph) compute the kernel of the weights as the forward leaves them, or make the "
+            "change out of place (w = w.clamp(...)) or apply it to the model before the call"
         ) from e
 
 

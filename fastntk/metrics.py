@@ -1088,6 +1088,7 @@ def compute_metrics(
     reg = None
     failed = False  # errors="nan": the kernels could not be computed (all metrics NaN)
     reg_failed = False  # the regression's own inputs are unusable (its metrics NaN only)
+    e_failed = False  # the test batch cannot be perturbed (token ids): S_e alone NaN
 
     def _reg_input(fn: Callable[[], Any]) -> Any:
         """``fn()``; under errors="nan" an InputError of the regression's own inputs
@@ -1105,32 +1106,37 @@ def compute_metrics(
         if need_reg:
             assert yt is not None
 
-            def _batches() -> tuple:  # (x_test or None for the split, y_test, y_train, [x_test'])
+            def _batches() -> tuple:  # (x_test or None for the split, y_test, y_train)
                 if x_test is None:
                     n_te = n // 2
                     if n_te < 1:
                         raise InputError("expressivity/generalization need N >= 2 to split x")
-                    xte = x[n - n_te :]
-                    pert = [_perturb(xte, noise_std, seed)] if need_e else []
-                    return None, yt[n - n_te :], yt[: n - n_te], pert
+                    return None, yt[n - n_te :], yt[: n - n_te]
                 xte = _check_batch(x_test, "x_test")
                 if y_test is None:
                     raise InputError("x_test given without y_test")
-                yte = _check_labels(y_test, xte.shape[0], "y_test")
-                pert = [_perturb(xte, noise_std, seed)] if need_e else []
-                return xte, yte, yt, pert
+                return xte, _check_labels(y_test, xte.shape[0], "y_test"), yt
 
             got = _reg_input(_batches)
             if got is not None:
-                xte, yte, ytr, pert = got
+                xte, yte, ytr = got
+                pert: list[torch.Tensor] = []
+                if need_e:  # only S_e needs the perturbed test batch (token ids take none)
+                    xe = x[ytr.shape[0] :] if xte is None else xte
+                    try:
+                        pert = [_perturb(xe, noise_std, seed)]
+                    except InputError:
+                        if errors == "raise":
+                            raise
+                        e_failed = True
                 if xte is None:  # the split: blocks of one kernel of x (and x_test')
                     n_tr = ytr.shape[0]
                     Kx, pe = _joint(model, x, pert, kw)
                     K_tr, K_te = Kx[:n_tr, :n_tr], Kx[n_tr:, :n_tr]
-                    K_pe = pe[0][:, :n_tr] if need_e else None
+                    K_pe = pe[0][:, :n_tr] if pert else None
                 else:
                     Kx, (K_te, *pe) = _joint(model, x, [xte, *pert], kw)
-                    K_tr, K_pe = Kx, (pe[0] if need_e else None)
+                    K_tr, K_pe = Kx, (pe[0] if pert else None)
                 if bn != "batch":
                     K = Kx  # sample-independent BN: the x block IS Θ(x, x)
                 ncls = _reg_input(lambda: _resolve_classes(num_classes, ytr, yte))
@@ -1151,7 +1157,7 @@ def compute_metrics(
     reg_vals: tuple[float | None, float] | None = None
     for m in wanted:
         spec = METRICS[m]
-        if failed or (spec.kind == "ntk_score" and reg_failed):
+        if failed or (spec.kind == "ntk_score" and reg_failed) or (m == "expressivity" and e_failed):
             out[m] = float("nan")
             continue
         try:

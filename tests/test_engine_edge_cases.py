@@ -1234,3 +1234,27 @@ def test_explain_names_each_path_of_a_tied_weight():
     with fastntk.profile() as prof:
         fastntk.ntk(m, x1)
     assert prof.seconds.get("fallback", 0) == 0  # both uses by rules, as reported
+
+
+@pytest.mark.parametrize("output", ["trace", "full"])
+def test_panels_of_a_model_that_needs_its_whole_chunk(output):
+    """The panel's K came from a forward of two samples, which a model grouping its samples
+    in fours cannot run: a raw RuntimeError where the batch graph served it before
+    (helper-27). K now comes from a forward of the first chunk."""
+
+    class Groups4(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.l(x)).view(-1, 4, 6)
+            return self.o((h - h.mean(1, keepdim=True)).reshape(-1, 6))
+
+    torch.manual_seed(0)
+    m = Groups4().double()
+    x = _x(8, 5)
+    ref = reduce(full_kernel(m, x), output)
+    for method in ("auto", "layerwise"):
+        theta = fastntk.ntk(m, x, output=output, chunk_size=4, method=method, dtype=torch.float64, progress=False)
+        assert rel_err(theta, ref) <= TOL64, method

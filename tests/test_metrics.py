@@ -847,3 +847,18 @@ def test_kernel_evolution_copies_the_model_outside_other_calls():
         assert t.is_alive() and not out  # waiting for the model
     t.join()
     assert out[0].lga == ref.lga and out[0].relative_difference == ref.relative_difference
+
+
+def test_token_model_keeps_s_g_when_s_e_is_undefined():
+    """Token ids cannot be perturbed, so S_e is undefined for a token model; S_g is not,
+    and it was NaN whenever S_e was asked for too (helper-27)."""
+    import zoo
+
+    m, x, _ = zoo.make("tied", n=6)
+    y = torch.arange(6) % 2
+    alone = M.compute_metrics(m, x, y, names="generalization", dtype=torch.float64)
+    got = M.compute_metrics(m, x, y, names="ntk_score", errors="nan", dtype=torch.float64)
+    assert math.isnan(got["expressivity"]) and math.isfinite(got["trainability"])
+    assert got["generalization"] == pytest.approx(alone["generalization"], rel=1e-12)
+    with pytest.raises(InputError, match="token ids"):
+        M.compute_metrics(m, x, y, names="ntk_score", dtype=torch.float64)

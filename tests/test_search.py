@@ -416,3 +416,18 @@ def test_numpy_integer_seeds_and_sizes():
     r = regularized_evolution(ToySpace(), scorer(), budget=6, population_size=np.int32(3),
                               sample_size=np.int8(2))
     assert len(r.population) == 3
+
+
+def test_scorer_keys_on_revised_metrics():
+    """A journal used from Python keys on the revisions of revised metrics too (only the
+    CLI's settings had them: a journal written before S_e/S_g's revision served its
+    values as today's; helper-27)."""
+    from fastntk.metrics import DIRECTIONS as D
+    from fastntk.metrics import REVISIONS
+
+    s = Scorer(lambda a: {}, ["lga", "generalization"], D)
+    assert s.settings == {"metrics": ["lga", "generalization"],
+                          "revisions": {"generalization": REVISIONS["generalization"]}}  # fmt: skip
+    assert "revisions" not in Scorer(lambda a: {}, ["lga"], D).settings
+    own = Scorer(lambda a: {}, ["expressivity"], D, settings={"metrics": ["expressivity"], "seed": 3})
+    assert own.settings["revisions"] == {"expressivity": REVISIONS["expressivity"]} and own.settings["seed"] == 3

@@ -679,3 +679,19 @@ def test_interrupted_swap_out_leaves_no_copies_in_the_model(monkeypatch):
         fastntk.ntk(m, torch.randn(5, 3))
     assert all(p is params[n] for n, p in m.named_parameters())
     assert all(type(p) is nn.Parameter for p in m.parameters())
+
+
+def test_ctrl_c_deferral_leaves_a_foreign_sigint_handler_alone(monkeypatch):
+    """A SIGINT handler installed outside Python (an embedding application) reads as None
+    and cannot be put back: no deferral then (helper-27: a TypeError in the restore, and
+    fastntk's handler left installed)."""
+    import signal
+
+    from fastntk import _model
+
+    monkeypatch.setattr(signal, "getsignal", lambda sig: None)
+    installed = []
+    monkeypatch.setattr(signal, "signal", lambda sig, h: installed.append(h))
+    with _model._sigint_deferred():
+        pass
+    assert installed == []

@@ -132,7 +132,8 @@ class Scorer:
         directions: ``metric -> higher_is_better``; default from
             ``fastntk.metrics.DIRECTIONS``.
         settings: everything that determines the values (the journal key);
-            default ``{"metrics": metrics}``. A journal row of these settings that lacks
+            default ``{"metrics": metrics}``; ``"revisions"`` of revised metrics
+            (``fastntk.metrics.REVISIONS``) is added to it. A journal row of these settings that lacks
             one of ``metrics`` is completed: the architecture is scored again and the
             row gains the missing values.
     """
@@ -169,6 +170,11 @@ class Scorer:
         self.directions = {m: bool(directions[m]) for m in self.metrics}
         self.fn = fn
         self.settings = dict(settings) if settings is not None else {"metrics": self.metrics}
+        from fastntk.metrics import REVISIONS
+
+        revised = {m: REVISIONS[m] for m in self.metrics if m in REVISIONS}
+        if revised:  # scores stored before a metric's revision are not served as today's
+            self.settings.setdefault("revisions", revised)
 
     def __call__(self, arch: Any) -> dict[str, float]:
         out = self.fn(arch)
