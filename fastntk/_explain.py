@@ -112,7 +112,7 @@ def explain(
         alone = None  # why ntk runs each sample alone (vmap), if it does
         try:
             # the first chunk's first samples: two missed couplings among later ones (ntk
-            # probes its whole first chunk); all of a 256-sample chunk cost 25-90x the time
+            # probes its whole first chunk); all of a 256-sample chunk cost many times more
             xs = x[: min(samples, x.shape[0], EXPLAIN_SAMPLES)]
             job.run_probe(xs)
             cap.n = xs.shape[0]
