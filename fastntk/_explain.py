@@ -208,10 +208,8 @@ def explain(
     block = min(engine.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
     panel = 0
     if (n1 if x2 is None else n1 + n2) > samples:  # ntk's _panels
-        per_sample = max(1, job._panel_bytes_per_sample(x))
-        budget = engine._panel_budget(job.device)
-        rows = min(n1, max(samples, (budget // per_sample) // samples * samples))
-        panel = 2 * rows * per_sample  # kept, and concatenated once per panel
+        rows, per_sample = job._panel_rows(x)
+        panel = 2 * min(n1, rows) * per_sample  # kept, and concatenated once per panel
     if n1 > samples:
         notes.append(
             f"{n1} samples exceed the chunk of {samples}: the kernel is assembled from panels "

@@ -310,10 +310,15 @@ class Head:
             return y[:, self.output : self.output + 1] if self.output != -1 else y[:, -1:]
         return y
 
+    @property
+    def one_pass(self) -> bool:
+        """One backward pass per chunk ("sum", an int, a callable), else K of them."""
+        return self.output == "sum" or callable(self.output) or isinstance(self.output, int)
+
     def passes(self, y: torch.Tensor) -> list[torch.Tensor]:
         n, K = y.shape
         self.K = K
-        if self.output == "sum" or callable(self.output) or isinstance(self.output, int):
+        if self.one_pass:
             return [torch.ones_like(y)]
         eye = torch.eye(K, dtype=y.dtype, device=y.device)
         return [eye[k].expand(n, K) for k in range(K)]

@@ -75,6 +75,14 @@ METHODS = ("auto", "layerwise", "triton", "sketch", "vmap", "loop")
 DEFAULT_SAMPLE_CHUNK = 256
 BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
 PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows (at least)
+JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
+HASH_BYTES = 256 * 2**20  # sketch: hashes kept between chunks (9 bytes a coordinate and pass)
+GRAM_BUFFER_BYTES = 16 * 2**20  # small dense blocks batched into one Gram
+GRAM_DIRECT_BYTES = 2**20  # a dense block this big gets its own GEMM (no copy into the buffer)
+# "trace"/"mean": keep all logits' output gradients (K x one pass's) up to this size and
+# compute each layer's per-sample gradients for all logits at once; above it, stream
+# logit by logit (the memory targets at large N).
+BATCH_PASSES_BYTES = 2 * 2**30
 
 
 def _panel_budget(device: torch.device) -> int:
@@ -84,14 +92,6 @@ def _panel_budget(device: torch.device) -> int:
     if device.type == "cuda":
         return max(PANEL_BYTES, torch.cuda.get_device_properties(device).total_memory // 8)
     return PANEL_BYTES
-JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
-HASH_BYTES = 256 * 2**20  # sketch: hashes kept between chunks (9 bytes a coordinate and pass)
-GRAM_BUFFER_BYTES = 16 * 2**20  # small dense blocks batched into one Gram
-GRAM_DIRECT_BYTES = 2**20  # a dense block this big gets its own GEMM (no copy into the buffer)
-# "trace"/"mean": keep all logits' output gradients (K x one pass's) up to this size and
-# compute each layer's per-sample gradients for all logits at once; above it, stream
-# logit by logit (the memory targets at large N).
-BATCH_PASSES_BYTES = 2 * 2**30
 
 
 @_model.with_grad
@@ -1299,9 +1299,8 @@ class _Job:
         "trace", "mean" and "full", else 1; K from a forward of the first chunk when no
         chunk has run yet: the model may not run on fewer samples, e.g. one that groups
         them)."""
-        out = self.head.output
         passes = 1
-        if not (out == "sum" or callable(out) or isinstance(out, int)):
+        if not self.head.one_pass:
             if not self.head.K:
                 xs = self._prep(x[: min(self.samples, x.shape[0])])
                 with torch.no_grad():
@@ -1309,17 +1308,22 @@ class _Job:
             passes = max(1, self.head.K)
         return sum(p.numel() for p in self.selected.values()) * self.dtype.itemsize * passes
 
+    def _panel_rows(self, x: torch.Tensor) -> tuple[int, int]:
+        """(rows of a panel, bytes of one sample's per-sample gradients): as many rows,
+        in whole chunks, as the panel budget holds, of every backward pass (the K passes
+        of "trace"/"mean" are kept alike: counting one made a "trace" panel hold K times
+        the budget)."""
+        c = self.samples
+        per_sample = max(1, self._panel_bytes_per_sample(x))
+        return max(c, (_panel_budget(self.device) // per_sample) // c * c), per_sample
+
     def _panels(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
         """Blockwise assembly for batches larger than one sample chunk."""
         sym = x2 is None
         xb = x1 if sym else x2
         n1, n2 = x1.shape[0], xb.shape[0]
         c = self.samples
-        # Panel rows: as many per-sample gradients as the panel budget holds, of every
-        # backward pass (the K passes of "trace"/"mean" are kept alike: counting one
-        # made a "trace" panel hold K times the budget).
-        per_sample = max(1, self._panel_bytes_per_sample(x1))
-        panel = max(c, (_panel_budget(self.device) // per_sample) // c * c)
+        panel, _ = self._panel_rows(x1)
         col_chunks = [(s, min(n2, s + c)) for s in range(0, n2, c)]
         panels = [(s, min(n1, s + panel)) for s in range(0, n1, panel)]
         theta: torch.Tensor | None = None

@@ -1087,19 +1087,19 @@ def compute_metrics(
     K = None
     reg = None
     failed = False  # errors="nan": the kernels could not be computed (all metrics NaN)
-    reg_failed = False  # the regression's own inputs are unusable (its metrics NaN only)
-    e_failed = False  # the test batch cannot be perturbed (token ids): S_e alone NaN
+    undefined: set[str] = set()  # errors="nan": metrics whose own inputs are unusable
+    regression = [m for m, spec in METRICS.items() if spec.kind == "ntk_score"]  # S_e, S_g
 
-    def _reg_input(fn: Callable[[], Any]) -> Any:
-        """``fn()``; under errors="nan" an InputError of the regression's own inputs
-        (labels, the split, the test batch) marks only S_e and S_g as undefined."""
-        nonlocal reg_failed
+    def _or_undefined(fn: Callable[[], Any], names: Sequence[str]) -> Any:
+        """``fn()``; under errors="nan" an InputError of these metrics' own inputs (the
+        regression's labels, split and test batch; S_e's perturbed batch) marks only
+        ``names`` as undefined (None)."""
         try:
             return fn()
         except InputError:
             if errors == "raise":
                 raise
-            reg_failed = True
+            undefined.update(names)
             return None
 
     try:
@@ -1117,18 +1117,14 @@ def compute_metrics(
                     raise InputError("x_test given without y_test")
                 return xte, _check_labels(y_test, xte.shape[0], "y_test"), yt
 
-            got = _reg_input(_batches)
+            got = _or_undefined(_batches, regression)
             if got is not None:
                 xte, yte, ytr = got
                 pert: list[torch.Tensor] = []
                 if need_e:  # only S_e needs the perturbed test batch (token ids take none)
                     xe = x[ytr.shape[0] :] if xte is None else xte
-                    try:
-                        pert = [_perturb(xe, noise_std, seed)]
-                    except InputError:
-                        if errors == "raise":
-                            raise
-                        e_failed = True
+                    xp = _or_undefined(lambda: _perturb(xe, noise_std, seed), ["expressivity"])
+                    pert = [] if xp is None else [xp]
                 if xte is None:  # the split: blocks of one kernel of x (and x_test')
                     n_tr = ytr.shape[0]
                     Kx, pe = _joint(model, x, pert, kw)
@@ -1139,7 +1135,7 @@ def compute_metrics(
                     K_tr, K_pe = Kx, (pe[0] if pert else None)
                 if bn != "batch":
                     K = Kx  # sample-independent BN: the x block IS Θ(x, x)
-                ncls = _reg_input(lambda: _resolve_classes(num_classes, ytr, yte))
+                ncls = _or_undefined(lambda: _resolve_classes(num_classes, ytr, yte), regression)
                 if ncls is not None:
 
                     def _reg() -> tuple[float | None, float]:
@@ -1157,7 +1153,7 @@ def compute_metrics(
     reg_vals: tuple[float | None, float] | None = None
     for m in wanted:
         spec = METRICS[m]
-        if failed or (spec.kind == "ntk_score" and reg_failed) or (m == "expressivity" and e_failed):
+        if failed or m in undefined:
             out[m] = float("nan")
             continue
         try:

@@ -45,8 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastntk._args import integer
 from fastntk.errors import ArchitectureError, OptionError
+from fastntk.spaces.base import positive_int
 
 __all__ = [
     "DATASETS",
@@ -711,8 +711,8 @@ def build_model(arch: ArchLike, num_classes: int = 10, C: int = 16, N: int = 5) 
     No op works in place, so the model runs under ``torch.func`` transforms.
     """
     arch = _as_arch(arch)
-    num_classes = integer(num_classes, "num_classes", 1)  # (numpy integers too, not bools)
-    C, N = integer(C, "C", 1), integer(N, "N", 0)
+    num_classes = positive_int("num_classes", num_classes)  # (numpy integers too, not bools)
+    C, N = positive_int("C", C), positive_int("N", N, minimum=0)
     return TinyNetwork(arch, C=C, N=N, num_classes=num_classes)
 
 
