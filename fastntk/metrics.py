@@ -62,7 +62,10 @@ from fastntk.errors import (
 __all__ = [
     "DIRECTIONS",
     "EXPRESSIVITY_HIGHER_IS_BETTER",
+    "BN_MODES",
     "METRICS",
+    "NAS",
+    "NAS_METRICS",
     "KernelEvolution",
     "MetricSpec",
     "borda",
@@ -530,7 +533,8 @@ def _ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, **k
     return ntk(model, x1, x2, **kw)
 
 
-_BN_MODES = ("eval", "batch", "per_sample")
+#: The BatchNorm modes of :func:`fastntk.ntk` (``bn=``).
+BN_MODES = ("eval", "batch", "per_sample")
 
 
 def _check_errors(errors: Any) -> None:
@@ -539,8 +543,8 @@ def _check_errors(errors: Any) -> None:
 
 
 def _ntk_kwargs(bn: str, params: Any, output: Any, dtype: Any, chunk_size: Any) -> dict:
-    if bn not in _BN_MODES:
-        raise OptionError(f"bn must be one of {_BN_MODES}, got {bn!r}")
+    if bn not in BN_MODES:
+        raise OptionError(f"bn must be one of {BN_MODES}, got {bn!r}")
     if isinstance(output, str) and output == "full":
         raise OptionError("metrics need a (N, N) kernel: output='full' is not accepted")
     kw: dict[str, Any] = {"output": output, "bn": bn, "params": params}
@@ -917,7 +921,9 @@ class MetricSpec:
     Attributes:
         name: the command-line name.
         kind: ``"kernel"`` (a function of Θ(x, x) and maybe y, shared kernel),
-            ``"ntk_score"`` (needs the kernel-regression kernels) or ``"vintk"``.
+            ``"ntk_score"`` (needs the kernel-regression kernels), ``"vintk"``,
+            ``"evolution"`` (a kernel after training: :func:`kernel_evolution`) or
+            ``"model"`` (a property of the model alone: its parameter count).
         higher_is_better: direction for ranking / Borda.
         needs_labels: whether y is required.
         fn: for ``kind == "kernel"``: ``fn(K, y, opts) -> float``.
@@ -972,7 +978,26 @@ METRICS: dict[str, MetricSpec] = {
         "generalization", "ntk_score", False, True, None, "NTK-score S_g (Eq. 10)"
     ),
     "vintk": MetricSpec("vintk", "vintk", True, False, None, "fastntk ViNTK: -cond(Θ_vi)"),
+    "lga_t": MetricSpec(
+        "lga_t", "evolution", True, True, None, "LGA after t epochs of the LGA paper's training"
+    ),
+    "num_params": MetricSpec(
+        "num_params", "model", True, False, None, "number of parameters (zero-cost baseline)"
+    ),
 }
+
+#: The NAS preset of :func:`compute_metrics`: ``compute_metrics(model, x, y, NAS_METRICS,
+#: **NAS)`` scores an architecture the way that measured best against NAS-Bench-201 accuracy
+#: (``bench/results/nb201_space.md``; ``fastntk score|search|evaluate`` and
+#: :data:`fastntk.adapters.MEASURES` use it). Each sample's BatchNorm uses its own
+#: statistics: the papers' train-mode ranking (τ within noise of the coupled batch kernel)
+#: at the cost of an eval-mode kernel, where running statistics rank LGA and F-Norm
+#: backwards. The engine's own default (``fastntk.ntk``: the function as it is, ``bn="eval"``)
+#: is not this.
+NAS: dict[str, Any] = {"bn": "per_sample", "params": None}
+
+#: The default NAS score: the Borda count of these metrics (see :data:`NAS`).
+NAS_METRICS: tuple[str, ...] = ("ncn", "lga", "num_params")
 
 # Metric groups: a name that expands to several metrics.
 _GROUPS: dict[str, tuple[str, ...]] = {
@@ -1033,6 +1058,10 @@ def compute_metrics(
     beta: float = 1.0,
     errors: str = "raise",
     progress: bool | None = None,
+    lga_epochs: int = 1,
+    train_x: torch.Tensor | None = None,
+    train_y: Any = None,
+    train_batch_size: int = 1024,
 ) -> dict[str, float]:
     """Compute the requested metrics of one model, computing each kernel once.
 
@@ -1048,6 +1077,12 @@ def compute_metrics(
       cost one call; with ``bn="batch"`` Θ(x, x) is a second call. ``trainability`` is
       always ``S_t(Θ(x, x))`` (use :func:`ntk_score` for S_t of the train batch alone).
     * ``vintk`` needs one extra kernel Θ(hp(x), hp(x)).
+    * ``lga_t`` is LGA_t, the LGA paper's main metric: the LGA of Θ_t(x, x) after
+      ``lga_epochs`` epochs of the paper's training recipe on ``(train_x, train_y)``
+      (default: x, y) in minibatches of ``train_batch_size``, via :func:`kernel_evolution`
+      on a copy (seeded with ``seed``; the user's model is not trained).
+    * ``num_params`` is the number of parameters of the model (every parameter, whatever
+      ``params`` selects): the zero-cost baseline a training-free metric must beat.
 
     Args:
         model: the network (not changed).
@@ -1064,6 +1099,8 @@ def compute_metrics(
     """
     wanted = _expand(names)
     _check_errors(errors)
+    lga_epochs = _args.integer(lga_epochs, "lga_epochs", 0)
+    train_batch_size = _args.integer(train_batch_size, "train_batch_size", 1)
     noise_std = _nonneg(noise_std, "noise_std")
     jitter = _nonneg(jitter, "jitter")
     if rtol is not None:
@@ -1165,6 +1202,25 @@ def compute_metrics(
                     assert reg is not None
                     reg_vals = reg()
                 out[m] = reg_vals[0] if m == "expressivity" else reg_vals[1]  # type: ignore[assignment]
+            elif spec.kind == "model":
+                out[m] = float(sum(p.numel() for p in model.parameters()))
+            elif spec.kind == "evolution":
+                evo = kernel_evolution(
+                    model,
+                    x,
+                    yt,
+                    times=(lga_epochs,),
+                    train_x=train_x,
+                    train_y=train_y,
+                    batch_size=train_batch_size,
+                    seed=seed,
+                    bn=bn,
+                    params=params,
+                    output=output,
+                    dtype=dtype,
+                    chunk_size=chunk_size,
+                )
+                out[m] = evo.lga[-1]
             else:  # vintk
                 out[m] = vintk(
                     model,

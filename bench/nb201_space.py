@@ -1,0 +1,272 @@
+"""fastntk's metrics on the whole NAS-Bench-201 space: Kendall τ and Spearman ρ per BN mode.
+
+Evidence script (not a CI test). Every one of the 6,466 architectures that are unique up to
+isomorphism (``nb201.canonical``) is scored once per BatchNorm mode, with the scorer that
+``fastntk score|search|evaluate`` use (``fastntk.search.scoring.space_scorer``: the same
+64 bundled CIFAR-10 images, the same seeded weights), and the score is mapped back to all
+15,625 architectures of its class. The summary gives, for CIFAR-10, CIFAR-100 and
+ImageNet16-120 200-epoch test accuracy, each metric's τ and ρ (oriented by its direction,
+undefined values ranked last, as a search ranks them), the parameter count, Borda counts
+of metrics, the default NAS score, and published figures on the same space.
+
+The journal is the CSV (``--out``): one row per (architecture, BN mode, setting), appended
+and flushed as soon as it is computed; a rerun skips the rows it holds, so the run can be
+killed and resumed across sessions. Architectures are taken in a seeded random order, so
+the rows done at any time are a uniform random sample of the space and the summary of a
+partial run is an unbiased estimate (it says how many classes it covers).
+
+    python bench/nb201_space.py --bn per_sample,eval --threads 1          # runs, resumes
+    python bench/nb201_space.py --summary-only                             # table so far
+    python bench/nb201_space.py --summary-only --evidence                  # + the defaults'
+        # evidence file fastntk/data/nas_evidence.json (read by fastntk's notes and tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+
+import numpy as np
+from scipy import stats
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from _meta import git_sha  # noqa: E402
+
+from fastntk import metrics as M  # noqa: E402
+from fastntk.search.scoring import space_scorer  # noqa: E402
+from fastntk.spaces import nb201  # noqa: E402
+
+DATASETS = (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"), ("imagenet16-120", "ImageNet16-120"))
+METRICS = ("fnorm", "mean", "ncn", "lga", "trainability", "num_params")
+PARAM_SETS = {"all": None, "weights": lambda name, p: "weight" in name}
+# Borda counts reported next to the single metrics (the default score among them).
+BORDAS = (("ncn", "lga"), ("ncn", "num_params"), ("lga", "num_params"),
+          ("ncn", "lga", "num_params"), ("fnorm", "ncn", "lga", "num_params"))
+# Published figures on the same 15,625 architectures (Spearman ρ unless τ is named):
+# zero-cost-nas (Abdelfattah et al., ICLR 2021, Table "NAS-Bench-201", all 15,625 archs)
+# and AZ-NAS (Lee & Ham, CVPR 2024, NAS-Bench-201 CIFAR-10).
+PUBLISHED = (
+    ("zero-cost-nas synflow", (0.737, 0.763, 0.751), None),
+    ("zero-cost-nas jacob_cov", (0.731, 0.704, 0.701), None),
+    ("zero-cost-nas snip", (0.596, None, None), None),
+    ("zero-cost-nas grad_norm", (0.594, None, None), None),
+    ("zero-cost-nas vote", (0.817, 0.832, 0.813), None),
+    ("AZ-NAS", (0.913, None, None), 0.741),
+)
+FIELDS = ("arch", "bn", "params_set", "seed", "batch_size", "dtype", *METRICS, "seconds",
+          "error", "commit")  # fmt: skip
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bn", default="per_sample,eval", help="BN modes, comma separated")
+    ap.add_argument("--params", default="all", choices=sorted(PARAM_SETS))
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the order, data and weights")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--limit", type=int, help="stop after this many new rows")
+    ap.add_argument("--time-budget", type=float, help="stop after this many seconds")
+    ap.add_argument("--summary-only", action="store_true", help="compute nothing")
+    ap.add_argument("--evidence", action="store_true",
+                    help="also write fastntk/data/nas_evidence.json from the summary")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "nb201_space.csv"))
+    return ap.parse_args(argv)
+
+
+def order(seed: int) -> list[str]:
+    """The canonical architectures in the run's seeded order."""
+    reps = sorted(set(nb201.canonical(a) for a in nb201.all_archs()))
+    random.Random(seed).shuffle(reps)
+    return reps
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run(args, bns: list[str]) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    done = {(r["arch"], r["bn"]) for r in read_rows(args.out) if same_setting(r, args)}
+    todo = [(a, bn) for a in order(args.seed) for bn in bns if (a, bn) not in done]
+    if args.limit is not None:
+        todo = todo[: args.limit]
+    space = nb201.NB201Space()
+    scorers = {bn: space_scorer(space, METRICS, bn=bn, seed=args.seed, dtype="float32",
+                                batch_size=args.batch_size) for bn in bns}  # fmt: skip
+    params = PARAM_SETS[args.params]
+    commit = git_sha()
+    print(f"# {len(todo)} rows to compute ({len(done)} in {args.out}); torch "
+          f"{torch.__version__}, {args.threads} threads, commit {commit}", flush=True)
+    new = not os.path.exists(args.out)
+    t0 = time.monotonic()
+    with open(args.out, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        for i, (arch, bn) in enumerate(todo):
+            if args.time_budget is not None and time.monotonic() - t0 > args.time_budget:
+                print("# time budget reached", flush=True)
+                break
+            t = time.monotonic()
+            fn = scorers[bn].fn
+            row = {"arch": arch, "bn": bn, "params_set": args.params, "seed": args.seed,
+                   "batch_size": args.batch_size, "dtype": "float32", "error": "",
+                   "commit": commit}  # fmt: skip
+            try:
+                if params is None:
+                    vals = fn(arch)
+                else:  # another parameter selection than the scorer's (every parameter)
+                    vals = _score_with_params(fn, arch, params)
+                row.update(vals)
+                bad = [m for m in METRICS if math.isnan(vals[m])]
+                row["error"] = "undefined: " + " ".join(bad) if bad else ""
+            except Exception as e:  # one bad architecture must not stop the run
+                row.update({m: "nan" for m in METRICS})
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            row["seconds"] = f"{time.monotonic() - t:.2f}"
+            w.writerow(row)
+            f.flush()
+            el = time.monotonic() - t0
+            print(f"[{i + 1}/{len(todo)}] {bn:10s} {row['seconds']}s "
+                  f"eta {el / (i + 1) * (len(todo) - i - 1) / 3600:.1f} h  "
+                  + " ".join(f"{m}={float(row[m]):.4g}" for m in METRICS[:5])
+                  + f" {row['error']}", flush=True)  # fmt: skip
+
+
+def _score_with_params(fn, arch, params):
+    import torch
+
+    from fastntk.search.scoring import arch_seed
+
+    enc = fn.space.encode(arch)
+    torch.manual_seed(arch_seed(fn.seed, enc))
+    model = fn.space.build(arch, num_classes=fn.num_classes)
+    return M.compute_metrics(model, fn.x, fn.y, list(METRICS), bn=fn.bn, params=params,
+                             errors="nan", dtype=torch.float32, progress=False)  # fmt: skip
+
+
+def same_setting(r: dict, args) -> bool:
+    return (r.get("seed") == str(args.seed) and r.get("batch_size") == str(args.batch_size)
+            and r.get("params_set") == args.params)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# summary
+# --------------------------------------------------------------------------------------
+
+
+def _oriented(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """Higher predicts better; NaN and a metric's own worst infinity rank last, tied."""
+    v = np.where(np.isnan(values), -np.inf, values if higher_is_better else -values)
+    return stats.rankdata(v)  # -inf entries tie at the bottom
+
+
+def _borda(table: dict[str, np.ndarray], names) -> np.ndarray:
+    return sum(_oriented(table[m], M.DIRECTIONS[m]) for m in names)
+
+
+def correlations(rows: list[dict], members: dict[str, list[str]], truth) -> dict:
+    """{score name: {dataset: (tau, rho)}} over every architecture of the scored classes."""
+    archs = [a for r in rows for a in members[r["arch"]]]
+    per_arch = {m: np.array([float(r[m]) for r in rows for _ in members[r["arch"]]])
+                for m in METRICS}  # fmt: skip
+    scores = {m: _oriented(per_arch[m], M.DIRECTIONS[m]) for m in METRICS}
+    for names in BORDAS:
+        scores["borda(" + ", ".join(names) + ")"] = _borda(per_arch, names)
+    out = {}
+    for name, s in scores.items():
+        out[name] = {}
+        for d, _ in DATASETS:
+            acc = np.array([truth[d][a] for a in archs])
+            out[name][d] = (float(stats.kendalltau(s, acc).statistic),
+                            float(stats.spearmanr(s, acc).statistic))  # fmt: skip
+    return out
+
+
+def summarise(args, bns: list[str]) -> tuple[str, dict]:
+    rows = [r for r in read_rows(args.out) if same_setting(r, args)]
+    members: dict[str, list[str]] = {}
+    for a in nb201.all_archs():
+        members.setdefault(nb201.canonical(a), []).append(a)
+    truth = {d: {a: nb201.accuracy(a, d) for a in nb201.all_archs()} for d, _ in DATASETS}
+    default = "borda(" + ", ".join(M.NAS_METRICS) + ")"
+    lines = [
+        "## fastntk metrics on the whole NAS-Bench-201 space",
+        "",
+        f"Unique architectures scored once per BN mode (seed {args.seed}, {args.batch_size} "
+        f"bundled CIFAR-10 images, float32 kernels, params={args.params}, the sum-of-logits "
+        "kernel, weights from `fastntk.search.scoring.space_scorer`), each score mapped back "
+        "to every architecture of its isomorphism class; Kendall τ / Spearman ρ with the "
+        "200-epoch test accuracy. Metrics are oriented by their direction (positive: predicts "
+        "accuracy); undefined values (a network whose output ignores its input) rank last. "
+        f"Command: `python bench/nb201_space.py {' '.join(sys.argv[1:])}`, machine: "
+        f"{platform.machine()}, {os.cpu_count()} CPUs; summary at commit {git_sha()}, "
+        f"{time.strftime('%Y-%m-%d')} (each CSV row names the commit that computed it).",
+        "",
+    ]
+    evidence = {"tau": {}, "n": {}, "default_score": default}
+    for bn in bns:
+        rs = [r for r in rows if r["bn"] == bn]
+        if len(rs) < 3:
+            continue
+        n_arch = sum(len(members[r["arch"]]) for r in rs)
+        secs = np.array([float(r["seconds"]) for r in rs])
+        cor = correlations(rs, members, truth)
+        lines += [f"### bn={bn}: {len(rs)} of {nb201.NUM_UNIQUE} unique architectures "
+                  f"({n_arch} of {nb201.NUM_ARCHS}); median {np.median(secs):.2f} s each", "",
+                  "| score | " + " | ".join(f"{lab} τ | {lab} ρ" for _, lab in DATASETS) + " |",
+                  "|---|" + "---|---|" * len(DATASETS)]  # fmt: skip
+        for name, by_d in cor.items():
+            label = f"**{name} (default score)**" if name == default else name
+            cells = " | ".join(f"{by_d[d][0]:+.3f} | {by_d[d][1]:+.3f}" for d, _ in DATASETS)
+            lines.append(f"| {label} | {cells} |")
+        lines.append("")
+        evidence["tau"][bn] = {m: round(cor[m]["cifar10"][0], 4) for m in METRICS}
+        evidence["tau"][bn][default] = round(cor[default]["cifar10"][0], 4)
+        evidence["n"][bn] = len(rs)
+    lines += ["### Published on the same 15,625 architectures", "",
+              "| method | CIFAR-10 ρ | CIFAR-100 ρ | ImageNet16-120 ρ | CIFAR-10 τ |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, rhos, tau in PUBLISHED:
+        cells = " | ".join("–" if r is None else f"{r:.3f}" for r in rhos)
+        lines.append(f"| {name} | {cells} | {'–' if tau is None else f'{tau:.3f}'} |")
+    return "\n".join(lines) + "\n", evidence
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    bns = [b.strip() for b in args.bn.split(",") if b.strip()]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if not args.summary_only:
+        run(args, bns)
+    table, evidence = summarise(args, bns)
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(table)
+    print(table)
+    if args.evidence:
+        evidence["source"] = "bench/results/" + os.path.basename(md)
+        path = os.path.join(HERE, "..", "fastntk", "data", "nas_evidence.json")
+        with open(path, "w") as f:
+            json.dump(evidence, f, indent=1, sort_keys=True)
+            f.write("\n")
+        print(f"evidence: {os.path.normpath(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
