@@ -99,7 +99,7 @@ setup(
     description="Fast, exact empirical Neural Tangent Kernels for PyTorch, and NTK-based NAS",
     packages=packages,
     package_dir={"fastntk.kernels": "kernels"},
-    package_data={"fastntk": ["data/*.npz", "data/*.csv.gz", "data/*.md"]},
+    package_data={"fastntk": ["data/*.npz", "data/*.csv.gz", "data/*.md", "data/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy>=1.24"],
     extras_require={

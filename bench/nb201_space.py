@@ -235,8 +235,7 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
             cells = " | ".join(f"{by_d[d][0]:+.3f} | {by_d[d][1]:+.3f}" for d, _ in DATASETS)
             lines.append(f"| {label} | {cells} |")
         lines.append("")
-        evidence["tau"][bn] = {m: round(cor[m]["cifar10"][0], 4) for m in METRICS}
-        evidence["tau"][bn][default] = round(cor[default]["cifar10"][0], 4)
+        evidence["tau"][bn] = {name: round(by_d["cifar10"][0], 3) for name, by_d in cor.items()}
         evidence["n"][bn] = len(rs)
     lines += ["### Published on the same 15,625 architectures", "",
               "| method | CIFAR-10 ρ | CIFAR-100 ρ | ImageNet16-120 ρ | CIFAR-10 τ |",

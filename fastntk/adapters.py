@@ -30,7 +30,10 @@ do not use a loss). The network is left unchanged: parameters, buffers
 (BatchNorm running statistics) and train/eval flags are restored.
 Keyword options of :func:`fastntk.metrics.compute_metrics` (``bn``,
 ``params``, ``output``, ...) can be bound with ``measure(name, **options)``; they are
-checked when the measure is made.
+checked when the measure is made. Unbound options take the NAS preset
+:data:`fastntk.metrics.NAS` (per-sample BatchNorm statistics: the mode whose kernels
+predicted NAS-Bench-201 accuracy, ``bench/results/nb201_space.md``), not the engine's
+``bn="eval"``.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import torch.nn as nn
 
 from fastntk import _args
 from fastntk.errors import InputTypeError, OptionError
-from fastntk.metrics import METRICS, compute_metrics
+from fastntk.metrics import METRICS, NAS, compute_metrics
 
 __all__ = ["MEASURES", "Measure", "TENAS", "is_oom", "measure", "register"]
 
@@ -59,8 +62,9 @@ TENAS: dict[str, Any] = {
 (VITA-Group/TENAS ``lib/procedures/ntk.py``, ``get_ntk_n``): BatchNorm in train mode over
 the whole batch (one forward, samples coupled), the gradient of the sum of the logits,
 and only the parameters whose name contains "weight" (convolutions, BatchNorm gammas and
-the classifier's weight; biases and BatchNorm betas left out). fastntk's defaults
-(``bn="eval"``, every parameter) give another kernel, and rank architectures differently."""
+the classifier's weight; biases and BatchNorm betas left out). fastntk's NAS defaults
+(:data:`fastntk.metrics.NAS`: per-sample BatchNorm, every parameter) give another kernel,
+and rank architectures differently."""
 
 _BOUND_BY_THE_MEASURE = ("model", "x", "y", "names")
 
@@ -127,7 +131,8 @@ def measure(name: str, **options: Any) -> Measure:
 
     Args:
         name: a key of :data:`fastntk.metrics.METRICS`.
-        **options: keyword options of :func:`fastntk.metrics.compute_metrics`.
+        **options: keyword options of :func:`fastntk.metrics.compute_metrics`; the ones
+            not given take the NAS preset :data:`fastntk.metrics.NAS`.
 
     Returns:
         ``fn(net, inputs, targets, split_data=1, loss_fn=None) -> float``.
@@ -146,6 +151,7 @@ def measure(name: str, **options: Any) -> Measure:
     except TypeError as e:
         raise OptionError(f"measure({name!r}, ...): {e} (options of "
                           "fastntk.metrics.compute_metrics)") from None  # fmt: skip
+    options = {**NAS, **options}
     _check_values(options)
     bound_chunk = options.get("chunk_size")
 
@@ -205,7 +211,10 @@ def register(measures: Any, name: str, *, as_name: str | None = None, copy_bn: b
     if not callable(getattr(measures, "measure", None)):
         raise OptionError("register() needs the measures package of zero-cost-nas or NASLib "
                           "(it has a measure(name, bn=...) decorator)")  # fmt: skip
-    fn = measure(name, **{"errors": "nan", **options})
+    # copy_bn=False: the harness's copy has identity BatchNorms (their forward set on the
+    # instance), which per-sample statistics would have to replace: no BN mode applies, and
+    # "eval" runs them as set
+    fn = measure(name, **{"errors": "nan", **({} if copy_bn else {"bn": "eval"}), **options})
     key = as_name or f"fastntk_{name}"
 
     def harness_fn(net, inputs, targets=None, *args: Any, loss_fn: Any = None,
@@ -218,4 +227,5 @@ def register(measures: Any, name: str, *, as_name: str | None = None, copy_bn: b
 
 
 MEASURES: dict[str, Measure] = {name: measure(name) for name in METRICS}
-"""One measure per fastntk metric, with default options (not TE-NAS's: see :data:`TENAS`)."""
+"""One measure per fastntk metric, with the NAS preset :data:`fastntk.metrics.NAS` (not
+TE-NAS's options: see :data:`TENAS`)."""

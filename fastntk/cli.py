@@ -70,6 +70,19 @@ def _positive_int(what: str):
     return parse
 
 
+def _nonneg_int(what: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 0, got {v}")
+        return v
+
+    return parse
+
+
 def _positive_float(what: str, unit: str = ""):
     def parse(s: str) -> float:
         try:
@@ -116,13 +129,22 @@ def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
                    help=f"samples per NTK batch (default {batch})")
     p.add_argument("--data", default="cifar10", choices=("cifar10", "synthetic"),
                    help="bundled CIFAR-10 sample or seeded synthetic images")
-    p.add_argument("--bn", default="eval", choices=("eval", "batch", "per_sample"),
-                   help="BatchNorm semantics of the kernel (default eval)")
+    p.add_argument("--bn", choices=("eval", "batch", "per_sample"),
+                   help="BatchNorm semantics of the kernels (default per_sample, the NAS "
+                        "preset fastntk.metrics.NAS: it measured best on NAS-Bench-201)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of data, init and search")
     p.add_argument("--dtype", choices=("float32", "float64"),
-                   help="dtype of the kernels (default float32; float64 for ncn, cond and "
-                        "vintk, whose condition numbers float32 cannot resolve beyond "
-                        "1/(N*eps))")
+                   help="dtype of the kernels (default float32; with --bn eval, float64 "
+                        "for ncn, cond and vintk, whose condition numbers float32 cannot "
+                        "resolve beyond 1/(N*eps))")
+    p.add_argument("--lga-epochs", type=_nonneg_int("--lga-epochs"), default=1,
+                   help="lga_t: epochs of the LGA paper's training before the kernel "
+                        "(default 1)")
+    p.add_argument("--lga-train", type=_positive_int("--lga-train"), default=512,
+                   help="lga_t: training images, the next ones of the data after the "
+                        "scored batch (default 512)")
+    p.add_argument("--lga-batch", type=_positive_int("--lga-batch"), default=64,
+                   help="lga_t: training minibatch size (default 64)")
     _add_threads_arg(p)
 
 
@@ -130,6 +152,10 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int("--threads"),
                    help="torch intra-op threads (default: torch's choice; on a shared, "
                         "loaded machine 1 avoids OpenMP oversubscription)")
+
+
+_METRIC_HELP = ("metric name(s), comma separated; several are combined by a Borda count "
+                "(default: ncn,lga,num_params, the NAS default score)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,13 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="metrics of one architecture")
     p.add_argument("--space", default="nb201")
     p.add_argument("--arch", required=True, help="architecture string of the space")
-    p.add_argument("--metric", required=True, help="metric name(s), comma separated")
+    p.add_argument("--metric", help=_METRIC_HELP)
     _add_data_args(p, 64)
 
     p = sub.add_parser("search", help="training-free architecture search")
     p.add_argument("--space", default="nb201")
     p.add_argument("--algo", default="random", help="random | rea | prune | reinforce")
-    p.add_argument("--metric", required=True, help="metric name(s); several: Borda count")
+    p.add_argument("--metric", help=_METRIC_HELP)
     p.add_argument("--budget", type=_positive_int("--budget"),
                    help="number of architecture evaluations")
     p.add_argument("--time-budget", type=_positive_float("--time-budget", " seconds"),
@@ -171,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="rank correlation of metrics with true accuracy")
     p.add_argument("--space", default="nb201")
-    p.add_argument("--metric", required=True, help="metric name(s), comma separated")
+    p.add_argument("--metric", help=_METRIC_HELP)
     p.add_argument("--archs", type=_positive_int("--archs"), required=True,
                    help="number of sampled architectures")
     p.add_argument("--dataset", default="cifar10",
@@ -199,86 +225,32 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------
 
 
-def _expand_metrics(spec: str) -> list[str]:
-    """Metric names of a comma-separated spec (groups such as ntk_score expanded)."""
+def _expand_metrics(spec: str | None) -> list[str]:
+    """Metric names of a comma-separated spec (groups expanded); None: the NAS default."""
     from fastntk import metrics as M
 
-    expand = getattr(M, "_expand", None)
-    if expand is not None:
-        return list(expand(spec))
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in M.METRICS]
-    if unknown or not names:
-        raise OptionError(f"unknown metric {unknown[0] if unknown else spec!r}; known: "
-                          f"{', '.join(sorted(M.METRICS))}")
-    return names
+    return M.expand_metrics(M.NAS_METRICS if spec is None else spec)
 
 
-def _arch_seed(seed: int, encoding: str) -> int:
-    return zlib.crc32(f"{seed}:{encoding}".encode())
+def _scorer(space, metrics: list[str], args):
+    """The scorer of a command's options; a note on stderr for each metric that the
+    measured evidence shows to rank backwards (or barely) in the chosen BN mode."""
+    from fastntk import metrics as M
+    from fastntk.search.scoring import notes, space_scorer
 
-
-# Metrics that need a resolved condition number: a float32 kernel resolves λmax/λmin only
-# up to 1/(N·eps32) (1.3e5 at N=64); beyond, ncn is -inf. On 200 NB201 architectures at
-# batch 64, eval BatchNorm, 82 had ncn = -inf in float32 and 6 in float64
-# (bench/results/nb201_metric_correlation{,_f64}.md, commands in README), so these
-# metrics are scored in float64 unless --dtype says otherwise.
-_SPECTRAL = ("ncn", "cond", "vintk")
-
-
-def _dtype(args, metrics: list[str]) -> str:
-    if args.dtype:
-        return args.dtype
-    if any(m in _SPECTRAL for m in metrics):
-        return "float64"
-    return "float32"
-
-
-def _settings(args, metrics: list[str], space: Any) -> dict[str, Any]:
-    out = {"metrics": metrics, "data": args.data, "batch_size": args.batch_size,
-           "bn": args.bn, "seed": args.seed, "num_classes": 10,
-           "init": "torch.manual_seed(crc32('seed:arch'))"}
-    if _dtype(args, metrics) != "float32":  # (journals of float32 runs keep their key)
-        out["dtype"] = _dtype(args, metrics)
-    if getattr(args, "algo", None) == "prune" and hasattr(space, "full_supernet"):
-        out["supernet"] = "mean, shared weights"  # TE-NAS's: the live ops' mean, the full
-        # supernet's weights (a key apart from the summed, separately seeded ones before)
-    return out
+    bn = args.bn or M.NAS["bn"]
+    for line in notes(metrics, bn):
+        print(f"fastntk {args.command}: note: {line}", file=sys.stderr)
+    return space_scorer(space, metrics, data=args.data, batch_size=args.batch_size, bn=bn,
+                        seed=args.seed, dtype=args.dtype, lga_epochs=args.lga_epochs,
+                        lga_train=args.lga_train, lga_batch=args.lga_batch,
+                        supernet_weights=getattr(args, "algo", None) == "prune")  # fmt: skip
 
 
 def _is_supernet(space, enc: str) -> bool:
     from fastntk.spaces import nb201
 
     return hasattr(space, "full_supernet") and nb201.SUPER_SEP in enc
-
-
-def _score_fn(space, metrics: list[str], args):
-    import torch
-
-    from fastntk.data import load
-    from fastntk.metrics import compute_metrics
-
-    x, y = load(args.data, args.batch_size, seed=args.seed)
-    full: dict[str, Any] = {}  # the full supernet's weights, made once
-
-    def fn(arch) -> dict[str, float]:
-        enc = space.encode(arch)
-        torch.manual_seed(_arch_seed(args.seed, enc))
-        model = space.build(arch, num_classes=10)
-        if _is_supernet(space, enc):
-            # TE-NAS scores every pruned supernet with the original supernet's weights
-            # (one initialisation; the candidates differ only in the ops they lack)
-            if "state" not in full:
-                top = space.full_supernet()
-                torch.manual_seed(_arch_seed(args.seed, top))
-                full["state"] = space.build(top, num_classes=10).state_dict()
-            missing, _ = model.load_state_dict(full["state"], strict=False)
-            if missing:
-                raise RuntimeError(f"supernet {enc} has weights the full supernet lacks: {missing}")
-        return compute_metrics(model, x, y, metrics, bn=args.bn, errors="nan",
-                               dtype=getattr(torch, _dtype(args, metrics)))
-
-    return fn
 
 
 def _nb201_truth(arch: str) -> list[str]:
@@ -309,10 +281,12 @@ def _cmd_score(args) -> int:
     arch = space.decode(args.arch)
     enc = space.encode(arch)
     t = time.perf_counter()
-    values = _score_fn(space, metrics, args)(arch)
+    scorer = _scorer(space, metrics, args)
+    values = scorer(arch)
     dt = time.perf_counter() - t
     print(f"space {space.name}  arch {enc}")
-    print(f"data {args.data}, batch {args.batch_size}, bn {args.bn}, seed {args.seed}")
+    print(f"data {args.data}, batch {args.batch_size}, bn {scorer.settings['bn']}, "
+          f"seed {args.seed}")
     width = max(len(m) for m in metrics)
     for m in metrics:
         print(f"  {m:<{width}}  {_fmt(values[m])}")
@@ -348,8 +322,7 @@ def _algo_options(args) -> None:
 
 
 def _cmd_search(args) -> int:
-    from fastntk.metrics import DIRECTIONS
-    from fastntk.search import ALGORITHMS, Journal, Scorer, run_search
+    from fastntk.search import ALGORITHMS, Journal, run_search
     from fastntk.spaces.registry import get_space
 
     if args.algo not in ALGORITHMS:
@@ -364,8 +337,7 @@ def _cmd_search(args) -> int:
         raise OptionError(f"--sample-size ({args.sample_size}) must be <= --population "
                           f"({args.population})")
     journal = Journal(args.db) if args.db is not None else None
-    scorer = Scorer(_score_fn(space, metrics, args), metrics, DIRECTIONS,
-                    settings=_settings(args, metrics, space))
+    scorer = _scorer(space, metrics, args)
     kw: dict[str, Any] = {}
     if args.algo == "rea":
         kw = {"population_size": args.population, "sample_size": args.sample_size}
@@ -402,7 +374,7 @@ def _cmd_evaluate(args) -> int:
     from scipy import stats
 
     from fastntk.metrics import DIRECTIONS
-    from fastntk.search import Journal, Scorer, random_search
+    from fastntk.search import Journal, random_search
     from fastntk.spaces.registry import get_space
 
     space = get_space(args.space)
@@ -419,8 +391,7 @@ def _cmd_evaluate(args) -> int:
                               "folder")  # fmt: skip
     metrics = _expand_metrics(args.metric)
     journal = Journal(args.db) if args.db is not None else None
-    scorer = Scorer(_score_fn(space, metrics, args), metrics, DIRECTIONS,
-                    settings=_settings(args, metrics, space))
+    scorer = _scorer(space, metrics, args)
     try:
         res = random_search(space, scorer, budget=args.archs, seed=args.seed, journal=journal,
                             progress=True)

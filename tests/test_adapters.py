@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from fastntk import adapters
 from fastntk.adapters import MEASURES, is_oom, measure
+from fastntk.metrics import NAS
 from fastntk.errors import OptionError
 from fastntk.metrics import METRICS, compute_metrics
 
@@ -43,7 +44,7 @@ def test_matches_compute_metrics_and_leaves_net_unchanged(name):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     v = MEASURES[name](net, x, y)
     assert isinstance(v, float)
-    assert v == pytest.approx(compute_metrics(small_net(), x, y, [name])[name], rel=1e-5)
+    assert v == pytest.approx(compute_metrics(small_net(), x, y, [name], **NAS)[name], rel=1e-5)
     assert net.training and all(m.training for m in net.modules())
     for k, t in net.state_dict().items():
         assert torch.equal(t, before[k]), k

@@ -100,7 +100,7 @@ def test_search_time_budget(capsys, tiny_nb201, shared_db):
 def test_evaluate_prints_correlations_and_plot(capsys, tiny_nb201, shared_db, tmp_path):
     png = tmp_path / "tau.png"
     rc, out, err = run(capsys, "evaluate", "--archs", "3", "--dataset", "cifar100",
-                       "--plot", str(png), "--db", str(shared_db), *SEARCH)
+                       "--plot", str(png), "--db", str(shared_db), *SEARCH, "--bn", "eval")
     assert rc == 0, err
     assert "kendall_tau" in out and "spearman_rho" in out
     for name in ("lga", "fnorm", "borda"):
@@ -252,16 +252,20 @@ def test_prune_on_the_benchmark_supernet(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "metric,dtype,expect",
-    [("ncn", None, "float64"), ("fnorm,cond", None, "float64"), ("vintk", None, "float64"),
-     ("fnorm", None, None), ("ncn", "float32", None)],
+    "metric,dtype,bn,expect",
+    [("ncn", None, "eval", "float64"), ("fnorm,cond", None, "eval", "float64"),
+     ("vintk", None, "eval", "float64"), ("fnorm", None, "eval", None),
+     ("ncn", "float32", "eval", None), ("ncn", None, "per_sample", None),
+     ("ncn", "float64", "per_sample", "float64")],
 )
-def test_condition_number_metrics_are_scored_in_float64(capsys, tmp_path, metric, dtype, expect):
-    """A float32 kernel resolves λmax/λmin only up to 1/(N·eps32): ncn, cond and vintk are
-    scored in float64 unless --dtype says otherwise (the journal records it)."""
+def test_condition_number_metrics_are_scored_in_float64(capsys, tmp_path, metric, dtype, bn,
+                                                        expect):  # fmt: skip
+    """A float32 eval-mode kernel resolves λmax/λmin only up to 1/(N·eps32): ncn, cond and
+    vintk are scored in float64 there unless --dtype says otherwise (the journal records
+    it); per-sample BatchNorm (the NAS preset) keeps them within float32's reach."""
     db = tmp_path / "d.db"
     argv = ["search", "--algo", "random", "--metric", metric, "--budget", "1", "--no-progress",
-            "--db", str(db), "--data", "synthetic", "--batch-size", "4"]  # fmt: skip
+            "--db", str(db), "--data", "synthetic", "--batch-size", "4", "--bn", bn]  # fmt: skip
     rc, out, err = run(capsys, *argv, *(["--dtype", dtype] if dtype else []))
     assert rc == 0, err
     with Journal(db) as j:
