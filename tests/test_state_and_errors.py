@@ -185,6 +185,42 @@ def test_nonfinite_kernel_names_the_layer(method):
         fastntk.ntk(m, torch.randn(4, 3), method=method)
 
 
+class NaNOutOfOrder(nn.Module):
+    """Declared late, mid, early (and a scale the forward uses first, declared last), run
+    early -> mid -> late: the gradients are NaN from mid back to the input, late's are
+    finite. The first non-finite layer in declaration order is mid; in forward order,
+    early (or the root, with ``scaled``)."""
+
+    def __init__(self, scaled=False):
+        super().__init__()
+        self.late = nn.Linear(3, 2)
+        self.mid = nn.Linear(3, 3)
+        self.early = nn.Linear(3, 3)
+        self.scaled = scaled
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        if self.scaled:
+            x = x * self.scale
+        h = self.mid(torch.tanh(self.early(x)))
+        h = h + (torch.sqrt(h - h) * 0)  # NaN gradients from here back
+        return self.late(h)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "vmap", "loop"])
+def test_nonfinite_kernel_names_the_first_layer_in_forward_order(method):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    with pytest.raises(errors.NonFiniteKernelError, match="layer 'early' .parameter 'early.w"):
+        fastntk.ntk(NaNOutOfOrder(), x, method=method)
+    with pytest.raises(errors.NonFiniteKernelError, match="'<root>' .parameter 'scale'"):
+        fastntk.ntk(NaNOutOfOrder(scaled=True), x, method=method)
+    with pytest.raises(errors.NonFiniteKernelError, match="layer 'mid'"):
+        fastntk.ntk(NaNOutOfOrder(), x, method=method, params=["late.weight", "mid.bias"])
+    with pytest.raises(errors.NonFiniteKernelError, match="layer 'early'"):
+        fastntk.ntk_sketch(NaNOutOfOrder(), x, sketch_dim=8)
+
+
 def test_errors_share_one_hierarchy():
     for cls in (
         errors.InputError,
