@@ -55,6 +55,7 @@ print('gpu stack: python', sys.version.split()[0], 'torch', torch.__version__, '
 'numpy', numpy.__version__, 'fastntk._C with_cuda', c.with_cuda)"
 cd "$SITE"
 # Triton's interpreter cannot run on this stack (see above): its tests skip here by name
-# instead of failing as CI's main run has them do.
+# instead of failing as CI's main run has them do. The C++ extension was built above and
+# must load: FASTNTK_REQUIRE_CSRC (set by .ci/run) stays.
 unset FASTNTK_REQUIRE_TRITON
 PYTHONPATH=$SITE "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$ROOT/tests"

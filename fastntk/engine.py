@@ -180,8 +180,8 @@ def ntk(
         (empty batch, mismatched shapes, non-floating inputs, wrong device),
         OptionError (unknown ``bn``/``method``/``output``, logit out of
         range), ParameterSelectionError (nothing selected, unknown name),
-        NonFiniteKernelError (names the first layer whose contribution is
-        not finite).
+        NonFiniteKernelError (names the first layer, in forward order,
+        whose gradients are not finite).
     """
     _model.check_options(output, bn, method, METHODS)
     _model.check_progress(progress)
@@ -1536,7 +1536,14 @@ class _Job:
 
     # -- diagnosis ---------------------------------------------------------------
     def diagnose_nonfinite(self, x1: torch.Tensor, x2: torch.Tensor | None) -> str:
-        """Name the first layer (forward order) whose kernel contribution is not finite."""
+        """Name the first layer, in forward order, whose gradients are not finite.
+
+        Forward order: the order in which the forward used the parameters (the creation
+        order of the autograd nodes that take each parameter, its first use), whatever
+        the order in which the model declares them. A NaN or Inf born in the backward
+        reaches every layer before it, so this names the earliest of those layers, not
+        the one nearest to where the NaN appears.
+        """
         owners = self._owners
         for x in (x1, x2):
             if x is None:
@@ -1557,17 +1564,25 @@ class _Job:
             w = self.head.passes(y)
             names = list(self.selected)
             tensors = [self.copies.params[p] for p in names]
+            first_use = {  # autograd numbers its nodes in the order the forward makes them
+                p: min(node._sequence_nr() for node, _ in uses)
+                for p, uses in self._param_consumers(y, names).items()
+            }
+            bad: set[str] = set()
             for k, wk in enumerate(w):
                 gs = torch.autograd.grad(
                     y, tensors, grad_outputs=wk, retain_graph=k < len(w) - 1, allow_unused=True
                 )
                 for pname, g in zip(names, gs, strict=True):
                     if g is not None and not bool(torch.isfinite(g).all()):
-                        mod = owners[pname][0][0] or "<root>"
-                        return (
-                            f"the contribution of layer {mod!r} (parameter {pname!r}) is not "
-                            "finite: its gradients contain NaN/Inf"
-                        )
+                        bad.add(pname)
+            if bad:
+                pname = min(bad, key=lambda p: (first_use.get(p, math.inf), names.index(p)))
+                mod = owners[pname][0][0] or "<root>"
+                return (
+                    f"the contribution of layer {mod!r} (parameter {pname!r}) is not "
+                    "finite: its gradients contain NaN/Inf"
+                )
         return (
             f"the kernel overflowed in {self.dtype} although every layer's gradients are "
             "finite; compute it with dtype=torch.float64"

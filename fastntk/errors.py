@@ -30,7 +30,8 @@ class ParameterSelectionError(FastNTKError, ValueError):
 
 
 class NonFiniteKernelError(FastNTKError, FloatingPointError):
-    """The kernel contains NaN or Inf; the message names the first layer responsible."""
+    """The kernel contains NaN or Inf; the message names the first layer, in forward order,
+    whose gradients are not finite."""
 
 
 class UnsupportedError(FastNTKError, NotImplementedError):

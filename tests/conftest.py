@@ -12,15 +12,28 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    """``FASTNTK_REQUIRE_TRITON=1`` (CI): a Triton kernel test that cannot run is an error.
+    """CI's ``FASTNTK_REQUIRE_*`` variables: a compiled path whose tests would skip is an error.
 
-    The kernel test modules skip themselves where Triton cannot run (a plain install without
+    ``FASTNTK_REQUIRE_CSRC=1``: the C++ extension ``fastntk._C`` must load. Its tests
+    (``test_csrc.py``, the engine's ``csrc`` and ``auto`` C++ paths) skip where it does not
+    (an install without a compiler, ``FASTNTK_NO_EXT=1``); CI builds it, so there a skip
+    would hide a broken build of the paths ``auto`` takes.
+
+    ``FASTNTK_REQUIRE_TRITON=1``: a Triton kernel test that cannot run is an error. The
+    kernel test modules skip themselves where Triton cannot run (a plain install without
     it); CI installs it, so there a skip would hide a broken check.
     """
-    if os.environ.get("FASTNTK_REQUIRE_TRITON") != "1":
-        return
     import pytest
 
+    if os.environ.get("FASTNTK_REQUIRE_CSRC") == "1":
+        from fastntk import _ext
+
+        if not _ext.available():
+            raise pytest.UsageError(
+                f"FASTNTK_REQUIRE_CSRC=1 but the C++ extension cannot be used: {_ext.why_not()}"
+            )
+    if os.environ.get("FASTNTK_REQUIRE_TRITON") != "1":
+        return
     from fastntk.kernels import why_not
 
     if os.environ.get("TRITON_INTERPRET") != "1":

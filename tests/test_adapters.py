@@ -154,9 +154,9 @@ def test_tenas_options_reproduce_tenas():
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     want = -_tenas_cond(net, x)
     got = measure("ncn", **adapters.TENAS, dtype=torch.float64)(net, x, None)
-    assert got == pytest.approx(want, rel=1e-8)
+    assert got == pytest.approx(want, rel=1e-10)
     assert measure("ncn", **adapters.TENAS, dtype=torch.float64)(net, x, None, split_data=4) == \
-        pytest.approx(want, rel=1e-8)
+        pytest.approx(want, rel=1e-10)
     assert MEASURES["ncn"](net, x.double(), None) != pytest.approx(want, rel=1e-2)
 
 

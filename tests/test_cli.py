@@ -110,6 +110,30 @@ def test_evaluate_prints_correlations_and_plot(capsys, tiny_nb201, shared_db, tm
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_orients_lower_is_better_metrics(capsys, tiny_nb201, monkeypatch):
+    """τ and ρ with accuracy, each metric oriented so that higher predicts better: scores
+    equal to the accuracy (lga, higher is better) and to minus it (cond, lower is better)
+    both rank the archs as the accuracy does, τ = ρ = 1, and so does their Borda count
+    (an orientation flipped for lower-is-better metrics gives -1 for cond)."""
+    from fastntk.spaces import nb201
+
+    def score_fn(space, metrics, args):
+        def fn(arch):
+            acc = nb201.accuracy(space.encode(arch), "cifar100")
+            return {"lga": acc / 100, "cond": 1000.0 - acc}
+
+        return fn
+
+    monkeypatch.setattr(cli, "_score_fn", score_fn)
+    rc, out, err = run(capsys, "evaluate", "--archs", "8", "--dataset", "cifar100", "--metric",
+                       "lga,cond", *DATA)  # fmt: skip
+    assert rc == 0, err
+    for name in ("lga", "cond", "borda"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name))
+        tau, rho = map(float, line.split()[1:3])
+        assert tau == pytest.approx(1.0) and rho == pytest.approx(1.0), line
+
+
 def test_evaluate_plot_names_negated_values(capsys, tiny_nb201, shared_db, tmp_path):
     """A lower-is-better metric is plotted negated (oriented): its label says so."""
     png = tmp_path / "tr.png"

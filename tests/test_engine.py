@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 import zoo
-from reference import full_kernel, reduce, rel_err
+from reference import TOL, full_kernel, reduce, rel_err
 
 import fastntk
 
-TOL = {torch.float64: 1e-6, torch.float32: 1e-4}  # relative error, one table for all paths
 METHODS = ["layerwise", "vmap", "loop"]
 OUTPUTS = ["sum", "trace", "mean", "full", 1, "callable"]
 
@@ -138,6 +137,27 @@ def test_float32_default_dtype_close_to_oracle():
     theta = fastntk.ntk(m, x1, x2, output="trace")
     assert theta.dtype == torch.float32
     assert rel_err(theta, reduce(ref, "trace")) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("method", ["layerwise", "auto"])
+def test_float32_gram_inside_float64_call_is_caught(method, monkeypatch):
+    """The float64 tolerance sees a Gram rounded through float32 inside a float64 call
+    (the kernel is then about 1e-8 off: the former 1e-6 tolerance let it pass)."""
+    from fastntk import engine
+
+    real = engine.gram_block
+
+    def float32_gram(a, b, backend="torch"):
+        return real(a, b, backend).float().double()
+
+    m, x1, x2, sel, ref = case("resnet", True)
+    expect = reduce(ref, "sum")
+    theta = fastntk.ntk(m, x1, x2, method=method, dtype=torch.float64)
+    assert rel_err(theta, expect) <= TOL[torch.float64]
+    monkeypatch.setattr(engine, "gram_block", float32_gram)
+    theta = fastntk.ntk(m, x1, x2, method=method, dtype=torch.float64)
+    assert theta.dtype == torch.float64
+    assert rel_err(theta, expect) > TOL[torch.float64]
 
 
 def test_symmetric_kernel_is_symmetric_and_psd():

@@ -13,12 +13,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from reference import full_kernel, reduce, rel_err
+from reference import TOL, full_kernel, reduce, rel_err
 
 import fastntk
 from fastntk.errors import UnsupportedError
 
-TOL64 = 1e-10
+TOL64 = TOL[torch.float64]
 METHODS = ["auto", "layerwise"]
 
 

@@ -33,15 +33,30 @@ ROOT = Path(__file__).resolve().parent.parent
 # imports torch: ~3-7 s per process on the 2-core CI machine); the search layer and the
 # journal do not use torch.
 WORKER = r"""
-import json, sys, time, types
+import json, os, signal, sys, time, types
 pkg = types.ModuleType("fastntk")
 pkg.__path__ = [{pkg!r}]
 sys.modules["fastntk"] = pkg
 sys.path.insert(0, {tests!r})
 from _toy_space import DIRECTIONS, ToySpace, toy_metrics
 from fastntk.search import Journal, Scorer, random_search, regularized_evolution
+from fastntk.search import journal as journal_module
 
 db, calls, algo, seed, budget, sleep, D = sys.argv[1:8]
+kill_at = int(sys.argv[8]) if len(sys.argv) > 8 else 0  # SIGKILL inside this write (1 = first)
+writes = []
+
+def kill_mid_write(j):  # journal_module._write_hook: after the INSERT, before the COMMIT
+    writes.append(1)
+    if len(writes) == kill_at:
+        arch = j._con.execute(
+            "SELECT arch FROM evaluations WHERE id = last_insert_rowid()").fetchone()[0]
+        with open(calls + ".killed", "w") as f:  # the row it was writing, still uncommitted
+            json.dump({{"arch": arch, "in_transaction": j._con.in_transaction}}, f)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if kill_at:
+    journal_module._write_hook = kill_mid_write
 def fn(a):
     with open(calls, "a") as f:
         f.write(a + "\n")
@@ -174,27 +189,36 @@ def test_two_concurrent_writers(tmp_path):
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_repeated_sigkill_mid_write(tmp_path):
-    """With an instant scorer the worker spends its time committing rows, so SIGKILLs
-    land mid-transaction; every run resumes, and the journal stays consistent."""
+def test_sigkill_inside_a_write(tmp_path):
+    """Workers that SIGKILL themselves inside a write (journal._write_hook: after the row's
+    INSERT, before its COMMIT, at the 5th, 1st and 17th write of each run): the row being
+    written is not in the journal and every row committed before it is; the last run
+    resumes to the trajectory of an uninterrupted one; each lost row is computed again by a
+    later run."""
     db, worker = tmp_path / "many.db", _worker(tmp_path)
     args = ["rea", "11", "150", "0", "6"]
-    counts = []
-    for i in range(3):
-        p = subprocess.Popen([sys.executable, str(worker), str(db),
-                              str(tmp_path / f"k{i}.txt"), *args], env=_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        start = _count(db)
-        deadline = time.monotonic() + 30
-        while _count(db) < start + 5 and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
-        counts.append(_count(db))
-    assert counts == sorted(counts) and counts[-1] > 0
+    stored, lost, runs = 0, [], []
+    for i, kill_at in enumerate((5, 1, 17)):
+        calls = tmp_path / f"k{i}.txt"
+        p = subprocess.run([sys.executable, str(worker), str(db), str(calls), *args,
+                            str(kill_at)], env=_env(), capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+        assert p.returncode == -signal.SIGKILL, p.stderr
+        killed = json.loads(Path(f"{calls}.killed").read_text())
+        computed = calls.read_text().split()
+        assert killed["in_transaction"] and len(computed) == kill_at
+        assert killed["arch"] == computed[-1]  # the row of the last evaluation
+        stored += kill_at - 1
+        with Journal(db) as j:
+            archs = [r["arch"] for r in j.rows()]
+        assert len(archs) == stored and killed["arch"] not in archs
+        lost.append(killed["arch"])
+        runs.append(computed)
     out = subprocess.run([sys.executable, str(worker), str(db), str(tmp_path / "final.txt"),
                           *args], env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    runs.append((tmp_path / "final.txt").read_text().split())
+    assert all(a in sum(runs[i + 1 :], []) for i, a in enumerate(lost))
     s = Scorer(toy_metrics, ["good"], DIRECTIONS, settings={"metrics": ["good"], "seed": 0})
     ref = regularized_evolution(ToySpace(), s, budget=150, seed=11, population_size=8,
                                 sample_size=3)

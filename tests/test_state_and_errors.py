@@ -10,6 +10,15 @@ import zoo
 import fastntk
 from fastntk import errors
 
+# A module's hook dicts: compared by content, (handle id, hook) in order, so a hook
+# replaced by another (or re-registered under a new handle) is seen, not only a count.
+HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+    "_backward_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)  # fmt: skip
+
 
 def snapshot(m: nn.Module):
     return {
@@ -19,7 +28,7 @@ def snapshot(m: nn.Module):
         "buffers": {n: b.detach().clone() for n, b in m.named_buffers()},
         "flags": [mod.training for mod in m.modules()],
         "hooks": [
-            (len(mod._forward_hooks), len(mod._forward_pre_hooks), len(mod._backward_hooks))
+            ([list(getattr(mod, d, {}).items()) for d in HOOK_DICTS], mod._is_full_backward_hook)
             for mod in m.modules()
         ],
         "forward": [("forward" in mod.__dict__) for mod in m.modules()],
@@ -41,15 +50,25 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("bn", ["eval", "batch", "per_sample"])
-@pytest.mark.parametrize("method", ["layerwise", "vmap", "loop"])
+@pytest.mark.parametrize("method", ["auto", "layerwise", "vmap", "loop", "sketch"])
 @pytest.mark.parametrize("train_flag", [True, False])
 def test_model_unchanged(bn, method, train_flag):
     m, x1, x2 = zoo.make("nb201")
     m.train(train_flag)
     m.cells[0].layers[0].op[1].weight.requires_grad_(False)  # a frozen parameter
+    conv = m.cells[0].layers[0].op[1]  # the user's hooks of each kind: kept, the same ones
+    conv.register_forward_pre_hook(lambda mod, args: None)
+    conv.register_forward_hook(lambda mod, args, kwargs, out: None, with_kwargs=True)
+    conv.register_full_backward_pre_hook(lambda mod, gout: None)
+    conv.register_full_backward_hook(lambda mod, gin, gout: None)
+    m.cells[0].register_forward_hook(lambda mod, args, out: None, always_call=True)
     before = snapshot(m)
-    fastntk.ntk(m, x1, x2, output="trace", bn=bn, method=method)
-    fastntk.ntk(m, x1, bn=bn, method=method, dtype=torch.float64)
+    if method == "sketch" and bn == "batch":  # refused: the sketch needs independent samples
+        with pytest.raises(errors.OptionError, match="independent"):
+            fastntk.ntk(m, x1, x2, output="trace", bn=bn, method=method)
+    else:
+        fastntk.ntk(m, x1, x2, output="trace", bn=bn, method=method)
+        fastntk.ntk(m, x1, bn=bn, method=method, dtype=torch.float64)
     assert_same(before, snapshot(m))
 
 
@@ -183,6 +202,42 @@ def test_nonfinite_kernel_names_the_layer(method):
     m = NaNLayer()
     with pytest.raises(errors.NonFiniteKernelError, match="'fc1'"):
         fastntk.ntk(m, torch.randn(4, 3), method=method)
+
+
+class NaNOutOfOrder(nn.Module):
+    """Declared late, mid, early (and a scale the forward uses first, declared last), run
+    early -> mid -> late: the gradients are NaN from mid back to the input, late's are
+    finite. The first non-finite layer in declaration order is mid; in forward order,
+    early (or the root, with ``scaled``)."""
+
+    def __init__(self, scaled=False):
+        super().__init__()
+        self.late = nn.Linear(3, 2)
+        self.mid = nn.Linear(3, 3)
+        self.early = nn.Linear(3, 3)
+        self.scaled = scaled
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        if self.scaled:
+            x = x * self.scale
+        h = self.mid(torch.tanh(self.early(x)))
+        h = h + (torch.sqrt(h - h) * 0)  # NaN gradients from here back
+        return self.late(h)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "vmap", "loop"])
+def test_nonfinite_kernel_names_the_first_layer_in_forward_order(method):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    with pytest.raises(errors.NonFiniteKernelError, match="layer 'early' .parameter 'early.w"):
+        fastntk.ntk(NaNOutOfOrder(), x, method=method)
+    with pytest.raises(errors.NonFiniteKernelError, match="'<root>' .parameter 'scale'"):
+        fastntk.ntk(NaNOutOfOrder(scaled=True), x, method=method)
+    with pytest.raises(errors.NonFiniteKernelError, match="layer 'mid'"):
+        fastntk.ntk(NaNOutOfOrder(), x, method=method, params=["late.weight", "mid.bias"])
+    with pytest.raises(errors.NonFiniteKernelError, match="layer 'early'"):
+        fastntk.ntk_sketch(NaNOutOfOrder(), x, sketch_dim=8)
 
 
 def test_errors_share_one_hierarchy():

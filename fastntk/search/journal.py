@@ -53,6 +53,10 @@ _COLUMNS = {"id", "space", "arch", "settings", "metrics", "seed", "data", "elaps
 # SQLite's own wait for a lock (its busy handler sleeps in C, deaf to Ctrl-C): kept short;
 # longer waits are retried in Python (Journal._retry) until the journal's timeout.
 _SQLITE_WAIT = 0.1
+# Test hook: when set, Journal.record calls it with the journal inside each write's
+# transaction, after the INSERT and before the COMMIT (and a merge's UPDATE), so that a
+# test can kill the process in the middle of a write (tests/test_journal.py). None in use.
+_write_hook: Callable[[Journal], None] | None = None
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -334,6 +338,8 @@ class Journal:
                     (space, arch, key, _dumps(metrics), seed, data, elapsed, created,
                      self.version),
                 )
+                if _write_hook is not None:
+                    _write_hook(self)
                 if cur.rowcount == 1 or not merge:
                     return cur.rowcount == 1
                 row_id, text = self._con.execute(
