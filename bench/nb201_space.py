@@ -62,14 +62,20 @@ PUBLISHED = (
     ("zero-cost-nas vote", (0.817, 0.832, 0.813), None),
     ("AZ-NAS", (0.913, None, None), 0.741),
 )
-FIELDS = ("arch", "bn", "params_set", "seed", "batch_size", "dtype", *METRICS, "seconds",
-          "error", "commit")  # fmt: skip
+
+
+def fields(metrics) -> tuple[str, ...]:
+    return ("arch", "bn", "params_set", "seed", "batch_size", "dtype", *metrics, "seconds",
+            "error", "commit")  # fmt: skip
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bn", default="per_sample,eval", help="BN modes, comma separated")
     ap.add_argument("--params", default="all", choices=sorted(PARAM_SETS))
+    ap.add_argument("--metrics", default=",".join(METRICS),
+                    help="metrics of the journal (another set needs another --out)")
+    ap.add_argument("--lga-epochs", type=int, default=1, help="lga_t: training epochs")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0, help="seed of the order, data and weights")
     ap.add_argument("--threads", type=int, default=1)
@@ -105,8 +111,10 @@ def run(args, bns: list[str]) -> None:
     if args.limit is not None:
         todo = todo[: args.limit]
     space = nb201.NB201Space()
-    scorers = {bn: space_scorer(space, METRICS, bn=bn, seed=args.seed, dtype="float32",
-                                batch_size=args.batch_size) for bn in bns}  # fmt: skip
+    metrics = args.metrics
+    scorers = {bn: space_scorer(space, metrics, bn=bn, seed=args.seed, dtype="float32",
+                                batch_size=args.batch_size, lga_epochs=args.lga_epochs)
+               for bn in bns}  # fmt: skip
     params = PARAM_SETS[args.params]
     commit = git_sha()
     print(f"# {len(todo)} rows to compute ({len(done)} in {args.out}); torch "
@@ -114,7 +122,7 @@ def run(args, bns: list[str]) -> None:
     new = not os.path.exists(args.out)
     t0 = time.monotonic()
     with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields(metrics))
         if new:
             w.writeheader()
         for i, (arch, bn) in enumerate(todo):
@@ -130,12 +138,12 @@ def run(args, bns: list[str]) -> None:
                 if params is None:
                     vals = fn(arch)
                 else:  # another parameter selection than the scorer's (every parameter)
-                    vals = _score_with_params(fn, arch, params)
+                    vals = _score_with_params(fn, arch, params, metrics)
                 row.update(vals)
-                bad = [m for m in METRICS if math.isnan(vals[m])]
+                bad = [m for m in metrics if math.isnan(vals[m])]
                 row["error"] = "undefined: " + " ".join(bad) if bad else ""
             except Exception as e:  # one bad architecture must not stop the run
-                row.update({m: "nan" for m in METRICS})
+                row.update({m: "nan" for m in metrics})
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             row["seconds"] = f"{time.monotonic() - t:.2f}"
             w.writerow(row)
@@ -143,11 +151,11 @@ def run(args, bns: list[str]) -> None:
             el = time.monotonic() - t0
             print(f"[{i + 1}/{len(todo)}] {bn:10s} {row['seconds']}s "
                   f"eta {el / (i + 1) * (len(todo) - i - 1) / 3600:.1f} h  "
-                  + " ".join(f"{m}={float(row[m]):.4g}" for m in METRICS[:5])
+                  + " ".join(f"{m}={float(row[m]):.4g}" for m in metrics[:5])
                   + f" {row['error']}", flush=True)  # fmt: skip
 
 
-def _score_with_params(fn, arch, params):
+def _score_with_params(fn, arch, params, metrics):
     import torch
 
     from fastntk.search.scoring import arch_seed
@@ -155,7 +163,7 @@ def _score_with_params(fn, arch, params):
     enc = fn.space.encode(arch)
     torch.manual_seed(arch_seed(fn.seed, enc))
     model = fn.space.build(arch, num_classes=fn.num_classes)
-    return M.compute_metrics(model, fn.x, fn.y, list(METRICS), bn=fn.bn, params=params,
+    return M.compute_metrics(model, fn.x, fn.y, metrics, bn=fn.bn, params=params,
                              errors="nan", dtype=torch.float32, progress=False)  # fmt: skip
 
 
@@ -179,14 +187,15 @@ def _borda(table: dict[str, np.ndarray], names) -> np.ndarray:
     return sum(_oriented(table[m], M.DIRECTIONS[m]) for m in names)
 
 
-def correlations(rows: list[dict], members: dict[str, list[str]], truth) -> dict:
+def correlations(rows: list[dict], members: dict[str, list[str]], truth, metrics) -> dict:
     """{score name: {dataset: (tau, rho)}} over every architecture of the scored classes."""
     archs = [a for r in rows for a in members[r["arch"]]]
     per_arch = {m: np.array([float(r[m]) for r in rows for _ in members[r["arch"]]])
-                for m in METRICS}  # fmt: skip
-    scores = {m: _oriented(per_arch[m], M.DIRECTIONS[m]) for m in METRICS}
+                for m in metrics}  # fmt: skip
+    scores = {m: _oriented(per_arch[m], M.DIRECTIONS[m]) for m in metrics}
     for names in BORDAS:
-        scores["borda(" + ", ".join(names) + ")"] = _borda(per_arch, names)
+        if all(m in metrics for m in names):
+            scores["borda(" + ", ".join(names) + ")"] = _borda(per_arch, names)
     out = {}
     for name, s in scores.items():
         out[name] = {}
@@ -225,7 +234,7 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
             continue
         n_arch = sum(len(members[r["arch"]]) for r in rs)
         secs = np.array([float(r["seconds"]) for r in rs])
-        cor = correlations(rs, members, truth)
+        cor = correlations(rs, members, truth, args.metrics)
         lines += [f"### bn={bn}: {len(rs)} of {nb201.NUM_UNIQUE} unique architectures "
                   f"({n_arch} of {nb201.NUM_ARCHS}); median {np.median(secs):.2f} s each", "",
                   "| score | " + " | ".join(f"{lab} τ | {lab} ρ" for _, lab in DATASETS) + " |",
@@ -248,6 +257,7 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.metrics = M.expand_metrics(args.metrics)
     bns = [b.strip() for b in args.bn.split(",") if b.strip()]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if not args.summary_only:
