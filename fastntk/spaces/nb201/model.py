@@ -99,7 +99,7 @@ _DATASET_ALIASES = {
 }
 
 _TABLE_FILE = "nb201_accuracy.csv.gz"
-_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"
 
 ArchLike = str | Sequence[str]
 
