@@ -20,6 +20,7 @@ this package costs nothing beyond torch and numpy.
 """
 
 from fastntk.spaces.nb201.grammar import (
+    BENCH_ARCH,
     EDGES,
     NUM_ARCHS,
     NUM_NODES,
@@ -65,6 +66,7 @@ from fastntk.spaces.nb201.table import (
 )
 
 __all__ = [
+    "BENCH_ARCH",
     "DATASETS",
     "EDGES",
     "NUM_ARCHS",

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from fastntk.errors import ArchitectureError
 
 __all__ = [
+    "BENCH_ARCH",
     "EDGES",
     "NUM_ARCHS",
     "NUM_NODES",
@@ -45,6 +46,14 @@ EDGES: tuple[tuple[int, int], ...] = ((1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3
 NUM_NODES = 4
 NUM_ARCHS = len(OPS) ** len(EDGES)  # 15,625
 NUM_UNIQUE = 6466
+
+BENCH_ARCH = (
+    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|"
+    "avg_pool_3x3~2|"
+)
+"""The network of the project's measurements (830,426 parameters at C=16, N=5): the
+workload of bench/bench_engine.py, bench_engine_choices.py, bench_sketch.py,
+bench_large_n.py, ``fastntk bench --model nb201`` and ``python -m fastntk demo``."""
 
 ArchLike = str | Sequence[str]
 
