@@ -43,7 +43,6 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _meta import git_sha, gpu_stack  # noqa: E402
 
-ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -52,10 +51,10 @@ def _workload(n: int, device: str):
     import torch
 
     import fastntk.data as data
-    from fastntk.spaces.nb201 import build_model
+    from fastntk.spaces.nb201 import BENCH_ARCH, build_model
 
     torch.manual_seed(0)
-    model = build_model(ARCH, num_classes=10).to(device)
+    model = build_model(BENCH_ARCH, num_classes=10).to(device)
     if n <= data.cifar10_size():
         x, _ = data.load_cifar10(n, seed=0)
     else:

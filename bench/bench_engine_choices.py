@@ -35,8 +35,6 @@ from fastntk import _ext, data, engine
 from fastntk.rules import conv as conv_rule
 from fastntk.spaces import nb201
 
-ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
-
 
 def best_of(f, r=3):
     f()
@@ -218,7 +216,7 @@ def affine(n=128):
 
 def _model(n):
     torch.manual_seed(0)
-    return nb201.build_model(ARCH), data.load_cifar10(n)[0]
+    return nb201.build_model(nb201.BENCH_ARCH), data.load_cifar10(n)[0]
 
 
 def trace(n=32, reps=5):

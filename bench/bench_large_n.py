@@ -25,8 +25,6 @@ from fastntk.spaces import nb201
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _meta import git_sha, gpu_stack  # noqa: E402
 
-ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -40,7 +38,7 @@ def main() -> None:
                     "a little slower): phase split and the Gram step's TFLOP/s")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = nb201.build_model(ARCH).to(args.device)
+    model = nb201.build_model(nb201.BENCH_ARCH).to(args.device)
     x, _ = data.synthetic(args.n, seed=0)  # more than the 1,000 bundled images
     x = x.to(args.device)
     cuda = args.device.startswith("cuda")

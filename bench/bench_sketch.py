@@ -37,8 +37,6 @@ from fastntk.spaces import nb201
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _meta import git_sha, gpu_stack  # noqa: E402
 
-ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="markdown file for the --sweep table")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = nb201.build_model(ARCH).to(args.device)
+    model = nb201.build_model(nb201.BENCH_ARCH).to(args.device)
     if args.sweep:
         sweep(model, args)
         return

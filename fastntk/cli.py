@@ -38,12 +38,6 @@ __all__ = ["main"]
 NB201_DATASETS = (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"),
                   ("imagenet16-120", "ImageNet16-120"))
 
-# The network of the brief's measurements (NTK_BRIEF.md, section 4).
-BENCH_NB201_ARCH = (
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|"
-    "avg_pool_3x3~2|"
-)
-
 
 # ---------------------------------------------------------------------------
 # Argument parsing
@@ -383,7 +377,7 @@ def _cmd_evaluate(args) -> int:
                           f"has (got {space.name!r})")
     from fastntk.spaces import nb201
 
-    nb201.accuracy(BENCH_NB201_ARCH, args.dataset)  # OptionError on an unknown data set
+    nb201.accuracy(nb201.BENCH_ARCH, args.dataset)  # OptionError on an unknown data set
     if args.plot:  # before the evaluations, not after them
         folder = os.path.dirname(os.path.abspath(args.plot))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -518,9 +512,9 @@ def _write_png_scatter(path: str, x, y, width: int = 480, height: int = 360) -> 
 
 def _bench_model(name: str):
     if name == "nb201":
-        from fastntk.spaces.nb201 import build_model
+        from fastntk.spaces.nb201 import BENCH_ARCH, build_model
 
-        return build_model(BENCH_NB201_ARCH)
+        return build_model(BENCH_ARCH)
     if name == "resnet18":
         from fastntk.spaces.resnet import resnet18
 

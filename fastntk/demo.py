@@ -16,8 +16,6 @@ import time
 
 import torch
 
-DEFAULT_ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
-
 
 def _images(s: str) -> int:
     from fastntk.data import cifar10_size
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastntk.cli import seed_arg
 
     ap = argparse.ArgumentParser(prog="fastntk demo", description=__doc__)
-    ap.add_argument("--arch", default=DEFAULT_ARCH, help="NAS-Bench-201 arch string")
+    ap.add_argument("--arch", default=nb201.BENCH_ARCH, help="NAS-Bench-201 arch string")
     ap.add_argument("--n", type=_images, default=128, help="number of CIFAR-10 images (<= 1000)")
     ap.add_argument("--output", default="sum", type=_output,
                     help="sum | trace | mean | an integer (one logit)")
