@@ -202,7 +202,7 @@ def test_errors_exit_2_with_one_line(capsys, argv, needle):
 def test_demo_prints_kernel_times_and_paths(capsys):
     """The README's main job (``make demo``) on a small batch: kernel, both timings, the warm
     call's phases, spectrum and paths."""
-    from fastntk import demo
+    from fastntk.cli import demo
 
     assert demo.main(["--n", "16"]) == 0
     out = capsys.readouterr().out

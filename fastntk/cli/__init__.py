@@ -736,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 usage or input error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # the demo has its own options (python -m fastntk demo --help)
-        from fastntk.demo import main as demo_main
+        from fastntk.cli.demo import main as demo_main
 
         return _guarded("demo", lambda: demo_main(argv[1:]))
     try:
