@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 
 import pytest
@@ -23,6 +24,7 @@ ARCH = (
     "avg_pool_3x3~2|"
 )
 DATA = ["--data", "synthetic", "--batch-size", "8"]
+BENCH_MODELS = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_models.py")
 
 
 @pytest.fixture
@@ -133,7 +135,24 @@ def test_png_writer(tmp_path):
     assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
 
 
-def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def bench_models():
+    """bench/bench_models.py (the ``fastntk bench`` of before), imported from its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_models", BENCH_MODELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_bench(capsys, bench_models, *argv):
+    rc = bench_models.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_bench_table_and_csv(capsys, tmp_path, monkeypatch, bench_models):
     # run each measurement in-process instead of a fresh interpreter (importing torch
     # costs seconds per process on the CI machine)
     def fake_run(cmd, **kw):
@@ -142,17 +161,17 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
 
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            cli._bench_child(cmd[-1])
+            bench_models.child(cmd[-1])
         return subprocess.CompletedProcess(cmd, 0, buf.getvalue(), "")
 
-    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_models.subprocess, "run", fake_run)
     # a narrow NB201 network (C=4, N=1) keeps this fast; real sizes: see the report/README
     from fastntk.spaces.nb201 import build_model
 
-    monkeypatch.setattr(cli, "_bench_model", lambda name: build_model(ARCH, C=4, N=1))
+    monkeypatch.setattr(bench_models, "bench_model", lambda name: build_model(ARCH, C=4, N=1))
     csv_path = tmp_path / "b.csv"
-    rc, out, err = run(capsys, "bench", "--model", "nb201", "--n", "2", "--method",
-                       "auto,loop", "--csv", str(csv_path))
+    rc, out, err = run_bench(capsys, bench_models, "--model", "nb201", "--n", "2", "--method",
+                             "auto,loop", "--csv", str(csv_path))
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split()[:10] == ["model", "method", "n", "output", "time_s",
@@ -164,6 +183,22 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
     assert len(rows) == 3 and rows[0].startswith("model,method,n")
     assert float(rows[1].split(",")[4]) > 0
     assert float(rows[1].split(",")[6]) > 0  # the Gram step's TFLOP/s, from fastntk.profile()
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--model", "vgg"], "invalid choice"),
+        (["--n", "0"], "--n"),
+        (["--n", "2", "--method", "bogus"], "unknown NTK method"),
+    ],
+)
+def test_bench_errors_exit_2_with_one_line(capsys, bench_models, argv, needle):
+    rc, out, err = run_bench(capsys, bench_models, *argv)
+    assert rc == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -186,13 +221,10 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
         (["evaluate", "--metric", "lga", "--archs", "0"], "--archs"),
         (["evaluate", "--metric", "lga", "--archs", "2", "--space", "darts"], "ground-truth"),
         (["evaluate", "--metric", "lga", "--archs", "2", "--dataset", "mnist"], "dataset"),
-        (["bench", "--model", "vgg"], "invalid choice"),
-        (["bench", "--n", "0"], "--n"),
-        (["bench", "--n", "2", "--method", "bogus"], "unknown NTK method"),
     ],
 )
 def test_errors_exit_2_with_one_line(capsys, argv, needle):
-    rc, out, err = run(capsys, *argv, *DATA[:2] if argv[0] != "bench" else [])
+    rc, out, err = run(capsys, *argv, *DATA[:2])
     assert rc == 2
     assert needle in err
     assert len(err.strip().splitlines()) == 1
@@ -214,7 +246,7 @@ def test_demo_prints_kernel_times_and_paths(capsys):
 
 
 def test_bench_stopped_by_a_time_limit_keeps_its_rows(tmp_path):
-    """The GPU suite runs ``fastntk bench`` under timeout(1): the CSV was written at the
+    """The GPU suite runs bench/bench_models.py under timeout(1): the CSV was written at the
     end only, so a stopped run left none (and its measuring child ran on). Rows are
     written as they are measured; SIGTERM stops the child and prints the table so far."""
     import signal
@@ -222,7 +254,7 @@ def test_bench_stopped_by_a_time_limit_keeps_its_rows(tmp_path):
     import time
 
     out = tmp_path / "b.csv"
-    p = subprocess.Popen([sys.executable, "-m", "fastntk", "bench", "--model", "nb201", "--n", "2",
+    p = subprocess.Popen([sys.executable, BENCH_MODELS, "--model", "nb201", "--n", "2",
                           "--method", "auto,loop,vmap,auto", "--repeat", "1", "--csv", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120

@@ -1,4 +1,4 @@
-"""The ``fastntk`` command line: ``score``, ``search``, ``evaluate``, ``bench``.
+"""The ``fastntk`` command line: ``score``, ``search``, ``evaluate``, ``demo``.
 
 Examples::
 
@@ -6,7 +6,7 @@ Examples::
         --arch '|nor_conv_3x3~0|+|none~0|nor_conv_1x1~1|+|skip_connect~0|none~1|none~2|'
     fastntk search --space nb201 --algo rea --metric lga --budget 100 --db runs.db
     fastntk evaluate --space nb201 --metric lga,ncn --archs 50 --plot tau.png
-    fastntk bench --model nb201 --n 32,64 --method auto,vmap --csv bench.csv
+    fastntk demo --n 256 --output trace
 
 Errors a user can make (unknown space, metric or algorithm, malformed arch
 string, a budget <= 0, an unwritable database, ...) exit with status 2 and one
@@ -21,10 +21,8 @@ seed): exactly the settings the search journal keys on.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
 import time
 import zlib
@@ -114,16 +112,6 @@ def _db_path(s: str) -> str:
     return s
 
 
-def _int_list(what: str):
-    def parse(s: str) -> list[int]:
-        out = []
-        for p in s.split(","):
-            out.append(_positive_int(what)(p.strip()))
-        return out
-
-    return parse
-
-
 def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=batch,
                    help=f"samples per NTK batch (default {batch})")
@@ -206,17 +194,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=_db_path, help="SQLite journal to reuse/store the scores")
     _add_data_args(p, 64)
 
-    p = sub.add_parser("bench", help="time and memory of the NTK methods")
-    p.add_argument("--model", default="nb201", choices=("nb201", "resnet18", "vit"))
-    p.add_argument("--n", type=_int_list("--n"), default=[32], help="batch size(s), e.g. 32,64")
-    p.add_argument("--method", default="auto", help="fastntk.ntk method(s), comma separated")
-    p.add_argument("--output", default="sum", choices=("sum", "trace"))
-    p.add_argument("--repeat", type=_positive_int("--repeat"), default=1,
-                   help="timed calls per measurement (median reported; default 1)")
-    p.add_argument("--csv", help="also write the table as CSV")
-    p.add_argument("--timeout", type=_positive_float("--timeout"), default=600.0,
-                   help="seconds per measurement (default 600)")
-    _add_threads_arg(p)
     return top
 
 
@@ -512,201 +489,10 @@ def _write_png_scatter(path: str, x, y, width: int = 480, height: int = 360) -> 
 
 
 # ---------------------------------------------------------------------------
-# bench
-# ---------------------------------------------------------------------------
-
-
-def _bench_model(name: str):
-    if name == "nb201":
-        from fastntk.spaces.nb201 import build_model
-
-        return build_model(BENCH_NB201_ARCH)
-    if name == "resnet18":
-        from fastntk.spaces.resnet import resnet18
-
-        return resnet18()
-    if name == "vit":
-        from fastntk.spaces.vit import vit_small
-
-        return vit_small()
-    raise OptionError(f"unknown bench model {name!r}; choose nb201, resnet18 or vit")
-
-
-def _bench_child(spec_json: str) -> None:
-    """Run in a fresh process: one measurement, printed as a JSON line."""
-    import resource
-    import statistics
-
-    import torch
-
-    from fastntk.data import synthetic
-    from fastntk.engine import ntk
-
-    spec = json.loads(spec_json)
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    model = _bench_model(spec["model"])
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    model = model.to(device)
-    x, _ = synthetic(spec["n"], seed=0)
-    x = x.to(device)
-    out: dict[str, Any] = {}
-    try:
-        # warm-up on the measured batch itself: a smaller one leaves the first timed call
-        # to compile the Triton kernels for the batch's shapes (they specialise on sizes
-        # divisible by 16) and to choose cuDNN/cuBLAS algorithms for its shapes
-        t = time.perf_counter()
-        ntk(model, x, output=spec["output"], method=spec["method"])
-        if cuda:
-            torch.cuda.synchronize()
-        out["first_s"] = time.perf_counter() - t
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(spec["repeat"]):
-            t = time.perf_counter()
-            K = ntk(model, x, output=spec["output"], method=spec["method"])
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            del K
-        out["time_s"] = statistics.median(times)
-        from fastntk.profiling import profile
-
-        with profile() as prof:  # one more call: the Gram step's share and TFLOP/s
-            ntk(model, x, output=spec["output"], method=spec["method"])
-        out["gram_s"] = prof.seconds.get("gram", 0.0)
-        out["gram_tflops"] = prof.gram_tflops
-        if cuda:
-            out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-            out["memory"] = "cuda_max_allocated"
-        else:
-            out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
-            out["memory"] = "process_peak_rss"
-        out["device"] = torch.cuda.get_device_name() if cuda else "cpu"
-        out["stack"] = f"torch {torch.__version__}" + (
-            f" CUDA {torch.version.cuda} TF32-conv {'on' if torch.backends.cudnn.allow_tf32 else 'off'}"
-            if cuda else "")  # fmt: skip
-    except Exception as e:  # reported as a row, not a crash of the table
-        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
-    print("FASTNTK_BENCH " + json.dumps(out), flush=True)
-
-
-def _cmd_bench(args) -> int:
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    if not methods:
-        raise OptionError("--method needs at least one method")
-    try:
-        from fastntk.engine import METHODS as known  # type: ignore[attr-defined]
-    except ImportError:
-        known = None
-    if known is not None:
-        bad = [m for m in methods if m not in known]
-        if bad:
-            raise OptionError(f"unknown NTK method {bad[0]!r}; known: {', '.join(known)}")
-    params = sum(p.numel() for p in _bench_model(args.model).parameters())
-    rows = []
-    import torch
-
-    print(f"bench {args.model} ({params / 1e6:.2f}M parameters), output {args.output}, "
-          f"{args.threads or torch.get_num_threads()} threads; one fresh process per "
-          "measurement", file=sys.stderr)
-    header = ("model", "method", "n", "output", "time_s", "samples_per_s", "gram_tflops",
-              "peak_mib", "memory", "device", "first_s", "stack", "error")
-    csv_file = None
-    if args.csv:  # written row by row: a run stopped by a time limit keeps what it measured
-        import csv
-
-        try:
-            csv_file = open(args.csv, "w", newline="")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise OptionError(f"cannot write --csv {args.csv!r}: {e.strerror}") from None
-        writer = csv.writer(csv_file)
-        writer.writerow(header)
-        csv_file.flush()
-
-    def emit(row: dict[str, Any]) -> None:
-        if csv_file is not None:
-            writer.writerow([row.get(h, "") for h in header])
-            csv_file.flush()
-
-    import signal
-
-    def _stop(signum, frame):  # timeout(1)'s SIGTERM: kill the measuring child, keep the rows
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old_term = signal.signal(signal.SIGTERM, _stop)
-    try:
-        _bench_rows(args, methods, rows, emit)
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        if csv_file is not None:
-            csv_file.close()
-        _bench_table(rows, header)
-        if args.csv:
-            print(f"csv {args.csv}")
-    return 0
-
-
-def _bench_rows(args, methods, rows, emit) -> None:
-    """One fresh process per (n, method); each row handed to ``emit`` as it is measured."""
-    for n in args.n:
-        for method in methods:
-            spec = {"model": args.model, "n": n, "method": method, "output": args.output,
-                    "repeat": args.repeat, "threads": args.threads}
-            cmd = [sys.executable, "-c",
-                   "import sys; from fastntk.cli import _bench_child; _bench_child(sys.argv[1])",
-                   json.dumps(spec)]
-            row: dict[str, Any] = {"model": args.model, "method": method, "n": n,
-                                   "output": args.output}
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("FASTNTK_BENCH ")]
-                if lines:
-                    row.update(json.loads(lines[-1][len("FASTNTK_BENCH "):]))
-                else:
-                    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                    row["error"] = f"exit {p.returncode}: {tail}"[:120]
-            except subprocess.TimeoutExpired:
-                row["error"] = f"timeout after {args.timeout:g} s"
-            if "time_s" in row:
-                row["samples_per_s"] = n / row["time_s"] if row["time_s"] > 0 else math.inf
-            rows.append(row)
-            emit(row)
-            print(f"  n={n} {method}: " + (f"{row['time_s']:.3f} s" if "time_s" in row
-                                            else row.get("error", "?")), file=sys.stderr)
-
-
-def _bench_table(rows, header) -> None:
-    if not rows:
-        return
-    table = []
-    for r in rows:
-        table.append([
-            str(r["model"]), str(r["method"]), str(r["n"]), str(r["output"]),
-            f"{r['time_s']:.4f}" if "time_s" in r else "-",
-            f"{r['samples_per_s']:.1f}" if "samples_per_s" in r else "-",
-            f"{r['gram_tflops']:.4f}" if r.get("gram_tflops") else "-",
-            f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-", str(r.get("memory", "-")),
-            str(r.get("device", "-")),
-            f"{r['first_s']:.3f}" if "first_s" in r else "-", str(r.get("stack", "-")),
-            str(r.get("error", "")),
-        ])
-    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-    for t in table:
-        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
-
-
-# ---------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------
 
-_COMMANDS = {"score": _cmd_score, "search": _cmd_search, "evaluate": _cmd_evaluate,
-             "bench": _cmd_bench}
+_COMMANDS = {"score": _cmd_score, "search": _cmd_search, "evaluate": _cmd_evaluate}
 
 
 def tune_own_process() -> dict | None:
