@@ -127,7 +127,9 @@ def test_png_writer(tmp_path):
     import zlib
 
     p = tmp_path / "s.png"
-    cli._write_png_scatter(str(p), [0, 1, 2, float("nan")], [1, 0, 2, 3], width=64, height=48)
+    from fastntk.cli.plot import write_png_scatter
+
+    write_png_scatter(str(p), [0, 1, 2, float("nan")], [1, 0, 2, 3], width=64, height=48)
     b = p.read_bytes()
     w, h = struct.unpack(">II", b[16:24])
     assert (w, h) == (64, 48)

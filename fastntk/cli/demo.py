@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from fastntk.cli.args import seed_arg
+
 DEFAULT_ARCH = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|"
 
 
@@ -51,8 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     import fastntk
     from fastntk import data
     from fastntk.spaces import nb201
-
-    from fastntk.cli import seed_arg
 
     ap = argparse.ArgumentParser(prog="fastntk demo", description=__doc__)
     ap.add_argument("--arch", default=DEFAULT_ARCH, help="NAS-Bench-201 arch string")
