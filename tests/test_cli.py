@@ -122,19 +122,47 @@ def test_evaluate_plot_names_negated_values(capsys, tiny_nb201, shared_db, tmp_p
     assert "(x: -trainability -" in out
 
 
-def test_png_writer(tmp_path):
-    import struct
-    import zlib
+def test_evaluate_plot_is_drawn_by_matplotlib(capsys, tiny_nb201, shared_db, tmp_path,
+                                              monkeypatch):
+    """The scatter plot is matplotlib's PNG: labelled axes with ticks, and a title naming
+    the metric (here the Borda count), the data set and the printed Kendall τ."""
+    import matplotlib.image
 
-    p = tmp_path / "s.png"
-    from fastntk.cli.plot import write_png_scatter
+    from fastntk.cli import plot
 
-    write_png_scatter(str(p), [0, 1, 2, float("nan")], [1, 0, 2, 3], width=64, height=48)
-    b = p.read_bytes()
-    w, h = struct.unpack(">II", b[16:24])
-    assert (w, h) == (64, 48)
-    idat = b[b.index(b"IDAT") + 4: b.index(b"IEND") - 8]
-    assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
+    figs, real = [], plot.scatter
+    monkeypatch.setattr(plot, "scatter", lambda *a, **k: figs.append(real(*a, **k)) or figs[-1])
+    png = tmp_path / "p.png"
+    rc, out, err = run(capsys, "evaluate", "--archs", "3", "--dataset", "cifar100",
+                       "--plot", str(png), "--db", str(shared_db), *SEARCH, "--bn", "eval")
+    assert rc == 0, err
+    tau = float(next(ln for ln in out.splitlines() if ln.strip().startswith("borda")).split()[1])
+    (fig,) = figs
+    (ax,) = fig.axes
+    assert ax.get_title() == (f"Borda(lga, fnorm) vs cifar100 accuracy\n"
+                              f"3 NB201 archs, Kendall τ {tau:.4f}")  # fmt: skip
+    assert ax.get_xlabel() == "Borda(lga, fnorm)"
+    assert ax.get_ylabel() == "cifar100 test accuracy (%)"
+    assert len(ax.get_xticks()) > 1 and len(ax.get_yticks()) > 1
+    assert matplotlib.image.imread(str(png)).shape[:2] == (450, 600)  # plot.FIGSIZE * DPI
+
+
+def test_evaluate_plot_without_matplotlib_fails_before_scoring(capsys, tiny_nb201, tmp_path,
+                                                               monkeypatch):
+    import sys
+
+    from fastntk import metrics
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    monkeypatch.setattr(metrics, "compute_metrics", lambda *a, **k: pytest.fail("scored"))
+    png = tmp_path / "p.png"
+    rc, out, err = run(capsys, "evaluate", "--archs", "2", "--metric", "fnorm", "--plot",
+                       str(png), *DATA)  # fmt: skip
+    assert rc == 2 and out == "" and not png.exists()
+    assert err == ("fastntk evaluate: error: --plot needs matplotlib, which is not installed: "
+                   "pip install matplotlib (or pip install fastntk[plot])\n")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,8 @@ def parser() -> argparse.ArgumentParser:
                    help="number of sampled architectures")
     p.add_argument("--dataset", default="cifar10",
                    help="ground truth: cifar10 | cifar100 | imagenet16-120")
-    p.add_argument("--plot", help="scatter plot PNG (metric vs accuracy)")
+    p.add_argument("--plot", help="scatter plot PNG of the metric (or Borda count) vs "
+                   "accuracy; needs matplotlib (pip install fastntk[plot])")
     p.add_argument("--db", type=_db_path, help="SQLite journal to reuse/store the scores")
     _add_data_args(p, 64)
     return top

@@ -169,7 +169,7 @@ def evaluate(args: argparse.Namespace) -> int:
     import numpy as np
     from scipy import stats
 
-    from fastntk.cli.plot import scatter_png
+    from fastntk.cli import plot
     from fastntk.metrics import DIRECTIONS
     from fastntk.search import Journal, random_search
     from fastntk.spaces.registry import get_space
@@ -182,6 +182,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     nb201.accuracy(_ANY_ARCH, args.dataset)  # OptionError on an unknown data set
     if args.plot:  # before the evaluations, not after them
+        plot.require()
         folder = os.path.dirname(os.path.abspath(args.plot))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise OptionError(f"cannot write --plot {args.plot!r}: {folder} is not a writable "
@@ -221,12 +222,20 @@ def evaluate(args: argparse.Namespace) -> int:
             rho = float(stats.spearmanr(r, acc).statistic)
         rows.append((name, tau, rho))
         print(f"  {name:<16} {tau:>11.4f} {rho:>12.4f}")
-    if args.plot:
+    if args.plot:  # the last column: the Borda count, or the one metric
         name, vals = cols[-1]
-        if name != "borda" and not DIRECTIONS[name]:
-            name = f"-{name}"  # the plotted values are negated (oriented)
+        if name == "borda":
+            what = xlabel = f"Borda({', '.join(metrics)})"
+        elif DIRECTIONS[name]:
+            what = xlabel = name
+        else:
+            name = what = f"-{name}"  # the plotted values are negated (oriented)
+            xlabel = f"{name} (negated: lower {name[1:]} predicts better)"
         xs = np.asarray(vals, dtype=float)
-        scatter_png(args.plot, xs, acc, xlabel=name, ylabel=f"{args.dataset} accuracy (%)")
+        plot.scatter(args.plot, xs, acc, xlabel=xlabel,
+                     ylabel=f"{args.dataset} test accuracy (%)",
+                     title=f"{what} vs {args.dataset} accuracy\n"
+                           f"{len(archs)} NB201 archs, Kendall τ {rows[-1][1]:.4f}")  # fmt: skip
         fin = xs[np.isfinite(xs)]
         xr = f"{fin.min():.4g}..{fin.max():.4g}" if fin.size else "-"
         print(f"plot {args.plot} (x: {name} {xr}, y: {args.dataset} accuracy "

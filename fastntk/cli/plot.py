@@ -1,76 +1,61 @@
-"""The scatter plot of ``fastntk evaluate --plot``."""
+"""The scatter plot of ``fastntk evaluate --plot``, drawn with matplotlib.
+
+matplotlib is an optional dependency (``pip install fastntk[plot]``): :func:`require`
+checks for it before a command computes anything. The figure is drawn on matplotlib's
+Agg canvas directly (no ``pyplot``), so plotting neither picks nor changes the backend
+of a program that imports fastntk.
+"""
 
 from __future__ import annotations
 
-import zlib
+from collections.abc import Sequence
 
-__all__ = ["scatter_png", "write_png_scatter"]
+from fastntk.errors import UnsupportedError
+
+__all__ = ["require", "scatter"]
+
+FIGSIZE = (6.0, 4.5)  # inches
+DPI = 100  # the PNG is FIGSIZE * DPI pixels: 600 x 450
 
 
-def scatter_png(path: str, x, y, *, xlabel: str = "", ylabel: str = "") -> None:
-    import numpy as np
-
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
+def require() -> None:
+    """UnsupportedError (one line: how to install it) unless matplotlib can be imported."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.scatter(x, y, s=8)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
     except ImportError:
-        pass
-    write_png_scatter(path, x, y)
+        raise UnsupportedError(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib "
+            "(or pip install fastntk[plot])"
+        ) from None
 
 
-def write_png_scatter(path: str, x, y, width: int = 480, height: int = 360) -> None:
-    """Scatter of (x, y) as an RGB PNG with axes (no text), using only zlib and struct."""
-    import struct
+def scatter(path: str, x: Sequence[float], y: Sequence[float], *, xlabel: str, ylabel: str,
+            title: str):
+    """Write the scatter plot of ``(x, y)`` to ``path`` as a PNG; non-finite points are left
+    out. Returns the ``matplotlib.figure.Figure`` (for inspection; it is already saved).
 
+    Args:
+        path: the PNG file.
+        x: (N,) the metric's values (oriented: higher predicts better).
+        y: (N,) the accuracies.
+        xlabel, ylabel, title: the axes' labels and the figure's title.
+    """
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    m = 40  # margin
-    img[height - m, m:width - m + 1] = 0  # x axis
-    img[m:height - m + 1, m] = 0  # y axis
-    for t in range(5):  # ticks
-        cx = m + t * (width - 2 * m) // 4
-        cy = height - m - t * (height - 2 * m) // 4
-        img[height - m:height - m + 5, cx] = 0
-        img[cy, m - 5:m] = 0
-
-    def scale(v, lo, hi, n):
-        if hi <= lo:
-            return np.full(v.shape, n // 2)
-        return ((v - lo) / (hi - lo) * (n - 1)).round().astype(int)
-
-    if len(x):
-        px = m + scale(x, x.min(), x.max(), width - 2 * m)
-        py = height - m - scale(y, y.min(), y.max(), height - 2 * m)
-        for a, b in zip(px, py, strict=True):
-            img[max(b - 2, 0):b + 3, max(a - 2, 0):a + 3] = (31, 119, 180)
-    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    png = (b"\x89PNG\r\n\x1a\n"
-           + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    with open(path, "wb") as f:
-        f.write(png)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.scatter(x[ok], y[ok], s=12, alpha=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, format="png")
+    return fig
