@@ -70,7 +70,8 @@ SEARCH = ["--metric", "lga,fnorm", "--seed", "0", *DATA]
 @pytest.mark.parametrize("algo", ["random", "rea", "prune", "reinforce"])
 def test_search_each_algo(capsys, tiny_nb201, shared_db, algo):
     extra = ["--population", "2", "--sample-size", "2"] if algo == "rea" else []
-    argv = ["search", "--algo", algo, "--budget", "2", "--db", str(shared_db), *extra, *SEARCH]
+    argv = ["search", "--algo", algo, "--budget", "2", "--db", str(shared_db), "--progress",
+            *extra, *SEARCH]  # (--progress: stderr is not a terminal here)
     rc, out, err = run(capsys, *argv)
     assert rc == 0, err
     assert "2 evaluations" in out

@@ -104,6 +104,16 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
                         "loaded machine 1 avoids OpenMP oversubscription)")
 
 
+def _add_progress_args(p: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress: ``args.progress`` True, False or None (the default: a
+    bar where stderr is a terminal), as the search's ``progress`` takes it."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", action="store_const", const=True,
+                   help="a progress bar on stderr even where it is not a terminal (a log)")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no progress bar (default: one where stderr is a terminal)")
+
+
 _METRIC_HELP = ("metric name(s), comma separated; several are combined by a Borda count "
                 "(default: ncn,lga,num_params, the NAS default score)")
 
@@ -143,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
                    help="pruning of spaces without supernets (darts, resnet, vit): "
                         "architectures scored per (decision, op) (default 1); nb201 is "
                         "pruned on supernets, where it must stay 1")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_progress_args(p)
     _add_data_args(p, 64)
 
     p = sub.add_parser("evaluate", help="rank correlation of metrics with true accuracy")
@@ -156,5 +166,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="scatter plot PNG of the metric (or Borda count) vs "
                    "accuracy; needs matplotlib (pip install fastntk[plot])")
     p.add_argument("--db", type=_db_path, help="SQLite journal to reuse/store the scores")
+    _add_progress_args(p)
     _add_data_args(p, 64)
     return top

@@ -142,7 +142,7 @@ def search(args: argparse.Namespace) -> int:
     try:
         res = run_search(args.algo, space, scorer, budget=args.budget,
                          time_budget=args.time_budget, seed=args.seed, journal=journal,
-                         progress=not args.no_progress, **kw)
+                         progress=args.progress, **kw)
     finally:
         if journal is not None:
             journal.close()
@@ -192,7 +192,7 @@ def evaluate(args: argparse.Namespace) -> int:
     scorer = _scorer(space, metrics, args)
     try:
         res = random_search(space, scorer, budget=args.archs, seed=args.seed, journal=journal,
-                            progress=True)
+                            progress=args.progress)
     finally:
         if journal is not None:
             journal.close()
