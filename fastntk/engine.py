@@ -168,8 +168,8 @@ def ntk(
             Default: 256 samples, 256 MiB blocks.
         dtype: computation dtype (``torch.float64`` for exactness); default:
             the dtype of the model's parameters.
-        progress: print progress to stderr (default: only for multi-chunk
-            computations).
+        progress: a progress bar of the chunks on stderr: True always, False never,
+            None (the default) for multi-chunk computations where stderr is a terminal.
 
     Returns:
         Θ: (N1, N2), or (N1, N2, K, K) for ``output="full"``, in ``dtype``.
