@@ -131,7 +131,7 @@ scale() {
 models() {
   local m
   for m in resnet18 vit; do
-    step 140 env -C "$SITE" python3 -m fastntk bench --model "$m" --n "$MN" --method "auto,layerwise$TRITON,vmap" \
+    step 140 python3 bench/bench_models.py --model "$m" --n "$MN" --method "auto,layerwise$TRITON,vmap" \
       --output sum --repeat 2 --timeout 60 --csv "$OUT/models_$m.csv"
   done
 }

@@ -40,8 +40,6 @@ import contextlib
 import hashlib
 import math
 import os
-import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +51,7 @@ from torch.func import jacrev, vmap
 
 from fastntk import _args, _model, _probe
 from fastntk._model import Copies, Head
+from fastntk._progress import bar as progress_bar
 from fastntk.errors import NonFiniteKernelError, OptionError, UnsupportedError
 from fastntk.profiling import count_gram, phase
 from fastntk.rules import (
@@ -169,8 +168,8 @@ def ntk(
             Default: 256 samples, 256 MiB blocks.
         dtype: computation dtype (``torch.float64`` for exactness); default:
             the dtype of the model's parameters.
-        progress: print progress to stderr (default: only for multi-chunk
-            computations).
+        progress: a progress bar of the chunks on stderr: True always, False never,
+            None (the default) for multi-chunk computations where stderr is a terminal.
 
     Returns:
         Θ: (N1, N2), or (N1, N2, K, K) for ``output="full"``, in ``dtype``.
@@ -364,7 +363,9 @@ def ntk_sketch(
             sgn = torch.cat([t[1] for t in segs])[a:b]
         S[s0:s1].index_add_(1, h, G * sgn)
 
-    bar = _Progress(-(-n // samples), "sketch", progress if progress is not None else n > samples)
+    chunks = -(-n // samples)
+    show = False if progress is None and chunks == 1 else progress
+    bar = progress_bar(chunks, "sketch", "chunk", show)  # None: on a terminal
     with _model.model_state(model, bn), _inplace_refused():
         for s0 in range(0, n, samples):
             s1 = min(n, s0 + samples)
@@ -377,7 +378,7 @@ def ntk_sketch(
                 job._run_chunk(x[s0:s1], consume, _always)
             except _SamplesCoupled as e:
                 raise OptionError(f"the sketch needs per-sample independent outputs, but {e}") from None
-            bar.step()
+            bar.update()
     bar.close()
     if output == "mean":
         S /= math.sqrt(job.head.K)
@@ -1330,15 +1331,15 @@ class _Job:
         total = sum(-(-(p1 - p0) // c) for p0, p1 in panels) + sum(
             len([b for b in col_chunks if not sym or b[0] >= p1]) for _, p1 in panels
         )
-        show = self.progress if self.progress is not None else total > 2
-        bar = _Progress(total, "ntk", show)
+        show = False if self.progress is None and total <= 2 else self.progress
+        bar = progress_bar(total, "ntk", "chunk", show)  # None: on a terminal
 
         for p0, p1 in panels:
             store: dict[tuple, list[Block]] = defaultdict(list)
             for s0 in range(p0, p1, c):
                 s1 = min(p1, s0 + c)
                 self._run_chunk(x1[s0:s1], lambda k, b, store=store: store[k].append(b))
-                bar.step()
+                bar.update()
             R = self.head.R  # known once a chunk has run
             stored = {k: _regroup(v, R) for k, v in store.items()}  # rows (R, panel)
             store = None
@@ -1361,7 +1362,7 @@ class _Job:
                         )
 
                 self._run_chunk(xb[b0:b1], consume, _always)
-                bar.step()
+                bar.update()
             stored = None
         bar.close()
         assert theta is not None
@@ -1832,30 +1833,3 @@ class _GramAccumulator:
         if self.theta is None:
             return self.job._alloc(self.n1, self.n2, self.job.head.R)
         return self.theta
-
-
-class _Progress:
-    """A one-line progress bar on stderr (units of forward/backward chunks)."""
-
-    def __init__(self, total: int, label: str, show: bool):
-        self.total, self.label, self.show = total, label, show
-        self.done = 0
-        self.t0 = time.perf_counter()
-
-    def step(self) -> None:
-        self.done += 1
-        if self.show:
-            el = time.perf_counter() - self.t0
-            eta = el / self.done * (self.total - self.done)
-            w = 30
-            fill = int(w * self.done / max(1, self.total))
-            sys.stderr.write(
-                f"\r{self.label} [{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} "
-                f"chunks  {el:6.1f}s elapsed  eta {eta:6.1f}s"
-            )
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.show:
-            sys.stderr.write("\n")
-            sys.stderr.flush()

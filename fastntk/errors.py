@@ -42,11 +42,17 @@ class ArchitectureError(FastNTKError, ValueError):
     """A search-space architecture (e.g. a NAS-Bench-201 arch string) is malformed."""
 
 
+class JournalError(FastNTKError, OSError):
+    """The search journal's database cannot be opened or written, or it holds a damaged
+    row (:class:`fastntk.search.Journal`; also importable from :mod:`fastntk.search`)."""
+
+
 __all__ = [
     "ArchitectureError",
     "FastNTKError",
     "InputError",
     "InputTypeError",
+    "JournalError",
     "NonFiniteKernelError",
     "OptionError",
     "ParameterSelectionError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 
 import pytest
@@ -23,6 +24,7 @@ ARCH = (
     "avg_pool_3x3~2|"
 )
 DATA = ["--data", "synthetic", "--batch-size", "8"]
+BENCH_MODELS = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_models.py")
 
 
 @pytest.fixture
@@ -68,7 +70,8 @@ SEARCH = ["--metric", "lga,fnorm", "--seed", "0", *DATA]
 @pytest.mark.parametrize("algo", ["random", "rea", "prune", "reinforce"])
 def test_search_each_algo(capsys, tiny_nb201, shared_db, algo):
     extra = ["--population", "2", "--sample-size", "2"] if algo == "rea" else []
-    argv = ["search", "--algo", algo, "--budget", "2", "--db", str(shared_db), *extra, *SEARCH]
+    argv = ["search", "--algo", algo, "--budget", "2", "--db", str(shared_db), "--progress",
+            *extra, *SEARCH]  # (--progress: stderr is not a terminal here)
     rc, out, err = run(capsys, *argv)
     assert rc == 0, err
     assert "2 evaluations" in out
@@ -144,20 +147,67 @@ def test_evaluate_plot_names_negated_values(capsys, tiny_nb201, shared_db, tmp_p
     assert "(x: -trainability -" in out
 
 
-def test_png_writer(tmp_path):
-    import struct
-    import zlib
+def test_evaluate_plot_is_drawn_by_matplotlib(capsys, tiny_nb201, shared_db, tmp_path,
+                                              monkeypatch):
+    """The scatter plot is matplotlib's PNG: labelled axes with ticks, and a title naming
+    the metric (here the Borda count), the data set and the printed Kendall τ."""
+    import matplotlib.image
 
-    p = tmp_path / "s.png"
-    cli._write_png_scatter(str(p), [0, 1, 2, float("nan")], [1, 0, 2, 3], width=64, height=48)
-    b = p.read_bytes()
-    w, h = struct.unpack(">II", b[16:24])
-    assert (w, h) == (64, 48)
-    idat = b[b.index(b"IDAT") + 4: b.index(b"IEND") - 8]
-    assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
+    from fastntk.cli import plot
+
+    figs, real = [], plot.scatter
+    monkeypatch.setattr(plot, "scatter", lambda *a, **k: figs.append(real(*a, **k)) or figs[-1])
+    png = tmp_path / "p.png"
+    rc, out, err = run(capsys, "evaluate", "--archs", "3", "--dataset", "cifar100",
+                       "--plot", str(png), "--db", str(shared_db), *SEARCH, "--bn", "eval")
+    assert rc == 0, err
+    tau = float(next(ln for ln in out.splitlines() if ln.strip().startswith("borda")).split()[1])
+    (fig,) = figs
+    (ax,) = fig.axes
+    assert ax.get_title() == (f"Borda(lga, fnorm) vs cifar100 accuracy\n"
+                              f"3 NB201 archs, Kendall τ {tau:.4f}")  # fmt: skip
+    assert ax.get_xlabel() == "Borda(lga, fnorm)"
+    assert ax.get_ylabel() == "cifar100 test accuracy (%)"
+    assert len(ax.get_xticks()) > 1 and len(ax.get_yticks()) > 1
+    assert matplotlib.image.imread(str(png)).shape[:2] == (450, 600)  # plot.FIGSIZE * DPI
 
 
-def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
+def test_evaluate_plot_without_matplotlib_fails_before_scoring(capsys, tiny_nb201, tmp_path,
+                                                               monkeypatch):
+    import sys
+
+    from fastntk import metrics
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    monkeypatch.setattr(metrics, "compute_metrics", lambda *a, **k: pytest.fail("scored"))
+    png = tmp_path / "p.png"
+    rc, out, err = run(capsys, "evaluate", "--archs", "2", "--metric", "fnorm", "--plot",
+                       str(png), *DATA)  # fmt: skip
+    assert rc == 2 and out == "" and not png.exists()
+    assert err == ("fastntk evaluate: error: --plot needs matplotlib, which is not installed: "
+                   "pip install matplotlib (or pip install fastntk[plot])\n")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench_models():
+    """bench/bench_models.py (the ``fastntk bench`` of before), imported from its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_models", BENCH_MODELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_bench(capsys, bench_models, *argv):
+    rc = bench_models.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_bench_table_and_csv(capsys, tmp_path, monkeypatch, bench_models):
     # run each measurement in-process instead of a fresh interpreter (importing torch
     # costs seconds per process on the CI machine)
     def fake_run(cmd, **kw):
@@ -166,17 +216,17 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
 
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            cli._bench_child(cmd[-1])
+            bench_models.child(cmd[-1])
         return subprocess.CompletedProcess(cmd, 0, buf.getvalue(), "")
 
-    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_models.subprocess, "run", fake_run)
     # a narrow NB201 network (C=4, N=1) keeps this fast; real sizes: see the report/README
     from fastntk.spaces.nb201 import build_model
 
-    monkeypatch.setattr(cli, "_bench_model", lambda name: build_model(ARCH, C=4, N=1))
+    monkeypatch.setattr(bench_models, "bench_model", lambda name: build_model(ARCH, C=4, N=1))
     csv_path = tmp_path / "b.csv"
-    rc, out, err = run(capsys, "bench", "--model", "nb201", "--n", "2", "--method",
-                       "auto,loop", "--csv", str(csv_path))
+    rc, out, err = run_bench(capsys, bench_models, "--model", "nb201", "--n", "2", "--method",
+                             "auto,loop", "--csv", str(csv_path))
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split()[:10] == ["model", "method", "n", "output", "time_s",
@@ -188,6 +238,22 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
     assert len(rows) == 3 and rows[0].startswith("model,method,n")
     assert float(rows[1].split(",")[4]) > 0
     assert float(rows[1].split(",")[6]) > 0  # the Gram step's TFLOP/s, from fastntk.profile()
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--model", "vgg"], "invalid choice"),
+        (["--n", "0"], "--n"),
+        (["--n", "2", "--method", "bogus"], "unknown NTK method"),
+    ],
+)
+def test_bench_errors_exit_2_with_one_line(capsys, bench_models, argv, needle):
+    rc, out, err = run_bench(capsys, bench_models, *argv)
+    assert rc == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -210,13 +276,10 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch):
         (["evaluate", "--metric", "lga", "--archs", "0"], "--archs"),
         (["evaluate", "--metric", "lga", "--archs", "2", "--space", "darts"], "ground-truth"),
         (["evaluate", "--metric", "lga", "--archs", "2", "--dataset", "mnist"], "dataset"),
-        (["bench", "--model", "vgg"], "invalid choice"),
-        (["bench", "--n", "0"], "--n"),
-        (["bench", "--n", "2", "--method", "bogus"], "unknown NTK method"),
     ],
 )
 def test_errors_exit_2_with_one_line(capsys, argv, needle):
-    rc, out, err = run(capsys, *argv, *DATA[:2] if argv[0] != "bench" else [])
+    rc, out, err = run(capsys, *argv, *DATA[:2])
     assert rc == 2
     assert needle in err
     assert len(err.strip().splitlines()) == 1
@@ -226,7 +289,7 @@ def test_errors_exit_2_with_one_line(capsys, argv, needle):
 def test_demo_prints_kernel_times_and_paths(capsys):
     """The README's main job (``make demo``) on a small batch: kernel, both timings, the warm
     call's phases, spectrum and paths."""
-    from fastntk import demo
+    from fastntk.cli import demo
 
     assert demo.main(["--n", "16"]) == 0
     out = capsys.readouterr().out
@@ -238,7 +301,7 @@ def test_demo_prints_kernel_times_and_paths(capsys):
 
 
 def test_bench_stopped_by_a_time_limit_keeps_its_rows(tmp_path):
-    """The GPU suite runs ``fastntk bench`` under timeout(1): the CSV was written at the
+    """The GPU suite runs bench/bench_models.py under timeout(1): the CSV was written at the
     end only, so a stopped run left none (and its measuring child ran on). Rows are
     written as they are measured; SIGTERM stops the child and prints the table so far."""
     import signal
@@ -246,7 +309,7 @@ def test_bench_stopped_by_a_time_limit_keeps_its_rows(tmp_path):
     import time
 
     out = tmp_path / "b.csv"
-    p = subprocess.Popen([sys.executable, "-m", "fastntk", "bench", "--model", "nb201", "--n", "2",
+    p = subprocess.Popen([sys.executable, BENCH_MODELS, "--model", "nb201", "--n", "2",
                           "--method", "auto,loop,vmap,auto", "--repeat", "1", "--csv", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120

@@ -47,6 +47,10 @@ is looked up there first and recorded as soon as it is computed, so
 re-running the same command continues where it was killed, evaluates nothing
 twice and follows the same trajectory.
 
+Progress: ``progress=True`` draws a bar (count, eval/s, best so far) on stderr,
+a text stream draws it there, ``None`` draws it on stderr only where that is a
+terminal, ``False`` (the default) draws none.
+
 Pruning and REINFORCE need categorical decisions: a space that has
 ``decisions()``, ``to_choices(arch)`` and ``from_choices(choices)`` (DARTS,
 ResNet and ViT here), or NB201 (its six edges, adapted here).
@@ -62,9 +66,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 from fastntk._args import integer
+from fastntk._progress import bar as progress_bar
 from fastntk.errors import OptionError
 from fastntk.search.journal import space_key
 
@@ -271,49 +276,6 @@ class _Stop(Exception):
         self.reason = reason
 
 
-class _Progress:
-    """A one-line progress bar on a stream (stderr): count, evals/s, best so far."""
-
-    def __init__(self, total: int | None, time_budget: float | None, stream: TextIO | None,
-                 label: str):
-        self.total, self.time_budget, self.stream, self.label = total, time_budget, stream, label
-        self._last = 0.0
-        self._width = 0
-        self._line = ""
-        self.what = "best"  # what the best-so-far field shows (prune: supernets, then the arch)
-
-    def update(self, n: int, elapsed: float, best: str, force: bool = False) -> None:
-        if self.stream is None:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:
-            return
-        self._last = now
-        if self.total:
-            frac = min(1.0, n / self.total)
-        elif self.time_budget:
-            frac = min(1.0, elapsed / self.time_budget)
-        else:
-            frac = 0.0
-        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        rate = n / elapsed if elapsed > 0 else 0.0
-        count = f"{n}/{self.total}" if self.total else str(n)
-        line = (f"{self.label} [{bar}] {count} {rate:.2f} eval/s {elapsed:.1f}s "
-                f"{self.what}: {best}")
-        if force and line == self._line:
-            return
-        self._line = line
-        pad = " " * max(0, self._width - len(line))
-        self._width = len(line)
-        self.stream.write("\r" + line + pad)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.stream is not None and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def _fmt_metrics(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
@@ -321,7 +283,8 @@ def _fmt_metrics(metrics: Mapping[str, float]) -> str:
 class _Runner:
     """Evaluates architectures for an algorithm: budget, cache/journal, history, progress."""
 
-    def __init__(self, algorithm, space, scorer, budget, time_budget, seed, journal, progress):
+    def __init__(self, algorithm, space, scorer, budget, time_budget, seed, journal, progress,
+                 what: str = "best"):
         if budget is None and time_budget is None:
             raise OptionError("give an evaluation budget, a time budget, or both")
         if budget is not None:
@@ -338,14 +301,12 @@ class _Runner:
             if scorer.settings.get("seed") is not None:  # before anything is computed
                 integer(scorer.settings["seed"], "the seed in the scorer's settings (stored in "
                         "the journal)", -(2**63), 2**63)  # fmt: skip
-        if progress is True:
-            stream = sys.stderr
-        elif progress is False or progress is None:
-            stream = None
+        if progress is None or isinstance(progress, bool):  # None: on stderr if a terminal
+            show, stream = progress, None
         elif callable(getattr(progress, "write", None)):
-            stream = progress
+            show, stream = True, progress
         else:
-            raise OptionError(f"progress must be True, False or a text stream, got "
+            raise OptionError(f"progress must be True, False, None or a text stream, got "
                               f"{progress!r}")  # fmt: skip
         self.algorithm, self.space, self.scorer = algorithm, space, scorer
         self.budget, self.time_budget, self.seed, self.journal = budget, time_budget, seed, journal
@@ -355,8 +316,13 @@ class _Runner:
         self.cache: dict[str, dict[str, float]] = {}
         self.n_computed = self.n_cached = 0
         self.t0 = time.monotonic()
-        self.progress = _Progress(budget, time_budget, stream, f"{algorithm}")
+        # the bar's postfix: the best evaluation so far ("best supernet" while prune scores
+        # supernets), recomputed at most every 0.2 s for a Borda count over the history
+        self.what = what
+        self.bar = progress_bar(budget, algorithm, "eval", show, file=stream,
+                                postfix=f"{what}: -")  # fmt: skip
         self._best_idx: int | None = None
+        self._best_shown = 0.0
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -400,20 +366,24 @@ class _Runner:
         return ev
 
     def _update_best(self, ev: Evaluation) -> None:
-        if len(self.scorer.metrics) == 1:
-            if self._best_idx is None or (
-                self.scorer.fitness([ev.metrics])[0]
-                > self.scorer.fitness([self.history[self._best_idx].metrics])[0]
-            ):
-                self._best_idx = ev.step
-            best = self.history[self._best_idx]
-            label = _fmt_metrics(best.metrics)
-        else:
-            label = f"{len(self.scorer.metrics)} metrics (Borda)"
-            if time.monotonic() - self.progress._last >= 0.2:
-                best = self.best()
-                label = _fmt_metrics(best.metrics) if best else label
-        self.progress.update(len(self.history), self.elapsed(), label)
+        """Step the bar; its postfix names the best evaluation so far."""
+        if not self.bar.disable:
+            label = None
+            if len(self.scorer.metrics) == 1:
+                if self._best_idx is None or (
+                    self.scorer.fitness([ev.metrics])[0]
+                    > self.scorer.fitness([self.history[self._best_idx].metrics])[0]
+                ):
+                    self._best_idx = ev.step
+                label = _fmt_metrics(self.history[self._best_idx].metrics)
+            elif time.monotonic() - self._best_shown >= 0.2:
+                self._best_shown = time.monotonic()
+                label = _fmt_metrics(self.best().metrics)
+            if label is not None:
+                self.bar.set_postfix_str(f"{self.what}: {label}", refresh=False)
+            if self.bar.total is not None and len(self.history) > self.bar.total:
+                self.bar.total = len(self.history)  # prune's final arch, past the budget
+        self.bar.update()
 
     def best(self) -> Evaluation | None:
         if not self.history:
@@ -425,11 +395,9 @@ class _Runner:
     def result(self, reason: str, best: Evaluation | None = None, what: str | None = None,
                **kw) -> SearchResult:
         best = best if best is not None else self.best()
-        if what is not None:
-            self.progress.what = what
-        self.progress.update(len(self.history), self.elapsed(),
-                             _fmt_metrics(best.metrics) if best else "-", force=True)
-        self.progress.close()
+        label = _fmt_metrics(best.metrics) if best else "-"
+        self.bar.set_postfix_str(f"{what or self.what}: {label}", refresh=False)
+        self.bar.close()  # (its last frame, with this postfix)
         return SearchResult(self.algorithm, self.space_key, self.seed, best, self.history,
                             self.n_computed, self.n_cached, self.elapsed(), reason, **kw)
 
@@ -597,9 +565,9 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
                           f"{getattr(space, 'name', space)!r} is pruned on supernets (TE-NAS), "
                           f"which draw no samples: leave samples_per_op at 1, got "
                           f"{samples_per_op}")  # fmt: skip
-    run = _Runner("prune", space, scorer, budget, time_budget, seed, journal, progress)
-    if supernet is not None:
-        run.progress.what = "best supernet"  # the rounds score supernets, not archs
+    # the rounds score supernets, not archs: the progress bar says so
+    run = _Runner("prune", space, scorer, budget, time_budget, seed, journal, progress,
+                  what="best" if supernet is None else "best supernet")
     rng = random.Random(run.seed)
     rounds: list[dict[str, Any]] = []
     # (decision, choice index) -> score in the last COMPLETE round (higher: worth keeping)

@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastntk._args import integer, is_int
-from fastntk.errors import FastNTKError
+from fastntk.errors import FastNTKError, JournalError
 
 __all__ = ["Journal", "JournalError", "settings_key", "space_key"]
 
@@ -74,10 +74,6 @@ CREATE TABLE IF NOT EXISTS evaluations (
 );
 CREATE INDEX IF NOT EXISTS evaluations_space_settings ON evaluations (space, settings);
 """
-
-
-class JournalError(FastNTKError, OSError):
-    """The journal database cannot be opened or written, or it holds a damaged row."""
 
 
 class _Foreign(Exception):

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from fastntk.cli.args import seed_arg
 
 def _images(s: str) -> int:
     from fastntk.data import cifar10_size
@@ -49,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     import fastntk
     from fastntk import data
     from fastntk.spaces import nb201
-
-    from fastntk.cli import seed_arg
 
     ap = argparse.ArgumentParser(prog="fastntk demo", description=__doc__)
     ap.add_argument("--arch", default=nb201.BENCH_ARCH, help="NAS-Bench-201 arch string")
