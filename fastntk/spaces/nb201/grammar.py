@@ -53,7 +53,7 @@ BENCH_ARCH = (
 )
 """The network of the project's measurements (830,426 parameters at C=16, N=5): the
 workload of bench/bench_engine.py, bench_engine_choices.py, bench_sketch.py,
-bench_large_n.py, ``fastntk bench --model nb201`` and ``python -m fastntk demo``."""
+bench_large_n.py, ``bench/bench_models.py --model nb201`` and ``python -m fastntk demo``."""
 
 ArchLike = str | Sequence[str]
 
