@@ -11,12 +11,14 @@
   own GEMM vs copied into the buffer (``engine.GRAM_DIRECT_BYTES``), alternating in one
   process.
 * ``pool``: NAS-Bench-201's avg_pool_3x3 as PyTorch's avg_pool2d vs a box-filter conv.
-* ``coupled``: ``bn="batch"`` kernel with one-hot backward passes in a loop vs batched
-  with ``is_grads_batched``.
+* ``coupled``: ``bn="batch"`` kernel with one-hot backward passes in a loop
+  (``method="loop"``; ``auto`` on the CPU) vs batched with ``is_grads_batched`` (``auto`` on
+  a GPU, and ``vmap``), with ``--device cuda`` on a GPU.
 * ``mha``: ``nn.MultiheadAttention`` through its rule vs the per-module fallback vs vmap.
 
 Usage:
     python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [trace] [pool] [coupled] [mha]
+        [--device cpu|cuda]   (the device of the coupled section's model and data)
 """
 
 from __future__ import annotations
@@ -316,19 +318,40 @@ def mha(n=32, tokens=65):
         print(f"| {output} | " + " | ".join(f"{t:.3f}" for t in times) + " |")
 
 
+DEVICE = "cpu"
+
+
 def coupled(n=64):
     m, x = _model(n)
-    print(f"## bn='batch' kernel, NB201, N={n} (s, one call each)")
-    for name, method in (("loop (auto on CPU)", "auto"), ("batched is_grads_batched", "vmap")):
+    m, x = m.to(DEVICE), x.to(DEVICE)
+    print(f"## bn='batch' kernel, NB201, N={n}, {DEVICE} (s, one call each after a warm-up)")
+    fastntk.ntk(m, x[:4], bn="batch")
+    runs = [("loop", "loop"), ("batched is_grads_batched (vmap)", "vmap")]
+    if DEVICE != "cpu":
+        runs.append(("auto (batched on a GPU)", "auto"))
+    ref = None
+    for name, method in runs:
+        if DEVICE != "cpu":
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        fastntk.ntk(m, x, bn="batch", method=method)
-        print(f"{name}: {time.perf_counter() - t:.1f}")
+        theta = fastntk.ntk(m, x, bn="batch", method=method)
+        if DEVICE != "cpu":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        ref = theta if ref is None else ref
+        err = float((theta - ref).abs().max() / ref.abs().max())
+        print(f"{name}: {dt:.2f} s (max rel. difference to the loop {err:.1e})")
 
 
 if __name__ == "__main__":
     sections = {"conv": conv, "chunks": chunks, "gram": gram, "affine": affine, "trace": trace,
                 "pool": pool, "coupled": coupled, "mha": mha}
-    which = sys.argv[1:] or list(sections)
+    argv = sys.argv[1:]
+    if "--device" in argv:
+        i = argv.index("--device")
+        DEVICE = argv[i + 1]
+        del argv[i : i + 2]
+    which = argv or list(sections)
     if any(w in ("-h", "--help") for w in which):
         print(__doc__)
         sys.exit(0)

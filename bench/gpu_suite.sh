@@ -9,7 +9,8 @@
 #       CUDA and the Triton Gram operand modes (gpu_check parts 1-2)
 #   FASTNTK_GIT=<sha> bash bench/gpu_suite.sh second   # a second call, <= BUDGET s (default 240):
 #       CUDA build of fastntk._C, its kernels vs float64 references (part 3), the conv
-#       weight-gradient paths (part 4), ResNet-18 and ViT tables
+#       weight-gradient paths (part 4), the bn="batch" kernel looped vs batched (N=64),
+#       ResNet-18 and ViT tables
 #
 # 480 + 240 s leave the machine's start and the transfers in 15 minutes: send `second` as
 # soon as `first` returns (the machine goes back after 30 s idle), with BUDGET set to the
@@ -112,6 +113,10 @@ sketch() {
     --check "$BIGCHUNK"
 }
 
+coupled() {  # the bn="batch" kernel's N backward passes: a loop vs batched (vmap over them)
+  step "${1:-60}" python3 bench/bench_engine_choices.py coupled --device "$DEV"
+}
+
 check() {
   header
   build_ext
@@ -149,6 +154,7 @@ second() {
   header
   build_ext
   gpu_check 120 3,4 _csrc
+  coupled 60
   models
 }
 
