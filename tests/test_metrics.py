@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastntk import metrics as M
+from fastntk.metrics import kernel as M
 from fastntk.errors import InputError, InputTypeError, NonFiniteKernelError, OptionError
 
 SIZES = [1, 7, 10, 33]
