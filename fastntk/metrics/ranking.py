@@ -1,22 +1,27 @@
 """Rank aggregation: the Borda count that orders architectures by several metrics at once.
 
-:func:`borda` takes a table (architectures × metrics) and ranks by :func:`ranks`: ties
-share the mean of the ranks they span, so a total does not depend on the order of the
-input, and NaN (an undefined metric) ranks below every number, ``-inf`` included, tied with
-the other NaNs.
+:func:`borda` takes a table (architectures × metrics), :func:`borda_scores` the search's
+``{metric: value}`` dicts (it is :func:`fastntk.search.borda_scores`, and so the search's
+fitness over several metrics). Both rank by :func:`ranks`: ties share the mean of the ranks
+they span, so a total does not depend on the order of the input, and NaN (an undefined
+metric) ranks below every number, ``-inf`` included, tied with the other NaNs.
+
+The search layer imports this module and runs without torch: it imports neither torch nor
+the rest of :mod:`fastntk.metrics`, and numpy only when :func:`borda` is called.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fastntk.errors import InputError, InputTypeError
 
-__all__ = ["borda", "ranks"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["borda", "borda_scores", "ranks"]
 
 
 def ranks(values: Sequence[Any], higher_is_better: bool) -> list[float]:
@@ -67,6 +72,8 @@ def borda(scores: Any, higher_is_better: bool | Sequence[bool]) -> np.ndarray:
     Returns:
         (m,) float64 numpy array of Borda totals.
     """
+    import numpy as np  # (here, not above: the search layer imports this module without it)
+
     try:
         a = np.asarray(scores, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -87,4 +94,27 @@ def borda(scores: Any, higher_is_better: bool | Sequence[bool]) -> np.ndarray:
     total = np.zeros(a.shape[0], dtype=np.float64)
     for c in range(k):  # ranks 0..m-1, 0 the worst; Borda counts 1..m
         total += np.asarray(ranks(a[:, c].tolist(), dirs[c]), dtype=np.float64) + 1.0
+    return total
+
+
+def borda_scores(
+    metric_dicts: Sequence[Mapping[str, float]], directions: Mapping[str, bool]
+) -> list[float]:
+    """Borda count of each entry: the sum over metrics of its rank (0 = worst) in the set.
+
+    The search's form of :func:`borda`, ``borda(...) - k`` for k metrics, and defined on an
+    empty set or no metric too (zeros).
+
+    Args:
+        metric_dicts: (m,) ``{metric: value}``; a metric missing from an entry is NaN there.
+        directions: ``metric -> higher_is_better``: the metrics that count.
+
+    Returns:
+        (m,) Borda totals as Python floats.
+    """
+    total = [0.0] * len(metric_dicts)
+    for name, hib in directions.items():
+        vals = [d.get(name, math.nan) for d in metric_dicts]
+        for i, r in enumerate(ranks(vals, hib)):
+            total[i] += r
     return total
