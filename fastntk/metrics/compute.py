@@ -1,9 +1,22 @@
-"""compute_metrics: several metrics of one model, each kernel computed once."""
+"""compute_metrics: several metrics of one model, each kernel computed once.
+
+Three steps: the options and labels are checked; the kernels that the requested metrics
+need are computed (:class:`_Kernels`: Θ(x, x) and the kernel regression's blocks, in as few
+engine calls as the BatchNorm mode allows); then each metric is evaluated from them by its
+kind (:class:`~fastntk.metrics.MetricSpec`).
+
+``errors="nan"`` records what cannot be computed as NaN at three levels: a kernel that
+cannot be computed makes every metric NaN; an unusable input of the regression (its
+labels, the split, the test batch; S_e's perturbed batch) only the metrics that use it; a
+metric that raises, only itself. Bad options and labels that a metric needs raise either way.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +31,9 @@ from fastntk.metrics.registry import METRICS, check_errors, expand_metrics
 from fastntk.metrics.vi_ntk import vintk
 
 __all__ = ["compute_metrics"]
+
+# The metrics computed by kernel regression: S_e and S_g.
+_REGRESSION = tuple(m for m, spec in METRICS.items() if spec.kind == "ntk_score")
 
 
 def compute_metrics(
@@ -88,141 +104,196 @@ def compute_metrics(
     train_batch_size = _args.integer(train_batch_size, "train_batch_size", 1)
     noise_std = _args.real(noise_std, "noise_std")
     jitter = _args.real(jitter, "jitter")
-    if rtol is not None:
-        check_rtol(rtol)
+    check_rtol(rtol)
     check_singular(singular)
     x = check_batch(x, "x")
     kw = {**ntk_kwargs(bn, params, output, dtype, chunk_size), "progress": progress}
-    n = x.shape[0]
-    yt = None
-    if any(METRICS[m].needs_labels for m in wanted):
-        if y is None:
-            need = [m for m in wanted if METRICS[m].needs_labels]
-            raise InputError(f"metrics {need} need labels y")
-        yt = check_labels(y, n, "y")
-    opts = {"rtol": rtol, "singular": singular}
-    need_K = any(METRICS[m].kind in ("kernel", "vintk") for m in wanted)
-    need_reg = any(METRICS[m].kind == "ntk_score" for m in wanted)
-    need_e = "expressivity" in wanted  # the perturbed test batch (S_e only)
-
-    K = None
-    reg = None
-    failed = False  # errors="nan": the kernels could not be computed (all metrics NaN)
-    undefined: set[str] = set()  # errors="nan": metrics whose own inputs are unusable
-    regression = [m for m, spec in METRICS.items() if spec.kind == "ntk_score"]  # S_e, S_g
-
-    def _or_undefined(fn: Callable[[], Any], names: Sequence[str]) -> Any:
-        """``fn()``; under errors="nan" an InputError of these metrics' own inputs (the
-        regression's labels, split and test batch; S_e's perturbed batch) marks only
-        ``names`` as undefined (None)."""
-        try:
-            return fn()
-        except InputError:
-            if errors == "raise":
-                raise
-            undefined.update(names)
-            return None
-
+    yt = _labels(wanted, y, x.shape[0])
+    test = _TestBatch(x_test, y_test, num_classes, noise_std, seed, jitter)
     try:
-        if need_reg:
-            assert yt is not None
-
-            def _batches() -> tuple:  # (x_test or None for the split, y_test, y_train)
-                if x_test is None:
-                    n_te = n // 2
-                    if n_te < 1:
-                        raise InputError("expressivity/generalization need N >= 2 to split x")
-                    return None, yt[n - n_te :], yt[: n - n_te]
-                xte = check_batch(x_test, "x_test")
-                if y_test is None:
-                    raise InputError("x_test given without y_test")
-                return xte, check_labels(y_test, xte.shape[0], "y_test"), yt
-
-            got = _or_undefined(_batches, regression)
-            if got is not None:
-                xte, yte, ytr = got
-                pert: list[torch.Tensor] = []
-                if need_e:  # only S_e needs the perturbed test batch (token ids take none)
-                    xe = x[ytr.shape[0] :] if xte is None else xte
-                    xp = _or_undefined(lambda: perturb(xe, noise_std, seed), ["expressivity"])
-                    pert = [] if xp is None else [xp]
-                if xte is None:  # the split: blocks of one kernel of x (and x_test')
-                    n_tr = ytr.shape[0]
-                    Kx, pe = joint_kernels(model, x, pert, kw)
-                    K_tr, K_te = Kx[:n_tr, :n_tr], Kx[n_tr:, :n_tr]
-                    K_pe = pe[0][:, :n_tr] if pert else None
-                else:
-                    Kx, (K_te, *pe) = joint_kernels(model, x, [xte, *pert], kw)
-                    K_tr, K_pe = Kx, (pe[0] if pert else None)
-                if bn != "batch":
-                    K = Kx  # sample-independent BN: the x block IS Θ(x, x)
-                ncls = _or_undefined(lambda: resolve_classes(num_classes, ytr, yte), regression)
-                if ncls is not None:
-
-                    def _reg() -> tuple[float | None, float]:
-                        return regression_scores(K_tr, K_te, K_pe, ytr, yte, ncls, jitter)
-
-                    reg = _reg
-        if need_K and K is None:
-            K = kernel_of(model, x, kw)
+        kernels = _Kernels(model, x, yt, wanted, kw, test, errors)
     except (InputError, NonFiniteKernelError):
         if errors == "raise":
             raise
-        failed = True
+        return dict.fromkeys(wanted, math.nan)
 
+    engine = dict(bn=bn, params=params, output=output, dtype=dtype, chunk_size=chunk_size)
+    opts = {"rtol": rtol, "singular": singular}
+    value_of: dict[str, Callable[[str], Any]] = {  # by kind: metric name -> its value
+        "kernel": lambda m: METRICS[m].fn(kernels.K, yt, opts),
+        "ntk_score": lambda m: kernels.regression.score(m),
+        "model": lambda m: sum(p.numel() for p in model.parameters()),
+        "evolution": lambda m: kernel_evolution(
+            model, x, yt, times=(lga_epochs,), train_x=train_x, train_y=train_y,
+            batch_size=train_batch_size, seed=seed, **engine,
+        ).lga[-1],
+        "vintk": lambda m: vintk(
+            model, x, kernel=kernels.K, cutoff=cutoff, beta=beta, rtol=rtol,
+            singular=singular, progress=progress, **engine,
+        ),
+    }  # fmt: skip
     out: dict[str, float] = {}
-    reg_vals: tuple[float | None, float] | None = None
     for m in wanted:
-        spec = METRICS[m]
-        if failed or m in undefined:
-            out[m] = float("nan")
+        if m in kernels.undefined:
+            out[m] = math.nan
             continue
         try:
-            if spec.kind == "kernel":
-                assert spec.fn is not None
-                out[m] = float(spec.fn(K, yt, opts))
-            elif spec.kind == "ntk_score":
-                if reg_vals is None:
-                    assert reg is not None
-                    reg_vals = reg()
-                out[m] = reg_vals[0] if m == "expressivity" else reg_vals[1]  # type: ignore[assignment]
-            elif spec.kind == "model":
-                out[m] = float(sum(p.numel() for p in model.parameters()))
-            elif spec.kind == "evolution":
-                evo = kernel_evolution(
-                    model,
-                    x,
-                    yt,
-                    times=(lga_epochs,),
-                    train_x=train_x,
-                    train_y=train_y,
-                    batch_size=train_batch_size,
-                    seed=seed,
-                    bn=bn,
-                    params=params,
-                    output=output,
-                    dtype=dtype,
-                    chunk_size=chunk_size,
-                )
-                out[m] = evo.lga[-1]
-            else:  # vintk
-                out[m] = vintk(
-                    model,
-                    x,
-                    kernel=K,
-                    cutoff=cutoff,
-                    beta=beta,
-                    rtol=rtol,
-                    singular=singular,
-                    bn=bn,
-                    params=params,
-                    output=output,
-                    dtype=dtype,
-                    chunk_size=chunk_size,
-                    progress=progress,
-                )
+            out[m] = float(value_of[METRICS[m].kind](m))
         except (InputError, NonFiniteKernelError):
             if errors == "raise":
                 raise
-            out[m] = float("nan")
+            out[m] = math.nan
     return out
+
+
+def _labels(wanted: list[str], y: Any, n: int) -> torch.Tensor | None:
+    """``y`` as (N,) int64 labels if a requested metric needs them (:class:`InputError` if
+    they are missing), else None."""
+    need = [m for m in wanted if METRICS[m].needs_labels]
+    if not need:
+        return None
+    if y is None:
+        raise InputError(f"metrics {need} need labels y")
+    return check_labels(y, n, "y")
+
+
+class _TestBatch(NamedTuple):
+    """The kernel regression's options: its test batch (None: split x), the number of
+    classes, and S_e's noise, seed and the solve's jitter."""
+
+    x_test: torch.Tensor | None
+    y_test: Any
+    num_classes: int | None
+    noise_std: float
+    seed: int
+    jitter: float
+
+
+@dataclass
+class _Regression:
+    """S_e and S_g's inputs: kernel blocks of one engine call, and their labels."""
+
+    K_tr: torch.Tensor  # Θ(train, train), (n_train, n_train)
+    K_te: torch.Tensor  # Θ(test, train), (n_test, n_train)
+    K_pe: torch.Tensor | None  # Θ(test', train), (n_test, n_train); None without S_e
+    y_train: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    jitter: float
+    _scores: tuple[float | None, float] | None = field(default=None, repr=False)
+
+    def score(self, name: str) -> float:
+        """S_e (``"expressivity"``) or S_g (``"generalization"``), one regression for both."""
+        if self._scores is None:
+            self._scores = regression_scores(
+                self.K_tr,
+                self.K_te,
+                self.K_pe,
+                self.y_train,
+                self.y_test,
+                self.num_classes,
+                self.jitter,
+            )
+        value = self._scores[0] if name == "expressivity" else self._scores[1]
+        assert value is not None  # (S_e is requested only with its perturbed kernel)
+        return value
+
+
+class _Kernels:
+    """The kernels of one :func:`compute_metrics` call, each computed once.
+
+    Attributes:
+        K: Θ(x, x), (N, N) on the CPU; None when no requested metric uses it.
+        regression: S_e and S_g's inputs; None when neither is requested, or undefined.
+        undefined: requested metrics whose own inputs are unusable (``errors="nan"`` only).
+
+    An error computing a kernel propagates from the constructor.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        wanted: list[str],
+        kw: dict,
+        test: _TestBatch,
+        errors: str,
+    ) -> None:
+        self.K: torch.Tensor | None = None
+        self.regression: _Regression | None = None
+        self.undefined: set[str] = set()
+        self._errors = errors
+        kinds = {METRICS[m].kind for m in wanted}
+        if "ntk_score" in kinds:
+            assert y is not None  # (S_e and S_g need labels: checked before)
+            self._regress(model, x, y, "expressivity" in wanted, kw, test)
+        if self.K is None and kinds & {"kernel", "vintk"}:
+            self.K = kernel_of(model, x, kw)
+
+    def _or_undefined(self, fn: Callable[[], Any], names: Iterable[str]) -> Any:
+        """``fn()``; under errors="nan" an :class:`InputError` marks ``names`` undefined and
+        gives None."""
+        try:
+            return fn()
+        except InputError:
+            if self._errors == "raise":
+                raise
+            self.undefined.update(names)
+            return None
+
+    def _regress(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        with_s_e: bool,
+        kw: dict,
+        test: _TestBatch,
+    ) -> None:
+        """The regression's kernels, blocks of one engine call on [x; x_test; x_test']
+        (see :func:`~fastntk.metrics.ntk_score`). With sample-independent BatchNorm the x
+        block is Θ(x, x) itself; with ``bn="batch"`` Θ(x, x) is a call of its own."""
+        batches = self._or_undefined(lambda: _test_batch(x, y, test), _REGRESSION)
+        if batches is None:
+            return
+        x_te, y_te, y_tr = batches
+        n_tr = y_tr.shape[0]
+        pert: list[torch.Tensor] = []
+        if with_s_e:  # only S_e needs the perturbed test batch (token ids take none)
+            xe = x[n_tr:] if x_te is None else x_te
+            xp = self._or_undefined(
+                lambda: perturb(xe, test.noise_std, test.seed), ["expressivity"]
+            )
+            pert = [] if xp is None else [xp]
+        if x_te is None:  # the split: blocks of one kernel of x (and x_test')
+            Kx, pe = joint_kernels(model, x, pert, kw)
+            K_tr, K_te = Kx[:n_tr, :n_tr], Kx[n_tr:, :n_tr]
+            K_pe = pe[0][:, :n_tr] if pert else None
+        else:
+            Kx, (K_te, *pe) = joint_kernels(model, x, [x_te, *pert], kw)
+            K_tr, K_pe = Kx, (pe[0] if pert else None)
+        if kw["bn"] != "batch":
+            self.K = Kx
+        ncls = self._or_undefined(
+            lambda: resolve_classes(test.num_classes, y_tr, y_te), _REGRESSION
+        )
+        if ncls is not None:
+            self.regression = _Regression(K_tr, K_te, K_pe, y_tr, y_te, ncls, test.jitter)
+
+
+def _test_batch(
+    x: torch.Tensor, y: torch.Tensor, test: _TestBatch
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The regression's ``(x_test, y_test, y_train)``; x_test is None for the split of x
+    (train = ``x[:N - N//2]``, test = the rest)."""
+    if test.x_test is None:
+        n = x.shape[0]
+        n_te = n // 2
+        if n_te < 1:
+            raise InputError("expressivity/generalization need N >= 2 to split x")
+        return None, y[n - n_te :], y[: n - n_te]
+    xte = check_batch(test.x_test, "x_test")
+    if test.y_test is None:
+        raise InputError("x_test given without y_test")
+    return xte, check_labels(test.y_test, xte.shape[0], "y_test"), y
