@@ -1,7 +1,10 @@
-"""Integer arguments: one check for seeds, sizes and counts across the package."""
+"""Numeric arguments: one check for seeds, sizes, counts and real-valued options across
+the package."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 from fastntk.errors import OptionError
@@ -23,3 +26,15 @@ def integer(value: Any, what: str, lo: int | None = None, hi: int | None = None)
             bounds = f" >= {lo}" if lo is not None else ""
         raise OptionError(f"{what} must be an int{bounds}, got {value!r} ({type(value).__name__})")
     return v
+
+
+def real(value: Any, what: str, lo: float = 0.0, *, strict: bool = False) -> float:
+    """``value`` as a float ``>= lo`` (``> lo`` if ``strict``): a finite real number (numpy
+    floats too), not a bool, string, NaN or infinity; OptionError otherwise."""
+    if (
+        isinstance(value, bool) or not isinstance(value, numbers.Real)
+        or not (value > lo if strict else value >= lo) or not math.isfinite(value)
+    ):  # fmt: skip
+        raise OptionError(f"{what} must be a finite number {'>' if strict else '>='} {lo:g}, "
+                          f"got {value!r}")  # fmt: skip
+    return float(value)

@@ -107,14 +107,15 @@ def _check_values(options: dict[str, Any]) -> None:
     call, where an error stops the whole run)."""
     from fastntk import _model
     from fastntk.engine import METHODS, _chunks
-    from fastntk.metrics import _check_errors, _ntk_kwargs
+    from fastntk.metrics.model_kernels import ntk_kwargs
+    from fastntk.metrics.registry import check_errors
 
     output, bn = options.get("output", "sum"), options.get("bn", "eval")
     _model.check_options(output, bn, "auto", METHODS)  # the engine's check of both
-    _ntk_kwargs(bn, None, output, None, None)  # the metrics' own (no output="full")
+    ntk_kwargs(bn, None, output, None, None)  # the metrics' own (no output="full")
     if options.get("chunk_size") is not None:
         _chunks(options["chunk_size"])
-    _check_errors(options.get("errors", "raise"))
+    check_errors(options.get("errors", "raise"))
     _model.check_progress(options.get("progress"))
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from fastntk import metrics as M
 from fastntk.errors import InputError, InputTypeError, NonFiniteKernelError, OptionError
+from fastntk.metrics import model_kernels as MK
 
 SIZES = [1, 7, 10, 33]
 SIZES_GE2 = [7, 10, 33]
@@ -338,20 +339,20 @@ def test_engine_is_the_real_one():
     assert callable(ntk)
     model = mlp()
     x, _ = data(5)
-    torch.testing.assert_close(M._ntk(model, x), ref_ntk(model, x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(MK.ntk(model, x), ref_ntk(model, x), rtol=1e-10, atol=1e-10)
 
 
 def test_compute_metrics_matches_kernel_functions_with_one_engine_call(monkeypatch):
     model = mlp()
     x, y = data(12)
     calls = []
-    real = M._ntk
+    real = MK.ntk
 
     def counting(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(M, "_ntk", counting)
+    monkeypatch.setattr(MK, "ntk", counting)
     snap = snapshot(model)
     out = M.compute_metrics(model, x, y, ["fnorm", "mean", "ncn", "cond", "lga", "trainability"])
     assert len(calls) == 1
@@ -483,8 +484,8 @@ def test_compute_metrics_vintk_reuses_the_kernel(monkeypatch):
     model = tiny_cnn(1)
     x, y = data(6, 4, shape=(3, 8, 8))
     calls = []
-    real = M._ntk
-    monkeypatch.setattr(M, "_ntk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = MK.ntk
+    monkeypatch.setattr(MK, "ntk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     out = M.compute_metrics(model, x, y, ["fnorm", "lga", "vintk"])
     assert len(calls) == 2  # Θ(x, x) once, Θ(hp(x), hp(x)) once
     assert out["vintk"] == pytest.approx(M.vintk(model, x), rel=1e-9)
@@ -499,9 +500,9 @@ def test_ntk_score_batch_bn_uses_one_joint_batch():
     s = M.ntk_score(model, xtr, ytr, xte, yte, num_classes=3, bn="batch")
     assert_unchanged(model, snap)
     assert all(math.isfinite(v) for v in s)
-    assert s[0] == pytest.approx(M.trainability(M._ntk(model, xtr, bn="batch")), rel=1e-9)
+    assert s[0] == pytest.approx(M.trainability(MK.ntk(model, xtr, bn="batch")), rel=1e-9)
     out = M.compute_metrics(model, xtr, ytr, ["fnorm", "ntk_score"], bn="batch", num_classes=3)
-    assert out["fnorm"] == pytest.approx(M.fnorm(M._ntk(model, xtr, bn="batch")), rel=1e-9)
+    assert out["fnorm"] == pytest.approx(M.fnorm(MK.ntk(model, xtr, bn="batch")), rel=1e-9)
 
 
 def test_compute_metrics_errors_nan_covers_kernels_that_overflow():
@@ -748,7 +749,7 @@ def test_ntk_score_of_a_network_whose_output_ignores_its_input():
                              C=4, N=1, num_classes=3)  # fmt: skip
     live = nb201.build_model("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|avg_pool_3x3~2|",
                              C=4, N=1, num_classes=3)  # fmt: skip
-    K = M._kernel(dead, x[:8], M._ntk_kwargs("eval", None, "sum", torch.float64, None))
+    K = MK.kernel_of(dead, x[:8], MK.ntk_kwargs("eval", None, "sum", torch.float64, None))
     assert float(K.max()) == float(K.min())  # the premise: a constant kernel
     with pytest.raises(InputError, match="Θ\\(train, train\\) is constant"):
         M.ntk_score(dead, x[:8], y[:8], x[8:], y[8:], dtype=torch.float64)

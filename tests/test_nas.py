@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fastntk import adapters, cli
 from fastntk import metrics as M
+from fastntk.errors import OptionError
 from fastntk.search import scoring
 from fastntk.spaces import registry
 from fastntk.spaces.nb201 import NB201Space
@@ -190,9 +191,9 @@ def test_lga_t_is_lga_after_training(bn):
 
 def test_lga_t_options_are_checked():
     model, x, y = TinyNet(), torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 0, 1])
-    with pytest.raises(M.OptionError, match="lga_epochs"):
+    with pytest.raises(OptionError, match="lga_epochs"):
         M.compute_metrics(model, x, y, ["lga_t"], lga_epochs=-1)
-    with pytest.raises(M.OptionError, match="train_batch_size"):
+    with pytest.raises(OptionError, match="train_batch_size"):
         M.compute_metrics(model, x, y, ["lga_t"], train_batch_size=0)
 
 

@@ -71,6 +71,7 @@ from typing import Any
 from fastntk._args import integer
 from fastntk._progress import bar as progress_bar
 from fastntk.errors import OptionError
+from fastntk.metrics.ranking import borda_scores
 from fastntk.search.journal import space_key
 
 __all__ = [
@@ -91,40 +92,6 @@ __all__ = [
 # ---------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------
-
-
-def _ranks(values: Sequence[float], higher_is_better: bool) -> list[float]:
-    """Rank of each value, 0 = worst .. n-1 = best; ties get the mean rank; NaN is worst,
-    below the worst number (-inf, or +inf when lower is better), tied among themselves."""
-    n = len(values)
-    keyed = []
-    for i, v in enumerate(values):
-        v = float(v)
-        k = (0, 0.0) if math.isnan(v) else (1, v if higher_is_better else -v)
-        keyed.append((k, i))
-    keyed.sort()
-    ranks = [0.0] * n
-    i = 0
-    while i < n:
-        j = i
-        while j + 1 < n and keyed[j + 1][0] == keyed[i][0]:
-            j += 1
-        for m in range(i, j + 1):
-            ranks[keyed[m][1]] = (i + j) / 2.0
-        i = j + 1
-    return ranks
-
-
-def borda_scores(
-    metric_dicts: Sequence[Mapping[str, float]], directions: Mapping[str, bool]
-) -> list[float]:
-    """Borda count of each entry: the sum over metrics of its rank (0 = worst) in the set."""
-    total = [0.0] * len(metric_dicts)
-    for name, hib in directions.items():
-        vals = [d.get(name, math.nan) for d in metric_dicts]
-        for i, r in enumerate(_ranks(vals, hib)):
-            total[i] += r
-    return total
 
 
 class Scorer:
