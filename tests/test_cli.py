@@ -120,14 +120,16 @@ def test_evaluate_orients_lower_is_better_metrics(capsys, tiny_nb201, monkeypatc
     (an orientation flipped for lower-is-better metrics gives -1 for cond)."""
     from fastntk.spaces import nb201
 
-    def score_fn(space, metrics, args):
+    from fastntk.search import Scorer, scoring
+
+    def space_scorer(space, metrics, **kw):
         def fn(arch):
             acc = nb201.accuracy(space.encode(arch), "cifar100")
             return {"lga": acc / 100, "cond": 1000.0 - acc}
 
-        return fn
+        return Scorer(fn, metrics)
 
-    monkeypatch.setattr(cli, "_score_fn", score_fn)
+    monkeypatch.setattr(scoring, "space_scorer", space_scorer)
     rc, out, err = run(capsys, "evaluate", "--archs", "8", "--dataset", "cifar100", "--metric",
                        "lga,cond", *DATA)  # fmt: skip
     assert rc == 0, err
