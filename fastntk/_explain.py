@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from fastntk import _model, engine
 from fastntk._model import Head
+from fastntk.engine import graph
 
 
 @dataclass
@@ -122,7 +123,7 @@ def explain(
             cap.active = False
             y = head(raw)
             head.passes(y)
-            reached = set(job._param_consumers(y, list(selected)))  # used in y's graph
+            reached = set(graph.param_consumers(y, {q: job.copies.params[q] for q in selected}))  # used in y's graph
             try:
                 job._classify(cap, y)
             except engine._SamplesCoupled as e:
@@ -139,7 +140,7 @@ def explain(
             act = sum(
                 t.numel() * t.element_size()
                 for r in cap.records
-                for t in engine._tensors(r.saved if r.rule is None else (r.saved,))
+                for t in graph.tensors(r.saved if r.rule is None else (r.saved,))
             ) + sum(r.out_bytes for r in cap.records)
         except _model.MergedSamplesError as e:  # bn="per_sample" on rows that are not samples
             if rnn is not None:  # ntk cannot vmap a recurrent model: it refuses

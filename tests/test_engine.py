@@ -426,14 +426,13 @@ def test_graph_walk_survives_recycled_node_objects():
     twice look used once: silently wrong kernels, before the walker kept its nodes)."""
     from types import SimpleNamespace
 
-    from fastntk import engine
+    from fastntk.engine import graph
 
     w = torch.nn.Parameter(torch.randn(2))
     acc = _Acc(w)
     wrappers = _Wrappers()
     root = [[[acc]], [[acc]]]  # each node: the list of its children
-    job = SimpleNamespace(copies=SimpleNamespace(params={"w": w}))
     y = SimpleNamespace(grad_fn=wrappers.of(root))
-    uses = engine._Job._param_consumers(job, y, ["w"])
+    uses = graph.param_consumers(y, {"w": w})
     assert len(uses["w"]) == 2
     assert len(wrappers.pool) >= 5  # every node had its own object while the walk held it

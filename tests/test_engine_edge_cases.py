@@ -198,7 +198,7 @@ def test_output_rows_must_match_the_batch():
             fastntk.ntk(nn.Sequential(m, nn.Flatten(0)), x, method=method)
 
 
-# -- layouts the probe measures (fastntk._probe) --------------------------------------
+# -- layouts the probe measures (fastntk.engine.probe) -----------------------------------
 
 
 class _SeqFirstEncoder(nn.Module):

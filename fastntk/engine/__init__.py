@@ -51,8 +51,9 @@ import torch
 import torch.nn as nn
 from torch.func import jacrev, vmap
 
-from fastntk import _args, _model, _probe
+from fastntk import _args, _model
 from fastntk._model import Copies, Head
+from fastntk.engine import graph, probe
 from fastntk.errors import NonFiniteKernelError, OptionError, UnsupportedError
 from fastntk.profiling import count_gram, phase
 from fastntk.rules import (
@@ -488,9 +489,9 @@ class _Record:
     out_specs: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
     # (outputs that must not reach the kernel's output, fallback inputs): GramRule.guards
     guards: tuple[list[torch.Tensor], Any] | None = None
-    # positions in ``_tensors(output)`` of the outputs whose gradients the hooks receive
+    # positions in ``graph.tensors(output)`` of the outputs whose gradients the hooks receive
     out_pos: list[int] = field(default_factory=list)
-    dims: _probe.CallDims | None = None  # measured sample dims of this call (the probe)
+    dims: probe.CallDims | None = None  # measured sample dims of this call (the probe)
     # (output nodes, input nodes) of the call in the autograd graph, until the chunk is
     # classified: which parameter uses happen inside the call (_uses_outside_calls)
     graph: tuple[list[Any], list[Any]] | None = None
@@ -559,11 +560,11 @@ class _Capture:
         def hook(mod, args, kwargs, out):
             if not self.active:
                 return None
-            tensors = _tensors(out)
+            tensors = graph.tensors(out)
             k = self.calls_seen.get(mname, 0)
             self.calls_seen[mname] = k + 1
             dims = self.job.call_dims(mname, k, mod, args, kwargs, tensors, self.n)
-            pos = _hooked_outputs(tensors)
+            pos = graph.hooked_outputs(tensors)
             rule = base_rule
             if dims is not None and self.job.bn == "per_sample" and isinstance(
                 mod, nn.modules.batchnorm._BatchNorm
@@ -584,7 +585,7 @@ class _Capture:
             n = self.n
             # Rules see detached inputs (same storage, no autograd history), so the
             # kernel never joins the graph, whatever requires grad upstream.
-            dargs, dkwargs = _detach((args, kwargs))
+            dargs, dkwargs = graph.detach((args, kwargs))
             if rule is not None and not rule.accepts(mod, args, kwargs, out):
                 rule = None  # this call takes the per-module fallback (see GramRule.accepts)
             if rule is not None:
@@ -595,7 +596,7 @@ class _Capture:
             rec = _Record(len(self.records), mname, mod, rule, attrs, saved, n, dims=dims)
             rec.graph = (
                 [t.grad_fn for t in tensors if t.grad_fn is not None],
-                [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None],
+                [t.grad_fn for t in graph.tensors((args, kwargs)) if t.grad_fn is not None],
             )
             self.records.append(rec)
             if rule is not None:
@@ -605,7 +606,7 @@ class _Capture:
                     rec.guards = (guards, (dargs, dkwargs), gpos)
                     for t in guards:
                         t.grad_fn.metadata[_GUARD_KEY] = (id(self), rec.index)
-            if not any(t.requires_grad for t in _tensors((args, kwargs))):
+            if not any(t.requires_grad for t in graph.tensors((args, kwargs))):
                 # Nothing upstream requires grad (first layer of token models, a
                 # layer on constants): drive the backward to its parameters too.
                 self.roots.extend(
@@ -617,11 +618,11 @@ class _Capture:
             outs = [tensors[i] for i in pos]
             rec.out_pos = pos
             result = None
-            fed = _fed_outputs(outs, _tensors((args, kwargs))) if len(outs) > 1 else []
+            fed = graph.fed_outputs(outs, graph.tensors((args, kwargs))) if len(outs) > 1 else []
             if fed:  # the rest of the model gets copies: their nodes see its gradient alone
                 copies = {id(outs[j]): outs[j].clone() for j in fed}
                 outs = [copies.get(id(t), t) for t in outs]
-                result = _map_tensors(out, lambda t: copies.get(id(t), t))
+                result = graph.map_tensors(out, lambda t: copies.get(id(t), t))
             rec.out_specs = [(t.shape, t.dtype, t.device) for t in outs]
             for j, t in enumerate(outs):
                 t.grad_fn.register_prehook(self._make_prehook(rec, j, t.output_nr))
@@ -636,7 +637,7 @@ class _Capture:
         if not guarded:
             return
         reached = set()
-        for node in _graph_nodes(y):
+        for node in graph.graph_nodes(y):
             mark = node.metadata.get(_GUARD_KEY)
             if mark is not None and mark[0] == id(self):
                 reached.add(mark[1])
@@ -779,106 +780,8 @@ def _always(nbytes: int) -> bool:
     return True
 
 
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``obj`` with every tensor ``t`` in its tuples, lists and dicts replaced by ``fn(t)``."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        items = [_map_tensors(o, fn) for o in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    if isinstance(obj, list):
-        return [_map_tensors(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
-
-
-def _detach(obj: Any) -> Any:
-    return _map_tensors(obj, torch.Tensor.detach)
-
-
-def _hooked_outputs(tensors: list[torch.Tensor]) -> list[int]:
-    """Positions of the outputs whose gradients a call's hooks take: those in the graph,
-    each autograd output once (a module returning ``(a, a)`` has one output: the gradient
-    at its node already holds both uses, and counting it per position doubled it)."""
-    pos, seen = [], []
-    for i, t in enumerate(tensors):
-        if not (t.requires_grad and t.grad_fn is not None):
-            continue
-        node = t.grad_fn  # held in `seen` while compared (see _graph_nodes)
-        if any(node is m and t.output_nr == nr for m, nr in seen):
-            continue
-        seen.append((node, t.output_nr))
-        pos.append(i)
-    return pos
-
-
-def _fed_outputs(outs: list[torch.Tensor], inputs: list[torch.Tensor], limit: int = 20000):
-    """Indices of the outputs of one module call that its other outputs are computed from.
-
-    ``nn.LSTMCell`` returns ``(h, c)`` with ``h = o * tanh(c)``: the gradient reaching
-    ``c``'s autograd node then holds the path through ``h`` too, and a fallback given
-    both outputs' gradients would count that path twice. Walks each output's graph back
-    to the call's inputs (at most ``limit`` nodes per output).
-    """
-    # Every node compared by id is held here while the walk lasts: an autograd node's
-    # Python object lives only while referenced, and a later access can make a new one
-    # with another id (torch 2.11; see _graph_nodes).
-    held = [t.grad_fn for t in outs] + [t.grad_fn for t in inputs if t.grad_fn is not None]
-    node_of: dict[int, list[int]] = {}
-    for j, node in enumerate(held[: len(outs)]):
-        node_of.setdefault(id(node), []).append(j)
-    stops = {id(node) for node in held[len(outs) :]}
-    fed: set[int] = set()
-    for root in held[: len(outs)]:
-        keep: list[Any] = []  # visited nodes stay alive (see _graph_nodes)
-        seen = {id(root)}
-        stack = [nxt for nxt, _ in root.next_functions if nxt is not None]
-        while stack and len(keep) < limit:
-            node = stack.pop()
-            if id(node) in seen or id(node) in stops:
-                continue
-            seen.add(id(node))
-            keep.append(node)
-            fed.update(node_of.get(id(node), ()))
-            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return sorted(fed)
-
-
 def _rows_of(p: torch.Tensor) -> int:
     return p.shape[0] if p.dim() else 1
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            out.extend(_tensors(o))
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            out.extend(_tensors(o))
-    return out
-
-
-def _graph_nodes(y: torch.Tensor):
-    """Every node of ``y``'s autograd graph, once.
-
-    Visited nodes are kept alive while the walk lasts: the Python object of an autograd
-    node can be a temporary (torch 2.11 makes a fresh one per ``next_functions`` access),
-    and an id freed with it can come back for another node, which would then be skipped
-    (MHA's ``out_proj`` looked unused and a twice-used weight looked used once).
-    """
-    seen: dict[int, Any] = {}
-    stack = [y.grad_fn] if y.grad_fn is not None else []
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        yield node
-        stack.extend(nxt for nxt, _ in getattr(node, "next_functions", ()) if nxt is not None)
 
 
 class _SamplesCoupled(Exception):
@@ -895,8 +798,8 @@ def _batch_dim(module: nn.Module) -> int:
     return 1 if getattr(module, "batch_first", True) is False else 0
 
 
-def _layout(dims: _probe.CallDims, pos: list[int], bdim: int, rule: bool) -> str:
-    """How one call can be served, given its measured sample dims (:mod:`fastntk._probe`)
+def _layout(dims: probe.CallDims, pos: list[int], bdim: int, rule: bool) -> str:
+    """How one call can be served, given its measured sample dims (:mod:`fastntk.engine.probe`)
     and the positions of its hooked outputs: ``"rule"`` (a rule's call laid out as rules
     assume: the first tensor input and the output batched in ``bdim``; the rule reads its
     other inputs itself, e.g. MHA's (N·heads, T, S) masks), ``"fallback"`` (the
@@ -908,7 +811,7 @@ def _layout(dims: _probe.CallDims, pos: list[int], bdim: int, rule: bool) -> str
     first_in = next((d for d in dims.ins if d is not None), bdim)
     if rule and outs[0] == bdim and first_in == bdim:
         return "rule"
-    if any(d is None or d == _probe.AMBIGUOUS for d in outs) or _probe.AMBIGUOUS in dims.ins:
+    if any(d is None or d == probe.AMBIGUOUS for d in outs) or probe.AMBIGUOUS in dims.ins:
         return "whole"
     return "fallback"
 
@@ -933,9 +836,9 @@ class _Job:
         self.copies: Copies = _model.make_copies(model, selected, dtype)
         self.workspace = Workspace()
         self.chunk_n = samples  # samples of the job's largest chunk (set by each entry point)
-        self.probe: _probe.Probe | None = None  # measured sample dims (run_probe)
+        self.probe: probe.Probe | None = None  # measured sample dims (run_probe)
         self._probed = False
-        self._call_dims: dict[tuple[str, int], _probe.CallDims | None] = {}
+        self._call_dims: dict[tuple[str, int], probe.CallDims | None] = {}
         self.unbatched_calls: set[str] = set()  # modules with a call the probe sent whole
         self._broadcast_ok: dict[str, bool] = {}  # parameter -> takes rules.broadcast
         self._plan()
@@ -966,19 +869,28 @@ class _Job:
                 self.module_of[pname].append(mn)
 
     def run_probe(self, x: torch.Tensor) -> None:
-        """The probe for the job's first chunk ``x``, once (:mod:`fastntk._probe`)."""
+        """The probe for the job's first chunk ``x``, once (:mod:`fastntk.engine.probe`)."""
         if not self._probed:
             self._probed = True
             with phase("probe"):
-                self.probe = _probe.run(self, x)
+                self.probe = probe.run(
+                    self._probe_forward, [(mn, m) for mn, m, _ in self.plan_modules], x,
+                    {q: self.copies.params[q] for q in self.selected},
+                )
 
-    def call_dims(self, mname, k, module, args, kwargs, tensors, n) -> _probe.CallDims | None:
+    def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The (n, K) outputs of a forward of ``x`` alone, each row normalised by itself
+        under bn="per_sample" (the probe's forwards)."""
+        xp = self._prep(x)
+        return self.head(self.copies.call(self.model, xp, samples=_model.ROWS), x.shape[0])
+
+    def call_dims(self, mname, k, module, args, kwargs, tensors, n) -> probe.CallDims | None:
         """Measured sample dims of ``mname``'s ``k``-th call, fixed by the first chunk
         that makes it (every chunk must serve a call alike: their blocks meet by key)."""
         key = (mname, k)
         if key not in self._call_dims:
             self._call_dims[key] = None if self.probe is None else self.probe.dims(
-                mname, k, _probe.shapes(_flatten((args, kwargs))[0]), _probe.shapes(tensors), n,
+                mname, k, probe.shapes(graph.flatten((args, kwargs))[0]), probe.shapes(tensors), n,
                 _batch_dim(module),
             )  # fmt: skip
         return self._call_dims[key]
@@ -1124,7 +1036,7 @@ class _Job:
         }
         if not candidates:
             return
-        uses = self._param_consumers(y, candidates)
+        uses = graph.param_consumers(y, {q: self.copies.params[q] for q in candidates})
         owners = self._owners
         n = y.shape[0]
         for pname, lst in uses.items():
@@ -1136,7 +1048,7 @@ class _Job:
             out = tuple(node._input_metadata[0].shape)
             if pname not in self._broadcast_ok:  # decided by the first chunk, for all
                 self._broadcast_ok[pname] = self.probe is None or self.probe.batch_first_use(
-                    self, pname, out, n
+                    pname, out, n
                 )  # (the probe: is dim 0 of that node the samples' dim?)
             if alpha is None or not self._broadcast_ok[pname]:
                 continue
@@ -1158,7 +1070,7 @@ class _Job:
     def _outside_uses(self, cap: _Capture, y: torch.Tensor, calls: dict[str, int]):
         """(parameters used outside their modules' calls: the whole-model fallback,
         parameters of never-called modules an ancestor's call takes: _adoptions)."""
-        consumers = self._param_consumers(y, self.selected)
+        consumers = graph.param_consumers(y, {q: self.copies.params[q] for q in self.selected})
         uses = {p: len(v) for p, v in consumers.items()}
         untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
         untracked |= self._uses_outside_calls(cap, consumers, calls)
@@ -1207,17 +1119,6 @@ class _Job:
                 calls[pname] += 1
         return calls
 
-    def _param_consumers(self, y: torch.Tensor, pnames) -> dict[str, list[tuple[Any, int]]]:
-        """Walk the autograd graph of ``y`` once: for each parameter of ``pnames``, the
-        (node, input index) pairs of the edges into its accumulator."""
-        want = {id(self.copies.params[p]): p for p in pnames}
-        uses: dict[str, list[tuple[Any, int]]] = defaultdict(list)
-        for node in _graph_nodes(y):
-            for i, (nxt, _) in enumerate(getattr(node, "next_functions", ())):
-                var = getattr(nxt, "variable", None)
-                if var is not None and id(var) in want:
-                    uses[want[id(var)]].append((node, i))
-        return uses
 
     def _adoptions(
         self, cap: _Capture, uses: dict[str, int], calls: dict[str, int]
@@ -1587,10 +1488,10 @@ class _Job:
         one = [
             a.narrow(bdim, 0, 1) if d is not None else a for a, d in zip(flat_args, in_dims, strict=True)
         ]
-        a, kw = _unflatten(one, spec)
+        a, kw = graph.unflatten(one, spec)
         with torch.no_grad():
             out = self.copies.functional(rec.module, {**const, **diff}, a, kw)
-        every = _tensors(out)
+        every = graph.tensors(out)
         outs = [every[i] for i in rec.out_pos]
         dims = []
         for j, (sh, _, _) in enumerate(rec.out_specs):
@@ -1622,12 +1523,12 @@ class _Job:
         }
         diff = {attr: self.copies.params[p].detach() for attr, p in rec.attrs.items()}
         const = {k: v for k, v in state.items() if k not in diff}
-        flat_args, spec = _flatten((args, kwargs))
+        flat_args, spec = graph.flatten((args, kwargs))
         g_list = [
             g if g is not None else torch.zeros(sh, dtype=dt, device=dev)
             for g, (sh, dt, dev) in zip(gouts, rec.out_specs, strict=True)
         ]
-        if rec.dims is not None and _probe.AMBIGUOUS not in rec.dims.ins:  # measured
+        if rec.dims is not None and probe.AMBIGUOUS not in rec.dims.ins:  # measured
             in_dims = list(rec.dims.ins)
             gdims = [rec.dims.outs[i] for i in rec.out_pos]
         else:  # assumed: the module's batch dim, where a tensor has the batch's size
@@ -1644,9 +1545,9 @@ class _Job:
             fa = [
                 a.unsqueeze(d) if d is not None else a for a, d in zip(fa, in_dims, strict=True)
             ]
-            a, kw = _unflatten(fa, spec)
+            a, kw = graph.unflatten(fa, spec)
             out = self.copies.functional(module, {**const, **p}, a, kw)
-            outs = _tensors(out)
+            outs = graph.tensors(out)
             total = 0.0
             for i, g, d in zip(out_pos, gs, gdims, strict=True):
                 total = total + (outs[i] * g.unsqueeze(d)).sum()
@@ -1706,35 +1607,6 @@ def _zeros_if_none(g, t, batch=None):
         return g
     shape = t.shape if batch is None else (batch, *t.shape)
     return torch.zeros(shape, dtype=t.dtype, device=t.device)
-
-
-def _flatten(obj):
-    flat: list[Any] = []
-
-    def rec(o):
-        if isinstance(o, (tuple, list)):
-            return (type(o), [rec(v) for v in o])
-        if isinstance(o, dict):
-            return (dict, {k: rec(v) for k, v in o.items()})
-        flat.append(o)
-        return None
-
-    return flat, rec(obj)
-
-
-def _unflatten(flat, spec):
-    it = iter(flat)
-
-    def rec(s):
-        if s is None:
-            return next(it)
-        typ, body = s
-        if typ is dict:
-            return {k: rec(v) for k, v in body.items()}
-        vals = [rec(v) for v in body]
-        return tuple(vals) if typ is tuple else vals
-
-    return rec(spec)
 
 
 def _rows(blk: Block, R: int, n: int, s0: int, s1: int) -> Block:
