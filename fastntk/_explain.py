@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 
 from fastntk import _model, engine
-from fastntk._model import Head
-from fastntk.engine import graph
+from fastntk.engine import graph, options, plan
 
 
 @dataclass
@@ -94,16 +93,17 @@ def explain(
     Returns:
         An :class:`Explanation` (print it for a table).
     """
-    _model.check_options(output, bn, "auto", engine.METHODS)
-    _model.check_inputs(model, x, x2)
+    opts = options.parse(
+        model, x, x2, output=output, bn=bn, params=params, method="auto",
+        chunk_size=chunk_size, dtype=dtype, progress=None,
+    )  # fmt: skip
     x, x2 = _model.plain(x), _model.plain(x2)
-    selected = _model.select_params(model, params)
-    dtype = _model.resolve_dtype(dtype, model, selected)
-    samples, cols = engine._chunks(chunk_size)
-    head = Head(output)
-    job = engine._Job(model, selected, head, bn, dtype, samples, cols, False, "torch")
+    selected, dtype, samples = opts.selected, opts.dtype, opts.samples
+    the_plan = plan.make(model, opts, x.shape[0] + (0 if x2 is None else x2.shape[0]), x.device)
+    job = engine._Job(model, opts, the_plan)
+    head = job.head
     rnn = _model.recurrent(model)
-    coupled = _model.is_coupled(model, bn) or rnn is not None
+    coupled = the_plan.strategy == "coupled"  # (bn="batch", or a recurrent model)
     owners = _model.owners(model)
     rows: list[ParamPath] = []
     notes: list[str] = []

@@ -106,14 +106,14 @@ def _check_values(options: dict[str, Any]) -> None:
     """The options' values, checked when the measure is made (not at a harness's first
     call, where an error stops the whole run)."""
     from fastntk import _model
-    from fastntk.engine import METHODS, _chunks
+    from fastntk.engine.options import METHODS, parse_chunk_size
     from fastntk.metrics import _check_errors, _ntk_kwargs
 
     output, bn = options.get("output", "sum"), options.get("bn", "eval")
     _model.check_options(output, bn, "auto", METHODS)  # the engine's check of both
     _ntk_kwargs(bn, None, output, None, None)  # the metrics' own (no output="full")
     if options.get("chunk_size") is not None:
-        _chunks(options["chunk_size"])
+        parse_chunk_size(options["chunk_size"])
     _check_errors(options.get("errors", "raise"))
     _model.check_progress(options.get("progress"))
 

@@ -51,9 +51,10 @@ import torch
 import torch.nn as nn
 from torch.func import jacrev, vmap
 
-from fastntk import _args, _model
+from fastntk import _model
 from fastntk._model import Copies, Head
-from fastntk.engine import graph, probe
+from fastntk.engine import graph, options, plan, probe
+from fastntk.engine.options import DEFAULT_SAMPLE_CHUNK, METHODS
 from fastntk.errors import NonFiniteKernelError, OptionError, UnsupportedError
 from fastntk.profiling import count_gram, phase
 from fastntk.rules import (
@@ -65,15 +66,13 @@ from fastntk.rules import (
     Workspace,
     add_blocks,
     cat_blocks,
-    find_rule,
     gram_block,
 )
 
-METHODS = ("auto", "layerwise", "triton", "sketch", "vmap", "loop")
+__all__ = ["DEFAULT_SAMPLE_CHUNK", "METHODS", "CapturedMutationError", "ntk", "ntk_sketch"]
 
-# Default sample chunk of one forward/backward and byte budgets; chosen for the
-# 24 GB development CPU (NB201 C=16 at N=256 needs about 2 GB for forward+backward).
-DEFAULT_SAMPLE_CHUNK = 256
+# Byte budgets; chosen for the 24 GB development CPU (NB201 C=16 at N=256 needs about 2 GB
+# for forward+backward).
 BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
 PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows (at least)
 JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
@@ -184,72 +183,54 @@ def ntk(
         NonFiniteKernelError (names the first layer whose contribution is
         not finite).
     """
-    _model.check_options(output, bn, method, METHODS)
-    _model.check_progress(progress)
-    _model.check_inputs(model, x1, x2)
+    opts = options.parse(
+        model, x1, x2, output=output, bn=bn, params=params, method=method,
+        chunk_size=chunk_size, dtype=dtype, progress=progress, sketch_dim=sketch_dim, seed=seed,
+    )  # fmt: skip
     x1, x2 = _model.plain(x1), _model.plain(x2)
-    selected = _model.select_params(model, params)
-    dtype = _model.resolve_dtype(dtype, model, selected)
-    samples, cols = _chunks(chunk_size)
-    sketch_dim, seed = _sketch_args(sketch_dim, seed)  # (checked for every method)
     if method == "sketch":
 
         def sketch(x: torch.Tensor) -> torch.Tensor:
             return ntk_sketch(
                 model, x, output=output, bn=bn, params=params, chunk_size=chunk_size,
-                dtype=dtype, sketch_dim=sketch_dim, seed=seed, progress=progress,
+                dtype=opts.dtype, sketch_dim=opts.sketch_dim, seed=opts.seed, progress=progress,
             )  # fmt: skip
 
         s1 = sketch(x1)
         return s1 @ (s1 if x2 is None else sketch(x2)).T
-    backend = _backend(method, x1.device)
-    job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, backend)
-    rnn = _model.recurrent(model)
-    if rnn is not None and method == "vmap":
-        raise UnsupportedError(
-            f"method='vmap' cannot differentiate {rnn}: torch.func has no batching rule for "
-            "its fused kernel; use method='auto' (exact, through the batch graph)"
-        )
-    # One-hot backward passes batched with is_grads_batched (vmap over the backward) for
-    # method="vmap", and on a GPU; on the CPU a plain loop of backward passes is faster:
-    # NB201 (C=16), N=64, bn="batch", 2-core CPU: 30.5 s batched vs 10.4 s (python
-    # bench/bench_engine_choices.py coupled, README "Known limits").
-    batched = method == "vmap" or (method != "loop" and x1.device.type != "cpu")
+    n = x1.shape[0] + (0 if x2 is None else x2.shape[0])
+    the_plan = plan.make(model, opts, n, x1.device)
     with _model.model_state(model, bn), _inplace_refused():
-        try:
-            if rnn is not None and method in ("auto", "layerwise", "triton"):
-                # no per-layer rule, no vmap (not even over the backward: is_grads_batched):
-                # one backward per sample and pass (exact)
-                theta = job.coupled(x1, x2, batched=False)
-            elif _model.is_coupled(model, bn):
-                theta = job.coupled(x1, x2, batched=batched, use_vmap=method == "vmap")
-            elif method in ("auto", "layerwise", "triton"):
-                try:
-                    theta = job.layerwise(x1, x2)
-                except _SamplesCoupled:  # measured by the probe: x - x.mean(0) in a forward
-                    theta = job.coupled(x1, x2, batched=batched)
-            elif method == "vmap":
-                theta = job.vmap(x1, x2)
-            else:
-                theta = job.coupled(x1, x2, batched=False)
-        except CapturedMutationError:
-            # a per-module (or whole-model) torch.func fallback met a forward that updates
-            # a buffer in place: the batch graph is exact without torch.func
-            if method not in ("auto", "layerwise", "triton") or _model.is_coupled(model, bn):
-                raise
-            job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, backend)
-            theta = job.coupled(x1, x2, batched=False)
-        except _model.MergedSamplesError:
-            # bn="per_sample" with a BatchNorm whose rows are not the samples (frames
-            # merged into the batch dim, a BatchNorm on part of the batch): only a
-            # forward of each sample alone is exact. "loop" is the reference: it takes
-            # that path too; the layerwise methods were asked for the layerwise engine.
-            if method not in ("auto", "loop") or rnn is not None:
-                raise
-            theta = job.vmap(x1, x2)
+        job, theta = _run(model, opts, the_plan, x1, x2)
         if not bool(torch.isfinite(theta).all()):
             raise NonFiniteKernelError(job.diagnose_nonfinite(x1, x2))
     return theta
+
+
+def _run(
+    model: nn.Module, opts: options.Options, p: plan.Plan, x1: torch.Tensor, x2: torch.Tensor | None
+) -> tuple[_Job, torch.Tensor]:
+    """Run plan ``p``, and the plan taking over where a forward shows a fact it names
+    (:attr:`plan.Plan.on`). Returns the job that made the kernel, and the kernel."""
+    job = _Job(model, opts, p)
+    while True:
+        try:
+            if p.strategy == "layerwise":
+                return job, job.layerwise(x1, x2)
+            if p.strategy == "jacobian":
+                return job, job.vmap(x1, x2)
+            return job, job.coupled(x1, x2, batched=p.batched, use_vmap=p.use_vmap)
+        except (_SamplesCoupled, CapturedMutationError, _model.MergedSamplesError) as e:
+            fact = (
+                plan.SAMPLES_COUPLED if isinstance(e, _SamplesCoupled)
+                else plan.CAPTURED_MUTATION if isinstance(e, CapturedMutationError)
+                else plan.MERGED_SAMPLES
+            )  # fmt: skip
+            nxt = p.after(fact)
+            if nxt is None:
+                raise
+            p = nxt
+            job = _Job(model, opts, p) if p.fresh else job.replanned(p)
 
 
 @_model.with_grad
@@ -294,19 +275,14 @@ def ntk_sketch(
         S: (N, m) in the computation dtype (the kernel's estimate is ``S @ S.T``;
         for ``output="mean"``, S is scaled by 1/√K).
     """
-    _model.check_options(output, bn, "auto", METHODS)
-    _model.check_progress(progress)
-    _model.check_inputs(model, x, None)
+    opts = options.parse(
+        model, x, None, output=output, bn=bn, params=params, method="auto",
+        chunk_size=chunk_size, dtype=dtype, progress=progress, sketch_dim=sketch_dim, seed=seed,
+        scalar=True,
+    )  # fmt: skip
     x = _model.plain(x)
-    if output == "full":
-        raise OptionError(
-            "the sketch estimates scalar kernels; use output='sum', 'trace' or 'mean'"
-        )
-    sketch_dim, seed = _sketch_args(sketch_dim, seed)
-    selected = _model.select_params(model, params)
-    dtype = _model.resolve_dtype(dtype, model, selected)
-    samples, cols = _chunks(chunk_size)
-    job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, "torch")
+    sketch_dim, seed, samples, dtype = opts.sketch_dim, opts.seed, opts.samples, opts.dtype
+    job = _Job(model, opts, plan.make(model, opts, x.shape[0], x.device, sketch=True))
     rnn = _model.recurrent(model)
     if rnn is not None:
         raise UnsupportedError(
@@ -320,7 +296,6 @@ def ntk_sketch(
             "running statistics) couples samples: use bn='eval' or 'per_sample'"
         )
     n = x.shape[0]
-    job.chunk_n = min(samples, n)
     need, have = n * sketch_dim * dtype.itemsize, _device_memory(job.device)
     why = None
     if need > have:  # (an allocator that overcommits would try it)
@@ -398,10 +373,6 @@ def _device_memory(device: torch.device) -> int:
         return 2**63
 
 
-def _sketch_args(sketch_dim: Any, seed: Any) -> tuple[int, int]:
-    return _args.integer(sketch_dim, "sketch_dim", 1), _args.integer(seed, "seed")
-
-
 # The sketch's hashes: coordinate c of parameter ``name`` in pass k goes to column h(c)
 # with sign s(c), drawn by torch's CPU generator in segments of SEGMENT coordinates, each
 # segment's generator seeded from (seed, name, k, segment). A block draws the segments it
@@ -426,42 +397,6 @@ def _segment(seed: int, name: str, k: int, j: int, numel: int, m: int) -> tuple[
     h = torch.randint(0, m, (n,), generator=g)
     sgn = torch.randint(0, 2, (n,), generator=g, dtype=torch.int8) * 2 - 1
     return h, sgn
-
-
-def _backend(method: str, device: torch.device) -> str:
-    """Which kernels the layerwise rules use.
-
-    ``"layerwise"``: PyTorch ops only (``"torch"``). ``"auto"``: PyTorch ops, plus the C++
-    extension's ops on the CPU where they measured faster: the Gram of dense blocks (see
-    ``rules.CSRC_GRAM_MIN_COLS``) and BatchNorm's one-pass weight/bias blocks
-    (``rules.norm``); the Triton kernels are unmeasured on a GPU, so auto does not pick
-    them. ``"triton"``: fastntk's Triton kernels (a GPU, or ``TRITON_INTERPRET=1``).
-    """
-    if method == "triton":
-        try:
-            from fastntk.kernels import why_not
-        except ImportError as e:  # pragma: no cover - the package ships fastntk.kernels
-            raise UnsupportedError(f"method='triton' needs fastntk.kernels: {e}") from e
-        reason = why_not(device)
-        if reason is not None:
-            raise UnsupportedError(f"method='triton' cannot run here: {reason}")
-        return "triton"
-    return "auto" if method == "auto" else "torch"
-
-
-def _chunks(chunk_size: Any) -> tuple[int, int | None]:
-    """(samples, columns or None) of a ``chunk_size`` option: an int, or a pair of an int
-    and an int or None (the default column bound)."""
-    if chunk_size is None:
-        return DEFAULT_SAMPLE_CHUNK, None
-    if isinstance(chunk_size, tuple) and len(chunk_size) == 2:
-        s, c = chunk_size
-    elif _args.is_int(chunk_size):
-        s, c = chunk_size, None
-    else:
-        raise OptionError(f"chunk_size must be an int or (samples, columns), got {chunk_size!r}")
-    s = _args.integer(s, "chunk_size's samples", 1)
-    return s, None if c is None else _args.integer(c, "chunk_size's columns", 1)
 
 
 # ---------------------------------------------------------------------------
@@ -822,51 +757,39 @@ def _layout(dims: probe.CallDims, pos: list[int], bdim: int, rule: bool) -> str:
 
 
 class _Job:
-    def __init__(self, model, selected, head, bn, dtype, samples, cols, progress, backend="torch"):
-        self.backend = backend
+    """The state of one call's computation under a plan: the private copies, the output
+    head, the probe's measurements and what the first chunk decided for all."""
+
+    def __init__(self, model: nn.Module, opts: options.Options, the_plan: plan.Plan):
         self.model = model
-        self.selected = selected
-        self.head: Head = head
-        self.bn = bn
-        self.dtype = dtype
-        self.samples = samples
-        self.cols = cols
-        self.progress = progress
-        self.device = next(iter(selected.values())).device
-        self.copies: Copies = _model.make_copies(model, selected, dtype)
+        self.selected = opts.selected
+        self.head: Head = Head(opts.output)
+        self.bn = opts.bn
+        self.dtype = opts.dtype
+        self.progress = opts.progress
+        self.device = next(iter(self.selected.values())).device
+        self.copies: Copies = _model.make_copies(model, self.selected, self.dtype)
         self.workspace = Workspace()
-        self.chunk_n = samples  # samples of the job's largest chunk (set by each entry point)
         self.probe: probe.Probe | None = None  # measured sample dims (run_probe)
         self._probed = False
         self._call_dims: dict[tuple[str, int], probe.CallDims | None] = {}
         self.unbatched_calls: set[str] = set()  # modules with a call the probe sent whole
         self._broadcast_ok: dict[str, bool] = {}  # parameter -> takes rules.broadcast
-        self._plan()
+        self._set_plan(the_plan)
 
-    # -- plan ------------------------------------------------------------------
-    def _plan(self) -> None:
-        """Assign each selected parameter to a rule, a module fallback or the root fallback."""
-        owners = self._owners = _model.owners(self.model)
-        self.rules: dict[str, GramRule | None] = {}
-        attrs: dict[str, dict[str, str]] = defaultdict(dict)
-        mods: dict[str, nn.Module] = {}
-        self.param_path: dict[str, str] = {}
-        for pname in self.selected:
-            for mname, m, attr in owners[pname]:
-                rule = find_rule(m)
-                if rule is not None and attr not in rule.param_names:
-                    rule = None
-                if mname in self.rules and self.rules[mname] is not rule:
-                    rule = None  # one module: rule for some params, fallback for others
-                self.rules[mname] = rule
-                attrs[mname][attr] = pname
-                mods[mname] = m
-        # A module with any fallback parameter runs entirely through the fallback.
-        self.plan_modules = [(mn, mods[mn], attrs[mn]) for mn in self.rules]
-        self.module_of: dict[str, list[str]] = defaultdict(list)
-        for mn, _, at in self.plan_modules:
-            for pname in at.values():
-                self.module_of[pname].append(mn)
+    def _set_plan(self, the_plan: plan.Plan) -> None:
+        self.plan = the_plan
+        self.backend = the_plan.backend
+        self.samples, self.cols, self.chunk_n = the_plan.samples, the_plan.cols, the_plan.chunk_n
+        self._owners = the_plan.owners
+        self.rules = {r.module_name: r.rule for r in the_plan.routes}
+        self.plan_modules = [(r.module_name, r.module, dict(r.attrs)) for r in the_plan.routes]
+        self.module_of = the_plan.module_of
+
+    def replanned(self, the_plan: plan.Plan) -> _Job:
+        """This job (its copies, head and probe) under the plan that takes over."""
+        self._set_plan(the_plan)
+        return self
 
     def run_probe(self, x: torch.Tensor) -> None:
         """The probe for the job's first chunk ``x``, once (:mod:`fastntk.engine.probe`)."""
@@ -1173,7 +1096,6 @@ class _Job:
     def layerwise(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
-        self.chunk_n = min(self.samples, n1 + (0 if x2 is None else n2))
         if x2 is None and n1 <= self.samples:
             return self._single_self(x1)
         if x2 is not None and n1 + n2 <= self.samples:
