@@ -25,7 +25,6 @@ class Copies:
 
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
-    selected: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # module id -> its (module.attribute slot, canonical name) pairs, made once per call:
     # the structure cannot change while the copies live (one ntk call)
@@ -93,4 +92,4 @@ def make_copies(model: nn.Module, selected: dict[str, nn.Parameter], dtype: torc
         if t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         buffers[n] = t
-    return Copies(params, buffers, {n: params[n] for n in selected})
+    return Copies(params, buffers)

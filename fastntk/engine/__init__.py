@@ -157,8 +157,11 @@ def ntk(
             ``lambda n, p: "weight" in n``, the LGA code also drops the
             classifier).
         method: ``"layerwise"`` (PyTorch ops), ``"triton"`` (fastntk's
-            Triton kernels where they apply), ``"auto"`` (layerwise, with
-            the choice of strategies measured fastest), ``"vmap"``
+            Triton kernels where they apply), ``"csrc"`` (layerwise with
+            fastntk's C++ ops wherever they apply: the per-sample conv
+            gradient, every dense Gram; on a GPU the CUDA build's kernels;
+            needs the compiled extension, see :func:`fastntk.env`), ``"auto"``
+            (layerwise, with the choice of strategies measured fastest), ``"vmap"``
             (torch.func ``vmap(jacrev)``, holds the Jacobian), ``"loop"``
             (per-sample backward; reference only), or ``"sketch"``: the
             unbiased randomised estimate S1 S2ᵀ from :func:`ntk_sketch`
@@ -467,7 +470,7 @@ class _Capture:
             # prepend: before the user's own forward hooks, which may return a changed
             # output (3 * out): the rules need the module's own output and its gradient
             h = module.register_forward_hook(
-                self._make_hook(mname, module, rule, attrs), with_kwargs=True, prepend=True
+                self._make_hook(mname, rule, attrs), with_kwargs=True, prepend=True
             )
             self.handles.append(h)
 
@@ -491,14 +494,14 @@ class _Capture:
         self.records = []
         self.roots = []
 
-    def _make_hook(self, mname, module, base_rule, attrs):
+    def _make_hook(self, mname, base_rule, attrs):
         def hook(mod, args, kwargs, out):
             if not self.active:
                 return None
             tensors = graph.tensors(out)
             k = self.calls_seen.get(mname, 0)
             self.calls_seen[mname] = k + 1
-            dims = self.job.call_dims(mname, k, mod, args, kwargs, tensors, self.n)
+            dims = self.job.call_dims(mname, k, args, kwargs, tensors, self.n)
             pos = graph.hooked_outputs(tensors)
             rule = base_rule
             if dims is not None and self.job.bn == "per_sample" and isinstance(
@@ -628,7 +631,7 @@ class _Capture:
             rec.saved = None  # last use of this layer's input: let autograd free it
 
     # -- after the backward passes -------------------------------------------
-    def flush_batched(self, npasses: int) -> None:
+    def flush_batched(self) -> None:
         """Blocks of single-use rule parameters whose gradients were kept for all passes."""
         for rec in self.records:
             if rec.rule is None or not rec.gouts:
@@ -807,15 +810,14 @@ class _Job:
         xp = self._prep(x)
         return self.head(self.copies.call(self.model, xp, samples=_model.ROWS), x.shape[0])
 
-    def call_dims(self, mname, k, module, args, kwargs, tensors, n) -> probe.CallDims | None:
+    def call_dims(self, mname, k, args, kwargs, tensors, n) -> probe.CallDims | None:
         """Measured sample dims of ``mname``'s ``k``-th call, fixed by the first chunk
         that makes it (every chunk must serve a call alike: their blocks meet by key)."""
         key = (mname, k)
         if key not in self._call_dims:
             self._call_dims[key] = None if self.probe is None else self.probe.dims(
-                mname, k, probe.shapes(graph.flatten((args, kwargs))[0]), probe.shapes(tensors), n,
-                _batch_dim(module),
-            )  # fmt: skip
+                mname, k, probe.shapes(graph.flatten((args, kwargs))[0]), probe.shapes(tensors), n
+            )
         return self._call_dims[key]
 
     def row_ranges(self, pname: str, rule: GramRule | None, per_sample: int) -> list[tuple[int, int]]:
@@ -891,7 +893,7 @@ class _Job:
                             allow_unused=True,
                         )
             if cap.batch_passes:
-                cap.flush_batched(len(passes))
+                cap.flush_batched()
             cap.flush_deferred(len(passes), self.head.full)
         finally:
             cap.active = False

@@ -76,9 +76,7 @@ class Plan:
         return out
 
 
-def routes(
-    model: nn.Module, selected: Mapping[str, nn.Parameter], owners: Mapping
-) -> tuple[Route, ...]:
+def routes(selected: Mapping[str, nn.Parameter], owners: Mapping) -> tuple[Route, ...]:
     """A route for each module registering a selected parameter: its rule where the rule
     takes every such parameter of it, else the per-module fallback."""
     rules: dict[str, GramRule | None] = {}
@@ -111,7 +109,7 @@ def make(
     owners = _model.owners(model)
     base = dict(
         backend="torch" if sketch else backend(method, device),
-        routes=routes(model, opts.selected, owners),
+        routes=routes(opts.selected, owners),
         owners=owners,
         samples=opts.samples,
         cols=opts.cols,

@@ -92,8 +92,8 @@ class Probe:
             count[mname] = k + 1
             self._index[(mname, k)] = i
 
-    def dims(self, mname: str, k: int, ins: list[Shape], outs: list[Shape], n: int,
-             prefer: int) -> CallDims | None:  # fmt: skip
+    def dims(self, mname: str, k: int, ins: list[Shape], outs: list[Shape],
+             n: int) -> CallDims | None:  # fmt: skip
         """The sample dims of ``mname``'s ``k``-th call in a chunk of ``n`` samples, from
         its shapes there; None where the probe saw no such call or another structure."""
         i = self._index.get((mname, k))
@@ -103,8 +103,8 @@ class Probe:
         if len(pins) != len(ins) or len(pouts) != len(outs):
             return None
         dims = CallDims(
-            [sample_dim(a, b, n, self.q, prefer) for a, b in zip(ins, pins, strict=True)],
-            [sample_dim(a, b, n, self.q, prefer) for a, b in zip(outs, pouts, strict=True)],
+            [sample_dim(a, b, n, self.q) for a, b in zip(ins, pins, strict=True)],
+            [sample_dim(a, b, n, self.q) for a, b in zip(outs, pouts, strict=True)],
         )
         if UNKNOWN in dims.ins or UNKNOWN in dims.outs:
             return None  # not measurable: the assumed layout serves, as without a probe
@@ -122,7 +122,7 @@ class Probe:
                 for p, lst in found.items()
             }  # fmt: skip
         used = self.uses.get(pname, [])
-        return len(used) == 1 and sample_dim(shape, used[0], n, self.q, 0) == 0
+        return len(used) == 1 and sample_dim(shape, used[0], n, self.q) == 0
 
     def coupled(self, y: torch.Tensor) -> str | None:
         """Why the samples are coupled, judged by the chunk's outputs ``y`` (n, K) for
@@ -169,7 +169,7 @@ def tolerance(y: torch.Tensor) -> float:
     return 5e-2
 
 
-def sample_dim(real: Shape, small: Shape, n: int, q: int, prefer: int) -> int | None:
+def sample_dim(real: Shape, small: Shape, n: int, q: int) -> int | None:
     """The sample dim of a tensor of shape ``real`` with ``n`` samples and ``small`` with
     ``q`` (module docstring); None: not batched or not a tensor.
 
