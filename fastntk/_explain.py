@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from fastntk import _model, engine
-from fastntk.engine import graph, options, plan
+from fastntk.engine import capture, graph, options, plan, sizes
 
 
 @dataclass
@@ -108,7 +108,7 @@ def explain(
     rows: list[ParamPath] = []
     notes: list[str] = []
     with _model.model_state(model, bn):
-        cap = engine._Capture(job)
+        cap = capture.Capture(job)
         cap.install()
         alone = None  # why ntk runs each sample alone (vmap), if it does
         try:
@@ -126,7 +126,7 @@ def explain(
             reached = set(graph.param_consumers(y, {q: job.copies.params[q] for q in selected}))  # used in y's graph
             try:
                 job._classify(cap, y)
-            except engine._SamplesCoupled as e:
+            except capture.SamplesCoupled as e:
                 coupled = True
                 notes.append(str(e))
             called = {r.mname for r in cap.records}
@@ -206,7 +206,7 @@ def explain(
     R = head.K if head.full else 1
     kernel = R * R * n1 * n2 * dtype.itemsize
     biggest = max(p.numel() for p in selected.values())
-    block = min(engine.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
+    block = min(sizes.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
     panel = 0
     if (n1 if x2 is None else n1 + n2) > samples:  # ntk's _panels
         rows, per_sample = job._panel_rows(x)
