@@ -133,7 +133,7 @@ def measure(
             head = Head(output)
             y = head(copies.call(model, x))
             passes = head.passes(y)
-            tensors = list(copies.selected.values())
+            tensors = [copies.params[name] for name in sel]
             J = []
             for i in range(rows):
                 for w in passes:

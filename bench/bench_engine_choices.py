@@ -7,8 +7,8 @@
 * ``gram``: symmetric and cross Gram blocks, torch.mm vs the C++ kernels.
 * ``affine``: BatchNorm weight+bias blocks, PyTorch ops vs the C++ one-pass op.
 * ``trace``: "trace" over 10 logits with all logits' gradients handed to the rules at
-  once vs logit by logit (``engine.BATCH_PASSES_BYTES``), and big Gram blocks in their
-  own GEMM vs copied into the buffer (``engine.GRAM_DIRECT_BYTES``), alternating in one
+  once vs logit by logit (``fastntk.engine.sizes.BATCH_PASSES_BYTES``), and big Gram blocks in their
+  own GEMM vs copied into the buffer (``fastntk.engine.sizes.GRAM_DIRECT_BYTES``), alternating in one
   process.
 * ``pool``: NAS-Bench-201's avg_pool_3x3 as PyTorch's avg_pool2d vs a box-filter conv.
 * ``coupled``: ``bn="batch"`` kernel with one-hot backward passes in a loop
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 import fastntk
-from fastntk import _ext, data, engine
+from fastntk import _ext, data
+from fastntk.engine import sizes
 from fastntk.rules import conv as conv_rule
 from fastntk.spaces import nb201
 
@@ -233,17 +234,17 @@ def trace(n=32, reps=5):
         "logit by logit, direct Gram": (0, 2**20),
         "all logits at once, direct Gram (default)": (2**40, 2**20),
     }
-    saved = engine.BATCH_PASSES_BYTES, engine.GRAM_DIRECT_BYTES
+    saved = sizes.BATCH_PASSES_BYTES, sizes.GRAM_DIRECT_BYTES
     res = {k: [] for k in configs}
     try:
         for _ in range(reps):
             for name, (b, d) in configs.items():
-                engine.BATCH_PASSES_BYTES, engine.GRAM_DIRECT_BYTES = b, d
+                sizes.BATCH_PASSES_BYTES, sizes.GRAM_DIRECT_BYTES = b, d
                 t = time.perf_counter()
                 fastntk.ntk(m, x, output="trace")
                 res[name].append(time.perf_counter() - t)
     finally:
-        engine.BATCH_PASSES_BYTES, engine.GRAM_DIRECT_BYTES = saved
+        sizes.BATCH_PASSES_BYTES, sizes.GRAM_DIRECT_BYTES = saved
     print(f"## trace over 10 logits, NB201, N={n}, {reps} alternating runs (s)")
     print("| configuration | median | runs |")
     print("|---|---|---|")

@@ -173,22 +173,17 @@ def check_csrc(device: str, shapes: list[tuple[int, int]], lines: list[str]) -> 
                                   groups=grp)
             row("conv2d_psg", f"{cin}->{cout} {h}x{w} k{k} s{s_} p{p_} d{d_} g{grp}",
                 str(dtype)[6:], rel_err(got.cpu(), truth), tol)
-    # the engine with backend "csrc": the CUDA Gram and conv kernels inside fastntk.ntk
-    saved = engine._backend
-    engine._backend = lambda method, dev: "csrc"
-    try:
-        for name in ("convzoo", "nb201", "resnet"):
-            m, x1, x2 = zoo.make(name)
-            ref = full_kernel(m, x1, x2)
-            md = m.to(device)
-            for dtype in (torch.float32, torch.float64):
-                th = fastntk.ntk(md, x1.to(device), x2.to(device), output="sum", method="auto",
-                                 dtype=dtype)
-                row(f"engine backend csrc: {name}", "sum", str(dtype)[6:],
-                    rel_err(th.cpu(), reduce(ref, "sum")), TOL[dtype])
-            m.cpu()
-    finally:
-        engine._backend = saved
+    # the engine with method "csrc": the CUDA Gram and conv kernels inside fastntk.ntk
+    for name in ("convzoo", "nb201", "resnet"):
+        m, x1, x2 = zoo.make(name)
+        ref = full_kernel(m, x1, x2)
+        md = m.to(device)
+        for dtype in (torch.float32, torch.float64):
+            th = fastntk.ntk(md, x1.to(device), x2.to(device), output="sum", method="csrc",
+                             dtype=dtype)
+            row(f"engine backend csrc: {name}", "sum", str(dtype)[6:],
+                rel_err(th.cpu(), reduce(ref, "sum")), TOL[dtype])
+        m.cpu()
     lines += ["", "| N | columns | provider | s | TFLOP/s |", "|---|---|---|---|---|"]
     for n, cols in shapes:
         a = (torch.randn(n, cols, generator=g) + 1.0).to(device)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from fastntk import _model, engine
-from fastntk._model import Head
+from fastntk.engine import capture, graph, options, plan, sizes
 
 
 @dataclass
@@ -93,21 +93,22 @@ def explain(
     Returns:
         An :class:`Explanation` (print it for a table).
     """
-    _model.check_options(output, bn, "auto", engine.METHODS)
-    _model.check_inputs(model, x, x2)
+    opts = options.parse(
+        model, x, x2, output=output, bn=bn, params=params, method="auto",
+        chunk_size=chunk_size, dtype=dtype, progress=None,
+    )  # fmt: skip
     x, x2 = _model.plain(x), _model.plain(x2)
-    selected = _model.select_params(model, params)
-    dtype = _model.resolve_dtype(dtype, model, selected)
-    samples, cols = engine._chunks(chunk_size)
-    head = Head(output)
-    job = engine._Job(model, selected, head, bn, dtype, samples, cols, False, "torch")
+    selected, dtype, samples = opts.selected, opts.dtype, opts.samples
+    the_plan = plan.make(model, opts, x.shape[0] + (0 if x2 is None else x2.shape[0]), x.device)
+    job = engine._Job(model, opts, the_plan)
+    head = job.head
     rnn = _model.recurrent(model)
-    coupled = _model.is_coupled(model, bn) or rnn is not None
+    coupled = the_plan.strategy == "coupled"  # (bn="batch", or a recurrent model)
     owners = _model.owners(model)
     rows: list[ParamPath] = []
     notes: list[str] = []
     with _model.model_state(model, bn):
-        cap = engine._Capture(job)
+        cap = capture.Capture(job)
         cap.install()
         alone = None  # why ntk runs each sample alone (vmap), if it does
         try:
@@ -122,10 +123,10 @@ def explain(
             cap.active = False
             y = head(raw)
             head.passes(y)
-            reached = set(job._param_consumers(y, list(selected)))  # used in y's graph
+            reached = set(graph.param_consumers(y, {q: job.copies.params[q] for q in selected}))  # used in y's graph
             try:
                 job._classify(cap, y)
-            except engine._SamplesCoupled as e:
+            except capture.SamplesCoupled as e:
                 coupled = True
                 notes.append(str(e))
             called = {r.mname for r in cap.records}
@@ -139,7 +140,7 @@ def explain(
             act = sum(
                 t.numel() * t.element_size()
                 for r in cap.records
-                for t in engine._tensors(r.saved if r.rule is None else (r.saved,))
+                for t in graph.tensors(r.saved if r.rule is None else (r.saved,))
             ) + sum(r.out_bytes for r in cap.records)
         except _model.MergedSamplesError as e:  # bn="per_sample" on rows that are not samples
             if rnn is not None:  # ntk cannot vmap a recurrent model: it refuses
@@ -205,7 +206,7 @@ def explain(
     R = head.K if head.full else 1
     kernel = R * R * n1 * n2 * dtype.itemsize
     biggest = max(p.numel() for p in selected.values())
-    block = min(engine.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
+    block = min(sizes.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
     panel = 0
     if (n1 if x2 is None else n1 + n2) > samples:  # ntk's _panels
         rows, per_sample = job._panel_rows(x)

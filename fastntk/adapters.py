@@ -106,7 +106,7 @@ def _check_values(options: dict[str, Any]) -> None:
     """The options' values, checked when the measure is made (not at a harness's first
     call, where an error stops the whole run)."""
     from fastntk import _model
-    from fastntk.engine import METHODS, _chunks
+    from fastntk.engine.options import METHODS, parse_chunk_size
     from fastntk.metrics.model_kernels import ntk_kwargs
     from fastntk.metrics.registry import check_errors
 
@@ -114,7 +114,7 @@ def _check_values(options: dict[str, Any]) -> None:
     _model.check_options(output, bn, "auto", METHODS)  # the engine's check of both
     ntk_kwargs(bn, None, output, None, None)  # the metrics' own (no output="full")
     if options.get("chunk_size") is not None:
-        _chunks(options["chunk_size"])
+        parse_chunk_size(options["chunk_size"])
     check_errors(options.get("errors", "raise"))
     _model.check_progress(options.get("progress"))
 

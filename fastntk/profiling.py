@@ -11,7 +11,7 @@ Phases (exclusive: a phase nested in another is not counted twice):
 
 * ``probe``: one more forward of one to three samples (two with a retry, or for models
   with parameters broadcast over the batch) measuring where each module call's tensors
-  hold the samples (``fastntk._probe``), once per call of the layerwise paths;
+  hold the samples (``fastntk.engine.probe``), once per call of the layerwise paths;
 * ``forward``: the model's forward pass(es) with the engine's hooks;
 * ``backward``: autograd's backward passes (output gradients of every layer);
 * ``per_sample``: the Gram rules turning (layer input, output gradient) into

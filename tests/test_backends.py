@@ -50,14 +50,11 @@ def case():
 
 @pytest.mark.skipif(not _ext.available(), reason=f"C++ extension not built: {_ext.why_not()}")
 @pytest.mark.parametrize("output", ["sum", "full"])
-def test_engine_with_csrc_conv(case, output, monkeypatch):
-    """The C++ per-sample conv gradient inside the engine (backend "csrc"; not chosen by
+def test_engine_with_csrc_conv(case, output):
+    """The C++ per-sample conv gradient inside the engine (method "csrc"; not chosen by
     "auto", which measured the grouped strategy faster)."""
-    from fastntk import engine
-
-    monkeypatch.setattr(engine, "_backend", lambda method, device: "csrc")
     m, x1, x2, ref = case
-    theta = fastntk.ntk(m, x1, x2, output=output, method="auto", dtype=torch.float64)
+    theta = fastntk.ntk(m, x1, x2, output=output, method="csrc", dtype=torch.float64)
     assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float64]
 
 
@@ -93,9 +90,7 @@ def test_compiled_conv_gradients_per_row_range(case, monkeypatch):
     range's output channels (they computed every channel once per range, ranges x the
     work), and the kernel is still exact."""
     from fastntk import _ext as ext
-    from fastntk import engine
 
-    monkeypatch.setattr(engine, "_backend", lambda method, device: "csrc")
     seen = []
     real = ext.conv2d_psg
 
@@ -108,9 +103,17 @@ def test_compiled_conv_gradients_per_row_range(case, monkeypatch):
     widest = max(c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d))
     for output, passes in (("sum", 1), ("trace", 3)):  # (trace: the logits' rows stacked)
         seen.clear()
-        theta = fastntk.ntk(m, x1, x2, output=output, chunk_size=(3, 20), dtype=torch.float64)
+        theta = fastntk.ntk(m, x1, x2, output=output, method="csrc", chunk_size=(3, 20),
+                            dtype=torch.float64)
         assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float64]
         assert seen and max(seen) < passes * widest, (output, seen)
+
+
+def test_csrc_method_without_the_extension_is_a_clear_error(case, monkeypatch):
+    m, x1, _, _ = case
+    monkeypatch.setattr(_ext, "available", lambda: False)
+    with pytest.raises(fastntk.errors.UnsupportedError, match="csrc"):
+        fastntk.ntk(m, x1, method="csrc")
 
 
 @pytest.mark.skipif(_triton_why_not() is not None, reason=str(_triton_why_not()))

@@ -106,9 +106,9 @@ def test_batch_mode_matches_te_nas_loop():
 @pytest.mark.parametrize("chunk", [2, (3, 3)], ids=["s2", "s3c3"])
 def test_chunked_panels(name, output, chunk, monkeypatch):
     """Batches larger than one chunk: panels of rows, column blocks, mirrored triangle."""
-    from fastntk import engine
+    from fastntk.engine import sizes
 
-    monkeypatch.setattr(engine, "PANEL_BYTES", 1)  # smallest panels: most recomputation
+    monkeypatch.setattr(sizes, "PANEL_BYTES", 1)  # smallest panels: most recomputation
     m, x1, x2 = zoo.make(name, n=5)
     for other in (None, x2):
         ref = reduce(full_kernel(m, x1, other), output)
@@ -122,9 +122,9 @@ def test_panels_with_split_parameter_rows(name, output, monkeypatch):
     """Blocks cut into parameter-row ranges (small BLOCK_BYTES), N not a multiple of the
     chunk: every chunk cuts a parameter alike, so the smaller last chunk's blocks meet the
     panel's by key (they were cut by that chunk's own size: mismatched widths)."""
-    from fastntk import engine
+    from fastntk.engine import sizes
 
-    monkeypatch.setattr(engine, "BLOCK_BYTES", 2000)
+    monkeypatch.setattr(sizes, "BLOCK_BYTES", 2000)
     m, x1, x2 = zoo.make(name, n=5)
     for other in (None, x2):
         ref = reduce(full_kernel(m, x1, other), output)
@@ -271,9 +271,9 @@ def test_kernel_is_detached(chunk):
 @pytest.mark.parametrize("direct", [True, False], ids=["own-gemm", "buffered"])
 def test_gram_blocks_direct_and_buffered(name, direct, monkeypatch):
     """Dense blocks contracted one by one, or concatenated into the shared buffer first."""
-    from fastntk import engine
+    from fastntk.engine import sizes
 
-    monkeypatch.setattr(engine, "GRAM_DIRECT_BYTES", 0 if direct else 2**62)
+    monkeypatch.setattr(sizes, "GRAM_DIRECT_BYTES", 0 if direct else 2**62)
     m, x1, x2, sel, ref = case(name, True)
     for output in ("sum", "trace"):
         theta = fastntk.ntk(m, x1, x2, output=output, dtype=torch.float64)
@@ -284,9 +284,9 @@ def test_gram_blocks_direct_and_buffered(name, direct, monkeypatch):
 @pytest.mark.parametrize("batched", [True, False], ids=["all-logits", "logit-by-logit"])
 def test_trace_batched_and_streamed_logits(name, batched, monkeypatch):
     """Both ways of handling several logits: all at once (shared patches), or streamed."""
-    from fastntk import engine
+    from fastntk.engine import sizes
 
-    monkeypatch.setattr(engine, "BATCH_PASSES_BYTES", 2**40 if batched else 0)
+    monkeypatch.setattr(sizes, "BATCH_PASSES_BYTES", 2**40 if batched else 0)
     m, x1, x2, sel, ref = case(name, True)
     for output in ("trace", "mean"):
         theta = fastntk.ntk(m, x1, x2, output=output, dtype=torch.float64)
@@ -304,12 +304,12 @@ def test_conv_strategies_and_reused_blocks(name, min_t, chunk_bytes, method, mon
     """Every per-sample conv strategy (grouped convolution in sample chunks of any size,
     strided patches), with every dense block written into the workspace
     (GRAM_DIRECT_BYTES = 0), in self and cross kernels and in both trace layouts."""
-    from fastntk import engine
+    from fastntk.engine import sizes
     from fastntk.rules import conv
 
     monkeypatch.setattr(conv, "GROUPED_MIN_T", min_t)
     monkeypatch.setattr(conv, "GROUPED_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(engine, "GRAM_DIRECT_BYTES", 0)
+    monkeypatch.setattr(sizes, "GRAM_DIRECT_BYTES", 0)
     m, x1, x2, sel, ref = case(name, True)
     for output in ("sum", "trace"):
         for other in (x2, None):
@@ -446,14 +446,13 @@ def test_graph_walk_survives_recycled_node_objects():
     twice look used once: silently wrong kernels, before the walker kept its nodes)."""
     from types import SimpleNamespace
 
-    from fastntk import engine
+    from fastntk.engine import graph
 
     w = torch.nn.Parameter(torch.randn(2))
     acc = _Acc(w)
     wrappers = _Wrappers()
     root = [[[acc]], [[acc]]]  # each node: the list of its children
-    job = SimpleNamespace(copies=SimpleNamespace(params={"w": w}))
     y = SimpleNamespace(grad_fn=wrappers.of(root))
-    uses = engine._Job._param_consumers(job, y, ["w"])
+    uses = graph.param_consumers(y, {"w": w})
     assert len(uses["w"]) == 2
     assert len(wrappers.pool) >= 5  # every node had its own object while the walk held it

@@ -198,7 +198,7 @@ def test_output_rows_must_match_the_batch():
             fastntk.ntk(nn.Sequential(m, nn.Flatten(0)), x, method=method)
 
 
-# -- layouts the probe measures (fastntk._probe) --------------------------------------
+# -- layouts the probe measures (fastntk.engine.probe) -----------------------------------
 
 
 class _SeqFirstEncoder(nn.Module):
@@ -1168,12 +1168,13 @@ def test_panels_keep_the_per_sample_gradients_of_every_pass_within_the_budget(
     count every pass; here a budget of 16 samples' one-pass gradients gives panels of 16
     rows for "sum" and of one chunk (4) for the K = 10 passes of "trace"/"mean"/"full"."""
     from fastntk import engine
+    from fastntk.engine import sizes
 
     torch.manual_seed(0)
     m = nn.Sequential(_Dense64(), nn.Linear(6, 10)).double()
     x = _x(32, 6)
     P = sum(p.numel() for p in m.parameters())
-    monkeypatch.setattr(engine, "PANEL_BYTES", 16 * P * 8)
+    monkeypatch.setattr(sizes, "PANEL_BYTES", 16 * P * 8)
     runs = []
     real = engine._Job._run_chunk
     monkeypatch.setattr(engine._Job, "_run_chunk", lambda self, xc, *a, **k: (runs.append(xc.shape[0]), real(self, xc, *a, **k))[1])

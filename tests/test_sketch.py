@@ -74,12 +74,12 @@ def test_hashes_computed_or_kept_give_one_sketch(exact, monkeypatch):
     kept between chunks while they fit in HASH_BYTES (they were stored for every parameter
     and logit: O(K·P) memory); kept or not, chunked or not, with segments that split
     column blocks, the sketch is the same."""
-    from fastntk import engine
+    from fastntk.engine import sketch
 
     m, x, _ = exact
-    monkeypatch.setattr(engine, "SEGMENT", 100)  # (blocks of 3 x 7: segments cut them)
+    monkeypatch.setattr(sketch, "SEGMENT", 100)  # (blocks of 3 x 7: segments cut them)
     a = fastntk.ntk_sketch(m, x, sketch_dim=64, seed=3, output="trace", dtype=torch.float64)
-    monkeypatch.setattr(engine, "HASH_BYTES", 0)
+    monkeypatch.setattr(sketch, "HASH_BYTES", 0)
     b = fastntk.ntk_sketch(m, x, sketch_dim=64, seed=3, output="trace", dtype=torch.float64,
                            chunk_size=(3, 7))  # fmt: skip
     assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(a.abs().max()))

@@ -682,11 +682,11 @@ def test_ctrl_c_during_a_restore_is_delivered_after_it():
     import signal
     import time
 
-    from fastntk import _model
+    from fastntk._model import state
 
     reached = []
     with pytest.raises(KeyboardInterrupt):
-        with _model._sigint_deferred():
+        with state._sigint_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # (the handler has run by now)
             reached.append(True)
@@ -696,19 +696,19 @@ def test_ctrl_c_during_a_restore_is_delivered_after_it():
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
     m[1].register_full_backward_hook(lambda *a: None)
     params = {n: p for n, p in m.named_parameters()}
-    real = _model._restore_model
+    real = state._restore_model
 
     def interrupted(*a):  # Ctrl-C arrives as the restore starts
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         real(*a)
 
-    _model._restore_model = interrupted
+    state._restore_model = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             fastntk.ntk(m, torch.randn(5, 3))
     finally:
-        _model._restore_model = real
+        state._restore_model = real
     assert all(mm.training for mm in m.modules()) and len(m[1]._backward_hooks) == 1
     assert all(p is params[n] for n, p in m.named_parameters())
 
@@ -717,19 +717,19 @@ def test_interrupted_swap_out_leaves_no_copies_in_the_model(monkeypatch):
     """torch.func's functional_call does not undo a partial swap: interrupted while it puts
     the user's tensors back, the model kept fastntk's copies (plain tensors, other ids);
     model_state puts every (module, attribute) slot back as it was."""
-    from fastntk import _model
+    from fastntk._model import copies
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     params = {n: p for n, p in m.named_parameters()}
-    real = _model.functional_call
+    real = copies.functional_call
 
     def partial(module, slots, *a, **k):
         out = real(module, slots, *a, **k)
         module[0]._parameters["weight"] = slots["0.weight"]  # as if interrupted mid-restore
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_model, "functional_call", partial)
+    monkeypatch.setattr(copies, "functional_call", partial)
     with pytest.raises(KeyboardInterrupt):
         fastntk.ntk(m, torch.randn(5, 3))
     assert all(p is params[n] for n, p in m.named_parameters())
@@ -742,11 +742,11 @@ def test_ctrl_c_deferral_leaves_a_foreign_sigint_handler_alone(monkeypatch):
     fastntk's handler left installed)."""
     import signal
 
-    from fastntk import _model
+    from fastntk._model import state
 
     monkeypatch.setattr(signal, "getsignal", lambda sig: None)
     installed = []
     monkeypatch.setattr(signal, "signal", lambda sig, h: installed.append(h))
-    with _model._sigint_deferred():
+    with state._sigint_deferred():
         pass
     assert installed == []

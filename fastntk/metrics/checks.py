@@ -81,7 +81,7 @@ def check_batch(x: Any, what: str) -> torch.Tensor:
         raise InputTypeError(f"{what} must be a torch.Tensor, got {type(x)}")
     if x.dim() < 1 or x.shape[0] == 0:
         raise InputError(f"{what} is an empty batch (shape {tuple(x.shape)})")
-    if not (x.is_floating_point() or _model._is_index(x)):
+    if not (x.is_floating_point() or _model.is_index(x)):
         raise InputTypeError(f"{what} must be floating point (or integer token ids for "
                              f"models with nn.Embedding), got {x.dtype}")  # fmt: skip
     return x

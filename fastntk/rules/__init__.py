@@ -169,9 +169,6 @@ class Workspace:
             self._bufs[tag] = buf
         return buf[:numel].view(shape)
 
-    def clear(self) -> None:
-        self._bufs.clear()
-
 
 @dataclass
 class Context:
@@ -343,11 +340,6 @@ def find_rule(module: nn.Module) -> GramRule | None:
                 return None  # a subclass changed the computation: no factorised rule applies
         return rule if rule.covers(module) else None
     return None
-
-
-def rules_table() -> dict[type, GramRule]:
-    """A copy of the registry (for explain and docs)."""
-    return dict(_RULES)
 
 
 # Register the built-in rules.

@@ -37,12 +37,18 @@ before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn as nn
 
-from fastntk import _model
+from fastntk.engine import graph
+
+# x -> the model's (n, K) outputs for a batch x of n samples (each row its own under
+# bn="per_sample"): the forward the probe runs
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 AMBIGUOUS = -1  # the samples are not in one dim (merged with another, or mixed)
 UNKNOWN = -2  # the shapes differ, but nothing scales with the batch (data-dependent sizes)
@@ -66,6 +72,8 @@ class Probe:
     y: torch.Tensor  # the model's (q, K) outputs
     xs: torch.Tensor  # the probe's samples: the chunk's last q (or the chunk, padded)
     n0: int  # samples of the chunk it was made for
+    forward: Forward  # the forward it ran (run again, with the graph, by batch_first_use)
+    params: dict[str, torch.Tensor]  # the selected parameters (the forward's, by name)
     # the model's outputs for the chunk's FIRST sample alone (a reversed cumsum, or a
     # reference taken from the last sample, leaves the last sample's output unchanged),
     # or with q = 2 for the first and the last together (samples grouped in pairs: the
@@ -84,8 +92,8 @@ class Probe:
             count[mname] = k + 1
             self._index[(mname, k)] = i
 
-    def dims(self, mname: str, k: int, ins: list[Shape], outs: list[Shape], n: int,
-             prefer: int) -> CallDims | None:  # fmt: skip
+    def dims(self, mname: str, k: int, ins: list[Shape], outs: list[Shape],
+             n: int) -> CallDims | None:  # fmt: skip
         """The sample dims of ``mname``'s ``k``-th call in a chunk of ``n`` samples, from
         its shapes there; None where the probe saw no such call or another structure."""
         i = self._index.get((mname, k))
@@ -95,28 +103,26 @@ class Probe:
         if len(pins) != len(ins) or len(pouts) != len(outs):
             return None
         dims = CallDims(
-            [sample_dim(a, b, n, self.q, prefer) for a, b in zip(ins, pins, strict=True)],
-            [sample_dim(a, b, n, self.q, prefer) for a, b in zip(outs, pouts, strict=True)],
+            [sample_dim(a, b, n, self.q) for a, b in zip(ins, pins, strict=True)],
+            [sample_dim(a, b, n, self.q) for a, b in zip(outs, pouts, strict=True)],
         )
         if UNKNOWN in dims.ins or UNKNOWN in dims.outs:
             return None  # not measurable: the assumed layout serves, as without a probe
         return dims
 
-    def batch_first_use(self, job, pname: str, shape: tuple[int, ...], n: int) -> bool:
+    def batch_first_use(self, pname: str, shape: tuple[int, ...], n: int) -> bool:
         """Whether ``pname``'s one use outside module calls (a node whose output has
         ``shape`` in the chunk's graph) makes a tensor with the samples in dim 0
         (``rules.broadcast``: ``x + pos_embed``, not ``x.transpose(0, 1) + p``)."""
         if self.uses is None:
             with torch.enable_grad():
-                xs = job._prep(self.xs)
-                y = job.head(job.copies.call(job.model, xs, samples=_model.ROWS), xs.shape[0])
-                found = job._param_consumers(y, job.selected)
+                found = graph.param_consumers(self.forward(self.xs), self.params)
             self.uses = {
                 p: [tuple(node._input_metadata[0].shape) for node, _ in lst]
                 for p, lst in found.items()
             }  # fmt: skip
         used = self.uses.get(pname, [])
-        return len(used) == 1 and sample_dim(shape, used[0], n, self.q, 0) == 0
+        return len(used) == 1 and sample_dim(shape, used[0], n, self.q) == 0
 
     def coupled(self, y: torch.Tensor) -> str | None:
         """Why the samples are coupled, judged by the chunk's outputs ``y`` (n, K) for
@@ -163,7 +169,7 @@ def tolerance(y: torch.Tensor) -> float:
     return 5e-2
 
 
-def sample_dim(real: Shape, small: Shape, n: int, q: int, prefer: int) -> int | None:
+def sample_dim(real: Shape, small: Shape, n: int, q: int) -> int | None:
     """The sample dim of a tensor of shape ``real`` with ``n`` samples and ``small`` with
     ``q`` (module docstring); None: not batched or not a tensor.
 
@@ -211,28 +217,31 @@ def _small_batch(x: torch.Tensor, q: int) -> torch.Tensor:
     return torch.cat([x, extra])
 
 
-def run(job, x: torch.Tensor) -> Probe | None:
-    """The probe of ``job``'s planned module calls for the chunk ``x`` (before its forward)."""
-    from fastntk.engine import _flatten, _tensors
-
+def run(
+    forward: Forward,
+    modules: list[tuple[str, nn.Module]],
+    x: torch.Tensor,
+    params: dict[str, torch.Tensor],
+) -> Probe | None:
+    """The probe of the calls of ``modules`` (name, module) for the chunk ``x`` (before its
+    forward), made with ``forward``; ``params``: the selected parameters, by name."""
     for q in (1, 2):  # a model that cannot run on one sample gets a second try with two
         xs = _small_batch(x.detach(), q)  # (a chunk of <= 2 samples: padded to 3)
         calls: list[tuple[str, list[Shape], list[Shape]]] = []
 
         def record(mname, calls=calls):
             def hook(mod, args, kwargs, out):
-                calls.append((mname, shapes(_flatten((args, kwargs))[0]), shapes(_tensors(out))))
+                calls.append((mname, shapes(graph.flatten((args, kwargs))[0]), shapes(graph.tensors(out))))
 
             return hook
 
         handles = [
             m.register_forward_hook(record(mn), with_kwargs=True, prepend=True)
-            for mn, m, _ in job.plan_modules
+            for mn, m in modules
         ]
         try:
             with torch.no_grad():
-                xp = job._prep(xs)
-                y = job.head(job.copies.call(job.model, xp, samples=_model.ROWS), xs.shape[0])
+                y = forward(xs)
         except Exception:  # noqa: BLE001 - the model need not run on a batch this small
             continue
         finally:
@@ -244,9 +253,8 @@ def run(job, x: torch.Tensor) -> Probe | None:
             first = x.detach()[:1] if q == 1 else x.detach()[[0, n - 1]]
             try:
                 with torch.no_grad():
-                    xf = job._prep(first)
-                    y_first = job.head(job.copies.call(job.model, xf, samples=_model.ROWS), q)
+                    y_first = forward(first)
             except Exception:  # noqa: BLE001 - (it ran on q samples a moment ago)
                 y_first = None
-        return Probe(xs.shape[0], calls, y, xs, x.shape[0], y_first=y_first)
+        return Probe(xs.shape[0], calls, y, xs, x.shape[0], forward, params, y_first=y_first)
     return None

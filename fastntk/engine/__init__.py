@@ -19,6 +19,17 @@ call fall back to a whole-model torch.func computation.
 ``"loop"``: one backward per sample and output (TE-NAS / LGA reference
 codes; reference only).
 
+``"csrc"``: the layerwise path with fastntk's C++ (and CUDA) ops wherever they apply.
+
+Reading order
+-------------
+:func:`ntk` parses its options once (:mod:`.options`), makes a frozen plan
+(:mod:`.plan`: strategy, a route per module, chunk sizes, the re-plans a forward can
+call for) and runs it (``_run``): the layerwise strategy captures per-sample gradient
+blocks through hooks (:mod:`.capture`, with the sample dims measured by :mod:`.probe`
+and the graph walks of :mod:`.graph`) and contracts them (:mod:`.gram`); the byte
+budgets are in :mod:`.sizes`, the sketch's hashes in :mod:`.sketch`.
+
 Samples that interact in the forward pass (``bn="batch"``, or BatchNorm
 without running statistics) cannot be factorised per sample: every method
 then differentiates each sample's outputs through the shared batch graph
@@ -37,61 +48,25 @@ chunks stream past it, so the kernel is assembled blockwise.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.func import jacrev, vmap
 
-from fastntk import _args, _model, _probe
+from fastntk import _model
 from fastntk._model import Copies, Head
 from fastntk._progress import bar as progress_bar
+from fastntk.engine import capture, gram, graph, options, plan, probe, sizes, sketch
+from fastntk.engine.options import DEFAULT_SAMPLE_CHUNK, METHODS
 from fastntk.errors import NonFiniteKernelError, OptionError, UnsupportedError
 from fastntk.profiling import count_gram, phase
-from fastntk.rules import (
-    Block,
-    Context,
-    Dense,
-    GramRule,
-    Outer,
-    Workspace,
-    add_blocks,
-    cat_blocks,
-    find_rule,
-    gram_block,
-)
+from fastntk.rules import Block, Dense, GramRule, Workspace, gram_block
 
-METHODS = ("auto", "layerwise", "triton", "sketch", "vmap", "loop")
-
-# Default sample chunk of one forward/backward and byte budgets; chosen for the
-# 24 GB development CPU (NB201 C=16 at N=256 needs about 2 GB for forward+backward).
-DEFAULT_SAMPLE_CHUNK = 256
-BLOCK_BYTES = 256 * 2**20  # one per-sample gradient block (rows x columns)
-PANEL_BYTES = 4 * 2**30  # per-sample gradients kept for a panel of rows (at least)
-JAC_BYTES = 2 * 2**30  # coupled path: Jacobian rows kept at once
-HASH_BYTES = 256 * 2**20  # sketch: hashes kept between chunks (9 bytes a coordinate and pass)
-GRAM_BUFFER_BYTES = 16 * 2**20  # small dense blocks batched into one Gram
-GRAM_DIRECT_BYTES = 2**20  # a dense block this big gets its own GEMM (no copy into the buffer)
-# "trace"/"mean": keep all logits' output gradients (K x one pass's) up to this size and
-# compute each layer's per-sample gradients for all logits at once; above it, stream
-# logit by logit (the memory targets at large N).
-BATCH_PASSES_BYTES = 2 * 2**30
-
-
-def _panel_budget(device: torch.device) -> int:
-    """Bytes of per-sample gradients a panel keeps: PANEL_BYTES, or on a CUDA device an
-    eighth of its memory where that is more (an H200: 17 GiB, NB201 "trace" N=1024 in two
-    panels instead of four; fewer panels, fewer chunk recomputations. Not yet measured)."""
-    if device.type == "cuda":
-        return max(PANEL_BYTES, torch.cuda.get_device_properties(device).total_memory // 8)
-    return PANEL_BYTES
-
+__all__ = ["DEFAULT_SAMPLE_CHUNK", "METHODS", "CapturedMutationError", "ntk", "ntk_sketch"]
 
 @_model.with_grad
 def ntk(
@@ -156,8 +131,11 @@ def ntk(
             ``lambda n, p: "weight" in n``, the LGA code also drops the
             classifier).
         method: ``"layerwise"`` (PyTorch ops), ``"triton"`` (fastntk's
-            Triton kernels where they apply), ``"auto"`` (layerwise, with
-            the choice of strategies measured fastest), ``"vmap"``
+            Triton kernels where they apply), ``"csrc"`` (layerwise with
+            fastntk's C++ ops wherever they apply: the per-sample conv
+            gradient, every dense Gram; on a GPU the CUDA build's kernels;
+            needs the compiled extension, see :func:`fastntk.env`), ``"auto"``
+            (layerwise, with the choice of strategies measured fastest), ``"vmap"``
             (torch.func ``vmap(jacrev)``, holds the Jacobian), ``"loop"``
             (per-sample backward; reference only), or ``"sketch"``: the
             unbiased randomised estimate S1 S2ᵀ from :func:`ntk_sketch`
@@ -182,72 +160,54 @@ def ntk(
         NonFiniteKernelError (names the first layer, in forward order,
         whose gradients are not finite).
     """
-    _model.check_options(output, bn, method, METHODS)
-    _model.check_progress(progress)
-    _model.check_inputs(model, x1, x2)
+    opts = options.parse(
+        model, x1, x2, output=output, bn=bn, params=params, method=method,
+        chunk_size=chunk_size, dtype=dtype, progress=progress, sketch_dim=sketch_dim, seed=seed,
+    )  # fmt: skip
     x1, x2 = _model.plain(x1), _model.plain(x2)
-    selected = _model.select_params(model, params)
-    dtype = _model.resolve_dtype(dtype, model, selected)
-    samples, cols = _chunks(chunk_size)
-    sketch_dim, seed = _sketch_args(sketch_dim, seed)  # (checked for every method)
     if method == "sketch":
 
         def sketch(x: torch.Tensor) -> torch.Tensor:
             return ntk_sketch(
                 model, x, output=output, bn=bn, params=params, chunk_size=chunk_size,
-                dtype=dtype, sketch_dim=sketch_dim, seed=seed, progress=progress,
+                dtype=opts.dtype, sketch_dim=opts.sketch_dim, seed=opts.seed, progress=progress,
             )  # fmt: skip
 
         s1 = sketch(x1)
         return s1 @ (s1 if x2 is None else sketch(x2)).T
-    backend = _backend(method, x1.device)
-    job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, backend)
-    rnn = _model.recurrent(model)
-    if rnn is not None and method == "vmap":
-        raise UnsupportedError(
-            f"method='vmap' cannot differentiate {rnn}: torch.func has no batching rule for "
-            "its fused kernel; use method='auto' (exact, through the batch graph)"
-        )
-    # One-hot backward passes batched with is_grads_batched (vmap over the backward) for
-    # method="vmap", and on a GPU; on the CPU a plain loop of backward passes is faster:
-    # NB201 (C=16), N=64, bn="batch", 2-core CPU: 30.5 s batched vs 10.4 s (python
-    # bench/bench_engine_choices.py coupled, README "Known limits").
-    batched = method == "vmap" or (method != "loop" and x1.device.type != "cpu")
+    n = x1.shape[0] + (0 if x2 is None else x2.shape[0])
+    the_plan = plan.make(model, opts, n, x1.device)
     with _model.model_state(model, bn), _inplace_refused():
-        try:
-            if rnn is not None and method in ("auto", "layerwise", "triton"):
-                # no per-layer rule, no vmap (not even over the backward: is_grads_batched):
-                # one backward per sample and pass (exact)
-                theta = job.coupled(x1, x2, batched=False)
-            elif _model.is_coupled(model, bn):
-                theta = job.coupled(x1, x2, batched=batched, use_vmap=method == "vmap")
-            elif method in ("auto", "layerwise", "triton"):
-                try:
-                    theta = job.layerwise(x1, x2)
-                except _SamplesCoupled:  # measured by the probe: x - x.mean(0) in a forward
-                    theta = job.coupled(x1, x2, batched=batched)
-            elif method == "vmap":
-                theta = job.vmap(x1, x2)
-            else:
-                theta = job.coupled(x1, x2, batched=False)
-        except CapturedMutationError:
-            # a per-module (or whole-model) torch.func fallback met a forward that updates
-            # a buffer in place: the batch graph is exact without torch.func
-            if method not in ("auto", "layerwise", "triton") or _model.is_coupled(model, bn):
-                raise
-            job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, backend)
-            theta = job.coupled(x1, x2, batched=False)
-        except _model.MergedSamplesError:
-            # bn="per_sample" with a BatchNorm whose rows are not the samples (frames
-            # merged into the batch dim, a BatchNorm on part of the batch): only a
-            # forward of each sample alone is exact. "loop" is the reference: it takes
-            # that path too; the layerwise methods were asked for the layerwise engine.
-            if method not in ("auto", "loop") or rnn is not None:
-                raise
-            theta = job.vmap(x1, x2)
+        job, theta = _run(model, opts, the_plan, x1, x2)
         if not bool(torch.isfinite(theta).all()):
             raise NonFiniteKernelError(job.diagnose_nonfinite(x1, x2))
     return theta
+
+
+def _run(
+    model: nn.Module, opts: options.Options, p: plan.Plan, x1: torch.Tensor, x2: torch.Tensor | None
+) -> tuple[_Job, torch.Tensor]:
+    """Run plan ``p``, and the plan taking over where a forward shows a fact it names
+    (:attr:`plan.Plan.on`). Returns the job that made the kernel, and the kernel."""
+    job = _Job(model, opts, p)
+    while True:
+        try:
+            if p.strategy == "layerwise":
+                return job, job.layerwise(x1, x2)
+            if p.strategy == "jacobian":
+                return job, job.vmap(x1, x2)
+            return job, job.coupled(x1, x2, batched=p.batched, use_vmap=p.use_vmap)
+        except (capture.SamplesCoupled, CapturedMutationError, _model.MergedSamplesError) as e:
+            fact = (
+                plan.SAMPLES_COUPLED if isinstance(e, capture.SamplesCoupled)
+                else plan.CAPTURED_MUTATION if isinstance(e, CapturedMutationError)
+                else plan.MERGED_SAMPLES
+            )  # fmt: skip
+            nxt = p.after(fact)
+            if nxt is None:
+                raise
+            p = nxt
+            job = _Job(model, opts, p) if p.fresh else job.replanned(p)
 
 
 @_model.with_grad
@@ -268,11 +228,11 @@ def ntk_sketch(
 
     Each parameter coordinate c is hashed to one of ``m = sketch_dim``
     columns h(c) with a random sign s(c) (a CountSketch: drawn by torch's CPU
-    generator in segments of ``SEGMENT`` coordinates, each seeded from ``seed``,
+    generator in segments of ``sketch.SEGMENT`` coordinates, each seeded from ``seed``,
     the parameter's name, the pass and the segment; never a P x m matrix), and
     S_i = Σ_c s(c) G_i[c] e_h(c) is
     accumulated layer by layer in sample chunks, so memory is O(N m + one chunk)
-    (plus at most ``HASH_BYTES`` of hashes kept between chunks). The estimate is
+    (plus at most ``sketch.HASH_BYTES`` of hashes kept between chunks). The estimate is
     unbiased: E[S_i · S_j] = Θ_ij, with variance
     (Θ_ii Θ_jj + Θ_ij² - 2 Σ_c G_ic² G_jc²) / m (tests/test_sketch.py holds the
     mean squared error to it). So the error of an entry is of order
@@ -292,19 +252,14 @@ def ntk_sketch(
         S: (N, m) in the computation dtype (the kernel's estimate is ``S @ S.T``;
         for ``output="mean"``, S is scaled by 1/√K).
     """
-    _model.check_options(output, bn, "auto", METHODS)
-    _model.check_progress(progress)
-    _model.check_inputs(model, x, None)
+    opts = options.parse(
+        model, x, None, output=output, bn=bn, params=params, method="auto",
+        chunk_size=chunk_size, dtype=dtype, progress=progress, sketch_dim=sketch_dim, seed=seed,
+        scalar=True,
+    )  # fmt: skip
     x = _model.plain(x)
-    if output == "full":
-        raise OptionError(
-            "the sketch estimates scalar kernels; use output='sum', 'trace' or 'mean'"
-        )
-    sketch_dim, seed = _sketch_args(sketch_dim, seed)
-    selected = _model.select_params(model, params)
-    dtype = _model.resolve_dtype(dtype, model, selected)
-    samples, cols = _chunks(chunk_size)
-    job = _Job(model, selected, Head(output), bn, dtype, samples, cols, progress, "torch")
+    sketch_dim, seed, samples, dtype = opts.sketch_dim, opts.seed, opts.samples, opts.dtype
+    job = _Job(model, opts, plan.make(model, opts, x.shape[0], x.device, sketch=True))
     rnn = _model.recurrent(model)
     if rnn is not None:
         raise UnsupportedError(
@@ -318,8 +273,7 @@ def ntk_sketch(
             "running statistics) couples samples: use bn='eval' or 'per_sample'"
         )
     n = x.shape[0]
-    job.chunk_n = min(samples, n)
-    need, have = n * sketch_dim * dtype.itemsize, _device_memory(job.device)
+    need, have = n * sketch_dim * dtype.itemsize, sizes.device_memory(job.device)
     why = None
     if need > have:  # (an allocator that overcommits would try it)
         why = f"more than the {have / 2**30:.3g} GiB of {job.device}"
@@ -333,7 +287,7 @@ def ntk_sketch(
             f"the ({n}, {sketch_dim}) sketch does not fit ({need / 2**30:.3g} GiB of {dtype}; "
             f"{why}): choose a smaller sketch_dim"
         )
-    # segments of hashes kept for the next blocks and chunks while they fit in HASH_BYTES
+    # segments of hashes kept for the next blocks and chunks while they fit in sketch.HASH_BYTES
     kept: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     kept_bytes = 0
 
@@ -341,8 +295,8 @@ def ntk_sketch(
         nonlocal kept_bytes
         seg = kept.get((pname, k, j))
         if seg is None:
-            seg = tuple(t.to(job.device) for t in _segment(seed, pname, k, j, numel, sketch_dim))
-            if kept_bytes + 9 * seg[0].numel() <= HASH_BYTES:
+            seg = tuple(t.to(job.device) for t in sketch.segment(seed, pname, k, j, numel, sketch_dim))
+            if kept_bytes + 9 * seg[0].numel() <= sketch.HASH_BYTES:
                 kept[(pname, k, j)] = seg
                 kept_bytes += 9 * seg[0].numel()
         return seg
@@ -351,11 +305,11 @@ def ntk_sketch(
         pname, r0, k = key
         G = blk.dense()
         p = job.copies.params[pname]
-        c0 = r0 * (p.numel() // _rows_of(p))
+        c0 = r0 * (p.numel() // capture.rows_of(p))
         c1 = c0 + G.shape[1]
-        j0, j1 = c0 // SEGMENT, (c1 - 1) // SEGMENT
+        j0, j1 = c0 // sketch.SEGMENT, (c1 - 1) // sketch.SEGMENT
         segs = [segment(pname, k, j, p.numel()) for j in range(j0, j1 + 1)]
-        a, b = c0 - j0 * SEGMENT, c1 - j0 * SEGMENT
+        a, b = c0 - j0 * sketch.SEGMENT, c1 - j0 * sketch.SEGMENT
         if len(segs) == 1:
             h, sgn = segs[0][0][a:b], segs[0][1][a:b]
         else:
@@ -375,8 +329,8 @@ def ntk_sketch(
                     project(key, blk, s0, s1)
 
             try:
-                job._run_chunk(x[s0:s1], consume, _always)
-            except _SamplesCoupled as e:
+                job._run_chunk(x[s0:s1], consume, capture.always)
+            except capture.SamplesCoupled as e:
                 raise OptionError(f"the sketch needs per-sample independent outputs, but {e}") from None
             bar.update()
     bar.close()
@@ -388,600 +342,70 @@ def ntk_sketch(
     return S
 
 
-def _device_memory(device: torch.device) -> int:
-    """The device's memory in bytes (a CPU: the physical memory); 2**63 where unknown."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError, RuntimeError):
-        return 2**63
-
-
-def _sketch_args(sketch_dim: Any, seed: Any) -> tuple[int, int]:
-    return _args.integer(sketch_dim, "sketch_dim", 1), _args.integer(seed, "seed")
-
-
-# The sketch's hashes: coordinate c of parameter ``name`` in pass k goes to column h(c)
-# with sign s(c), drawn by torch's CPU generator in segments of SEGMENT coordinates, each
-# segment's generator seeded from (seed, name, k, segment). A block draws the segments it
-# covers (kept for the next chunks while they fit in HASH_BYTES), so no hash per
-# coordinate of every parameter and logit is held (that was O(K·P) memory), and the hashes
-# do not depend on the blocks, the chunking or the device.
-SEGMENT = 2**16
-
-
-def _segment_seed(seed: int, name: str, k: int, j: int) -> int:
-    """The generator seed of segment ``j`` of parameter ``name``'s hashes in pass ``k``: a
-    hash of all four (every int seed its own: a multiplicative mix truncated to 47 bits
-    once made seeds 0 and 2**47 give the same sketch)."""
-    digest = hashlib.blake2b(f"{seed}|{name}#{k}@{j}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
-
-
-def _segment(seed: int, name: str, k: int, j: int, numel: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns (int64) and signs (int8, ±1) of coordinates j·SEGMENT .. of one parameter."""
-    g = torch.Generator().manual_seed(_segment_seed(seed, name, k, j))
-    n = min(SEGMENT, numel - j * SEGMENT)
-    h = torch.randint(0, m, (n,), generator=g)
-    sgn = torch.randint(0, 2, (n,), generator=g, dtype=torch.int8) * 2 - 1
-    return h, sgn
-
-
-def _backend(method: str, device: torch.device) -> str:
-    """Which kernels the layerwise rules use.
-
-    ``"layerwise"``: PyTorch ops only (``"torch"``). ``"auto"``: PyTorch ops, plus the C++
-    extension's ops on the CPU where they measured faster: the Gram of dense blocks (see
-    ``rules.CSRC_GRAM_MIN_COLS``) and BatchNorm's one-pass weight/bias blocks
-    (``rules.norm``); the Triton kernels are unmeasured on a GPU, so auto does not pick
-    them. ``"triton"``: fastntk's Triton kernels (a GPU, or ``TRITON_INTERPRET=1``).
-    """
-    if method == "triton":
-        try:
-            from fastntk.kernels import why_not
-        except ImportError as e:  # pragma: no cover - the package ships fastntk.kernels
-            raise UnsupportedError(f"method='triton' needs fastntk.kernels: {e}") from e
-        reason = why_not(device)
-        if reason is not None:
-            raise UnsupportedError(f"method='triton' cannot run here: {reason}")
-        return "triton"
-    return "auto" if method == "auto" else "torch"
-
-
-def _chunks(chunk_size: Any) -> tuple[int, int | None]:
-    """(samples, columns or None) of a ``chunk_size`` option: an int, or a pair of an int
-    and an int or None (the default column bound)."""
-    if chunk_size is None:
-        return DEFAULT_SAMPLE_CHUNK, None
-    if isinstance(chunk_size, tuple) and len(chunk_size) == 2:
-        s, c = chunk_size
-    elif _args.is_int(chunk_size):
-        s, c = chunk_size, None
-    else:
-        raise OptionError(f"chunk_size must be an int or (samples, columns), got {chunk_size!r}")
-    s = _args.integer(s, "chunk_size's samples", 1)
-    return s, None if c is None else _args.integer(c, "chunk_size's columns", 1)
-
-
-# ---------------------------------------------------------------------------
-# Capture: forward hooks keep inputs, autograd-node hooks deliver gradients.
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Record:
-    """One call of one parameterised module during the forward pass."""
-
-    index: int  # forward order
-    mname: str
-    module: nn.Module
-    rule: GramRule | None  # None: torch.func fallback
-    attrs: dict[str, str]  # attribute -> canonical parameter name (selected only)
-    saved: Any
-    n: int
-    gouts: dict[int, Any] = field(default_factory=dict)  # pass -> grad(s) of output(s)
-    # (shape, dtype, device) of the outputs whose gradients the hooks receive. Only
-    # their description is kept: holding the tensors kept every layer's output alive
-    # through the backward, BatchNorm outputs included, which autograd itself does not
-    # save (NB201 N=256 "sum" peak RSS 2.83-3.03 GB before, 2.28 GB after, plain
-    # forward+backward 2.27-2.36 GB: bench/bench_engine.py --n 256, bench/results/engine_cpu.csv).
-    out_specs: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
-    # (outputs that must not reach the kernel's output, fallback inputs): GramRule.guards
-    guards: tuple[list[torch.Tensor], Any] | None = None
-    # positions in ``_tensors(output)`` of the outputs whose gradients the hooks receive
-    out_pos: list[int] = field(default_factory=list)
-    dims: _probe.CallDims | None = None  # measured sample dims of this call (the probe)
-    # (output nodes, input nodes) of the call in the autograd graph, until the chunk is
-    # classified: which parameter uses happen inside the call (_uses_outside_calls)
-    graph: tuple[list[Any], list[Any]] | None = None
-
-    @property
-    def out_bytes(self) -> int:
-        return sum(math.prod(sh) * dt.itemsize for sh, dt, _ in self.out_specs)
-
-
-class _Capture:
-    """Hooks of one forward/backward; routes gradient blocks to ``consume``."""
-
-    def __init__(self, job: _Job):
-        self.job = job
-        self.records: list[_Record] = []
-        self.roots: list[torch.Tensor] = []
-        self.active = False
-        self.pass_idx = 0
-        self.deferred_params: set[str] = set()  # processed after all passes
-        self.excluded: set[str] = set()  # handled by the whole-model fallback
-        self.broadcast: set[str] = set()  # batch-broadcast parameters (rules.broadcast)
-        self.consume: Callable[[tuple, Block], None] | None = None
-        # whether ``consume`` is done with a block of this many bytes when it returns (then
-        # rules may write it into reused workspace memory)
-        self.streams: Callable[[int], bool] = _never
-        self.handles: list[Any] = []
-        self.calls_seen: dict[str, int] = {}  # module name -> calls so far (probe keys)
-        self.n = 0  # samples of this chunk
-        self.npasses = 1
-        # trace/mean with small enough output gradients: keep every logit's gradients
-        # and hand them to the rules together (shared patches, bigger GEMMs)
-        self.batch_passes = False
-
-    # -- forward -----------------------------------------------------------
-    def install(self) -> None:
-        for mname, module, attrs in self.job.plan_modules:
-            rule = self.job.rules[mname]
-            # prepend: before the user's own forward hooks, which may return a changed
-            # output (3 * out): the rules need the module's own output and its gradient
-            h = module.register_forward_hook(
-                self._make_hook(mname, module, rule, attrs), with_kwargs=True, prepend=True
-            )
-            self.handles.append(h)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def release(self) -> None:
-        """Break the reference cycle record -> output -> autograd node -> prehook -> record.
-
-        Without this, every call's activations stay alive until Python's cyclic
-        garbage collector happens to run (it does not count tensor memory):
-        measured, a 200-architecture NAS-Bench-201 scoring run grew to 24 GB
-        after 23 architectures and was killed.
-        """
-        for rec in self.records:
-            rec.out_specs = []
-            rec.saved = None
-            rec.gouts = {}
-        self.records = []
-        self.roots = []
-
-    def _make_hook(self, mname, module, base_rule, attrs):
-        def hook(mod, args, kwargs, out):
-            if not self.active:
-                return None
-            tensors = _tensors(out)
-            k = self.calls_seen.get(mname, 0)
-            self.calls_seen[mname] = k + 1
-            dims = self.job.call_dims(mname, k, mod, args, kwargs, tensors, self.n)
-            pos = _hooked_outputs(tensors)
-            rule = base_rule
-            if dims is not None and self.job.bn == "per_sample" and isinstance(
-                mod, nn.modules.batchnorm._BatchNorm
-            ) and (dims.ins[0] if dims.ins else None) != 0:
-                raise _model.MergedSamplesError(
-                    f"{mname!r} is given its samples in another dim than its rows (or none)"
-                )
-            if dims is not None:
-                layout = _layout(dims, pos, _batch_dim(mod), rule is not None)
-                if layout == "whole":
-                    # no sample dim to read per-sample gradients off (a module on a
-                    # learned query, a weight parametrization) or mixed samples: its
-                    # parameters go to the whole-model fallback (uses > calls)
-                    self.job.unbatched_calls.add(mname)
-                    return None
-                if layout == "fallback":
-                    rule = None  # laid out otherwise than the rule assumes
-            n = self.n
-            # Rules see detached inputs (same storage, no autograd history), so the
-            # kernel never joins the graph, whatever requires grad upstream.
-            dargs, dkwargs = _detach((args, kwargs))
-            if rule is not None and not rule.accepts(mod, args, kwargs, out):
-                rule = None  # this call takes the per-module fallback (see GramRule.accepts)
-            if rule is not None:
-                ctx = Context(self.job.bn, self.job.backend, self.job.workspace, tuple(attrs))
-                saved = rule.save(mod, dargs, dkwargs, out, ctx)
-            else:
-                saved = (dargs, dkwargs)
-            rec = _Record(len(self.records), mname, mod, rule, attrs, saved, n, dims=dims)
-            rec.graph = (
-                [t.grad_fn for t in tensors if t.grad_fn is not None],
-                [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None],
-            )
-            self.records.append(rec)
-            if rule is not None:
-                guards = rule.guards(mod, args, kwargs, out)
-                if guards:  # checked against the graph after the forward (check_guards)
-                    gpos = [next(i for i, t in enumerate(tensors) if t is g) for g in guards]
-                    rec.guards = (guards, (dargs, dkwargs), gpos)
-                    for t in guards:
-                        t.grad_fn.metadata[_GUARD_KEY] = (id(self), rec.index)
-            if not any(t.requires_grad for t in _tensors((args, kwargs))):
-                # Nothing upstream requires grad (first layer of token models, a
-                # layer on constants): drive the backward to its parameters too.
-                self.roots.extend(
-                    self.job.copies.params[p]
-                    for p in attrs.values()
-                    if self.job.copies.params[p].requires_grad
-                )
-            pos = pos if rule is None else pos[:1]
-            outs = [tensors[i] for i in pos]
-            rec.out_pos = pos
-            result = None
-            fed = _fed_outputs(outs, _tensors((args, kwargs))) if len(outs) > 1 else []
-            if fed:  # the rest of the model gets copies: their nodes see its gradient alone
-                copies = {id(outs[j]): outs[j].clone() for j in fed}
-                outs = [copies.get(id(t), t) for t in outs]
-                result = _map_tensors(out, lambda t: copies.get(id(t), t))
-            rec.out_specs = [(t.shape, t.dtype, t.device) for t in outs]
-            for j, t in enumerate(outs):
-                t.grad_fn.register_prehook(self._make_prehook(rec, j, t.output_nr))
-            return result
-
-        return hook
-
-    def check_guards(self, y: torch.Tensor) -> None:
-        """Records whose guard outputs (GramRule.guards) reach ``y`` leave their rule for
-        the exact per-module fallback, with every output's gradient hooked."""
-        guarded = [r for r in self.records if r.guards is not None]
-        if not guarded:
-            return
-        reached = set()
-        for node in _graph_nodes(y):
-            mark = node.metadata.get(_GUARD_KEY)
-            if mark is not None and mark[0] == id(self):
-                reached.add(mark[1])
-        for rec in guarded:
-            tensors, fallback_saved, gpos = rec.guards
-            for t in tensors:
-                t.grad_fn.metadata.pop(_GUARD_KEY, None)
-            rec.guards = None
-            if rec.index not in reached:
-                continue
-            rec.rule, rec.saved = None, fallback_saved
-            rec.out_pos = rec.out_pos + gpos
-            for t in tensors:
-                rec.out_specs.append((t.shape, t.dtype, t.device))
-                t.grad_fn.register_prehook(self._make_prehook(rec, len(rec.out_specs) - 1, t.output_nr))
-
-    def _make_prehook(self, rec: _Record, j: int, output_nr: int):
-        def prehook(grad_outputs):
-            g = grad_outputs[output_nr]
-            if g is None:
-                return None
-            if rec.rule is None:
-                rec.gouts.setdefault(self.pass_idx, [None] * len(rec.out_specs))[j] = g
-            elif self.batch_passes or all(p in self.deferred_params for p in rec.attrs.values()):
-                rec.gouts[self.pass_idx] = g
-            else:
-                self._immediate(rec, g)
-            return None
-
-        return prehook
-
-    def _immediate(self, rec: _Record, g: torch.Tensor) -> None:
-        deferred = False
-        for attr, pname in rec.attrs.items():
-            if pname in self.excluded:
-                continue
-            if pname in self.deferred_params:
-                deferred = True
-                continue
-            for r0, r1 in self.job.row_ranges(pname, rec.rule, 1):
-                kw = {}
-                if rec.rule.supports_out:
-                    p = self.job.copies.params[pname]
-                    shape = (g.shape[0], p.numel() // _rows_of(p) * (r1 - r0))
-                    if self.streams(math.prod(shape) * p.element_size()):
-                        kw["out"] = self.job.workspace.get("engine.block", shape, p)
-                with phase("per_sample"):
-                    blk = rec.rule.grad_rows(rec.module, rec.saved, g, attr, r0, r1, **kw)
-                self.consume((pname, r0, self.pass_idx), blk)
-        if deferred:
-            rec.gouts[self.pass_idx] = g
-        elif self.pass_idx == self.npasses - 1:
-            rec.saved = None  # last use of this layer's input: let autograd free it
-
-    # -- after the backward passes -------------------------------------------
-    def flush_batched(self, npasses: int) -> None:
-        """Blocks of single-use rule parameters whose gradients were kept for all passes."""
-        for rec in self.records:
-            if rec.rule is None or not rec.gouts:
-                continue
-            ks = sorted(rec.gouts)
-            gs = [rec.gouts[k] for k in ks]
-            for attr, pname in rec.attrs.items():
-                if pname in self.excluded or pname in self.deferred_params:
-                    continue
-                for r0, r1 in self.job.row_ranges(pname, rec.rule, 1):
-                    with phase("per_sample"):
-                        blocks = rec.rule.grad_rows_multi(rec.module, rec.saved, gs, attr, r0, r1)
-                    for k, blk in zip(ks, blocks, strict=True):
-                        self.consume((pname, r0, k), blk)
-            if not any(p in self.deferred_params for p in rec.attrs.values()):
-                rec.gouts = {}
-                rec.saved = None
-
-    def flush_deferred(self, npasses: int, full: bool) -> None:
-        """Blocks of parameters used several times, fallback modules, and "full" mode."""
-        uses: dict[str, list[tuple[_Record, str]]] = defaultdict(list)
-        for rec in self.records:
-            for attr, pname in rec.attrs.items():
-                if pname not in self.excluded:
-                    uses[pname].append((rec, attr))
-        fb_cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        for pname, lst in uses.items():
-            if pname not in self.deferred_params and all(r.rule is not None for r, _ in lst):
-                continue
-            rows_ok = all(r.rule is not None and r.rule.supports_rows for r, _ in lst)
-            n = lst[0][0].n
-            ranges = (
-                self.job.row_ranges(pname, lst[0][0].rule, npasses if full else 1)
-                if rows_ok
-                else [(0, _rows_of(self.job.copies.params[pname]))]
-            )
-            for r0, r1 in ranges:
-                per_pass = []
-                for k in range(npasses):
-                    parts = []
-                    for rec, attr in lst:
-                        if k not in rec.gouts:
-                            continue
-                        if rec.rule is None:
-                            key = (rec.index, k)
-                            if key not in fb_cache:
-                                with phase("fallback"):
-                                    fb_cache[key] = self.job.fallback_grads(rec, rec.gouts[k])
-                            G = fb_cache[key][attr]
-                            parts.append(Dense(G.reshape(G.shape[0], -1)))
-                        else:
-                            with phase("per_sample"):
-                                blk = rec.rule.grad_rows(
-                                    rec.module, rec.saved, rec.gouts[k], attr, r0, r1
-                                )
-                            parts.append(blk)
-                    if not parts:  # this use got no gradient in pass k: a zero block
-                        p = self.job.copies.params[pname]
-                        width = p.numel() // max(1, p.shape[0] if p.dim() else 1) * (r1 - r0)
-                        z = torch.zeros(n, width, dtype=self.job.dtype, device=self.job.device)
-                        parts = [Dense(z)]
-                    per_pass.append(add_blocks(parts))
-                if full:
-                    self.consume((pname, r0, 0), cat_blocks(per_pass))
-                else:
-                    for k, blk in enumerate(per_pass):
-                        self.consume((pname, r0, k), blk)
-
-
-def _broadcast_rule() -> GramRule:
-    from fastntk.rules.broadcast import BroadcastRule
-
-    return BroadcastRule()
-
-
-_BROADCAST_RULE = _broadcast_rule()
-
-
-def _never(nbytes: int) -> bool:
-    return False
-
-
-def _always(nbytes: int) -> bool:
-    return True
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``obj`` with every tensor ``t`` in its tuples, lists and dicts replaced by ``fn(t)``."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        items = [_map_tensors(o, fn) for o in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    if isinstance(obj, list):
-        return [_map_tensors(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
-
-
-def _detach(obj: Any) -> Any:
-    return _map_tensors(obj, torch.Tensor.detach)
-
-
-def _hooked_outputs(tensors: list[torch.Tensor]) -> list[int]:
-    """Positions of the outputs whose gradients a call's hooks take: those in the graph,
-    each autograd output once (a module returning ``(a, a)`` has one output: the gradient
-    at its node already holds both uses, and counting it per position doubled it)."""
-    pos, seen = [], []
-    for i, t in enumerate(tensors):
-        if not (t.requires_grad and t.grad_fn is not None):
-            continue
-        node = t.grad_fn  # held in `seen` while compared (see _graph_nodes)
-        if any(node is m and t.output_nr == nr for m, nr in seen):
-            continue
-        seen.append((node, t.output_nr))
-        pos.append(i)
-    return pos
-
-
-def _fed_outputs(outs: list[torch.Tensor], inputs: list[torch.Tensor], limit: int = 20000):
-    """Indices of the outputs of one module call that its other outputs are computed from.
-
-    ``nn.LSTMCell`` returns ``(h, c)`` with ``h = o * tanh(c)``: the gradient reaching
-    ``c``'s autograd node then holds the path through ``h`` too, and a fallback given
-    both outputs' gradients would count that path twice. Walks each output's graph back
-    to the call's inputs (at most ``limit`` nodes per output).
-    """
-    # Every node compared by id is held here while the walk lasts: an autograd node's
-    # Python object lives only while referenced, and a later access can make a new one
-    # with another id (torch 2.11; see _graph_nodes).
-    held = [t.grad_fn for t in outs] + [t.grad_fn for t in inputs if t.grad_fn is not None]
-    node_of: dict[int, list[int]] = {}
-    for j, node in enumerate(held[: len(outs)]):
-        node_of.setdefault(id(node), []).append(j)
-    stops = {id(node) for node in held[len(outs) :]}
-    fed: set[int] = set()
-    for root in held[: len(outs)]:
-        keep: list[Any] = []  # visited nodes stay alive (see _graph_nodes)
-        seen = {id(root)}
-        stack = [nxt for nxt, _ in root.next_functions if nxt is not None]
-        while stack and len(keep) < limit:
-            node = stack.pop()
-            if id(node) in seen or id(node) in stops:
-                continue
-            seen.add(id(node))
-            keep.append(node)
-            fed.update(node_of.get(id(node), ()))
-            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return sorted(fed)
-
-
-def _rows_of(p: torch.Tensor) -> int:
-    return p.shape[0] if p.dim() else 1
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            out.extend(_tensors(o))
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            out.extend(_tensors(o))
-    return out
-
-
-def _graph_nodes(y: torch.Tensor):
-    """Every node of ``y``'s autograd graph, once.
-
-    Visited nodes are kept alive while the walk lasts: the Python object of an autograd
-    node can be a temporary (torch 2.11 makes a fresh one per ``next_functions`` access),
-    and an id freed with it can come back for another node, which would then be skipped
-    (MHA's ``out_proj`` looked unused and a twice-used weight looked used once).
-    """
-    seen: dict[int, Any] = {}
-    stack = [y.grad_fn] if y.grad_fn is not None else []
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        yield node
-        stack.extend(nxt for nxt, _ in getattr(node, "next_functions", ()) if nxt is not None)
-
-
-class _SamplesCoupled(Exception):
-    """The probe found the samples coupled inside the model (the message says how): the
-    layerwise paths do not apply."""
-
-
-# autograd-node metadata key marking a rule's guard outputs: (capture id, record index)
-_GUARD_KEY = "fastntk.guard"
-
-
-def _batch_dim(module: nn.Module) -> int:
-    """Batch dimension of a module's tensors: 1 for sequence-first modules (MHA & co)."""
-    return 1 if getattr(module, "batch_first", True) is False else 0
-
-
-def _layout(dims: _probe.CallDims, pos: list[int], bdim: int, rule: bool) -> str:
-    """How one call can be served, given its measured sample dims (:mod:`fastntk._probe`)
-    and the positions of its hooked outputs: ``"rule"`` (a rule's call laid out as rules
-    assume: the first tensor input and the output batched in ``bdim``; the rule reads its
-    other inputs itself, e.g. MHA's (N·heads, T, S) masks), ``"fallback"`` (the
-    per-module fallback with the measured dims), ``"whole"`` (no per-module handling: an
-    output without a sample dim, or a tensor whose samples mix)."""
-    if not pos:
-        return "rule" if rule else "fallback"  # no gradient reaches this call's outputs
-    outs = [dims.outs[i] for i in pos]
-    first_in = next((d for d in dims.ins if d is not None), bdim)
-    if rule and outs[0] == bdim and first_in == bdim:
-        return "rule"
-    if any(d is None or d == _probe.AMBIGUOUS for d in outs) or _probe.AMBIGUOUS in dims.ins:
-        return "whole"
-    return "fallback"
-
-
 # ---------------------------------------------------------------------------
 # The job: one ntk() call.
 # ---------------------------------------------------------------------------
 
 
 class _Job:
-    def __init__(self, model, selected, head, bn, dtype, samples, cols, progress, backend="torch"):
-        self.backend = backend
+    """The state of one call's computation under a plan: the private copies, the output
+    head, the probe's measurements and what the first chunk decided for all."""
+
+    def __init__(self, model: nn.Module, opts: options.Options, the_plan: plan.Plan):
         self.model = model
-        self.selected = selected
-        self.head: Head = head
-        self.bn = bn
-        self.dtype = dtype
-        self.samples = samples
-        self.cols = cols
-        self.progress = progress
-        self.device = next(iter(selected.values())).device
-        self.copies: Copies = _model.make_copies(model, selected, dtype)
+        self.selected = opts.selected
+        self.head: Head = Head(opts.output)
+        self.bn = opts.bn
+        self.dtype = opts.dtype
+        self.progress = opts.progress
+        self.device = next(iter(self.selected.values())).device
+        self.copies: Copies = _model.make_copies(model, self.selected, self.dtype)
         self.workspace = Workspace()
-        self.chunk_n = samples  # samples of the job's largest chunk (set by each entry point)
-        self.probe: _probe.Probe | None = None  # measured sample dims (run_probe)
+        self.probe: probe.Probe | None = None  # measured sample dims (run_probe)
         self._probed = False
-        self._call_dims: dict[tuple[str, int], _probe.CallDims | None] = {}
+        self._call_dims: dict[tuple[str, int], probe.CallDims | None] = {}
         self.unbatched_calls: set[str] = set()  # modules with a call the probe sent whole
         self._broadcast_ok: dict[str, bool] = {}  # parameter -> takes rules.broadcast
-        self._plan()
+        self._set_plan(the_plan)
 
-    # -- plan ------------------------------------------------------------------
-    def _plan(self) -> None:
-        """Assign each selected parameter to a rule, a module fallback or the root fallback."""
-        owners = self._owners = _model.owners(self.model)
-        self.rules: dict[str, GramRule | None] = {}
-        attrs: dict[str, dict[str, str]] = defaultdict(dict)
-        mods: dict[str, nn.Module] = {}
-        self.param_path: dict[str, str] = {}
-        for pname in self.selected:
-            for mname, m, attr in owners[pname]:
-                rule = find_rule(m)
-                if rule is not None and attr not in rule.param_names:
-                    rule = None
-                if mname in self.rules and self.rules[mname] is not rule:
-                    rule = None  # one module: rule for some params, fallback for others
-                self.rules[mname] = rule
-                attrs[mname][attr] = pname
-                mods[mname] = m
-        # A module with any fallback parameter runs entirely through the fallback.
-        self.plan_modules = [(mn, mods[mn], attrs[mn]) for mn in self.rules]
-        self.module_of: dict[str, list[str]] = defaultdict(list)
-        for mn, _, at in self.plan_modules:
-            for pname in at.values():
-                self.module_of[pname].append(mn)
+    def _set_plan(self, the_plan: plan.Plan) -> None:
+        self.plan = the_plan
+        self.backend = the_plan.backend
+        self.samples, self.cols, self.chunk_n = the_plan.samples, the_plan.cols, the_plan.chunk_n
+        self._owners = the_plan.owners
+        self.rules = {r.module_name: r.rule for r in the_plan.routes}
+        self.plan_modules = [(r.module_name, r.module, dict(r.attrs)) for r in the_plan.routes]
+        self.module_of = the_plan.module_of
+
+    def replanned(self, the_plan: plan.Plan) -> _Job:
+        """This job (its copies, head and probe) under the plan that takes over."""
+        self._set_plan(the_plan)
+        return self
 
     def run_probe(self, x: torch.Tensor) -> None:
-        """The probe for the job's first chunk ``x``, once (:mod:`fastntk._probe`)."""
+        """The probe for the job's first chunk ``x``, once (:mod:`fastntk.engine.probe`)."""
         if not self._probed:
             self._probed = True
             with phase("probe"):
-                self.probe = _probe.run(self, x)
+                self.probe = probe.run(
+                    self._probe_forward, [(mn, m) for mn, m, _ in self.plan_modules], x,
+                    {q: self.copies.params[q] for q in self.selected},
+                )
 
-    def call_dims(self, mname, k, module, args, kwargs, tensors, n) -> _probe.CallDims | None:
+    def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The (n, K) outputs of a forward of ``x`` alone, each row normalised by itself
+        under bn="per_sample" (the probe's forwards)."""
+        xp = self._prep(x)
+        return self.head(self.copies.call(self.model, xp, samples=_model.ROWS), x.shape[0])
+
+    def call_dims(self, mname, k, args, kwargs, tensors, n) -> probe.CallDims | None:
         """Measured sample dims of ``mname``'s ``k``-th call, fixed by the first chunk
         that makes it (every chunk must serve a call alike: their blocks meet by key)."""
         key = (mname, k)
         if key not in self._call_dims:
             self._call_dims[key] = None if self.probe is None else self.probe.dims(
-                mname, k, _probe.shapes(_flatten((args, kwargs))[0]), _probe.shapes(tensors), n,
-                _batch_dim(module),
-            )  # fmt: skip
+                mname, k, probe.shapes(graph.flatten((args, kwargs))[0]), probe.shapes(tensors), n
+            )
         return self._call_dims[key]
 
     def row_ranges(self, pname: str, rule: GramRule | None, per_sample: int) -> list[tuple[int, int]]:
@@ -998,7 +422,7 @@ class _Job:
             return [(0, rows)]
         nrows = self.chunk_n * per_sample
         per_row = max(1, p.numel() // rows)
-        budget = BLOCK_BYTES if self.cols is None else self.cols * nrows * p.element_size()
+        budget = sizes.BLOCK_BYTES if self.cols is None else self.cols * nrows * p.element_size()
         max_rows = max(1, budget // max(1, nrows * per_row * p.element_size()))
         return [(r, min(rows, r + max_rows)) for r in range(0, rows, max_rows)]
 
@@ -1013,7 +437,7 @@ class _Job:
         self,
         x: torch.Tensor,
         consume: Callable[[tuple, Block], None],
-        streams: Callable[[int], bool] = _never,
+        streams: Callable[[int], bool] = capture.never,
     ) -> int:
         """Forward + one backward per pass on chunk ``x``; feeds blocks to ``consume``.
 
@@ -1022,7 +446,7 @@ class _Job:
         Returns the number of passes (rows per sample of the blocks: R).
         """
         self.run_probe(x)
-        cap = _Capture(self)
+        cap = capture.Capture(self)
         cap.n = x.shape[0]
         cap.consume = consume
         cap.streams = streams
@@ -1044,7 +468,7 @@ class _Job:
             cap.npasses = len(passes)
             if len(passes) > 1 and not self.head.full:
                 grad_bytes = sum(r.out_bytes for r in cap.records if r.rule is not None)
-                cap.batch_passes = len(passes) * grad_bytes <= BATCH_PASSES_BYTES
+                cap.batch_passes = len(passes) * grad_bytes <= sizes.BATCH_PASSES_BYTES
             for k, w in enumerate(passes):
                 cap.pass_idx = k
                 if roots and y.requires_grad:
@@ -1057,7 +481,7 @@ class _Job:
                             allow_unused=True,
                         )
             if cap.batch_passes:
-                cap.flush_batched(len(passes))
+                cap.flush_batched()
             cap.flush_deferred(len(passes), self.head.full)
         finally:
             cap.active = False
@@ -1067,7 +491,7 @@ class _Job:
             self._root_fallback(x, consume, sorted(cap.excluded), len(passes))
         return len(passes)
 
-    def _classify(self, cap: _Capture, y: torch.Tensor) -> None:
+    def _classify(self, cap: capture.Capture, y: torch.Tensor) -> None:
         """After the forward: rules whose guard outputs reach ``y`` give way to the
         fallback; find multi-use parameters and uses no hook saw."""
         cap.check_guards(y)
@@ -1080,7 +504,7 @@ class _Job:
                     "could not be checked"
                 )
             if coupled is not None:
-                raise _SamplesCoupled(coupled)
+                raise capture.SamplesCoupled(coupled)
             self._first_calls = self._calls(cap)
             self._untracked, self._adopted = self._outside_uses(cap, y, self._first_calls)
         elif (calls := self._calls(cap)) != self._first_calls:
@@ -1108,7 +532,7 @@ class _Job:
         for rec in cap.records:
             rec.graph = None  # (the walks are done)
 
-    def _hook_broadcasts(self, cap: _Capture, y: torch.Tensor) -> None:
+    def _hook_broadcasts(self, cap: capture.Capture, y: torch.Tensor) -> None:
         """Parameters whose one use is a broadcast over the batch (ViT position embeddings,
         class tokens): hook that autograd node with
         :class:`~fastntk.rules.broadcast.BroadcastRule` instead of the model fallback (used
@@ -1116,7 +540,7 @@ class _Job:
         a rule, e.g. the model itself: that fallback re-runs the whole model per sample)."""
         from fastntk.rules import broadcast
 
-        by_fallback: dict[str, list[_Record]] = defaultdict(list)
+        by_fallback: dict[str, list[capture.Record]] = defaultdict(list)
         for rec in cap.records:
             for q in rec.attrs.values():
                 by_fallback[q].append(rec)
@@ -1125,7 +549,7 @@ class _Job:
         }
         if not candidates:
             return
-        uses = self._param_consumers(y, candidates)
+        uses = graph.param_consumers(y, {q: self.copies.params[q] for q in candidates})
         owners = self._owners
         n = y.shape[0]
         for pname, lst in uses.items():
@@ -1137,13 +561,13 @@ class _Job:
             out = tuple(node._input_metadata[0].shape)
             if pname not in self._broadcast_ok:  # decided by the first chunk, for all
                 self._broadcast_ok[pname] = self.probe is None or self.probe.batch_first_use(
-                    self, pname, out, n
+                    pname, out, n
                 )  # (the probe: is dim 0 of that node the samples' dim?)
             if alpha is None or not self._broadcast_ok[pname]:
                 continue
             mname, module, attr = owners[pname][0]
-            rec = _Record(
-                len(cap.records), mname, module, _BROADCAST_RULE, {attr: pname},
+            rec = capture.Record(
+                len(cap.records), mname, module, capture.BROADCAST_RULE, {attr: pname},
                 (tuple(p.shape), alpha), n,
             )  # fmt: skip
             out = tuple(node._input_metadata[0].shape)
@@ -1156,23 +580,23 @@ class _Job:
             for fb in by_fallback.get(pname, ()):  # its module's fallback no longer takes it
                 fb.attrs = {a: q for a, q in fb.attrs.items() if q != pname}
 
-    def _outside_uses(self, cap: _Capture, y: torch.Tensor, calls: dict[str, int]):
+    def _outside_uses(self, cap: capture.Capture, y: torch.Tensor, calls: dict[str, int]):
         """(parameters used outside their modules' calls: the whole-model fallback,
         parameters of never-called modules an ancestor's call takes: _adoptions)."""
-        consumers = self._param_consumers(y, self.selected)
+        consumers = graph.param_consumers(y, {q: self.copies.params[q] for q in self.selected})
         uses = {p: len(v) for p, v in consumers.items()}
         untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
         untracked |= self._uses_outside_calls(cap, consumers, calls)
         adopted = self._adoptions(cap, uses, calls)
         return untracked - set(adopted), adopted
 
-    def _uses_outside_calls(self, cap: _Capture, consumers, calls: dict[str, int]) -> set[str]:
+    def _uses_outside_calls(self, cap: capture.Capture, consumers, calls: dict[str, int]) -> set[str]:
         """Parameters with a use outside every call of their modules, though counted no
         more often than those calls (a parameter its module holds but only the parent
         uses: ``self.h(self.b(x) * self.b.gamma)``; the module's fallback would re-run a
         forward without it). A use is inside a call when the autograd graph reaches it
         from the call's outputs without passing the call's inputs. ``consumers`` (the
-        uses in the graph of the output, from :meth:`_param_consumers`) holds their
+        uses in the graph of the output, from :func:`graph.param_consumers`) holds their
         nodes alive, so node identities compare across the walks."""
         inside: dict[str, set[tuple[int, int]]] = defaultdict(set)
         for rec in cap.records:
@@ -1201,27 +625,16 @@ class _Job:
         }  # fmt: skip
 
     @staticmethod
-    def _calls(cap: _Capture) -> dict[str, int]:
+    def _calls(cap: capture.Capture) -> dict[str, int]:
         calls: dict[str, int] = defaultdict(int)
         for rec in cap.records:
             for pname in rec.attrs.values():
                 calls[pname] += 1
         return calls
 
-    def _param_consumers(self, y: torch.Tensor, pnames) -> dict[str, list[tuple[Any, int]]]:
-        """Walk the autograd graph of ``y`` once: for each parameter of ``pnames``, the
-        (node, input index) pairs of the edges into its accumulator."""
-        want = {id(self.copies.params[p]): p for p in pnames}
-        uses: dict[str, list[tuple[Any, int]]] = defaultdict(list)
-        for node in _graph_nodes(y):
-            for i, (nxt, _) in enumerate(getattr(node, "next_functions", ())):
-                var = getattr(nxt, "variable", None)
-                if var is not None and id(var) in want:
-                    uses[want[id(var)]].append((node, i))
-        return uses
 
     def _adoptions(
-        self, cap: _Capture, uses: dict[str, int], calls: dict[str, int]
+        self, cap: capture.Capture, uses: dict[str, int], calls: dict[str, int]
     ) -> dict[str, tuple[str, str]]:
         """Parameters of never-called submodules that an ancestor's call can take.
 
@@ -1236,7 +649,7 @@ class _Job:
         ``{param: (ancestor module name, attribute path relative to it)}``.
         """
         owners = self._owners
-        by_module: dict[str, list[_Record]] = defaultdict(list)
+        by_module: dict[str, list[capture.Record]] = defaultdict(list)
         for rec in cap.records:
             by_module[rec.mname].append(rec)
         out: dict[str, tuple[str, str]] = {}
@@ -1273,7 +686,6 @@ class _Job:
     def layerwise(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
-        self.chunk_n = min(self.samples, n1 + (0 if x2 is None else n2))
         if x2 is None and n1 <= self.samples:
             return self._single_self(x1)
         if x2 is not None and n1 + n2 <= self.samples:
@@ -1285,13 +697,13 @@ class _Job:
 
     def _single_self(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        acc = _GramAccumulator(self, n, n, None)
+        acc = gram.GramAccumulator(self, n, n, None)
         self._run_chunk(x, acc.add, acc.streams)
         return self.head.finish(acc.result(), n, n)
 
     def _single_cross(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         n1, n2 = x1.shape[0], x2.shape[0]
-        acc = _GramAccumulator(self, n1, n2, n1)
+        acc = gram.GramAccumulator(self, n1, n2, n1)
         self._run_chunk(torch.cat([x1, x2]), acc.add, acc.streams)
         return self.head.finish(acc.result(), n1, n2)
 
@@ -1316,7 +728,7 @@ class _Job:
         the budget)."""
         c = self.samples
         per_sample = max(1, self._panel_bytes_per_sample(x))
-        return max(c, (_panel_budget(self.device) // per_sample) // c * c), per_sample
+        return max(c, (sizes.panel_budget(self.device) // per_sample) // c * c), per_sample
 
     def _panels(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
         """Blockwise assembly for batches larger than one sample chunk."""
@@ -1341,7 +753,7 @@ class _Job:
                 self._run_chunk(x1[s0:s1], lambda k, b, store=store: store[k].append(b))
                 bar.update()
             R = self.head.R  # known once a chunk has run
-            stored = {k: _regroup(v, R) for k, v in store.items()}  # rows (R, panel)
+            stored = {k: gram.regroup(v, R) for k, v in store.items()}  # rows (R, panel)
             store = None
             if theta is None:
                 theta = self._alloc(n1, n2, R)
@@ -1361,7 +773,7 @@ class _Job:
                             R, p1 - p0, R, b1 - b0
                         )
 
-                self._run_chunk(xb[b0:b1], consume, _always)
+                self._run_chunk(xb[b0:b1], consume, capture.always)
                 bar.update()
             stored = None
         bar.close()
@@ -1445,7 +857,7 @@ class _Job:
         nparams = sum(t.numel() for t in tensors)
         # rows (sample i, pass k): grad_outputs = e_i (x) w_k
         rows = [(i, k) for k in range(P) for i in range(n)]
-        per_chunk = max(1, min(len(rows), JAC_BYTES // max(1, nparams * self.dtype.itemsize)))
+        per_chunk = max(1, min(len(rows), sizes.JAC_BYTES // max(1, nparams * self.dtype.itemsize)))
 
         def jac_rows(sub):
             with phase("jacobian"):
@@ -1488,7 +900,7 @@ class _Job:
                 )
             return torch.stack(out)
 
-        if len(rows) * nparams * self.dtype.itemsize <= 2 * JAC_BYTES:
+        if len(rows) * nparams * self.dtype.itemsize <= 2 * sizes.JAC_BYTES:
             J = torch.cat(
                 [jac_rows(rows[s : s + per_chunk]) for s in range(0, len(rows), per_chunk)]
             )
@@ -1567,7 +979,7 @@ class _Job:
             tensors = [self.copies.params[p] for p in names]
             first_use = {  # autograd numbers its nodes in the order the forward makes them
                 p: min(node._sequence_nr() for node, _ in uses)
-                for p, uses in self._param_consumers(y, names).items()
+                for p, uses in graph.param_consumers(y, dict(zip(names, tensors))).items()
             }
             bad: set[str] = set()
             for k, wk in enumerate(w):
@@ -1593,7 +1005,7 @@ class _Job:
     def _output_batch_dims(self, rec, const, diff, flat_args, spec, in_dims, bdim) -> list[int]:
         """The batch dimension of each hooked output of ``rec``'s call.
 
-        One output: the module's (``_batch_dim``). Several: found by calling the module on
+        One output: the module's (``capture.batch_dim``). Several: found by calling the module on
         its first sample alone and taking, per output, the dimension that is ``n`` in the
         batch call and 1 in that one (``nn.MultiheadAttention(batch_first=False)`` returns
         (T, N, E) outputs but (N, T, S) attention weights).
@@ -1603,10 +1015,10 @@ class _Job:
         one = [
             a.narrow(bdim, 0, 1) if d is not None else a for a, d in zip(flat_args, in_dims, strict=True)
         ]
-        a, kw = _unflatten(one, spec)
+        a, kw = graph.unflatten(one, spec)
         with torch.no_grad():
             out = self.copies.functional(rec.module, {**const, **diff}, a, kw)
-        every = _tensors(out)
+        every = graph.tensors(out)
         outs = [every[i] for i in rec.out_pos]
         dims = []
         for j, (sh, _, _) in enumerate(rec.out_specs):
@@ -1618,7 +1030,7 @@ class _Job:
         return dims
 
     def fallback_grads(
-        self, rec: _Record, gouts: list[torch.Tensor | None]
+        self, rec: capture.Record, gouts: list[torch.Tensor | None]
     ) -> dict[str, torch.Tensor]:
         """Exact per-sample gradients of a module's selected parameters via torch.func.
 
@@ -1627,7 +1039,7 @@ class _Job:
         with that sample's output gradient.
         """
         module, (args, kwargs) = rec.module, rec.saved
-        bdim = _batch_dim(module)
+        bdim = capture.batch_dim(module)
         n = rec.n
         prefix = rec.mname + "." if rec.mname else ""
         state = {
@@ -1638,12 +1050,12 @@ class _Job:
         }
         diff = {attr: self.copies.params[p].detach() for attr, p in rec.attrs.items()}
         const = {k: v for k, v in state.items() if k not in diff}
-        flat_args, spec = _flatten((args, kwargs))
+        flat_args, spec = graph.flatten((args, kwargs))
         g_list = [
             g if g is not None else torch.zeros(sh, dtype=dt, device=dev)
             for g, (sh, dt, dev) in zip(gouts, rec.out_specs, strict=True)
         ]
-        if rec.dims is not None and _probe.AMBIGUOUS not in rec.dims.ins:  # measured
+        if rec.dims is not None and probe.AMBIGUOUS not in rec.dims.ins:  # measured
             in_dims = list(rec.dims.ins)
             gdims = [rec.dims.outs[i] for i in rec.out_pos]
         else:  # assumed: the module's batch dim, where a tensor has the batch's size
@@ -1660,9 +1072,9 @@ class _Job:
             fa = [
                 a.unsqueeze(d) if d is not None else a for a, d in zip(fa, in_dims, strict=True)
             ]
-            a, kw = _unflatten(fa, spec)
+            a, kw = graph.unflatten(fa, spec)
             out = self.copies.functional(module, {**const, **p}, a, kw)
-            outs = _tensors(out)
+            outs = graph.tensors(out)
             total = 0.0
             for i, g, d in zip(out_pos, gs, gdims, strict=True):
                 total = total + (outs[i] * g.unsqueeze(d)).sum()
@@ -1724,112 +1136,3 @@ def _zeros_if_none(g, t, batch=None):
     return torch.zeros(shape, dtype=t.dtype, device=t.device)
 
 
-def _flatten(obj):
-    flat: list[Any] = []
-
-    def rec(o):
-        if isinstance(o, (tuple, list)):
-            return (type(o), [rec(v) for v in o])
-        if isinstance(o, dict):
-            return (dict, {k: rec(v) for k, v in o.items()})
-        flat.append(o)
-        return None
-
-    return flat, rec(obj)
-
-
-def _unflatten(flat, spec):
-    it = iter(flat)
-
-    def rec(s):
-        if s is None:
-            return next(it)
-        typ, body = s
-        if typ is dict:
-            return {k: rec(v) for k, v in body.items()}
-        vals = [rec(v) for v in body]
-        return tuple(vals) if typ is tuple else vals
-
-    return rec(spec)
-
-
-def _rows(blk: Block, R: int, n: int, s0: int, s1: int) -> Block:
-    """Rows of samples s0:s1 out of a block whose rows are (R, n)."""
-    if isinstance(blk, Outer):
-        a = blk.a.view(R, n, -1)[:, s0:s1].reshape(R * (s1 - s0), -1)
-        b = blk.b.view(R, n, -1)[:, s0:s1].reshape(R * (s1 - s0), -1)
-        return Outer(a, b)
-    G = blk.G.view(R, n, -1)[:, s0:s1].reshape(R * (s1 - s0), -1)
-    return Dense(G)
-
-
-def _regroup(parts: list[Block], R: int) -> Block:
-    """Concatenate chunk blocks whose rows are (R, n_chunk) into rows (R, sum n_chunk)."""
-    if len(parts) == 1:
-        return parts[0]
-    if all(isinstance(b, Outer) for b in parts):
-        a = torch.cat([b.a.view(R, b.n // R, -1) for b in parts], 1)
-        bb = torch.cat([b.b.view(R, b.n // R, -1) for b in parts], 1)
-        return Outer(a.reshape(-1, a.shape[-1]), bb.reshape(-1, bb.shape[-1]))
-    G = torch.cat([b.dense().view(R, b.n // R, -1) for b in parts], 1)
-    return Dense(G.reshape(-1, G.shape[-1]))
-
-
-class _GramAccumulator:
-    """Θ += G Gᵀ over the blocks of one forward/backward, batching small dense blocks.
-
-    Dense blocks are concatenated column-wise until ``GRAM_BUFFER_BYTES`` (16 MiB) and
-    then contracted in one GEMM: NB201's 132 BatchNorm blocks of (N, C)
-    columns cost one call overhead each otherwise (measured on the 2-core
-    CPU, N=128, 1 thread: 201 separate Grams 0.57 s vs one Gram of all
-    columns 0.41 s). Outer blocks (dense layers) use their ghost Gram.
-    With ``split`` (cross kernels) rows ``:split`` of each block pair with
-    rows ``split:``.
-    """
-
-    def __init__(self, job: _Job, n1: int, n2: int, split: int | None):
-        self.job, self.n1, self.n2, self.split = job, n1, n2, split
-        self.theta: torch.Tensor | None = None
-        self.pending: list[torch.Tensor] = []
-        self.bytes = 0
-
-    def streams(self, nbytes: int) -> bool:
-        """Blocks this big get their own GEMM in :meth:`add` and are not kept."""
-        return nbytes >= GRAM_DIRECT_BYTES
-
-    def add(self, key: tuple, blk: Block) -> None:
-        n = self.n1 if self.split is None else self.n1 + self.n2
-        R = blk.n // n
-        if self.theta is None:
-            self.theta = self.job._alloc(self.n1, self.n2, R)
-        if isinstance(blk, Outer) or blk.G.numel() * blk.G.element_size() >= GRAM_DIRECT_BYTES:
-            self._gram(blk, R)
-            return
-        self.pending.append(blk.G)
-        self.bytes += blk.G.numel() * blk.G.element_size()
-        if self.bytes >= GRAM_BUFFER_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        G = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending, 1)
-        self.pending, self.bytes = [], 0
-        n = self.n1 if self.split is None else self.n1 + self.n2
-        self._gram(Dense(G), G.shape[0] // n)
-
-    def _gram(self, blk: Block, R: int) -> None:
-        backend = self.job.backend
-        if self.split is None:
-            self.theta += gram_block(blk, blk, backend)
-            return
-        n = self.n1 + self.n2
-        a = _rows(blk, R, n, 0, self.split)
-        b = _rows(blk, R, n, self.split, n)
-        self.theta += gram_block(a, b, backend)
-
-    def result(self) -> torch.Tensor:
-        self.flush()
-        if self.theta is None:
-            return self.job._alloc(self.n1, self.n2, self.job.head.R)
-        return self.theta
