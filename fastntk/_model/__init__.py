@@ -38,8 +38,6 @@ from fastntk._model.validation import (
     with_grad,
 )
 
-# (the name fastntk.metrics reads; is_index is the one to use)
-
 __all__ = [
     "ALONE",
     "BN_MODES",
