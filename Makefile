@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .fastntk-installed
 
-.PHONY: install demo test test-triton-3.6 test-gpu-stack bench clean
+.PHONY: install demo test lint test-triton-3.6 test-gpu-stack bench clean
 
 # torch 2.13.0 (CPU) is installed first and on its own: it lies on the machines'
 # disk, and the editable install below must build the C++ extension against it
@@ -23,6 +23,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
+
+# The habits CI checks: ruff's lint and format, and the package's layers (import-linter
+# contracts in pyproject.toml: dependencies run one way).
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	lint-imports
 
 # The Triton kernels again, in Triton 3.6's interpreter (the lent GPU machines' Triton):
 # Triton 3.6 and a NumPy it works with (its interpreter fails on NumPy >= 2.4) go to a

@@ -101,12 +101,19 @@ setup(
     package_dir={"fastntk.kernels": "kernels"},
     package_data={"fastntk": ["data/*.npz", "data/*.csv.gz", "data/*.md", "data/*.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy>=1.24", "tqdm>=4.60"],
+    # the core: torch, numpy, tqdm (progress bars); the CLI and metrics: scipy (rank
+    # correlations of `fastntk evaluate`); plotting, Triton and the tests are extras
+    install_requires=["torch>=2.4", "numpy>=1.24", "tqdm>=4.60", "scipy>=1.10"],
     extras_require={
         "triton": ["triton>=3.6"],
         "plot": ["matplotlib>=3.5"],  # fastntk evaluate --plot
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10",
-                 "matplotlib>=3.5"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "scipy>=1.10",
+            "matplotlib>=3.5",
+        ],
     },
     entry_points={"console_scripts": ["fastntk=fastntk.cli:entry"]},
     ext_modules=ext_modules,
