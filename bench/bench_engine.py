@@ -105,7 +105,10 @@ def measure(
                 # them); on the CPU the calls are synchronous
                 cuda = device.startswith("cuda")
                 if cuda:
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0, e1 = (
+                        torch.cuda.Event(enable_timing=True),
+                        torch.cuda.Event(enable_timing=True),
+                    )
                     e0.record()
                 t0 = time.perf_counter()
                 theta = G @ G.T  # the Gram of an (N, P) matrix, once per output dimension
@@ -242,7 +245,9 @@ def main(argv=None) -> int:
         help="every provider's process calls fastntk.tune_allocator() first (glibc keeps "
         "freed memory; the floor and vmap benefit as much as fastntk)",
     )
-    ap.add_argument("--csv", help="append the rows here (default bench/results/engine_<device>.csv)")
+    ap.add_argument(
+        "--csv", help="append the rows here (default bench/results/engine_<device>.csv)"
+    )
     ap.add_argument(
         "--child-timeout",
         type=float,
@@ -256,7 +261,13 @@ def main(argv=None) -> int:
     if args.child:
         prov, n = args.child.split(":")
         res = measure(
-            prov, int(n), args.output, args.repeats, args.device, args.loop_rows, args.tune_allocator
+            prov,
+            int(n),
+            args.output,
+            args.repeats,
+            args.device,
+            args.loop_rows,
+            args.tune_allocator,
         )
         print("RESULT " + json.dumps(res))
         return 0
@@ -309,9 +320,7 @@ def _child(prov: str, n: int, args, r: int) -> dict:
         f"  measuring {prov} at N={n} ({args.output}), round {r + 1}/{args.rounds} ...\n"
     )
     try:
-        p = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=args.child_timeout or None
-        )
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout or None)
     except subprocess.TimeoutExpired:
         sys.stderr.write(f"    {prov}: timed out after {args.child_timeout:g} s\n")
         return {"provider": prov, "n": n, "output": args.output,
@@ -435,8 +444,10 @@ def append_csv(path: str, info: dict, rows: list[dict]) -> None:
             else:
                 unknown = set(fields) - set(CSV_FIELDS)
                 if unknown:
-                    raise SystemExit(f"{path}: columns {sorted(unknown)} are not this script's; "
-                                     "pass another --csv")
+                    raise SystemExit(
+                        f"{path}: columns {sorted(unknown)} are not this script's; "
+                        "pass another --csv"
+                    )
                 old = list(reader)
     with open(path, "a" if old is None else "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")

@@ -30,7 +30,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import fastntk
 from fastntk import _ext, data
@@ -70,13 +69,24 @@ def conv(n=128):
     """Per-sample conv weight-gradient strategies of rules/conv.py at NB201 and ResNet shapes,
     each writing into one reused output buffer as the engine does. Page faults per call
     show the allocator effect that GROUPED_CHUNK_BYTES avoids."""
-    print(f"## per-sample conv weight gradients, N={n}, best of 5 (ms; median page faults per call)")
-    print("| C_in->C_out | k | stride | map | strided+bmm | grouped, one call | "
-          f"grouped, chunks of {conv_rule.GROUPED_CHUNK_BYTES >> 20} MiB | C++ op |")
+    print(
+        f"## per-sample conv weight gradients, N={n}, best of 5 (ms; median page faults per call)"
+    )
+    print(
+        "| C_in->C_out | k | stride | map | strided+bmm | grouped, one call | "
+        f"grouped, chunks of {conv_rule.GROUPED_CHUNK_BYTES >> 20} MiB | C++ op |"
+    )
     print("|---|---|---|---|---|---|---|---|")
-    for ci, co, h, k, s in [(16, 16, 32, 3, 1), (16, 16, 32, 1, 1), (16, 32, 32, 3, 2),
-                            (32, 32, 16, 3, 1), (64, 64, 8, 3, 1), (64, 64, 8, 1, 1),
-                            (128, 128, 8, 3, 1), (256, 256, 4, 3, 1)]:
+    for ci, co, h, k, s in [
+        (16, 16, 32, 3, 1),
+        (16, 16, 32, 1, 1),
+        (16, 32, 32, 3, 2),
+        (32, 32, 16, 3, 1),
+        (64, 64, 8, 3, 1),
+        (64, 64, 8, 1, 1),
+        (128, 128, 8, 3, 1),
+        (256, 256, 4, 3, 1),
+    ]:
         print(_conv_row(n, ci, co, h, k, s))
 
 
@@ -99,6 +109,7 @@ def _conv_row(n, ci, co, h, k, s):
                 conv_rule._grouped_weight_grad(mod, x, g, 1, out)
             finally:
                 conv_rule.GROUPED_CHUNK_BYTES = saved
+
         return f
 
     cells = [
@@ -118,8 +129,10 @@ def chunks(reps=3):
     """The grouped strategy's sample chunks inside the engine (``GROUPED_CHUNK_BYTES``):
     NB201 "sum" kernels, time and minor page faults of all grouped per-sample gradients of
     one call, per conv shape (channels, map), best call of ``reps``."""
-    print("## grouped per-sample conv gradients inside ntk(), NB201 sum, by chunk size "
-          "(ms, page faults per call)")
+    print(
+        "## grouped per-sample conv gradients inside ntk(), NB201 sum, by chunk size "
+        "(ms, page faults per call)"
+    )
     print("| N | chunk | 16 ch 32x32 | 32 ch 16x16 | 64 ch 8x8 | ntk() s |")
     print("|---|---|---|---|---|---|")
     orig, saved = conv_rule._grouped_weight_grad, conv_rule.GROUPED_CHUNK_BYTES
@@ -151,7 +164,8 @@ def chunks(reps=3):
                     if best is None or total < best[0]:
                         best = (total, dict(stats))
                 cells = " | ".join(
-                    f"{1e3 * best[1][k][0]:.1f} ({best[1][k][1]})" for k in ((16, 32), (32, 16), (64, 8))
+                    f"{1e3 * best[1][k][0]:.1f} ({best[1][k][1]})"
+                    for k in ((16, 32), (32, 16), (64, 8))
                 )
                 print(f"| {n} | {label} | {cells} | {best[0]:.3f} |")
     finally:
@@ -164,17 +178,29 @@ def gram():
     block G Hᵀ (N x N/2), which auto gives the C++ kernel within rules.CSRC_CROSS_MIN_COLS
     and CSRC_CROSS_MAX_PAIRS."""
     print("## Gram blocks, best of 5 (ms)")
-    print("C++ tiles: AVX-512 6x4 blocks where the CPU has AVX-512F (the default), AVX2 4x3 "
-          "blocks with FASTNTK_NO_AVX512=1; the speed-up is torch.mm over the default.")
-    print("| dtype | N | columns | sym torch.mm | sym C++ AVX2 | sym C++ | speed-up "
-          "| cross torch.mm | cross C++ |")
+    print(
+        "C++ tiles: AVX-512 6x4 blocks where the CPU has AVX-512F (the default), AVX2 4x3 "
+        "blocks with FASTNTK_NO_AVX512=1; the speed-up is torch.mm over the default."
+    )
+    print(
+        "| dtype | N | columns | sym torch.mm | sym C++ AVX2 | sym C++ | speed-up "
+        "| cross torch.mm | cross C++ |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     if not _ext.available():
         print(f"C++ extension not built: {_ext.why_not()}")
         return
     for dt in (torch.float32, torch.float64):
-        for n, cols in ((128, 64), (128, 256), (128, 2304), (128, 36864), (256, 36864),
-                        (32, 36864), (512, 9216), (1280, 36864)):
+        for n, cols in (
+            (128, 64),
+            (128, 256),
+            (128, 2304),
+            (128, 36864),
+            (256, 36864),
+            (32, 36864),
+            (512, 9216),
+            (1280, 36864),
+        ):
             a = torch.randn(n, cols, dtype=dt)
             b = torch.randn(n // 2, cols, dtype=dt)
             o, oc = torch.zeros(n, n, dtype=dt), torch.zeros(n, n // 2, dtype=dt)
@@ -185,8 +211,10 @@ def gram():
             cs = best_of(lambda: _ext.gram_sym(a, o), 5)
             xm = best_of(lambda: torch.addmm(oc, a, b.T, out=oc), 5)
             xc = best_of(lambda: _ext.gram_cross(a, b, oc), 5)
-            print(f"| {str(dt)[6:]} | {n} | {cols} | {1e3 * mm:.2f} | {1e3 * cs2:.2f} | "
-                  f"{1e3 * cs:.2f} | {mm / cs:.2f}x | {1e3 * xm:.2f} | {1e3 * xc:.2f} |")
+            print(
+                f"| {str(dt)[6:]} | {n} | {cols} | {1e3 * mm:.2f} | {1e3 * cs2:.2f} | "
+                f"{1e3 * cs:.2f} | {mm / cs:.2f}x | {1e3 * xm:.2f} | {1e3 * xc:.2f} |"
+            )
 
 
 def affine(n=128):
@@ -264,10 +292,16 @@ def pool(n=32):
         for mod in (torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False), nb201.AvgPool3x3(1)):
             y = mod(x)
             g = torch.randn_like(y)
-            row.append((best_of(lambda mod=mod, x=x: mod(x).detach()),
-                        best_of(lambda y=y, g=g, x=x: torch.autograd.grad(y, x, g, retain_graph=True))))
+            row.append(
+                (
+                    best_of(lambda mod=mod, x=x: mod(x).detach()),
+                    best_of(lambda y=y, g=g, x=x: torch.autograd.grad(y, x, g, retain_graph=True)),
+                )
+            )
         (pf, pb), (cf, cb) = row
-        print(f"| {c}x{h}x{h} | {1e3 * pf:.2f} | {1e3 * cf:.2f} | {1e3 * pb:.2f} | {1e3 * cb:.2f} |")
+        print(
+            f"| {c}x{h}x{h} | {1e3 * pf:.2f} | {1e3 * cf:.2f} | {1e3 * pb:.2f} | {1e3 * cb:.2f} |"
+        )
 
 
 class _AttnBlock(torch.nn.Module):
@@ -293,7 +327,9 @@ def mha(n=32, tokens=65):
     from fastntk.rules import _RULES
 
     print(f"## nn.MultiheadAttention block, E=384, 6 heads, {tokens} tokens, N={n}, best of 3 (s)")
-    print("| output | fwd+bwd | fastntk auto, MHA rule | auto, per-module fallback | vmap(jacrev) |")
+    print(
+        "| output | fwd+bwd | fastntk auto, MHA rule | auto, per-module fallback | vmap(jacrev) |"
+    )
     print("|---|---|---|---|---|")
     torch.manual_seed(0)
     m = _AttnBlock().eval()
@@ -345,8 +381,16 @@ def coupled(n=64):
 
 
 if __name__ == "__main__":
-    sections = {"conv": conv, "chunks": chunks, "gram": gram, "affine": affine, "trace": trace,
-                "pool": pool, "coupled": coupled, "mha": mha}
+    sections = {
+        "conv": conv,
+        "chunks": chunks,
+        "gram": gram,
+        "affine": affine,
+        "trace": trace,
+        "pool": pool,
+        "coupled": coupled,
+        "mha": mha,
+    }
     argv = sys.argv[1:]
     if "--device" in argv:
         i = argv.index("--device")

@@ -155,7 +155,9 @@ def main() -> None:
                 )
             for row in time_against_first(provs, args.repeats, f"N={n:4d} P={p:6d}"):
                 tmin = row.pop("_min_s")
-                rows.append({"N": n, "P": p, **row, "GFLOP/s_useful_min": round(n * n * p / tmin / 1e9, 1)})
+                rows.append(
+                    {"N": n, "P": p, **row, "GFLOP/s_useful_min": round(n * n * p / tmin / 1e9, 1)}
+                )
     _write(
         rows,
         f"gram_cpu_t{torch.get_num_threads()}",

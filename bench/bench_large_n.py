@@ -33,9 +33,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--method", default="auto")
     ap.add_argument("--chunk", type=int, default=None, help="samples per forward/backward")
-    ap.add_argument("--profile", action="store_true",
-                    help="time the call under fastntk.profile() (CUDA syncs at phase boundaries, "
-                    "a little slower): phase split and the Gram step's TFLOP/s")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="time the call under fastntk.profile() (CUDA syncs at phase boundaries, "
+        "a little slower): phase split and the Gram step's TFLOP/s",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     model = nb201.build_model(nb201.BENCH_ARCH).to(args.device)
@@ -77,9 +80,13 @@ def main() -> None:
         f"asymmetry {sym:.1e}"
     )
     if prof is not None:
-        print(f"under fastntk.profile(): Gram {prof.gram_flops / 1e12:.2f} TFLOP (2·n_A·n_B·cols "
-              f"per product) at {prof.gram_tflops:.2f} TFLOP/s; " + " ".join(
-                  f"{k}={v:.2f}" for k, v in prof.as_dict().items() if k.endswith("_s") and v > 0))
+        print(
+            f"under fastntk.profile(): Gram {prof.gram_flops / 1e12:.2f} TFLOP (2·n_A·n_B·cols "
+            f"per product) at {prof.gram_tflops:.2f} TFLOP/s; "
+            + " ".join(
+                f"{k}={v:.2f}" for k, v in prof.as_dict().items() if k.endswith("_s") and v > 0
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -69,14 +69,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_sizes, default=[32], help="batch size(s), e.g. 32,64")
     p.add_argument("--method", default="auto", help="fastntk.ntk method(s), comma separated")
     p.add_argument("--output", default="sum", choices=("sum", "trace"))
-    p.add_argument("--repeat", type=_positive("--repeat"), default=1,
-                   help="timed calls per measurement (median reported; default 1)")
+    p.add_argument(
+        "--repeat",
+        type=_positive("--repeat"),
+        default=1,
+        help="timed calls per measurement (median reported; default 1)",
+    )
     p.add_argument("--csv", help="also write the table as CSV")
-    p.add_argument("--timeout", type=_positive("--timeout", float), default=600.0,
-                   help="seconds per measurement (default 600)")
-    p.add_argument("--threads", type=_positive("--threads"),
-                   help="torch intra-op threads (default: torch's choice; on a shared, "
-                        "loaded machine 1 avoids OpenMP oversubscription)")
+    p.add_argument(
+        "--timeout",
+        type=_positive("--timeout", float),
+        default=600.0,
+        help="seconds per measurement (default 600)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive("--threads"),
+        help="torch intra-op threads (default: torch's choice; on a shared, "
+        "loaded machine 1 avoids OpenMP oversubscription)",
+    )
     return p
 
 
@@ -173,9 +184,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = sum(p.numel() for p in bench_model(args.model).parameters())
-    print(f"bench {args.model} ({params / 1e6:.2f}M parameters), output {args.output}, "
-          f"{args.threads or torch.get_num_threads()} threads; one fresh process per "
-          "measurement", file=sys.stderr)
+    print(
+        f"bench {args.model} ({params / 1e6:.2f}M parameters), output {args.output}, "
+        f"{args.threads or torch.get_num_threads()} threads; one fresh process per "
+        "measurement",
+        file=sys.stderr,
+    )
     csv_file = writer = None
     if args.csv:  # written row by row: a run stopped by a time limit keeps what it measured
         try:
@@ -222,7 +236,7 @@ def _measure_all(args, methods: list[str], rows: list[dict[str, Any]], emit) -> 
                                    env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
                 lines = [ln for ln in p.stdout.splitlines() if ln.startswith(TAG)]
                 if lines:
-                    row.update(json.loads(lines[-1][len(TAG):]))
+                    row.update(json.loads(lines[-1][len(TAG) :]))
                 else:
                     tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
                     row["error"] = f"exit {p.returncode}: {tail}"[:120]
@@ -232,8 +246,11 @@ def _measure_all(args, methods: list[str], rows: list[dict[str, Any]], emit) -> 
                 row["samples_per_s"] = n / row["time_s"] if row["time_s"] > 0 else math.inf
             rows.append(row)
             emit(row)
-            print(f"  n={n} {method}: " + (f"{row['time_s']:.3f} s" if "time_s" in row
-                                            else row.get("error", "?")), file=sys.stderr)
+            print(
+                f"  n={n} {method}: "
+                + (f"{row['time_s']:.3f} s" if "time_s" in row else row.get("error", "?")),
+                file=sys.stderr,
+            )
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:

@@ -39,7 +39,9 @@ from _meta import git_sha, gpu_stack  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--m", type=int, default=4096, help="sketch dimension")
     ap.add_argument("--check", type=int, default=512)
@@ -68,10 +70,12 @@ def main() -> None:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     if cuda:
-        where = (f"peak GPU memory allocated {torch.cuda.max_memory_allocated() / 1e9:.2f} GB, "
-                 f"reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB "
-                 f"({torch.cuda.get_device_name()}, torch {torch.__version__}, {gpu_stack()}, "
-                 f"git {git_sha()})")
+        where = (
+            f"peak GPU memory allocated {torch.cuda.max_memory_allocated() / 1e9:.2f} GB, "
+            f"reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB "
+            f"({torch.cuda.get_device_name()}, torch {torch.__version__}, {gpu_stack()}, "
+            f"git {git_sha()})"
+        )
     else:
         where = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
     k = min(args.check, args.n)
@@ -115,7 +119,7 @@ def sweep(model: torch.nn.Module, args: argparse.Namespace) -> None:
         f"{' --device ' + args.device if args.device != 'cpu' else ''}`",
         "",
         f"NAS-Bench-201 benchmark network (C=16, N=5), the first {args.n} images of the bundled "
-        f"CIFAR-10 sample, output \"{args.output}\", float64. Errors over "
+        f'CIFAR-10 sample, output "{args.output}", float64. Errors over '
         f"{args.seeds} seeds; entry errors |ΔΘ_ij| / √(Θ_ii Θ_jj).",
         "",
         "| m | rel. Frobenius error, mean | median | max | mean × √m | entry error, median "

@@ -31,19 +31,23 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-import fastntk  # noqa: E402
-from reference import full_kernel, reduce, rel_err  # noqa: E402
 import zoo  # noqa: E402
 from _meta import git_sha  # noqa: E402
+from reference import full_kernel, reduce, rel_err  # noqa: E402
+
+import fastntk  # noqa: E402
 
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 CASES = ["mlp", "convzoo", "resnet", "vit", "tied", "nb201"]
 
 
 def check_methods(device: str, lines: list[str], save=lambda: None) -> bool:
-    lines += ["## Methods on the device against the float64 oracle (CPU)", "",
-              "| model | method | dtype | output | rel. error | tolerance | ok |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Methods on the device against the float64 oracle (CPU)",
+        "",
+        "| model | method | dtype | output | rel. error | tolerance | ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
     ok_all = True
     for name in CASES:
         m, x1, x2 = zoo.make(name)
@@ -62,8 +66,10 @@ def check_methods(device: str, lines: list[str], save=lambda: None) -> bool:
                     except Exception as exc:  # reported, counted as a failure
                         ok, cell = False, f"{type(exc).__name__}: {str(exc)[:60]}"
                     ok_all &= ok
-                    lines.append(f"| {name} | {method} | {str(dtype)[6:]} | {output} | {cell} "
-                                 f"| {TOL[dtype]:.0e} | {'yes' if ok else '**NO**'} |")
+                    lines.append(
+                        f"| {name} | {method} | {str(dtype)[6:]} | {output} | {cell} "
+                        f"| {TOL[dtype]:.0e} | {'yes' if ok else '**NO**'} |"
+                    )
         m.cpu()
         save()  # after every model: a run cut short by its time limit keeps the rows so far
     return ok_all
@@ -89,27 +95,38 @@ def _time(f, device: str, reps: int = 10) -> float:
 def check_gram_modes(device: str, shapes: list[tuple[int, int]], lines: list[str]) -> None:
     from fastntk.kernels.gram import gram
 
-    lines += ["", "## Triton Gram operand modes (symmetric G Gᵀ; accumulation in float32)", "",
-              "Data: standard normal plus a common offset of 1 per column (mean-dominated "
-              "entries, as per-sample gradients of one layer often are).", "",
-              "TFLOP/s: 2·N²·columns / s for every row (the symmetric Triton kernel executes "
-              "about half of it: its figure is an effective rate).", "",
-              "| N | columns | mode | s | TFLOP/s | rel. Frobenius error | max rel. entry error |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Triton Gram operand modes (symmetric G Gᵀ; accumulation in float32)",
+        "",
+        "Data: standard normal plus a common offset of 1 per column (mean-dominated "
+        "entries, as per-sample gradients of one layer often are).",
+        "",
+        "TFLOP/s: 2·N²·columns / s for every row (the symmetric Triton kernel executes "
+        "about half of it: its figure is an effective rate).",
+        "",
+        "| N | columns | mode | s | TFLOP/s | rel. Frobenius error | max rel. entry error |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for n, cols in shapes:
         g = torch.Generator(device="cpu").manual_seed(n + cols)
         a = (torch.randn(n, cols, generator=g) + 1.0).to(device)
-        truth = (a.double() @ a.double().T)
+        truth = a.double() @ a.double().T
         flop = 2.0 * n * n * cols
         runs = [("torch.mm float32", lambda: a @ a.T)]
-        runs += [(f"triton {p}", lambda p=p: gram(a, None, precision=p)) for p in ("ieee", "tf32", "bf16")]
+        runs += [
+            (f"triton {p}", lambda p=p: gram(a, None, precision=p))
+            for p in ("ieee", "tf32", "bf16")
+        ]
         for label, f in runs:
             t = _time(f, device)
             out = f().double()
             fro = ((out - truth).norm() / truth.norm()).item()
             mx = ((out - truth).abs() / truth.abs().clamp_min(1e-30)).max().item()
-            lines.append(f"| {n} | {cols} | {label} | {t:.4f} | {flop / t / 1e12:.2f} | "
-                         f"{fro:.2e} | {mx:.2e} |")
+            lines.append(
+                f"| {n} | {cols} | {label} | {t:.4f} | {flop / t / 1e12:.2f} | "
+                f"{fro:.2e} | {mx:.2e} |"
+            )
 
 
 def check_csrc(device: str, shapes: list[tuple[int, int]], lines: list[str]) -> bool:
@@ -117,9 +134,13 @@ def check_csrc(device: str, shapes: list[tuple[int, int]], lines: list[str]) -> 
     references; the engine with them; Gram timing."""
     import torch.nn.functional as F
 
-    from fastntk import _ext, engine
+    from fastntk import _ext
 
-    lines += ["", f"## C++ extension's kernels on {device} (on a GPU: fastntk._C built with CUDA)", ""]
+    lines += [
+        "",
+        f"## C++ extension's kernels on {device} (on a GPU: fastntk._C built with CUDA)",
+        "",
+    ]
     # On the CPU the same checks run the CPU ops (the smoke run of this script's plumbing).
     reason = _ext.cuda_why_not() if device == "cuda" else _ext.why_not()
     if reason is not None:
@@ -133,11 +154,16 @@ def check_csrc(device: str, shapes: list[tuple[int, int]], lines: list[str]) -> 
         nonlocal ok_all
         ok = err <= tol  # NaN fails
         ok_all &= ok
-        lines.append(f"| {op} | {shape} | {dtype} | {err:.2e} | {tol:.0e} | {'yes' if ok else '**NO**'} |")
+        lines.append(
+            f"| {op} | {shape} | {dtype} | {err:.2e} | {tol:.0e} | {'yes' if ok else '**NO**'} |"
+        )
 
     for n1, n2, p in [(1, 1, 97), (97, 33, 1023), (130, 64, 4097), (1000, 257, 3000)]:
-        for dtype, fp64_acc, tol in [(torch.float32, False, 1e-5), (torch.float32, True, 1e-6),
-                                     (torch.float64, False, 1e-12)]:
+        for dtype, fp64_acc, tol in [
+            (torch.float32, False, 1e-5),
+            (torch.float32, True, 1e-6),
+            (torch.float64, False, 1e-12),
+        ]:
             a = torch.randn(n1, p, generator=g, dtype=torch.float64)
             b = torch.randn(n2, p, generator=g, dtype=torch.float64)
             ad, bd = a.to(dtype).to(device), b.to(dtype).to(device)
@@ -148,41 +174,89 @@ def check_csrc(device: str, shapes: list[tuple[int, int]], lines: list[str]) -> 
             truth = base.double() + ad.double().cpu() @ ad.double().cpu().T
             label = f"{str(dtype)[6:]}{' fp64-acc' if fp64_acc else ''}"
             sym_exact = bool((out == out.T).all())
-            row("gram_sym" + ("" if sym_exact else " (NOT symmetric)"), f"{n1}x{p}", label,
-                rel_err(out.cpu(), truth) if sym_exact else float("inf"), tol)
+            row(
+                "gram_sym" + ("" if sym_exact else " (NOT symmetric)"),
+                f"{n1}x{p}",
+                label,
+                rel_err(out.cpu(), truth) if sym_exact else float("inf"),
+                tol,
+            )
             out = torch.zeros(n1, n2, dtype=dtype, device=device)
             _ext.gram_cross(ad, bd, out, fp64_acc=fp64_acc)
-            row("gram_cross", f"{n1}x{n2}x{p}", label,
-                rel_err(out.cpu(), ad.double().cpu() @ bd.double().cpu().T), tol)
+            row(
+                "gram_cross",
+                f"{n1}x{n2}x{p}",
+                label,
+                rel_err(out.cpu(), ad.double().cpu() @ bd.double().cpu().T),
+                tol,
+            )
     geoms = [  # (C_in, C_out, H, W, k, stride, padding, dilation, groups)
-        (3, 16, 32, 32, 3, 1, 1, 1, 1), (16, 32, 15, 17, 3, 2, 1, 1, 1), (8, 8, 9, 9, 3, 1, 2, 2, 8),
-        (12, 6, 8, 8, 1, 1, 0, 1, 3), (4, 5, 11, 7, (3, 1), (2, 1), (1, 0), (1, 2), 1),
+        (3, 16, 32, 32, 3, 1, 1, 1, 1),
+        (16, 32, 15, 17, 3, 2, 1, 1, 1),
+        (8, 8, 9, 9, 3, 1, 2, 2, 8),
+        (12, 6, 8, 8, 1, 1, 0, 1, 3),
+        (4, 5, 11, 7, (3, 1), (2, 1), (1, 0), (1, 2), 1),
     ]
     for cin, cout, h, w, k, s_, p_, d_, grp in geoms:
         for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12)]:
             x = torch.randn(5, cin, h, w, generator=g, dtype=torch.float64)
-            wt = torch.randn(cout, cin // grp, *((k, k) if isinstance(k, int) else k),
-                             generator=g, dtype=torch.float64)
+            wt = torch.randn(
+                cout,
+                cin // grp,
+                *((k, k) if isinstance(k, int) else k),
+                generator=g,
+                dtype=torch.float64,
+            )
             gout = torch.randn_like(F.conv2d(x, wt, stride=s_, padding=p_, dilation=d_, groups=grp))
-            truth = torch.stack([
-                torch.autograd.grad(F.conv2d(x[i:i + 1], wt.requires_grad_(), stride=s_, padding=p_,
-                                             dilation=d_, groups=grp), wt, gout[i:i + 1])[0]
-                for i in range(x.shape[0])])
-            got = _ext.conv2d_psg(x.to(dtype).to(device), gout.to(dtype).to(device),
-                                  kernel_size=wt.shape[2:], stride=s_, padding=p_, dilation=d_,
-                                  groups=grp)
-            row("conv2d_psg", f"{cin}->{cout} {h}x{w} k{k} s{s_} p{p_} d{d_} g{grp}",
-                str(dtype)[6:], rel_err(got.cpu(), truth), tol)
+            truth = torch.stack(
+                [
+                    torch.autograd.grad(
+                        F.conv2d(
+                            x[i : i + 1],
+                            wt.requires_grad_(),
+                            stride=s_,
+                            padding=p_,
+                            dilation=d_,
+                            groups=grp,
+                        ),
+                        wt,
+                        gout[i : i + 1],
+                    )[0]
+                    for i in range(x.shape[0])
+                ]
+            )
+            got = _ext.conv2d_psg(
+                x.to(dtype).to(device),
+                gout.to(dtype).to(device),
+                kernel_size=wt.shape[2:],
+                stride=s_,
+                padding=p_,
+                dilation=d_,
+                groups=grp,
+            )
+            row(
+                "conv2d_psg",
+                f"{cin}->{cout} {h}x{w} k{k} s{s_} p{p_} d{d_} g{grp}",
+                str(dtype)[6:],
+                rel_err(got.cpu(), truth),
+                tol,
+            )
     # the engine with method "csrc": the CUDA Gram and conv kernels inside fastntk.ntk
     for name in ("convzoo", "nb201", "resnet"):
         m, x1, x2 = zoo.make(name)
         ref = full_kernel(m, x1, x2)
         md = m.to(device)
         for dtype in (torch.float32, torch.float64):
-            th = fastntk.ntk(md, x1.to(device), x2.to(device), output="sum", method="csrc",
-                             dtype=dtype)
-            row(f"engine backend csrc: {name}", "sum", str(dtype)[6:],
-                rel_err(th.cpu(), reduce(ref, "sum")), TOL[dtype])
+            th = fastntk.ntk(
+                md, x1.to(device), x2.to(device), output="sum", method="csrc", dtype=dtype
+            )
+            row(
+                f"engine backend csrc: {name}",
+                "sum",
+                str(dtype)[6:],
+                rel_err(th.cpu(), reduce(ref, "sum")),
+                TOL[dtype],
+            )
         m.cpu()
     lines += ["", "| N | columns | provider | s | TFLOP/s |", "|---|---|---|---|---|"]
     for n, cols in shapes:
@@ -190,12 +264,15 @@ def check_csrc(device: str, shapes: list[tuple[int, int]], lines: list[str]) -> 
         flop = 2.0 * n * n * cols
 
         def cuda_gram(a=a, fp64_acc=False):
-            return _ext.gram_sym(a, torch.zeros(a.shape[0], a.shape[0], device=device),
-                                 fp64_acc=fp64_acc)
+            return _ext.gram_sym(
+                a, torch.zeros(a.shape[0], a.shape[0], device=device), fp64_acc=fp64_acc
+            )
 
-        for label, f in [("torch.mm float32", lambda a=a: a @ a.T),
-                         ("csrc gram_sym float32", cuda_gram),
-                         ("csrc gram_sym fp64-acc", lambda: cuda_gram(fp64_acc=True))]:
+        for label, f in [
+            ("torch.mm float32", lambda a=a: a @ a.T),
+            ("csrc gram_sym float32", cuda_gram),
+            ("csrc gram_sym fp64-acc", lambda: cuda_gram(fp64_acc=True)),
+        ]:
             t = _time(f, device)
             lines.append(f"| {n} | {cols} | {label} | {t:.4f} | {flop / t / 1e12:.2f} |")
     return ok_all
@@ -211,16 +288,26 @@ def time_conv_paths(device: str, n: int, lines: list[str]) -> None:
     from fastntk.rules import Context, Workspace
     from fastntk.rules import conv as conv_rule
 
-    lines += ["", f"## Per-sample conv weight gradients on {device}, N={n} (ms; rel. diff to grouped)", "",
-              "| C_in->C_out | k | stride | map | grouped | patches+bmm | triton | C++ op |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Per-sample conv weight gradients on {device}, N={n} (ms; rel. diff to grouped)",
+        "",
+        "| C_in->C_out | k | stride | map | grouped | patches+bmm | triton | C++ op |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     try:
         from fastntk.kernels.conv_psg import conv2d_psg as triton_psg
     except Exception as exc:  # reported in the table
         triton_psg, why = None, f"{type(exc).__name__}"
-    for ci, co, h, k, st in [(16, 16, 32, 3, 1), (16, 16, 32, 1, 1), (16, 32, 32, 3, 2),
-                             (32, 32, 16, 3, 1), (64, 64, 8, 3, 1), (128, 128, 8, 3, 1),
-                             (256, 256, 4, 3, 1)]:
+    for ci, co, h, k, st in [
+        (16, 16, 32, 3, 1),
+        (16, 16, 32, 1, 1),
+        (16, 32, 32, 3, 2),
+        (32, 32, 16, 3, 1),
+        (64, 64, 8, 3, 1),
+        (128, 128, 8, 3, 1),
+        (256, 256, 4, 3, 1),
+    ]:
         pad = k // 2
         mod = torch.nn.Conv2d(ci, co, k, stride=st, padding=pad, bias=False).to(device)
         g0 = torch.Generator(device="cpu").manual_seed(ci + co + h)
@@ -231,13 +318,19 @@ def time_conv_paths(device: str, n: int, lines: list[str]) -> None:
         ctx = Context("eval", "torch", Workspace())
         ref = None
         cells = []
-        paths = [("grouped", lambda: conv_rule._grouped_weight_grad(mod, x, g, 1, out)),
-                 ("patches", lambda: conv_rule._patches_weight_grad(mod, ctx, x, g, 1, out))]
+        paths = [
+            ("grouped", lambda: conv_rule._grouped_weight_grad(mod, x, g, 1, out)),
+            ("patches", lambda: conv_rule._patches_weight_grad(mod, ctx, x, g, 1, out)),
+        ]
         if triton_psg is not None:
-            paths.append(("triton", lambda: triton_psg(x, g, kernel_size=k, stride=st, padding=pad)))
+            paths.append(
+                ("triton", lambda: triton_psg(x, g, kernel_size=k, stride=st, padding=pad))
+            )
         ok_cpp = _ext.cuda_available() if device == "cuda" else _ext.available()
         if ok_cpp:
-            paths.append(("cpp", lambda: _ext.conv2d_psg(x, g, kernel_size=k, stride=st, padding=pad)))
+            paths.append(
+                ("cpp", lambda: _ext.conv2d_psg(x, g, kernel_size=k, stride=st, padding=pad))
+            )
         got = {}
         for name, f in paths:
             try:
@@ -256,20 +349,28 @@ def time_conv_paths(device: str, n: int, lines: list[str]) -> None:
             if t is None:
                 cells.append(r)
                 continue
-            diff = "" if ref is None or name == "grouped" else (
-                f" ({((r - ref).abs().max() / ref.abs().max()).item():.1e})")
+            diff = (
+                ""
+                if ref is None or name == "grouped"
+                else (f" ({((r - ref).abs().max() / ref.abs().max()).item():.1e})")
+            )
             cells.append(f"{1e3 * t:.2f}{diff}")
         lines.append(f"| {ci}->{co} | {k} | {st} | {h}x{h} | " + " | ".join(cells) + " |")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="markdown file, rewritten after each part (default: stdout only)")
     ap.add_argument("--parts", default="1,2,3,4", help="which parts to run, comma-separated")
     ap.add_argument("--conv-n", type=int, default=256, help="batch of the conv-path timing")
-    ap.add_argument("--gram-shapes", default="1024x36864,4096x9216,16384x2304",
-                    help="NxCOLS,... for parts 2 and 3 (small ones for a CPU smoke run)")
+    ap.add_argument(
+        "--gram-shapes",
+        default="1024x36864,4096x9216,16384x2304",
+        help="NxCOLS,... for parts 2 and 3 (small ones for a CPU smoke run)",
+    )
     args = ap.parse_args()
     # float32 "exact" means IEEE float32: cuDNN convolutions default to TF32 on Ampere and
     # later (torch.backends.cudnn.allow_tf32 is True), about 1e-3 relative error, over the
@@ -279,12 +380,17 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     parts = {int(v) for v in args.parts.split(",")}
     env = fastntk.env()
-    lines = [f"# GPU checks: device {args.device} ({env.get('device_name')}), torch "
-             f"{torch.__version__}, triton {env.get('triton_version')}, git {git_sha()}", "",
-             f"Command: `python bench/gpu_check.py --parts {args.parts} --gram-shapes "
-             f"{args.gram_shapes} --conv-n {args.conv_n}`", "",
-             "TF32 off (torch.backends.cudnn.allow_tf32 = False, cuda.matmul.allow_tf32 = "
-             "False): float32 is IEEE float32 except in the Triton tf32/bf16 modes.", ""]
+    lines = [
+        f"# GPU checks: device {args.device} ({env.get('device_name')}), torch "
+        f"{torch.__version__}, triton {env.get('triton_version')}, git {git_sha()}",
+        "",
+        f"Command: `python bench/gpu_check.py --parts {args.parts} --gram-shapes "
+        f"{args.gram_shapes} --conv-n {args.conv_n}`",
+        "",
+        "TF32 off (torch.backends.cudnn.allow_tf32 = False, cuda.matmul.allow_tf32 = "
+        "False): float32 is IEEE float32 except in the Triton tf32/bf16 modes.",
+        "",
+    ]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.gram_shapes.split(",")]
 
     def save() -> None:  # after every part: a run cut short keeps what it measured
@@ -313,8 +419,10 @@ def main() -> int:
         # timings for choosing auto's GPU conv path: at PyTorch's defaults, which the
         # engine runs with (cuDNN's grouped weight gradient is faster under TF32)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = defaults
-        lines.append(f"\nPart 4 runs at PyTorch's TF32 defaults (cuDNN {defaults[0]}, "
-                     f"matmul {defaults[1]}), as fastntk.ntk does.")
+        lines.append(
+            f"\nPart 4 runs at PyTorch's TF32 defaults (cuDNN {defaults[0]}, "
+            f"matmul {defaults[1]}), as fastntk.ntk does."
+        )
         try:
             time_conv_paths(args.device, args.conv_n, lines)
         except Exception as exc:  # a measurement; report and go on

@@ -89,9 +89,13 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the arch sample, data, init")
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                    help="dtype of the kernels (float32 resolves condition numbers up to "
-                         "1/(N·eps32) only: ncn saturates at -inf beyond)")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float64"),
+        help="dtype of the kernels (float32 resolves condition numbers up to "
+        "1/(N·eps32) only: ncn saturates at -inf beyond)",
+    )
     ap.add_argument("--device", default="cpu", help="torch device of models and data")
     ap.add_argument(
         "--summary-only",

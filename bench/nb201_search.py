@@ -41,7 +41,11 @@ from fastntk.search import Scorer, run_search  # noqa: E402
 from fastntk.search.scoring import space_scorer  # noqa: E402
 from fastntk.spaces import nb201  # noqa: E402
 
-DATASETS = (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"), ("imagenet16-120", "ImageNet16-120"))
+DATASETS = (
+    ("cifar10", "CIFAR-10"),
+    ("cifar100", "CIFAR-100"),
+    ("imagenet16-120", "ImageNet16-120"),
+)
 ALGOS = ("random", "rea", "prune", "reinforce")
 FIELDS = ("algo", "seed", "budget", "arch", *(f"acc_{d}" for d, _ in DATASETS),
           *(f"pct_{d}" for d, _ in DATASETS), "computed", "seconds", "commit")  # fmt: skip
@@ -158,7 +162,8 @@ def summarise(args) -> str:
         f"{platform.machine()}, {os.cpu_count()} CPUs, summary at commit {git_sha()}, "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
-        "| algorithm | seeds | " + " | ".join(f"{lab} acc | {lab} top-%" for _, lab in DATASETS)
+        "| algorithm | seeds | "
+        + " | ".join(f"{lab} acc | {lab} top-%" for _, lab in DATASETS)
         + " |",
         "|---|---|" + "---|---|" * len(DATASETS),
     ]
@@ -175,8 +180,10 @@ def summarise(args) -> str:
         archs = [r["arch"] for r in rows if r["algo"] == algo and r["budget"] == str(args.budget)]
         if archs:
             line(f"{algo} (default score)", archs)
-    line(f"random, judged by true CIFAR-10 accuracy ({args.budget} draws)",
-         oracle_random(args.budget, args.seeds))
+    line(
+        f"random, judged by true CIFAR-10 accuracy ({args.budget} draws)",
+        oracle_random(args.budget, args.seeds),
+    )
     best = max(nb201.all_archs(), key=lambda a: nb201.accuracy(a, "cifar10"))
     line("best of the space (by CIFAR-10)", [best])
     return "\n".join(lines) + "\n"

@@ -45,12 +45,21 @@ from fastntk import metrics as M  # noqa: E402
 from fastntk.search.scoring import space_scorer  # noqa: E402
 from fastntk.spaces import nb201  # noqa: E402
 
-DATASETS = (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"), ("imagenet16-120", "ImageNet16-120"))
+DATASETS = (
+    ("cifar10", "CIFAR-10"),
+    ("cifar100", "CIFAR-100"),
+    ("imagenet16-120", "ImageNet16-120"),
+)
 METRICS = ("fnorm", "mean", "ncn", "lga", "trainability", "num_params")
 PARAM_SETS = {"all": None, "weights": lambda name, p: "weight" in name}
 # Borda counts reported next to the single metrics (the default score among them).
-BORDAS = (("ncn", "lga"), ("ncn", "num_params"), ("lga", "num_params"),
-          ("ncn", "lga", "num_params"), ("fnorm", "ncn", "lga", "num_params"))
+BORDAS = (
+    ("ncn", "lga"),
+    ("ncn", "num_params"),
+    ("lga", "num_params"),
+    ("ncn", "lga", "num_params"),
+    ("fnorm", "ncn", "lga", "num_params"),
+)
 # Published figures on the same 15,625 architectures (Spearman ρ unless τ is named):
 # zero-cost-nas (Abdelfattah et al., ICLR 2021, Table "NAS-Bench-201", all 15,625 archs)
 # and AZ-NAS (Lee & Ham, CVPR 2024, NAS-Bench-201 CIFAR-10).
@@ -73,8 +82,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bn", default="per_sample,eval", help="BN modes, comma separated")
     ap.add_argument("--params", default="all", choices=sorted(PARAM_SETS))
-    ap.add_argument("--metrics", default=",".join(METRICS),
-                    help="metrics of the journal (another set needs another --out)")
+    ap.add_argument(
+        "--metrics",
+        default=",".join(METRICS),
+        help="metrics of the journal (another set needs another --out)",
+    )
     ap.add_argument("--lga-epochs", type=int, default=1, help="lga_t: training epochs")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0, help="seed of the order, data and weights")
@@ -82,8 +94,11 @@ def parse_args(argv=None):
     ap.add_argument("--limit", type=int, help="stop after this many new rows")
     ap.add_argument("--time-budget", type=float, help="stop after this many seconds")
     ap.add_argument("--summary-only", action="store_true", help="compute nothing")
-    ap.add_argument("--evidence", action="store_true",
-                    help="also write fastntk/data/nas_evidence.json from the summary")
+    ap.add_argument(
+        "--evidence",
+        action="store_true",
+        help="also write fastntk/data/nas_evidence.json from the summary",
+    )
     ap.add_argument("--out", default=os.path.join(HERE, "results", "nb201_space.csv"))
     return ap.parse_args(argv)
 
@@ -117,8 +132,11 @@ def run(args, bns: list[str]) -> None:
                for bn in bns}  # fmt: skip
     params = PARAM_SETS[args.params]
     commit = git_sha()
-    print(f"# {len(todo)} rows to compute ({len(done)} in {args.out}); torch "
-          f"{torch.__version__}, {args.threads} threads, commit {commit}", flush=True)
+    print(
+        f"# {len(todo)} rows to compute ({len(done)} in {args.out}); torch "
+        f"{torch.__version__}, {args.threads} threads, commit {commit}",
+        flush=True,
+    )
     new = not os.path.exists(args.out)
     t0 = time.monotonic()
     with open(args.out, "a", newline="") as f:

@@ -16,7 +16,12 @@ def _triton_probe() -> tuple[bool, str | None, bool, str | None]:
     try:
         from fastntk import kernels
     except Exception as exc:  # a source tree used without installing: kernels/ not mapped
-        return False, None, False, f"fastntk.kernels is not importable ({type(exc).__name__}: {exc})"
+        return (
+            False,
+            None,
+            False,
+            f"fastntk.kernels is not importable ({type(exc).__name__}: {exc})",
+        )
 
     if not kernels.TRITON_AVAILABLE:
         return False, None, False, kernels.why_not()

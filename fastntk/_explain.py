@@ -57,8 +57,11 @@ class Explanation:
             f"memory estimate: kernel {self.kernel_bytes / mb:.1f} MiB + largest gradient block "
             f"{self.block_bytes / mb:.1f} MiB + activations of one chunk "
             f"~{self.activation_bytes / mb:.1f} MiB"
-            + (f" + per-sample gradients of a panel {self.panel_bytes / mb:.1f} MiB"
-               if self.panel_bytes else "")
+            + (
+                f" + per-sample gradients of a panel {self.panel_bytes / mb:.1f} MiB"
+                if self.panel_bytes
+                else ""
+            )
             + f" = ~{self.peak_bytes / mb:.1f} MiB",
         ]
         lines += [f"note: {n}" for n in self.notes]
@@ -123,7 +126,9 @@ def explain(
             cap.active = False
             y = head(raw)
             head.passes(y)
-            reached = set(graph.param_consumers(y, {q: job.copies.params[q] for q in selected}))  # used in y's graph
+            reached = set(
+                graph.param_consumers(y, {q: job.copies.params[q] for q in selected})
+            )  # used in y's graph
             try:
                 job._classify(cap, y)
             except capture.SamplesCoupled as e:
@@ -159,8 +164,10 @@ def explain(
             cap.release()
         if alone is not None:
             coupled = False
-            notes.append(f"{alone}: ntk's method='auto' runs each sample alone through the "
-                         "model (torch.func vmap(jacrev), exact; holds a chunk's Jacobian)")
+            notes.append(
+                f"{alone}: ntk's method='auto' runs each sample alone through the "
+                "model (torch.func vmap(jacrev), exact; holds a chunk's Jacobian)"
+            )
             for pname, p in selected.items():
                 mname, mod, _ = owners[pname][0]
                 rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), "vmap"))
@@ -179,7 +186,8 @@ def explain(
                 elif pname in job._adopted:
                     anc = job._adopted[pname][0]
                     kind = (
-                        f"rule:{type(ruled[anc]).__name__}" if anc not in declined
+                        f"rule:{type(ruled[anc]).__name__}"
+                        if anc not in declined
                         else "fallback:module"
                     )
                     path = f"{kind} (used inside {repr(anc) if anc else 'the model'}'s call)"
@@ -217,9 +225,22 @@ def explain(
             "(each chunk's forward/backward runs more than once)"
         )
     if rnn is not None:
-        notes.append(f"{rnn} is recurrent: the kernel is taken through the batch graph "
-                     "(one backward per sample and pass; no per-layer rule, no vmap)")
+        notes.append(
+            f"{rnn} is recurrent: the kernel is taken through the batch graph "
+            "(one backward per sample and pass; no per-layer rule, no vmap)"
+        )
     elif _model.is_coupled(model, bn):
         notes.append("bn='batch' (or BatchNorm without running stats) couples the samples")
-    return Explanation(rows, n1, n2, head.K, bn, coupled, kernel, block, act * chunk, notes,
-                       panel_bytes=0 if coupled or alone is not None else panel)
+    return Explanation(
+        rows,
+        n1,
+        n2,
+        head.K,
+        bn,
+        coupled,
+        kernel,
+        block,
+        act * chunk,
+        notes,
+        panel_bytes=0 if coupled or alone is not None else panel,
+    )

@@ -28,8 +28,15 @@ class _Bar(tqdm):
         super().__del__()
 
 
-def bar(total: int | None, desc: str, unit: str, show: bool | None = None, *,
-        file: TextIO | None = None, postfix: str | None = None) -> tqdm:
+def bar(
+    total: int | None,
+    desc: str,
+    unit: str,
+    show: bool | None = None,
+    *,
+    file: TextIO | None = None,
+    postfix: str | None = None,
+) -> tqdm:
     """A progress bar on ``file`` (default: ``sys.stderr`` as it is now).
 
     Args:

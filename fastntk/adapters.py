@@ -77,8 +77,10 @@ def is_oom(e: BaseException) -> bool:
     msg = str(e).lower()
     # CPU: PyTorch's allocator raises RuntimeError("[enforce fail ...] DefaultCPUAllocator:
     # can't allocate memory: you tried to allocate ... bytes")
-    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and (
-        "out of memory" in msg or "can't allocate memory" in msg
+    return (
+        isinstance(e, MemoryError)
+        or isinstance(e, RuntimeError)
+        and ("out of memory" in msg or "can't allocate memory" in msg)
     )
 
 
@@ -156,8 +158,13 @@ def measure(name: str, **options: Any) -> Measure:
     _check_values(options)
     bound_chunk = options.get("chunk_size")
 
-    def fn(net: nn.Module, inputs: torch.Tensor, targets: Any = None, split_data: int = 1,
-           loss_fn: Any = None) -> float:
+    def fn(
+        net: nn.Module,
+        inputs: torch.Tensor,
+        targets: Any = None,
+        split_data: int = 1,
+        loss_fn: Any = None,
+    ) -> float:
         split_data = _args.integer(split_data, "split_data", 1)
         if not isinstance(inputs, torch.Tensor):
             raise InputTypeError(f"inputs must be a torch.Tensor batch (N, ...), got "
@@ -185,13 +192,22 @@ def measure(name: str, **options: Any) -> Measure:
 
     fn.__name__ = f"fastntk_{name}"
     fn.__qualname__ = fn.__name__
-    fn.__doc__ = (f"zero-cost-nas measure: fastntk metric {name!r} "
-                  f"({METRICS[name].doc}); higher_is_better={METRICS[name].higher_is_better}")
+    fn.__doc__ = (
+        f"zero-cost-nas measure: fastntk metric {name!r} "
+        f"({METRICS[name].doc}); higher_is_better={METRICS[name].higher_is_better}"
+    )
     return fn
 
 
-def register(measures: Any, name: str, *, as_name: str | None = None, copy_bn: bool = True,
-             impl_args: dict[str, Any] | None = None, **options: Any) -> str:
+def register(
+    measures: Any,
+    name: str,
+    *,
+    as_name: str | None = None,
+    copy_bn: bool = True,
+    impl_args: dict[str, Any] | None = None,
+    **options: Any,
+) -> str:
     """Register the fastntk metric ``name`` in a zero-cost-nas / NASLib measure registry.
 
     ``measures`` is their ``measures`` package (``naslib.predictors.utils.pruners.measures``

@@ -61,7 +61,9 @@ def load_cifar10(
             f"asked for {n} CIFAR-10 images from offset {offset}, but the bundled sample "
             f"holds {total}; use n + offset <= {total} (or --data synthetic for more)"
         )
-    perm = np.random.default_rng(integer(seed, "seed", 0, 2**63)).permutation(total)[offset : offset + n]
+    perm = np.random.default_rng(integer(seed, "seed", 0, 2**63)).permutation(total)[
+        offset : offset + n
+    ]
     x = torch.from_numpy(xs[perm].astype(np.float32) / 255.0)
     if normalize:
         mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)

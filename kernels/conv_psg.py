@@ -201,8 +201,13 @@ def tiles(c_out_g: int, d: int, *, on_gpu: bool) -> dict[str, int | bool]:
         block_co = max(_next_pow2(c_out_g), 2)
         block_d = min(max(_next_pow2(d), 2), 32)
         block_t = 32
-    return dict(USE_DOT=use_dot, BLOCK_CO=block_co, BLOCK_D=block_d, BLOCK_T=block_t,
-                num_warps=4 if on_gpu else 1)
+    return dict(
+        USE_DOT=use_dot,
+        BLOCK_CO=block_co,
+        BLOCK_D=block_d,
+        BLOCK_T=block_t,
+        num_warps=4 if on_gpu else 1,
+    )
 
 
 def _launch(

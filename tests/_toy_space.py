@@ -30,7 +30,7 @@ class ToySpace:
     def mutate(self, a: str, rng: random.Random) -> str:
         i = rng.randrange(self.D)
         new = rng.choice([o for o in self.opts if o != a[i]])
-        return a[:i] + new + a[i + 1:]
+        return a[:i] + new + a[i + 1 :]
 
     def build(self, a, num_classes=10):
         raise NotImplementedError

@@ -40,4 +40,6 @@ def pytest_collection_modifyitems(config, items):
         return  # no Triton test module was collected (they set TRITON_INTERPRET on import)
     reason = why_not("cpu")
     if reason is not None:
-        raise pytest.UsageError(f"FASTNTK_REQUIRE_TRITON=1 but Triton's kernels cannot run: {reason}")
+        raise pytest.UsageError(
+            f"FASTNTK_REQUIRE_TRITON=1 but Triton's kernels cannot run: {reason}"
+        )

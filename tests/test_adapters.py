@@ -10,16 +10,19 @@ import torch.nn as nn
 
 from fastntk import adapters
 from fastntk.adapters import MEASURES, is_oom, measure
-from fastntk.metrics import NAS
 from fastntk.errors import OptionError
-from fastntk.metrics import METRICS, compute_metrics
+from fastntk.metrics import METRICS, NAS, compute_metrics
 
 
 def small_net():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 5),
     )
 
 
@@ -65,8 +68,10 @@ def test_options_are_bound():
 
 @pytest.mark.parametrize(
     "exc",
-    [RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-     getattr(torch, "OutOfMemoryError", RuntimeError)("out of memory")],
+    [
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        getattr(torch, "OutOfMemoryError", RuntimeError)("out of memory"),
+    ],
 )
 def test_oom_retried_with_split_doubled(monkeypatch, exc):
     seen = []
@@ -118,8 +123,12 @@ def test_is_oom():
     assert is_oom(MemoryError())
     assert not is_oom(RuntimeError("shape mismatch"))
     # what torch's CPU allocator raises when an allocation fails (it was not retried)
-    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
-                               "can't allocate memory: you tried to allocate 3 bytes."))
+    assert is_oom(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+            "can't allocate memory: you tried to allocate 3 bytes."
+        )
+    )
 
 
 def _tenas_cond(net, x):
@@ -155,8 +164,9 @@ def test_tenas_options_reproduce_tenas():
     want = -_tenas_cond(net, x)
     got = measure("ncn", **adapters.TENAS, dtype=torch.float64)(net, x, None)
     assert got == pytest.approx(want, rel=1e-10)
-    assert measure("ncn", **adapters.TENAS, dtype=torch.float64)(net, x, None, split_data=4) == \
-        pytest.approx(want, rel=1e-10)
+    assert measure("ncn", **adapters.TENAS, dtype=torch.float64)(
+        net, x, None, split_data=4
+    ) == pytest.approx(want, rel=1e-10)
     assert MEASURES["ncn"](net, x.double(), None) != pytest.approx(want, rel=1e-2)
 
 
@@ -216,6 +226,7 @@ def test_register_in_a_zero_cost_registry(capsys):
     nobn = nn.Sequential(*[m for m in small_net() if not isinstance(m, nn.BatchNorm2d)])
     assert reg.find_measures(net, key, x, y) == pytest.approx(
         MEASURES["fnorm"](nobn.double(), x.double(), y), rel=1e-10)  # fmt: skip
+
     # a constant kernel (an all-"none" cell gives one) is NaN in a harness, not a crash
     class Dead(nn.Module):  # the output does not depend on the input: Θ is constant
         def __init__(self):
@@ -244,9 +255,14 @@ def test_measure_options_and_inputs_checked():
         measure("lga", bogus=1)
     with pytest.raises(OptionError, match="binds names"):
         measure("lga", names=["fnorm"])
-    for bad, match in (({"bn": "bogus"}, "bn"), ({"output": "bad"}, "output"),
-                       ({"output": "full"}, "full"), ({"chunk_size": 0}, "chunk_size.s samples must be an int >= 1"),
-                       ({"errors": "bogus"}, "errors"), ({"progress": "yes"}, "progress")):
+    for bad, match in (
+        ({"bn": "bogus"}, "bn"),
+        ({"output": "bad"}, "output"),
+        ({"output": "full"}, "full"),
+        ({"chunk_size": 0}, "chunk_size.s samples must be an int >= 1"),
+        ({"errors": "bogus"}, "errors"),
+        ({"progress": "yes"}, "progress"),
+    ):
         with pytest.raises(OptionError, match=match):  # when made, not at the first call
             measure("lga", **bad)
     with pytest.raises(adapters.InputTypeError, match="torch.Tensor"):

@@ -103,8 +103,9 @@ def test_compiled_conv_gradients_per_row_range(case, monkeypatch):
     widest = max(c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d))
     for output, passes in (("sum", 1), ("trace", 3)):  # (trace: the logits' rows stacked)
         seen.clear()
-        theta = fastntk.ntk(m, x1, x2, output=output, method="csrc", chunk_size=(3, 20),
-                            dtype=torch.float64)
+        theta = fastntk.ntk(
+            m, x1, x2, output=output, method="csrc", chunk_size=(3, 20), dtype=torch.float64
+        )
         assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float64]
         assert seen and max(seen) < passes * widest, (output, seen)
 

@@ -16,7 +16,9 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
 def bench_engine():
     sys.path.insert(0, BENCH)  # the script imports its sibling _meta
     try:
-        spec = importlib.util.spec_from_file_location("bench_engine", os.path.join(BENCH, "bench_engine.py"))
+        spec = importlib.util.spec_from_file_location(
+            "bench_engine", os.path.join(BENCH, "bench_engine.py")
+        )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         yield mod
@@ -42,7 +44,7 @@ def test_new_file_has_every_column(bench_engine, tmp_path):
     rows = read(path)
     assert rows[0] == bench_engine.CSV_FIELDS
     assert len(rows) == 3 and all(len(r) == len(rows[0]) for r in rows)
-    got = [dict(zip(rows[0], r)) for r in rows[1:]]
+    got = [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
     assert [g["provider"] for g in got] == ["auto", "vmap"]
     assert got[0]["peak_reserved_bytes"] == "12" and got[1]["peak_reserved_bytes"] == ""
     assert got[0]["stack"] == "CUDA 12.8, TF32 off" and got[0]["device_name"] == "H200"
@@ -53,13 +55,20 @@ def test_file_with_an_older_header_is_rewritten_once(bench_engine, tmp_path):
     old_fields = ["date", "git", "device_name", "torch", "n", "output", "provider", "median_s",
                   "spread_s", "first_s", "peak_bytes", "extrapolated", "error", "gram_s",
                   "gram_tflops", "phases"]  # fmt: skip
-    path.write_text(",".join(old_fields) + "\n"
-                    "2026-11-23,7e80b49,x86_64,2.13.0+cpu,128,sum,fwdbwd,2.04,0.11,3.2,1280,False,\n")
+    path.write_text(
+        ",".join(old_fields) + "\n"
+        "2026-11-23,7e80b49,x86_64,2.13.0+cpu,128,sum,fwdbwd,2.04,0.11,3.2,1280,False,\n"
+    )
     bench_engine.append_csv(str(path), INFO, [ROW])
     rows = read(path)
     assert rows[0] == bench_engine.CSV_FIELDS
-    old, new = (dict(zip(rows[0], r)) for r in rows[1:])
-    assert (old["git"], old["provider"], old["median_s"], old["peak_bytes"]) == ("7e80b49", "fwdbwd", "2.04", "1280")
+    old, new = (dict(zip(rows[0], r, strict=True)) for r in rows[1:])
+    assert (old["git"], old["provider"], old["median_s"], old["peak_bytes"]) == (
+        "7e80b49",
+        "fwdbwd",
+        "2.04",
+        "1280",
+    )
     assert old["stack"] == "" and old["peak_reserved_bytes"] == ""
     assert (new["git"], new["peak_reserved_bytes"]) == ("abc1234", "12")
     bench_engine.append_csv(str(path), INFO, [ROW])  # now current: appended

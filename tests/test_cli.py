@@ -40,8 +40,9 @@ def run(capsys, *argv):
 
 @pytest.mark.slow
 def test_score_real_nb201(capsys):
-    rc, out, err = run(capsys, "score", "--space", "nb201", "--arch", ARCH, "--metric", "lga",
-                       *DATA)
+    rc, out, err = run(
+        capsys, "score", "--space", "nb201", "--arch", ARCH, "--metric", "lga", *DATA
+    )
     assert rc == 0, err
     assert "lga" in out and "CIFAR-10 93.65%" in out and "rank 272 of 15625" in out
 
@@ -49,8 +50,9 @@ def test_score_real_nb201(capsys):
 def test_score_is_reproducible(capsys, tiny_nb201):
     outs = []
     for _ in range(2):
-        rc, out, err = run(capsys, "score", "--arch", ARCH, "--metric", "lga,cond,fnorm",
-                           "--seed", "3", *DATA)
+        rc, out, err = run(
+            capsys, "score", "--arch", ARCH, "--metric", "lga,cond,fnorm", "--seed", "3", *DATA
+        )
         assert rc == 0, err
         outs.append([ln for ln in out.splitlines() if not ln.startswith("time")])
     assert outs[0] == outs[1]
@@ -70,8 +72,18 @@ SEARCH = ["--metric", "lga,fnorm", "--seed", "0", *DATA]
 @pytest.mark.parametrize("algo", ["random", "rea", "prune", "reinforce"])
 def test_search_each_algo(capsys, tiny_nb201, shared_db, algo):
     extra = ["--population", "2", "--sample-size", "2"] if algo == "rea" else []
-    argv = ["search", "--algo", algo, "--budget", "2", "--db", str(shared_db), "--progress",
-            *extra, *SEARCH]  # (--progress: stderr is not a terminal here)
+    argv = [
+        "search",
+        "--algo",
+        algo,
+        "--budget",
+        "2",
+        "--db",
+        str(shared_db),
+        "--progress",
+        *extra,
+        *SEARCH,
+    ]  # (--progress: stderr is not a terminal here)
     rc, out, err = run(capsys, *argv)
     assert rc == 0, err
     assert "2 evaluations" in out
@@ -93,17 +105,39 @@ def test_search_each_algo(capsys, tiny_nb201, shared_db, algo):
 
 
 def test_search_time_budget(capsys, tiny_nb201, shared_db):
-    rc, out, err = run(capsys, "search", "--time-budget", "0.5", "--no-progress", "--threads",
-                       "1", "--db",
-                       str(shared_db), *SEARCH)
+    rc, out, err = run(
+        capsys,
+        "search",
+        "--time-budget",
+        "0.5",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--db",
+        str(shared_db),
+        *SEARCH,
+    )
     assert rc == 0, err
     assert "stopped: time" in out and err == ""
 
 
 def test_evaluate_prints_correlations_and_plot(capsys, tiny_nb201, shared_db, tmp_path):
     png = tmp_path / "tau.png"
-    rc, out, err = run(capsys, "evaluate", "--archs", "3", "--dataset", "cifar100",
-                       "--plot", str(png), "--db", str(shared_db), *SEARCH, "--bn", "eval")
+    rc, out, err = run(
+        capsys,
+        "evaluate",
+        "--archs",
+        "3",
+        "--dataset",
+        "cifar100",
+        "--plot",
+        str(png),
+        "--db",
+        str(shared_db),
+        *SEARCH,
+        "--bn",
+        "eval",
+    )
     assert rc == 0, err
     assert "kendall_tau" in out and "spearman_rho" in out
     for name in ("lga", "fnorm", "borda"):
@@ -118,9 +152,8 @@ def test_evaluate_orients_lower_is_better_metrics(capsys, tiny_nb201, monkeypatc
     equal to the accuracy (lga, higher is better) and to minus it (cond, lower is better)
     both rank the archs as the accuracy does, τ = ρ = 1, and so does their Borda count
     (an orientation flipped for lower-is-better metrics gives -1 for cond)."""
-    from fastntk.spaces import nb201
-
     from fastntk.search import Scorer, scoring
+    from fastntk.spaces import nb201
 
     def space_scorer(space, metrics, **kw):
         def fn(arch):
@@ -149,8 +182,7 @@ def test_evaluate_plot_names_negated_values(capsys, tiny_nb201, shared_db, tmp_p
     assert "(x: -trainability -" in out
 
 
-def test_evaluate_plot_is_drawn_by_matplotlib(capsys, tiny_nb201, shared_db, tmp_path,
-                                              monkeypatch):
+def test_evaluate_plot_is_drawn_by_matplotlib(capsys, tiny_nb201, shared_db, tmp_path, monkeypatch):
     """The scatter plot is matplotlib's PNG: labelled axes with ticks, and a title naming
     the metric (here the Borda count), the data set and the printed Kendall τ."""
     import matplotlib.image
@@ -160,8 +192,21 @@ def test_evaluate_plot_is_drawn_by_matplotlib(capsys, tiny_nb201, shared_db, tmp
     figs, real = [], plot.scatter
     monkeypatch.setattr(plot, "scatter", lambda *a, **k: figs.append(real(*a, **k)) or figs[-1])
     png = tmp_path / "p.png"
-    rc, out, err = run(capsys, "evaluate", "--archs", "3", "--dataset", "cifar100",
-                       "--plot", str(png), "--db", str(shared_db), *SEARCH, "--bn", "eval")
+    rc, out, err = run(
+        capsys,
+        "evaluate",
+        "--archs",
+        "3",
+        "--dataset",
+        "cifar100",
+        "--plot",
+        str(png),
+        "--db",
+        str(shared_db),
+        *SEARCH,
+        "--bn",
+        "eval",
+    )
     assert rc == 0, err
     tau = float(next(ln for ln in out.splitlines() if ln.strip().startswith("borda")).split()[1])
     (fig,) = figs
@@ -174,8 +219,9 @@ def test_evaluate_plot_is_drawn_by_matplotlib(capsys, tiny_nb201, shared_db, tmp
     assert matplotlib.image.imread(str(png)).shape[:2] == (450, 600)  # plot.FIGSIZE * DPI
 
 
-def test_evaluate_plot_without_matplotlib_fails_before_scoring(capsys, tiny_nb201, tmp_path,
-                                                               monkeypatch):
+def test_evaluate_plot_without_matplotlib_fails_before_scoring(
+    capsys, tiny_nb201, tmp_path, monkeypatch
+):
     import sys
 
     from fastntk import metrics
@@ -227,13 +273,32 @@ def test_bench_table_and_csv(capsys, tmp_path, monkeypatch, bench_models):
 
     monkeypatch.setattr(bench_models, "bench_model", lambda name: build_model(ARCH, C=4, N=1))
     csv_path = tmp_path / "b.csv"
-    rc, out, err = run_bench(capsys, bench_models, "--model", "nb201", "--n", "2", "--method",
-                             "auto,loop", "--csv", str(csv_path))
+    rc, out, err = run_bench(
+        capsys,
+        bench_models,
+        "--model",
+        "nb201",
+        "--n",
+        "2",
+        "--method",
+        "auto,loop",
+        "--csv",
+        str(csv_path),
+    )
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:10] == ["model", "method", "n", "output", "time_s",
-                                     "samples_per_s", "gram_tflops", "peak_mib", "memory",
-                                     "device"]
+    assert lines[0].split()[:10] == [
+        "model",
+        "method",
+        "n",
+        "output",
+        "time_s",
+        "samples_per_s",
+        "gram_tflops",
+        "peak_mib",
+        "memory",
+        "device",
+    ]
     assert "process_peak_rss" in lines[1]
     assert len([ln for ln in lines if ln.startswith("nb201")]) == 2
     rows = csv_path.read_text().splitlines()
@@ -273,8 +338,20 @@ def test_bench_errors_exit_2_with_one_line(capsys, bench_models, argv, needle):
         (["search", "--metric", "lga", "--budget", "2", "--db", "/proc/nope/x.db"], "journal"),
         (["search", "--metric", "lga", "--budget", "2", "--db", ""], "--db needs a database"),
         (["evaluate", "--metric", "lga", "--archs", "2", "--db", " "], "--db needs a database"),
-        (["search", "--metric", "lga", "--budget", "2", "--algo", "prune", "--samples-per-op",
-          "3"], "samples_per_op applies to per-op pruning"),
+        (
+            [
+                "search",
+                "--metric",
+                "lga",
+                "--budget",
+                "2",
+                "--algo",
+                "prune",
+                "--samples-per-op",
+                "3",
+            ],
+            "samples_per_op applies to per-op pruning",
+        ),
         (["evaluate", "--metric", "lga", "--archs", "0"], "--archs"),
         (["evaluate", "--metric", "lga", "--archs", "2", "--space", "darts"], "ground-truth"),
         (["evaluate", "--metric", "lga", "--archs", "2", "--dataset", "mnist"], "dataset"),
@@ -315,7 +392,9 @@ def test_bench_stopped_by_a_time_limit_keeps_its_rows(tmp_path):
                           "--method", "auto,loop,vmap,auto", "--repeat", "1", "--csv", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+    while time.monotonic() < deadline and (
+        not out.exists() or len(out.read_text().splitlines()) < 2
+    ):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=60)
@@ -342,10 +421,15 @@ def test_prune_on_the_benchmark_supernet(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "metric,dtype,bn,expect",
-    [("ncn", None, "eval", "float64"), ("fnorm,cond", None, "eval", "float64"),
-     ("vintk", None, "eval", "float64"), ("fnorm", None, "eval", None),
-     ("ncn", "float32", "eval", None), ("ncn", None, "per_sample", None),
-     ("ncn", "float64", "per_sample", "float64")],
+    [
+        ("ncn", None, "eval", "float64"),
+        ("fnorm,cond", None, "eval", "float64"),
+        ("vintk", None, "eval", "float64"),
+        ("fnorm", None, "eval", None),
+        ("ncn", "float32", "eval", None),
+        ("ncn", None, "per_sample", None),
+        ("ncn", "float64", "per_sample", "float64"),
+    ],
 )
 def test_condition_number_metrics_are_scored_in_float64(capsys, tmp_path, metric, dtype, bn,
                                                         expect):  # fmt: skip
@@ -367,10 +451,14 @@ def test_condition_number_metrics_are_scored_in_float64(capsys, tmp_path, metric
     [
         (["score", "--arch", ARCH, "--metric", "fnorm", "--seed", "-1"], "--seed must be in"),
         (["score", "--arch", ARCH, "--metric", "fnorm", "--seed", str(2**70)], "--seed must be in"),
-        (["evaluate", "--metric", "fnorm", "--archs", "2", "--plot", "/nonexistent/d/p.png"],
-         "not a writable folder"),
-        (["search", "--metric", "fnorm", "--budget", "1", "--algo", "reinforce", "--lr", "-1"],
-         "--lr must be > 0, got -1"),
+        (
+            ["evaluate", "--metric", "fnorm", "--archs", "2", "--plot", "/nonexistent/d/p.png"],
+            "not a writable folder",
+        ),
+        (
+            ["search", "--metric", "fnorm", "--budget", "1", "--algo", "reinforce", "--lr", "-1"],
+            "--lr must be > 0, got -1",
+        ),
         (["demo", "--n", "0"], "--n must be between 1 and 1000"),
         (["demo", "--n", "2", "--arch", "bad"], "node groups"),
         (["demo", "--n", "2", "--output", "full"], "output='full' is the API's"),  # (a traceback)
@@ -400,8 +488,9 @@ def test_seeds_checked_by_the_data_loaders():
             data.synthetic(2, seed=bad)
 
 
-def test_differently_sized_networks_do_not_share_the_journal(capsys, tiny_nb201, tmp_path,
-                                                             monkeypatch):
+def test_differently_sized_networks_do_not_share_the_journal(
+    capsys, tiny_nb201, tmp_path, monkeypatch
+):
     monkeypatch.setitem(registry._SPACES, "nb201-c2", lambda: NB201Space(C=2, N=1))
     db = str(tmp_path / "j.db")
     argv = ["search", "--metric", "fnorm", "--budget", "2", "--no-progress", "--db", db, *DATA]
@@ -455,8 +544,10 @@ def test_ctrl_c_while_torch_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout == "False\n"  # the package alone is cheap
     # ... and what it offered eagerly is still there (functions, and submodules)
-    code = ("import fastntk; print(callable(fastntk.ntk), callable(fastntk.explain), "
-            "fastntk.errors.InputError.__name__, callable(fastntk.metrics.fnorm))")
+    code = (
+        "import fastntk; print(callable(fastntk.ntk), callable(fastntk.explain), "
+        "fastntk.errors.InputError.__name__, callable(fastntk.metrics.fnorm))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout == "True True InputError True\n"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -537,7 +628,11 @@ def test_journal_keys_on_revised_metric_definitions(capsys, tiny_nb201, tmp_path
     assert len(stale) == 4
     rc, out2, err = run(capsys, *argv, "--metric", "ntk_score")
     assert rc == 0, err
-    assert "0 computed, 2 from the journal" in out2 and "-1e+09" not in out2 and "-1000000000" not in out2
+    assert (
+        "0 computed, 2 from the journal" in out2
+        and "-1e+09" not in out2
+        and "-1000000000" not in out2
+    )
     rc, out3, err = run(capsys, *argv, "--metric", "lga,fnorm")
     with Journal(db) as j:
         plain = [r for r in j.rows(space="nb201(C=4,N=1)") if "lga" in r["metrics"]]
@@ -550,14 +645,19 @@ def test_prune_stopped_inside_a_round_says_so(capsys, tiny_nb201, tmp_path):
     rc, out, err = run(capsys, "search", "--algo", "prune", "--metric", "fnorm", "--budget", "3",
                        "--no-progress", "--db", str(tmp_path / "p.db"), *DATA)  # fmt: skip
     assert rc == 0, err
-    assert "pruning unfinished: round 1 unfinished, its 2 evaluations unused; ops left drawn at random" in out
+    assert (
+        "pruning unfinished: round 1 unfinished, its 2 evaluations unused; ops left drawn at random"
+        in out
+    )
 
 
 def test_score_of_a_supernet(capsys, tiny_nb201):
     """A supernet string is scored (as prune scores it); it has no benchmark accuracy,
     which the output says, instead of an 'unknown op' error after the metric lines."""
     sup = "|skip_connect&nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_1x1~1|nor_conv_3x3~2|"
-    rc, out, err = run(capsys, "score", "--space", "nb201", "--arch", sup, "--metric", "fnorm", *DATA)
+    rc, out, err = run(
+        capsys, "score", "--space", "nb201", "--arch", sup, "--metric", "fnorm", *DATA
+    )
     assert rc == 0, err
     assert "fnorm" in out and "NAS-Bench-201 holds no accuracy" in out and "time " in out
 

@@ -213,7 +213,11 @@ def test_conv2d_psg_allocation_failure_is_an_exception():
         "    print('MemoryError')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "MemoryError", (r.returncode, r.stdout, r.stderr[-500:])
+    assert r.returncode == 0 and r.stdout.strip() == "MemoryError", (
+        r.returncode,
+        r.stdout,
+        r.stderr[-500:],
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -276,7 +280,6 @@ def test_cuda_kernels_present_exactly_in_a_cuda_build():
     """A CPU torch (these machines): fastntk._C has no CUDA kernels and says why. A CUDA
     torch with nvcc (`make test-gpu-stack`, the GPU machines): they are built and registered."""
     import fastntk._C as ext
-
     from fastntk._env import env
 
     e = env()
@@ -306,7 +309,6 @@ def test_affine_psg_is_cpu_only():
     x = torch.empty(2, 3, 4, device="meta")
     with pytest.raises(UnsupportedError, match="CPU-only"):
         _ext.affine_psg(x, x, torch.empty(3, device="meta"))
-
 
 
 def test_auto_routes_gram_blocks_by_measured_thresholds():

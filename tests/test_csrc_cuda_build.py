@@ -55,15 +55,33 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("source", ["gram.cu", "conv_psg.cu"])
 def test_kernels_compile(tmp_path, source, arch):
     obj = tmp_path / (source + ".o")
-    proc = _run([NVCC, "-std=c++17", "-O3", f"-arch={arch}", "-Werror", "all-warnings",
-                 "-Xptxas", "-v", "-c", os.path.join(CUDA_DIR, source), "-o", str(obj)])
+    proc = _run(
+        [
+            NVCC,
+            "-std=c++17",
+            "-O3",
+            f"-arch={arch}",
+            "-Werror",
+            "all-warnings",
+            "-Xptxas",
+            "-v",
+            "-c",
+            os.path.join(CUDA_DIR, source),
+            "-o",
+            str(obj),
+        ]
+    )
     assert obj.stat().st_size > 0
     ptxas = [line for line in proc.stderr.splitlines() if "ptxas info" in line]
     # one "Used N registers" line per kernel instantiation: 4 Gram ones, 2 conv ones
     used = [line for line in ptxas if "registers" in line]
     assert len(used) == (4 if source == "gram.cu" else 2), proc.stderr
-    spills = [line for line in ptxas if "spill" in line and not line.strip().endswith(
-        "0 bytes spill stores, 0 bytes spill loads")]
+    spills = [
+        line
+        for line in ptxas
+        if "spill" in line
+        and not line.strip().endswith("0 bytes spill stores, 0 bytes spill loads")
+    ]
     assert not spills, "register spills:\n" + "\n".join(spills)
 
 
@@ -74,10 +92,21 @@ def test_torch_glue_compiles(tmp_path):
     gxx = shutil.which("g++") or shutil.which("c++")
     assert gxx is not None, "no C++ compiler"
     incs = [str(tmp_path), *include_paths(), _cuda_include(), sysconfig.get_paths()["include"]]
-    cmd = [gxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wno-psabi",
-           "-DFASTNTK_WITH_CUDA=1", *[f"-I{p}" for p in incs],
-           os.path.join(CUDA_DIR, "ops_cuda.cpp"), os.path.join(ROOT, "csrc", "ops.cpp")]
+    cmd = [
+        gxx,
+        "-std=c++20",
+        "-fsyntax-only",
+        "-Wall",
+        "-Wno-psabi",
+        "-DFASTNTK_WITH_CUDA=1",
+        *[f"-I{p}" for p in incs],
+        os.path.join(CUDA_DIR, "ops_cuda.cpp"),
+        os.path.join(ROOT, "csrc", "ops.cpp"),
+    ]
     proc = _run(cmd)
-    ours = [line for line in proc.stderr.splitlines()
-            if "warning" in line and "/csrc/" in line and "site-packages" not in line]
+    ours = [
+        line
+        for line in proc.stderr.splitlines()
+        if "warning" in line and "/csrc/" in line and "site-packages" not in line
+    ]
     assert not ours, "\n".join(ours)

@@ -218,7 +218,9 @@ def test_explain_reports_paths_and_memory():
     assert paths["ln1.weight"] == "rule:LayerNormRule"
     assert paths["attn.in_proj_weight"] == "rule:MultiheadAttentionRule"
     # MHA applies out_proj's weight itself (F.linear): its rule takes it
-    assert paths["attn.out_proj.weight"] == "rule:MultiheadAttentionRule (used inside 'attn''s call)"
+    assert (
+        paths["attn.out_proj.weight"] == "rule:MultiheadAttentionRule (used inside 'attn''s call)"
+    )
     assert paths["cls"].startswith("rule:BroadcastRule") and paths["pos"].startswith("rule:Broad")
     assert ex.kernel_bytes == 4 * 4 * 4
     assert "patch.weight" in str(ex) and "memory estimate" in str(ex)
@@ -402,8 +404,9 @@ def test_broadcast_parameters(output, chunk):
             assert rel_err(theta, ref) <= TOL[torch.float64]
     sel = ["pos", "cls"]  # only broadcast parameters selected: no fallback at all
     theta = fastntk.ntk(m, x1, output="trace", params=sel, dtype=torch.float64)
-    assert rel_err(theta, reduce(full_kernel(m, x1, None, "eval", sel), "trace")) <= TOL[torch.float64]
-
+    assert (
+        rel_err(theta, reduce(full_kernel(m, x1, None, "eval", sel), "trace")) <= TOL[torch.float64]
+    )
 
 
 class _Acc:

@@ -54,7 +54,7 @@ def test_embeddings_without_per_sample_gradients_are_refused_untouched(kw, bag):
     """max_norm rewrites the looked-up rows in place during the forward; scale_grad_by_freq
     scales by batch-wide token counts: both refused before any forward."""
     torch.manual_seed(0)
-    emb = (nn.EmbeddingBag(10, 4, mode="sum", **kw) if bag else nn.Embedding(10, 4, **kw))
+    emb = nn.EmbeddingBag(10, 4, mode="sum", **kw) if bag else nn.Embedding(10, 4, **kw)
     with torch.no_grad():
         emb.weight.mul_(3)  # rows longer than max_norm
     m = nn.Sequential(emb, nn.Flatten(), nn.Linear(4 if bag else 12, 2))
@@ -62,7 +62,9 @@ def test_embeddings_without_per_sample_gradients_are_refused_untouched(kw, bag):
     before = emb.weight.detach().clone()
     for call in (lambda: fastntk.ntk(m, x), lambda: fastntk.explain(m, x),
                  lambda: fastntk.ntk_sketch(m, x, sketch_dim=8)):  # fmt: skip
-        with pytest.raises(UnsupportedError, match="max_norm" if kw.get("max_norm") else "scale_grad"):
+        with pytest.raises(
+            UnsupportedError, match="max_norm" if kw.get("max_norm") else "scale_grad"
+        ):
             call()
         assert torch.equal(emb.weight, before)
 
@@ -312,7 +314,9 @@ def test_learned_query_goes_to_a_fallback_over_the_batch():
     _check(m, _x(3, 5, 8), methods=["auto"])
     # q_proj alone selected: its block only reaches the kernel through the rest
     ref = full_kernel(m, _x(3, 5, 8), params=["q_proj.weight", "q_proj.bias"])
-    theta = fastntk.ntk(m, _x(3, 5, 8), params=["q_proj.weight", "q_proj.bias"], dtype=torch.float64)
+    theta = fastntk.ntk(
+        m, _x(3, 5, 8), params=["q_proj.weight", "q_proj.bias"], dtype=torch.float64
+    )
     assert rel_err(theta, reduce(ref, "sum")) <= TOL64
 
 
@@ -635,7 +639,9 @@ def test_per_sample_batchnorm_on_one_sample_rows_keeps_the_fast_path():
     loop = fastntk.ntk(m, x, bn="per_sample", method="loop", dtype=torch.float64)
     assert rel_err(loop, ref) <= TOL64
     assert {p.path for p in fastntk.explain(m, x, bn="per_sample").params} == {
-        "rule:ConvRule", "rule:BatchNormRule", "rule:LinearRule"
+        "rule:ConvRule",
+        "rule:BatchNormRule",
+        "rule:LinearRule",
     }
 
 
@@ -718,7 +724,11 @@ def test_one_sample_batchnorm_backward_with_channels_last_gradients(method):
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 2)
+            self.conv, self.bn, self.fc = (
+                nn.Conv2d(3, 4, 3, padding=1),
+                nn.BatchNorm2d(4),
+                nn.Linear(4, 2),
+            )
 
         def forward(self, x):
             return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(2).transpose(1, 2)).mean(1)
@@ -860,7 +870,11 @@ class _SparseTable(nn.Module):
     def __init__(self, how):
         super().__init__()
         self.how = how
-        self.e, self.bn, self.h = nn.Embedding(6, 3, sparse=True), nn.BatchNorm1d(3), nn.Linear(3, 2)
+        self.e, self.bn, self.h = (
+            nn.Embedding(6, 3, sparse=True),
+            nn.BatchNorm1d(3),
+            nn.Linear(3, 2),
+        )
 
     def forward(self, t):
         u = torch.tanh(self.e(t)).sum(1)
@@ -969,7 +983,9 @@ def test_conv_forward_set_on_the_instance_is_not_the_rules():
     conv._conv_forward = lambda x, w, b: nn.functional.conv2d(x, w.abs(), b)
     m = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(27, 2))
     _check(m, _x(4, 2, 5, 5))
-    assert {p.name: p.path for p in fastntk.explain(m, _x(4, 2, 5, 5)).params}["0.weight"] != "rule:ConvRule"
+    assert {p.name: p.path for p in fastntk.explain(m, _x(4, 2, 5, 5)).params}[
+        "0.weight"
+    ] != "rule:ConvRule"
 
 
 @pytest.mark.parametrize("shape", [(4, 4), (4, 4, 1)], ids=["(N, C)", "(N, C, 1)"])
@@ -1023,7 +1039,9 @@ def test_batchnorm_without_running_statistics(dims, affine):
         _check(m, x1, x2, output="trace", methods=["auto"])
         assert m.training == (mode == "train")
     joint = fastntk.ntk(m, torch.cat([x1, x2]), dtype=torch.float64)
-    assert torch.allclose(fastntk.ntk(m, x1, x2, dtype=torch.float64), joint[:5, 5:], rtol=1e-12, atol=0)
+    assert torch.allclose(
+        fastntk.ntk(m, x1, x2, dtype=torch.float64), joint[:5, 5:], rtol=1e-12, atol=0
+    )
 
 
 class _RunningMean(nn.Module):
@@ -1059,7 +1077,7 @@ def test_forward_that_updates_a_buffer_in_place(chunk_size):
         got = [fastntk.ntk(m, x1, x2, method=method, chunk_size=chunk_size, dtype=torch.float64),
                fastntk.ntk(m, x1, output="trace", method=method, chunk_size=chunk_size,
                            dtype=torch.float64)]  # fmt: skip
-        assert all(rel_err(g, r) <= TOL64 for g, r in zip(got, refs)), method
+        assert all(rel_err(g, r) <= TOL64 for g, r in zip(got, refs, strict=True)), method
     from fastntk.engine import CapturedMutationError
 
     with pytest.raises(CapturedMutationError, match="buffer updated in forward.*'auto' or 'loop'"):
@@ -1080,7 +1098,9 @@ def test_batchnorm_subclass_with_its_own_forward():
     method, helper-24); it is refused now, as a forward set on the instance is. Under
     "eval" and "batch" the subclass's forward runs as written (exact)."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), _DoubledBN(3), nn.Flatten(), nn.Linear(48, 2)).double()
+    m = nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1), _DoubledBN(3), nn.Flatten(), nn.Linear(48, 2)
+    ).double()
     x = _x(3, 3, 4, 4)
     for method in ("auto", "layerwise", "vmap", "loop", "sketch"):
         with pytest.raises(UnsupportedError, match="its class overrides BatchNorm's forward"):
@@ -1089,7 +1109,9 @@ def test_batchnorm_subclass_with_its_own_forward():
         for method in ("auto", "vmap", "loop"):
             theta = fastntk.ntk(m, x, bn=bn, method=method, dtype=torch.float64)
             assert rel_err(theta, reduce(full_kernel(m, x, bn=bn), "sum")) <= TOL64, (bn, method)
-    sync = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.SyncBatchNorm(3), nn.Flatten(), nn.Linear(48, 2)).double()
+    sync = nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1), nn.SyncBatchNorm(3), nn.Flatten(), nn.Linear(48, 2)
+    ).double()
     theta = fastntk.ntk(sync, x, bn="per_sample", dtype=torch.float64)  # torch's own: replaced
     assert rel_err(theta, reduce(full_kernel(sync, x, bn="per_sample"), "sum")) <= TOL64
 
@@ -1158,7 +1180,9 @@ class _Dense64(nn.Module):
         return torch.tanh(x @ self.w)
 
 
-@pytest.mark.parametrize("output, panel_rows", [("sum", 16), ("trace", 4), ("mean", 4), ("full", 4)])
+@pytest.mark.parametrize(
+    "output, panel_rows", [("sum", 16), ("trace", 4), ("mean", 4), ("full", 4)]
+)
 def test_panels_keep_the_per_sample_gradients_of_every_pass_within_the_budget(
     monkeypatch, output, panel_rows
 ):
@@ -1177,7 +1201,11 @@ def test_panels_keep_the_per_sample_gradients_of_every_pass_within_the_budget(
     monkeypatch.setattr(sizes, "PANEL_BYTES", 16 * P * 8)
     runs = []
     real = engine._Job._run_chunk
-    monkeypatch.setattr(engine._Job, "_run_chunk", lambda self, xc, *a, **k: (runs.append(xc.shape[0]), real(self, xc, *a, **k))[1])
+    monkeypatch.setattr(
+        engine._Job,
+        "_run_chunk",
+        lambda self, xc, *a, **k: (runs.append(xc.shape[0]), real(self, xc, *a, **k))[1],
+    )
     theta = fastntk.ntk(m, x, output=output, chunk_size=4, dtype=torch.float64, progress=False)
     assert rel_err(theta, reduce(full_kernel(m, x), output)) <= TOL64
     n_panels = 32 // panel_rows
@@ -1231,7 +1259,10 @@ def test_explain_names_each_path_of_a_tied_weight():
 
     m, x1, _ = zoo.make("tied")
     paths = {p.name: p.path for p in fastntk.explain(m, x1).params}
-    assert paths["emb.weight"] == "rule:EmbeddingRule + rule:LinearRule (used several times: exact sum of uses)"
+    assert (
+        paths["emb.weight"]
+        == "rule:EmbeddingRule + rule:LinearRule (used several times: exact sum of uses)"
+    )
     with fastntk.profile() as prof:
         fastntk.ntk(m, x1)
     assert prof.seconds.get("fallback", 0) == 0  # both uses by rules, as reported
@@ -1257,5 +1288,7 @@ def test_panels_of_a_model_that_needs_its_whole_chunk(output):
     x = _x(8, 5)
     ref = reduce(full_kernel(m, x), output)
     for method in ("auto", "layerwise"):
-        theta = fastntk.ntk(m, x, output=output, chunk_size=4, method=method, dtype=torch.float64, progress=False)
+        theta = fastntk.ntk(
+            m, x, output=output, chunk_size=4, method=method, dtype=torch.float64, progress=False
+        )
         assert rel_err(theta, ref) <= TOL64, method

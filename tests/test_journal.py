@@ -112,16 +112,14 @@ def test_record_get_rows_best(tmp_path):
         assert [r["arch"] for r in rows] == ["A", "B", "C"]
         assert rows[0]["seed"] == 0 and rows[0]["data"] == "cifar10"
         assert rows[0]["settings"] == s and rows[0]["version"]
-        assert [r["arch"] for r in j.best("lga", space="nb201", settings=s, k=3)] == [
-            "C", "A", "B"]
+        assert [r["arch"] for r in j.best("lga", space="nb201", settings=s, k=3)] == ["C", "A", "B"]
         assert j.best("lga", higher_is_better=False, settings=s)[0]["arch"] == "A"
         assert len(j) == 4
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-@pytest.mark.parametrize("path", ["/proc/fastntk/nope.db", "{tmp}/file.txt/sub.db",
-                                  "{tmp}"])
+@pytest.mark.parametrize("path", ["/proc/fastntk/nope.db", "{tmp}/file.txt/sub.db", "{tmp}"])
 def test_unwritable_database(tmp_path, path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(JournalError):
@@ -132,8 +130,12 @@ def test_sigkill_then_resume(tmp_path):
     db, worker = tmp_path / "kill.db", _worker(tmp_path)
     calls1, calls2 = tmp_path / "calls1.txt", tmp_path / "calls2.txt"
     args = ["rea", "5", "40", "0.05", "6"]
-    p = subprocess.Popen([sys.executable, str(worker), str(db), str(calls1), *args],
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, str(worker), str(db), str(calls1), *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while _count(db) < 8 and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.02)
@@ -145,8 +147,13 @@ def test_sigkill_then_resume(tmp_path):
     assert 8 <= len(before) < 40
     assert set(before) <= set(calls1.read_text().split())
 
-    out = subprocess.run([sys.executable, str(worker), str(db), str(calls2), *args],
-                         env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(worker), str(db), str(calls2), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     resumed = json.loads(out.stdout)
     computed2 = calls2.read_text().split()
@@ -159,8 +166,7 @@ def test_sigkill_then_resume(tmp_path):
     assert all(after[a] == m for a, m in before.items())  # nothing lost
     # same trajectory as an uninterrupted run with the same seed
     s = Scorer(toy_metrics, ["good"], DIRECTIONS, settings={"metrics": ["good"], "seed": 0})
-    ref = regularized_evolution(ToySpace(), s, budget=40, seed=5, population_size=8,
-                                sample_size=3)
+    ref = regularized_evolution(ToySpace(), s, budget=40, seed=5, population_size=8, sample_size=3)
     assert resumed == ref.encodings
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -169,9 +175,23 @@ def test_sigkill_then_resume(tmp_path):
 def test_two_concurrent_writers(tmp_path):
     db, worker = tmp_path / "two.db", _worker(tmp_path)
     procs = [
-        subprocess.Popen([sys.executable, str(worker), str(db), str(tmp_path / f"c{i}.txt"),
-                          "random", str(i), "60", "0.01", "3"],
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(worker),
+                str(db),
+                str(tmp_path / f"c{i}.txt"),
+                "random",
+                str(i),
+                "60",
+                "0.01",
+                "3",
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -214,20 +234,26 @@ def test_sigkill_inside_a_write(tmp_path):
         assert len(archs) == stored and killed["arch"] not in archs
         lost.append(killed["arch"])
         runs.append(computed)
-    out = subprocess.run([sys.executable, str(worker), str(db), str(tmp_path / "final.txt"),
-                          *args], env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(worker), str(db), str(tmp_path / "final.txt"), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     runs.append((tmp_path / "final.txt").read_text().split())
     assert all(a in sum(runs[i + 1 :], []) for i, a in enumerate(lost))
     s = Scorer(toy_metrics, ["good"], DIRECTIONS, settings={"metrics": ["good"], "seed": 0})
-    ref = regularized_evolution(ToySpace(), s, budget=150, seed=11, population_size=8,
-                                sample_size=3)
+    ref = regularized_evolution(
+        ToySpace(), s, budget=150, seed=11, population_size=8, sample_size=3
+    )
     assert json.loads(out.stdout) == ref.encodings
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     archs = [r[0] for r in con.execute("SELECT arch FROM evaluations")]
     assert len(archs) == len(set(archs)) == len(set(ref.encodings))
-    for (a, m) in con.execute("SELECT arch, metrics FROM evaluations"):
+    for a, m in con.execute("SELECT arch, metrics FROM evaluations"):
         assert json.loads(m) == {"good": toy_metrics(a)["good"]}
 
 
@@ -237,8 +263,9 @@ def _toy_run(db, metrics=("good",), settings=None, budget=3):
         return random_search(ToySpace(), s, budget=budget, seed=0, journal=j)
 
 
-@pytest.mark.parametrize("bad", ["not json", '{"good": null}', '{"good": "x"}', "null",
-                                 '"text"', '[1.0]'])
+@pytest.mark.parametrize(
+    "bad", ["not json", '{"good": null}', '{"good": "x"}', "null", '"text"', "[1.0]"]
+)
 def test_damaged_row_raises_journal_error_naming_it(tmp_path, bad):
     db = tmp_path / "j.db"
     _toy_run(db)
@@ -262,8 +289,9 @@ def test_row_lacking_a_requested_metric_is_scored_and_completed(tmp_path):
     with Journal(db) as j:
         rows = j.rows()
     assert len(rows) == 5 and all(set(r["metrics"]) == {"good", "bad"} for r in rows)
-    assert all(r["metrics"] == {m: toy_metrics(r["arch"])[m] for m in ("good", "bad")}
-               for r in rows)
+    assert all(
+        r["metrics"] == {m: toy_metrics(r["arch"])[m] for m in ("good", "bad")} for r in rows
+    )
     assert _toy_run(db, ["bad"], settings, budget=5).n_cached == 5
 
 
@@ -331,8 +359,13 @@ def test_ctrl_c_while_waiting_for_the_write_lock(tmp_path):
     Journal(db).close()
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    p = subprocess.Popen([sys.executable, str(script), str(db)], env=_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(db)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert p.stdout.readline().strip() == "opening"
         time.sleep(1.0)

@@ -57,8 +57,12 @@ def _gram_spec(arch, accumulate, precision, symmetric):
 def _conv_spec(arch, accumulate, c_out_g, d):
     cfg = conv_mod.tiles(c_out_g, d, on_gpu=True)
     num_warps = cfg.pop("num_warps")
-    return dict(kernel="fastntk.kernels.conv_psg:_psg_kernel",
-                constexprs=dict(ACCUMULATE=accumulate, **cfg), arch=arch, num_warps=num_warps)
+    return dict(
+        kernel="fastntk.kernels.conv_psg:_psg_kernel",
+        constexprs=dict(ACCUMULATE=accumulate, **cfg),
+        arch=arch,
+        num_warps=num_warps,
+    )
 
 
 GRAM_CASES = [(a, acc, p, s) for a, acc in ARCH_ACC for p in PRECISIONS for s in (True, False)]
@@ -81,8 +85,11 @@ def _check(c: aot.Compiled, arch: int) -> None:
         assert 0 < c.registers <= 255
 
 
-@pytest.mark.parametrize("case", GRAM_CASES, ids=lambda c: "sm%d-%s-%s-%s" % (
-    c[0], "acc" if c[1] else "new", c[2], "sym" if c[3] else "cross"))
+@pytest.mark.parametrize(
+    "case",
+    GRAM_CASES,
+    ids=lambda c: f"sm{c[0]}-{'acc' if c[1] else 'new'}-{c[2]}-{'sym' if c[3] else 'cross'}",
+)
 def test_gram_variants_compile(compiled, case):
     arch, _, precision, _ = case
     c = compiled[("gram", case)]
@@ -91,8 +98,9 @@ def test_gram_variants_compile(compiled, case):
     assert c.tensor_cores == (None if precision == "ieee" else TENSOR_CORES[arch])
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "sm%d-%s-%dx%d" % (
-    c[0], "acc" if c[1] else "new", c[2], c[3]))
+@pytest.mark.parametrize(
+    "case", CONV_CASES, ids=lambda c: f"sm{c[0]}-{'acc' if c[1] else 'new'}-{c[2]}x{c[3]}"
+)
 def test_conv_psg_variants_compile(compiled, case):
     c = compiled[("conv", case)]
     _check(c, case[0])

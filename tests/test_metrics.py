@@ -658,7 +658,9 @@ def test_regression_metric_arguments_and_token_ids():
     with pytest.raises(InputError, match="token ids"):
         M.compute_metrics(emb, idx, yy, ["expressivity"])
     g = M.compute_metrics(emb, idx, yy, ["generalization"])["generalization"]
-    assert g == M.compute_metrics(emb, idx, yy, ["trainability", "generalization"])["generalization"]
+    assert (
+        g == M.compute_metrics(emb, idx, yy, ["trainability", "generalization"])["generalization"]
+    )
     assert math.isfinite(g)
 
 
@@ -724,7 +726,9 @@ def test_sketch_metrics_errors():
     with pytest.raises(InputError, match="zero"):
         M.sketch_metrics(torch.zeros(6, 4))
     g = torch.Generator().manual_seed(0)  # entries equal to 1e-9 of their size: not resolved
-    near = torch.ones(6, 4, dtype=torch.float64) * 3e7 + torch.randn(6, 4, generator=g, dtype=torch.float64)
+    near = torch.ones(6, 4, dtype=torch.float64) * 3e7 + torch.randn(
+        6, 4, generator=g, dtype=torch.float64
+    )
     with pytest.raises(InputError, match="not resolved in float64"):
         M.sketch_metrics(near, torch.arange(6) % 2)
     with pytest.raises(InputError, match="entries"):
@@ -784,12 +788,17 @@ def test_errors_nan_keeps_the_metrics_that_are_defined():
     with pytest.raises(InputError, match="out of range for num_classes"):
         M.compute_metrics(m, x, y, names="fnorm,ntk_score", num_classes=2)
     one = M.compute_metrics(m, x[:1], y[:1], names="fnorm,ntk_score", errors="nan")
-    assert one["fnorm"] == pytest.approx(M.compute_metrics(m, x[:1], y[:1], names="fnorm")["fnorm"], rel=1e-12)
+    assert one["fnorm"] == pytest.approx(
+        M.compute_metrics(m, x[:1], y[:1], names="fnorm")["fnorm"], rel=1e-12
+    )
     assert math.isnan(one["expressivity"]) and math.isnan(one["generalization"])
     bad = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).double()
     with torch.no_grad():
         bad[0].weight.fill_(float("inf"))
-    assert all(math.isnan(v) for v in M.compute_metrics(bad, x, y, names="fnorm,ntk_score", errors="nan").values())
+    assert all(
+        math.isnan(v)
+        for v in M.compute_metrics(bad, x, y, names="fnorm,ntk_score", errors="nan").values()
+    )
 
 
 def test_vintk_refuses_token_ids():
@@ -841,8 +850,11 @@ def test_kernel_evolution_copies_the_model_outside_other_calls():
     ref = M.kernel_evolution(model, x, y, times=[1], unit="step", batch_size=8, seed=0)
     out = []
     with _model.locked(model):  # as an ntk call on another thread holds it
-        t = threading.Thread(target=lambda: out.append(
-            M.kernel_evolution(model, x, y, times=[1], unit="step", batch_size=8, seed=0)))
+        t = threading.Thread(
+            target=lambda: out.append(
+                M.kernel_evolution(model, x, y, times=[1], unit="step", batch_size=8, seed=0)
+            )
+        )
         t.start()
         t.join(0.5)
         assert t.is_alive() and not out  # waiting for the model

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import reference_ntk
 
 from fastntk import adapters, cli
 from fastntk import metrics as M
@@ -23,7 +24,6 @@ from fastntk.errors import OptionError
 from fastntk.search import scoring
 from fastntk.spaces import registry
 from fastntk.spaces.nb201 import NB201Space
-from reference import reference_ntk
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = (

@@ -370,8 +370,9 @@ def test_avg_pool3x3_is_official_avg_pool(stride, shape, dtype):
 
 
 def test_pooling_op_uses_box_filter_pool():
-    net = m.build_model("|avg_pool_3x3~0|+|nor_conv_1x1~0|avg_pool_3x3~1|+|none~0|none~1|skip_connect~2|",
-                        C=4, N=1)
+    net = m.build_model(
+        "|avg_pool_3x3~0|+|nor_conv_1x1~0|avg_pool_3x3~1|+|none~0|none~1|skip_connect~2|", C=4, N=1
+    )
     pools = [mod for mod in net.modules() if isinstance(mod, m.Pooling)]
     assert pools and all(isinstance(p.op, m.AvgPool3x3) for p in pools)
 

@@ -67,7 +67,7 @@ def test_other_paths_report_their_phases(kwargs, phases):
 
 @pytest.mark.parametrize("method", ["layerwise", "vmap"])
 def test_trace_gram_flops_count_matching_logits_only(method):
-    """"trace" contracts logit k with logit k: 2·N²·K·P FLOPs on every path."""
+    """ "trace" contracts logit k with logit k: 2·N²·K·P FLOPs on every path."""
     m, x = _convnet()
     K = m(x).shape[1]
     P = sum(p.numel() for p in m.parameters())

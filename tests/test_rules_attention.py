@@ -35,7 +35,11 @@ class Block(nn.Module):
 
     def forward(self, x):  # x: (n, T, 3)
         h = torch.tanh(self.inp(x))
-        kv = torch.tanh(self.kv(x.flip(1))) if self.cross or self.attn.kdim != self.attn.embed_dim else h
+        kv = (
+            torch.tanh(self.kv(x.flip(1)))
+            if self.cross or self.attn.kdim != self.attn.embed_dim
+            else h
+        )
         value = kv * 0.5 + 0.1 if self.cross else kv
         t = x.shape[1]
         kw = {}
@@ -56,7 +60,9 @@ class Block(nn.Module):
         elif self.mask == "per-head":  # (N * heads, T, T): through the module's own forward
             c = torch.tanh(x[..., :1])  # a per-sample mask, a function of the sample alone
             m = (c @ c.transpose(1, 2)).detach()
-            kw["attn_mask"] = torch.cat([m, -m]).reshape(2, -1, t, t).transpose(0, 1).reshape(-1, t, t)
+            kw["attn_mask"] = (
+                torch.cat([m, -m]).reshape(2, -1, t, t).transpose(0, 1).reshape(-1, t, t)
+            )
         elif self.mask == "causal":
             kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(t)
             kw["is_causal"] = True
@@ -102,8 +108,10 @@ CASES = {
 def test_rule_matches_oracle(name, output):
     m, x1, x2 = _case(**CASES[name])
     paths = _paths(m, x1)
-    assert set(paths.values()) <= {"rule:MultiheadAttentionRule",
-                                   "rule:MultiheadAttentionRule (used inside 'attn''s call)"}
+    assert set(paths.values()) <= {
+        "rule:MultiheadAttentionRule",
+        "rule:MultiheadAttentionRule (used inside 'attn''s call)",
+    }
     assert len(paths) == (2 if CASES[name].get("bias", True) is False else 4)
     for other in (None, x2):
         ref = reduce(full_kernel(m, x1, other), output)
@@ -131,11 +139,13 @@ def test_rule_in_float32_and_on_layerwise():
 
 @pytest.mark.parametrize(
     "kw,reason",
-    [(dict(need_weights=True, use_weights=True), "declined"),
-     (dict(need_weights=True, use_weights=True, batch_first=False), "declined"),
-     (dict(need_weights=True), "rule"),
-     (dict(kdim=6), "uncovered"),
-     (dict(add_bias_kv=True), "uncovered")],
+    [
+        (dict(need_weights=True, use_weights=True), "declined"),
+        (dict(need_weights=True, use_weights=True, batch_first=False), "declined"),
+        (dict(need_weights=True), "rule"),
+        (dict(kdim=6), "uncovered"),
+        (dict(add_bias_kv=True), "uncovered"),
+    ],
     ids=["weights-used", "weights-used-seq-first", "weights-returned-unused", "kdim", "bias-kv"],
 )
 def test_declined_and_uncovered_calls_take_the_fallback(kw, reason):
@@ -146,7 +156,10 @@ def test_declined_and_uncovered_calls_take_the_fallback(kw, reason):
     if reason == "rule":
         assert paths["attn.in_proj_weight"] == "rule:MultiheadAttentionRule"
     elif reason == "declined":
-        assert paths["attn.in_proj_weight"] == "fallback:module (MultiheadAttentionRule declined the call)"
+        assert (
+            paths["attn.in_proj_weight"]
+            == "fallback:module (MultiheadAttentionRule declined the call)"
+        )
         assert paths["attn.out_proj.weight"] == "fallback:module (used inside 'attn''s call)"
     else:
         assert all(p.startswith("fallback:module") for p in paths.values()), paths
@@ -175,7 +188,10 @@ def test_dropout_is_off_in_the_kernel():
 def test_model_unchanged_by_the_rule():
     m, x1, _ = _case(cross=True)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    flags = [(mod.training, [p.requires_grad for p in mod.parameters(recurse=False)]) for mod in m.modules()]
+    flags = [
+        (mod.training, [p.requires_grad for p in mod.parameters(recurse=False)])
+        for mod in m.modules()
+    ]
     fastntk.ntk(m, x1, output="full")
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert flags == [(mod.training, [p.requires_grad for p in mod.parameters(recurse=False)])

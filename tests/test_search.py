@@ -78,8 +78,9 @@ def test_random_search_no_repeats_and_exhaustion():
 
 
 def test_rea_keeps_population_and_ages():
-    r = regularized_evolution(ToySpace(), scorer(), budget=80, seed=1, population_size=10,
-                              sample_size=3)
+    r = regularized_evolution(
+        ToySpace(), scorer(), budget=80, seed=1, population_size=10, sample_size=3
+    )
     assert len(r.population) == 10
     assert r.extra["population_sizes"] == [10] * 70
     # aging: the final population is exactly the last 10 evaluations
@@ -141,8 +142,9 @@ def test_borda_multi_metric():
 
 
 def test_nan_is_worst():
-    s = Scorer(lambda a: {"good": float("nan") if a == "eeeeee" else objective(a)}, ["good"],
-               DIRECTIONS)
+    s = Scorer(
+        lambda a: {"good": float("nan") if a == "eeeeee" else objective(a)}, ["good"], DIRECTIONS
+    )
     assert s.fitness([{"good": float("nan")}, {"good": -1e9}]) == [float("-inf"), -1e9]
 
 
@@ -154,7 +156,9 @@ def test_nan_is_below_the_worst_number(metric, worst):
     from fastntk.metrics import DIRECTIONS as D
 
     one = Scorer(lambda a: {}, [metric], D)
-    f = one.fitness([{metric: float("nan")}, {metric: worst}, {metric: 3.0 if metric == "cond" else -3.0}])
+    f = one.fitness(
+        [{metric: float("nan")}, {metric: worst}, {metric: 3.0 if metric == "cond" else -3.0}]
+    )
     assert f[0] < f[1] < f[2] and f[0] == float("-inf")
     ms = [{metric: float("nan"), "lga": 0.5}, {metric: worst, "lga": 0.5}]
     assert borda_scores(ms, {metric: D[metric], "lga": True}) == [0.5, 1.5]
@@ -172,20 +176,23 @@ def test_journal_cache_resume_same_trajectory(tmp_path):
 
     s = Scorer(counted, ["good"], DIRECTIONS, settings={"metrics": ["good"], "seed": 0})
     with Journal(db) as j:
-        r1 = regularized_evolution(ToySpace(), s, budget=50, seed=2, journal=j,
-                                   population_size=8, sample_size=3)
+        r1 = regularized_evolution(
+            ToySpace(), s, budget=50, seed=2, journal=j, population_size=8, sample_size=3
+        )
     n1 = len(calls)
     assert n1 == len(set(r1.encodings))  # within a run, nothing is computed twice
     with Journal(db) as j:
-        r2 = regularized_evolution(ToySpace(), s, budget=50, seed=2, journal=j,
-                                   population_size=8, sample_size=3)
+        r2 = regularized_evolution(
+            ToySpace(), s, budget=50, seed=2, journal=j, population_size=8, sample_size=3
+        )
         assert len(j) == n1
     assert len(calls) == n1 and r2.n_computed == 0 and r2.n_cached == 50
     assert r2.encodings == r1.encodings
     # a longer budget continues past the journal
     with Journal(db) as j:
-        r3 = regularized_evolution(ToySpace(), s, budget=70, seed=2, journal=j,
-                                   population_size=8, sample_size=3)
+        r3 = regularized_evolution(
+            ToySpace(), s, budget=70, seed=2, journal=j, population_size=8, sample_size=3
+        )
     assert r3.encodings[:50] == r1.encodings
 
 
@@ -247,7 +254,14 @@ def test_supernet_strings_build_and_round_trip():
 
     from fastntk.spaces import nb201
 
-    ops = [nb201.OPS, ("skip_connect",), ("nor_conv_1x1", "none"), nb201.OPS[:2], ("avg_pool_3x3",), nb201.OPS]
+    ops = [
+        nb201.OPS,
+        ("skip_connect",),
+        ("nor_conv_1x1", "none"),
+        nb201.OPS[:2],
+        ("avg_pool_3x3",),
+        nb201.OPS,
+    ]
     s = nb201.format_supernet(ops)
     assert [set(e) for e in nb201.parse_supernet(s)] == [set(e) for e in ops]
     space = nb201.NB201Space(C=4, N=1)
@@ -287,8 +301,9 @@ def test_space_configuration_is_part_of_the_journal_key(tmp_path):
     assert space_key(get_space("resnet")) == "resnet" and space_key(ToySpace()) == "toy"
 
     def config_scorer(space):  # the "network" depends on the configuration, like C and N
-        return Scorer(lambda a: {"good": objective(a) + 100 * (space.opts != "abcde")},
-                      ["good"], DIRECTIONS)
+        return Scorer(
+            lambda a: {"good": objective(a) + 100 * (space.opts != "abcde")}, ["good"], DIRECTIONS
+        )
 
     db = tmp_path / "j.db"
     wide, other = ToySpace(), ToySpace(opts="edcba")
@@ -331,11 +346,13 @@ def test_prune_budget_ending_mid_round_uses_only_complete_rounds():
     s1 = Scorer(lambda a: {"good": objective(a), "good3": objective(a) ** 3}, ["good"], dirs)
     s2 = Scorer(s1.fn, ["good", "good3"], dirs)
     for budget in (37, 50, 61):
-        assert (prune_search(toy, s1, budget=budget, seed=0).best.encoding
-                == prune_search(toy, s2, budget=budget, seed=0).best.encoding == "eeeeee")
+        assert (
+            prune_search(toy, s1, budget=budget, seed=0).best.encoding
+            == prune_search(toy, s2, budget=budget, seed=0).best.encoding
+            == "eeeeee"
+        )
     # no complete round: the ops are drawn (seeded), not choice 0 on every unscored edge
-    finals = [prune_search(space, Scorer(fn, ["good"], dirs), budget=10, seed=s)
-              for s in range(3)]
+    finals = [prune_search(space, Scorer(fn, ["good"], dirs), budget=10, seed=s) for s in range(3)]
     for r in finals:
         assert r.extra["rounds"] == [] and r.extra["partial_round"] == 9
         assert "none" not in nb201.parse_arch(r.best.encoding)
@@ -349,8 +366,13 @@ def test_prune_progress_labels_supernets_and_the_final_arch():
     from fastntk.spaces.registry import get_space
 
     buf = io.StringIO()
-    prune_search(get_space("nb201"), Scorer(_supernet_fn(), ["good"], {"good": True}),
-                 budget=40, seed=0, progress=buf)
+    prune_search(
+        get_space("nb201"),
+        Scorer(_supernet_fn(), ["good"], {"good": True}),
+        budget=40,
+        seed=0,
+        progress=buf,
+    )
     frames = [f for f in buf.getvalue().replace("\n", "\r").split("\r") if f.strip()]
     assert all("best supernet:" in f for f in frames[:-1])
     assert "final arch (round 2 unfinished, its 15 evaluations unused" in frames[-1]
@@ -361,8 +383,12 @@ def test_prune_samples_per_op_refused_where_it_has_no_effect():
     from fastntk.spaces.registry import get_space
 
     with pytest.raises(OptionError, match="samples_per_op applies to per-op pruning"):
-        prune_search(get_space("nb201"), Scorer(_supernet_fn(), ["good"], {"good": True}),
-                     budget=5, samples_per_op=3)
+        prune_search(
+            get_space("nb201"),
+            Scorer(_supernet_fn(), ["good"], {"good": True}),
+            budget=5,
+            samples_per_op=3,
+        )
     r = prune_search(ToySpace(), scorer(), budget=200, seed=0, samples_per_op=2)
     assert len(r.history) == 2 * (30 + 24 + 18 + 12) + 1
 
@@ -373,15 +399,26 @@ def test_scorer_deduplicates_metric_names():
     assert Scorer(toy_metrics, {"good": 1, "bad": 2}.keys(), DIRECTIONS).metrics == ["good", "bad"]
     assert Scorer(toy_metrics, (m for m in ["bad", "bad"]), DIRECTIONS).metrics == ["bad"]
     a = reinforce(ToySpace(), Scorer(toy_metrics, "good", DIRECTIONS), budget=40, seed=0)
-    b = reinforce(ToySpace(), Scorer(toy_metrics, ["good", "good"], DIRECTIONS), budget=40,
-                  seed=0)
+    b = reinforce(ToySpace(), Scorer(toy_metrics, ["good", "good"], DIRECTIONS), budget=40, seed=0)
     assert a.encodings == b.encodings and a.extra["rewards"] == b.extra["rewards"]
 
 
-@pytest.mark.parametrize("case", [
-    "lr=inf", "lr=str", "baseline_decay=str", "time_budget=str", "time_budget=inf",
-    "journal=str", "value=str", "value=None", "metrics=None", "progress=1", "max_tries=0",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "lr=inf",
+        "lr=str",
+        "baseline_decay=str",
+        "time_budget=str",
+        "time_budget=inf",
+        "journal=str",
+        "value=str",
+        "value=None",
+        "metrics=None",
+        "progress=1",
+        "max_tries=0",
+    ],
+)
 def test_python_api_errors_are_typed(case, tmp_path):
     space = ToySpace()
     calls = {
@@ -390,18 +427,24 @@ def test_python_api_errors_are_typed(case, tmp_path):
         "baseline_decay=str": lambda: reinforce(space, scorer(), budget=5, baseline_decay="x"),
         "time_budget=str": lambda: random_search(space, scorer(), time_budget="10"),
         "time_budget=inf": lambda: random_search(space, scorer(), time_budget=math.inf),
-        "journal=str": lambda: random_search(space, scorer(), budget=2,
-                                             journal=str(tmp_path / "runs.db")),
+        "journal=str": lambda: random_search(
+            space, scorer(), budget=2, journal=str(tmp_path / "runs.db")
+        ),
         "value=str": lambda: random_search(
-            space, Scorer(lambda a: {"good": "abc"}, ["good"], DIRECTIONS), budget=2),
+            space, Scorer(lambda a: {"good": "abc"}, ["good"], DIRECTIONS), budget=2
+        ),
         "value=None": lambda: random_search(
-            space, Scorer(lambda a: {"good": None}, ["good"], DIRECTIONS), budget=2),
+            space, Scorer(lambda a: {"good": None}, ["good"], DIRECTIONS), budget=2
+        ),
         "metrics=None": lambda: Scorer(toy_metrics, None, DIRECTIONS),
         "progress=1": lambda: random_search(space, scorer(), budget=2, progress=1),
         "max_tries=0": lambda: random_search(space, scorer(), budget=2, max_tries=0),
     }
-    needles = {"value=str": "metric 'good'", "value=None": "metric 'good'",
-               "journal=str": "Journal\\(path\\)"}
+    needles = {
+        "value=str": "metric 'good'",
+        "value=None": "metric 'good'",
+        "journal=str": "Journal\\(path\\)",
+    }
     with pytest.raises(OptionError, match=needles.get(case)):
         calls[case]()
     assert not (tmp_path / "runs.db").exists()
@@ -413,8 +456,9 @@ def test_numpy_integer_seeds_and_sizes():
         a = run_search(algo, ToySpace(), scorer(), budget=12, seed=3)
         b = run_search(algo, ToySpace(), scorer(), budget=np.int64(12), seed=np.int64(3))
         assert a.encodings == b.encodings and b.seed == 3 and type(b.seed) is int
-    r = regularized_evolution(ToySpace(), scorer(), budget=6, population_size=np.int32(3),
-                              sample_size=np.int8(2))
+    r = regularized_evolution(
+        ToySpace(), scorer(), budget=6, population_size=np.int32(3), sample_size=np.int8(2)
+    )
     assert len(r.population) == 3
 
 
@@ -429,5 +473,10 @@ def test_scorer_keys_on_revised_metrics():
     assert s.settings == {"metrics": ["lga", "generalization"],
                           "revisions": {"generalization": REVISIONS["generalization"]}}  # fmt: skip
     assert "revisions" not in Scorer(lambda a: {}, ["lga"], D).settings
-    own = Scorer(lambda a: {}, ["expressivity"], D, settings={"metrics": ["expressivity"], "seed": 3})
-    assert own.settings["revisions"] == {"expressivity": REVISIONS["expressivity"]} and own.settings["seed"] == 3
+    own = Scorer(
+        lambda a: {}, ["expressivity"], D, settings={"metrics": ["expressivity"], "seed": 3}
+    )
+    assert (
+        own.settings["revisions"] == {"expressivity": REVISIONS["expressivity"]}
+        and own.settings["seed"] == 3
+    )

@@ -57,7 +57,9 @@ def test_squared_error_is_the_count_sketchs(dim):
     from reference import jacobian
 
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    m = torch.nn.Sequential(
+        torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    ).double()
     x = torch.randn(6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     G = jacobian(m, x, "eval")[:, 0]
     theta = G @ G.T

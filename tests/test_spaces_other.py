@@ -48,7 +48,8 @@ def test_sample_mutate_stay_in_space_and_round_trip(name):
             # one slot changes (sorting within a node may move the other slot)
             assert a != b
             diff_nodes = sum(
-                na != nb for ca_, cb_ in zip(a, b, strict=True)
+                na != nb
+                for ca_, cb_ in zip(a, b, strict=True)
                 for na, nb in zip(ca_, cb_, strict=True)
             )
             assert diff_nodes == 1
@@ -221,7 +222,11 @@ def test_darts_nodes_take_two_distinct_inputs():
             for cell in a:
                 for (_, i), (_, j) in cell:
                     assert i != j
-        changed = sum(len(set(na) - set(nb)) for ca, cb in zip(g, child) for na, nb in zip(ca, cb))
+        changed = sum(
+            len(set(na) - set(nb))
+            for ca, cb in zip(g, child, strict=True)
+            for na, nb in zip(ca, cb, strict=True)
+        )
         assert changed == 1  # one (op, input) pair
         seen_pairs |= {tuple(sorted(i for _, i in node)) for node in g[0][3:]}
     assert seen_pairs == {(i, j) for j in range(5) for i in range(j)}  # node 3: all 10 pairs
@@ -246,7 +251,10 @@ def test_numbers_of_the_spaces_checked_alike():
     from fastntk.spaces import darts, nb201, resnet, vit
 
     arch = "|nor_conv_3x3~0|+|none~0|skip_connect~1|+|none~0|none~1|avg_pool_3x3~2|"
-    assert nb201.build_model(arch, num_classes=np.int64(3), C=np.int32(2), N=1).classifier.out_features == 3
+    assert (
+        nb201.build_model(arch, num_classes=np.int64(3), C=np.int32(2), N=1).classifier.out_features
+        == 3
+    )
     for bad in (True, 0, 2.0):
         with pytest.raises(OptionError, match="num_classes"):
             nb201.build_model(arch, num_classes=bad, C=2, N=1)
@@ -262,9 +270,13 @@ def test_numbers_of_the_spaces_checked_alike():
         with pytest.raises(ArchitectureError, match="a ResNet arch has 8 decisions"):
             space.from_choices(wrong)
     g = darts.validate(darts.DARTS_V2)  # (normal, reduce) cells of (op, input) pairs
-    numpy_inputs = tuple(tuple(tuple((op, np.int64(i)) for op, i in node) for node in cell) for cell in g)
+    numpy_inputs = tuple(
+        tuple(tuple((op, np.int64(i)) for op, i in node) for node in cell) for cell in g
+    )
     assert darts.validate(numpy_inputs) == g
-    assert all(type(i) is int for cell in darts.validate(numpy_inputs) for node in cell for _, i in node)
+    assert all(
+        type(i) is int for cell in darts.validate(numpy_inputs) for node in cell for _, i in node
+    )
     normal = list(g[0])
     normal[0] = (("sep_conv_3x3", 0.0), ("sep_conv_3x3", 1))
     with pytest.raises(ArchitectureError, match="must be an integer node index"):

@@ -321,10 +321,17 @@ def test_command_line_tuning_is_opt_in(monkeypatch):
 
 @pytest.mark.parametrize(
     "triton_version,numpy_version,broken",
-    [("3.6.0", "2.4.6", True), ("3.5.1", "2.4.0", True), ("3.6.0", "2.3.5", False),
-     ("3.7.0", "2.4.6", False), ("3.9.0+git1a2b", "2.5.0", False)],
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.5.1", "2.4.0", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.0", "2.4.6", False),
+        ("3.9.0+git1a2b", "2.5.0", False),
+    ],
 )
-def test_triton_interpreter_numpy_incompatibility(monkeypatch, triton_version, numpy_version, broken):
+def test_triton_interpreter_numpy_incompatibility(
+    monkeypatch, triton_version, numpy_version, broken
+):
     """Triton <= 3.6's interpreter with NumPy >= 2.4 is refused by name, not by an InterpreterError."""
     import numpy
 
@@ -725,7 +732,7 @@ def test_interrupted_swap_out_leaves_no_copies_in_the_model(monkeypatch):
     real = copies.functional_call
 
     def partial(module, slots, *a, **k):
-        out = real(module, slots, *a, **k)
+        real(module, slots, *a, **k)
         module[0]._parameters["weight"] = slots["0.weight"]  # as if interrupted mid-restore
         raise KeyboardInterrupt
 

@@ -54,7 +54,10 @@ def _sigint_deferred() -> Iterator[None]:
     delivered at its end: a KeyboardInterrupt in the middle of a restore left modules in
     eval mode, their backward hooks gone, or the process-wide hooks lost (helper-26). Only
     in the main thread (where Python runs signal handlers); other signals are not held."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is None
+    ):
         yield  # (None: a handler installed outside Python, which could not be put back)
         return
     got: list[Any] = []
@@ -106,7 +109,10 @@ def _suspended_process_state() -> Iterator[None]:
                     _m._global_backward_hooks, _m._global_backward_pre_hooks,
                     parametrize._cache_enabled,
                 )  # fmt: skip
-                _m._global_backward_hooks, _m._global_backward_pre_hooks = OrderedDict(), OrderedDict()
+                _m._global_backward_hooks, _m._global_backward_pre_hooks = (
+                    OrderedDict(),
+                    OrderedDict(),
+                )
                 parametrize._cache_enabled -= _SUSPENDED["saved"][2]  # computed afresh
             _SUSPENDED["depth"] += 1
             entered = True

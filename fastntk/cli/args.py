@@ -75,47 +75,86 @@ def _db_path(s: str) -> str:
 
 
 def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=batch,
-                   help=f"samples per NTK batch (default {batch})")
-    p.add_argument("--data", default="cifar10", choices=("cifar10", "synthetic"),
-                   help="bundled CIFAR-10 sample or seeded synthetic images")
-    p.add_argument("--bn", choices=("eval", "batch", "per_sample"),
-                   help="BatchNorm semantics of the kernels (default per_sample, the NAS "
-                        "preset fastntk.metrics.NAS: it measured best on NAS-Bench-201)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("--batch-size"),
+        default=batch,
+        help=f"samples per NTK batch (default {batch})",
+    )
+    p.add_argument(
+        "--data",
+        default="cifar10",
+        choices=("cifar10", "synthetic"),
+        help="bundled CIFAR-10 sample or seeded synthetic images",
+    )
+    p.add_argument(
+        "--bn",
+        choices=("eval", "batch", "per_sample"),
+        help="BatchNorm semantics of the kernels (default per_sample, the NAS "
+        "preset fastntk.metrics.NAS: it measured best on NAS-Bench-201)",
+    )
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of data, init and search")
-    p.add_argument("--dtype", choices=("float32", "float64"),
-                   help="dtype of the kernels (default float32; with --bn eval, float64 "
-                        "for ncn, cond and vintk, whose condition numbers float32 cannot "
-                        "resolve beyond 1/(N*eps))")
-    p.add_argument("--lga-epochs", type=_nonneg_int("--lga-epochs"), default=1,
-                   help="lga_t: epochs of the LGA paper's training before the kernel "
-                        "(default 1)")
-    p.add_argument("--lga-train", type=_positive_int("--lga-train"), default=512,
-                   help="lga_t: training images, the next ones of the data after the "
-                        "scored batch (default 512)")
-    p.add_argument("--lga-batch", type=_positive_int("--lga-batch"), default=64,
-                   help="lga_t: training minibatch size (default 64)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        help="dtype of the kernels (default float32; with --bn eval, float64 "
+        "for ncn, cond and vintk, whose condition numbers float32 cannot "
+        "resolve beyond 1/(N*eps))",
+    )
+    p.add_argument(
+        "--lga-epochs",
+        type=_nonneg_int("--lga-epochs"),
+        default=1,
+        help="lga_t: epochs of the LGA paper's training before the kernel (default 1)",
+    )
+    p.add_argument(
+        "--lga-train",
+        type=_positive_int("--lga-train"),
+        default=512,
+        help="lga_t: training images, the next ones of the data after the "
+        "scored batch (default 512)",
+    )
+    p.add_argument(
+        "--lga-batch",
+        type=_positive_int("--lga-batch"),
+        default=64,
+        help="lga_t: training minibatch size (default 64)",
+    )
     _add_threads_arg(p)
 
 
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive_int("--threads"),
-                   help="torch intra-op threads (default: torch's choice; on a shared, "
-                        "loaded machine 1 avoids OpenMP oversubscription)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int("--threads"),
+        help="torch intra-op threads (default: torch's choice; on a shared, "
+        "loaded machine 1 avoids OpenMP oversubscription)",
+    )
 
 
 def _add_progress_args(p: argparse.ArgumentParser) -> None:
     """--progress / --no-progress: ``args.progress`` True, False or None (the default: a
     bar where stderr is a terminal), as the search's ``progress`` takes it."""
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--progress", action="store_const", const=True,
-                   help="a progress bar on stderr even where it is not a terminal (a log)")
-    g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                   help="no progress bar (default: one where stderr is a terminal)")
+    g.add_argument(
+        "--progress",
+        action="store_const",
+        const=True,
+        help="a progress bar on stderr even where it is not a terminal (a log)",
+    )
+    g.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_const",
+        const=False,
+        help="no progress bar (default: one where stderr is a terminal)",
+    )
 
 
-_METRIC_HELP = ("metric name(s), comma separated; several are combined by a Borda count "
-                "(default: ncn,lga,num_params, the NAS default score)")
+_METRIC_HELP = (
+    "metric name(s), comma separated; several are combined by a Borda count "
+    "(default: ncn,lga,num_params, the NAS default score)"
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -137,34 +176,51 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="nb201")
     p.add_argument("--algo", default="random", help="random | rea | prune | reinforce")
     p.add_argument("--metric", help=_METRIC_HELP)
-    p.add_argument("--budget", type=_positive_int("--budget"),
-                   help="number of architecture evaluations")
-    p.add_argument("--time-budget", type=_positive_float("--time-budget", " seconds"),
-                   help="wall-clock seconds")
-    p.add_argument("--db", type=_db_path,
-                   help="SQLite journal: resumable search and result store")
-    p.add_argument("--population", type=_positive_int("--population"),
-                   help="REA population size (default 20)")
-    p.add_argument("--sample-size", type=_positive_int("--sample-size"),
-                   help="REA tournament size (default 5)")
-    p.add_argument("--lr", type=_positive_float("--lr"),
-                   help="REINFORCE learning rate (default 0.2)")
-    p.add_argument("--samples-per-op", type=_positive_int("--samples-per-op"),
-                   help="pruning of spaces without supernets (darts, resnet, vit): "
-                        "architectures scored per (decision, op) (default 1); nb201 is "
-                        "pruned on supernets, where it must stay 1")
+    p.add_argument(
+        "--budget", type=_positive_int("--budget"), help="number of architecture evaluations"
+    )
+    p.add_argument(
+        "--time-budget",
+        type=_positive_float("--time-budget", " seconds"),
+        help="wall-clock seconds",
+    )
+    p.add_argument("--db", type=_db_path, help="SQLite journal: resumable search and result store")
+    p.add_argument(
+        "--population", type=_positive_int("--population"), help="REA population size (default 20)"
+    )
+    p.add_argument(
+        "--sample-size", type=_positive_int("--sample-size"), help="REA tournament size (default 5)"
+    )
+    p.add_argument(
+        "--lr", type=_positive_float("--lr"), help="REINFORCE learning rate (default 0.2)"
+    )
+    p.add_argument(
+        "--samples-per-op",
+        type=_positive_int("--samples-per-op"),
+        help="pruning of spaces without supernets (darts, resnet, vit): "
+        "architectures scored per (decision, op) (default 1); nb201 is "
+        "pruned on supernets, where it must stay 1",
+    )
     _add_progress_args(p)
     _add_data_args(p, 64)
 
     p = sub.add_parser("evaluate", help="rank correlation of metrics with true accuracy")
     p.add_argument("--space", default="nb201")
     p.add_argument("--metric", help=_METRIC_HELP)
-    p.add_argument("--archs", type=_positive_int("--archs"), required=True,
-                   help="number of sampled architectures")
-    p.add_argument("--dataset", default="cifar10",
-                   help="ground truth: cifar10 | cifar100 | imagenet16-120")
-    p.add_argument("--plot", help="scatter plot PNG of the metric (or Borda count) vs "
-                   "accuracy; needs matplotlib (pip install fastntk[plot])")
+    p.add_argument(
+        "--archs",
+        type=_positive_int("--archs"),
+        required=True,
+        help="number of sampled architectures",
+    )
+    p.add_argument(
+        "--dataset", default="cifar10", help="ground truth: cifar10 | cifar100 | imagenet16-120"
+    )
+    p.add_argument(
+        "--plot",
+        help="scatter plot PNG of the metric (or Borda count) vs "
+        "accuracy; needs matplotlib (pip install fastntk[plot])",
+    )
     p.add_argument("--db", type=_db_path, help="SQLite journal to reuse/store the scores")
     _add_progress_args(p)
     _add_data_args(p, 64)

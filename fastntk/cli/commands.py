@@ -16,8 +16,11 @@ from fastntk.errors import OptionError
 
 __all__ = ["COMMANDS", "evaluate", "score", "search"]
 
-NB201_DATASETS = (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"),
-                  ("imagenet16-120", "ImageNet16-120"))
+NB201_DATASETS = (
+    ("cifar10", "CIFAR-10"),
+    ("cifar100", "CIFAR-100"),
+    ("imagenet16-120", "ImageNet16-120"),
+)
 
 
 def _expand_metrics(spec: str | None) -> list[str]:
@@ -54,8 +57,10 @@ def _nb201_truth(arch: str) -> list[str]:
     accs = "  ".join(f"{label} {nb201.accuracy(arch, d):.2f}%" for d, label in NB201_DATASETS)
     lines = [f"  true accuracy (200 epochs): {accs}"]
     for d, label in NB201_DATASETS:
-        lines.append(f"  {label}: rank {nb201.rank(arch, d)} of {nb201.NUM_ARCHS} "
-                     f"(better than {nb201.percentile(arch, d):.2f}% of the space)")
+        lines.append(
+            f"  {label}: rank {nb201.rank(arch, d)} of {nb201.NUM_ARCHS} "
+            f"(better than {nb201.percentile(arch, d):.2f}% of the space)"
+        )
     return lines
 
 
@@ -76,8 +81,9 @@ def score(args: argparse.Namespace) -> int:
     values = scorer(arch)
     dt = time.perf_counter() - t
     print(f"space {space.name}  arch {enc}")
-    print(f"data {args.data}, batch {args.batch_size}, bn {scorer.settings['bn']}, "
-          f"seed {args.seed}")
+    print(
+        f"data {args.data}, batch {args.batch_size}, bn {scorer.settings['bn']}, seed {args.seed}"
+    )
     width = max(len(m) for m in metrics)
     for m in metrics:
         print(f"  {m:<{width}}  {_fmt(values[m])}")
@@ -104,12 +110,17 @@ def _algo_options(args) -> None:
                 setattr(args, name, default)
             elif algo != args.algo:
                 flag = "--" + name.replace("_", "-")
-                print(f"fastntk search: note: {flag} is an option of --algo {algo}; "
-                      f"--algo {args.algo} does not use it", file=sys.stderr)
+                print(
+                    f"fastntk search: note: {flag} is an option of --algo {algo}; "
+                    f"--algo {args.algo} does not use it",
+                    file=sys.stderr,
+                )
     if args.algo == "rea" and args.budget is not None and args.population >= args.budget:
-        print(f"fastntk search: note: --population {args.population} >= --budget "
-              f"{args.budget}: REA samples its whole budget at random and never mutates",
-              file=sys.stderr)
+        print(
+            f"fastntk search: note: --population {args.population} >= --budget "
+            f"{args.budget}: REA samples its whole budget at random and never mutates",
+            file=sys.stderr,
+        )
 
 
 def search(args: argparse.Namespace) -> int:
@@ -118,16 +129,16 @@ def search(args: argparse.Namespace) -> int:
     from fastntk.spaces.registry import get_space
 
     if args.algo not in ALGORITHMS:
-        raise OptionError(f"unknown search algorithm {args.algo!r}; known: "
-                          f"{', '.join(ALGORITHMS)}")
+        raise OptionError(f"unknown search algorithm {args.algo!r}; known: {', '.join(ALGORITHMS)}")
     if args.budget is None and args.time_budget is None:
         raise OptionError("give --budget N (evaluations) and/or --time-budget SECONDS")
     space = get_space(args.space)
     metrics = _expand_metrics(args.metric)
     _algo_options(args)
     if args.algo == "rea" and args.sample_size > args.population:
-        raise OptionError(f"--sample-size ({args.sample_size}) must be <= --population "
-                          f"({args.population})")
+        raise OptionError(
+            f"--sample-size ({args.sample_size}) must be <= --population ({args.population})"
+        )
     journal = Journal(args.db) if args.db is not None else None
     scorer = _scorer(space, metrics, args)
     kw: dict[str, Any] = {}
@@ -138,15 +149,25 @@ def search(args: argparse.Namespace) -> int:
     elif args.algo == "prune":
         kw = {"samples_per_op": args.samples_per_op}
     try:
-        res = run_search(args.algo, space, scorer, budget=args.budget,
-                         time_budget=args.time_budget, seed=args.seed, journal=journal,
-                         progress=args.progress, **kw)
+        res = run_search(
+            args.algo,
+            space,
+            scorer,
+            budget=args.budget,
+            time_budget=args.time_budget,
+            seed=args.seed,
+            journal=journal,
+            progress=args.progress,
+            **kw,
+        )
     finally:
         if journal is not None:
             journal.close()
-    print(f"search {args.algo} on {space.name}: {res.n_evaluations} evaluations "
-          f"({res.n_computed} computed, {res.n_cached} from the journal/cache) in "
-          f"{res.elapsed:.1f} s, stopped: {res.stop_reason}")
+    print(
+        f"search {args.algo} on {space.name}: {res.n_evaluations} evaluations "
+        f"({res.n_computed} computed, {res.n_cached} from the journal/cache) in "
+        f"{res.elapsed:.1f} s, stopped: {res.stop_reason}"
+    )
     if res.best is None:
         print("no architecture evaluated")
         return 0
@@ -174,8 +195,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
     space = get_space(args.space)
     if space.name != "nb201":
-        raise OptionError(f"evaluate needs ground-truth accuracies, which only the nb201 space "
-                          f"has (got {space.name!r})")
+        raise OptionError(
+            f"evaluate needs ground-truth accuracies, which only the nb201 space "
+            f"has (got {space.name!r})"
+        )
     from fastntk.spaces import nb201
 
     nb201.accuracy(nb201.BENCH_ARCH, args.dataset)  # OptionError on an unknown data set
@@ -189,8 +212,14 @@ def evaluate(args: argparse.Namespace) -> int:
     journal = Journal(args.db) if args.db is not None else None
     scorer = _scorer(space, metrics, args)
     try:
-        res = random_search(space, scorer, budget=args.archs, seed=args.seed, journal=journal,
-                            progress=args.progress)
+        res = random_search(
+            space,
+            scorer,
+            budget=args.archs,
+            seed=args.seed,
+            journal=journal,
+            progress=args.progress,
+        )
     finally:
         if journal is not None:
             journal.close()
@@ -207,9 +236,11 @@ def evaluate(args: argparse.Namespace) -> int:
         cols.append((m, vals))
     if len(metrics) > 1:
         cols.append(("borda", scorer.fitness([e.metrics for e in res.history])))
-    print(f"{len(archs)} NB201 archs, ground truth {args.dataset}; metrics oriented so that "
-          "higher predicts better (lower-is-better metrics negated; undefined values rank "
-          "last)")
+    print(
+        f"{len(archs)} NB201 archs, ground truth {args.dataset}; metrics oriented so that "
+        "higher predicts better (lower-is-better metrics negated; undefined values rank "
+        "last)"
+    )
     print(f"  {'metric':<16} {'kendall_tau':>11} {'spearman_rho':>12}")
     for name, vals in cols:
         r = stats.rankdata(np.asarray(vals, dtype=float))
@@ -236,8 +267,10 @@ def evaluate(args: argparse.Namespace) -> int:
                            f"{len(archs)} NB201 archs, Kendall τ {rows[-1][1]:.4f}")  # fmt: skip
         fin = xs[np.isfinite(xs)]
         xr = f"{fin.min():.4g}..{fin.max():.4g}" if fin.size else "-"
-        print(f"plot {args.plot} (x: {name} {xr}, y: {args.dataset} accuracy "
-              f"{acc.min():.2f}..{acc.max():.2f}%)")
+        print(
+            f"plot {args.plot} (x: {name} {xr}, y: {args.dataset} accuracy "
+            f"{acc.min():.2f}..{acc.max():.2f}%)"
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 
 from fastntk.cli.args import seed_arg
 
+
 def _images(s: str) -> int:
     from fastntk.data import cifar10_size
 
@@ -54,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fastntk demo", description=__doc__)
     ap.add_argument("--arch", default=nb201.BENCH_ARCH, help="NAS-Bench-201 arch string")
     ap.add_argument("--n", type=_images, default=128, help="number of CIFAR-10 images (<= 1000)")
-    ap.add_argument("--output", default="sum", type=_output,
-                    help="sum | trace | mean | an integer (one logit)")
+    ap.add_argument(
+        "--output", default="sum", type=_output, help="sum | trace | mean | an integer (one logit)"
+    )
     ap.add_argument("--bn", default="eval", choices=["eval", "batch", "per_sample"])
     ap.add_argument("--seed", type=seed_arg, default=0)
     args = ap.parse_args(argv)
@@ -77,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     tuned = fastntk.env().get("allocator_tuned")
     print(
         "allocator     "
-        + ("glibc tuned to keep freed memory (FASTNTK_TUNE_ALLOCATOR=1)" if tuned
-           else "as the process found it (FASTNTK_TUNE_ALLOCATOR=1 tunes glibc)")
+        + (
+            "glibc tuned to keep freed memory (FASTNTK_TUNE_ALLOCATOR=1)"
+            if tuned
+            else "as the process found it (FASTNTK_TUNE_ALLOCATOR=1 tunes glibc)"
+        )
     )
     t0 = time.perf_counter()
     theta = fastntk.ntk(model, x, output=args.output, bn=args.bn)

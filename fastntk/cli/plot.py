@@ -30,8 +30,9 @@ def require() -> None:
         ) from None
 
 
-def scatter(path: str, x: Sequence[float], y: Sequence[float], *, xlabel: str, ylabel: str,
-            title: str):
+def scatter(
+    path: str, x: Sequence[float], y: Sequence[float], *, xlabel: str, ylabel: str, title: str
+):
     """Write the scatter plot of ``(x, y)`` to ``path`` as a PNG; non-finite points are left
     out. Returns the ``matplotlib.figure.Figure`` (for inspection; it is already saved).
 

@@ -68,6 +68,7 @@ from fastntk.rules import Block, Dense, GramRule, Workspace, gram_block
 
 __all__ = ["DEFAULT_SAMPLE_CHUNK", "METHODS", "CapturedMutationError", "ntk", "ntk_sketch"]
 
+
 @_model.with_grad
 def ntk(
     model: nn.Module,
@@ -295,7 +296,9 @@ def ntk_sketch(
         nonlocal kept_bytes
         seg = kept.get((pname, k, j))
         if seg is None:
-            seg = tuple(t.to(job.device) for t in sketch.segment(seed, pname, k, j, numel, sketch_dim))
+            seg = tuple(
+                t.to(job.device) for t in sketch.segment(seed, pname, k, j, numel, sketch_dim)
+            )
             if kept_bytes + 9 * seg[0].numel() <= sketch.HASH_BYTES:
                 kept[(pname, k, j)] = seg
                 kept_bytes += 9 * seg[0].numel()
@@ -331,7 +334,9 @@ def ntk_sketch(
             try:
                 job._run_chunk(x[s0:s1], consume, capture.always)
             except capture.SamplesCoupled as e:
-                raise OptionError(f"the sketch needs per-sample independent outputs, but {e}") from None
+                raise OptionError(
+                    f"the sketch needs per-sample independent outputs, but {e}"
+                ) from None
             bar.update()
     bar.close()
     if output == "mean":
@@ -388,7 +393,9 @@ class _Job:
             self._probed = True
             with phase("probe"):
                 self.probe = probe.run(
-                    self._probe_forward, [(mn, m) for mn, m, _ in self.plan_modules], x,
+                    self._probe_forward,
+                    [(mn, m) for mn, m, _ in self.plan_modules],
+                    x,
                     {q: self.copies.params[q] for q in self.selected},
                 )
 
@@ -403,12 +410,22 @@ class _Job:
         that makes it (every chunk must serve a call alike: their blocks meet by key)."""
         key = (mname, k)
         if key not in self._call_dims:
-            self._call_dims[key] = None if self.probe is None else self.probe.dims(
-                mname, k, probe.shapes(graph.flatten((args, kwargs))[0]), probe.shapes(tensors), n
+            self._call_dims[key] = (
+                None
+                if self.probe is None
+                else self.probe.dims(
+                    mname,
+                    k,
+                    probe.shapes(graph.flatten((args, kwargs))[0]),
+                    probe.shapes(tensors),
+                    n,
+                )
             )
         return self._call_dims[key]
 
-    def row_ranges(self, pname: str, rule: GramRule | None, per_sample: int) -> list[tuple[int, int]]:
+    def row_ranges(
+        self, pname: str, rule: GramRule | None, per_sample: int
+    ) -> list[tuple[int, int]]:
         """Parameter-row ranges of ``pname``'s blocks (``per_sample`` rows per sample each).
 
         Sized for the job's largest chunk (``chunk_n``), never the current one: every
@@ -590,7 +607,9 @@ class _Job:
         adopted = self._adoptions(cap, uses, calls)
         return untracked - set(adopted), adopted
 
-    def _uses_outside_calls(self, cap: capture.Capture, consumers, calls: dict[str, int]) -> set[str]:
+    def _uses_outside_calls(
+        self, cap: capture.Capture, consumers, calls: dict[str, int]
+    ) -> set[str]:
         """Parameters with a use outside every call of their modules, though counted no
         more often than those calls (a parameter its module holds but only the parent
         uses: ``self.h(self.b(x) * self.b.gamma)``; the module's fallback would re-run a
@@ -631,7 +650,6 @@ class _Job:
             for pname in rec.attrs.values():
                 calls[pname] += 1
         return calls
-
 
     def _adoptions(
         self, cap: capture.Capture, uses: dict[str, int], calls: dict[str, int]
@@ -717,7 +735,9 @@ class _Job:
             if not self.head.K:
                 xs = self._prep(x[: min(self.samples, x.shape[0])])
                 with torch.no_grad():
-                    self.head.passes(self.head(self.copies.call(self.model, xs, samples=_model.ROWS)))
+                    self.head.passes(
+                        self.head(self.copies.call(self.model, xs, samples=_model.ROWS))
+                    )
             passes = max(1, self.head.K)
         return sum(p.numel() for p in self.selected.values()) * self.dtype.itemsize * passes
 
@@ -979,7 +999,9 @@ class _Job:
             tensors = [self.copies.params[p] for p in names]
             first_use = {  # autograd numbers its nodes in the order the forward makes them
                 p: min(node._sequence_nr() for node, _ in uses)
-                for p, uses in graph.param_consumers(y, dict(zip(names, tensors))).items()
+                for p, uses in graph.param_consumers(
+                    y, dict(zip(names, tensors, strict=True))
+                ).items()
             }
             bad: set[str] = set()
             for k, wk in enumerate(w):
@@ -1013,7 +1035,8 @@ class _Job:
         if len(rec.out_specs) < 2 or rec.n < 2:
             return [bdim] * len(rec.out_specs)
         one = [
-            a.narrow(bdim, 0, 1) if d is not None else a for a, d in zip(flat_args, in_dims, strict=True)
+            a.narrow(bdim, 0, 1) if d is not None else a
+            for a, d in zip(flat_args, in_dims, strict=True)
         ]
         a, kw = graph.unflatten(one, spec)
         with torch.no_grad():
@@ -1060,7 +1083,9 @@ class _Job:
             gdims = [rec.dims.outs[i] for i in rec.out_pos]
         else:  # assumed: the module's batch dim, where a tensor has the batch's size
             in_dims = [
-                bdim if isinstance(a, torch.Tensor) and a.dim() > bdim and a.shape[bdim] == n else None
+                bdim
+                if isinstance(a, torch.Tensor) and a.dim() > bdim and a.shape[bdim] == n
+                else None
                 for a in flat_args
             ]
             gdims = self._output_batch_dims(rec, const, diff, flat_args, spec, in_dims, bdim)
@@ -1069,9 +1094,7 @@ class _Job:
         def f(p, *fa_and_g):
             fa = list(fa_and_g[: len(flat_args)])
             gs = fa_and_g[len(flat_args) :]
-            fa = [
-                a.unsqueeze(d) if d is not None else a for a, d in zip(fa, in_dims, strict=True)
-            ]
+            fa = [a.unsqueeze(d) if d is not None else a for a, d in zip(fa, in_dims, strict=True)]
             a, kw = graph.unflatten(fa, spec)
             out = self.copies.functional(module, {**const, **p}, a, kw)
             outs = graph.tensors(out)
@@ -1134,5 +1157,3 @@ def _zeros_if_none(g, t, batch=None):
         return g
     shape = t.shape if batch is None else (batch, *t.shape)
     return torch.zeros(shape, dtype=t.dtype, device=t.device)
-
-

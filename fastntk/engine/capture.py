@@ -118,9 +118,12 @@ class Capture:
             dims = self.job.call_dims(mname, k, args, kwargs, tensors, self.n)
             pos = graph.hooked_outputs(tensors)
             rule = base_rule
-            if dims is not None and self.job.bn == "per_sample" and isinstance(
-                mod, nn.modules.batchnorm._BatchNorm
-            ) and (dims.ins[0] if dims.ins else None) != 0:
+            if (
+                dims is not None
+                and self.job.bn == "per_sample"
+                and isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                and (dims.ins[0] if dims.ins else None) != 0
+            ):
                 raise _model.MergedSamplesError(
                     f"{mname!r} is given its samples in another dim than its rows (or none)"
                 )
@@ -204,7 +207,9 @@ class Capture:
             rec.out_pos = rec.out_pos + gpos
             for t in tensors:
                 rec.out_specs.append((t.shape, t.dtype, t.device))
-                t.grad_fn.register_prehook(self._make_prehook(rec, len(rec.out_specs) - 1, t.output_nr))
+                t.grad_fn.register_prehook(
+                    self._make_prehook(rec, len(rec.out_specs) - 1, t.output_nr)
+                )
 
     def _make_prehook(self, rec: Record, j: int, output_nr: int):
         def prehook(grad_outputs):

@@ -60,7 +60,10 @@ class GramAccumulator:
         R = blk.n // n
         if self.theta is None:
             self.theta = self.job._alloc(self.n1, self.n2, R)
-        if isinstance(blk, Outer) or blk.G.numel() * blk.G.element_size() >= sizes.GRAM_DIRECT_BYTES:
+        if (
+            isinstance(blk, Outer)
+            or blk.G.numel() * blk.G.element_size() >= sizes.GRAM_DIRECT_BYTES
+        ):
             self._gram(blk, R)
             return
         self.pending.append(blk.G)

@@ -142,9 +142,9 @@ def unflatten(flat, spec):
     return rec(spec)
 
 
-
-
-def param_consumers(y: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, list[tuple[Any, int]]]:
+def param_consumers(
+    y: torch.Tensor, params: dict[str, torch.Tensor]
+) -> dict[str, list[tuple[Any, int]]]:
     """Walk the autograd graph of ``y`` once: for each parameter of ``params`` (name ->
     tensor), the (node, input index) pairs of the edges into its accumulator."""
     want = {id(t): name for name, t in params.items()}

@@ -231,13 +231,14 @@ def run(
 
         def record(mname, calls=calls):
             def hook(mod, args, kwargs, out):
-                calls.append((mname, shapes(graph.flatten((args, kwargs))[0]), shapes(graph.tensors(out))))
+                calls.append(
+                    (mname, shapes(graph.flatten((args, kwargs))[0]), shapes(graph.tensors(out)))
+                )
 
             return hook
 
         handles = [
-            m.register_forward_hook(record(mn), with_kwargs=True, prepend=True)
-            for mn, m in modules
+            m.register_forward_hook(record(mn), with_kwargs=True, prepend=True) for mn, m in modules
         ]
         try:
             with torch.no_grad():

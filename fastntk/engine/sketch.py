@@ -25,7 +25,9 @@ def segment_seed(seed: int, name: str, k: int, j: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
 
 
-def segment(seed: int, name: str, k: int, j: int, numel: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def segment(
+    seed: int, name: str, k: int, j: int, numel: int, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Columns (int64) and signs (int8, ±1) of coordinates j·SEGMENT .. of one parameter."""
     g = torch.Generator().manual_seed(segment_seed(seed, name, k, j))
     n = min(SEGMENT, numel - j * SEGMENT)

@@ -164,7 +164,12 @@ class Workspace:
         for v in shape:
             numel *= v
         buf = self._bufs.get(tag)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
             buf = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._bufs[tag] = buf
         return buf[:numel].view(shape)
@@ -334,7 +339,9 @@ def find_rule(module: nn.Module) -> GramRule | None:
         if rule is None:
             continue
         for name in _computation(klass):
-            if name in own and not (name == "forward" and getattr(own[name], "__func__", own[name]) in OWN_FORWARDS):
+            if name in own and not (
+                name == "forward" and getattr(own[name], "__func__", own[name]) in OWN_FORWARDS
+            ):
                 return None  # set on the instance
             if inspect.getattr_static(cls, name) is not inspect.getattr_static(klass, name):
                 return None  # a subclass changed the computation: no factorised rule applies

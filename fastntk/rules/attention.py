@@ -123,7 +123,9 @@ def _block(name: str, g, o, xs, gs) -> torch.Tensor:
     if _same(xs[0], xs[1]) and _same(xs[1], xs[2]):
         # self-attention: one batched product for the three row blocks of in_proj
         return torch.bmm(torch.cat(gs, 2).transpose(1, 2), xs[0]).reshape(n, -1)
-    return torch.cat([torch.bmm(gj.transpose(1, 2), xj) for gj, xj in zip(gs, xs, strict=True)], 1).reshape(n, -1)
+    return torch.cat(
+        [torch.bmm(gj.transpose(1, 2), xj) for gj, xj in zip(gs, xs, strict=True)], 1
+    ).reshape(n, -1)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -140,7 +142,7 @@ _UNSUPPORTED = object()
 def _bind(args: tuple, kwargs: dict) -> dict:
     """``nn.MultiheadAttention.forward``'s arguments by name."""
     call = dict(_DEFAULTS)
-    call.update(zip(_ARGS, args))
+    call.update(zip(_ARGS, args, strict=False))  # positional args: a prefix of _ARGS
     call.update(kwargs)
     return call
 
@@ -195,5 +197,7 @@ def _shadow(module, saved: _Saved, call: dict, proj: list[torch.Tensor], bd: int
     if saved.bo is not None:
         shadow["out_proj.bias"] = torch.zeros_like(saved.bo)
     args = dict(call)
-    args.update(query=proj[0].movedim(0, bd), key=proj[1].movedim(0, bd), value=proj[2].movedim(0, bd))
+    args.update(
+        query=proj[0].movedim(0, bd), key=proj[1].movedim(0, bd), value=proj[2].movedim(0, bd)
+    )
     return functional_call(module, shadow, (), args)[0].movedim(bd, 0)

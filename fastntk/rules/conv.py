@@ -44,7 +44,6 @@ import torch.nn.functional as F
 
 from fastntk.rules import Dense, GramRule, register_gram_rule
 
-
 # The grouped-convolution strategy runs in sample chunks whose result is at most this big.
 # ATen's grouped weight gradient allocates its result and oneDNN scratch of a few times that
 # size per call; glibc returns freed blocks of tens of MB to the system and page-faults them

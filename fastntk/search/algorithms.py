@@ -165,8 +165,10 @@ class Scorer:
                     raise TypeError
                 values[m] = float(v)
             except (TypeError, ValueError):
-                raise OptionError(f"the scoring function returned a non-number for metric "
-                                  f"{m!r}: {v!r} ({type(v).__name__})") from None
+                raise OptionError(
+                    f"the scoring function returned a non-number for metric "
+                    f"{m!r}: {v!r} ({type(v).__name__})"
+                ) from None
         return values
 
     def fitness(self, metric_dicts: Sequence[Mapping[str, float]]) -> list[float]:
@@ -250,8 +252,18 @@ def _fmt_metrics(metrics: Mapping[str, float]) -> str:
 class _Runner:
     """Evaluates architectures for an algorithm: budget, cache/journal, history, progress."""
 
-    def __init__(self, algorithm, space, scorer, budget, time_budget, seed, journal, progress,
-                 what: str = "best"):
+    def __init__(
+        self,
+        algorithm,
+        space,
+        scorer,
+        budget,
+        time_budget,
+        seed,
+        journal,
+        progress,
+        what: str = "best",
+    ):
         if budget is None and time_budget is None:
             raise OptionError("give an evaluation budget, a time budget, or both")
         if budget is not None:
@@ -320,14 +332,21 @@ class _Runner:
             dt = time.monotonic() - t
             if self.journal is not None:
                 s = self.scorer.settings
-                self.journal.record(self.space_key, enc, s, metrics, seed=s.get("seed"),
-                                    data=s.get("data"), elapsed=dt, merge=stored is not None)
+                self.journal.record(
+                    self.space_key,
+                    enc,
+                    s,
+                    metrics,
+                    seed=s.get("seed"),
+                    data=s.get("data"),
+                    elapsed=dt,
+                    merge=stored is not None,
+                )
             self.n_computed += 1
         else:
             self.n_cached += 1
         self.cache[enc] = metrics
-        ev = Evaluation(len(self.history), arch, enc, dict(metrics), cached,
-                        time.monotonic() - t)
+        ev = Evaluation(len(self.history), arch, enc, dict(metrics), cached, time.monotonic() - t)
         self.history.append(ev)
         self._update_best(ev)
         return ev
@@ -359,14 +378,25 @@ class _Runner:
         i = max(range(len(fit)), key=lambda k: (fit[k], -k))
         return self.history[i]
 
-    def result(self, reason: str, best: Evaluation | None = None, what: str | None = None,
-               **kw) -> SearchResult:
+    def result(
+        self, reason: str, best: Evaluation | None = None, what: str | None = None, **kw
+    ) -> SearchResult:
         best = best if best is not None else self.best()
         label = _fmt_metrics(best.metrics) if best else "-"
         self.bar.set_postfix_str(f"{what or self.what}: {label}", refresh=False)
         self.bar.close()  # (its last frame, with this postfix)
-        return SearchResult(self.algorithm, self.space_key, self.seed, best, self.history,
-                            self.n_computed, self.n_cached, self.elapsed(), reason, **kw)
+        return SearchResult(
+            self.algorithm,
+            self.space_key,
+            self.seed,
+            best,
+            self.history,
+            self.n_computed,
+            self.n_cached,
+            self.elapsed(),
+            reason,
+            **kw,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -413,9 +443,17 @@ def categorical(space) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def random_search(space, scorer: Scorer, *, budget: int | None = None,
-                  time_budget: float | None = None, seed: int = 0, journal=None,
-                  progress: Any = False, max_tries: int = 1000) -> SearchResult:
+def random_search(
+    space,
+    scorer: Scorer,
+    *,
+    budget: int | None = None,
+    time_budget: float | None = None,
+    seed: int = 0,
+    journal=None,
+    progress: Any = False,
+    max_tries: int = 1000,
+) -> SearchResult:
     """Uniform random search without repeats (``max_tries`` draws to find an unseen arch)."""
     max_tries = integer(max_tries, "max_tries", lo=1)
     run = _Runner("random", space, scorer, budget, time_budget, seed, journal, progress)
@@ -436,10 +474,18 @@ def random_search(space, scorer: Scorer, *, budget: int | None = None,
     return run.result(reason)
 
 
-def regularized_evolution(space, scorer: Scorer, *, budget: int | None = None,
-                          time_budget: float | None = None, seed: int = 0, journal=None,
-                          progress: Any = False, population_size: int = 20,
-                          sample_size: int = 5) -> SearchResult:
+def regularized_evolution(
+    space,
+    scorer: Scorer,
+    *,
+    budget: int | None = None,
+    time_budget: float | None = None,
+    seed: int = 0,
+    journal=None,
+    progress: Any = False,
+    population_size: int = 20,
+    sample_size: int = 5,
+) -> SearchResult:
     """Regularised (aging) evolution of Real et al.; ``sample_size`` <= ``population_size``.
 
     The first ``population_size`` evaluations are uniform samples; every later
@@ -472,8 +518,9 @@ def regularized_evolution(space, scorer: Scorer, *, budget: int | None = None,
             sizes.append(len(population))
     except _Stop as s:
         reason = s.reason
-    return run.result(reason, population=[e.encoding for e in population],
-                      extra={"population_sizes": sizes})
+    return run.result(
+        reason, population=[e.encoding for e in population], extra={"population_sizes": sizes}
+    )
 
 
 def _drop_lowest(alive, op_score, names, choices) -> dict[str, Any]:
@@ -487,9 +534,17 @@ def _drop_lowest(alive, op_score, names, choices) -> dict[str, Any]:
     return removed
 
 
-def prune_search(space, scorer: Scorer, *, budget: int | None = None,
-                 time_budget: float | None = None, seed: int = 0, journal=None,
-                 progress: Any = False, samples_per_op: int = 1) -> SearchResult:
+def prune_search(
+    space,
+    scorer: Scorer,
+    *,
+    budget: int | None = None,
+    time_budget: float | None = None,
+    seed: int = 0,
+    journal=None,
+    progress: Any = False,
+    samples_per_op: int = 1,
+) -> SearchResult:
     """TE-NAS-style pruning.
 
     Spaces with a ``supernet(ops_per_decision) -> encoding`` method (NAS-Bench-201)
@@ -533,8 +588,17 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
                           f"which draw no samples: leave samples_per_op at 1, got "
                           f"{samples_per_op}")  # fmt: skip
     # the rounds score supernets, not archs: the progress bar says so
-    run = _Runner("prune", space, scorer, budget, time_budget, seed, journal, progress,
-                  what="best" if supernet is None else "best supernet")
+    run = _Runner(
+        "prune",
+        space,
+        scorer,
+        budget,
+        time_budget,
+        seed,
+        journal,
+        progress,
+        what="best" if supernet is None else "best supernet",
+    )
     rng = random.Random(run.seed)
     rounds: list[dict[str, Any]] = []
     # (decision, choice index) -> score in the last COMPLETE round (higher: worth keeping)
@@ -597,17 +661,31 @@ def prune_search(space, scorer: Scorer, *, budget: int | None = None,
     note = None
     if partial:  # say that the unfinished round's evaluations decided nothing
         how = f"decided by round {len(rounds)}" if rounds else "ops left drawn at random"
-        note = (f"round {len(rounds) + 1} unfinished, its {partial} "
-                f"evaluation{'s' if partial != 1 else ''} unused; {how}")
+        note = (
+            f"round {len(rounds) + 1} unfinished, its {partial} "
+            f"evaluation{'s' if partial != 1 else ''} unused; {how}"
+        )
         what += f" ({note})"
-    return run.result(reason, best=best, what=what,
-                      extra={"rounds": rounds, "partial_round": partial, "note": note})
+    return run.result(
+        reason,
+        best=best,
+        what=what,
+        extra={"rounds": rounds, "partial_round": partial, "note": note},
+    )
 
 
-def reinforce(space, scorer: Scorer, *, budget: int | None = None,
-              time_budget: float | None = None, seed: int = 0, journal=None,
-              progress: Any = False, lr: float = 0.2,
-              baseline_decay: float = 0.9) -> SearchResult:
+def reinforce(
+    space,
+    scorer: Scorer,
+    *,
+    budget: int | None = None,
+    time_budget: float | None = None,
+    seed: int = 0,
+    journal=None,
+    progress: Any = False,
+    lr: float = 0.2,
+    baseline_decay: float = 0.9,
+) -> SearchResult:
     """REINFORCE over categorical decisions (see the module docstring).
 
     ``result.extra["policy"]`` is the final policy: ``{decision: {choice: prob}}``;
@@ -660,8 +738,11 @@ def reinforce(space, scorer: Scorer, *, budget: int | None = None,
                 n = len(allfit)
                 reward = 0.5 if n == 1 else allfit[-1] / (len(scorer.metrics) * (n - 1))
             rewards.append(reward)
-            baseline = reward if baseline is None else (
-                baseline_decay * baseline + (1 - baseline_decay) * reward)
+            baseline = (
+                reward
+                if baseline is None
+                else (baseline_decay * baseline + (1 - baseline_decay) * reward)
+            )
             adv = reward - baseline
             for lg, p, k in zip(logits, probs, idx, strict=True):
                 for j in range(len(lg)):
@@ -687,7 +768,5 @@ def run_search(algorithm: str, space, scorer: Scorer, **kwargs: Any) -> SearchRe
     """Dispatch to ``ALGORITHMS[algorithm]``; OptionError lists the known names."""
     fn = ALGORITHMS.get(algorithm)
     if fn is None:
-        raise OptionError(
-            f"unknown search algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}"
-        )
+        raise OptionError(f"unknown search algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
     return fn(space, scorer, **kwargs)

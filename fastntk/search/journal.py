@@ -48,8 +48,18 @@ from fastntk.errors import FastNTKError, JournalError
 
 __all__ = ["Journal", "JournalError", "settings_key", "space_key"]
 
-_COLUMNS = {"id", "space", "arch", "settings", "metrics", "seed", "data", "elapsed", "created",
-            "version"}
+_COLUMNS = {
+    "id",
+    "space",
+    "arch",
+    "settings",
+    "metrics",
+    "seed",
+    "data",
+    "elapsed",
+    "created",
+    "version",
+}
 # SQLite's own wait for a lock (its busy handler sleeps in C, deaf to Ctrl-C): kept short;
 # longer waits are retried in Python (Journal._retry) until the journal's timeout.
 _SQLITE_WAIT = 0.1
@@ -171,8 +181,11 @@ class Journal:
         self.path = os.fspath(path)
         if not isinstance(self.path, str) or not self.path.strip():
             raise JournalError(f"a journal needs a database file name, got {self.path!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-                timeout >= 0 and math.isfinite(timeout)):
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not (timeout >= 0 and math.isfinite(timeout))
+        ):
             raise JournalError(f"the journal timeout must be finite seconds >= 0, got "
                                f"{timeout!r}")  # fmt: skip
         self.timeout = float(timeout)
@@ -188,8 +201,9 @@ class Journal:
         if self._con is not None:
             with contextlib.suppress(Exception):
                 self._con.close()
-        self._con = con = sqlite3.connect(self.path, timeout=min(_SQLITE_WAIT, self.timeout),
-                                          isolation_level=None)
+        self._con = con = sqlite3.connect(
+            self.path, timeout=min(_SQLITE_WAIT, self.timeout), isolation_level=None
+        )
         con.execute(f"PRAGMA busy_timeout = {int(min(_SQLITE_WAIT, self.timeout) * 1000)}")
         self._check_ours()
         if self.path != ":memory:":
@@ -202,16 +216,22 @@ class Journal:
 
     def _check_ours(self) -> None:
         """Refuse another application's database before changing anything in it."""
-        tables = {r[0] for r in self._con.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
+        tables = {
+            r[0]
+            for r in self._con.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+            )
+        }
         if not tables:
             return  # a new (empty) database: ours to set up
         if "evaluations" in tables:
             cols = {r[1] for r in self._con.execute("PRAGMA table_info(evaluations)")}
             if _COLUMNS <= cols:
                 return
-        raise _Foreign(f"{self.path!r} is not a fastntk journal: it is another database "
-                       f"(tables {', '.join(sorted(tables))}); give a new file or a journal")
+        raise _Foreign(
+            f"{self.path!r} is not a fastntk journal: it is another database "
+            f"(tables {', '.join(sorted(tables))}); give a new file or a journal"
+        )
 
     def _retry(self, verb: str, what: str, fn: Callable[[], Any]) -> Any:
         """``fn()``, retried while another connection holds a lock, until ``timeout``.
@@ -274,8 +294,9 @@ class Journal:
         except (TypeError, ValueError):
             m = None
         if not isinstance(m, dict) or not all(
-                isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float))
-                for k, v in m.items()):
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float))
+            for k, v in m.items()
+        ):
             raise JournalError(f"journal {self.path!r}: row {row_id} is damaged (its metrics "
                                f"are not a JSON object of numbers: {str(text)[:80]!r}); delete "
                                f"the row (DELETE FROM evaluations WHERE id={row_id}) to "
@@ -284,17 +305,22 @@ class Journal:
 
     # -- cache -----------------------------------------------------------
 
-    def get(self, space: str, arch: str, settings: Mapping[str, Any] | str | None = None
-            ) -> dict[str, float] | None:
+    def get(
+        self, space: str, arch: str, settings: Mapping[str, Any] | str | None = None
+    ) -> dict[str, float] | None:
         """Metric values stored for ``(space, arch, settings)``, or None.
 
         Raises:
             JournalError: the row is damaged (its metrics are not a JSON object of numbers).
         """
-        row = self._retry("read", "journal", lambda: self._con.execute(
-            "SELECT id, metrics FROM evaluations WHERE space=? AND arch=? AND settings=?",
-            (space, arch, settings_key(settings)),
-        ).fetchone())
+        row = self._retry(
+            "read",
+            "journal",
+            lambda: self._con.execute(
+                "SELECT id, metrics FROM evaluations WHERE space=? AND arch=? AND settings=?",
+                (space, arch, settings_key(settings)),
+            ).fetchone(),
+        )
         return None if row is None else self._metrics(row[0], row[1])
 
     def record(
@@ -331,22 +357,23 @@ class Journal:
                 cur = self._con.execute(
                     "INSERT OR IGNORE INTO evaluations (space, arch, settings, metrics, seed, "
                     "data, elapsed, created, version) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (space, arch, key, _dumps(metrics), seed, data, elapsed, created,
-                     self.version),
+                    (space, arch, key, _dumps(metrics), seed, data, elapsed, created, self.version),
                 )
                 if _write_hook is not None:
                     _write_hook(self)
                 if cur.rowcount == 1 or not merge:
                     return cur.rowcount == 1
                 row_id, text = self._con.execute(
-                    "SELECT id, metrics FROM evaluations WHERE space=? AND arch=? AND "
-                    "settings=?", (space, arch, key)).fetchone()
+                    "SELECT id, metrics FROM evaluations WHERE space=? AND arch=? AND settings=?",
+                    (space, arch, key),
+                ).fetchone()
                 old = self._metrics(row_id, text)
                 new = {**{k: float(v) for k, v in metrics.items()}, **old}
                 if new == old:
                     return False
-                self._con.execute("UPDATE evaluations SET metrics=? WHERE id=?",
-                                  (_dumps(new), row_id))
+                self._con.execute(
+                    "UPDATE evaluations SET metrics=? WHERE id=?", (_dumps(new), row_id)
+                )
                 return True
 
         return self._retry("write", "journal", write)
@@ -374,24 +401,38 @@ class Journal:
         if arch is not None:
             where.append("arch=?")
             args.append(arch)
-        sql = ("SELECT id, space, arch, settings, metrics, seed, data, elapsed, created, version "
-               "FROM evaluations")
+        sql = (
+            "SELECT id, space, arch, settings, metrics, seed, data, elapsed, created, version "
+            "FROM evaluations"
+        )
         if where:
             sql += " WHERE " + " AND ".join(where)
-        fetched = self._retry("read", "journal",
-                              lambda: self._con.execute(sql + " ORDER BY id", args).fetchall())
+        fetched = self._retry(
+            "read", "journal", lambda: self._con.execute(sql + " ORDER BY id", args).fetchall()
+        )
         out = []
         for r in fetched:
             try:
                 st = json.loads(r[3])
             except (TypeError, ValueError):
-                raise JournalError(f"journal {self.path!r}: row {r[0]} is damaged (its "
-                                   f"settings are not JSON: {str(r[3])[:80]!r})") from None
-            out.append({
-                "id": r[0], "space": r[1], "arch": r[2], "settings": st,
-                "metrics": self._metrics(r[0], r[4]), "seed": r[5], "data": r[6],
-                "elapsed": r[7], "created": r[8], "version": r[9],
-            })
+                raise JournalError(
+                    f"journal {self.path!r}: row {r[0]} is damaged (its "
+                    f"settings are not JSON: {str(r[3])[:80]!r})"
+                ) from None
+            out.append(
+                {
+                    "id": r[0],
+                    "space": r[1],
+                    "arch": r[2],
+                    "settings": st,
+                    "metrics": self._metrics(r[0], r[4]),
+                    "seed": r[5],
+                    "data": r[6],
+                    "elapsed": r[7],
+                    "created": r[8],
+                    "version": r[9],
+                }
+            )
         return out
 
     def best(
@@ -415,5 +456,8 @@ class Journal:
         return sorted(rows, key=key)[:k]
 
     def __len__(self) -> int:
-        return self._retry("read", "journal", lambda: self._con.execute(
-            "SELECT COUNT(*) FROM evaluations").fetchone()[0])
+        return self._retry(
+            "read",
+            "journal",
+            lambda: self._con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0],
+        )

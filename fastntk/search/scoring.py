@@ -106,8 +106,12 @@ def space_scorer(
         lga_epochs = integer(lga_epochs, "lga_epochs", 0)
         lga_train = integer(lga_train, "lga_train", 1)
         lga_batch = integer(lga_batch, "lga_batch", 1)
-        settings["lga_t"] = {"epochs": lga_epochs, "train_images": lga_train,
-                             "batch": lga_batch, "recipe": "SGD lr 0.025 m 0.9 wd 3e-4"}
+        settings["lga_t"] = {
+            "epochs": lga_epochs,
+            "train_images": lga_train,
+            "batch": lga_batch,
+            "recipe": "SGD lr 0.025 m 0.9 wd 3e-4",
+        }
     if supernet_weights and hasattr(space, "full_supernet"):
         settings["supernet"] = "mean, shared weights"  # TE-NAS's: the live ops' mean, the
         # full supernet's weights (a key apart from the summed, separately seeded ones)
@@ -158,8 +162,17 @@ class _ScoreFn:
             missing, _ = model.load_state_dict(self._full_state, strict=False)
             if missing:
                 raise RuntimeError(f"supernet {enc} has weights the full supernet lacks: {missing}")
-        return M.compute_metrics(model, self.x, self.y, self.names, bn=self.bn, errors="nan",
-                                 dtype=getattr(torch, self.dtype), progress=False, **self.lga)
+        return M.compute_metrics(
+            model,
+            self.x,
+            self.y,
+            self.names,
+            bn=self.bn,
+            errors="nan",
+            dtype=getattr(torch, self.dtype),
+            progress=False,
+            **self.lga,
+        )
 
 
 # --------------------------------------------------------------------------------------

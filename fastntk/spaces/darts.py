@@ -33,8 +33,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from fastntk.errors import ArchitectureError
 from fastntk._args import is_int
+from fastntk.errors import ArchitectureError
 from fastntk.spaces.base import ChoiceSpace, positive_int
 
 __all__ = ["OPS", "DartsSpace", "Genotype", "NetworkCIFAR", "DARTS_V2", "build_model"]
@@ -187,8 +187,9 @@ class DilConv(nn.Sequential):
     def __init__(self, C_in, C_out, kernel, stride, padding, dilation):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel, stride, padding, dilation=dilation, groups=C_in,
-                      bias=False),
+            nn.Conv2d(
+                C_in, C_in, kernel, stride, padding, dilation=dilation, groups=C_in, bias=False
+            ),
             nn.Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out),
         )
@@ -243,12 +244,14 @@ def _make_op(name: str, C: int, stride: int) -> nn.Module:
 
 
 class Cell(nn.Module):
-    def __init__(self, cell: CellGenotype, C_pp: int, C_p: int, C: int, reduction: bool,
-                 reduction_prev: bool):
+    def __init__(
+        self, cell: CellGenotype, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool
+    ):
         super().__init__()
         self.reduction = reduction
-        self.preprocess0 = FactorizedReduce(C_pp, C) if reduction_prev else ReLUConvBN(
-            C_pp, C, 1, 1, 0)
+        self.preprocess0 = (
+            FactorizedReduce(C_pp, C) if reduction_prev else ReLUConvBN(C_pp, C, 1, 1, 0)
+        )
         self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, 0)
         self.ops = nn.ModuleList()
         self.indices: list[int] = []
@@ -283,8 +286,9 @@ class NetworkCIFAR(nn.Module):
         g = validate(genotype)
         stem_mult = 3
         C_curr = stem_mult * C
-        self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(C_curr))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr)
+        )
         C_pp, C_p, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
         reduction_prev = False
@@ -292,8 +296,7 @@ class NetworkCIFAR(nn.Module):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
                 C_curr *= 2
-            cell = Cell(g[1] if reduction else g[0], C_pp, C_p, C_curr, reduction,
-                        reduction_prev)
+            cell = Cell(g[1] if reduction else g[0], C_pp, C_p, C_curr, reduction, reduction_prev)
             reduction_prev = reduction
             self.cells.append(cell)
             C_pp, C_p = C_p, cell.multiplier * C_curr
@@ -364,7 +367,7 @@ class DartsSpace(ChoiceSpace):
         for k in range(len(CELLS)):
             nodes = []
             for m in range(NUM_NODES):
-                (i, j), op_lo, op_hi = c[3 * (NUM_NODES * k + m): 3 * (NUM_NODES * k + m) + 3]
+                (i, j), op_lo, op_hi = c[3 * (NUM_NODES * k + m) : 3 * (NUM_NODES * k + m) + 3]
                 nodes.append(((op_lo, i), (op_hi, j)))
             cells.append(nodes)
         return validate(cells)

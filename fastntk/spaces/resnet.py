@@ -45,13 +45,9 @@ def validate(arch) -> Arch:
         raise ArchitectureError(f"a ResNet arch has {NUM_STAGES} stages, got {len(stages)}")
     for k, (w, d) in enumerate(stages):
         if w not in WIDTHS:
-            raise ArchitectureError(
-                f"stage {k} width {w} not in {', '.join(map(str, WIDTHS))}"
-            )
+            raise ArchitectureError(f"stage {k} width {w} not in {', '.join(map(str, WIDTHS))}")
         if d not in DEPTHS:
-            raise ArchitectureError(
-                f"stage {k} depth {d} not in {', '.join(map(str, DEPTHS))}"
-            )
+            raise ArchitectureError(f"stage {k} depth {d} not in {', '.join(map(str, DEPTHS))}")
     return stages
 
 

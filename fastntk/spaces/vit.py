@@ -23,8 +23,17 @@ import torch.nn as nn
 from fastntk.errors import ArchitectureError
 from fastntk.spaces.base import ChoiceSpace, exact_ints, positive_int
 
-__all__ = ["DEPTHS", "EMBED_DIMS", "HEADS", "MLP_RATIOS", "PATCHES", "ViT", "ViTSpace",
-           "build_model", "vit_small"]
+__all__ = [
+    "DEPTHS",
+    "EMBED_DIMS",
+    "HEADS",
+    "MLP_RATIOS",
+    "PATCHES",
+    "ViT",
+    "ViTSpace",
+    "build_model",
+    "vit_small",
+]
 
 DEPTHS: tuple[int, ...] = (1, 2, 4, 6, 8, 12)
 EMBED_DIMS: tuple[int, ...] = (96, 192, 288, 384)
@@ -47,9 +56,7 @@ def validate(arch) -> Arch:
         )
     for (key, allowed), v in zip(_FIELDS, vals, strict=True):
         if v not in allowed:
-            raise ArchitectureError(
-                f"ViT field {key}={v} not in {', '.join(map(str, allowed))}"
-            )
+            raise ArchitectureError(f"ViT field {key}={v} not in {', '.join(map(str, allowed))}")
     return vals  # type: ignore[return-value]
 
 
