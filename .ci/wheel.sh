@@ -14,9 +14,15 @@ trap 'rm -rf "$WORK"' EXIT
 # torch the wheel's environment gets below (its ABI).
 $PY -m pip wheel --quiet --no-build-isolation --no-deps -w "$WORK/dist" .
 WHEEL=$(ls "$WORK"/dist/fastntk-*.whl)
-unzip -l "$WHEEL" | grep -q "fastntk/data/nb201_accuracy.csv.gz"
-unzip -l "$WHEEL" | grep -q "fastntk/data/nas_evidence.json"
-unzip -l "$WHEEL" | grep -q "fastntk/kernels/gram.py"
+$PY - "$WHEEL" <<'PYEOF'  # the data, the Triton kernels and the C++ extension are inside
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+want = ["fastntk/data/nb201_accuracy.csv.gz", "fastntk/data/cifar10_1000.npz",
+        "fastntk/data/nas_evidence.json", "fastntk/kernels/gram.py"]
+missing = [w for w in want if w not in names]
+missing += [] if any(n.startswith("fastntk/_C") for n in names) else ["fastntk/_C*.so"]
+sys.exit(f"the wheel lacks {missing}" if missing else 0)
+PYEOF
 
 $PY -m venv "$WORK/venv"
 VPY=$WORK/venv/bin/python
@@ -28,7 +34,7 @@ cd "$WORK"  # outside the repository: only the installed package is importable
 ARCH='|nor_conv_3x3~0|+|none~0|nor_conv_1x1~1|+|skip_connect~0|none~1|none~2|'
 DATA=(--data synthetic --batch-size 8 --threads 2)
 set -x
-$VPY -c "import fastntk, fastntk._C; print(fastntk.__file__); print(fastntk.env())"
+$VPY -c "import fastntk; e = fastntk.env(); print(fastntk.__file__, e); assert e['csrc'], e"
 $FASTNTK score --arch "$ARCH" "${DATA[@]}"
 $FASTNTK search --algo rea --budget 3 --population 2 --sample-size 2 --db "$WORK/j.db" "${DATA[@]}"
 $FASTNTK search --algo prune --budget 2 "${DATA[@]}"

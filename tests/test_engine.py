@@ -154,7 +154,8 @@ def test_float32_gram_inside_float64_call_is_caught(method, monkeypatch):
     expect = reduce(ref, "sum")
     theta = fastntk.ntk(m, x1, x2, method=method, dtype=torch.float64)
     assert rel_err(theta, expect) <= TOL[torch.float64]
-    monkeypatch.setattr(engine, "gram_block", float32_gram)
+    for module in (engine, engine.gram):  # every module of the engine that takes a Gram
+        monkeypatch.setattr(module, "gram_block", float32_gram)
     theta = fastntk.ntk(m, x1, x2, method=method, dtype=torch.float64)
     assert theta.dtype == torch.float64
     assert rel_err(theta, expect) > TOL[torch.float64]
