@@ -18,6 +18,7 @@ from fastntk.search.algorithms import (
     run_search,
 )
 from fastntk.search.journal import Journal, JournalError, settings_key, space_key
+from fastntk.search.scoring import space_scorer
 
 __all__ = [
     "ALGORITHMS",
@@ -35,4 +36,5 @@ __all__ = [
     "run_search",
     "settings_key",
     "space_key",
+    "space_scorer",
 ]
