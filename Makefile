@@ -5,7 +5,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .fastntk-installed
 
-.PHONY: install demo test lint test-triton-3.6 test-gpu-stack bench clean
+.PHONY: install demo test lint test-triton-3.6 test-gpu-stack bench bench-save bench-compare clean
 
 # torch 2.13.0 (CPU) is installed first and on its own: it lies on the machines'
 # disk, and the editable install below must build the C++ extension against it
@@ -52,6 +52,17 @@ test-gpu-stack:
 
 bench: $(STAMP)
 	$(PYTHON) bench/bench_engine.py
+
+# The pytest-benchmark suites (bench/conftest.py): bench-save times them and saves the run
+# in .benchmarks/; bench-compare times them again, prints each table next to the last saved
+# run and fails when a benchmark's BENCH_FAIL statistic is slower by more than its share.
+BENCH_FAIL ?= mean:10%
+bench-save: $(STAMP)
+	$(PYTHON) -m pytest bench/ --benchmark-only --benchmark-autosave
+
+bench-compare: $(STAMP)
+	$(PYTHON) -m pytest bench/ --benchmark-only --benchmark-compare \
+		--benchmark-compare-fail=$(BENCH_FAIL)
 
 clean:
 	rm -rf build *.egg-info $(STAMP) fastntk/_C*.so $(TRITON36) .venv-gpu-stack
