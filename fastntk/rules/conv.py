@@ -56,6 +56,8 @@ from fastntk.rules import Dense, GramRule, register_gram_rule
 # the fastest (30 ms vs 44 ms): 1 MiB bounds the worst case, it does not win every shape.
 GROUPED_CHUNK_BYTES = 2**20
 # Output positions from which the grouped strategy is used (below: strided patches + bmm).
+# In bench/results/engine_choices_cpu.md (N=128, 3x3) the grouped chunks win at 32x32 and
+# 16x16 and at 64 ch 8x8 (4.3 vs 6.0 ms), lose at 128 ch 8x8 (21.3 vs 18.5 ms) and at 4x4.
 GROUPED_MIN_T = 64
 
 
