@@ -57,7 +57,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    if cuda:  # GPU memory beyond the kernel itself, as the issue counts it (GB = 1e9 bytes)
+    if cuda:  # GPU memory beyond the (N, N) kernel itself (GB = 1e9 bytes)
         peak = torch.cuda.max_memory_allocated()
         kern = theta.numel() * theta.element_size()
         res = torch.cuda.max_memory_reserved()

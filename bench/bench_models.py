@@ -1,6 +1,6 @@
 """Time and memory of ``fastntk.ntk``'s methods on whole models, one fresh process each.
 
-Models: ``nb201`` (the NAS-Bench-201 network of the brief's measurements), ``resnet18``
+Models: ``nb201`` (``fastntk.spaces.nb201.BENCH_ARCH``, as in ``bench/bench_engine.py``), ``resnet18``
 and ``vit`` (ViT-Small, patch 4 on 32x32), on seeded synthetic CIFAR-sized images. Each
 (batch size, method) is measured in a fresh interpreter, so the peak memory is its own:
 one warm-up call on the measured batch (``first_s``), ``--repeat`` timed calls (median

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fastntk's GPU checks and benchmarks (issue 3), planned for the lent GPU machine: a call
+# fastntk's GPU checks and benchmarks, planned for the lent GPU machine: a call
 # may run 10 minutes, a session has 15 minutes of device time with the machine's start
 # (a minute or more) counted in. Two calls, most valuable figures first:
 #
@@ -16,7 +16,7 @@
 # soon as `first` returns (the machine goes back after 30 s idle), with BUDGET set to the
 # device tool's budget_left_s minus about 60. Each step gets at most its own limit and
 # what is left of BUDGET, so the last steps are the ones cut short; each writes its
-# results as it goes (gpu_check after every model). The older single-purpose plans:
+# results as it goes (gpu_check after every model). Single-purpose plans:
 #
 #   bash bench/gpu_suite.sh check    # CUDA build of fastntk._C; gpu_check parts 1-4 (~5 min)
 #   bash bench/gpu_suite.sh engine   # NB201 N=1024 "sum" and "trace": floor, auto, triton, vmap (~5 min)

@@ -18,15 +18,16 @@ Incremental: one CSV row per (arch, bn) is appended and flushed as soon as it is
 computed; a rerun with the same ``--out`` skips the rows already there. The summary
 (markdown table, printed and written next to the CSV) is computed from all rows.
 
-Cost (measured 2026-11-23 on the shared 2-core CPU, load ~6, torch 2.13): an eval row
-(one engine call on 3×64 images + one on 64 high-passed images) took 50-106 s; a
-``bn="batch"`` row at batch 8 took 49-253 s and did not finish in 14 min at batch 64
-(the engine's coupled batch-mode path on a 192-image joint batch). So run eval first:
+Cost: each row's wall time is its ``seconds`` column. On the 2-core AMD EPYC at batch 64,
+eval rows (every metric: one engine call on 3×64 images, one on 64 high-passed images)
+took 0.35-2.3 s (``bench/results/nb201_metric_correlation.csv``), ``bn="batch"`` rows
+(fnorm, mean, ncn, lga: the coupled path) 6-890 s, median 25 s
+(``bench/results/nb201_metric_correlation_batch.csv``). So run eval first:
 
     python3 bench/nb201_metric_correlation.py --archs 200 --batch-size 64 --bn eval
 
-then batch mode (appends to the same CSV; the summary covers both) when it is affordable
-(faster coupled path, or ``--device cuda``):
+then batch mode (appends to the same CSV; the summary covers both), with ``--device cuda``
+or time to spare:
 
     python3 bench/nb201_metric_correlation.py --archs 200 --batch-size 64 --bn eval,batch
 

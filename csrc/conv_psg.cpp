@@ -13,8 +13,10 @@
 // tile.h accumulates G^T in registers over the whole chunk (a short K = T needs no horizontal
 // sums, which the dot-product tile used for the Gram ends every call with). OpenMP over
 // (sample, group) items; only the diagonal group blocks are computed (no groups^2 waste for
-// depthwise). bench/bench_conv_psg.py times this op against the PyTorch strategies
-// (bench/results/conv_psg_cpu_t*.md); the engine uses it only where it wins there.
+// depthwise). bench/bench_conv_psg.py times this op against unfold+bmm and a grouped conv
+// (bench/results/conv_psg_cpu_t*.md); against the engine's own strategies (python
+// bench/bench_engine_choices.py conv, bench/results/engine_choices_cpu.md) it is the
+// fastest at no measured shape, so method="auto" does not use it; method="csrc" does.
 #include <omp.h>
 
 #include <algorithm>

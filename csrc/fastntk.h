@@ -1,8 +1,8 @@
 // fastntk C++ extension: declarations of the CPU ops.
 //
 // The ops are registered in ops.cpp with TORCH_LIBRARY(fastntk, m) and called as
-// torch.ops.fastntk.<name>. Only light ATen headers here (not torch/extension.h): the
-// build of the three files takes a fraction of the time.
+// torch.ops.fastntk.<name>. Only light ATen headers here (not torch/extension.h), which
+// keeps the build of the files that include it short.
 #pragma once
 
 #include <ATen/core/Tensor.h>

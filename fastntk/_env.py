@@ -95,10 +95,11 @@ def tune_allocator(
     ``M_TRIM_THRESHOLD`` (free memory the heap keeps); both together, since setting only
     the trim threshold turns off glibc's adaptive mmap threshold and makes it worse.
 
-    Whether it pays depends on the workload (2-core development CPU, NB201, medians of
-    ``python bench/bench_engine.py ... [--tune-allocator]``, README "Benchmarks"): "trace"
-    at N=256 14.3 -> 12.6 s and torch.func vmap(jacrev) 1.2-1.9x faster, but fastntk's
-    "sum" kernels slower (N=64 0.37 -> 0.46 s, N=128 0.76 -> 0.86 s), which keep their big
+    Whether it pays depends on the workload (2-core AMD EPYC, NB201, medians of
+    ``python bench/bench_engine.py ... [--tune-allocator]``; bench/results/engine_cpu.csv,
+    tuned rows of commit 7787cdf against untuned ones of 957ff31): "trace" at N=256
+    14.3 -> 12.6 s and torch.func vmap(jacrev) 1.2-1.9x faster, but fastntk's "sum"
+    kernels slower (N=64 0.37 -> 0.46 s, N=128 0.76 -> 0.86 s), which keep their big
     temporaries in reused memory already.
 
     The process keeps its peak heap instead of returning memory to the system, for the

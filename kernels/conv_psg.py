@@ -1,6 +1,10 @@
 """Per-sample weight gradients of Conv2d and of token-wise Linear layers, implicit im2col.
 
-Identity (NTK_BRIEF §3): for sample i, output position t, input patch u_{i,t}
+Reached through ``fastntk.ntk(..., method="triton")``: :func:`conv2d_psg` by the Conv2d
+rule (``fastntk/rules/conv.py``), :func:`linear_psg` by the Linear rule on (N, T, d)
+token inputs (``fastntk/rules/linear.py``).
+
+Identity (the layerwise per-sample gradient): for sample i, output position t, input patch u_{i,t}
 (width D = C_in/groups · kh · kw) and output gradient g_{i,t} (width C_out/groups),
 per group γ
 

@@ -18,8 +18,9 @@ Precision modes (the operands; accumulation is always float32):
 
 On Triton's CPU interpreter (``TRITON_INTERPRET=1``) tf32/bf16 only exercise the
 code path (the interpreter multiplies in numpy); their error has to be measured
-on a GPU, against the error of ``torch.mm`` in the same dtype (STYLE.md: at most
-2x PyTorch's own error).
+on a GPU, against the error of ``torch.mm`` in the same dtype (the accuracy bar for a
+reduced-precision mode: at most 2x PyTorch's own error; ``bench/gpu_check.py`` part 2
+measures each mode's error against a float64 Gram).
 
 Triton compatibility: uses only ``tl.dot(acc=..., input_precision=...)``,
 ``tl.load``/``tl.store`` with masks and ``tl.cdiv``, all present in Triton 3.6.
@@ -164,7 +165,7 @@ def _config(device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
     if device.type == "cpu":  # interpreter: few, large numpy ops
         return 32, 32, 64, 1
-    return 64, 64, 32, 4  # untuned GPU default; tune on the lent GPU before relying on it
+    return 64, 64, 32, 4  # an untuned GPU default: no GPU measurement chose it
 
 
 def gram(

@@ -1,7 +1,8 @@
 """The compiled backends inside the engine, against the float64 oracle.
 
 ``method="triton"`` runs fastntk's Triton kernels (here in Triton's
-interpreter, ``TRITON_INTERPRET=1``, on small shapes); the C++ extension's
+interpreter, ``TRITON_INTERPRET=1``, on small shapes): the Gram, the per-sample Conv2d
+gradient and the per-sample gradient of Linear layers on tokens; the C++ extension's
 per-sample convolution gradient runs inside the engine with backend "csrc".
 """
 
@@ -123,3 +124,46 @@ def test_triton_conv_gradients_per_row_range(case):
     for output in ("sum", "trace"):
         theta = fastntk.ntk(m, x1, x2, output=output, method="triton", chunk_size=(3, 20))
         assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float32]
+
+
+class TokenNet(nn.Module):
+    """A Linear layer on (N, T, d) tokens (the per-sample gradient sums over T) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Linear(5, 7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x)).mean(1))
+
+
+@pytest.mark.skipif(_triton_why_not() is not None, reason=str(_triton_why_not()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_linear_on_tokens(dtype, monkeypatch):
+    """Linear layers on tokens take the Triton kernel under method="triton" (whole layers
+    and row ranges), against the oracle."""
+    from fastntk.kernels import conv_psg
+
+    calls = []
+    real = conv_psg.linear_psg
+
+    def spy(u, g, **kw):
+        calls.append(tuple(g.shape))
+        return real(u, g, **kw)
+
+    monkeypatch.setattr(conv_psg, "linear_psg", spy)
+    torch.manual_seed(0)
+    m = TokenNet()
+    x1, x2 = torch.randn(3, 6, 5), torch.randn(2, 6, 5)
+    ref = full_kernel(m, x1, x2)
+    for output in ("sum", "trace"):
+        for chunk in (None, (3, 10)):  # (3, 10): tok.weight in row ranges of one row
+            calls.clear()
+            theta = fastntk.ntk(
+                m, x1, x2, output=output, method="triton", chunk_size=chunk, dtype=dtype
+            )
+            assert rel_err(theta, reduce(ref, output)) <= TOL[dtype], (output, chunk)
+            assert calls, (output, chunk)
+            if chunk is not None:
+                assert max(c[2] for c in calls) < 7, calls

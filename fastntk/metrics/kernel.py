@@ -223,10 +223,11 @@ def trainability(K: Any, *, rtol: float | None = None) -> float:
     ``⌈√n⌉`` largest eigenvalues, in ``[k/n, 1]``. Eigenvalues are clamped with the
     module's rule (numerical zeros set to 0, indefinite kernels rejected).
     The paper argues better networks have "more similar" eigenvalues, i.e. a smaller
-    ``S_t``: ``DIRECTIONS["trainability"]`` is False, the paper's direction. Measured on
-    200 NAS-Bench-201 architectures (eval BatchNorm, batch 64; see
-    bench/results/nb201_metric_correlation.md, commit 0dc0fb0) S_t's Kendall tau with
-    accuracy is +0.110, i.e. the data lean the other way in that setting.
+    ``S_t``: ``DIRECTIONS["trainability"]`` is False, the paper's direction. On 200
+    NAS-Bench-201 architectures with eval BatchNorm (batch 64,
+    bench/results/nb201_metric_correlation.md) S_t's Kendall tau with accuracy is
+    +0.110, i.e. the data lean the other way in that setting; with per-sample BatchNorm
+    the paper's direction holds (oriented tau +0.492, bench/results/nb201_space.md).
     """
     lam, _ = _clamped_spectrum(K, rtol)
     n = lam.numel()

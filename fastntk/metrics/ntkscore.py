@@ -27,14 +27,12 @@ __all__ = [
 # The NTK-score paper's Eq. 9 defines S_e = -CrossEntropy(...) and says "the smaller
 # the S_e, the stronger the expressivity", while its §5.3 says "a higher S_e indicates
 # the network's enhanced ability ... leading to higher accuracy". fastntk always returns
-# Eq. 9's value; the direction used by `borda`/search is this constant, settled by the
-# NAS-Bench-201 measurement in bench/nb201_metric_correlation.py: 200 sampled
-# architectures at initialisation, 64 bundled CIFAR-10 images (train) + 64 (test),
-# eval BatchNorm, 2-core CPU, rerun 2026-12-02 at commit 3862131 (bench/results/
-# nb201_metric_correlation.md): Kendall tau of S_e with CIFAR-10 accuracy is -0.351 over
-# the 194 networks whose kernel is not constant (-0.272 at commit 0dc0fb0, when S_e scored
-# the 6 constant ones too), so *lower* S_e goes with higher accuracy, as Eq. 9's sentence
-# says.
+# Eq. 9's value; the direction used by `borda`/search is this constant, settled on
+# NAS-Bench-201 (python3 bench/nb201_metric_correlation.py --archs 200 --batch-size 64
+# --bn eval; 200 sampled architectures at initialisation, 64 bundled CIFAR-10 images
+# (train) + 64 (test), 2-core CPU, bench/results/nb201_metric_correlation.md): Kendall tau
+# of S_e with CIFAR-10 accuracy is -0.351 over the 194 networks whose kernel is not
+# constant, so *lower* S_e goes with higher accuracy, as Eq. 9's sentence says.
 EXPRESSIVITY_HIGHER_IS_BETTER = False
 
 

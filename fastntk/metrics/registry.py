@@ -125,9 +125,9 @@ _GROUPS: dict[str, tuple[str, ...]] = {
 DIRECTIONS: dict[str, bool] = {name: spec.higher_is_better for name, spec in METRICS.items()}
 
 # Revisions of metric definitions whose values changed for some networks: search
-# journals key on them (fastntk.cli), so scores stored before a change are not served as
-# today's. Revision 2 of S_e and S_g: NaN for a constant train kernel (they had scored
-# networks whose output ignores the input as the best).
+# journals key on them (fastntk.search.Scorer's settings), so a score stored under another
+# revision is not served as this one's. Revision 2 of S_e and S_g: NaN for a constant train
+# kernel (revision 1 scored networks whose output ignores the input as the best).
 REVISIONS: dict[str, int] = {"expressivity": 2, "generalization": 2}
 
 

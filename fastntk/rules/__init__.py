@@ -13,8 +13,9 @@ A rule returns a :class:`Block`:
   per-sample gradient of sample ``i`` restricted to the block.
 * :class:`Outer` ``(a, b)`` with ``a: (n, p)``, ``b: (n, d)``: the per-sample
   gradient is the outer product ``a_i b_i^T`` (dense layers on 2-D inputs).
-  Its Gram is ``(a_A a_B^T) * (b_A b_B^T)``, which costs ``n^2 (p + d)``
-  instead of ``n^2 p d`` ("ghost" Gram, brief section 3).
+  Its Gram is ``(a_A a_B^T) * (b_A b_B^T)``, since
+  ``<a_i b_i^T, a_j b_j^T> = <a_i, a_j> <b_i, b_j>``: it costs ``n^2 (p + d)``
+  instead of ``n^2 p d`` (the "ghost" Gram).
 
 Register a rule for your own module type with :func:`register_gram_rule`.
 """
@@ -67,7 +68,7 @@ Block = Dense | Outer
 # AVX-512 tiles 1.7-2.6x faster than torch.mm from 2,304 to 36,864 columns at N = 32-1,280
 # in float32 and float64, 1.2x (float32) and 1.9x (float64) at 256, slower at 64 columns
 # where the call overhead dominates. Cross blocks of at most CSRC_CROSS_MAX_PAIRS entries:
-# 1.1-2.2x faster than torch.mm from 2,304 columns (N1 x N2 from 32 x 16 to 512 x 256);
+# 1.04-2.25x faster than torch.mm from 2,304 columns (N1 x N2 from 32 x 16 to 512 x 256);
 # at 1,280 x 640 x 36,864 the C++ kernel loses in float64 (0.84x), so larger cross blocks
 # stay on torch.mm (python bench/bench_engine_choices.py gram; 2-core AMD EPYC,
 # bench/results/engine_choices_cpu.md).
@@ -80,10 +81,11 @@ def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
     """``<G_A_i, G_B_j>`` for all pairs: (n_A, n_B).
 
     ``backend="triton"`` computes dense Grams with fastntk's Triton kernel
-    (upper-triangle tiles only when ``A is B``); ``"auto"`` and ``"csrc"`` use the C++
-    extension's kernels for dense blocks on the CPU where they measured faster (see
-    ``CSRC_GRAM_MIN_COLS``; ``"csrc"`` for every dense block, and on a GPU with a CUDA
-    build), where it is built.
+    (upper-triangle tiles only when ``A is B``). ``"auto"`` uses the C++ extension's
+    kernels, where it is built, for dense float32/float64 blocks on the CPU within the
+    bounds where they measured faster (``CSRC_GRAM_MIN_COLS``, ``CSRC_CROSS_MIN_COLS``,
+    ``CSRC_CROSS_MAX_PAIRS``); ``"csrc"`` for every dense float32/float64 block, on the
+    CPU and, with a CUDA build, on a GPU.
     """
     with phase("gram"):
         if isinstance(A, Outer) and isinstance(B, Outer):
@@ -183,8 +185,8 @@ class Context:
         bn: ``"eval"`` or ``"per_sample"`` (``"batch"`` never reaches rules).
         backend: ``"torch"`` (PyTorch ops only: ``method="layerwise"``), ``"auto"``
             (PyTorch ops and the C++ extension where it measured faster), ``"csrc"``
-            (the C++ ops wherever they apply; no public method selects it, tests do) or
-            ``"triton"`` (fastntk's Triton kernels).
+            (the C++ ops wherever they apply: ``method="csrc"``) or ``"triton"``
+            (fastntk's Triton kernels: ``method="triton"``).
         workspace: scratch memory reused across the layers of the call (temporaries of a
             rule, e.g. convolution patches), or None.
         params: the module's parameter attributes the kernel needs (``("weight",)``

@@ -44,18 +44,20 @@ import torch.nn.functional as F
 
 from fastntk.rules import Dense, GramRule, register_gram_rule
 
-# The grouped-convolution strategy runs in sample chunks whose result is at most this big.
-# ATen's grouped weight gradient allocates its result and oneDNN scratch of a few times that
-# size per call; glibc returns freed blocks of tens of MB to the system and page-faults them
-# in again on the next call, and whether it does depends on the process's heap history.
-# Small chunks keep every allocation small: one call of 128 samples at 64 ch 8x8 measured
-# 15.9 ms with 13,792 faults, chunks 4.3 ms (python bench/bench_engine_choices.py conv).
-# Inside ntk() the 64-ch layers of one NB201 call page-faulted up to 183,840 times (213 ms)
-# in one call per layer, and the fastest size differed from process to process; 1 MiB
-# never showed the large counts (... chunks; 2-core AMD EPYC,
-# bench/results/engine_choices_cpu.md).
+# The grouped strategy runs in sample chunks whose result is at most this big. ATen's grouped
+# weight gradient allocates its result and oneDNN scratch of a few times that size per call;
+# glibc returns freed blocks of tens of MB to the system and page-faults them in again on the
+# next call, depending on the process's heap history. Small chunks keep every allocation
+# small. On the 2-core AMD EPYC (bench/results/engine_choices_cpu.md): one call of 128
+# samples at 64 ch 8x8 took 15.9 ms with 13,792 page faults, 1 MiB chunks 4.3 ms with none
+# (python bench/bench_engine_choices.py conv); inside ntk() (NB201 "sum", N=128) the 64-ch
+# layers took 213 ms with 183,840 faults in one call per layer, 92 ms in 1 MiB chunks and
+# 94 ms in 4 MiB chunks (python bench/bench_engine_choices.py chunks). At N=64 one call was
+# the fastest (30 ms vs 44 ms): 1 MiB bounds the worst case, it does not win every shape.
 GROUPED_CHUNK_BYTES = 2**20
 # Output positions from which the grouped strategy is used (below: strided patches + bmm).
+# In bench/results/engine_choices_cpu.md (N=128, 3x3) the grouped chunks win at 32x32 and
+# 16x16 and at 64 ch 8x8 (4.3 vs 6.0 ms), lose at 128 ch 8x8 (21.3 vs 18.5 ms) and at 4x4.
 GROUPED_MIN_T = 64
 
 
@@ -245,15 +247,15 @@ class ConvRule(GramRule):
         # Several logits' output gradients of one ungrouped convolution: stacked as
         # K*C_out output channels they share one patch matrix, and every sample's
         # gradients for all K logits come from one (K*C_out x T) @ (T x C_in*k) product.
-        # NB201 "trace" at N=32 on the 2-core CPU: 3.32 s all logits at once vs 3.53 s
-        # logit by logit (median of 5 alternating runs, python
+        # NB201 "trace" at N=32 on the 2-core CPU, medians of 5 alternating runs: 1.37 s
+        # all logits at once vs 1.33 s logit by logit, within the machine's noise (python
         # bench/bench_engine_choices.py trace; bench/results/engine_choices_cpu.md).
         if name != "weight" or module.groups != 1 or len(gouts) == 1:
             return super().grad_rows_multi(module, saved, gouts, name, r0, r1)
         x, ctx = saved
         K, nd = len(gouts), len(module.kernel_size)
         if ctx.backend in ("triton", "csrc"):  # the compiled kernels take the stacked gradients
-            c = K * (r1 - r0)  # (of rows r0:r1 only: all rows once per row range was waste)
+            c = K * (r1 - r0)  # (rows r0:r1 only: each row range computes its own channels)
             G = self.grad_rows(module, saved, torch.cat([gk[:, r0:r1] for gk in gouts], 1),
                                name, 0, c).G  # fmt: skip
             G = G.reshape(G.shape[0], c, -1)
@@ -283,7 +285,7 @@ class ConvRule(GramRule):
         groups = module.groups
         og = c_out // groups
         # Only what rows r0:r1 need (a big layer is cut into row ranges: the whole layer
-        # once per range was ranges x the work), for every strategy:
+        # once per range would be ranges x the work), for every strategy:
         if groups == 1:  # rows r0:r1 are output channels r0:r1: only their gradients
             h0, h1, xs, gs = 0, 1, x, gout[:, r0:r1]
             lo, hi = 0, r1 - r0

@@ -10,7 +10,8 @@ Derivation. ``y[i, t] = W u[i, t] + b`` for sample ``i`` and position ``t``
 For ``T = 1`` the per-sample weight gradient is the outer product
 ``g_i u_i^T``, returned as an :class:`Outer` block whose Gram costs
 ``n^2 (out + in)`` instead of ``n^2 out in``. For ``T > 1`` it is one batched
-matmul ``g_i^T u_i`` over the tokens.
+matmul ``g_i^T u_i`` over the tokens; with ``method="triton"`` fastntk's Triton
+kernel computes it (:func:`fastntk.kernels.conv_psg.linear_psg`, float32 accumulation).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ class LinearRule(GramRule):
     supports_rows = True
 
     def save(self, module, args, kwargs, output, ctx):
-        return args[0]
+        return (args[0], ctx.backend)
 
-    def grad_rows(self, module, u, gout, name, r0, r1):
+    def grad_rows(self, module, saved, gout, name, r0, r1):
+        u, backend = saved
         n = gout.shape[0]
         g = gout[..., r0:r1]
         if u.dim() <= 2:  # one position per sample
@@ -41,4 +43,8 @@ class LinearRule(GramRule):
         if name == "bias":
             return Dense(g3.sum(1))
         u3 = u.reshape(n, -1, u.shape[-1])  # (n, T, in)
+        if backend == "triton":
+            from fastntk.kernels.conv_psg import linear_psg
+
+            return Dense(linear_psg(u3, g3).reshape(n, -1))
         return Dense(torch.bmm(g3.transpose(1, 2), u3).reshape(n, -1))

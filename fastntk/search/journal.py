@@ -105,9 +105,8 @@ def space_key(space: Any) -> str:
     The configuration is read from the constructor's keyword options that the instance
     keeps as same-named attributes (``NB201Space(C, N)``, ``DartsSpace(C, layers)``, a
     registered or user space written the same way); options at their default value are
-    left out, so the default configuration keeps the bare name (``"nb201"``) and journals
-    written before the configuration was part of the key stay valid. Others get a
-    canonical suffix: ``"nb201(C=8,N=1)"``. A space may define ``journal_key`` (a string,
+    left out, so the default configuration's key is the bare name (``"nb201"``) whichever
+    options a space takes. Others get a canonical suffix: ``"nb201(C=8,N=1)"``. A space may define ``journal_key`` (a string,
     or a method returning one) to name its configuration itself.
     """
     own = getattr(space, "journal_key", None)
@@ -193,8 +192,8 @@ class Journal:
         self._con: sqlite3.Connection | None = None
         # SQLite answers "database is locked" at once, without waiting on the busy
         # handler, when two processes switch a new database to WAL mode or create its
-        # schema at the same moment (seen in tests/test_journal.py's concurrent-writers
-        # test, about 1 run in 10): the set-up is retried until ``timeout``.
+        # schema at the same moment (tests/test_journal.py's concurrent-writers test
+        # reaches it): the set-up is retried until ``timeout``.
         self._retry("use", "as a journal database", self._open)
 
     def _open(self) -> None:

@@ -87,9 +87,9 @@ class AvgPool3x3(nn.AvgPool2d):
 
     The same function (only the summation order, i.e. float rounding, differs), with the
     same attributes and no parameters, so state dicts and ``isinstance`` checks are
-    unaffected. PyTorch's CPU ``avg_pool2d`` is slow for this shape: measured on the
-    2-core development CPU (float32, N=32, best of 3), forward 3.26 ms vs 0.97 ms at
-    16x32x32 and 1.50 vs 0.48 ms at 64x8x8, backward 3.44 vs 1.04 ms and 1.77 vs 0.56 ms
+    unaffected. PyTorch's CPU ``avg_pool2d`` is slow for this shape: on the 2-core AMD
+    EPYC (float32, N=32, best of 3), forward 3.09 ms vs 0.43 ms at 16x32x32 and 0.54 vs
+    0.15 ms at 64x8x8, backward 3.24 vs 0.50 ms and 0.70 vs 0.15 ms
     (``python bench/bench_engine_choices.py pool``, bench/results/engine_choices_cpu.md).
     On GPUs the built-in op is used (not measured there).
     """
