@@ -115,11 +115,13 @@ def search(args) -> None:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             w.writeheader()
-        for algo in args.algos.split(","):
-            base = space_scorer(space, supernet_weights=algo == "prune")
-            cache = CachedScores(space, base, args.space_csv, args.scores)
-            scorer = Scorer(cache, base.metrics, base.directions, settings=base.settings)
-            for seed in range(args.seeds):
+        # one score cache for every algorithm (pruning's supernets take the full supernet's
+        # weights, as the CLI's pruning does; architectures are scored alike everywhere)
+        base = space_scorer(space, supernet_weights=True)
+        cache = CachedScores(space, base, args.space_csv, args.scores)
+        scorer = Scorer(cache, base.metrics, base.directions, settings=base.settings)
+        for seed in range(args.seeds):  # seeds outside: a stopped run covers every algorithm
+            for algo in args.algos.split(","):
                 if (algo, str(seed)) in done:
                     continue
                 t = time.monotonic()
