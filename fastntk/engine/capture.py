@@ -57,7 +57,8 @@ class Capture:
     """Hooks of one forward/backward; routes gradient blocks to ``consume``."""
 
     def __init__(self, job: Any):
-        self.job = job
+        self.job = job  # the layerwise strategy (its probe's dims, row ranges, fallback)
+        self.call = job.call
         self.records: list[Record] = []
         self.roots: list[torch.Tensor] = []
         self.active = False
@@ -79,8 +80,13 @@ class Capture:
 
     # -- forward -----------------------------------------------------------
     def install(self) -> None:
-        for mname, module, attrs in self.job.plan_modules:
-            rule = self.job.rules[mname]
+        for route in self.call.plan.routes:
+            mname, module, attrs, rule = (
+                route.module_name,
+                route.module,
+                dict(route.attrs),
+                route.rule,
+            )
             # prepend: before the user's own forward hooks, which may return a changed
             # output (3 * out): the rules need the module's own output and its gradient
             h = module.register_forward_hook(
@@ -120,7 +126,7 @@ class Capture:
             rule = base_rule
             if (
                 dims is not None
-                and self.job.bn == "per_sample"
+                and self.call.bn == "per_sample"
                 and isinstance(mod, nn.modules.batchnorm._BatchNorm)
                 and (dims.ins[0] if dims.ins else None) != 0
             ):
@@ -144,7 +150,7 @@ class Capture:
             if rule is not None and not rule.accepts(mod, args, kwargs, out):
                 rule = None  # this call takes the per-module fallback (see GramRule.accepts)
             if rule is not None:
-                ctx = Context(self.job.bn, self.job.backend, self.job.workspace, tuple(attrs))
+                ctx = Context(self.call.bn, self.call.backend, self.call.workspace, tuple(attrs))
                 saved = rule.save(mod, dargs, dkwargs, out, ctx)
             else:
                 saved = (dargs, dkwargs)
@@ -164,11 +170,8 @@ class Capture:
             if not any(t.requires_grad for t in graph.tensors((args, kwargs))):
                 # Nothing upstream requires grad (first layer of token models, a
                 # layer on constants): drive the backward to its parameters too.
-                self.roots.extend(
-                    self.job.copies.params[p]
-                    for p in attrs.values()
-                    if self.job.copies.params[p].requires_grad
-                )
+                params = self.call.copies.params
+                self.roots.extend(params[p] for p in attrs.values() if params[p].requires_grad)
             pos = pos if rule is None else pos[:1]
             outs = [tensors[i] for i in pos]
             rec.out_pos = pos
@@ -237,10 +240,10 @@ class Capture:
             for r0, r1 in self.job.row_ranges(pname, rec.rule, 1):
                 kw = {}
                 if rec.rule.supports_out:
-                    p = self.job.copies.params[pname]
+                    p = self.call.copies.params[pname]
                     shape = (g.shape[0], p.numel() // rows_of(p) * (r1 - r0))
                     if self.streams(math.prod(shape) * p.element_size()):
-                        kw["out"] = self.job.workspace.get("engine.block", shape, p)
+                        kw["out"] = self.call.workspace.get("engine.block", shape, p)
                 with phase("per_sample"):
                     blk = rec.rule.grad_rows(rec.module, rec.saved, g, attr, r0, r1, **kw)
                 self.consume((pname, r0, self.pass_idx), blk)
@@ -285,7 +288,7 @@ class Capture:
             ranges = (
                 self.job.row_ranges(pname, lst[0][0].rule, npasses if full else 1)
                 if rows_ok
-                else [(0, rows_of(self.job.copies.params[pname]))]
+                else [(0, rows_of(self.call.copies.params[pname]))]
             )
             for r0, r1 in ranges:
                 per_pass = []
@@ -298,7 +301,7 @@ class Capture:
                             key = (rec.index, k)
                             if key not in fb_cache:
                                 with phase("fallback"):
-                                    fb_cache[key] = self.job.fallback_grads(rec, rec.gouts[k])
+                                    fb_cache[key] = self.job.module_grads(rec, rec.gouts[k])
                             G = fb_cache[key][attr]
                             parts.append(Dense(G.reshape(G.shape[0], -1)))
                         else:
@@ -308,9 +311,9 @@ class Capture:
                                 )
                             parts.append(blk)
                     if not parts:  # this use got no gradient in pass k: a zero block
-                        p = self.job.copies.params[pname]
+                        p = self.call.copies.params[pname]
                         width = p.numel() // max(1, p.shape[0] if p.dim() else 1) * (r1 - r0)
-                        z = torch.zeros(n, width, dtype=self.job.dtype, device=self.job.device)
+                        z = torch.zeros(n, width, dtype=self.call.dtype, device=self.call.device)
                         parts = [Dense(z)]
                     per_pass.append(add_blocks(parts))
                 if full:
