@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from fastntk import _model
-from fastntk.engine import capture, graph, options, panels, plan, sizes
+from fastntk.engine import capture, classify, graph, options, panels, plan, sizes
 from fastntk.engine.call import Call
 from fastntk.engine.layerwise import Layerwise
 
@@ -115,15 +115,14 @@ def explain(
     rows: list[ParamPath] = []
     notes: list[str] = []
     with _model.model_state(model, bn):
-        cap = capture.Capture(job)
+        # the first chunk's first samples: two missed couplings among later ones (ntk
+        # probes its whole first chunk); all of a 256-sample chunk cost many times more
+        xs = x[: min(samples, x.shape[0], EXPLAIN_SAMPLES)]
+        cap = capture.Capture(call, job.router, None, xs.shape[0], lambda key, blk: None)
         cap.install()
         alone = None  # why ntk runs each sample alone (vmap), if it does
         try:
-            # the first chunk's first samples: two missed couplings among later ones (ntk
-            # probes its whole first chunk); all of a 256-sample chunk cost many times more
-            xs = x[: min(samples, x.shape[0], EXPLAIN_SAMPLES)]
             job.run_probe(xs)
-            cap.n = xs.shape[0]
             xp = call.prep(xs)
             cap.active = True
             raw = call.copies.call(model, xp)
@@ -135,7 +134,7 @@ def explain(
             )  # used in y's graph
             try:
                 job.classifier.classify(cap, y, job.probe)
-            except capture.SamplesCoupled as e:
+            except classify.SamplesCoupled as e:
                 coupled = True
                 notes.append(str(e))
             called = {r.mname for r in cap.records}
@@ -183,7 +182,7 @@ def explain(
                     path = "coupled"
                 elif pname in cap.broadcast:
                     path = "rule:BroadcastRule (added or expanded over the batch outside modules)"
-                elif pname in cap.excluded and mname in job.unbatched_calls:
+                elif pname in cap.excluded and mname in job.router.unbatched_calls:
                     path = "fallback:model (its module's call has no sample dim: no batched input)"
                 elif pname in cap.excluded:
                     path = "fallback:model (used outside its module's call)"

@@ -68,6 +68,7 @@ from fastntk import _model
 from fastntk._progress import bar as progress_bar
 from fastntk.engine import (
     capture,
+    classify,
     coupled,
     diagnose,
     jacobian,
@@ -215,9 +216,9 @@ def _run(
             if p.strategy == "jacobian":
                 return call, jacobian.kernel(call, x1, x2)
             return call, coupled.kernel(call, x1, x2)
-        except (capture.SamplesCoupled, CapturedMutationError, _model.MergedSamplesError) as e:
+        except (classify.SamplesCoupled, CapturedMutationError, _model.MergedSamplesError) as e:
             fact = (
-                plan.SAMPLES_COUPLED if isinstance(e, capture.SamplesCoupled)
+                plan.SAMPLES_COUPLED if isinstance(e, classify.SamplesCoupled)
                 else plan.CAPTURED_MUTATION if isinstance(e, CapturedMutationError)
                 else plan.MERGED_SAMPLES
             )  # fmt: skip
@@ -323,7 +324,7 @@ def ntk_sketch(
 
             try:
                 layerwise.run_chunk(x[s0:s1], consume, capture.always)
-            except capture.SamplesCoupled as e:
+            except classify.SamplesCoupled as e:
                 raise OptionError(
                     f"the sketch needs per-sample independent outputs, but {e}"
                 ) from None

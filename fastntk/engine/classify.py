@@ -1,7 +1,16 @@
-"""Which route each parameter of a chunk takes, decided from the chunk's records and the
-autograd graph of its output, once by the first chunk for all: a rule, the per-module
-fallback, ``rules.broadcast`` (a parameter broadcast over the batch outside module calls),
-or the whole-model fallback (a use outside its module's calls)."""
+"""Which route each module call and each parameter of a chunk takes.
+
+During the forward, :class:`Router` gives each call its route from the call's measured
+sample dims (fixed by the first chunk that makes the call) and its rule: the rule, the
+per-module fallback, or none (the whole-model fallback takes its parameters). After the
+forward, :class:`Classifier` routes the parameters from the chunk's records and the
+autograd graph of its output, once by the first chunk for all: a rule whose guard outputs
+reach the output gives way to the fallback, parameters of never-called modules join an
+ancestor's call, a parameter broadcast over the batch outside module calls takes
+``rules.broadcast``, other uses outside module calls the whole-model fallback, and a
+parameter used several times has its uses summed after the passes. The capture carries
+the routes out; it decides none.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +18,95 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.nn as nn
 
+from fastntk import _model
 from fastntk.engine import capture, graph, probe
 from fastntk.engine.call import Call
 from fastntk.errors import UnsupportedError
+from fastntk.rules import GramRule
+
+
+class SamplesCoupled(Exception):
+    """The probe found the samples coupled inside the model (the message says how): the
+    layerwise paths do not apply."""
+
+
+class Router:
+    """The route of each module call during a chunk's forward (:data:`capture.Route`)."""
+
+    def __init__(self, call: Call):
+        self.call = call
+        self.probe: probe.Probe | None = None  # the first chunk's probe (set when made)
+        self._call_dims: dict[tuple[str, int], probe.CallDims | None] = {}
+        self.unbatched_calls: set[str] = set()  # modules with a call the probe sent whole
+
+    def __call__(
+        self, mname: str, k: int, mod: nn.Module, rule: GramRule | None, args, kwargs, out,
+        tensors: list[torch.Tensor], pos: list[int], n: int,
+    ) -> tuple[GramRule | None | str, probe.CallDims | None]:  # fmt: skip
+        """(the rule ``mname``'s ``k``-th call takes, None for the per-module fallback, or
+        :data:`capture.WHOLE`; its measured sample dims). ``rule``: the module's planned
+        rule; ``pos``: the positions of the call's hooked outputs in ``tensors``."""
+        dims = self.call_dims(mname, k, args, kwargs, tensors, n)
+        if (
+            dims is not None
+            and self.call.bn == "per_sample"
+            and isinstance(mod, nn.modules.batchnorm._BatchNorm)
+            and (dims.ins[0] if dims.ins else None) != 0
+        ):
+            raise _model.MergedSamplesError(
+                f"{mname!r} is given its samples in another dim than its rows (or none)"
+            )
+        if dims is not None:
+            layout = call_layout(dims, pos, capture.batch_dim(mod), rule is not None)
+            if layout == "whole":
+                # no sample dim to read per-sample gradients off (a module on a
+                # learned query, a weight parametrization) or mixed samples: its
+                # parameters go to the whole-model fallback (uses > calls)
+                self.unbatched_calls.add(mname)
+                return capture.WHOLE, dims
+            if layout == "fallback":
+                rule = None  # laid out otherwise than the rule assumes
+        if rule is not None and not rule.accepts(mod, args, kwargs, out):
+            rule = None  # this call takes the per-module fallback (see GramRule.accepts)
+        return rule, dims
+
+    def call_dims(self, mname, k, args, kwargs, tensors, n) -> probe.CallDims | None:
+        """Measured sample dims of ``mname``'s ``k``-th call, fixed by the first chunk
+        that makes it (every chunk must serve a call alike: their blocks meet by key)."""
+        key = (mname, k)
+        if key not in self._call_dims:
+            self._call_dims[key] = (
+                None
+                if self.probe is None
+                else self.probe.dims(
+                    mname,
+                    k,
+                    probe.shapes(graph.flatten((args, kwargs))[0]),
+                    probe.shapes(tensors),
+                    n,
+                )
+            )
+        return self._call_dims[key]
+
+
+def call_layout(dims: probe.CallDims, pos: list[int], bdim: int, rule: bool) -> str:
+    """How one call can be served, given its measured sample dims (:mod:`fastntk.engine.probe`)
+    and the positions of its hooked outputs: ``"rule"`` (a rule's call laid out as rules
+    assume: the first tensor input and the output batched in ``bdim``; the rule reads its
+    other inputs itself, e.g. MHA's (N·heads, T, S) masks), ``"fallback"`` (the
+    per-module fallback with the measured dims), ``"whole"`` (no per-module handling: an
+    output without a sample dim, or a tensor whose samples mix)."""
+    if not pos:
+        return "rule" if rule else "fallback"  # no gradient reaches this call's outputs
+    outs = [dims.outs[i] for i in pos]
+    first_in = next((d for d in dims.ins if d is not None), bdim)
+    if rule and outs[0] == bdim and first_in == bdim:
+        return "rule"
+    if any(d is None or d == probe.AMBIGUOUS for d in outs) or probe.AMBIGUOUS in dims.ins:
+        return "whole"
+    return "fallback"
 
 
 class Classifier:
@@ -28,9 +122,12 @@ class Classifier:
         self._broadcast_ok: dict[str, bool] = {}  # parameter -> takes rules.broadcast
 
     def classify(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
-        """After the forward: rules whose guard outputs reach ``y`` give way to the
-        fallback; find multi-use parameters and uses no hook saw."""
-        cap.check_guards(y)
+        """Route the parameters of the chunk ``cap`` recorded, whose output is ``y``
+        (module docstring); ``pr``: the probe (None where it could not run)."""
+        reached = cap.guards_reached(y)
+        for rec in cap.records:
+            if rec.index in reached:
+                cap.to_fallback(rec)
         if self.untracked is None:
             if pr is not None:
                 coupled = pr.coupled(y)
@@ -40,7 +137,7 @@ class Classifier:
                     "could not be checked"
                 )
             if coupled is not None:
-                raise capture.SamplesCoupled(coupled)
+                raise SamplesCoupled(coupled)
             self._first_calls = calls(cap)
             self.untracked, self.adopted = self._outside_uses(cap, y, self._first_calls)
         elif (now := calls(cap)) != self._first_calls:
@@ -56,21 +153,16 @@ class Classifier:
                     "its forward depends on the batch. Pass chunk_size >= the number of "
                     "samples (one chunk), or use method='vmap'"
                 )
-        for rec in cap.records:  # adopted parameters join their ancestor's fallback
+        for rec in cap.records:  # adopted parameters join their ancestor's call
             extra = {a: p for p, (mn, a) in self.adopted.items() if mn == rec.mname}
             if extra:
-                rec.attrs = {**rec.attrs, **extra}
-        cap.excluded = set(self.untracked)
-        self._hook_broadcasts(cap, y, pr)
-        for pname, c in calls(cap).items():
-            if c > 1 and pname not in cap.excluded:
-                cap.deferred_params.add(pname)
-        for rec in cap.records:
-            rec.graph = None  # (the walks are done)
+                cap.adopt(rec, extra)
+        cap.exclude(self.untracked)
+        self._broadcasts(cap, y, pr)
+        cap.defer({p for p, c in calls(cap).items() if c > 1 and p not in cap.excluded})
+        cap.drop_graphs()
 
-    def _hook_broadcasts(
-        self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None
-    ) -> None:
+    def _broadcasts(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
         """Parameters whose one use is a broadcast over the batch (ViT position embeddings,
         class tokens): hook that autograd node with
         :class:`~fastntk.rules.broadcast.BroadcastRule` instead of the model fallback (used
@@ -101,21 +193,8 @@ class Classifier:
             if pname not in self._broadcast_ok:  # decided by the first chunk, for all
                 self._broadcast_ok[pname] = pr is None or pr.batch_first_use(pname, out, n)
                 # (the probe: is dim 0 of that node the samples' dim?)
-            if alpha is None or not self._broadcast_ok[pname]:
-                continue
-            mname, module, attr = owners[pname][0]
-            rec = capture.Record(
-                len(cap.records), mname, module, capture.BROADCAST_RULE, {attr: pname},
-                (tuple(p.shape), alpha), n,
-            )  # fmt: skip
-            rec.out_specs = [(torch.Size(out), p.dtype, p.device)]
-            cap.records.append(rec)
-            node.register_prehook(cap._make_prehook(rec, 0, 0))
-            cap.roots.append(p)  # the backward must run the node (a class token's expand)
-            cap.excluded.discard(pname)
-            cap.broadcast.add(pname)
-            for fb in by_fallback.get(pname, ()):  # its module's fallback no longer takes it
-                fb.attrs = {a: q for a, q in fb.attrs.items() if q != pname}
+            if alpha is not None and self._broadcast_ok[pname]:
+                cap.add_broadcast(pname, node, alpha, n)
 
     def _outside_uses(self, cap: capture.Capture, y: torch.Tensor, calls: dict[str, int]):
         """(parameters used outside their modules' calls: the whole-model fallback,

@@ -10,23 +10,22 @@ from collections.abc import Callable
 import torch
 
 from fastntk import _model
-from fastntk.engine import capture, classify, fallback, gram, graph, panels, probe, sizes
+from fastntk.engine import capture, classify, fallback, gram, panels, probe, sizes
 from fastntk.engine.call import Call
 from fastntk.profiling import phase
-from fastntk.rules import Block, GramRule
+from fastntk.rules import Block
 
 
 class Layerwise:
-    """The layerwise strategy of one call: the probe of its first chunk and the decisions
-    that chunk makes for all (the sample dims of each module call, the routes of
-    parameters outside module calls)."""
+    """The layerwise strategy of one call: the probe of its first chunk and the routes
+    that chunk decides for all (:mod:`.classify`: each module call's, by ``router``
+    during the forward; the parameters', by ``classifier`` after it)."""
 
     def __init__(self, call: Call):
         self.call = call
         self.probe: probe.Probe | None = None  # measured sample dims (run_probe)
         self._probed = False
-        self._call_dims: dict[tuple[str, int], probe.CallDims | None] = {}
-        self.unbatched_calls: set[str] = set()  # modules with a call the probe sent whole
+        self.router = classify.Router(call)
         self.classifier = classify.Classifier(call)
 
     def kernel(self, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
@@ -56,6 +55,7 @@ class Layerwise:
                     x,
                     {q: call.copies.params[q] for q in call.selected},
                 )
+            self.router.probe = self.probe
 
     def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The (n, K) outputs of a forward of ``x`` alone, each row normalised by itself
@@ -63,54 +63,6 @@ class Layerwise:
         call = self.call
         xp = call.prep(x)
         return call.head(call.copies.call(call.model, xp, samples=_model.ROWS), x.shape[0])
-
-    def call_dims(self, mname, k, args, kwargs, tensors, n) -> probe.CallDims | None:
-        """Measured sample dims of ``mname``'s ``k``-th call, fixed by the first chunk
-        that makes it (every chunk must serve a call alike: their blocks meet by key)."""
-        key = (mname, k)
-        if key not in self._call_dims:
-            self._call_dims[key] = (
-                None
-                if self.probe is None
-                else self.probe.dims(
-                    mname,
-                    k,
-                    probe.shapes(graph.flatten((args, kwargs))[0]),
-                    probe.shapes(tensors),
-                    n,
-                )
-            )
-        return self._call_dims[key]
-
-    def row_ranges(
-        self, pname: str, rule: GramRule | None, per_sample: int
-    ) -> list[tuple[int, int]]:
-        """Parameter-row ranges of ``pname``'s blocks (``per_sample`` rows per sample each).
-
-        Sized for the call's largest chunk (``chunk_n``), never the current one: every
-        chunk of a call must cut a parameter into the same ranges, since the blocks of two
-        chunks meet by key in the panel assembly (a smaller last chunk cut differently
-        gave blocks of mismatched widths).
-        """
-        p = self.call.copies.params[pname]
-        rows = p.shape[0] if p.dim() else 1
-        if rule is None or not rule.supports_rows or p.dim() == 0:
-            return [(0, rows)]
-        the_plan = self.call.plan
-        nrows = the_plan.chunk_n * per_sample
-        per_row = max(1, p.numel() // rows)
-        budget = (
-            sizes.BLOCK_BYTES if the_plan.cols is None else the_plan.cols * nrows * p.element_size()
-        )
-        max_rows = max(1, budget // max(1, nrows * per_row * p.element_size()))
-        return [(r, min(rows, r + max_rows)) for r in range(0, rows, max_rows)]
-
-    def module_grads(
-        self, rec: capture.Record, gouts: list[torch.Tensor | None]
-    ) -> dict[str, torch.Tensor]:
-        """The per-module fallback's per-sample gradients of ``rec``'s call
-        (:func:`fallback.module_grads`)."""
-        return fallback.module_grads(self.call, rec, gouts)
 
     def run_chunk(
         self,
@@ -126,10 +78,14 @@ class Layerwise:
         """
         call, head = self.call, self.call.head
         self.run_probe(x)
-        cap = capture.Capture(self)
-        cap.n = x.shape[0]
-        cap.consume = consume
-        cap.streams = streams
+        cap = capture.Capture(
+            call,
+            self.router,
+            lambda rec, gouts: fallback.module_grads(call, rec, gouts),
+            x.shape[0],
+            consume,
+            streams,
+        )
         cap.install()
         try:
             xp = call.prep(x)
