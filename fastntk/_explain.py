@@ -121,6 +121,7 @@ def explain(
         cap = capture.Capture(call, job.router, None, xs.shape[0], lambda key, blk: None)
         cap.install()
         alone = None  # why ntk runs each sample alone (vmap), if it does
+        K = 0  # the model's outputs per sample (0: no forward ran to show them)
         try:
             job.run_probe(xs)
             xp = call.prep(xs)
@@ -128,7 +129,7 @@ def explain(
             raw = call.copies.call(model, xp)
             cap.active = False
             y = head(raw)
-            head.passes(y)
+            K = y.shape[1]
             reached = set(
                 graph.param_consumers(y, {q: call.copies.params[q] for q in selected})
             )  # used in y's graph
@@ -214,13 +215,15 @@ def explain(
     n1 = x.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     chunk = min(samples, n1 + (0 if x2 is None else n2))
-    R = head.K if head.full else 1
+    R = head.rows(K)
     kernel = R * R * n1 * n2 * dtype.itemsize
     biggest = max(p.numel() for p in selected.values())
     block = min(sizes.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
     panel = 0
     if (n1 if x2 is None else n1 + n2) > samples:  # ntk's _panels
-        rows, per_sample = panels.rows(call, x)
+        if not K and not head.one_pass:  # (the panels' sizing forward shows it)
+            K = panels.outputs(call, x)
+        rows, per_sample = panels.rows(call, x, K)
         panel = 2 * min(n1, rows) * per_sample  # kept, and concatenated once per panel
     if n1 > samples:
         notes.append(
@@ -238,7 +241,7 @@ def explain(
         rows,
         n1,
         n2,
-        head.K,
+        K,
         bn,
         coupled,
         kernel,

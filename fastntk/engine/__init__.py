@@ -310,6 +310,7 @@ def ntk_sketch(
             f"{why}): choose a smaller sketch_dim"
         )
     projection = sketch.Projection(S, call.copies.params, opts.seed)
+    K = 0
     layerwise = Layerwise(call)
     chunks = -(-n // samples)
     show = False if progress is None and chunks == 1 else progress
@@ -323,7 +324,7 @@ def ntk_sketch(
                     projection.add(key, blk, s0, s1)
 
             try:
-                layerwise.run_chunk(x[s0:s1], consume, capture.always)
+                K = layerwise.run_chunk(x[s0:s1], consume, capture.always)
             except classify.SamplesCoupled as e:
                 raise OptionError(
                     f"the sketch needs per-sample independent outputs, but {e}"
@@ -331,7 +332,7 @@ def ntk_sketch(
             bar.update()
     bar.close()
     if output == "mean":
-        S /= math.sqrt(call.head.K)
+        S /= math.sqrt(K)
     if not bool(torch.isfinite(S).all()):
         with _model.model_state(model, bn):  # the diagnosis' forwards in the call's modes
             raise NonFiniteKernelError(diagnose.nonfinite(call, x, None))

@@ -58,7 +58,7 @@ def kernel(call: Call, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tenso
     else:  # too many rows to hold: panels of rows, recomputing the others
         theta = _panels(call, rows, jac_rows, per_chunk, n1, n, x2 is None, P)
     n2 = n1 if x2 is None else n - n1
-    return head.finish(theta, n1, n2)
+    return head.finish(theta, n1, n2, y.shape[1])
 
 
 def _jacobian_rows(y, passes, tensors, sub, batched: bool) -> torch.Tensor:

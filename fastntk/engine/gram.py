@@ -88,8 +88,10 @@ class GramAccumulator:
         b = rows(blk, R, n, self.split, n)
         self.theta += gram_block(a, b, backend)
 
-    def result(self) -> torch.Tensor:
+    def result(self, R: int) -> torch.Tensor:
+        """The (R·n1, R·n2) accumulated kernel (zeros where no block came: R rows per
+        sample)."""
         self.flush()
         if self.theta is None:
-            return self.call.alloc(self.n1, self.n2, self.call.head.R)
+            return self.call.alloc(self.n1, self.n2, R)
         return self.theta

@@ -91,4 +91,4 @@ def contract(call: Call, J1: dict, J2: dict, n1: int, n2: int) -> torch.Tensor:
             count_gram(A.shape[0], B.shape[0], A.shape[1] * A.shape[2])
             part = torch.einsum("iac,jac->ij", A, B)
         theta = part if theta is None else theta + part
-    return call.head.finish(theta, n1, n2)
+    return call.head.finish(theta, n1, n2, A.shape[1])  # ("full"/"mean": a pass per output)

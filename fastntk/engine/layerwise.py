@@ -35,12 +35,12 @@ class Layerwise:
         n2 = n1 if x2 is None else x2.shape[0]
         if x2 is None and n1 <= call.samples:
             acc = gram.GramAccumulator(call, n1, n1, None)
-            self.run_chunk(x1, acc.add, acc.streams)
-            return call.head.finish(acc.result(), n1, n1)
+            K = self.run_chunk(x1, acc.add, acc.streams)
+            return call.head.finish(acc.result(call.head.rows(K)), n1, n1, K)
         if x2 is not None and n1 + n2 <= call.samples:
             acc = gram.GramAccumulator(call, n1, n2, n1)
-            self.run_chunk(torch.cat([x1, x2]), acc.add, acc.streams)
-            return call.head.finish(acc.result(), n1, n2)
+            K = self.run_chunk(torch.cat([x1, x2]), acc.add, acc.streams)
+            return call.head.finish(acc.result(call.head.rows(K)), n1, n2, K)
         return panels.kernel(self, x1, x2)
 
     def run_probe(self, x: torch.Tensor) -> None:
@@ -74,7 +74,7 @@ class Layerwise:
 
         ``streams(nbytes)``: whether ``consume`` has finished with a block of that size
         when it returns (never keeps it), so that the block may live in reused memory.
-        Returns the number of passes (rows per sample of the blocks: R).
+        Returns K, the model's outputs per sample (``y.shape[1]``).
         """
         call, head = self.call, self.call.head
         self.run_probe(x)
@@ -125,4 +125,4 @@ class Layerwise:
             cap.release()
         if cap.excluded:
             fallback.model_blocks(call, x, consume, sorted(cap.excluded), len(passes))
-        return len(passes)
+        return y.shape[1]

@@ -18,29 +18,31 @@ if TYPE_CHECKING:
     from fastntk.engine.layerwise import Layerwise
 
 
-def bytes_per_sample(call: Call, x: torch.Tensor) -> int:
-    """Bytes of one sample's per-sample gradients over all backward passes (K for
-    "trace", "mean" and "full", else 1; K from a forward of the first chunk when no
-    chunk has run yet: the model may not run on fewer samples, e.g. one that groups
+def outputs(call: Call, x: torch.Tensor) -> int:
+    """K, the model's outputs per sample, from a forward of the first chunk of ``x``
+    without the graph (the model may not run on fewer samples, e.g. one that groups
     them)."""
-    head = call.head
+    xs = call.prep(x[: min(call.samples, x.shape[0])])
+    with torch.no_grad():
+        return call.head(call.copies.call(call.model, xs, samples=_model.ROWS)).shape[1]
+
+
+def bytes_per_sample(call: Call, K: int | None, x: torch.Tensor) -> int:
+    """Bytes of one sample's per-sample gradients over all backward passes (K for
+    "trace", "mean" and "full", else 1; K from :func:`outputs` where None)."""
     passes = 1
-    if not head.one_pass:
-        if not head.K:
-            xs = call.prep(x[: min(call.samples, x.shape[0])])
-            with torch.no_grad():
-                head.passes(head(call.copies.call(call.model, xs, samples=_model.ROWS)))
-        passes = max(1, head.K)
+    if not call.head.one_pass:
+        passes = max(1, outputs(call, x) if K is None else K)
     return sum(p.numel() for p in call.selected.values()) * call.dtype.itemsize * passes
 
 
-def rows(call: Call, x: torch.Tensor) -> tuple[int, int]:
-    """(rows of a panel, bytes of one sample's per-sample gradients): as many rows,
-    in whole chunks, as the panel budget holds, of every backward pass (the K passes
-    of "trace"/"mean" are kept alike: counting one made a "trace" panel hold K times
-    the budget)."""
+def rows(call: Call, x: torch.Tensor, K: int | None = None) -> tuple[int, int]:
+    """(rows of a panel, bytes of one sample's per-sample gradients) for the samples ``x``
+    of a model with K outputs (None: unknown yet): as many rows, in whole chunks, as the
+    panel budget holds, of every backward pass (the K passes of "trace"/"mean" are kept
+    alike: counting one made a "trace" panel hold K times the budget)."""
     c = call.samples
-    per_sample = max(1, bytes_per_sample(call, x))
+    per_sample = max(1, bytes_per_sample(call, K, x))
     return max(c, (sizes.panel_budget(call.device) // per_sample) // c * c), per_sample
 
 
@@ -65,9 +67,9 @@ def kernel(lw: Layerwise, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Te
         store: dict[tuple, list[Block]] = defaultdict(list)
         for s0 in range(p0, p1, c):
             s1 = min(p1, s0 + c)
-            lw.run_chunk(x1[s0:s1], lambda k, b, store=store: store[k].append(b))
+            K = lw.run_chunk(x1[s0:s1], lambda k, b, store=store: store[k].append(b))
             bar.update()
-        R = call.head.R  # known once a chunk has run
+        R = call.head.rows(K)
         stored = {k: gram.regroup(v, R) for k, v in store.items()}  # rows (R, panel)
         store = None
         if theta is None:
@@ -99,4 +101,4 @@ def kernel(lw: Layerwise, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Te
         for p0, p1 in panels:
             # mirror the blocks right of each diagonal panel into the lower triangle
             t4[:, p1:, :, p0:p1] = t4[:, p0:p1, :, p1:].permute(2, 3, 0, 1)
-    return call.head.finish(theta, n1, n2)
+    return call.head.finish(theta, n1, n2, K)
