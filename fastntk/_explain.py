@@ -223,8 +223,8 @@ def explain(
     if (n1 if x2 is None else n1 + n2) > samples:  # ntk's _panels
         if not K and not head.one_pass:  # (the panels' sizing forward shows it)
             K = panels.outputs(call, x)
-        rows, per_sample = panels.rows(call, x, K)
-        panel = 2 * min(n1, rows) * per_sample  # kept, and concatenated once per panel
+        panel_rows, per_sample = panels.rows(call, x, K)
+        panel = 2 * min(n1, panel_rows) * per_sample  # kept, and concatenated once per panel
     if n1 > samples:
         notes.append(
             f"{n1} samples exceed the chunk of {samples}: the kernel is assembled from panels "
