@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from fastntk import _model, engine
-from fastntk.engine import capture, graph, options, plan, sizes
+from fastntk import _model
+from fastntk.engine import capture, classify, graph, options, panels, plan, sizes
+from fastntk.engine.call import Call
+from fastntk.engine.layerwise import Layerwise
 
 
 @dataclass
@@ -103,35 +105,37 @@ def explain(
     x, x2 = _model.plain(x), _model.plain(x2)
     selected, dtype, samples = opts.selected, opts.dtype, opts.samples
     the_plan = plan.make(model, opts, x.shape[0] + (0 if x2 is None else x2.shape[0]), x.device)
-    job = engine._Job(model, opts, the_plan)
-    head = job.head
+    call = Call(model, opts, the_plan)
+    job = Layerwise(call)
+    head = call.head
+    rules = {r.module_name: r.rule for r in the_plan.routes}
     rnn = _model.recurrent(model)
     coupled = the_plan.strategy == "coupled"  # (bn="batch", or a recurrent model)
     owners = _model.owners(model)
     rows: list[ParamPath] = []
     notes: list[str] = []
     with _model.model_state(model, bn):
-        cap = capture.Capture(job)
+        # the first chunk's first samples: two missed couplings among later ones (ntk
+        # probes its whole first chunk); all of a 256-sample chunk cost many times more
+        xs = x[: min(samples, x.shape[0], EXPLAIN_SAMPLES)]
+        cap = capture.Capture(call, job.router, None, xs.shape[0], lambda key, blk: None)
         cap.install()
         alone = None  # why ntk runs each sample alone (vmap), if it does
+        K = 0  # the model's outputs per sample (0: no forward ran to show them)
         try:
-            # the first chunk's first samples: two missed couplings among later ones (ntk
-            # probes its whole first chunk); all of a 256-sample chunk cost many times more
-            xs = x[: min(samples, x.shape[0], EXPLAIN_SAMPLES)]
             job.run_probe(xs)
-            cap.n = xs.shape[0]
-            xp = job._prep(xs)
+            xp = call.prep(xs)
             cap.active = True
-            raw = job.copies.call(model, xp)
+            raw = call.copies.call(model, xp)
             cap.active = False
             y = head(raw)
-            head.passes(y)
+            K = y.shape[1]
             reached = set(
-                graph.param_consumers(y, {q: job.copies.params[q] for q in selected})
+                graph.param_consumers(y, {q: call.copies.params[q] for q in selected})
             )  # used in y's graph
             try:
-                job._classify(cap, y)
-            except capture.SamplesCoupled as e:
+                job.classifier.classify(cap, y, job.probe)
+            except classify.SamplesCoupled as e:
                 coupled = True
                 notes.append(str(e))
             called = {r.mname for r in cap.records}
@@ -155,7 +159,7 @@ def explain(
                 # (it raises where the sample alone has one value per channel too)
                 cap.active = False
                 with torch.no_grad():
-                    job.copies.call(model, job._prep(x[:1]), samples=_model.ALONE)
+                    call.copies.call(model, call.prep(x[:1]), samples=_model.ALONE)
                 alone = "bn='per_sample' with rows that are not the samples"
             else:
                 alone = str(e).split(":")[0]
@@ -179,24 +183,24 @@ def explain(
                     path = "coupled"
                 elif pname in cap.broadcast:
                     path = "rule:BroadcastRule (added or expanded over the batch outside modules)"
-                elif pname in cap.excluded and mname in job.unbatched_calls:
+                elif pname in cap.excluded and mname in job.router.unbatched_calls:
                     path = "fallback:model (its module's call has no sample dim: no batched input)"
                 elif pname in cap.excluded:
                     path = "fallback:model (used outside its module's call)"
-                elif pname in job._adopted:
-                    anc = job._adopted[pname][0]
+                elif pname in job.classifier.adopted:
+                    anc = job.classifier.adopted[pname][0]
                     kind = (
                         f"rule:{type(ruled[anc]).__name__}"
                         if anc not in declined
                         else "fallback:module"
                     )
                     path = f"{kind} (used inside {repr(anc) if anc else 'the model'}'s call)"
-                elif not any(mn in called for mn in job.module_of[pname]) or (
+                elif not any(mn in called for mn in the_plan.module_of[pname]) or (
                     pname not in reached and pname not in cap.broadcast
                 ):  # (a call under torch.no_grad(): its output does not reach the kernel)
                     path = "unused (no gradient reaches it)"
                 else:
-                    rule = job.rules[mname]
+                    rule = rules[mname]
                     path = f"rule:{type(rule).__name__}" if rule is not None else "fallback:module"
                     if rule is not None and mname in declined:
                         path = f"fallback:module ({type(rule).__name__} declined the call)"
@@ -211,14 +215,16 @@ def explain(
     n1 = x.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     chunk = min(samples, n1 + (0 if x2 is None else n2))
-    R = head.K if head.full else 1
+    R = head.rows(K)
     kernel = R * R * n1 * n2 * dtype.itemsize
     biggest = max(p.numel() for p in selected.values())
     block = min(sizes.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
     panel = 0
     if (n1 if x2 is None else n1 + n2) > samples:  # ntk's _panels
-        rows, per_sample = job._panel_rows(x)
-        panel = 2 * min(n1, rows) * per_sample  # kept, and concatenated once per panel
+        if not K and not head.one_pass:  # (the panels' sizing forward shows it)
+            K = panels.outputs(call, x)
+        panel_rows, per_sample = panels.rows(call, x, K)
+        panel = 2 * min(n1, panel_rows) * per_sample  # kept, and concatenated once per panel
     if n1 > samples:
         notes.append(
             f"{n1} samples exceed the chunk of {samples}: the kernel is assembled from panels "
@@ -235,7 +241,7 @@ def explain(
         rows,
         n1,
         n2,
-        head.K,
+        K,
         bn,
         coupled,
         kernel,

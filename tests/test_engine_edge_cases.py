@@ -693,7 +693,7 @@ def test_probe_retries_models_that_refuse_one_sample(n, t, chunk):
 
 
 def test_broadcast_parameter_keeps_its_rule_in_a_last_small_chunk(monkeypatch):
-    from fastntk import engine
+    from fastntk.engine import fallback
 
     class Pos(nn.Module):
         def __init__(self):
@@ -705,9 +705,9 @@ def test_broadcast_parameter_keeps_its_rule_in_a_last_small_chunk(monkeypatch):
             return self.fc(torch.tanh(x + self.pos).mean(1))
 
     fallbacks = []
-    real = engine._Job.fallback_grads
-    monkeypatch.setattr(engine._Job, "fallback_grads",
-                        lambda self, rec, g: fallbacks.append(rec.mname) or real(self, rec, g))  # fmt: skip
+    real = fallback.module_grads
+    monkeypatch.setattr(fallback, "module_grads",
+                        lambda call, rec, g: fallbacks.append(rec.mname) or real(call, rec, g))  # fmt: skip
     torch.manual_seed(0)
     m = Pos().double()
     for chunk in (None, 2, 3):
@@ -1191,8 +1191,8 @@ def test_panels_keep_the_per_sample_gradients_of_every_pass_within_the_budget(
     times its budget (NB201, N=1024: about 34 GB of per-sample gradients). The rows now
     count every pass; here a budget of 16 samples' one-pass gradients gives panels of 16
     rows for "sum" and of one chunk (4) for the K = 10 passes of "trace"/"mean"/"full"."""
-    from fastntk import engine
     from fastntk.engine import sizes
+    from fastntk.engine.layerwise import Layerwise
 
     torch.manual_seed(0)
     m = nn.Sequential(_Dense64(), nn.Linear(6, 10)).double()
@@ -1200,10 +1200,10 @@ def test_panels_keep_the_per_sample_gradients_of_every_pass_within_the_budget(
     P = sum(p.numel() for p in m.parameters())
     monkeypatch.setattr(sizes, "PANEL_BYTES", 16 * P * 8)
     runs = []
-    real = engine._Job._run_chunk
+    real = Layerwise.run_chunk
     monkeypatch.setattr(
-        engine._Job,
-        "_run_chunk",
+        Layerwise,
+        "run_chunk",
         lambda self, xc, *a, **k: (runs.append(xc.shape[0]), real(self, xc, *a, **k))[1],
     )
     theta = fastntk.ntk(m, x, output=output, chunk_size=4, dtype=torch.float64, progress=False)

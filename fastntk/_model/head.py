@@ -11,7 +11,7 @@ import torch
 from fastntk.errors import InputError, OptionError
 
 
-@dataclass
+@dataclass(frozen=True)
 class Head:
     """Reduction of the model's raw output to the (n, K) matrix the kernel is built from.
 
@@ -19,11 +19,11 @@ class Head:
     functions: the kernel of pass ``w`` is the NTK of ``sum_k w_k f_k(x)``.
     ``"sum"``: one pass of ones; an int: one one-hot pass; ``"trace"``,
     ``"mean"``, ``"full"``: one pass per logit (``"full"`` keeps the cross
-    terms between passes).
+    terms between passes). K, the outputs per sample, is not the head's: a forward
+    shows it (``y.shape[1]``), and what needs it takes it as an argument.
     """
 
     output: Any
-    K: int = 0
 
     def __call__(self, raw: Any, n: int | None = None) -> torch.Tensor:
         """The (N, K) outputs the kernel is of; ``n``: the batch size they must have."""
@@ -76,8 +76,8 @@ class Head:
         return self.output == "sum" or callable(self.output) or isinstance(self.output, int)
 
     def passes(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """The (n, K) output weightings of the backward passes of outputs ``y`` (n, K)."""
         n, K = y.shape
-        self.K = K
         if self.one_pass:
             return [torch.ones_like(y)]
         eye = torch.eye(K, dtype=y.dtype, device=y.device)
@@ -87,16 +87,15 @@ class Head:
     def full(self) -> bool:
         return self.output == "full"
 
-    @property
-    def R(self) -> int:
-        """Rows per sample in the kernel: K for "full", else 1."""
-        return self.K if self.full else 1
+    def rows(self, K: int) -> int:
+        """Rows per sample in the kernel of a model with K outputs: K for "full", else 1."""
+        return K if self.full else 1
 
-    def finish(self, theta: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
-        """(R*n1, R*n2) accumulator -> the kernel the user asked for."""
+    def finish(self, theta: torch.Tensor, n1: int, n2: int, K: int) -> torch.Tensor:
+        """(R*n1, R*n2) accumulator of a model with K outputs -> the kernel the user asked
+        for (K is read for "full" and "mean", whose passes are the K outputs)."""
         if self.full:
-            K = self.K
             return theta.view(K, n1, K, n2).permute(1, 3, 0, 2).contiguous()
         if self.output == "mean":
-            theta = theta / self.K
+            theta = theta / K
         return theta

@@ -1,7 +1,8 @@
 """Capture: forward hooks keep each planned module call's inputs, autograd-node hooks
 deliver its output gradients during the backward, and the call's rule turns both into
 per-sample gradient blocks handed to the consumer (the Gram accumulation, a panel, the
-sketch). The hooks read the job's plan and probe; the routing decisions are theirs.
+sketch). The routes are not the capture's: the strategy gives them (a route per call during
+the forward, the classification of the chunk after it).
 """
 
 from __future__ import annotations
@@ -15,10 +16,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fastntk import _model
 from fastntk.engine import graph, probe
 from fastntk.profiling import phase
 from fastntk.rules import Block, Context, Dense, GramRule, add_blocks, cat_blocks
+
+
+def never(nbytes: int) -> bool:
+    return False
+
+
+def always(nbytes: int) -> bool:
+    return True
 
 
 @dataclass
@@ -53,11 +61,38 @@ class Record:
         return sum(math.prod(sh) * dt.itemsize for sh, dt, _ in self.out_specs)
 
 
-class Capture:
-    """Hooks of one forward/backward; routes gradient blocks to ``consume``."""
+# route(mname, k, module, rule, args, kwargs, out, tensors, pos, n) -> (the rule the call
+# takes (None: the per-module fallback) or WHOLE, its measured sample dims): the call's
+# route, decided by the strategy (:class:`fastntk.engine.classify.Router`)
+Route = Callable[..., tuple[Any, Any]]
+WHOLE = "whole"  # a call with no per-module handling: its parameters go to the model fallback
 
-    def __init__(self, job: Any):
-        self.job = job
+
+class Capture:
+    """Hooks of one forward/backward: records each planned module call, saves its inputs
+    in the form of the route it is given, and hands the output gradients the backward
+    delivers to the call's rule (or the per-module fallback, ``module_grads``) and the
+    blocks they give to ``consume``. It decides no route: ``route`` does, during the
+    forward, and the strategy's classification after it (through :meth:`to_fallback`,
+    :meth:`adopt`, :meth:`add_broadcast`, :meth:`exclude`, :meth:`defer`)."""
+
+    def __init__(
+        self,
+        call: Any,
+        route: Route,
+        module_grads: Callable[[Record, list], dict[str, torch.Tensor]],
+        n: int,
+        consume: Callable[[tuple, Block], None],
+        streams: Callable[[int], bool] = never,
+    ):
+        self.call = call  # the call's state (engine.call.Call): copies, plan, workspace
+        self.route = route
+        self.module_grads = module_grads
+        self.n = n  # samples of this chunk
+        self.consume = consume
+        # whether ``consume`` is done with a block of this many bytes when it returns (then
+        # rules may write it into reused workspace memory)
+        self.streams = streams
         self.records: list[Record] = []
         self.roots: list[torch.Tensor] = []
         self.active = False
@@ -65,13 +100,8 @@ class Capture:
         self.deferred_params: set[str] = set()  # processed after all passes
         self.excluded: set[str] = set()  # handled by the whole-model fallback
         self.broadcast: set[str] = set()  # batch-broadcast parameters (rules.broadcast)
-        self.consume: Callable[[tuple, Block], None] | None = None
-        # whether ``consume`` is done with a block of this many bytes when it returns (then
-        # rules may write it into reused workspace memory)
-        self.streams: Callable[[int], bool] = never
         self.handles: list[Any] = []
         self.calls_seen: dict[str, int] = {}  # module name -> calls so far (probe keys)
-        self.n = 0  # samples of this chunk
         self.npasses = 1
         # trace/mean with small enough output gradients: keep every logit's gradients
         # and hand them to the rules together (shared patches, bigger GEMMs)
@@ -79,12 +109,12 @@ class Capture:
 
     # -- forward -----------------------------------------------------------
     def install(self) -> None:
-        for mname, module, attrs in self.job.plan_modules:
-            rule = self.job.rules[mname]
+        for route in self.call.plan.routes:
+            mname, attrs = route.module_name, dict(route.attrs)
             # prepend: before the user's own forward hooks, which may return a changed
             # output (3 * out): the rules need the module's own output and its gradient
-            h = module.register_forward_hook(
-                self._make_hook(mname, rule, attrs), with_kwargs=True, prepend=True
+            h = route.module.register_forward_hook(
+                self._make_hook(mname, route.rule, attrs), with_kwargs=True, prepend=True
             )
             self.handles.append(h)
 
@@ -115,40 +145,20 @@ class Capture:
             tensors = graph.tensors(out)
             k = self.calls_seen.get(mname, 0)
             self.calls_seen[mname] = k + 1
-            dims = self.job.call_dims(mname, k, args, kwargs, tensors, self.n)
             pos = graph.hooked_outputs(tensors)
-            rule = base_rule
-            if (
-                dims is not None
-                and self.job.bn == "per_sample"
-                and isinstance(mod, nn.modules.batchnorm._BatchNorm)
-                and (dims.ins[0] if dims.ins else None) != 0
-            ):
-                raise _model.MergedSamplesError(
-                    f"{mname!r} is given its samples in another dim than its rows (or none)"
-                )
-            if dims is not None:
-                layout = call_layout(dims, pos, batch_dim(mod), rule is not None)
-                if layout == "whole":
-                    # no sample dim to read per-sample gradients off (a module on a
-                    # learned query, a weight parametrization) or mixed samples: its
-                    # parameters go to the whole-model fallback (uses > calls)
-                    self.job.unbatched_calls.add(mname)
-                    return None
-                if layout == "fallback":
-                    rule = None  # laid out otherwise than the rule assumes
-            n = self.n
+            rule, dims = self.route(mname, k, mod, base_rule, args, kwargs, out, tensors, pos,
+                                    self.n)  # fmt: skip
+            if rule is WHOLE:
+                return None
             # Rules see detached inputs (same storage, no autograd history), so the
             # kernel never joins the graph, whatever requires grad upstream.
             dargs, dkwargs = graph.detach((args, kwargs))
-            if rule is not None and not rule.accepts(mod, args, kwargs, out):
-                rule = None  # this call takes the per-module fallback (see GramRule.accepts)
             if rule is not None:
-                ctx = Context(self.job.bn, self.job.backend, self.job.workspace, tuple(attrs))
+                ctx = Context(self.call.bn, self.call.backend, self.call.workspace, tuple(attrs))
                 saved = rule.save(mod, dargs, dkwargs, out, ctx)
             else:
                 saved = (dargs, dkwargs)
-            rec = Record(len(self.records), mname, mod, rule, attrs, saved, n, dims=dims)
+            rec = Record(len(self.records), mname, mod, rule, attrs, saved, self.n, dims=dims)
             rec.graph = (
                 [t.grad_fn for t in tensors if t.grad_fn is not None],
                 [t.grad_fn for t in graph.tensors((args, kwargs)) if t.grad_fn is not None],
@@ -156,7 +166,7 @@ class Capture:
             self.records.append(rec)
             if rule is not None:
                 guards = rule.guards(mod, args, kwargs, out)
-                if guards:  # checked against the graph after the forward (check_guards)
+                if guards:  # the strategy checks them against the graph after the forward
                     gpos = [next(i for i, t in enumerate(tensors) if t is g) for g in guards]
                     rec.guards = (guards, (dargs, dkwargs), gpos)
                     for t in guards:
@@ -164,11 +174,8 @@ class Capture:
             if not any(t.requires_grad for t in graph.tensors((args, kwargs))):
                 # Nothing upstream requires grad (first layer of token models, a
                 # layer on constants): drive the backward to its parameters too.
-                self.roots.extend(
-                    self.job.copies.params[p]
-                    for p in attrs.values()
-                    if self.job.copies.params[p].requires_grad
-                )
+                params = self.call.copies.params
+                self.roots.extend(params[p] for p in attrs.values() if params[p].requires_grad)
             pos = pos if rule is None else pos[:1]
             outs = [tensors[i] for i in pos]
             rec.out_pos = pos
@@ -185,31 +192,71 @@ class Capture:
 
         return hook
 
-    def check_guards(self, y: torch.Tensor) -> None:
-        """Records whose guard outputs (GramRule.guards) reach ``y`` leave their rule for
-        the exact per-module fallback, with every output's gradient hooked."""
+    # -- the routes the strategy gives after the forward ----------------------
+    def guards_reached(self, y: torch.Tensor) -> set[int]:
+        """Indices of the records with a guard output (GramRule.guards) that reaches ``y``;
+        the guards' marks are removed."""
         guarded = [r for r in self.records if r.guards is not None]
         if not guarded:
-            return
+            return set()
         reached = set()
         for node in graph.graph_nodes(y):
             mark = node.metadata.get(GUARD_KEY)
             if mark is not None and mark[0] == id(self):
                 reached.add(mark[1])
         for rec in guarded:
-            tensors, fallback_saved, gpos = rec.guards
-            for t in tensors:
+            for t in rec.guards[0]:
                 t.grad_fn.metadata.pop(GUARD_KEY, None)
+        return reached
+
+    def to_fallback(self, rec: Record) -> None:
+        """``rec`` leaves its rule for the per-module fallback, with its guard outputs'
+        gradients hooked too."""
+        tensors, fallback_saved, gpos = rec.guards
+        rec.rule, rec.saved = None, fallback_saved
+        rec.out_pos = rec.out_pos + gpos
+        for t in tensors:
+            rec.out_specs.append((t.shape, t.dtype, t.device))
+            t.grad_fn.register_prehook(self._make_prehook(rec, len(rec.out_specs) - 1, t.output_nr))
+
+    def adopt(self, rec: Record, extra: dict[str, str]) -> None:
+        """``rec``'s call also takes the parameters ``extra`` (attribute -> name)."""
+        rec.attrs = {**rec.attrs, **extra}
+
+    def exclude(self, pnames: set[str]) -> None:
+        """Parameters ``pnames`` go to the whole-model fallback."""
+        self.excluded = set(pnames)
+
+    def defer(self, pnames: set[str]) -> None:
+        """Parameters ``pnames`` get their blocks after all passes (several uses summed)."""
+        self.deferred_params |= pnames
+
+    def add_broadcast(self, pname: str, node: Any, alpha: Any, n: int) -> None:
+        """Parameter ``pname``, used once outside module calls by autograd node ``node``
+        (a broadcast over the batch), takes ``rules.broadcast`` there: a record of its
+        own, hooked on that node, instead of any other route."""
+        p = self.call.copies.params[pname]
+        mname, module, attr = self.call.plan.owners[pname][0]
+        takers = [r for r in self.records if pname in r.attrs.values()]
+        rec = Record(
+            len(self.records), mname, module, BROADCAST_RULE, {attr: pname},
+            (tuple(p.shape), alpha), n,
+        )  # fmt: skip
+        out = tuple(node._input_metadata[0].shape)
+        rec.out_specs = [(torch.Size(out), p.dtype, p.device)]
+        self.records.append(rec)
+        node.register_prehook(self._make_prehook(rec, 0, 0))
+        self.roots.append(p)  # the backward must run the node (a class token's expand)
+        self.excluded.discard(pname)
+        self.broadcast.add(pname)
+        for fb in takers:  # its module's fallback no longer takes it
+            fb.attrs = {a: q for a, q in fb.attrs.items() if q != pname}
+
+    def drop_graphs(self) -> None:
+        """Forget the calls' autograd nodes (the classification's walks are done)."""
+        for rec in self.records:
+            rec.graph = None
             rec.guards = None
-            if rec.index not in reached:
-                continue
-            rec.rule, rec.saved = None, fallback_saved
-            rec.out_pos = rec.out_pos + gpos
-            for t in tensors:
-                rec.out_specs.append((t.shape, t.dtype, t.device))
-                t.grad_fn.register_prehook(
-                    self._make_prehook(rec, len(rec.out_specs) - 1, t.output_nr)
-                )
 
     def _make_prehook(self, rec: Record, j: int, output_nr: int):
         def prehook(grad_outputs):
@@ -234,13 +281,13 @@ class Capture:
             if pname in self.deferred_params:
                 deferred = True
                 continue
-            for r0, r1 in self.job.row_ranges(pname, rec.rule, 1):
+            for r0, r1 in self.call.plan.row_ranges(self.call.copies.params[pname], rec.rule, 1):
                 kw = {}
                 if rec.rule.supports_out:
-                    p = self.job.copies.params[pname]
+                    p = self.call.copies.params[pname]
                     shape = (g.shape[0], p.numel() // rows_of(p) * (r1 - r0))
                     if self.streams(math.prod(shape) * p.element_size()):
-                        kw["out"] = self.job.workspace.get("engine.block", shape, p)
+                        kw["out"] = self.call.workspace.get("engine.block", shape, p)
                 with phase("per_sample"):
                     blk = rec.rule.grad_rows(rec.module, rec.saved, g, attr, r0, r1, **kw)
                 self.consume((pname, r0, self.pass_idx), blk)
@@ -260,7 +307,9 @@ class Capture:
             for attr, pname in rec.attrs.items():
                 if pname in self.excluded or pname in self.deferred_params:
                     continue
-                for r0, r1 in self.job.row_ranges(pname, rec.rule, 1):
+                for r0, r1 in self.call.plan.row_ranges(
+                    self.call.copies.params[pname], rec.rule, 1
+                ):
                     with phase("per_sample"):
                         blocks = rec.rule.grad_rows_multi(rec.module, rec.saved, gs, attr, r0, r1)
                     for k, blk in zip(ks, blocks, strict=True):
@@ -283,9 +332,11 @@ class Capture:
             rows_ok = all(r.rule is not None and r.rule.supports_rows for r, _ in lst)
             n = lst[0][0].n
             ranges = (
-                self.job.row_ranges(pname, lst[0][0].rule, npasses if full else 1)
+                self.call.plan.row_ranges(
+                    self.call.copies.params[pname], lst[0][0].rule, npasses if full else 1
+                )
                 if rows_ok
-                else [(0, rows_of(self.job.copies.params[pname]))]
+                else [(0, rows_of(self.call.copies.params[pname]))]
             )
             for r0, r1 in ranges:
                 per_pass = []
@@ -298,7 +349,7 @@ class Capture:
                             key = (rec.index, k)
                             if key not in fb_cache:
                                 with phase("fallback"):
-                                    fb_cache[key] = self.job.fallback_grads(rec, rec.gouts[k])
+                                    fb_cache[key] = self.module_grads(rec, rec.gouts[k])
                             G = fb_cache[key][attr]
                             parts.append(Dense(G.reshape(G.shape[0], -1)))
                         else:
@@ -308,9 +359,9 @@ class Capture:
                                 )
                             parts.append(blk)
                     if not parts:  # this use got no gradient in pass k: a zero block
-                        p = self.job.copies.params[pname]
+                        p = self.call.copies.params[pname]
                         width = p.numel() // max(1, p.shape[0] if p.dim() else 1) * (r1 - r0)
-                        z = torch.zeros(n, width, dtype=self.job.dtype, device=self.job.device)
+                        z = torch.zeros(n, width, dtype=self.call.dtype, device=self.call.device)
                         parts = [Dense(z)]
                     per_pass.append(add_blocks(parts))
                 if full:
@@ -329,21 +380,8 @@ def _broadcast_rule() -> GramRule:
 BROADCAST_RULE = _broadcast_rule()
 
 
-def never(nbytes: int) -> bool:
-    return False
-
-
-def always(nbytes: int) -> bool:
-    return True
-
-
 def rows_of(p: torch.Tensor) -> int:
     return p.shape[0] if p.dim() else 1
-
-
-class SamplesCoupled(Exception):
-    """The probe found the samples coupled inside the model (the message says how): the
-    layerwise paths do not apply."""
 
 
 # autograd-node metadata key marking a rule's guard outputs: (capture id, record index)
@@ -353,21 +391,3 @@ GUARD_KEY = "fastntk.guard"
 def batch_dim(module: nn.Module) -> int:
     """Batch dimension of a module's tensors: 1 for sequence-first modules (MHA & co)."""
     return 1 if getattr(module, "batch_first", True) is False else 0
-
-
-def call_layout(dims: probe.CallDims, pos: list[int], bdim: int, rule: bool) -> str:
-    """How one call can be served, given its measured sample dims (:mod:`fastntk.engine.probe`)
-    and the positions of its hooked outputs: ``"rule"`` (a rule's call laid out as rules
-    assume: the first tensor input and the output batched in ``bdim``; the rule reads its
-    other inputs itself, e.g. MHA's (N·heads, T, S) masks), ``"fallback"`` (the
-    per-module fallback with the measured dims), ``"whole"`` (no per-module handling: an
-    output without a sample dim, or a tensor whose samples mix)."""
-    if not pos:
-        return "rule" if rule else "fallback"  # no gradient reaches this call's outputs
-    outs = [dims.outs[i] for i in pos]
-    first_in = next((d for d in dims.ins if d is not None), bdim)
-    if rule and outs[0] == bdim and first_in == bdim:
-        return "rule"
-    if any(d is None or d == probe.AMBIGUOUS for d in outs) or probe.AMBIGUOUS in dims.ins:
-        return "whole"
-    return "fallback"

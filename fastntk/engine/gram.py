@@ -3,11 +3,10 @@ regrouping of chunk blocks into a panel's rows."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from fastntk.engine import sizes
+from fastntk.engine.call import Call
 from fastntk.rules import Block, Dense, Outer, gram_block
 
 
@@ -45,8 +44,8 @@ class GramAccumulator:
     rows ``split:``.
     """
 
-    def __init__(self, job: Any, n1: int, n2: int, split: int | None):
-        self.job, self.n1, self.n2, self.split = job, n1, n2, split
+    def __init__(self, call: Call, n1: int, n2: int, split: int | None):
+        self.call, self.n1, self.n2, self.split = call, n1, n2, split
         self.theta: torch.Tensor | None = None
         self.pending: list[torch.Tensor] = []
         self.bytes = 0
@@ -59,7 +58,7 @@ class GramAccumulator:
         n = self.n1 if self.split is None else self.n1 + self.n2
         R = blk.n // n
         if self.theta is None:
-            self.theta = self.job._alloc(self.n1, self.n2, R)
+            self.theta = self.call.alloc(self.n1, self.n2, R)
         if (
             isinstance(blk, Outer)
             or blk.G.numel() * blk.G.element_size() >= sizes.GRAM_DIRECT_BYTES
@@ -80,7 +79,7 @@ class GramAccumulator:
         self._gram(Dense(G), G.shape[0] // n)
 
     def _gram(self, blk: Block, R: int) -> None:
-        backend = self.job.backend
+        backend = self.call.backend
         if self.split is None:
             self.theta += gram_block(blk, blk, backend)
             return
@@ -89,8 +88,10 @@ class GramAccumulator:
         b = rows(blk, R, n, self.split, n)
         self.theta += gram_block(a, b, backend)
 
-    def result(self) -> torch.Tensor:
+    def result(self, R: int) -> torch.Tensor:
+        """The (R·n1, R·n2) accumulated kernel (zeros where no block came: R rows per
+        sample)."""
         self.flush()
         if self.theta is None:
-            return self.job._alloc(self.n1, self.n2, self.job.head.R)
+            return self.call.alloc(self.n1, self.n2, R)
         return self.theta

@@ -3,8 +3,9 @@
 A :class:`Plan` is a plain, immutable description: the strategy (``"layerwise"``,
 ``"jacobian"`` (torch.func ``vmap(jacrev)``), ``"coupled"`` (one-hot backward passes
 through the batch graph)), the kernels the rules use, a route per planned module (its
-rule, or the per-module fallback), the chunk sizes, and the plans that take over when a
-forward shows a fact no inspection of the model could (``on``): the samples coupled
+rule, or the per-module fallback), the chunk sizes and the row ranges of the per-sample
+gradient blocks, and the plans that take over when a forward shows a fact no
+inspection of the model could (``on``): the samples coupled
 inside the model (the probe: ``x - x.mean(0)``), a forward that changes a tensor
 torch.func does not own (a buffer updated in ``forward``), a BatchNorm whose rows are not
 the samples under ``bn="per_sample"``. Each such re-plan is a decision written here, once,
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from fastntk import _model
+from fastntk.engine import sizes
 from fastntk.engine.options import LAYERWISE_METHODS, Options
 from fastntk.errors import UnsupportedError
 from fastntk.rules import GramRule, find_rule
@@ -65,6 +67,27 @@ class Plan:
         """The plan that takes over once a forward showed ``fact``; None: the call fails
         with the error that showed it."""
         return self.on.get(fact)
+
+    def row_ranges(
+        self, p: torch.Tensor, rule: GramRule | None, per_sample: int
+    ) -> list[tuple[int, int]]:
+        """Row ranges of parameter ``p``'s per-sample gradient blocks (``per_sample`` rows
+        per sample each), each within the block budget (``cols`` columns, else
+        ``sizes.BLOCK_BYTES``).
+
+        Sized for the call's largest chunk (``chunk_n``), never the current one: every
+        chunk of a call must cut a parameter into the same ranges, since the blocks of two
+        chunks meet by key in the panel assembly (a smaller last chunk cut differently
+        gave blocks of mismatched widths).
+        """
+        rows = p.shape[0] if p.dim() else 1
+        if rule is None or not rule.supports_rows or p.dim() == 0:
+            return [(0, rows)]
+        nrows = self.chunk_n * per_sample
+        per_row = max(1, p.numel() // rows)
+        budget = sizes.BLOCK_BYTES if self.cols is None else self.cols * nrows * p.element_size()
+        max_rows = max(1, budget // max(1, nrows * per_row * p.element_size()))
+        return [(r, min(rows, r + max_rows)) for r in range(0, rows, max_rows)]
 
     @property
     def module_of(self) -> dict[str, list[str]]:

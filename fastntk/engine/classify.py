@@ -1,0 +1,292 @@
+"""Which route each module call and each parameter of a chunk takes.
+
+During the forward, :class:`Router` gives each call its route from the call's measured
+sample dims (fixed by the first chunk that makes the call) and its rule: the rule, the
+per-module fallback, or none (the whole-model fallback takes its parameters). After the
+forward, :class:`Classifier` routes the parameters from the chunk's records and the
+autograd graph of its output, once by the first chunk for all: a rule whose guard outputs
+reach the output gives way to the fallback, parameters of never-called modules join an
+ancestor's call, a parameter broadcast over the batch outside module calls takes
+``rules.broadcast``, other uses outside module calls the whole-model fallback, and a
+parameter used several times has its uses summed after the passes. The capture carries
+the routes out; it decides none.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fastntk import _model
+from fastntk.engine import capture, graph, probe
+from fastntk.engine.call import Call
+from fastntk.errors import UnsupportedError
+from fastntk.rules import GramRule
+
+
+class SamplesCoupled(Exception):
+    """The probe found the samples coupled inside the model (the message says how): the
+    layerwise paths do not apply."""
+
+
+class Router:
+    """The route of each module call during a chunk's forward (:data:`capture.Route`)."""
+
+    def __init__(self, call: Call):
+        self.call = call
+        self.probe: probe.Probe | None = None  # the first chunk's probe (set when made)
+        self._call_dims: dict[tuple[str, int], probe.CallDims | None] = {}
+        self.unbatched_calls: set[str] = set()  # modules with a call the probe sent whole
+
+    def __call__(
+        self, mname: str, k: int, mod: nn.Module, rule: GramRule | None, args, kwargs, out,
+        tensors: list[torch.Tensor], pos: list[int], n: int,
+    ) -> tuple[GramRule | None | str, probe.CallDims | None]:  # fmt: skip
+        """(the rule ``mname``'s ``k``-th call takes, None for the per-module fallback, or
+        :data:`capture.WHOLE`; its measured sample dims). ``rule``: the module's planned
+        rule; ``pos``: the positions of the call's hooked outputs in ``tensors``."""
+        dims = self.call_dims(mname, k, args, kwargs, tensors, n)
+        if (
+            dims is not None
+            and self.call.bn == "per_sample"
+            and isinstance(mod, nn.modules.batchnorm._BatchNorm)
+            and (dims.ins[0] if dims.ins else None) != 0
+        ):
+            raise _model.MergedSamplesError(
+                f"{mname!r} is given its samples in another dim than its rows (or none)"
+            )
+        if dims is not None:
+            layout = call_layout(dims, pos, capture.batch_dim(mod), rule is not None)
+            if layout == "whole":
+                # no sample dim to read per-sample gradients off (a module on a
+                # learned query, a weight parametrization) or mixed samples: its
+                # parameters go to the whole-model fallback (uses > calls)
+                self.unbatched_calls.add(mname)
+                return capture.WHOLE, dims
+            if layout == "fallback":
+                rule = None  # laid out otherwise than the rule assumes
+        if rule is not None and not rule.accepts(mod, args, kwargs, out):
+            rule = None  # this call takes the per-module fallback (see GramRule.accepts)
+        return rule, dims
+
+    def call_dims(self, mname, k, args, kwargs, tensors, n) -> probe.CallDims | None:
+        """Measured sample dims of ``mname``'s ``k``-th call, fixed by the first chunk
+        that makes it (every chunk must serve a call alike: their blocks meet by key)."""
+        key = (mname, k)
+        if key not in self._call_dims:
+            self._call_dims[key] = (
+                None
+                if self.probe is None
+                else self.probe.dims(
+                    mname,
+                    k,
+                    probe.shapes(graph.flatten((args, kwargs))[0]),
+                    probe.shapes(tensors),
+                    n,
+                )
+            )
+        return self._call_dims[key]
+
+
+def call_layout(dims: probe.CallDims, pos: list[int], bdim: int, rule: bool) -> str:
+    """How one call can be served, given its measured sample dims (:mod:`fastntk.engine.probe`)
+    and the positions of its hooked outputs: ``"rule"`` (a rule's call laid out as rules
+    assume: the first tensor input and the output batched in ``bdim``; the rule reads its
+    other inputs itself, e.g. MHA's (N·heads, T, S) masks), ``"fallback"`` (the
+    per-module fallback with the measured dims), ``"whole"`` (no per-module handling: an
+    output without a sample dim, or a tensor whose samples mix)."""
+    if not pos:
+        return "rule" if rule else "fallback"  # no gradient reaches this call's outputs
+    outs = [dims.outs[i] for i in pos]
+    first_in = next((d for d in dims.ins if d is not None), bdim)
+    if rule and outs[0] == bdim and first_in == bdim:
+        return "rule"
+    if any(d is None or d == probe.AMBIGUOUS for d in outs) or probe.AMBIGUOUS in dims.ins:
+        return "whole"
+    return "fallback"
+
+
+class Classifier:
+    """The first chunk's decisions (parameters outside module calls, adopted parameters,
+    broadcasts), applied to every chunk of a call."""
+
+    def __init__(self, call: Call):
+        self.call = call
+        self.untracked: set[str] | None = None  # whole-model fallback (None: no chunk yet)
+        # parameter -> (ancestor module name, attribute path relative to it): _adoptions
+        self.adopted: dict[str, tuple[str, str]] = {}
+        self._first_calls: dict[str, int] = {}
+        self._broadcast_ok: dict[str, bool] = {}  # parameter -> takes rules.broadcast
+
+    def classify(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
+        """Route the parameters of the chunk ``cap`` recorded, whose output is ``y``
+        (module docstring); ``pr``: the probe (None where it could not run)."""
+        reached = cap.guards_reached(y)
+        for rec in cap.records:
+            if rec.index in reached:
+                cap.to_fallback(rec)
+        if self.untracked is None:
+            if pr is not None:
+                coupled = pr.coupled(y)
+            else:  # the model ran on the chunk but not on one or two of its samples (it
+                coupled = (  # groups them, say): independence unchecked, so not assumed
+                    "the model does not run on one or two samples, so their independence "
+                    "could not be checked"
+                )
+            if coupled is not None:
+                raise SamplesCoupled(coupled)
+            self._first_calls = calls(cap)
+            self.untracked, self.adopted = self._outside_uses(cap, y, self._first_calls)
+        elif (now := calls(cap)) != self._first_calls:
+            # this chunk calls the modules otherwise than the first (a forward that
+            # branches on the batch size, data-dependent calls): its parameters must be
+            # served as the first chunk's were, or their blocks would not meet
+            untracked, adopted = self._outside_uses(cap, y, now)
+            changed = sorted((untracked ^ self.untracked) | (set(adopted) ^ set(self.adopted)))
+            if changed:
+                raise UnsupportedError(
+                    f"the model uses {', '.join(changed)} inside and outside its module's call "
+                    f"in different chunks (a chunk of {cap.n} samples against the first one): "
+                    "its forward depends on the batch. Pass chunk_size >= the number of "
+                    "samples (one chunk), or use method='vmap'"
+                )
+        for rec in cap.records:  # adopted parameters join their ancestor's call
+            extra = {a: p for p, (mn, a) in self.adopted.items() if mn == rec.mname}
+            if extra:
+                cap.adopt(rec, extra)
+        cap.exclude(self.untracked)
+        self._broadcasts(cap, y, pr)
+        cap.defer({p for p, c in calls(cap).items() if c > 1 and p not in cap.excluded})
+        cap.drop_graphs()
+
+    def _broadcasts(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
+        """Parameters whose one use is a broadcast over the batch (ViT position embeddings,
+        class tokens): hook that autograd node with
+        :class:`~fastntk.rules.broadcast.BroadcastRule` instead of the model fallback (used
+        outside module calls) or a module fallback (a direct parameter of a module without
+        a rule, e.g. the model itself: that fallback re-runs the whole model per sample)."""
+        from fastntk.rules import broadcast
+
+        params = self.call.copies.params
+        by_fallback: dict[str, list[capture.Record]] = defaultdict(list)
+        for rec in cap.records:
+            for q in rec.attrs.values():
+                by_fallback[q].append(rec)
+        candidates = set(cap.excluded) | {
+            q for q, recs in by_fallback.items() if len(recs) == 1 and recs[0].rule is None
+        }
+        if not candidates:
+            return
+        uses = graph.param_consumers(y, {q: params[q] for q in candidates})
+        owners = self.call.plan.owners
+        n = y.shape[0]
+        for pname, lst in uses.items():
+            if len(lst) != 1 or len(owners.get(pname, ())) != 1:
+                continue
+            node, i = lst[0]
+            p = params[pname]
+            alpha = broadcast.eligible(node, i, tuple(p.shape), n)
+            out = tuple(node._input_metadata[0].shape)
+            if pname not in self._broadcast_ok:  # decided by the first chunk, for all
+                self._broadcast_ok[pname] = pr is None or pr.batch_first_use(pname, out, n)
+                # (the probe: is dim 0 of that node the samples' dim?)
+            if alpha is not None and self._broadcast_ok[pname]:
+                cap.add_broadcast(pname, node, alpha, n)
+
+    def _outside_uses(self, cap: capture.Capture, y: torch.Tensor, calls: dict[str, int]):
+        """(parameters used outside their modules' calls: the whole-model fallback,
+        parameters of never-called modules an ancestor's call takes: _adoptions)."""
+        params = self.call.copies.params
+        consumers = graph.param_consumers(y, {q: params[q] for q in self.call.selected})
+        uses = {p: len(v) for p, v in consumers.items()}
+        untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
+        untracked |= self._uses_outside_calls(cap, consumers, calls)
+        adopted = self._adoptions(cap, uses, calls)
+        return untracked - set(adopted), adopted
+
+    def _uses_outside_calls(
+        self, cap: capture.Capture, consumers, calls: dict[str, int]
+    ) -> set[str]:
+        """Parameters with a use outside every call of their modules, though counted no
+        more often than those calls (a parameter its module holds but only the parent
+        uses: ``self.h(self.b(x) * self.b.gamma)``; the module's fallback would re-run a
+        forward without it). A use is inside a call when the autograd graph reaches it
+        from the call's outputs without passing the call's inputs. ``consumers`` (the
+        uses in the graph of the output, from :func:`graph.param_consumers`) holds their
+        nodes alive, so node identities compare across the walks."""
+        params = self.call.copies.params
+        inside: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        for rec in cap.records:
+            want = {id(params[p]): p for p in rec.attrs.values()}
+            if rec.graph is None or not want:
+                continue
+            outs, ins = rec.graph
+            stop = {id(node) for node in ins}
+            seen: dict[int, Any] = {}  # (alive while the walk lasts: _graph_nodes)
+            stack = list(outs)
+            while stack:
+                node = stack.pop()
+                if node is None or id(node) in seen or id(node) in stop:
+                    continue
+                seen[id(node)] = node
+                for i, (nxt, _) in enumerate(getattr(node, "next_functions", ())):
+                    var = getattr(nxt, "variable", None)
+                    if var is not None:
+                        if id(var) in want:
+                            inside[want[id(var)]].add((id(node), i))
+                    elif nxt is not None:
+                        stack.append(nxt)
+        return {
+            p for p, lst in consumers.items()
+            if calls.get(p, 0) and any((id(node), i) not in inside[p] for node, i in lst)
+        }  # fmt: skip
+
+    def _adoptions(
+        self, cap: capture.Capture, uses: dict[str, int], calls: dict[str, int]
+    ) -> dict[str, tuple[str, str]]:
+        """Parameters of never-called submodules that an ancestor's call can take.
+
+        ``nn.MultiheadAttention`` applies ``out_proj``'s weight with ``F.linear`` and never
+        calls ``out_proj``: its parameters are used inside the attention module's own call.
+        When a parameter's only owner module is never called, the nearest called ancestor
+        is called exactly as often as the parameter is used, and each of its calls can
+        take the parameter (the per-module fallback always can; a rule can when its
+        ``param_names`` list the attribute path, as ``MultiheadAttentionRule`` lists
+        ``out_proj.weight``), the ancestor's records compute its per-sample gradients too
+        (instead of a whole-model fallback). Returns
+        ``{param: (ancestor module name, attribute path relative to it)}``.
+        """
+        owners = self.call.plan.owners
+        by_module: dict[str, list[capture.Record]] = defaultdict(list)
+        for rec in cap.records:
+            by_module[rec.mname].append(rec)
+        out: dict[str, tuple[str, str]] = {}
+        for pname, n_uses in uses.items():
+            if calls.get(pname, 0) or len(owners.get(pname, ())) != 1:
+                continue
+            mname, _, attr = owners[pname][0]
+            if mname in by_module:
+                continue
+            parts = mname.split(".") if mname else []
+            for i in range(len(parts) - 1, -1, -1):
+                anc = ".".join(parts[:i])
+                if anc in by_module:
+                    rel = ".".join(parts[i:] + [attr])
+                    recs = by_module[anc]
+                    takes = all(r.rule is None or rel in r.rule.param_names for r in recs)
+                    if len(recs) == n_uses and takes:
+                        out[pname] = (anc, rel)
+                    break
+        return out
+
+
+def calls(cap: capture.Capture) -> dict[str, int]:
+    """Canonical parameter name -> the calls of the chunk that take it."""
+    out: dict[str, int] = defaultdict(int)
+    for rec in cap.records:
+        for pname in rec.attrs.values():
+            out[pname] += 1
+    return out
