@@ -15,21 +15,8 @@ import torch.nn as nn
 
 from fastntk import rules as _rules
 from fastntk._model.structure import batchnorms
-from fastntk.errors import UnsupportedError
+from fastntk.errors import MergedSamplesError, OneValuePerChannelError, UnsupportedError
 from fastntk.rules.norm import per_sample_batchnorm
-
-
-class MergedSamplesError(UnsupportedError):
-    """bn="per_sample": a BatchNorm's rows are not the forward's samples (``what`` says
-    how); the message gives the advice."""
-
-    def __init__(self, what: str):
-        super().__init__(
-            f"bn='per_sample' normalises each sample by its own statistics, but {what}: "
-            "method='auto', 'loop' or 'vmap' runs each sample alone (exact); the layerwise "
-            "methods need bn='eval' or 'batch'"
-        )
-
 
 # What the forward running now is made of, for bn="per_sample": the number of samples
 # (a batch along dim 0: each of a BatchNorm's rows must be one of them), ALONE (one
@@ -49,24 +36,6 @@ def forward_samples(n: int | str) -> Iterator[None]:
         yield
     finally:
         _FORWARD_SAMPLES.reset(token)
-
-
-class OneValuePerChannelError(MergedSamplesError):
-    """bn="per_sample": a batched forward gives a BatchNorm one value per channel in each
-    row. If the rows are the samples, the per-sample statistics are degenerate; if not (time
-    steps as rows, T = N), only a forward of each sample alone can tell: "auto" and "loop"
-    take it (and raise the plain :class:`UnsupportedError` where the sample alone has one
-    value per channel too)."""
-
-    def __init__(self, module: nn.Module, shape: tuple[int, ...]):
-        UnsupportedError.__init__(
-            self,
-            f"bn='per_sample': a {type(module).__name__} gets one value per channel per sample "
-            f"(input {shape}); if its rows are the samples, each is normalised to 0 by its own "
-            "statistics (PyTorch refuses a train-mode BatchNorm on one such sample): use "
-            "bn='eval' (running statistics) or bn='batch'; if they are not (time steps as "
-            "rows), method='auto', 'loop' or 'vmap' runs each sample alone",
-        )
 
 
 def _degenerate(self: nn.Module, x: torch.Tensor) -> UnsupportedError:

@@ -13,15 +13,8 @@ from torch.func import jacrev, vmap
 
 from fastntk import _model
 from fastntk.engine.call import Call
-from fastntk.errors import UnsupportedError
+from fastntk.errors import CapturedMutationError
 from fastntk.profiling import count_gram, phase
-
-
-class CapturedMutationError(UnsupportedError):
-    """torch.func cannot transform a forward that changes a tensor in place which the
-    transform does not own (a buffer updated in ``forward``: a running average, a call
-    counter). ``ntk``'s layerwise methods then take the batch graph (one backward per sample
-    and pass, exact); ``method="vmap"`` and the sketch refuse."""
 
 
 @contextlib.contextmanager
