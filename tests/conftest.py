@@ -3,6 +3,12 @@ import sys
 
 import torch
 
+# The repository's root is not an import location: its top-level kernels/ folder (installed
+# as fastntk.kernels) would shadow a third-party package named `kernels` (Hugging Face's,
+# which transformers probes for). `python -m pytest` puts the working directory first on
+# sys.path; the tests import fastntk from its install.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 sys.path.insert(0, os.path.dirname(__file__))
 
 # The test models are tiny: one thread avoids OpenMP start-up and contention costs
