@@ -1,4 +1,5 @@
-"""``fastntk.explain``: which path each parameter takes, and the memory a call needs."""
+"""``fastntk.explain``: the plan ``ntk`` runs, the path each parameter takes, and the memory
+the call needs."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from fastntk import _model
-from fastntk.engine import capture, classify, graph, options, panels, plan, sizes
+from fastntk.engine import options, panels, plan, sizes
 from fastntk.engine.call import Call
-from fastntk.engine.layerwise import Layerwise
+from fastntk.engine.layerwise import Layerwise, Routes
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ParamPath:
 
 @dataclass
 class Explanation:
-    """Result of :func:`explain`; ``str()`` gives a table."""
+    """Result of :func:`explain`; ``str()`` gives a table of the paths, then the plan."""
 
     params: list[ParamPath]
     n1: int
@@ -39,6 +40,11 @@ class Explanation:
     # a kernel assembled from panels: the per-sample gradients of one panel of rows, kept
     # while the other chunks stream past (and their concatenation when it is made)
     panel_bytes: int = 0
+    strategy: str = ""  # the plan ntk runs (engine.plan.Plan): "layerwise", "jacobian", ...
+    why: str = ""  # why that strategy
+    backend: str = ""  # the kernels of its rules and Grams
+    chunk: int = 0  # samples per forward/backward chunk
+    panel_rows: int = 0  # rows of a panel (0: one chunk holds every sample)
 
     @property
     def peak_bytes(self) -> int:
@@ -54,8 +60,11 @@ class Explanation:
         mb = 2**20
         lines += [
             "",
+            f"plan: {self.strategy} ({self.why}); backend {self.backend!r}; chunks of "
+            f"{self.chunk} samples"
+            + (f", panels of {self.panel_rows} rows" if self.panel_rows else ""),
             f"kernel: {self.n1} x {self.n2} (K={self.K}), bn={self.bn!r}"
-            + (" [samples coupled: exact batched one-hot backward]" if self.coupled else ""),
+            + (" [samples coupled: exact one-hot backward passes]" if self.coupled else ""),
             f"memory estimate: kernel {self.kernel_bytes / mb:.1f} MiB + largest gradient block "
             f"{self.block_bytes / mb:.1f} MiB + activations of one chunk "
             f"~{self.activation_bytes / mb:.1f} MiB"
@@ -85,13 +94,17 @@ def explain(
     chunk_size=None,
     dtype: torch.dtype | None = None,
 ) -> Explanation:
-    """Report, per parameter, which path :func:`fastntk.ntk` takes, and its memory needs.
+    """Report the plan :func:`fastntk.ntk` runs, which path each parameter takes, and the
+    memory the call needs.
 
-    Runs the probe of :func:`fastntk.ntk` (a few forward passes on at most
-    ``EXPLAIN_SAMPLES`` (16) samples of ``x``, the first chunk's, and on its first and
-    last alone; the model is left unchanged) to see which modules are called, how
-    often, which dims hold the samples, and whether the samples are coupled (a coupling
-    only among later samples of a larger chunk is seen by ntk's probe, not here).
+    Makes ntk's plan (:mod:`fastntk.engine.plan`) and runs the first half of its first
+    chunk (:meth:`~fastntk.engine.layerwise.Layerwise.routes`: the probe, a forward and the
+    classification, on at most ``EXPLAIN_SAMPLES`` (16) samples of ``x``, the first
+    chunk's; the model is left unchanged) to see which modules are called, how often,
+    which dims hold the samples, and whether the samples are coupled (a coupling only
+    among later samples of a larger chunk is seen by ntk's probe, not here). Where that
+    shows a fact the plan names (:attr:`~fastntk.engine.plan.Plan.on`), the plan taking
+    over is reported, as ntk runs it.
 
     Args: as :func:`fastntk.ntk`.
 
@@ -104,149 +117,128 @@ def explain(
     )  # fmt: skip
     x, x2 = _model.plain(x), _model.plain(x2)
     selected, dtype, samples = opts.selected, opts.dtype, opts.samples
-    the_plan = plan.make(model, opts, x.shape[0] + (0 if x2 is None else x2.shape[0]), x.device)
+    n1 = x.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    the_plan = plan.make(model, opts, n1 + (0 if x2 is None else n2), x.device)
     call = Call(model, opts, the_plan)
-    job = Layerwise(call)
     head = call.head
-    rules = {r.module_name: r.rule for r in the_plan.routes}
-    rnn = _model.recurrent(model)
-    coupled = the_plan.strategy == "coupled"  # (bn="batch", or a recurrent model)
-    owners = _model.owners(model)
-    rows: list[ParamPath] = []
     notes: list[str] = []
+    routes: Routes | None = None  # (None: no forward showed them)
+    # the first chunk's first samples: two missed couplings among later ones (ntk
+    # probes its whole first chunk); all of a 256-sample chunk cost many times more
+    xs = x[: min(samples, n1, EXPLAIN_SAMPLES)]
     with _model.model_state(model, bn):
-        # the first chunk's first samples: two missed couplings among later ones (ntk
-        # probes its whole first chunk); all of a 256-sample chunk cost many times more
-        xs = x[: min(samples, x.shape[0], EXPLAIN_SAMPLES)]
-        cap = capture.Capture(call, job.router, None, xs.shape[0], lambda key, blk: None)
-        cap.install()
-        alone = None  # why ntk runs each sample alone (vmap), if it does
-        K = 0  # the model's outputs per sample (0: no forward ran to show them)
         try:
-            job.run_probe(xs)
-            xp = call.prep(xs)
-            cap.active = True
-            raw = call.copies.call(model, xp)
-            cap.active = False
-            y = head(raw)
-            K = y.shape[1]
-            reached = set(
-                graph.param_consumers(y, {q: call.copies.params[q] for q in selected})
-            )  # used in y's graph
-            try:
-                job.classifier.classify(cap, y, job.probe)
-            except classify.SamplesCoupled as e:
-                coupled = True
-                notes.append(str(e))
-            called = {r.mname for r in cap.records}
-            declined = {r.mname for r in cap.records if r.rule is None}  # fallback calls
-            ruled = {r.mname: r.rule for r in cap.records if r.rule is not None}
-            kinds: dict[str, list[str]] = {}  # parameter -> the path of each call using it
-            for r in cap.records:
-                kind = f"rule:{type(r.rule).__name__}" if r.rule is not None else "fallback:module"
-                for q in r.attrs.values():
-                    kinds.setdefault(q, []).append(kind)
-            act = sum(
-                t.numel() * t.element_size()
-                for r in cap.records
-                for t in graph.tensors(r.saved if r.rule is None else (r.saved,))
-            ) + sum(r.out_bytes for r in cap.records)
+            routes = Layerwise(call).routes(xs)
         except _model.MergedSamplesError as e:  # bn="per_sample" on rows that are not samples
-            if rnn is not None:  # ntk cannot vmap a recurrent model: it refuses
+            nxt = the_plan.after(plan.MERGED_SAMPLES)
+            if nxt is None:  # (a recurrent model: ntk cannot run a sample alone)
                 raise
             if isinstance(e, _model.OneValuePerChannelError):
-                # rows of one value per channel: ntk's forward of one sample alone decides
-                # (it raises where the sample alone has one value per channel too)
-                cap.active = False
+                # rows of one value per channel: the forward of one sample alone the plan
+                # taking over starts with decides (it raises where that sample alone has
+                # one value per channel too)
                 with torch.no_grad():
                     call.copies.call(model, call.prep(x[:1]), samples=_model.ALONE)
                 alone = "bn='per_sample' with rows that are not the samples"
             else:
                 alone = str(e).split(":")[0]
-        finally:
-            cap.remove()
-            cap.release()
-        if alone is not None:
-            coupled = False
             notes.append(
                 f"{alone}: ntk's method='auto' runs each sample alone through the "
                 "model (torch.func vmap(jacrev), exact; holds a chunk's Jacobian)"
             )
-            for pname, p in selected.items():
-                mname, mod, _ = owners[pname][0]
-                rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), "vmap"))
-            act = 0
-        else:
-            for pname, p in selected.items():
-                mname, mod, _ = owners[pname][0]
-                if coupled:
-                    path = "coupled"
-                elif pname in cap.broadcast:
-                    path = "rule:BroadcastRule (added or expanded over the batch outside modules)"
-                elif pname in cap.excluded and mname in job.router.unbatched_calls:
-                    path = "fallback:model (its module's call has no sample dim: no batched input)"
-                elif pname in cap.excluded:
-                    path = "fallback:model (used outside its module's call)"
-                elif pname in job.classifier.adopted:
-                    anc = job.classifier.adopted[pname][0]
-                    kind = (
-                        f"rule:{type(ruled[anc]).__name__}"
-                        if anc not in declined
-                        else "fallback:module"
-                    )
-                    path = f"{kind} (used inside {repr(anc) if anc else 'the model'}'s call)"
-                elif not any(mn in called for mn in the_plan.module_of[pname]) or (
-                    pname not in reached and pname not in cap.broadcast
-                ):  # (a call under torch.no_grad(): its output does not reach the kernel)
-                    path = "unused (no gradient reaches it)"
-                else:
-                    rule = rules[mname]
-                    path = f"rule:{type(rule).__name__}" if rule is not None else "fallback:module"
-                    if rule is not None and mname in declined:
-                        path = f"fallback:module ({type(rule).__name__} declined the call)"
-                    if pname in cap.deferred_params:
-                        both = sorted(set(kinds.get(pname, ())))
-                        if len(both) > 1:  # tied across module types: each call's own path
-                            path = " + ".join(both)
-                        path += " (used several times: exact sum of uses)"
-                rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), path))
-        # activation memory of one chunk, scaled from the probe's saved tensors
-        act = act * 2 // max(1, xs.shape[0])  # per sample, inputs and output gradients
-    n1 = x.shape[0]
-    n2 = n1 if x2 is None else x2.shape[0]
-    chunk = min(samples, n1 + (0 if x2 is None else n2))
-    R = head.rows(K)
-    kernel = R * R * n1 * n2 * dtype.itemsize
+            the_plan = nxt
+        if routes is not None and routes.coupled is not None:
+            notes.append(routes.coupled)
+            the_plan = the_plan.after(plan.SAMPLES_COUPLED) or the_plan
+        K = 0 if routes is None else routes.K  # (0: no forward ran to show it)
+        R = head.rows(K)
+        panel = panel_rows = 0
+        if (n1 if x2 is None else n1 + n2) > samples:  # ntk's panels
+            if not K and not head.one_pass:  # (the panels' sizing forward shows it)
+                K = panels.outputs(call, x)
+            panel_rows, per_sample = panels.rows(call, x, K)
+            panel = 2 * min(n1, panel_rows) * per_sample  # kept, and concatenated once per panel
+    strategy = the_plan.strategy
+    if strategy == "layerwise":
+        assert routes is not None
+        paths = _layerwise_paths(the_plan, routes, selected)
+    else:
+        paths = dict.fromkeys(selected, "vmap" if strategy == "jacobian" else "coupled")
+    rows = []
+    for pname, p in selected.items():
+        mname, mod, _ = the_plan.owners[pname][0]
+        rows.append(ParamPath(pname, mname, type(mod).__name__, tuple(p.shape), paths[pname]))
+    # activation memory of one chunk, scaled from the forward's saved tensors: per sample,
+    # inputs and output gradients
+    act = 0
+    if routes is not None and strategy != "jacobian":
+        act = routes.activation_bytes * 2 // max(1, xs.shape[0])
+    chunk = the_plan.chunk_n
     biggest = max(p.numel() for p in selected.values())
     block = min(sizes.BLOCK_BYTES, chunk * R * biggest * dtype.itemsize)
-    panel = 0
-    if (n1 if x2 is None else n1 + n2) > samples:  # ntk's _panels
-        if not K and not head.one_pass:  # (the panels' sizing forward shows it)
-            K = panels.outputs(call, x)
-        panel_rows, per_sample = panels.rows(call, x, K)
-        panel = 2 * min(n1, panel_rows) * per_sample  # kept, and concatenated once per panel
     if n1 > samples:
         notes.append(
             f"{n1} samples exceed the chunk of {samples}: the kernel is assembled from panels "
             "(each chunk's forward/backward runs more than once)"
         )
-    if rnn is not None:
-        notes.append(
-            f"{rnn} is recurrent: the kernel is taken through the batch graph "
-            "(one backward per sample and pass; no per-layer rule, no vmap)"
-        )
-    elif _model.is_coupled(model, bn):
-        notes.append("bn='batch' (or BatchNorm without running stats) couples the samples")
+    layerwise = strategy == "layerwise"
     return Explanation(
         rows,
         n1,
         n2,
         K,
         bn,
-        coupled,
-        kernel,
+        strategy == "coupled",
+        R * R * n1 * n2 * dtype.itemsize,
         block,
         act * chunk,
         notes,
-        panel_bytes=0 if coupled or alone is not None else panel,
+        panel_bytes=panel if layerwise else 0,
+        strategy=strategy,
+        why=the_plan.why,
+        backend=the_plan.backend,
+        chunk=chunk,
+        panel_rows=min(n1, panel_rows) if layerwise else 0,
     )
+
+
+def _layerwise_paths(the_plan: plan.Plan, routes: Routes, selected) -> dict[str, str]:
+    """Canonical parameter name -> its path under the layerwise strategy, in words."""
+    called = {c.module_name for c in routes.calls}
+    declined = {c.module_name for c in routes.calls if c.rule is None}  # fallback calls
+    ruled = {c.module_name: c.rule for c in routes.calls if c.rule is not None}
+    kinds: dict[str, list[str]] = {}  # parameter -> the path of each call using it
+    for c in routes.calls:
+        for q in c.params:
+            kinds.setdefault(q, []).append(f"rule:{c.rule}" if c.rule else "fallback:module")
+    planned = {r.module_name: r.rule for r in the_plan.routes}
+    module_of = the_plan.module_of
+    out = {}
+    for pname in selected:
+        mname = the_plan.owners[pname][0][0]
+        if pname in routes.broadcast:
+            path = "rule:BroadcastRule (added or expanded over the batch outside modules)"
+        elif pname in routes.excluded and mname in routes.unbatched:
+            path = "fallback:model (its module's call has no sample dim: no batched input)"
+        elif pname in routes.excluded:
+            path = "fallback:model (used outside its module's call)"
+        elif pname in routes.adopted:
+            anc = routes.adopted[pname]
+            kind = f"rule:{ruled[anc]}" if anc not in declined else "fallback:module"
+            path = f"{kind} (used inside {repr(anc) if anc else 'the model'}'s call)"
+        elif not any(mn in called for mn in module_of[pname]) or pname not in routes.reached:
+            # (a call under torch.no_grad(): its output does not reach the kernel)
+            path = "unused (no gradient reaches it)"
+        else:
+            rule = planned[mname]
+            path = f"rule:{type(rule).__name__}" if rule is not None else "fallback:module"
+            if rule is not None and mname in declined:
+                path = f"fallback:module ({type(rule).__name__} declined the call)"
+            if pname in routes.deferred:
+                both = sorted(set(kinds.get(pname, ())))
+                if len(both) > 1:  # tied across module types: each call's own path
+                    path = " + ".join(both)
+                path += " (used several times: exact sum of uses)"
+        out[pname] = path
+    return out
