@@ -113,6 +113,7 @@ setup(
             "hypothesis>=6",
             "scipy>=1.10",
             "matplotlib>=3.5",
+            "transformers>=5.0",  # tests/test_hf_zoo.py
         ],
     },
     entry_points={"console_scripts": ["fastntk=fastntk.cli:entry"]},

@@ -31,7 +31,7 @@ if [ ! -f "$STAMP" ]; then
   "$(py312)" -m venv "$VENV"
   for try in 1 2 3; do  # a registry hiccup should not fail the run
     if "$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 "numpy==2.5.*" pytest \
-      pytest-benchmark hypothesis scipy setuptools wheel ninja tqdm matplotlib; then
+      pytest-benchmark hypothesis scipy setuptools wheel ninja tqdm matplotlib transformers; then
       touch "$STAMP"
       break
     fi
@@ -41,7 +41,8 @@ if [ ! -f "$STAMP" ]; then
   [ -f "$STAMP" ] || exit 1
 fi
 # a venv kept from an earlier run may lack these
-"$VENV/bin/python" -c "import tqdm, matplotlib" 2>/dev/null || "$VENV/bin/pip" install -q tqdm matplotlib
+"$VENV/bin/python" -c "import tqdm, matplotlib, transformers" 2>/dev/null \
+  || "$VENV/bin/pip" install -q tqdm matplotlib transformers
 
 # A copy of the package laid out as installed (kernels/ as fastntk/kernels), the extension
 # built into it in place; tests run from outside the repository so that they import it.

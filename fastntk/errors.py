@@ -49,6 +49,14 @@ class CapturedMutationError(UnsupportedError):
     and pass, exact); ``method="vmap"`` and the sketch refuse."""
 
 
+class UntraceableError(UnsupportedError):
+    """torch.func cannot transform the forward: data-dependent control flow (a Python ``if``
+    on a tensor's value), ``.item()``, an op without a batching rule, an op with an output
+    of data-dependent shape (``nonzero``, boolean masks). ``ntk``'s layerwise methods then
+    take the batch graph (one backward per sample and pass, exact, no torch.func);
+    ``method="vmap"`` and the sketch refuse, naming the methods that compute the kernel."""
+
+
 class MergedSamplesError(UnsupportedError):
     """bn="per_sample": a BatchNorm's rows are not the forward's samples (``what`` says
     how); the message gives the advice."""
@@ -97,4 +105,5 @@ __all__ = [
     "OptionError",
     "ParameterSelectionError",
     "UnsupportedError",
+    "UntraceableError",
 ]

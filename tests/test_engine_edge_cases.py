@@ -1087,6 +1087,62 @@ def test_forward_that_updates_a_buffer_in_place(chunk_size):
     assert torch.equal(m[1].avg, torch.zeros(3, dtype=torch.float64))  # the user's buffer
 
 
+class _Gated(nn.Module):
+    """A user layer (no rule) whose forward branches on a value (``.item()``, as Hugging
+    Face's padding check does), or calls an op whose output shape depends on the values."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        if self.how == "item" and (x * self.w).sum().item() > 1e9:  # never true
+            return x
+        if self.how == "nonzero":
+            x = x + 0 * torch.nonzero(x.abs() > -1).sum()  # the size depends on the values
+        return torch.tanh(x * self.w)
+
+
+@pytest.mark.parametrize("how", ["item", "nonzero"])
+@pytest.mark.parametrize("where", ["module", "model"])
+def test_forward_torch_func_cannot_trace(how, where):
+    """A forward torch.func's vmap cannot transform (data-dependent control flow, .item(),
+    an output of data-dependent shape) in a per-module fallback or in the whole-model one
+    (a parameter used outside its module): "auto" and "layerwise" take the batch graph,
+    exact; "vmap" and the sketch raise UntraceableError naming the methods that can."""
+    torch.manual_seed(0)
+    gated = _Gated(how)
+    if where == "module":
+        m = nn.Sequential(nn.Linear(3, 3), gated, nn.Linear(3, 2)).double()
+    else:  # the gated layer's call inside a parent's forward that also uses its parameter
+        m = _OutsideGated(gated).double()
+    x1, x2 = _x(5, 3), _x(3, 3, seed=2)
+    refs = [reduce(full_kernel(m, x1, x2), "sum"), reduce(full_kernel(m, x1), "full")]
+    for method in ("auto", "layerwise", "loop"):
+        got = [fastntk.ntk(m, x1, x2, method=method, dtype=torch.float64),
+               fastntk.ntk(m, x1, output="full", method=method, dtype=torch.float64)]  # fmt: skip
+        assert all(rel_err(g, r) <= TOL64 for g, r in zip(got, refs, strict=True)), method
+    from fastntk.errors import UntraceableError
+
+    with pytest.raises(UntraceableError, match="torch.func cannot .*'auto' or 'loop'"):
+        fastntk.ntk(m, x1, method="vmap", dtype=torch.float64)
+    with pytest.raises(UntraceableError, match="'auto' or 'loop'"):
+        fastntk.ntk_sketch(m, x1, sketch_dim=8, dtype=torch.float64)
+
+
+class _OutsideGated(nn.Module):
+    def __init__(self, gated):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.gated = gated
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.gated(self.lin(x)) + self.gated.w  # its parameter outside its call too
+        return self.out(h)
+
+
 class _DoubledBN(nn.BatchNorm2d):
     def forward(self, x):
         return super().forward(x) * 2

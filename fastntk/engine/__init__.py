@@ -81,7 +81,12 @@ from fastntk.engine.call import Call
 from fastntk.engine.jacobian import CapturedMutationError
 from fastntk.engine.layerwise import Layerwise
 from fastntk.engine.options import DEFAULT_SAMPLE_CHUNK, METHODS
-from fastntk.errors import NonFiniteKernelError, OptionError, UnsupportedError
+from fastntk.errors import (
+    NonFiniteKernelError,
+    OptionError,
+    UnsupportedError,
+    UntraceableError,
+)
 from fastntk.profiling import phase
 
 __all__ = ["DEFAULT_SAMPLE_CHUNK", "METHODS", "CapturedMutationError", "ntk", "ntk_sketch"]
@@ -216,10 +221,14 @@ def _run(
             if p.strategy == "jacobian":
                 return call, jacobian.kernel(call, x1, x2)
             return call, coupled.kernel(call, x1, x2)
-        except (classify.SamplesCoupled, CapturedMutationError, _model.MergedSamplesError) as e:
+        except (
+            classify.SamplesCoupled, CapturedMutationError, UntraceableError,
+            _model.MergedSamplesError,
+        ) as e:  # fmt: skip
             fact = (
                 plan.SAMPLES_COUPLED if isinstance(e, classify.SamplesCoupled)
                 else plan.CAPTURED_MUTATION if isinstance(e, CapturedMutationError)
+                else plan.UNTRACEABLE if isinstance(e, UntraceableError)
                 else plan.MERGED_SAMPLES
             )  # fmt: skip
             nxt = p.after(fact)

@@ -13,25 +13,46 @@ from torch.func import jacrev, vmap
 
 from fastntk import _model
 from fastntk.engine.call import Call
-from fastntk.errors import CapturedMutationError
+from fastntk.errors import CapturedMutationError, UntraceableError
 from fastntk.profiling import count_gram, phase
+
+# torch.func's messages (torch 2.4 to 2.13, aten/src/ATen/functorch) for a forward it cannot
+# transform, each with the reason given to the user
+_UNTRACEABLE = (
+    ("data-dependent control flow", "its forward calls .item() or branches on a tensor's value"),
+    ("calling .item() on a Tensor", "its forward calls .item() on a tensor"),
+    ("Batching rule not implemented for", "an op of its forward has no batching rule"),
+    ("does not yet have a batching rule", "an op of its forward has no batching rule"),
+    ("that can output dynamic shape", "an op's output shape depends on the values"),
+    ("that can support dynamic shape", "an op's output shape depends on the values"),
+    ("doesn't have storage", "an op of its forward reads a tensor's memory directly"),
+)
 
 
 @contextlib.contextmanager
 def torch_func(what: str) -> Iterator[None]:
-    """torch.func's error for a forward that mutates a captured tensor, as
-    :class:`CapturedMutationError` naming ``what`` was transformed."""
+    """torch.func's errors for a forward it cannot transform as typed errors naming ``what``
+    was transformed: :class:`CapturedMutationError` (a tensor it does not own changed in
+    place), :class:`UntraceableError` (control flow on values, ``.item()``, an op without
+    a batching rule)."""
     try:
         yield
     except RuntimeError as e:
         text = str(e)
-        if "mutate a captured Tensor" not in text and "vmap: inplace arithmetic" not in text:
+        if "mutate a captured Tensor" in text or "vmap: inplace arithmetic" in text:
+            raise CapturedMutationError(
+                f"torch.func cannot differentiate {what}: its forward changes a tensor in "
+                "place that is not an input of the transformed function (a buffer updated in "
+                "forward, e.g. a running average); fastntk.ntk with method='auto' or 'loop' "
+                "computes this kernel through the batch graph"
+            ) from e
+        why = next((why for msg, why in _UNTRACEABLE if msg in text), None)
+        if why is None:
             raise
-        raise CapturedMutationError(
-            f"torch.func cannot differentiate {what}: its forward changes a tensor in place "
-            "that is not an input of the transformed function (a buffer updated in forward, "
-            "e.g. a running average); fastntk.ntk with method='auto' or 'loop' computes this "
-            "kernel through the batch graph"
+        raise UntraceableError(
+            f"torch.func cannot differentiate {what}: {why}, which its vmap cannot trace; "
+            "fastntk.ntk with method='auto' or 'loop' computes this kernel through the batch "
+            "graph (exact, without torch.func)"
         ) from e
 
 

@@ -7,7 +7,8 @@ rule, or the per-module fallback), the chunk sizes and the row ranges of the per
 gradient blocks, and the plans that take over when a forward shows a fact no
 inspection of the model could (``on``): the samples coupled
 inside the model (the probe: ``x - x.mean(0)``), a forward that changes a tensor
-torch.func does not own (a buffer updated in ``forward``), a BatchNorm whose rows are not
+torch.func does not own (a buffer updated in ``forward``), a forward torch.func cannot
+transform (``.item()``, control flow on values, an op without a batching rule), a BatchNorm whose rows are not
 the samples under ``bn="per_sample"``. Each such re-plan is a decision written here, once,
 not an exception handler of the caller's.
 """
@@ -30,6 +31,7 @@ from fastntk.rules import GramRule, find_rule
 # Facts a forward can show (the keys of Plan.on)
 SAMPLES_COUPLED = "samples coupled"  # the probe: a sample's output changes with the batch
 CAPTURED_MUTATION = "captured mutation"  # torch.func met a forward changing a buffer in place
+UNTRACEABLE = "untraceable"  # torch.func cannot transform a forward (.item(), control flow)
 MERGED_SAMPLES = "merged samples"  # bn="per_sample": a BatchNorm's rows are not the samples
 
 
@@ -161,31 +163,34 @@ def make(
         why = "bn='per_sample' on BatchNorm rows that are not the samples: each sample alone"
         on_merged = {MERGED_SAMPLES: Plan("jacobian", why, **base)}
     # a per-module (or whole-model) torch.func fallback met a forward that updates a buffer
-    # in place: the batch graph is exact without torch.func
-    on_mutation = {}
+    # in place, or one it cannot transform at all (data-dependent control flow, .item(), an
+    # op without a batching rule): the batch graph is exact without torch.func
+    on_torch_func = {}
     if method in LAYERWISE_METHODS and not coupled:
         why = "a forward changes a buffer in place (no torch.func): the batch graph"
-        on_mutation = {CAPTURED_MUTATION: Plan("coupled", why, fresh=True, **base)}
+        on_torch_func = {CAPTURED_MUTATION: Plan("coupled", why, fresh=True, **base)}
+        why = "torch.func cannot trace the model (.item(), control flow): the batch graph"
+        on_torch_func[UNTRACEABLE] = Plan("coupled", why, fresh=True, **base)
     if rnn is not None and method in LAYERWISE_METHODS:
         # no per-layer rule, no vmap (not even over the backward: is_grads_batched): one
         # backward per sample and pass (exact)
         why = f"{rnn} is recurrent: one backward per sample and pass through the batch graph"
-        return Plan("coupled", why, on=on_mutation, **base)
+        return Plan("coupled", why, on=on_torch_func, **base)
     if coupled:
         why = "bn='batch' (or BatchNorm without running statistics) couples the samples"
         return Plan("coupled", why, batched=batched, use_vmap=method == "vmap",
-                    on={**on_merged, **on_mutation}, **base)  # fmt: skip
+                    on={**on_merged, **on_torch_func}, **base)  # fmt: skip
     if method in LAYERWISE_METHODS:
         why = "the probe found the samples coupled inside the model: the batch graph"
-        after_probe = Plan("coupled", why, batched=batched, on={**on_merged, **on_mutation},
+        after_probe = Plan("coupled", why, batched=batched, on={**on_merged, **on_torch_func},
                            **base)  # fmt: skip
         return Plan("layerwise", "per-sample gradients layer by layer", **base,
-                    on={SAMPLES_COUPLED: after_probe, **on_merged, **on_mutation})  # fmt: skip
+                    on={SAMPLES_COUPLED: after_probe, **on_merged, **on_torch_func})  # fmt: skip
     if method == "vmap":
         return Plan("jacobian", "method='vmap': torch.func vmap(jacrev)", **base,
-                    on={**on_merged, **on_mutation})  # fmt: skip
+                    on={**on_merged, **on_torch_func})  # fmt: skip
     return Plan("coupled", "method='loop': one backward per sample and pass", **base,
-                on={**on_merged, **on_mutation})  # fmt: skip
+                on={**on_merged, **on_torch_func})  # fmt: skip
 
 
 def backend(method: str, device: torch.device) -> str:
