@@ -135,6 +135,8 @@ class Capture:
             rec.out_specs = []
             rec.saved = None
             rec.gouts = {}
+            rec.graph = None  # the call's autograd nodes, which hold the prehooks
+            rec.guards = None
         self.records = []
         self.roots = []
 

@@ -114,17 +114,22 @@ def graph_nodes(y: torch.Tensor):
 
 
 def flatten(obj):
+    """The leaves of nested tuples, lists and dicts, and the spec to rebuild them."""
     flat: list[Any] = []
+    return flat, _flatten_into(obj, flat)
 
-    def rec(o):
-        if isinstance(o, (tuple, list)):
-            return (type(o), [rec(v) for v in o])
-        if isinstance(o, dict):
-            return (dict, {k: rec(v) for k, v in o.items()})
-        flat.append(o)
-        return None
 
-    return flat, rec(obj)
+def _flatten_into(o, flat: list[Any]):
+    # a module-level recursion: a closure calling itself is a reference cycle, which kept
+    # ``flat`` (a module call's inputs: activations) alive until the cyclic garbage
+    # collector ran: 316 MB of a "sum" call at N=64 on the NB201 network, and a peak RSS
+    # over repeated calls of 1.40 GB instead of 1.31 GB at N=128 (/tmp script, 2-core CPU)
+    if isinstance(o, (tuple, list)):
+        return (type(o), [_flatten_into(v, flat) for v in o])
+    if isinstance(o, dict):
+        return (dict, {k: _flatten_into(v, flat) for k, v in o.items()})
+    flat.append(o)
+    return None
 
 
 def unflatten(flat, spec):

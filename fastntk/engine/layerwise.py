@@ -6,6 +6,7 @@ probe, forward and classification, alone: the routes ``fastntk.explain`` prints.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -80,19 +81,13 @@ class Layerwise:
             call = self.call
             with phase("probe"):
                 self.probe = probe.run(
-                    self._probe_forward,
+                    functools.partial(_probe_forward, call),  # not a bound method: the
+                    # probe keeps its forward, and a probe holding this object is a cycle
                     [(r.module_name, r.module) for r in call.plan.routes],
                     x,
                     {q: call.copies.params[q] for q in call.selected},
                 )
             self.router.probe = self.probe
-
-    def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The (n, K) outputs of a forward of ``x`` alone, each row normalised by itself
-        under bn="per_sample" (the probe's forwards)."""
-        call = self.call
-        xp = call.prep(x)
-        return call.head(call.copies.call(call.model, xp, samples=_model.ROWS), x.shape[0])
 
     def run_chunk(
         self,
@@ -233,3 +228,10 @@ class Layerwise:
 
 def _discard(key: tuple, blk: Block) -> None:
     """The consumer of :meth:`Layerwise.routes`' capture (it runs no backward)."""
+
+
+def _probe_forward(call: Call, x: torch.Tensor) -> torch.Tensor:
+    """The (n, K) outputs of a forward of ``x`` alone, each row normalised by itself under
+    bn="per_sample" (the probe's forwards)."""
+    xp = call.prep(x)
+    return call.head(call.copies.call(call.model, xp, samples=_model.ROWS), x.shape[0])
