@@ -28,9 +28,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from fastntk.cli.args import OneLineParser, positive_float, positive_int
 from fastntk.errors import FastNTKError, OptionError
 
 HEADER = ("model", "method", "n", "output", "time_s", "samples_per_s", "gram_tflops",
@@ -39,52 +40,32 @@ HEADER = ("model", "method", "n", "output", "time_s", "samples_per_s", "gram_tfl
 TAG = "FASTNTK_BENCH "
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit status 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive(what: str, kind: type = int) -> Callable[[str], Any]:
-    def parse(s: str):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, got {s!r}") from None
-        if not v > 0 or math.isinf(v):
-            raise argparse.ArgumentTypeError(f"{what} must be > 0, got {s}")
-        return v
-
-    return parse
-
-
 def _sizes(s: str) -> list[int]:
-    return [_positive("--n")(p.strip()) for p in s.split(",")]
+    return [positive_int("--n")(p.strip()) for p in s.split(",")]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bench_models.py", description="Time and memory of the NTK methods.")
+    p = OneLineParser(prog="bench_models.py", description="Time and memory of the NTK methods.")
     p.add_argument("--model", default="nb201", choices=("nb201", "resnet18", "vit"))
     p.add_argument("--n", type=_sizes, default=[32], help="batch size(s), e.g. 32,64")
     p.add_argument("--method", default="auto", help="fastntk.ntk method(s), comma separated")
     p.add_argument("--output", default="sum", choices=("sum", "trace"))
     p.add_argument(
         "--repeat",
-        type=_positive("--repeat"),
+        type=positive_int("--repeat"),
         default=1,
         help="timed calls per measurement (median reported; default 1)",
     )
     p.add_argument("--csv", help="also write the table as CSV")
     p.add_argument(
         "--timeout",
-        type=_positive("--timeout", float),
+        type=positive_float("--timeout"),
         default=600.0,
         help="seconds per measurement (default 600)",
     )
     p.add_argument(
         "--threads",
-        type=_positive("--threads"),
+        type=positive_int("--threads"),
         help="torch intra-op threads (default: torch's choice; on a shared, "
         "loaded machine 1 avoids OpenMP oversubscription)",
     )

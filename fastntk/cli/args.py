@@ -7,17 +7,17 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["parser", "seed_arg"]
+__all__ = ["OneLineParser", "parser", "positive_float", "positive_int", "seed_arg"]
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse with one-line errors (exit status 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(what: str):
+def positive_int(what: str):
     def parse(s: str) -> int:
         try:
             v = int(s)
@@ -43,7 +43,7 @@ def _nonneg_int(what: str):
     return parse
 
 
-def _positive_float(what: str, unit: str = ""):
+def positive_float(what: str, unit: str = ""):
     def parse(s: str) -> float:
         try:
             v = float(s)
@@ -77,7 +77,7 @@ def _db_path(s: str) -> str:
 def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument(
         "--batch-size",
-        type=_positive_int("--batch-size"),
+        type=positive_int("--batch-size"),
         default=batch,
         help=f"samples per NTK batch (default {batch})",
     )
@@ -109,14 +109,14 @@ def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
     )
     p.add_argument(
         "--lga-train",
-        type=_positive_int("--lga-train"),
+        type=positive_int("--lga-train"),
         default=512,
         help="lga_t: training images, the next ones of the data after the "
         "scored batch (default 512)",
     )
     p.add_argument(
         "--lga-batch",
-        type=_positive_int("--lga-batch"),
+        type=positive_int("--lga-batch"),
         default=64,
         help="lga_t: training minibatch size (default 64)",
     )
@@ -126,7 +126,7 @@ def _add_data_args(p: argparse.ArgumentParser, batch: int) -> None:
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=_positive_int("--threads"),
+        type=positive_int("--threads"),
         help="torch intra-op threads (default: torch's choice; on a shared, "
         "loaded machine 1 avoids OpenMP oversubscription)",
     )
@@ -159,8 +159,8 @@ _METRIC_HELP = (
 
 def parser() -> argparse.ArgumentParser:
     """The parser of ``fastntk score | search | evaluate`` (``demo`` is listed only)."""
-    top = _Parser(prog="fastntk", description="Empirical NTKs and training-free NAS.")
-    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    top = OneLineParser(prog="fastntk", description="Empirical NTKs and training-free NAS.")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     # listed for --help; `fastntk demo ...` goes to fastntk.cli.demo before this parser (main)
     sub.add_parser("demo", add_help=False,
@@ -177,26 +177,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", default="random", help="random | rea | prune | reinforce")
     p.add_argument("--metric", help=_METRIC_HELP)
     p.add_argument(
-        "--budget", type=_positive_int("--budget"), help="number of architecture evaluations"
+        "--budget", type=positive_int("--budget"), help="number of architecture evaluations"
     )
     p.add_argument(
         "--time-budget",
-        type=_positive_float("--time-budget", " seconds"),
+        type=positive_float("--time-budget", " seconds"),
         help="wall-clock seconds",
     )
     p.add_argument("--db", type=_db_path, help="SQLite journal: resumable search and result store")
     p.add_argument(
-        "--population", type=_positive_int("--population"), help="REA population size (default 20)"
+        "--population", type=positive_int("--population"), help="REA population size (default 20)"
     )
     p.add_argument(
-        "--sample-size", type=_positive_int("--sample-size"), help="REA tournament size (default 5)"
+        "--sample-size", type=positive_int("--sample-size"), help="REA tournament size (default 5)"
     )
     p.add_argument(
-        "--lr", type=_positive_float("--lr"), help="REINFORCE learning rate (default 0.2)"
+        "--lr", type=positive_float("--lr"), help="REINFORCE learning rate (default 0.2)"
     )
     p.add_argument(
         "--samples-per-op",
-        type=_positive_int("--samples-per-op"),
+        type=positive_int("--samples-per-op"),
         help="pruning of spaces without supernets (darts, resnet, vit): "
         "architectures scored per (decision, op) (default 1); nb201 is "
         "pruned on supernets, where it must stay 1",
@@ -209,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help=_METRIC_HELP)
     p.add_argument(
         "--archs",
-        type=_positive_int("--archs"),
+        type=positive_int("--archs"),
         required=True,
         help="number of sampled architectures",
     )
