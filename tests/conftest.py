@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # The repository's root is not an import location: its top-level kernels/ folder (installed
@@ -49,3 +50,13 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             f"FASTNTK_REQUIRE_TRITON=1 but Triton's kernels cannot run: {reason}"
         )
+
+
+@pytest.fixture
+def tiny_nb201(monkeypatch):
+    """The registry's NB201 swapped for a narrow one (C=4, N=1: same arch strings and
+    ground truth, a ~40x cheaper network): the command-line tests."""
+    from fastntk.spaces import registry
+    from fastntk.spaces.nb201 import NB201Space
+
+    monkeypatch.setitem(registry._SPACES, "nb201", lambda: NB201Space(C=4, N=1))

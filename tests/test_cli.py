@@ -13,29 +13,14 @@ import os
 import subprocess
 
 import pytest
+from cli_run import ARCH, DATA, run
 
 from fastntk import cli
 from fastntk.search import Journal
 from fastntk.spaces import registry
 from fastntk.spaces.nb201 import NB201Space
 
-ARCH = (
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|"
-    "avg_pool_3x3~2|"
-)
-DATA = ["--data", "synthetic", "--batch-size", "8"]
 BENCH_MODELS = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_models.py")
-
-
-@pytest.fixture
-def tiny_nb201(monkeypatch):
-    monkeypatch.setitem(registry._SPACES, "nb201", lambda: NB201Space(C=4, N=1))
-
-
-def run(capsys, *argv):
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.mark.slow

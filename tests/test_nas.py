@@ -16,33 +16,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from cli_run import ARCH, DATA, run
 from reference import reference_ntk
 
-from fastntk import adapters, cli
+from fastntk import adapters
 from fastntk import metrics as M
 from fastntk.errors import OptionError
 from fastntk.search import scoring
-from fastntk.spaces import registry
 from fastntk.spaces.nb201 import NB201Space
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCH = (
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_1x1~1|+|skip_connect~0|nor_conv_3x3~1|"
-    "avg_pool_3x3~2|"
-)
-DATA = ["--data", "synthetic", "--batch-size", "8"]
 MIN_ARCHS = 1000  # the bar for a default: measured on at least 1,000 architectures
-
-
-@pytest.fixture
-def tiny_nb201(monkeypatch):
-    monkeypatch.setitem(registry._SPACES, "nb201", lambda: NB201Space(C=4, N=1))
-
-
-def run(capsys, *argv):
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 # --------------------------------------------------------------------------------------
