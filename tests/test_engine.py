@@ -466,8 +466,8 @@ def test_graph_walk_survives_recycled_node_objects():
 def test_a_call_leaves_no_tensor_in_a_reference_cycle(output):
     """A call's activations are freed when it returns, not when Python's cyclic garbage
     collector next runs (which does not count tensor memory): a recursive closure in the
-    engine's argument flattening and a probe holding a bound method of its strategy kept
-    316 MB of a "sum" call at N=64 on the NB201 network alive until then."""
+    engine's argument flattening and a probe holding a bound method of its strategy were
+    such cycles."""
     m, x1, _ = zoo.make("nb201", n=4)
     fastntk.ntk(m, x1, output=output)
     gc.collect()

@@ -120,10 +120,9 @@ def flatten(obj):
 
 
 def _flatten_into(o, flat: list[Any]):
-    # a module-level recursion: a closure calling itself is a reference cycle, which kept
-    # ``flat`` (a module call's inputs: activations) alive until the cyclic garbage
-    # collector ran: 316 MB of a "sum" call at N=64 on the NB201 network, and a peak RSS
-    # over repeated calls of 1.40 GB instead of 1.31 GB at N=128 (/tmp script, 2-core CPU)
+    # a module-level recursion: a closure that calls itself is a reference cycle, which
+    # would keep ``flat`` (a module call's inputs: activations) alive until Python's cyclic
+    # garbage collector runs (tests/test_engine.py: no tensor in a reference cycle)
     if isinstance(o, (tuple, list)):
         return (type(o), [_flatten_into(v, flat) for v in o])
     if isinstance(o, dict):
