@@ -82,6 +82,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bn", default="per_sample,eval", help="BN modes, comma separated")
     ap.add_argument("--params", default="all", choices=sorted(PARAM_SETS))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument(
         "--metrics",
         default=",".join(METRICS),
@@ -100,6 +101,12 @@ def parse_args(argv=None):
         help="also write fastntk/data/nas_evidence.json from the summary",
     )
     ap.add_argument("--out", default=os.path.join(HERE, "results", "nb201_space.csv"))
+    ap.add_argument(
+        "--against",
+        metavar="CSV",
+        help="also compare with another setting's journal (default settings), on the "
+        "architectures both have scored",
+    )
     return ap.parse_args(argv)
 
 
@@ -127,7 +134,7 @@ def run(args, bns: list[str]) -> None:
         todo = todo[: args.limit]
     space = nb201.NB201Space()
     metrics = args.metrics
-    scorers = {bn: space_scorer(space, metrics, bn=bn, seed=args.seed, dtype="float32",
+    scorers = {bn: space_scorer(space, metrics, bn=bn, seed=args.seed, dtype=args.dtype,
                                 batch_size=args.batch_size, lga_epochs=args.lga_epochs)
                for bn in bns}  # fmt: skip
     params = PARAM_SETS[args.params]
@@ -150,13 +157,13 @@ def run(args, bns: list[str]) -> None:
             t = time.monotonic()
             fn = scorers[bn].fn
             row = {"arch": arch, "bn": bn, "params_set": args.params, "seed": args.seed,
-                   "batch_size": args.batch_size, "dtype": "float32", "error": "",
+                   "batch_size": args.batch_size, "dtype": args.dtype, "error": "",
                    "commit": commit}  # fmt: skip
             try:
                 if params is None:
                     vals = fn(arch)
                 else:  # another parameter selection than the scorer's (every parameter)
-                    vals = _score_with_params(fn, arch, params, metrics)
+                    vals = _score_with_params(fn, arch, params, metrics, args.dtype)
                 row.update(vals)
                 bad = [m for m in metrics if math.isnan(vals[m])]
                 row["error"] = "undefined: " + " ".join(bad) if bad else ""
@@ -173,7 +180,7 @@ def run(args, bns: list[str]) -> None:
                   + f" {row['error']}", flush=True)  # fmt: skip
 
 
-def _score_with_params(fn, arch, params, metrics):
+def _score_with_params(fn, arch, params, metrics, dtype):
     import torch
 
     from fastntk.search.scoring import arch_seed
@@ -182,12 +189,12 @@ def _score_with_params(fn, arch, params, metrics):
     torch.manual_seed(arch_seed(fn.seed, enc))
     model = fn.space.build(arch, num_classes=fn.num_classes)
     return M.compute_metrics(model, fn.x, fn.y, metrics, bn=fn.bn, params=params,
-                             errors="nan", dtype=torch.float32, progress=False)  # fmt: skip
+                             errors="nan", dtype=getattr(torch, dtype), progress=False)  # fmt: skip
 
 
 def same_setting(r: dict, args) -> bool:
     return (r.get("seed") == str(args.seed) and r.get("batch_size") == str(args.batch_size)
-            and r.get("params_set") == args.params)  # fmt: skip
+            and r.get("params_set") == args.params and r.get("dtype") == args.dtype)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -235,7 +242,7 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
         "## fastntk metrics on the whole NAS-Bench-201 space",
         "",
         f"Unique architectures scored once per BN mode (seed {args.seed}, {args.batch_size} "
-        f"bundled CIFAR-10 images, float32 kernels, params={args.params}, the sum-of-logits "
+        f"bundled CIFAR-10 images, {args.dtype} kernels, params={args.params}, the sum-of-logits "
         "kernel, weights from `fastntk.search.scoring.space_scorer`), each score mapped back "
         "to every architecture of its isomorphism class; Kendall τ / Spearman ρ with the "
         "200-epoch test accuracy. Metrics are oriented by their direction (positive: predicts "
@@ -264,6 +271,8 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
         lines.append("")
         evidence["tau"][bn] = {name: round(by_d["cifar10"][0], 3) for name, by_d in cor.items()}
         evidence["n"][bn] = len(rs)
+    if args.against:
+        lines += against(args, bns, rows, members, truth)
     lines += ["### Published on the same 15,625 architectures", "",
               "| method | CIFAR-10 ρ | CIFAR-100 ρ | ImageNet16-120 ρ | CIFAR-10 τ |",
               "|---|---|---|---|---|"]  # fmt: skip
@@ -271,6 +280,33 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
         cells = " | ".join("–" if r is None else f"{r:.3f}" for r in rhos)
         lines.append(f"| {name} | {cells} | {'–' if tau is None else f'{tau:.3f}'} |")
     return "\n".join(lines) + "\n", evidence
+
+
+def against(args, bns, rows, members, truth) -> list[str]:
+    """τ of this setting and of the default setting's journal on the archs both scored."""
+    base_args = argparse.Namespace(seed=args.seed, batch_size=args.batch_size, params="all",
+                                   dtype="float32")  # fmt: skip
+    base = [r for r in read_rows(args.against) if same_setting(r, base_args)]
+    lines = []
+    for bn in bns:
+        mine = {r["arch"]: r for r in rows if r["bn"] == bn}
+        theirs = {r["arch"]: r for r in base if r["bn"] == bn}
+        common = [a for a in mine if a in theirs]
+        if len(common) < 3:
+            continue
+        cor_m = correlations([mine[a] for a in common], members, truth, args.metrics)
+        cor_b = correlations([theirs[a] for a in common], members, truth, args.metrics)
+        lines += [f"### bn={bn}: params={args.params}, {args.dtype} against params=all, "
+                  f"float32 (`{os.path.basename(args.against)}`), on the {len(common)} unique "
+                  "architectures both scored", "",
+                  "| score | " + " | ".join(f"{lab} τ (this / default)" for _, lab in DATASETS)
+                  + " |", "|---|" + "---|" * len(DATASETS)]  # fmt: skip
+        for name in cor_m:
+            cells = " | ".join(f"{cor_m[name][d][0]:+.3f} / {cor_b[name][d][0]:+.3f}"
+                               for d, _ in DATASETS)  # fmt: skip
+            lines.append(f"| {name} | {cells} |")
+        lines.append("")
+    return lines
 
 
 def main(argv=None) -> int:

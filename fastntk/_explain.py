@@ -12,6 +12,7 @@ from fastntk import _model
 from fastntk.engine import options, panels, plan, sizes
 from fastntk.engine.call import Call
 from fastntk.engine.layerwise import Layerwise, Routes
+from fastntk.errors import CapturedMutationError, FastNTKError, UntraceableError
 
 
 @dataclass
@@ -151,6 +152,15 @@ def explain(
         if routes is not None and routes.coupled is not None:
             notes.append(routes.coupled)
             the_plan = the_plan.after(plan.SAMPLES_COUPLED) or the_plan
+        elif routes is not None and the_plan.strategy == "layerwise":
+            paths = _layerwise_paths(the_plan, routes, selected)
+            if any(v.startswith("fallback") for v in paths.values()):
+                found = _torch_func_fails(model, opts, the_plan, xs)
+                nxt = None if found is None else the_plan.after(found[0])
+                if nxt is not None:
+                    notes.append(f"{found[1]}: ntk's method='auto' takes the batch graph "
+                                 "(exact, one backward per sample and pass)")  # fmt: skip
+                    the_plan = nxt
         K = 0 if routes is None else routes.K  # (0: no forward ran to show it)
         R = head.rows(K)
         panel = panel_rows = 0
@@ -203,6 +213,22 @@ def explain(
     )
 
 
+def _torch_func_fails(model, opts, the_plan: plan.Plan, x: torch.Tensor) -> tuple[str, str] | None:
+    """(the fact, the message) where the plan's torch.func fallbacks cannot compute the
+    model (:class:`UntraceableError`: ``.item()``, control flow on values;
+    :class:`CapturedMutationError`: a buffer updated in place), found by running the plan
+    on ``x``'s first two samples; None where they run."""
+    try:
+        Layerwise(Call(model, opts, the_plan)).kernel(x[:2], None)
+    except UntraceableError as e:  # (the messages' first part: the reason; the rest names
+        return plan.UNTRACEABLE, str(e).split("; fastntk.ntk")[0]  # the methods)
+    except CapturedMutationError as e:
+        return plan.CAPTURED_MUTATION, str(e).split("; fastntk.ntk")[0]
+    except FastNTKError:  # (anything else: ntk itself says it)
+        return None
+    return None
+
+
 def _layerwise_paths(the_plan: plan.Plan, routes: Routes, selected) -> dict[str, str]:
     """Canonical parameter name -> its path under the layerwise strategy, in words."""
     called = {c.module_name for c in routes.calls}
@@ -217,8 +243,8 @@ def _layerwise_paths(the_plan: plan.Plan, routes: Routes, selected) -> dict[str,
     out = {}
     for pname in selected:
         mname = the_plan.owners[pname][0][0]
-        if pname in routes.broadcast:
-            path = "rule:BroadcastRule (added or expanded over the batch outside modules)"
+        if pname in routes.node_rules:
+            path = f"rule:{routes.node_rules[pname]} (on the one autograd node using it)"
         elif pname in routes.excluded and mname in routes.unbatched:
             path = "fallback:model (its module's call has no sample dim: no batched input)"
         elif pname in routes.excluded:

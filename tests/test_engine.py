@@ -368,7 +368,7 @@ def test_batchnorm_fused_blocks(bn, params, monkeypatch):
 
 class Broadcasts(nn.Module):
     """Parameters used outside module calls: a class token expanded over the batch, a
-    position embedding and a scaled shift added (rules.broadcast), and one used twice
+    position embedding and a scaled shift added (rules.nodes.BroadcastRule), and one used twice
     (the exact fallback)."""
 
     def __init__(self):

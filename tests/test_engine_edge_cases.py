@@ -1045,7 +1045,8 @@ def test_batchnorm_without_running_statistics(dims, affine):
 
 
 class _RunningMean(nn.Module):
-    """A user layer (no rule) that updates a buffer in its forward, as a running average."""
+    """A user layer (no rule; ``x / f(w)``: no node rule either) that updates a buffer in its
+    forward, as a running average."""
 
     def __init__(self, mutate=True):
         super().__init__()
@@ -1057,7 +1058,7 @@ class _RunningMean(nn.Module):
         if self.mutate:
             with torch.no_grad():
                 self.avg.mul_(0.9).add_(0.1 * x.mean(0))
-        return torch.tanh(x * self.w)
+        return torch.tanh(x / (2 + self.w.sin()))
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
@@ -1082,14 +1083,19 @@ def test_forward_that_updates_a_buffer_in_place(chunk_size):
 
     with pytest.raises(CapturedMutationError, match="buffer updated in forward.*'auto' or 'loop'"):
         fastntk.ntk(m, x1, method="vmap", dtype=torch.float64)
+    ex = fastntk.explain(m, x1)
+    assert ex.strategy == "coupled" and "buffer in place" in ex.why, ex.why
+    assert any("changes a tensor in place" in n for n in ex.notes), ex.notes
+    assert torch.equal(m[1].avg, torch.zeros(3, dtype=torch.float64))  # (explain's trial run)
     with pytest.raises(UnsupportedError, match=r"'1' \(_RunningMean"):
         fastntk.ntk_sketch(m, x1, sketch_dim=8, dtype=torch.float64)
     assert torch.equal(m[1].avg, torch.zeros(3, dtype=torch.float64))  # the user's buffer
 
 
 class _Gated(nn.Module):
-    """A user layer (no rule) whose forward branches on a value (``.item()``, as Hugging
-    Face's padding check does), or calls an op whose output shape depends on the values."""
+    """A user layer (no rule; ``x / f(w)``: no node rule) whose forward branches on a value
+    (``.item()``, as Hugging Face's padding check does), or calls an op whose output shape
+    depends on the values."""
 
     def __init__(self, how):
         super().__init__()
@@ -1101,7 +1107,7 @@ class _Gated(nn.Module):
             return x
         if self.how == "nonzero":
             x = x + 0 * torch.nonzero(x.abs() > -1).sum()  # the size depends on the values
-        return torch.tanh(x * self.w)
+        return torch.tanh(x / (2 + self.w.sin()))
 
 
 @pytest.mark.parametrize("how", ["item", "nonzero"])
@@ -1129,6 +1135,10 @@ def test_forward_torch_func_cannot_trace(how, where):
         fastntk.ntk(m, x1, method="vmap", dtype=torch.float64)
     with pytest.raises(UntraceableError, match="'auto' or 'loop'"):
         fastntk.ntk_sketch(m, x1, sketch_dim=8, dtype=torch.float64)
+    ex = fastntk.explain(m, x1)  # says so, and shows the plan auto runs
+    assert ex.strategy == "coupled" and "cannot trace" in ex.why, ex.why
+    assert any("torch.func cannot differentiate" in n and "batch graph" in n for n in ex.notes)
+    assert {p.path for p in ex.params} == {"coupled"}
 
 
 class _OutsideGated(nn.Module):
@@ -1185,13 +1195,14 @@ class _ScaleHeld(nn.Module):
 
 
 class _HeldByChild(nn.Module):
-    def __init__(self, child):
+    def __init__(self, child, use):
         super().__init__()
-        self.b, self.h = child, nn.Linear(4, 2)
+        self.b, self.h, self.use = child, nn.Linear(4, 2), use
 
     def forward(self, x):
         scale = self.b.gamma if hasattr(self.b, "gamma") else self.b.extra
-        return self.h(torch.tanh(self.b(x)) * scale)
+        h = torch.tanh(self.b(x))
+        return self.h(h * scale if self.use == "scale" else h / (2 + scale.sin()))
 
 
 def _linear_with_extra():
@@ -1200,15 +1211,17 @@ def _linear_with_extra():
     return lin
 
 
+@pytest.mark.parametrize("use", ["scale", "div"])
 @pytest.mark.parametrize("make", [_ScaleHeld, _linear_with_extra], ids=["user-module", "linear"])
-def test_parameter_its_module_holds_but_only_the_parent_uses(make):
+def test_parameter_its_module_holds_but_only_the_parent_uses(make, use):
     """One use, one call of its module, so the count (uses > calls) took the use as inside
     the call: the module's fallback re-ran a forward without it, and the kernel missed it
     (zero for that parameter alone; helper-24). A use is inside a call only when the
     graph reaches it from the call's outputs without passing its inputs; this one is not,
-    so the parameter takes the whole-model fallback (exact)."""
+    so the parameter takes its node rule (``* scale``: rules.nodes.ScaleRule) or else the
+    whole-model fallback (``/ (2 + sin(scale))``: no node rule), both exact."""
     torch.manual_seed(0)
-    m = _HeldByChild(make()).double()
+    m = _HeldByChild(make(), use).double()
     held = "b.gamma" if hasattr(m.b, "gamma") else "b.extra"
     x1, x2 = _x(4, 4), _x(3, 4, seed=2)
     for params in (None, [held]):
@@ -1217,7 +1230,7 @@ def test_parameter_its_module_holds_but_only_the_parent_uses(make):
             theta = fastntk.ntk(m, x1, x2, params=params, method=method, dtype=torch.float64)
             assert rel_err(theta, ref) <= TOL64, (params, method)
     paths = {p.name: p.path for p in fastntk.explain(m, x1).params}
-    assert paths[held].startswith("fallback:model"), paths
+    assert paths[held].startswith("rule:ScaleRule" if use == "scale" else "fallback:model"), paths
     assert paths["h.weight"] == "rule:LinearRule"
 
 

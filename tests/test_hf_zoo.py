@@ -22,6 +22,7 @@ from test_state_and_errors import assert_same, snapshot
 
 import fastntk
 from fastntk.errors import UntraceableError
+from fastntk.rules import nodes
 
 transformers.logging.set_verbosity_error()  # (tiny configs: special tokens outside vocab)
 
@@ -158,10 +159,14 @@ def test_hf_resnet_batchnorm_modes(bn):
 
 
 @pytest.mark.parametrize("name", UNTRACEABLE)
-def test_untraceable_forward_takes_the_batch_graph(name):
+def test_untraceable_forward_takes_the_batch_graph(name, monkeypatch):
     """torch.func's vmap cannot trace GPT-2's forward (``.item()``): "auto" crashed with
-    torch's untyped RuntimeError; the layerwise methods now take the batch graph (exact),
-    and the methods that need torch.func raise UntraceableError naming those that can."""
+    torch's untyped RuntimeError. Node rules now serve every parameter of GPT-2 (``Conv1D``
+    through ``addmm``, ``wpe`` through its sample-free lookup), so the layerwise methods and
+    the sketch need no torch.func at all; without node rules the layerwise methods take
+    the batch graph (exact), and the sketch and "vmap" raise UntraceableError naming the
+    methods that can. The padded LM is the unpadded one with a pad token set: the same
+    logits, so the same sketch."""
     model, x1, x2 = _model(name)
     for method in ("layerwise", "loop"):
         got = _checked(model, x1, x2, output="trace", method=method)
@@ -169,6 +174,17 @@ def test_untraceable_forward_takes_the_batch_graph(name):
     before = snapshot(model)
     with pytest.raises(UntraceableError, match=r"\.item\(\).*'auto' or 'loop'"):
         fastntk.ntk(model, x1, method="vmap", dtype=torch.float64)
+    sketch = fastntk.ntk_sketch(model, x1, sketch_dim=8, dtype=torch.float64)
+    if name == "gpt2-lm-padded":
+        plain = _model("gpt2-lm")[0]
+        assert (
+            rel_err(sketch, fastntk.ntk_sketch(plain, x1, sketch_dim=8, dtype=torch.float64))
+            <= TOL64
+        )
+    monkeypatch.setattr(nodes, "find", lambda use, n: None)  # no node rules
+    for method in ("auto", "layerwise"):
+        got = _checked(model, x1, x2, output="trace", method=method)
+        assert rel_err(got, _reference(model, x1, x2, output="trace")) <= TOL64, method
     with pytest.raises(UntraceableError, match="'auto' or 'loop'"):
         fastntk.ntk_sketch(model, x1, sketch_dim=8, dtype=torch.float64)
     assert_same(before, snapshot(model))

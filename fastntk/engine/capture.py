@@ -74,7 +74,7 @@ class Capture:
     delivers to the call's rule (or the per-module fallback, ``module_grads``) and the
     blocks they give to ``consume``. It decides no route: ``route`` does, during the
     forward, and the strategy's classification after it (through :meth:`to_fallback`,
-    :meth:`adopt`, :meth:`add_broadcast`, :meth:`exclude`, :meth:`defer`)."""
+    :meth:`adopt`, :meth:`add_node_rule`, :meth:`exclude`, :meth:`defer`)."""
 
     def __init__(
         self,
@@ -99,7 +99,7 @@ class Capture:
         self.pass_idx = 0
         self.deferred_params: set[str] = set()  # processed after all passes
         self.excluded: set[str] = set()  # handled by the whole-model fallback
-        self.broadcast: set[str] = set()  # batch-broadcast parameters (rules.broadcast)
+        self.node_rules: dict[str, str] = {}  # parameter -> its node rule (rules.nodes)
         self.handles: list[Any] = []
         self.calls_seen: dict[str, int] = {}  # module name -> calls so far (probe keys)
         self.npasses = 1
@@ -233,24 +233,21 @@ class Capture:
         """Parameters ``pnames`` get their blocks after all passes (several uses summed)."""
         self.deferred_params |= pnames
 
-    def add_broadcast(self, pname: str, node: Any, alpha: Any, n: int) -> None:
-        """Parameter ``pname``, used once outside module calls by autograd node ``node``
-        (a broadcast over the batch), takes ``rules.broadcast`` there: a record of its
-        own, hooked on that node, instead of any other route."""
+    def add_node_rule(self, pname: str, node: Any, rule: GramRule, saved: Any, n: int) -> None:
+        """Parameter ``pname``, used once by autograd node ``node``, takes the node rule
+        ``rule`` there (``rules.nodes``): a record of its own, hooked on that node, instead
+        of any other route."""
         p = self.call.copies.params[pname]
         mname, module, attr = self.call.plan.owners[pname][0]
         takers = [r for r in self.records if pname in r.attrs.values()]
-        rec = Record(
-            len(self.records), mname, module, BROADCAST_RULE, {attr: pname},
-            (tuple(p.shape), alpha), n,
-        )  # fmt: skip
+        rec = Record(len(self.records), mname, module, rule, {attr: pname}, saved, n)
         out = tuple(node._input_metadata[0].shape)
         rec.out_specs = [(torch.Size(out), p.dtype, p.device)]
         self.records.append(rec)
         node.register_prehook(self._make_prehook(rec, 0, 0))
-        self.roots.append(p)  # the backward must run the node (a class token's expand)
+        self.roots.append(rule.root(saved, p))  # the backward must run the node (an expand)
         self.excluded.discard(pname)
-        self.broadcast.add(pname)
+        self.node_rules[pname] = type(rule).__name__
         for fb in takers:  # its module's fallback no longer takes it
             fb.attrs = {a: q for a, q in fb.attrs.items() if q != pname}
 
@@ -371,15 +368,6 @@ class Capture:
                 else:
                     for k, blk in enumerate(per_pass):
                         self.consume((pname, r0, k), blk)
-
-
-def _broadcast_rule() -> GramRule:
-    from fastntk.rules.broadcast import BroadcastRule
-
-    return BroadcastRule()
-
-
-BROADCAST_RULE = _broadcast_rule()
 
 
 def rows_of(p: torch.Tensor) -> int:

@@ -6,9 +6,10 @@ per-module fallback, or none (the whole-model fallback takes its parameters). Af
 forward, :class:`Classifier` routes the parameters from the chunk's records and the
 autograd graph of its output, once by the first chunk for all: a rule whose guard outputs
 reach the output gives way to the fallback, parameters of never-called modules join an
-ancestor's call, a parameter broadcast over the batch outside module calls takes
-``rules.broadcast``, other uses outside module calls the whole-model fallback, and a
-parameter used several times has its uses summed after the passes. The capture carries
+ancestor's call, a parameter that no module rule serves takes a node rule
+(``rules.nodes``) where one autograd node uses it simply, other uses outside module calls
+the whole-model fallback, and a parameter used several times has its uses summed after
+the passes. The capture carries
 the routes out; it decides none.
 """
 
@@ -24,7 +25,7 @@ from fastntk import _model
 from fastntk.engine import capture, graph, probe
 from fastntk.engine.call import Call
 from fastntk.errors import UnsupportedError
-from fastntk.rules import GramRule
+from fastntk.rules import GramRule, nodes
 
 
 class SamplesCoupled(Exception):
@@ -111,7 +112,7 @@ def call_layout(dims: probe.CallDims, pos: list[int], bdim: int, rule: bool) -> 
 
 class Classifier:
     """The first chunk's decisions (parameters outside module calls, adopted parameters,
-    broadcasts), applied to every chunk of a call."""
+    node rules), applied to every chunk of a call."""
 
     def __init__(self, call: Call):
         self.call = call
@@ -119,7 +120,7 @@ class Classifier:
         # parameter -> (ancestor module name, attribute path relative to it): _adoptions
         self.adopted: dict[str, tuple[str, str]] = {}
         self._first_calls: dict[str, int] = {}
-        self._broadcast_ok: dict[str, bool] = {}  # parameter -> takes rules.broadcast
+        self._node_ok: dict[str, bool] = {}  # parameter -> takes its node rule
 
     def classify(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
         """Route the parameters of the chunk ``cap`` recorded, whose output is ``y``
@@ -158,18 +159,18 @@ class Classifier:
             if extra:
                 cap.adopt(rec, extra)
         cap.exclude(self.untracked)
-        self._broadcasts(cap, y, pr)
+        self._node_rules(cap, y, pr)
         cap.defer({p for p, c in calls(cap).items() if c > 1 and p not in cap.excluded})
         cap.drop_graphs()
 
-    def _broadcasts(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
-        """Parameters whose one use is a broadcast over the batch (ViT position embeddings,
-        class tokens): hook that autograd node with
-        :class:`~fastntk.rules.broadcast.BroadcastRule` instead of the model fallback (used
-        outside module calls) or a module fallback (a direct parameter of a module without
-        a rule, e.g. the model itself: that fallback re-runs the whole model per sample)."""
-        from fastntk.rules import broadcast
-
+    def _node_rules(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
+        """Parameters that no module rule serves (used outside module calls, or a direct
+        parameter of a module without a rule: a layer scale, a hand-written norm, HF's
+        ``Conv1D``) and that one autograd node uses as a node rule understands
+        (:mod:`fastntk.rules.nodes`): hook that node instead of the whole-model or
+        per-module fallback. The first chunk decides, with the probe, whether the node has
+        the samples in dim 0 (or in sample-major blocks of rows); every chunk then serves
+        the parameter alike where its own node matches."""
         params = self.call.copies.params
         by_fallback: dict[str, list[capture.Record]] = defaultdict(list)
         for rec in cap.records:
@@ -181,20 +182,23 @@ class Classifier:
         if not candidates:
             return
         uses = graph.param_consumers(y, {q: params[q] for q in candidates})
+        consumers = graph.Consumers(y)
         owners = self.call.plan.owners
         n = y.shape[0]
         for pname, lst in uses.items():
             if len(lst) != 1 or len(owners.get(pname, ())) != 1:
                 continue
-            node, i = lst[0]
-            p = params[pname]
-            alpha = broadcast.eligible(node, i, tuple(p.shape), n)
-            out = tuple(node._input_metadata[0].shape)
-            if pname not in self._broadcast_ok:  # decided by the first chunk, for all
-                self._broadcast_ok[pname] = pr is None or pr.batch_first_use(pname, out, n)
-                # (the probe: is dim 0 of that node the samples' dim?)
-            if alpha is not None and self._broadcast_ok[pname]:
-                cap.add_broadcast(pname, node, alpha, n)
+            use = nodes.resolve(lst[0], params[pname], consumers, n)
+            found = None if use is None else nodes.find(use, n)
+            if found is None:
+                continue
+            rule, saved = found
+            if pname not in self._node_ok:  # decided by the first chunk, for all
+                self._node_ok[pname] = _confirmed(pr, pname, use, rule, saved, n)
+            if self._node_ok[pname]:
+                cap.add_node_rule(pname, use.node, rule, saved, n)
+        if pr is not None:
+            pr.drop_graph()
 
     def _outside_uses(self, cap: capture.Capture, y: torch.Tensor, calls: dict[str, int]):
         """(parameters used outside their modules' calls: the whole-model fallback,
@@ -290,3 +294,32 @@ def calls(cap: capture.Capture) -> dict[str, int]:
         for pname in rec.attrs.values():
             out[pname] += 1
     return out
+
+
+def _confirmed(pr, pname, use, rule, saved, n) -> bool:
+    """Whether the probe confirms the layout a node rule assumes for ``pname``'s node: the
+    samples in dim 0 of its output, or (merged rows) in sample-major blocks, the probe's
+    rows for its samples being the chunk's rows of those samples; a sample-free chain
+    before the node of the same shapes in both. Without a probe the samples are assumed
+    in dim 0, as for module calls; merged rows and chains are then refused."""
+    T = rule.rows_per_sample(saved)
+    if pr is None:
+        return T == 1 and not use.chain
+
+    def at_probe(lst, consumers):
+        if len(lst) != 1:
+            return None
+        u = nodes.resolve(lst[0], pr.params[pname], consumers, pr.q)
+        if u is None or u.node.name() != use.node.name():
+            return None
+        if u.chain_shapes != use.chain_shapes:
+            return False  # (a chain's tensors have no samples: the same in both)
+        if T == 1:
+            return probe.sample_dim(use.out, u.out, n, pr.q) == 0
+        small = rule.match(u, pr.q)
+        rows, probe_rows = rule.rows_input(saved), small and rule.rows_input(small)
+        if rows is None or probe_rows is None:
+            return False
+        return nodes.sample_major(rows, probe_rows, n, pr.q, probe.tolerance(rows))
+
+    return bool(pr.node_use(pname, at_probe))

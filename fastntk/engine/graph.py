@@ -113,6 +113,25 @@ def graph_nodes(y: torch.Tensor):
         stack.extend(nxt for nxt, _ in getattr(node, "next_functions", ()) if nxt is not None)
 
 
+class Consumers:
+    """The edges into each node of ``y``'s autograd graph: ``consumers(node)`` lists the
+    (node, input index) pairs that take ``node``'s output. Holds every node of the graph
+    (so their ids stay theirs) until it is dropped."""
+
+    def __init__(self, y: torch.Tensor):
+        self._nodes: dict[int, Any] = {}
+        self._into: dict[int, list[tuple[Any, int]]] = defaultdict(list)
+        for node in graph_nodes(y):
+            self._nodes[id(node)] = node
+            for i, (nxt, _) in enumerate(getattr(node, "next_functions", ())):
+                if nxt is not None:
+                    self._nodes.setdefault(id(nxt), nxt)
+                    self._into[id(nxt)].append((node, i))
+
+    def __call__(self, node: Any) -> list[tuple[Any, int]]:
+        return self._into.get(id(node), [])
+
+
 def flatten(obj):
     """The leaves of nested tuples, lists and dicts, and the spec to rebuild them."""
     flat: list[Any] = []

@@ -36,10 +36,10 @@ class Routes:
     (:meth:`Layerwise.routes`; parameter names are canonical)."""
 
     K: int  # the model's outputs per sample
-    calls: tuple[CallRoute, ...]  # each module call (and broadcast), in forward order
+    calls: tuple[CallRoute, ...]  # each module call (and node rule), in forward order
     excluded: frozenset[str]  # parameters the whole-model fallback takes
     unbatched: frozenset[str]  # modules with a call without a sample dim (sent whole)
-    broadcast: frozenset[str]  # parameters broadcast over the batch (rules.broadcast)
+    node_rules: Mapping[str, str]  # parameter -> the node rule serving it (rules.nodes)
     adopted: Mapping[str, str]  # parameter of a never-called module -> the ancestor taking it
     deferred: frozenset[str]  # parameters used several times (uses summed after the passes)
     reached: frozenset[str]  # parameters used in the output's graph
@@ -217,7 +217,7 @@ class Layerwise:
             ),
             excluded=frozenset(cap.excluded),
             unbatched=frozenset(self.router.unbatched_calls),
-            broadcast=frozenset(cap.broadcast),
+            node_rules=MappingProxyType(dict(cap.node_rules)),
             adopted=MappingProxyType({p: a for p, (a, _) in self.classifier.adopted.items()}),
             deferred=frozenset(cap.deferred_params),
             reached=frozenset(reached),

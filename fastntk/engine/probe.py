@@ -28,8 +28,9 @@ taken through the batch graph.
 
 A call whose tensors are not laid out as its rule assumes takes the per-module torch.func
 fallback with the measured dims; a call whose outputs have no sample dim gives its
-parameters to the whole-model fallback; a parameter used outside module calls takes
-``rules.broadcast`` only where the node using it has the samples in dim 0. Where the
+parameters to the whole-model fallback; a parameter that no module rule serves takes
+a node rule (``rules.nodes``) only where the node using it has the samples in dim 0, or
+rows in sample-major blocks (compared with the probe's rows for its samples). Where the
 probe's calls do not line up with the chunk's (a forward that raises on the small batch,
 data-dependent control flow), the probe is dropped and the assumed layout serves, as
 before.
@@ -80,9 +81,8 @@ class Probe:
     # last two are one group, but the first and the last are not); None where the chunk
     # has too few samples for either
     y_first: torch.Tensor | None = None
-    # parameter -> output shapes of the autograd nodes using it (a second forward, with
-    # the graph, made when first asked: only models with broadcast parameters need it)
-    uses: dict[str, list[tuple[int, ...]]] | None = None
+    # (output, parameter uses, consumers) of a second forward with the graph: node_use
+    _graph: tuple[torch.Tensor, dict, graph.Consumers] | None = None
     _index: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,19 +110,22 @@ class Probe:
             return None  # not measurable: the assumed layout serves, as without a probe
         return dims
 
-    def batch_first_use(self, pname: str, shape: tuple[int, ...], n: int) -> bool:
-        """Whether ``pname``'s one use outside module calls (a node whose output has
-        ``shape`` in the chunk's graph) makes a tensor with the samples in dim 0
-        (``rules.broadcast``: ``x + pos_embed``, not ``x.transpose(0, 1) + p``)."""
-        if self.uses is None:
+    def node_use(self, pname: str, resolve: Callable[[list, graph.Consumers], Any]) -> Any:
+        """``resolve(uses, consumers)`` on the probe's own autograd graph, with ``uses`` the
+        (node, input index) pairs using ``pname`` there: where a node rule would serve
+        ``pname`` in the probe's forward (``engine.classify``: does that node have the
+        samples in dim 0, or sample-major rows?). The forward with the graph is made when
+        first asked (only models with parameters that no module rule serves need it) and
+        kept until :meth:`drop_graph`."""
+        if self._graph is None:
             with torch.enable_grad():
-                found = graph.param_consumers(self.forward(self.xs), self.params)
-            self.uses = {
-                p: [tuple(node._input_metadata[0].shape) for node, _ in lst]
-                for p, lst in found.items()
-            }  # fmt: skip
-        used = self.uses.get(pname, [])
-        return len(used) == 1 and sample_dim(shape, used[0], n, self.q) == 0
+                y = self.forward(self.xs)
+            self._graph = (y, graph.param_consumers(y, self.params), graph.Consumers(y))
+        _, uses, consumers = self._graph
+        return resolve(uses.get(pname, []), consumers)
+
+    def drop_graph(self) -> None:
+        self._graph = None
 
     def coupled(self, y: torch.Tensor) -> str | None:
         """Why the samples are coupled, judged by the chunk's outputs ``y`` (n, K) for

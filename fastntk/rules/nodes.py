@@ -1,0 +1,379 @@
+"""Node rules: a parameter's per-sample gradients read off the one autograd node using it.
+
+Many parameters have no module rule: a layer scale (``gamma * x`` in ConvNeXt), the weight
+of a hand-written norm (RMSNorm, T5's LayerNorm, ``ConvNextLayerNorm``), HF's ``Conv1D``
+(``addmm`` with an (in, out) weight), a position embedding added outside any module. Where
+the autograd graph shows the parameter used once, by one simple node, the engine hooks
+that node as if it were a module: the node's output gradient ``g`` (the samples in dim 0,
+or in sample-major blocks of ``T`` rows) and what the node saved for its own backward give
+each sample's gradient exactly, without the torch.func fallback.
+
+Derivations, for sample ``i`` (``p'``: the parameter as the node sees it, broadcast
+against the node's output ``y``; the sums run over the dims ``p'`` is broadcast along):
+
+* ``AddBackward0``/``SubBackward0`` (``y = x ± alpha * p'``), ``ExpandBackward0``
+  (``y = p'.expand(n, ...)``): ``dp'_i = ±alpha * sum g_i``.
+* ``MulBackward0`` (``y = x * p'``): ``dp'_i = sum (g * x)_i``.
+* ``NativeLayerNormBackward0`` (``F.layer_norm(x, s, w, b)``, over the trailing dims
+  ``s``): ``dw_i = sum (g * xhat)_i``, ``db_i = sum g_i``, with ``xhat = (x - mean) *
+  rstd`` from the node's saved input and statistics.
+* a sample-free subgraph ``z = f(p)`` (a position embedding's lookup, a relative-position
+  bias) added to, or multiplying, a batched tensor: ``dp_i = (df/dp)^T dz_i`` with
+  ``dz_i`` as above for ``z``, one batched vector-Jacobian product of ``f``.
+* ``AddmmBackward0``/``MmBackward0`` (``y = beta * b + alpha * X @ p'``, the rows of ``X``
+  the samples, or ``T`` rows per sample in sample-major order: ``x.view(-1, d)`` of a
+  batch-first ``(n, T, d)``): ``dp'_i = alpha * X_i^T g_i``, ``db_i = beta * sum_t g_i``.
+
+``p'`` is the parameter itself or a view that keeps the order of its elements (unsqueeze,
+view, reshape, squeeze, alias), so a flattened ``dp'_i`` is the parameter's flattened
+gradient; or, for a 2-D parameter, its transpose (``W.t()``, as ``F.linear`` passes a
+weight), whose gradient is transposed back. The engine (``engine.classify``) checks the
+layout with its probe before a node rule serves: the node's output has the samples in dim
+0, or the node's rows are sample-major blocks (the last sample's rows, run alone, are the
+last ``T`` rows of the batch's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.autograd.graph import GradientEdge
+
+from fastntk.rules import Dense, GramRule, Outer
+
+# order-preserving views a parameter may pass through on the way to its node
+VIEWS = frozenset({
+    "UnsqueezeBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0",
+})  # fmt: skip
+TRANSPOSE = "TBackward0"  # W.t() of a 2-D parameter (F.linear's weight)
+
+
+@dataclass
+class Use:
+    """A parameter's one use: ``node`` takes ``view`` (the parameter's shape as the node
+    sees it, after the views) as its input ``index``; ``transposed``: through ``.t()``.
+    ``chain``: the nodes of a sample-free subgraph between the parameter and ``node``
+    (an embedding of positions, a relative-position bias), in forward order; empty where
+    only views lie between them."""
+
+    node: Any
+    index: int
+    view: tuple[int, ...]
+    param: torch.Tensor
+    transposed: bool = False
+    chain: tuple[Any, ...] = ()
+
+    @property
+    def out(self) -> tuple[int, ...]:
+        """The shape of the node's output (of its output gradient)."""
+        return tuple(self.node._input_metadata[0].shape)
+
+    @property
+    def chain_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(c._input_metadata[0].shape) for c in self.chain]
+
+
+def resolve(consumer: tuple[Any, int], param: torch.Tensor, consumers, n: int) -> Use | None:
+    """The node a node rule would hook for ``param``, whose one use is ``consumer`` (node,
+    input index), in a chunk of ``n`` samples: past the views and a transpose that only lead
+    to one further node (``consumers(node)``: the (node, index) edges into ``node``); or,
+    where the views do not end at a node a rule serves, past a
+    sample-free subgraph of ``param`` alone, up to the first node adding it to (or
+    multiplying it with) a tensor with the samples in dim 0."""
+    node, index = consumer
+    view, transposed = tuple(param.shape), False
+    while node.name() in VIEWS or node.name() == TRANSPOSE:
+        if node.name() == TRANSPOSE:
+            if transposed or len(view) != 2:
+                return None
+            transposed = True
+        nxt = consumers(node)
+        if len(nxt) != 1:
+            return None
+        view = tuple(node._input_metadata[0].shape)
+        node, index = nxt[0]
+    use = Use(node, index, view, param, transposed)
+    if node.name() in RULES and RULES[node.name()].match(use, n) is not None:
+        return use
+    return _through_sample_free(consumer, param, consumers, n)
+
+
+def _through_sample_free(consumer, param, consumers, n) -> Use | None:
+    """``param``'s use through a chain of nodes that take nothing else requiring a gradient
+    (so their outputs are functions of ``param`` alone), ending at an add, subtract or
+    multiply whose output has ``n`` rows."""
+    chain: list[Any] = []
+    node, index = consumer
+    for _ in range(MAX_CHAIN):
+        out = tuple(node._input_metadata[0].shape)
+        if chain and node.name() in SAMPLE_FREE.nodes and out and out[0] == n:
+            return Use(node, index, tuple(chain[-1]._input_metadata[0].shape), param,
+                       chain=tuple(chain))  # fmt: skip
+        for f, _ in node.next_functions:  # only the parameter, or the chain so far
+            if f is None or (chain and f is chain[-1]):
+                continue
+            if not (not chain and getattr(f, "variable", None) is param):
+                return None  # another input requiring a gradient: not a function of param
+        chain.append(node)
+        nxt = consumers(node)
+        if len(nxt) != 1:
+            return None
+        node, index = nxt[0]
+    return None
+
+
+MAX_CHAIN = 16  # nodes of a sample-free chain a node rule follows
+
+
+def find(use: Use, n: int) -> tuple[NodeRule, Any] | None:
+    """(the rule serving ``use`` in a chunk of ``n`` samples, its saved state), or None."""
+    rule = SAMPLE_FREE if use.chain else RULES.get(use.node.name())
+    if rule is None:
+        return None
+    saved = rule.match(use, n)
+    return None if saved is None else (rule, saved)
+
+
+class NodeRule(GramRule):
+    """A rule of one autograd node (module docstring). :meth:`match` reads what
+    :meth:`grad_rows` needs off the node after the forward; ``rows_input`` gives, for a
+    node with merged rows, the tensor whose rows the probe compares."""
+
+    param_names = ()
+    nodes: tuple[str, ...] = ()
+
+    def match(self, use: Use, n: int) -> Any:
+        """The saved state for ``use`` in a chunk of ``n`` samples, or None where this rule
+        cannot serve it (shapes, or a saved tensor it needs is missing)."""
+        raise NotImplementedError
+
+    def rows_per_sample(self, saved: Any) -> int:
+        """``T``: the node's rows per sample (1: the samples are dim 0 of its output)."""
+        return 1
+
+    def rows_input(self, saved: Any) -> torch.Tensor | None:
+        return None
+
+    def root(self, saved: Any, param: torch.Tensor) -> Any:
+        """What the backward must compute a gradient for, so that it runs the node."""
+        return param
+
+
+def _broadcast_dims(view: tuple[int, ...], out: tuple[int, ...]) -> list[int] | None:
+    """Dims of ``out`` (samples in dim 0) that ``view`` is broadcast along, or None where
+    ``view`` does not broadcast to ``out`` without its own sample dim."""
+    if len(view) > len(out) or (len(view) == len(out) and view and view[0] != 1):
+        return None
+    padded = (1,) * (len(out) - len(view)) + view
+    if any(v not in (1, o) for v, o in zip(padded, out, strict=True)):
+        return None
+    return [d for d in range(1, len(out)) if padded[d] == 1 and out[d] != 1]
+
+
+def _rows(g: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """(n, *out) -> (n, numel of the parameter): ``g`` summed over the broadcast dims."""
+    s = g.sum(dims) if dims else g
+    return s.reshape(s.shape[0], -1)
+
+
+class BroadcastRule(NodeRule):
+    """``x ± alpha * p'`` and ``p'.expand(n, ...)``: ViT position embeddings, class tokens,
+    biases added by hand. ``saved``: (broadcast dims, alpha)."""
+
+    nodes = ("AddBackward0", "SubBackward0", "ExpandBackward0")
+
+    def match(self, use, n):
+        out = use.out
+        dims = _broadcast_dims(use.view, out) if out and out[0] == n else None
+        if dims is None or use.transposed:
+            return None
+        name = use.node.name()
+        if name == "ExpandBackward0":
+            return dims, 1.0
+        alpha = getattr(use.node, "_saved_alpha", None) if use.index == 1 else 1
+        if not isinstance(alpha, (int, float)):
+            return None
+        sign = -1 if name == "SubBackward0" and use.index == 1 else 1
+        return dims, float(sign * alpha)
+
+    def grad_rows(self, module, saved, gout, name, r0, r1):
+        dims, alpha = saved
+        G = _rows(gout, dims)
+        return Dense(G if alpha == 1 else G * alpha)
+
+
+class ScaleRule(NodeRule):
+    """``x * p'``: layer scales, the weight of RMSNorm and T5's LayerNorm.
+    ``saved``: (broadcast dims, x)."""
+
+    nodes = ("MulBackward0",)
+
+    def match(self, use, n):
+        out = use.out
+        dims = _broadcast_dims(use.view, out) if out and out[0] == n else None
+        if dims is None or use.transposed:
+            return None
+        other = getattr(use.node, "_saved_other" if use.index == 0 else "_saved_self", None)
+        if not isinstance(other, torch.Tensor):
+            return None
+        return dims, other.detach()
+
+    def grad_rows(self, module, saved, gout, name, r0, r1):
+        dims, other = saved
+        return Dense(_rows(gout * other, dims))
+
+
+class LayerNormNodeRule(NodeRule):
+    """``F.layer_norm`` outside an ``nn.LayerNorm`` rule (``ConvNextLayerNorm``, a
+    LayerNorm on a permuted tensor). ``saved``: (dims to sum, xhat or None for the bias)."""
+
+    nodes = ("NativeLayerNormBackward0",)
+
+    def match(self, use, n):
+        node, out = use.node, use.out
+        shape = tuple(getattr(node, "_saved_normalized_shape", ()))
+        if use.index not in (1, 2) or use.transposed or not out or out[0] != n:
+            return None
+        if use.view != shape or len(out) <= len(shape):
+            return None
+        dims = list(range(1, len(out) - len(shape)))
+        if use.index == 2:
+            return dims, None
+        x, mean, rstd = (getattr(node, a, None) for a in ("_saved_input", "_saved_result1",
+                                                          "_saved_result2"))  # fmt: skip
+        if not all(isinstance(t, torch.Tensor) for t in (x, mean, rstd)):
+            return None
+        return dims, (x.detach(), mean.detach(), rstd.detach())
+
+    def grad_rows(self, module, saved, gout, name, r0, r1):
+        dims, stats = saved
+        if stats is None:
+            return Dense(_rows(gout, dims))
+        x, mean, rstd = stats
+        return Dense(_rows(gout * ((x - mean) * rstd), dims))
+
+
+class MatmulRule(NodeRule):
+    """``X @ p'`` (+ a bias): HF ``Conv1D`` (an (in, out) weight through ``addmm``), and
+    ``F.linear`` on rows that merge the samples with their tokens or windows (Swin's
+    window attention). ``saved``: (what, X or None, T, scale) with ``what`` one of
+    "weight", "weight_t" (the parameter is ``p'.t()``) or "bias"."""
+
+    nodes = ("AddmmBackward0", "MmBackward0")
+
+    def match(self, use, n):
+        node, out = use.node, use.out
+        if len(out) != 2 or n == 0 or out[0] % n:
+            return None
+        T = out[0] // n
+        addmm = node.name() == "AddmmBackward0"
+        if addmm and use.index == 0:  # the bias, broadcast over the rows
+            if use.transposed or use.view not in ((out[1],), (1, out[1])):
+                return None
+            beta = getattr(node, "_saved_beta", None)
+            X = getattr(node, "_saved_mat1", None)  # (for the probe's check of the rows)
+            return ("bias", X.detach() if isinstance(X, torch.Tensor) else None, T, beta)
+        if use.index != (2 if addmm else 1):
+            return None
+        X = getattr(node, "_saved_mat1" if addmm else "_saved_self", None)
+        alpha = getattr(node, "_saved_alpha", 1) if addmm else 1
+        if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.shape[0] != out[0]:
+            return None
+        if use.view != (X.shape[1], out[1]):
+            return None
+        return ("weight_t" if use.transposed else "weight", X.detach(), T, alpha)
+
+    def rows_per_sample(self, saved):
+        return saved[2]
+
+    def rows_input(self, saved):
+        return saved[1]
+
+    def grad_rows(self, module, saved, gout, name, r0, r1):
+        what, X, T, scale = saved
+        if not isinstance(scale, (int, float)):
+            raise ValueError("addmm with a tensor alpha or beta")  # (match() lets none in)
+        n = gout.shape[0] // T
+        g = gout if scale == 1 else gout * scale
+        if what == "bias":
+            return Dense(g.reshape(n, T, -1).sum(1))
+        if T == 1:  # rank one per sample: the ghost Gram
+            return Outer(X, g) if what == "weight" else Outer(g, X)
+        X3, g3 = X.reshape(n, T, -1), g.reshape(n, T, -1)
+        G = torch.bmm(X3.transpose(1, 2), g3) if what == "weight" else torch.bmm(
+            g3.transpose(1, 2), X3)  # fmt: skip
+        return Dense(G.reshape(n, -1))
+
+
+class SampleFreeRule(NodeRule):
+    """A parameter reaching the batch through a sample-free subgraph ``z = f(p)`` added to
+    (or multiplying) a batched tensor: BERT's and GPT-2's position embeddings, T5's
+    relative-position bias. The rule reduces the node's output gradient to ``z``'s shape
+    per sample (as :class:`BroadcastRule` and :class:`ScaleRule` do for ``p`` itself),
+    then pulls each sample's ``dz_i`` back through ``f`` with one batched vector-Jacobian
+    product (``torch.autograd.grad(..., is_grads_batched=True)`` on the chain's last
+    node). The backward itself never runs ``f``: its root is that node's output, so ``f``'s
+    graph stays for the products, whenever the engine asks for them.
+    ``saved``: (broadcast dims, alpha or the other factor, z's shape, the edge into
+    ``f``'s output, the parameter)."""
+
+    nodes = ("AddBackward0", "SubBackward0", "MulBackward0")
+
+    def match(self, use, n):
+        out, node = use.out, use.node
+        dims = _broadcast_dims(use.view, out) if out and out[0] == n else None
+        if dims is None:
+            return None
+        if node.name() == "MulBackward0":
+            factor = getattr(node, "_saved_other" if use.index == 0 else "_saved_self", None)
+            if not isinstance(factor, torch.Tensor):
+                return None
+            factor = factor.detach()
+        else:
+            alpha = getattr(node, "_saved_alpha", None) if use.index == 1 else 1
+            if not isinstance(alpha, (int, float)):
+                return None
+            factor = float(-alpha if node.name() == "SubBackward0" and use.index == 1 else alpha)
+        edge = GradientEdge(*node.next_functions[use.index])
+        return dims, factor, use.view, edge, use.param
+
+    def root(self, saved, param):
+        return saved[3]
+
+    def grad_rows(self, module, saved, gout, name, r0, r1):
+        dims, factor, view, edge, param = saved
+        g = gout * factor if not (isinstance(factor, float) and factor == 1) else gout
+        dz = (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], *view)
+        try:
+            (G,) = torch.autograd.grad(edge, param, dz, retain_graph=True, is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: one product per sample
+            G = torch.stack([torch.autograd.grad(edge, param, d, retain_graph=True)[0]
+                             for d in dz])  # fmt: skip
+        return Dense(G.reshape(G.shape[0], -1))
+
+
+SAMPLE_FREE = SampleFreeRule()
+RULES: dict[str, NodeRule] = {
+    name: rule
+    for rule in (BroadcastRule(), ScaleRule(), LayerNormNodeRule(), MatmulRule())
+    for name in rule.nodes
+}
+
+
+def sample_major(rows: torch.Tensor, probe_rows: torch.Tensor, n: int, q: int,
+                 tol: float) -> bool:  # fmt: skip
+    """Whether a node's ``rows`` (n·T of them) are sample-major blocks, judged against the
+    probe's ``probe_rows`` for its ``q`` samples: the chunk's last ``q`` (``n > q``), or the
+    chunk's ``n`` then padding (``n <= q``)."""
+    if rows.shape[0] % n or probe_rows.shape[0] % q or rows.shape[1:] != probe_rows.shape[1:]:
+        return False
+    T = rows.shape[0] // n
+    if probe_rows.shape[0] != q * T:
+        return False
+    a, b = (rows[(n - q) * T :], probe_rows) if n > q else (rows, probe_rows[: n * T])
+    a, b = a.detach(), b.detach()
+    scale = float(torch.maximum(a.abs().max(), b.abs().max())) if a.numel() else 0.0
+    return float((a - b).abs().max()) <= tol * max(scale, 1e-30) if a.numel() else True
