@@ -58,9 +58,11 @@ ZOO = {
     # the LM head (tied to the token embedding), its last position's logits: K = 64 words
     "gpt2-lm": ("GPT2LMHeadModel", "GPT2Config", dict(
         vocab_size=64, n_positions=64, n_embd=128, n_layer=2, n_head=4), "tokens"),
+    # (its sequence classifier reads the hidden state at the one <eos> token each input ends with)
     "t5": ("T5ForSequenceClassification", "T5Config", dict(
         vocab_size=V, d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2,
-        num_heads=4, decoder_start_token_id=0, pad_token_id=0, num_labels=K), "tokens"),
+        num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        num_labels=K), "tokens+eos"),
     "llama": ("LlamaForSequenceClassification", "LlamaConfig", dict(
         vocab_size=V, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -96,6 +98,10 @@ def build(name: str):
         g = torch.Generator().manual_seed(1)
         if kind == "images":
             return torch.randn(n, 3, 32, 32, generator=g)
+        if kind == "tokens+eos":  # tokens 2.. (0: pad, 1: <eos>), <eos> last
+            x = torch.randint(2, kw["vocab_size"], (n, T), generator=g)
+            x[:, -1] = kw["eos_token_id"]
+            return x
         return torch.randint(1, kw["vocab_size"], (n, T), generator=g)
 
     return Logits().train(), inputs
@@ -200,7 +206,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--out", help="also write the table (markdown) here")
+    ap.add_argument(
+        "--out",
+        help="also write the table (markdown) here, and each measurement "
+        "to the same name with .jsonl (a rerun of some models replaces theirs)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -210,11 +220,9 @@ def main(argv=None) -> int:
     bad = [m for m in models if m not in ZOO]
     if bad:
         ap.error(f"unknown model {bad[0]!r}; known: {', '.join(ZOO)}")
-    rows = []
+    log = os.path.splitext(args.out)[0] + ".jsonl" if args.out else None
     for name in models:
-        info = routes(name)
         for output in args.outputs.split(","):
-            row = {"model": name, "output": output, **info}
             for method in args.methods.split(","):
                 spec = dict(model=name, output=output, method=method, n=args.n,
                             repeat=args.repeat, threads=args.threads)  # fmt: skip
@@ -232,9 +240,25 @@ def main(argv=None) -> int:
                     )
                 except subprocess.TimeoutExpired:
                     res = {"error": f"timeout after {args.timeout:g} s"}
-                row[method] = res
+                res.update(model=name, output=output, method=method, repeat=args.repeat,
+                           commit=git_sha(), argv=" ".join(sys.argv[1:]))  # fmt: skip
                 print(f"{name} {output} {method}: {res}", file=sys.stderr, flush=True)
-            rows.append(row)
+                if log:
+                    with open(log, "a") as f:
+                        f.write(json.dumps(res) + "\n")
+    measured: dict[tuple[str, str], dict] = {}
+    lines = []
+    if log and os.path.exists(log):
+        with open(log) as f:
+            lines = [json.loads(ln) for ln in f if ln.strip()]
+    for res in lines:  # (the latest of each measurement)
+        measured.setdefault((res["model"], res["output"]), {})[res["method"]] = res
+    rows = []
+    for name in ZOO:
+        outs = [o for (m, o) in measured if m == name]
+        if outs:
+            info = routes(name)
+            rows += [{"model": name, "output": o, **info, **measured[(name, o)]} for o in outs]
     table = _table(rows, args)
     print(table)
     if args.out:
@@ -263,10 +287,11 @@ def _table(rows, args) -> str:
     lines = [
         f"## Hugging Face models: fastntk against vmap(jacrev) and the floor, n={args.n}, float32",
         "",
-        f"`python bench/bench_hf_zoo.py {' '.join(sys.argv[1:])}`; {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}, commit "
-        f"{git_sha()}, {time.strftime('%Y-%m-%d')}. Median of {args.repeat} calls after a "
-        "warm-up, each measurement in a fresh process (peak: its RSS). Floor: one "
+        "`python bench/bench_hf_zoo.py --out bench/results/hf_zoo_cpu.md` (each row of "
+        "`hf_zoo_cpu.jsonl` names its command, commit and repeats); "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, torch "
+        f"{torch.__version__}, table of {time.strftime('%Y-%m-%d')}. Median of the repeated "
+        "calls after a warm-up, each measurement in a fresh process (peak: its RSS). Floor: one "
         "forward+backward of the batch (K for trace) and the n×P Gram matmul(s). Routes "
         "(`fastntk.explain`): parameter tensors on a module rule / a node rule / a "
         "fallback.",

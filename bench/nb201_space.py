@@ -19,6 +19,8 @@ partial run is an unbiased estimate (it says how many classes it covers).
     python bench/nb201_space.py --summary-only                             # table so far
     python bench/nb201_space.py --summary-only --evidence                  # + the defaults'
         # evidence file fastntk/data/nas_evidence.json (read by fastntk's notes and tests)
+    torchrun --standalone --nproc-per-node=2 bench/nb201_space.py --bn per_sample --threads 1
+        # over ranks (fastntk.search.workers.Pool): rank 0 writes the journal
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from _meta import git_sha  # noqa: E402
 
 from fastntk import metrics as M  # noqa: E402
+from fastntk.search import workers  # noqa: E402
 from fastntk.search.scoring import space_scorer  # noqa: E402
 from fastntk.spaces import nb201  # noqa: E402
 
@@ -144,40 +147,66 @@ def run(args, bns: list[str]) -> None:
         f"{torch.__version__}, {args.threads} threads, commit {commit}",
         flush=True,
     )
+
+    def compute(arch_bn: tuple[str, str]) -> dict:
+        return _row(scorers, arch_bn, params, metrics, args, commit)
+
+    pool = None
+    if workers.ranked():  # torchrun: rank 0 writes the journal, every rank computes
+        if int(os.environ["RANK"]) != 0:
+            workers.serve(compute)
+            return
+        pool = workers.Pool(compute)
+    width = 1 if pool is None else pool.width
     new = not os.path.exists(args.out)
     t0 = time.monotonic()
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields(metrics))
-        if new:
-            w.writeheader()
-        for i, (arch, bn) in enumerate(todo):
-            if args.time_budget is not None and time.monotonic() - t0 > args.time_budget:
-                print("# time budget reached", flush=True)
-                break
-            t = time.monotonic()
-            fn = scorers[bn].fn
-            row = {"arch": arch, "bn": bn, "params_set": args.params, "seed": args.seed,
-                   "batch_size": args.batch_size, "dtype": args.dtype, "error": "",
-                   "commit": commit}  # fmt: skip
-            try:
-                if params is None:
-                    vals = fn(arch)
-                else:  # another parameter selection than the scorer's (every parameter)
-                    vals = _score_with_params(fn, arch, params, metrics, args.dtype)
-                row.update(vals)
-                bad = [m for m in metrics if math.isnan(vals[m])]
-                row["error"] = "undefined: " + " ".join(bad) if bad else ""
-            except Exception as e:  # one bad architecture must not stop the run
-                row.update({m: "nan" for m in metrics})
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-            row["seconds"] = f"{time.monotonic() - t:.2f}"
-            w.writerow(row)
-            f.flush()
-            el = time.monotonic() - t0
-            print(f"[{i + 1}/{len(todo)}] {bn:10s} {row['seconds']}s "
-                  f"eta {el / (i + 1) * (len(todo) - i - 1) / 3600:.1f} h  "
-                  + " ".join(f"{m}={float(row[m]):.4g}" for m in metrics[:5])
-                  + f" {row['error']}", flush=True)  # fmt: skip
+    done_now = 0
+    try:
+        with open(args.out, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields(metrics))
+            if new:
+                w.writeheader()
+            for b0 in range(0, len(todo), width):
+                if args.time_budget is not None and time.monotonic() - t0 > args.time_budget:
+                    print("# time budget reached", flush=True)
+                    break
+                batch = todo[b0 : b0 + width]
+                rows = [compute(a) for a in batch] if pool is None else pool.map(batch)
+                for row in rows:
+                    w.writerow(row)
+                    done_now += 1
+                    el = time.monotonic() - t0
+                    print(f"[{done_now}/{len(todo)}] {row['bn']:10s} {row['seconds']}s "
+                          f"eta {el / done_now * (len(todo) - done_now) / 3600:.1f} h  "
+                          + " ".join(f"{m}={float(row[m]):.4g}" for m in metrics[:5])
+                          + f" {row['error']}", flush=True)  # fmt: skip
+                f.flush()
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _row(scorers, arch_bn, params, metrics, args, commit) -> dict:
+    """One journal row: the metrics of ``arch`` in BN mode ``bn`` (or its error)."""
+    arch, bn = arch_bn
+    t = time.monotonic()
+    fn = scorers[bn].fn
+    row = {"arch": arch, "bn": bn, "params_set": args.params, "seed": args.seed,
+           "batch_size": args.batch_size, "dtype": args.dtype, "error": "",
+           "commit": commit}  # fmt: skip
+    try:
+        if params is None:
+            vals = fn(arch)
+        else:  # another parameter selection than the scorer's (every parameter)
+            vals = _score_with_params(fn, arch, params, metrics, args.dtype)
+        row.update({m: vals[m] for m in metrics})
+        bad = [m for m in metrics if math.isnan(vals[m])]
+        row["error"] = "undefined: " + " ".join(bad) if bad else ""
+    except Exception as e:  # one bad architecture must not stop the run
+        row.update({m: "nan" for m in metrics})
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    row["seconds"] = f"{time.monotonic() - t:.2f}"
+    return row
 
 
 def _score_with_params(fn, arch, params, metrics, dtype):
@@ -316,6 +345,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if not args.summary_only:
         run(args, bns)
+        if workers.ranked() and int(os.environ["RANK"]) != 0:
+            return 0  # (a worker: rank 0 summarises)
     table, evidence = summarise(args, bns)
     md = os.path.splitext(args.out)[0] + ".md"
     with open(md, "w") as f:

@@ -4,6 +4,8 @@ The public face is small:
 
 * :func:`ntk` — the kernel Θ(x1, x2) of any ``nn.Module``;
 * :func:`ntk_sketch` — an (N, m) sketch S with Θ ≈ S Sᵀ, for N too large for Θ;
+* :func:`ntk_operator` — Θ as a linear operator (exact products Θ V, no N×N matrix);
+* :func:`ntk_diag` — the exact diagonal Θ_ii in O(N) memory;
 * :func:`explain` — which path each parameter takes and the memory a call needs;
 * :func:`register_gram_rule` — add a per-layer rule for your own module type;
 * :func:`env` — what this installation can use (C++ extension, Triton, CUDA);
@@ -27,6 +29,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "ntk": "fastntk.engine",
     "ntk_sketch": "fastntk.engine",
+    "ntk_operator": "fastntk.engine",
+    "ntk_diag": "fastntk.engine",
     "FastNTKError": "fastntk.errors",
     "explain": "fastntk._explain",
     "profile": "fastntk.profiling",
@@ -35,15 +39,15 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from fastntk._explain import explain
-    from fastntk.engine import ntk, ntk_sketch
+    from fastntk.engine import ntk, ntk_diag, ntk_operator, ntk_sketch
     from fastntk.errors import FastNTKError
     from fastntk.profiling import profile
     from fastntk.rules import register_gram_rule
 
 
 # Submodules reachable as attributes after ``import fastntk`` (``fastntk.errors.InputError``).
-_SUBMODULES = ("adapters", "data", "engine", "errors", "kernels", "metrics", "profiling",
-               "rules", "search", "spaces")  # fmt: skip
+_SUBMODULES = ("adapters", "data", "distributed", "engine", "errors", "kernels", "metrics",
+               "profiling", "rules", "search", "spaces")  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
@@ -90,6 +94,8 @@ __all__ = [
     "env",
     "explain",
     "ntk",
+    "ntk_diag",
+    "ntk_operator",
     "ntk_sketch",
     "profile",
     "register_gram_rule",

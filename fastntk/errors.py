@@ -92,8 +92,16 @@ class JournalError(FastNTKError, OSError):
     row (:class:`fastntk.search.Journal`; also importable from :mod:`fastntk.search`)."""
 
 
+class DistributedError(FastNTKError, RuntimeError):
+    """A distributed call (:mod:`fastntk.distributed`) cannot start (no process group and
+    no ``torchrun`` environment), its ranks disagree (different inputs), or a rank stopped
+    or timed out during it (rerun the same call: an ``out=`` kernel keeps its finished
+    tiles)."""
+
+
 __all__ = [
     "ArchitectureError",
+    "DistributedError",
     "CapturedMutationError",
     "FastNTKError",
     "InputError",

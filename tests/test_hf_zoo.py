@@ -76,6 +76,13 @@ def _tokens(n: int, seed: int) -> torch.Tensor:
     return torch.randint(1, V, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
+def _with_eos(x: torch.Tensor) -> torch.Tensor:
+    """Tokens 2.. (0: pad, 1: <eos>) ending with one <eos>."""
+    x = x.clamp_min(2)
+    x[:, -1] = 1
+    return x
+
+
 _GPT2 = dict(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2)
 
 # name -> (wrapper, transformers model class, its config class, the config, inputs)
@@ -103,6 +110,12 @@ MODELS = {
     "t5": (Seq2Seq, "T5ForConditionalGeneration", "T5Config", dict(
         vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
         num_heads=2, decoder_start_token_id=0), _tokens),
+    # two layers: the relative-position bias computed once, added in both (two exits of
+    # its sample-free subgraph); the classifier reads each input's one <eos> token
+    "t5-classifier": (Logits, "T5ForSequenceClassification", "T5Config", dict(
+        vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=1,
+        num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        num_labels=3), lambda n, seed: _with_eos(_tokens(n, seed))),
     "llama": (Logits, "LlamaForCausalLM", "LlamaConfig", dict(
         vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8), _tokens),
@@ -188,3 +201,20 @@ def test_untraceable_forward_takes_the_batch_graph(name, monkeypatch):
     with pytest.raises(UntraceableError, match="'auto' or 'loop'"):
         fastntk.ntk_sketch(model, x1, sketch_dim=8, dtype=torch.float64)
     assert_same(before, snapshot(model))
+
+
+# parameter tensors that neither a module rule nor a node rule serves: Swin's first-stage
+# relative-position table, added to rows that merge each sample's windows (a sample-free
+# subgraph whose exit has no sample dim of its own to read per-sample gradients off)
+FALLBACKS = {"swin": 1}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hf_models_take_rules_and_node_rules(name):
+    """``explain``: every parameter on a module rule or a node rule (rules.nodes), but
+    the ones listed; no torch.func fallback, so the untraceable GPT-2s stay layerwise."""
+    model, x1, _ = _model(name)
+    ex = fastntk.explain(model, x1)
+    fallbacks = [p.name for p in ex.params if not p.path.startswith("rule:")]
+    assert len(fallbacks) == FALLBACKS.get(name, 0), fallbacks
+    assert ex.strategy == "layerwise", ex.why

@@ -70,11 +70,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if getattr(args, "workers", None) and args.workers > 1:
+        from fastntk.search import workers
+
+        if not workers.ranked():  # start the same command on W ranks (torchrun)
+            return workers.launch(_without_workers(argv), args.workers)
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
     return _guarded(args.command, lambda: COMMANDS[args.command](args))
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--workers W`` (or ``--workers=W``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            out.append(a)
+    return out
 
 
 def _guarded(command: str, run) -> int:

@@ -132,6 +132,16 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=positive_int("--workers"),
+        help="score on W processes of this machine (torch's launcher, torchrun "
+        "--standalone; each with 1 thread unless OMP_NUM_THREADS says otherwise); across "
+        "machines start the command with torchrun instead (README)",
+    )
+
+
 def _add_progress_args(p: argparse.ArgumentParser) -> None:
     """--progress / --no-progress: ``args.progress`` True, False or None (the default: a
     bar where stderr is a terminal), as the search's ``progress`` takes it."""
@@ -202,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
         "pruned on supernets, where it must stay 1",
     )
     _add_progress_args(p)
+    _add_workers_arg(p)
     _add_data_args(p, 64)
 
     p = sub.add_parser("evaluate", help="rank correlation of metrics with true accuracy")
@@ -223,5 +234,6 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--db", type=_db_path, help="SQLite journal to reuse/store the scores")
     _add_progress_args(p)
+    _add_workers_arg(p)
     _add_data_args(p, 64)
     return top

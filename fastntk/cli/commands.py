@@ -30,19 +30,33 @@ def _expand_metrics(spec: str | None) -> list[str]:
     return M.expand_metrics(M.NAS_METRICS if spec is None else spec)
 
 
-def _scorer(space, metrics: list[str], args):
+def _scorer(space, metrics: list[str], args, quiet: bool = False):
     """The scorer of a command's options; a note on stderr for each metric that the
     measured evidence shows to rank backwards (or barely) in the chosen BN mode."""
     from fastntk import metrics as M
     from fastntk.search.scoring import notes, space_scorer
 
     bn = args.bn or M.NAS["bn"]
-    for line in notes(metrics, bn):
+    for line in [] if quiet else notes(metrics, bn):
         print(f"fastntk {args.command}: note: {line}", file=sys.stderr)
     return space_scorer(space, metrics, data=args.data, batch_size=args.batch_size, bn=bn,
                         seed=args.seed, dtype=args.dtype, lga_epochs=args.lga_epochs,
                         lga_train=args.lga_train, lga_batch=args.lga_batch,
                         supernet_weights=getattr(args, "algo", None) == "prune")  # fmt: skip
+
+
+def _ranked_scorer(space, metrics: list[str], args):
+    """(the scorer the command runs with, or None on a worker rank that has served the
+    command and is done). Under torchrun with several ranks (``--workers``), rank 0
+    scores over every rank (:mod:`fastntk.search.workers`); the others serve it."""
+    from fastntk.search import workers
+
+    if not workers.ranked():
+        return _scorer(space, metrics, args)
+    if int(os.environ["RANK"]) != 0:
+        workers.serve(workers.timed(_scorer(space, metrics, args, quiet=True)))
+        return None
+    return workers.ParallelScorer(_scorer(space, metrics, args))
 
 
 def _is_supernet(space, enc: str) -> bool:
@@ -139,8 +153,10 @@ def search(args: argparse.Namespace) -> int:
         raise OptionError(
             f"--sample-size ({args.sample_size}) must be <= --population ({args.population})"
         )
-    journal = Journal(args.db) if args.db is not None else None
-    scorer = _scorer(space, metrics, args)
+    scorer = _ranked_scorer(space, metrics, args)
+    if scorer is None:  # a worker rank: done
+        return 0
+    journal = None
     kw: dict[str, Any] = {}
     if args.algo == "rea":
         kw = {"population_size": args.population, "sample_size": args.sample_size}
@@ -149,6 +165,7 @@ def search(args: argparse.Namespace) -> int:
     elif args.algo == "prune":
         kw = {"samples_per_op": args.samples_per_op}
     try:
+        journal = Journal(args.db) if args.db is not None else None
         res = run_search(
             args.algo,
             space,
@@ -163,6 +180,8 @@ def search(args: argparse.Namespace) -> int:
     finally:
         if journal is not None:
             journal.close()
+        if hasattr(scorer, "close"):  # (the workers wait for rank 0's word)
+            scorer.close()
     print(
         f"search {args.algo} on {space.name}: {res.n_evaluations} evaluations "
         f"({res.n_computed} computed, {res.n_cached} from the journal/cache) in "
@@ -209,9 +228,12 @@ def evaluate(args: argparse.Namespace) -> int:
             raise OptionError(f"cannot write --plot {args.plot!r}: {folder} is not a writable "
                               "folder")  # fmt: skip
     metrics = _expand_metrics(args.metric)
-    journal = Journal(args.db) if args.db is not None else None
-    scorer = _scorer(space, metrics, args)
+    scorer = _ranked_scorer(space, metrics, args)
+    if scorer is None:  # a worker rank: done
+        return 0
+    journal = None
     try:
+        journal = Journal(args.db) if args.db is not None else None
         res = random_search(
             space,
             scorer,
@@ -223,6 +245,8 @@ def evaluate(args: argparse.Namespace) -> int:
     finally:
         if journal is not None:
             journal.close()
+        if hasattr(scorer, "close"):  # (the workers wait for rank 0's word)
+            scorer.close()
     archs = res.encodings
     acc = np.array([nb201.accuracy(a, args.dataset) for a in archs])
     rows = []

@@ -70,8 +70,10 @@ from fastntk.engine import (
     capture,
     classify,
     coupled,
+    diag,
     diagnose,
     jacobian,
+    operator,
     options,
     plan,
     sizes,
@@ -80,8 +82,10 @@ from fastntk.engine import (
 from fastntk.engine.call import Call
 from fastntk.engine.jacobian import CapturedMutationError
 from fastntk.engine.layerwise import Layerwise
+from fastntk.engine.operator import NTKOperator
 from fastntk.engine.options import DEFAULT_SAMPLE_CHUNK, METHODS
 from fastntk.errors import (
+    InputError,
     NonFiniteKernelError,
     OptionError,
     UnsupportedError,
@@ -89,7 +93,10 @@ from fastntk.errors import (
 )
 from fastntk.profiling import phase
 
-__all__ = ["DEFAULT_SAMPLE_CHUNK", "METHODS", "CapturedMutationError", "ntk", "ntk_sketch"]
+__all__ = [
+    "DEFAULT_SAMPLE_CHUNK", "METHODS", "CapturedMutationError", "NTKOperator", "ntk",
+    "ntk_block", "ntk_diag", "ntk_operator", "ntk_sketch",
+]  # fmt: skip
 
 
 @_model.with_grad
@@ -208,19 +215,71 @@ def ntk(
     return theta
 
 
+@_model.with_grad
+def ntk_block(
+    model: nn.Module,
+    x: torch.Tensor,
+    rows: list[int],
+    cols: list[int],
+    *,
+    output: str | int | Callable[[Any], torch.Tensor] = "sum",
+    bn: str = "eval",
+    params: None | list[str] | Callable[[str, nn.Parameter], bool] = None,
+    method: str = "auto",
+    chunk_size: int | tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One block of the kernel of the batch ``x``: ``ntk(model, x)[rows][:, cols]``,
+    computed without the rest (a tile of :func:`fastntk.distributed.ntk`).
+
+    Where the samples are independent (``bn="eval"``/``"per_sample"``, no coupling found)
+    it is ``ntk(model, x[rows], x[cols])``; where the batch couples them (``bn="batch"``, a
+    coupling the probe finds) every sample of ``x`` takes part in the forward, as in
+    ``ntk(model, x)``, and only the rows' and columns' samples are differentiated.
+    Options as :func:`ntk` (not ``"sketch"``); ``rows == cols``: a symmetric block.
+    """
+    if method == "sketch":
+        raise OptionError("ntk_block computes exact blocks: method='sketch' has no blocks")
+    opts = options.parse(
+        model, x, None, output=output, bn=bn, params=params, method=method,
+        chunk_size=chunk_size, dtype=dtype, progress=False,
+    )  # fmt: skip
+    x = _model.plain(x)
+    rows, cols = [int(i) for i in rows], [int(j) for j in cols]
+    n = x.shape[0]
+    if not rows or not cols or not all(0 <= i < n for i in rows + cols):
+        raise InputError(f"ntk_block needs non-empty rows and cols within the {n} samples")
+    the_plan = plan.make(model, opts, n, x.device)
+    with _model.model_state(model, bn), _inplace_refused():
+        call, theta = _run(model, opts, the_plan, x, None, block=(rows, cols))
+        if not bool(torch.isfinite(theta).all()):
+            xr, xc = x[rows], None if rows == cols else x[cols]
+            raise NonFiniteKernelError(diagnose.nonfinite(call, xr, xc))
+    return theta
+
+
 def _run(
-    model: nn.Module, opts: options.Options, p: plan.Plan, x1: torch.Tensor, x2: torch.Tensor | None
+    model: nn.Module,
+    opts: options.Options,
+    p: plan.Plan,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None,
+    block: tuple[list[int], list[int]] | None = None,
 ) -> tuple[Call, torch.Tensor]:
     """Run plan ``p``, and the plan taking over where a forward shows a fact it names
-    (:attr:`plan.Plan.on`). Returns the call's state that made the kernel, and the kernel."""
+    (:attr:`plan.Plan.on`). Returns the call's state that made the kernel, and the kernel.
+    ``block``: (rows, cols) of the batch ``x1``'s kernel only (:func:`ntk_block`)."""
     call = Call(model, opts, p)
     while True:
+        a, b = x1, x2
+        if block is not None and p.strategy != "coupled":  # independent samples: a cross
+            a, b = x1[block[0]], None if block[0] == block[1] else x1[block[1]]
         try:
             if p.strategy == "layerwise":
-                return call, Layerwise(call).kernel(x1, x2)
+                return call, Layerwise(call).kernel(a, b)
             if p.strategy == "jacobian":
-                return call, jacobian.kernel(call, x1, x2)
-            return call, coupled.kernel(call, x1, x2)
+                return call, jacobian.kernel(call, a, b)
+            return call, coupled.kernel(call, x1, x2, block)
         except (
             classify.SamplesCoupled, CapturedMutationError, UntraceableError,
             _model.MergedSamplesError,
@@ -346,6 +405,62 @@ def ntk_sketch(
         with _model.model_state(model, bn):  # the diagnosis' forwards in the call's modes
             raise NonFiniteKernelError(diagnose.nonfinite(call, x, None))
     return S
+
+
+def ntk_operator(
+    model: nn.Module,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    *,
+    output: str | int = "sum",
+    bn: str = "eval",
+    params: None | list[str] | Callable[[str, nn.Parameter], bool] = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> operator.NTKOperator:
+    """Θ(x1, x2) as a linear operator, without the N1×N2 matrix.
+
+    ``A @ V`` for V of shape (N2,) or (N2, k) is Θ V, exact (Θ V = J (Jᵀ V): a backward and
+    a double backward per pass through the batch graph, so every BN mode, the coupled
+    ``bn="batch"`` too); ``A.T`` is Θ(x2, x1); ``A.shape``; ``A.to_scipy()`` a
+    ``scipy.sparse.linalg.LinearOperator``. For ``output="full"`` the operator acts on the
+    flattened (sample, logit) index: shape (N1·K, N2·K). Memory: one sample chunk's graph
+    (``bn="batch"``: the whole batch's) and the products' k columns of parameter size.
+    Derivation and costs: :mod:`fastntk.engine.operator`. Options as :func:`ntk`
+    (``output``: "sum", "trace", "mean", "full" or a logit).
+    """
+    return operator.make(model, x1, x2, output=output, bn=bn, params=params,
+                         chunk_size=chunk_size, dtype=dtype)  # fmt: skip
+
+
+@_model.with_grad
+def ntk_diag(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output: str | int = "sum",
+    bn: str = "eval",
+    params: None | list[str] | Callable[[str, nn.Parameter], bool] = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """The exact diagonal Θ_ii of ``ntk(model, x)``: (N,), or (N, K, K) for
+    ``output="full"``, in O(N) memory, without Θ: each sample's squared per-sample
+    gradient norm from the layerwise rules' blocks (:mod:`fastntk.engine.diag`), or from
+    Jacobian rows through the batch graph where the batch couples the samples. Options as
+    :func:`ntk`."""
+    opts = options.parse(
+        model, x, None, output=output, bn=bn, params=params, method="auto",
+        chunk_size=chunk_size, dtype=dtype, progress=progress,
+    )  # fmt: skip
+    x = _model.plain(x)
+    call = Call(model, opts, plan.make(model, opts, x.shape[0], x.device))
+    with _model.model_state(model, bn), _inplace_refused():
+        d = diag.diagonal(call, x)
+        if not bool(torch.isfinite(d).all()):
+            raise NonFiniteKernelError(diagnose.nonfinite(call, x, None))
+    return d
 
 
 @contextlib.contextmanager

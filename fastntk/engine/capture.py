@@ -100,6 +100,7 @@ class Capture:
         self.deferred_params: set[str] = set()  # processed after all passes
         self.excluded: set[str] = set()  # handled by the whole-model fallback
         self.node_rules: dict[str, str] = {}  # parameter -> its node rule (rules.nodes)
+        self._node_records: set[int] = set()  # indices of the node rules' records
         self.handles: list[Any] = []
         self.calls_seen: dict[str, int] = {}  # module name -> calls so far (probe keys)
         self.npasses = 1
@@ -239,11 +240,13 @@ class Capture:
         of any other route."""
         p = self.call.copies.params[pname]
         mname, module, attr = self.call.plan.owners[pname][0]
-        takers = [r for r in self.records if pname in r.attrs.values()]
+        takers = [r for r in self.records if pname in r.attrs.values()
+                  and r.index not in self._node_records]  # fmt: skip
         rec = Record(len(self.records), mname, module, rule, {attr: pname}, saved, n)
         out = tuple(node._input_metadata[0].shape)
         rec.out_specs = [(torch.Size(out), p.dtype, p.device)]
         self.records.append(rec)
+        self._node_records.add(rec.index)
         node.register_prehook(self._make_prehook(rec, 0, 0))
         self.roots.append(rule.root(saved, p))  # the backward must run the node (an expand)
         self.excluded.discard(pname)

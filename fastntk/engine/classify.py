@@ -188,15 +188,15 @@ class Classifier:
         for pname, lst in uses.items():
             if len(lst) != 1 or len(owners.get(pname, ())) != 1:
                 continue
-            use = nodes.resolve(lst[0], params[pname], consumers, n)
-            found = None if use is None else nodes.find(use, n)
-            if found is None:
+            uses = nodes.resolve(lst[0], params[pname], consumers, n)
+            found = [nodes.find(u, n) for u in uses or []]
+            if not found or None in found:
                 continue
-            rule, saved = found
             if pname not in self._node_ok:  # decided by the first chunk, for all
-                self._node_ok[pname] = _confirmed(pr, pname, use, rule, saved, n)
-            if self._node_ok[pname]:
-                cap.add_node_rule(pname, use.node, rule, saved, n)
+                self._node_ok[pname] = _confirmed(pr, pname, uses, found, n)
+            if self._node_ok[pname]:  # (several exits: the uses' blocks are summed)
+                for use, (rule, saved) in zip(uses, found, strict=True):
+                    cap.add_node_rule(pname, use.node, rule, saved, n)
         if pr is not None:
             pr.drop_graph()
 
@@ -296,30 +296,36 @@ def calls(cap: capture.Capture) -> dict[str, int]:
     return out
 
 
-def _confirmed(pr, pname, use, rule, saved, n) -> bool:
-    """Whether the probe confirms the layout a node rule assumes for ``pname``'s node: the
-    samples in dim 0 of its output, or (merged rows) in sample-major blocks, the probe's
-    rows for its samples being the chunk's rows of those samples; a sample-free chain
-    before the node of the same shapes in both. Without a probe the samples are assumed
-    in dim 0, as for module calls; merged rows and chains are then refused."""
-    T = rule.rows_per_sample(saved)
+def _confirmed(pr, pname, uses, found, n) -> bool:
+    """Whether the probe confirms the layout the node rules assume for ``pname``'s nodes:
+    the samples in dim 0 of each node's output, or (merged rows) in sample-major blocks,
+    the probe's rows for its samples being the chunk's rows of those samples; a sample-free
+    subgraph before the nodes of the same shapes in both. Without a probe the samples are
+    assumed in dim 0, as for module calls; merged rows and sample-free subgraphs are then
+    refused."""
     if pr is None:
-        return T == 1 and not use.chain
+        return all(rule.rows_per_sample(saved) == 1 and not u.chain
+                   for u, (rule, saved) in zip(uses, found, strict=True))  # fmt: skip
 
     def at_probe(lst, consumers):
         if len(lst) != 1:
-            return None
-        u = nodes.resolve(lst[0], pr.params[pname], consumers, pr.q)
-        if u is None or u.node.name() != use.node.name():
-            return None
-        if u.chain_shapes != use.chain_shapes:
-            return False  # (a chain's tensors have no samples: the same in both)
-        if T == 1:
-            return probe.sample_dim(use.out, u.out, n, pr.q) == 0
-        small = rule.match(u, pr.q)
-        rows, probe_rows = rule.rows_input(saved), small and rule.rows_input(small)
-        if rows is None or probe_rows is None:
             return False
-        return nodes.sample_major(rows, probe_rows, n, pr.q, probe.tolerance(rows))
+        small = nodes.resolve(lst[0], pr.params[pname], consumers, pr.q)
+        if small is None or len(small) != len(uses):
+            return False
+        for use, (rule, saved), u in zip(uses, found, small, strict=True):
+            if u.node.name() != use.node.name() or u.chain_shapes != use.chain_shapes:
+                return False  # (a sample-free subgraph's tensors: the same in both)
+            if rule.rows_per_sample(saved) == 1:
+                if probe.sample_dim(use.out, u.out, n, pr.q) != 0:
+                    return False
+                continue
+            at_q = rule.match(u, pr.q)
+            rows, probe_rows = rule.rows_input(saved), at_q and rule.rows_input(at_q)
+            if rows is None or probe_rows is None:
+                return False
+            if not nodes.sample_major(rows, probe_rows, n, pr.q, probe.tolerance(rows)):
+                return False
+        return True
 
     return bool(pr.node_use(pname, at_probe))

@@ -16,11 +16,27 @@ from fastntk.engine.call import Call
 from fastntk.profiling import count_gram, phase
 
 
-def kernel(call: Call, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
-    """Exact Θ(x1, x2) through the graph of one forward of the batch [x1; x2]."""
+def kernel(
+    call: Call,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None,
+    block: tuple[list[int], list[int]] | None = None,
+) -> torch.Tensor:
+    """Exact Θ(x1, x2) through the graph of one forward of the batch [x1; x2].
+
+    ``block``: (row samples, column samples), indices into the batch: only that block of
+    the batch's kernel, Θ(x1)[rows][:, cols] (x2 None), with Jacobian rows computed for
+    those samples alone (``fastntk.engine.ntk_block``: a tile of a distributed kernel)."""
     batched = call.plan.batched or call.plan.use_vmap
     x = x1 if x2 is None else torch.cat([x1, x2])
-    n1, n = x1.shape[0], x.shape[0]
+    n = x.shape[0]
+    if block is None:
+        n1 = x1.shape[0]
+        A_idx = list(range(n1))
+        B_idx = A_idx if x2 is None else list(range(n1, n))
+    else:
+        A_idx, B_idx = block
+    sym = A_idx == B_idx
     head, dtype = call.head, call.dtype
     names = list(call.selected)
     xp = x.detach().to(dtype) if x.is_floating_point() else x
@@ -31,8 +47,10 @@ def kernel(call: Call, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tenso
     P = len(passes)
     tensors = [call.copies.params[p] for p in names]
     nparams = sum(t.numel() for t in tensors)
+    need = A_idx if sym else sorted(set(A_idx) | set(B_idx))  # the samples with rows
+    pos = {i: r for r, i in enumerate(need)}
     # rows (sample i, pass k): grad_outputs = e_i (x) w_k
-    rows = [(i, k) for k in range(P) for i in range(n)]
+    rows = [(i, k) for k in range(P) for i in need]
     per_chunk = max(1, min(len(rows), sizes.JAC_BYTES // max(1, nparams * dtype.itemsize)))
 
     def jac_rows(sub: list[tuple[int, int]]) -> torch.Tensor:
@@ -41,24 +59,20 @@ def kernel(call: Call, x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tenso
 
     if len(rows) * nparams * dtype.itemsize <= 2 * sizes.JAC_BYTES:
         J = torch.cat([jac_rows(rows[s : s + per_chunk]) for s in range(0, len(rows), per_chunk)])
-        J = J.view(P, n, -1)
+        J = J.view(P, len(need), -1)
+        A = J[:, [pos[i] for i in A_idx]]
+        B = A if sym else J[:, [pos[j] for j in B_idx]]
         with phase("gram"):
             if head.full:
-                A = J[:, :n1].reshape(P * n1, -1)
-                B = (J if x2 is None else J[:, n1:]).reshape(
-                    P * (n - n1 if x2 is not None else n), -1
-                )
-                count_gram(A.shape[0], B.shape[0], A.shape[1])
-                theta = A @ B.T
+                A2, B2 = A.reshape(P * len(A_idx), -1), B.reshape(P * len(B_idx), -1)
+                count_gram(A2.shape[0], B2.shape[0], A2.shape[1])
+                theta = A2 @ B2.T
             else:
-                A = J[:, :n1]
-                B = J if x2 is None else J[:, n1:]
                 count_gram(A.shape[1], B.shape[1], A.shape[0] * A.shape[2])
                 theta = torch.einsum("kic,kjc->ij", A, B)
     else:  # too many rows to hold: panels of rows, recomputing the others
-        theta = _panels(call, rows, jac_rows, per_chunk, n1, n, x2 is None, P)
-    n2 = n1 if x2 is None else n - n1
-    return head.finish(theta, n1, n2, y.shape[1])
+        theta = _panels(call, jac_rows, per_chunk, A_idx, B_idx, P)
+    return head.finish(theta, len(A_idx), len(B_idx), y.shape[1])
 
 
 def _jacobian_rows(y, passes, tensors, sub, batched: bool) -> torch.Tensor:
@@ -95,39 +109,36 @@ def _jacobian_rows(y, passes, tensors, sub, batched: bool) -> torch.Tensor:
 
 def _panels(
     call: Call,
-    rows: list[tuple[int, int]],
     jac_rows: Callable[[list[tuple[int, int]]], torch.Tensor],
     per_chunk: int,
-    n1: int,
-    n: int,
-    sym: bool,
+    A_idx: list[int],
+    B_idx: list[int],
     P: int,
 ) -> torch.Tensor:
-    """The (R·n1, R·n2) kernel from panels of ``per_chunk`` Jacobian rows, each row panel
-    against every column panel (the column rows recomputed per row panel)."""
-    n2 = n1 if sym else n - n1
+    """The (R·|A|, R·|B|) kernel of the row samples ``A_idx`` against the column samples
+    ``B_idx`` from panels of ``per_chunk`` Jacobian rows, each row panel against every
+    column panel (the column rows recomputed per row panel)."""
     full = call.head.full
     R = P if full else 1
-    theta = call.alloc(n1, n2, R).view(R, n1, R, n2)
-    left = [(i, k) for (i, k) in rows if i < n1]
-    right = [(i, k) for (i, k) in rows if (sym and i < n1) or (not sym and i >= n1)]
+    theta = call.alloc(len(A_idx), len(B_idx), R).view(R, len(A_idx), R, len(B_idx))
+    left = [(a, i, k) for k in range(P) for a, i in enumerate(A_idx)]
+    right = [(b, j, k) for k in range(P) for b, j in enumerate(B_idx)]
     for a0 in range(0, len(left), per_chunk):
         A_rows = left[a0 : a0 + per_chunk]
-        A = jac_rows(A_rows)
+        A = jac_rows([(i, k) for _, i, k in A_rows])
         for b0 in range(0, len(right), per_chunk):
             B_rows = right[b0 : b0 + per_chunk]
-            B = jac_rows(B_rows)
+            B = jac_rows([(j, k) for _, j, k in B_rows])
             with phase("gram"):
                 count_gram(A.shape[0], B.shape[0], A.shape[1])
                 blk = A @ B.T
-            for ra, (i, ka) in enumerate(A_rows):
-                for rb, (j, kb) in enumerate(B_rows):
-                    jj = j if sym else j - n1
+            for ra, (a, _, ka) in enumerate(A_rows):
+                for rb, (b, _, kb) in enumerate(B_rows):
                     if full:
-                        theta[ka, i, kb, jj] += blk[ra, rb]
+                        theta[ka, a, kb, b] += blk[ra, rb]
                     elif ka == kb:
-                        theta[0, i, 0, jj] += blk[ra, rb]
-    return theta.view(R * n1, R * n2)
+                        theta[0, a, 0, b] += blk[ra, rb]
+    return theta.view(R * len(A_idx), R * len(B_idx))
 
 
 def _zeros_if_none(g, t, batch=None):

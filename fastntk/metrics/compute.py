@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from fastntk import _args
-from fastntk.errors import InputError, NonFiniteKernelError
+from fastntk.errors import InputError, NonFiniteKernelError, OptionError
+from fastntk.metrics import operator
 from fastntk.metrics.checks import check_batch, check_labels, check_rtol, check_singular
 from fastntk.metrics.evolution import kernel_evolution
 from fastntk.metrics.model_kernels import joint_kernels, kernel_of, ntk_kwargs
@@ -63,6 +64,7 @@ def compute_metrics(
     train_x: torch.Tensor | None = None,
     train_y: Any = None,
     train_batch_size: int = 1024,
+    path: str = "auto",
 ) -> dict[str, float]:
     """Compute the requested metrics of one model, computing each kernel once.
 
@@ -94,6 +96,11 @@ def compute_metrics(
             overflows, an architecture whose labels or kernel do not allow it) is
             recorded as ``float("nan")`` instead; a search then ranks it last.
         progress: the engine's progress bar (:func:`fastntk.ntk`'s ``progress``).
+        path: ``"dense"`` (the kernel Θ), ``"operator"`` (products Θ v and the exact
+            diagonal, no N×N matrix: :mod:`fastntk.metrics.operator`; fnorm, mean, lga,
+            trainability, expressivity, generalization, num_params, the estimated ones
+            with their stated bounds there) or ``"auto"`` (the operator from
+            ``operator.OPERATOR_MIN_N`` samples on).
 
     Returns:
         ``{name: value}`` in the order requested (groups expanded).
@@ -107,8 +114,20 @@ def compute_metrics(
     check_rtol(rtol)
     check_singular(singular)
     x = check_batch(x, "x")
+    if path not in ("auto", "dense", "operator"):
+        raise OptionError(f"path must be 'auto', 'dense' or 'operator', not {path!r}")
     kw = {**ntk_kwargs(bn, params, output, dtype, chunk_size), "progress": progress}
     yt = _labels(wanted, y, x.shape[0])
+    if path == "operator" or (path == "auto" and x.shape[0] >= operator.OPERATOR_MIN_N):
+        engine = dict(bn=bn, params=params, output=output, dtype=dtype, chunk_size=chunk_size)
+        try:
+            return operator.metrics(model, x, yt, wanted, engine=engine, x_test=x_test,
+                                    y_test=y_test, num_classes=num_classes,
+                                    noise_std=noise_std, seed=seed, jitter=jitter)  # fmt: skip
+        except (InputError, NonFiniteKernelError):
+            if errors == "raise":
+                raise
+            return dict.fromkeys(wanted, math.nan)
     test = _TestBatch(x_test, y_test, num_classes, noise_std, seed, jitter)
     try:
         kernels = _Kernels(model, x, yt, wanted, kw, test, errors)

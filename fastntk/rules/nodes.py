@@ -56,8 +56,8 @@ class Use:
     """A parameter's one use: ``node`` takes ``view`` (the parameter's shape as the node
     sees it, after the views) as its input ``index``; ``transposed``: through ``.t()``.
     ``chain``: the nodes of a sample-free subgraph between the parameter and ``node``
-    (an embedding of positions, a relative-position bias), in forward order; empty where
-    only views lie between them."""
+    (an embedding of positions, a relative-position bias); empty where only views lie
+    between them."""
 
     node: Any
     index: int
@@ -76,13 +76,12 @@ class Use:
         return [tuple(c._input_metadata[0].shape) for c in self.chain]
 
 
-def resolve(consumer: tuple[Any, int], param: torch.Tensor, consumers, n: int) -> Use | None:
-    """The node a node rule would hook for ``param``, whose one use is ``consumer`` (node,
-    input index), in a chunk of ``n`` samples: past the views and a transpose that only lead
-    to one further node (``consumers(node)``: the (node, index) edges into ``node``); or,
-    where the views do not end at a node a rule serves, past a
-    sample-free subgraph of ``param`` alone, up to the first node adding it to (or
-    multiplying it with) a tensor with the samples in dim 0."""
+def resolve(consumer: tuple[Any, int], param: torch.Tensor, consumers, n: int) -> list[Use] | None:
+    """The node(s) a node rule would hook for ``param``, whose one use is ``consumer``
+    (node, input index), in a chunk of ``n`` samples: past the views and a transpose that
+    only lead to one further node (``consumers(node)``: the (node, index) edges into
+    ``node``), the one node a rule serves; or else the exits of a sample-free subgraph of
+    ``param`` (:func:`_sample_free_exits`). None: no node rule applies."""
     node, index = consumer
     view, transposed = tuple(param.shape), False
     while node.name() in VIEWS or node.name() == TRANSPOSE:
@@ -97,32 +96,55 @@ def resolve(consumer: tuple[Any, int], param: torch.Tensor, consumers, n: int) -
         node, index = nxt[0]
     use = Use(node, index, view, param, transposed)
     if node.name() in RULES and RULES[node.name()].match(use, n) is not None:
-        return use
-    return _through_sample_free(consumer, param, consumers, n)
+        return [use]
+    return _sample_free_exits(consumer, param, consumers, n)
 
 
-def _through_sample_free(consumer, param, consumers, n) -> Use | None:
-    """``param``'s use through a chain of nodes that take nothing else requiring a gradient
-    (so their outputs are functions of ``param`` alone), ending at an add, subtract or
-    multiply whose output has ``n`` rows."""
-    chain: list[Any] = []
-    node, index = consumer
-    for _ in range(MAX_CHAIN):
-        out = tuple(node._input_metadata[0].shape)
-        if chain and node.name() in SAMPLE_FREE.nodes and out and out[0] == n:
-            return Use(node, index, tuple(chain[-1]._input_metadata[0].shape), param,
-                       chain=tuple(chain))  # fmt: skip
-        for f, _ in node.next_functions:  # only the parameter, or the chain so far
-            if f is None or (chain and f is chain[-1]):
-                continue
-            if not (not chain and getattr(f, "variable", None) is param):
-                return None  # another input requiring a gradient: not a function of param
-        chain.append(node)
+def _shape(node: Any) -> tuple[int, ...]:
+    return tuple(node._input_metadata[0].shape)
+
+
+def _sample_free_exits(consumer, param, consumers, n) -> list[Use] | None:
+    """The exits of ``param``'s sample-free subgraph: the nodes reachable from its use whose
+    every input is the parameter or another node of the subgraph (so each output is a
+    function of ``param`` alone, whatever constants join), up to the add, subtract or
+    multiply nodes (``n`` rows out) where each branch meets a batched tensor. T5 computes
+    its relative-position bias once and adds it in every layer: one exit per layer, whose
+    gradients the engine sums (a parameter used several times). None where the subgraph
+    takes another input that requires a gradient, reaches the output itself, or exceeds
+    ``MAX_CHAIN`` nodes."""
+    inside: dict[int, Any] = {}
+    exits: dict[int, list[tuple[Any, int]]] = {}
+    stack = [consumer]
+    while stack:
+        node, index = stack.pop()
+        out = _shape(node)
+        if node.name() in SAMPLE_FREE.nodes and out and out[0] == n:
+            exits.setdefault(id(node), []).append((node, index))
+            continue
+        if id(node) in inside:
+            continue
+        inside[id(node)] = node
         nxt = consumers(node)
-        if len(nxt) != 1:
-            return None
-        node, index = nxt[0]
-    return None
+        if len(inside) > MAX_CHAIN or not nxt:
+            return None  # too large, or the output itself is sample-free
+        stack.extend(nxt)
+    for node in inside.values():  # a function of the parameter alone
+        for f, _ in node.next_functions:
+            if f is not None and id(f) not in inside and getattr(f, "variable", None) is not param:
+                return None
+    chain = tuple(inside.values())
+    uses = []
+    for lst in exits.values():
+        if len(lst) != 1:
+            return None  # (an exit taking the subgraph's tensors twice)
+        node, index = lst[0]
+        src = node.next_functions[index][0]
+        others = [f for j, (f, _) in enumerate(node.next_functions) if j != index and f is not None]
+        if not others or any(id(f) in inside for f in others):
+            return None  # the exit must meet a batched tensor
+        uses.append(Use(node, index, _shape(src), param, chain=chain))
+    return uses or None
 
 
 MAX_CHAIN = 16  # nodes of a sample-free chain a node rule follows

@@ -171,6 +171,18 @@ class Scorer:
                 ) from None
         return values
 
+    #: architectures it scores at once (:class:`fastntk.search.workers.ParallelScorer`: the
+    #: ranks of a process group); the algorithms ask for batches this wide
+    width = 1
+
+    def map(self, archs: Sequence[Any]) -> list[tuple[dict[str, float], float]]:
+        """(metrics, seconds) of each architecture, in order (here one after another)."""
+        out = []
+        for a in archs:
+            t = time.monotonic()
+            out.append((self(a), time.monotonic() - t))
+        return out
+
     def fitness(self, metric_dicts: Sequence[Mapping[str, float]]) -> list[float]:
         """Fitness of each entry within the set (higher is better; NaN is worst: -inf,
         below the worst number, which a metric's own -inf, e.g. an NCN beyond float32,
@@ -293,6 +305,8 @@ class _Runner:
         self.space_key = space_key(space)  # the journal's key: name + configuration
         self.history: list[Evaluation] = []
         self.cache: dict[str, dict[str, float]] = {}
+        # scored ahead by prefetch() (and journaled), not yet taken by evaluate()
+        self.pending: dict[str, tuple[dict[str, float], float]] = {}
         self.n_computed = self.n_cached = 0
         self.t0 = time.monotonic()
         # the bar's postfix: the best evaluation so far ("best supernet" while prune scores
@@ -312,6 +326,50 @@ class _Runner:
         if self.time_budget is not None and self.elapsed() >= self.time_budget:
             raise _Stop("time")
 
+    def room(self) -> int:
+        """How many architectures the next batch may hold: the scorer's width, within the
+        evaluation budget left."""
+        left = self.scorer.width if self.budget is None else self.budget - len(self.history)
+        return max(1, min(self.scorer.width, left))
+
+    def _stored(self, enc: str) -> tuple[dict[str, float] | None, dict | None]:
+        """(the journal's complete metrics of ``enc``, or None; its row, or None)."""
+        if self.journal is None:
+            return None, None
+        stored = self.journal.get(self.space_key, enc, self.scorer.settings)
+        # a row that lacks a requested metric (settings that do not list the metrics)
+        # is not a cache hit: the arch is scored again and the row completed
+        if stored is not None and all(m in stored for m in self.scorer.metrics):
+            return {m: float(stored[m]) for m in self.scorer.metrics}, stored
+        return None, stored
+
+    def _record(self, enc: str, metrics: dict[str, float], dt: float, stored) -> None:
+        if self.journal is not None:
+            s = self.scorer.settings
+            self.journal.record(self.space_key, enc, s, metrics, seed=s.get("seed"),
+                                data=s.get("data"), elapsed=dt, merge=stored is not None)  # fmt: skip
+
+    def prefetch(self, archs: Sequence[Any]) -> None:
+        """Score the archs that neither the cache nor the journal holds, together (the
+        scorer's ranks: :class:`~fastntk.search.workers.ParallelScorer`), and journal them
+        at once, ahead of :meth:`evaluate` taking them in order. Nothing to do for a
+        scorer of width 1: :meth:`evaluate` scores each itself, as one process does."""
+        if self.scorer.width <= 1:
+            return
+        todo, rows = [], {}
+        for a in archs:
+            enc = self.space.encode(a)
+            if enc in self.cache or enc in self.pending or enc in rows:
+                continue
+            metrics, stored = self._stored(enc)
+            if metrics is None:
+                todo.append(a)
+                rows[enc] = stored
+        for a, (metrics, dt) in zip(todo, self.scorer.map(todo), strict=True):
+            enc = self.space.encode(a)
+            self._record(enc, metrics, dt, rows[enc])
+            self.pending[enc] = (metrics, dt)
+
     def evaluate(self, arch: Any, reserve: int = 0, force: bool = False) -> Evaluation:
         if not force:
             self.check(reserve)
@@ -319,32 +377,19 @@ class _Runner:
         t = time.monotonic()
         metrics = self.cache.get(enc)
         cached = metrics is not None
-        stored = None
-        if metrics is None and self.journal is not None:
-            stored = self.journal.get(self.space_key, enc, self.scorer.settings)
-            # a row that lacks a requested metric (settings that do not list the metrics)
-            # is not a cache hit: the arch is scored again and the row completed
-            if stored is not None and all(m in stored for m in self.scorer.metrics):
-                metrics = {m: float(stored[m]) for m in self.scorer.metrics}
-                cached = True
-        if metrics is None:
-            metrics = self.scorer(arch)
-            dt = time.monotonic() - t
-            if self.journal is not None:
-                s = self.scorer.settings
-                self.journal.record(
-                    self.space_key,
-                    enc,
-                    s,
-                    metrics,
-                    seed=s.get("seed"),
-                    data=s.get("data"),
-                    elapsed=dt,
-                    merge=stored is not None,
-                )
-            self.n_computed += 1
-        else:
+        ahead = self.pending.pop(enc, None)
+        if ahead is not None:  # scored (and journaled) by prefetch: computed, not cached
+            metrics = ahead[0]
+        elif metrics is None:
+            metrics, stored = self._stored(enc)
+            cached = metrics is not None
+            if metrics is None:
+                metrics = self.scorer(arch)
+                self._record(enc, metrics, time.monotonic() - t, stored)
+        if cached:
             self.n_cached += 1
+        else:
+            self.n_computed += 1
         self.cache[enc] = metrics
         ev = Evaluation(len(self.history), arch, enc, dict(metrics), cached, time.monotonic() - t)
         self.history.append(ev)
@@ -462,13 +507,25 @@ def random_search(
     try:
         while True:
             run.check()
-            for _ in range(max_tries):
-                arch = space.sample(rng)
-                if space.encode(arch) not in run.cache:
+            batch: list[Any] = []  # the draws one process makes, scored together
+            seen: set[str] = set()
+            exhausted = False
+            for _ in range(run.room()):
+                for _ in range(max_tries):
+                    arch = space.sample(rng)
+                    enc = space.encode(arch)
+                    if enc not in run.cache and enc not in seen:
+                        break
+                else:
+                    exhausted = True
                     break
-            else:
+                batch.append(arch)
+                seen.add(enc)
+            run.prefetch(batch)
+            for arch in batch:
+                run.evaluate(arch)
+            if exhausted:
                 raise _Stop("exhausted")
-            run.evaluate(arch)
     except _Stop as s:
         reason = s.reason
     return run.result(reason)
@@ -505,22 +562,37 @@ def regularized_evolution(
     sizes: list[int] = []
     reason = "budget"
     try:
-        while len(population) < population_size:
-            population.append(run.evaluate(space.sample(rng)))
+        first = [space.sample(rng) for _ in range(population_size)]  # (no scores drawn on)
+        run.prefetch(first[: run.room()])
+        for arch in first:
+            population.append(run.evaluate(arch))
         while True:
             run.check()
-            members = rng.sample(list(population), sample_size)
-            fit = scorer.fitness([m.metrics for m in members])
-            parent = members[max(range(len(members)), key=lambda k: (fit[k], -k))]
-            child = run.evaluate(space.mutate(parent.arch, rng))
-            population.append(child)
-            population.popleft()
-            sizes.append(len(population))
+            # batch-synchronous with a scorer of width W: W children of the same population
+            # (W tournaments), scored together, then aged in one at a time (W = 1: one
+            # process's trajectory)
+            children = []
+            for _ in range(run.room()):
+                members = rng.sample(list(population), sample_size)
+                fit = scorer.fitness([m.metrics for m in members])
+                parent = members[max(range(len(members)), key=lambda k: (fit[k], -k))]
+                children.append(space.mutate(parent.arch, rng))
+            run.prefetch(children)
+            for arch in children:
+                population.append(run.evaluate(arch))
+                population.popleft()
+                sizes.append(len(population))
     except _Stop as s:
         reason = s.reason
     return run.result(
         reason, population=[e.encoding for e in population], extra={"population_sizes": sizes}
     )
+
+
+def _within(run: _Runner, archs: list[Any]) -> list[Any]:
+    """The first of ``archs`` a round can evaluate within the budget (one unit kept for
+    the final architecture)."""
+    return archs if run.budget is None else archs[: max(0, run.budget - len(run.history) - 1)]
 
 
 def _drop_lowest(alive, op_score, names, choices) -> dict[str, Any]:
@@ -615,9 +687,11 @@ def prune_search(
             # op whose removal leaves the best-scoring supernet (the least useful op).
             cands = [(d, k) for d in range(len(alive)) if len(alive[d]) > 1 for k in alive[d]]
             evs = []
-            for d, k in cands:
-                ops = [[choices[e][i] for i in a if (e, i) != (d, k)] for e, a in enumerate(alive)]
-                evs.append(((d, k), run.evaluate(supernet(ops), reserve=1)))
+            nets = [supernet([[choices[e][i] for i in a if (e, i) != (d, k)]
+                              for e, a in enumerate(alive)]) for d, k in cands]  # fmt: skip
+            run.prefetch(_within(run, nets))
+            for (d, k), net in zip(cands, nets, strict=True):
+                evs.append(((d, k), run.evaluate(net, reserve=1)))
             fit = scorer.fitness([e.metrics for _, e in evs])
             # stored negated: a low removal score marks an op worth keeping
             op_score = {key: -f for (key, _), f in zip(evs, fit, strict=True)}
@@ -629,11 +703,11 @@ def prune_search(
             # contexts (other decisions), so ops of one decision are compared pairwise.
             bases = [[a[rng.randrange(len(a))] for a in alive] for _ in range(samples_per_op)]
             evs = []
-            for d, k in cands:
-                for base in bases:
-                    idx = list(base)
-                    idx[d] = k
-                    evs.append(((d, k), run.evaluate(arch_of(idx), reserve=1)))
+            keyed = [((d, k), arch_of([*base[:d], k, *base[d + 1 :]])) for d, k in cands
+                     for base in bases]  # fmt: skip
+            run.prefetch(_within(run, [a for _, a in keyed]))
+            for key, arch in keyed:
+                evs.append((key, run.evaluate(arch, reserve=1)))
             fit = scorer.fitness([e.metrics for _, e in evs])
             acc: dict[tuple[int, int], list[float]] = {}
             for (key, _), f in zip(evs, fit, strict=True):
@@ -711,42 +785,44 @@ def reinforce(
         s = sum(e)
         return [x / s for x in e]
 
+    def update(idx: list[int], probs: list[list[float]], ev: Evaluation) -> None:
+        """The policy-gradient step of one evaluated sample (its reward: a quantile)."""
+        nonlocal baseline
+        if len(scorer.metrics) == 1:
+            f = scorer.fitness([ev.metrics])[0]
+            fits.append(f)
+            below = sum(1 for x in fits if x < f)
+            equal = sum(1 for x in fits if x == f) - 1
+            reward = 0.5 if len(fits) == 1 else (below + 0.5 * equal) / (len(fits) - 1)
+        else:
+            # Borda of the new arch among all so far, over its maximum: mean quantile.
+            allfit = scorer.fitness([e.metrics for e in run.history])
+            n = len(allfit)
+            reward = 0.5 if n == 1 else allfit[-1] / (len(scorer.metrics) * (n - 1))
+        rewards.append(reward)
+        baseline = (
+            reward
+            if baseline is None
+            else (baseline_decay * baseline + (1 - baseline_decay) * reward)
+        )
+        adv = reward - baseline
+        for lg, p, k in zip(logits, probs, idx, strict=True):
+            for j in range(len(lg)):
+                lg[j] += lr * adv * ((1.0 if j == k else 0.0) - p[j])
+
     try:
         while True:
             run.check()
+            # batch-synchronous with a scorer of width W: W samples of the same policy,
+            # scored together, then the policy updated by each in turn (W = 1: one
+            # process's trajectory)
             probs = [softmax(lg) for lg in logits]
-            idx = []
-            for p in probs:
-                u, acc, pick = rng.random(), 0.0, len(p) - 1
-                for k, pk in enumerate(p):
-                    acc += pk
-                    if u < acc:
-                        pick = k
-                        break
-                idx.append(pick)
-            arch = view.from_choices([ch[k] for (_, ch), k in zip(decisions, idx, strict=True)])
-            ev = run.evaluate(arch)
-            if len(scorer.metrics) == 1:
-                f = scorer.fitness([ev.metrics])[0]
-                fits.append(f)
-                below = sum(1 for x in fits if x < f)
-                equal = sum(1 for x in fits if x == f) - 1
-                reward = 0.5 if len(fits) == 1 else (below + 0.5 * equal) / (len(fits) - 1)
-            else:
-                # Borda of the new arch among all so far, over its maximum: mean quantile.
-                allfit = scorer.fitness([e.metrics for e in run.history])
-                n = len(allfit)
-                reward = 0.5 if n == 1 else allfit[-1] / (len(scorer.metrics) * (n - 1))
-            rewards.append(reward)
-            baseline = (
-                reward
-                if baseline is None
-                else (baseline_decay * baseline + (1 - baseline_decay) * reward)
-            )
-            adv = reward - baseline
-            for lg, p, k in zip(logits, probs, idx, strict=True):
-                for j in range(len(lg)):
-                    lg[j] += lr * adv * ((1.0 if j == k else 0.0) - p[j])
+            drawn = [_draw(probs, rng) for _ in range(run.room())]
+            archs = [view.from_choices([ch[k] for (_, ch), k in zip(decisions, idx, strict=True)])
+                     for idx in drawn]  # fmt: skip
+            run.prefetch(archs)
+            for idx, arch in zip(drawn, archs, strict=True):
+                update(idx, probs, run.evaluate(arch))
     except _Stop as s:
         reason = s.reason
     policy = {
@@ -754,6 +830,20 @@ def reinforce(
         for (name, ch), lg in zip(decisions, logits, strict=True)
     }
     return run.result(reason, extra={"policy": policy, "rewards": rewards})
+
+
+def _draw(probs: list[list[float]], rng: random.Random) -> list[int]:
+    """One choice per decision from the policy's probabilities (inverse CDF)."""
+    idx = []
+    for p in probs:
+        u, acc, pick = rng.random(), 0.0, len(p) - 1
+        for k, pk in enumerate(p):
+            acc += pk
+            if u < acc:
+                pick = k
+                break
+        idx.append(pick)
+    return idx
 
 
 ALGORITHMS: dict[str, Callable[..., SearchResult]] = {

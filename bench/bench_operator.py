@@ -1,0 +1,211 @@
+"""The NTK operator (``fastntk.ntk_operator``), the exact diagonal (``fastntk.ntk_diag``) and
+the metrics on them, against the dense kernel and one forward+backward of the batch.
+
+The NAS-Bench-201 benchmark network (``nb201.BENCH_ARCH``), float32, synthetic
+CIFAR-shaped images (the bundled sample holds 1,000), each section in a fresh process
+(its peak RSS its own):
+
+* ``products``: one product ``A @ V`` with k = 1 and k = 16 columns at N = 256 and 4,096
+  (the first product of an operator, and a second: a side in one chunk keeps its graph),
+  against one forward+backward of the batch in the same 256-sample chunks;
+* ``coupled``: ``bn="batch"`` at N = 64: λmax, the trace and LGA from the operator against
+  the dense coupled kernel and the same metrics of it (values, bounds, products);
+* ``diag``: ``ntk_diag`` at N = 50,000 (the dense float32 kernel would be 10 GB);
+* ``eig``: the top 10 eigenvalues at N = 20,000 by Lanczos on the operator.
+
+    python bench/bench_operator.py --sections products,coupled --out bench/results/operator_cpu.md
+    python bench/bench_operator.py --sections diag,eig --out ...     # (long: see the README)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _meta import git_sha  # noqa: E402
+
+TAG = "FASTNTK_BENCH "
+SECTIONS = ("products", "coupled", "diag", "eig")
+
+
+def _model():
+    import torch
+
+    from fastntk.spaces.nb201 import BENCH_ARCH, build_model
+
+    torch.manual_seed(0)
+    return build_model(BENCH_ARCH)
+
+
+def _x(n: int):
+    from fastntk.data import synthetic
+
+    return synthetic(n, seed=0)[0]
+
+
+def _t(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def products(n: int) -> list[dict]:
+    import torch
+
+    import fastntk
+
+    m, x = _model(), _x(n)
+    params = [p for p in m.parameters()]
+    rows = []
+
+    def fwd_bwd():
+        for s in range(0, n, 256):
+            y = m(x[s : s + 256])
+            y = y[-1] if isinstance(y, tuple) else y
+            torch.autograd.grad(y.sum(), params)
+
+    m.eval()
+    fwd_bwd()
+    _, t = _t(fwd_bwd)
+    rows.append({"what": f"forward+backward of the batch, N={n}", "time_s": t})
+    for k in (1, 16):
+        A = fastntk.ntk_operator(m, x)
+        V = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+        _, t1 = _t(lambda A=A, V=V: A @ V)
+        _, t2 = _t(lambda A=A, V=V: A @ V)
+        rows.append({"what": f"A @ V, N={n}, k={k}: first product", "time_s": t1})
+        rows.append({"what": f"A @ V, N={n}, k={k}: second product", "time_s": t2})
+    return rows
+
+
+def coupled(n: int = 64) -> list[dict]:
+    import torch
+
+    import fastntk
+    from fastntk.metrics import kernel as KM
+    from fastntk.metrics import operator as OM
+
+    m, x = _model(), _x(n)
+    y = torch.arange(n) % 10
+    K, t = _t(lambda: fastntk.ntk(m, x, bn="batch"))
+    rows = [{"what": f"dense coupled kernel, N={n}", "time_s": t}]
+    lam, t = _t(lambda: float(torch.linalg.eigvalsh(K.double())[-1]))
+    rows.append({"what": "  λmax of it", "time_s": t, "value": lam})
+    rows.append({"what": "  trace of it", "value": float(K.double().trace())})
+    rows.append({"what": "  LGA of it", "value": KM.lga(K, y)})
+    A = fastntk.ntk_operator(m, x, bn="batch")
+    (_, est), t = _t(lambda: OM.top_eigenvalues(A, 1, tol=1e-6))
+    rows.append({"what": "operator λmax (Lanczos)", "time_s": t, "value": est.value,
+                 "bound": est.bound, "products": est.products})  # fmt: skip
+    d, t = _t(lambda: fastntk.ntk_diag(m, x, bn="batch"))
+    rows.append({"what": "exact trace (ntk_diag)", "time_s": t, "value": float(d.double().sum())})
+    A = fastntk.ntk_operator(m, x, bn="batch")
+    est, t = _t(lambda: OM.lga(A, y))
+    rows.append({"what": "operator LGA (C products + Hutch++)", "time_s": t, "value": est.value,
+                 "bound": est.bound, "products": est.products})  # fmt: skip
+    return rows
+
+
+def diag(n: int = 50000) -> list[dict]:
+    import fastntk
+
+    m, x = _model(), _x(n)
+    d, t = _t(lambda: fastntk.ntk_diag(m, x))
+    return [{"what": f"ntk_diag, N={n}", "time_s": t, "value": float(d.double().sum())}]
+
+
+def eig(n: int = 20000) -> list[dict]:
+    import fastntk
+    from fastntk.metrics import operator as OM
+
+    m, x = _model(), _x(n)
+    A = fastntk.ntk_operator(m, x)
+    (lam, est), t = _t(lambda: OM.top_eigenvalues(A, 10, tol=1e-4))
+    return [{"what": f"top-10 eigenvalues, N={n}", "time_s": t, "value": float(lam[0]),
+             "bound": est.bound, "products": est.products}]  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default="products,coupled")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--diag-n", type=int, default=50000)
+    ap.add_argument("--eig-n", type=int, default=20000)
+    ap.add_argument("--out", help="also write the table (markdown) here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        import torch
+
+        spec = json.loads(args.child)
+        torch.set_num_threads(spec["threads"])
+        what, n = spec["section"], spec.get("n")
+        rows = {"products": products, "coupled": coupled, "diag": diag, "eig": eig}[what](
+            *([n] if n else [])
+        )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(TAG + json.dumps({"rows": rows, "peak_mib": peak}), flush=True)
+        return 0
+    results = []
+    for section in args.sections.split(","):
+        ns = {"products": [256, 4096], "diag": [args.diag_n], "eig": [args.eig_n]}.get(
+            section, [None]
+        )
+        for n in ns:
+            spec = {"section": section, "n": n, "threads": args.threads}
+            p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                               capture_output=True, text=True,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith(TAG)]
+            if not lines:
+                raise SystemExit(f"{section} failed: {p.stderr.strip()[-800:]}")
+            res = json.loads(lines[-1][len(TAG) :])
+            print(section, n, res, file=sys.stderr, flush=True)
+            results.append((section, res))
+    table = _table(results, args)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+    return 0
+
+
+def _table(results, args) -> str:
+    import torch
+
+    lines = [
+        "## The NTK operator, the exact diagonal and the metrics on them",
+        "",
+        f"`python bench/bench_operator.py {' '.join(sys.argv[1:])}`; NB201 benchmark network, "
+        f"float32, synthetic CIFAR-shaped images; {platform.machine()}, {os.cpu_count()} "
+        f"CPUs, {args.threads} threads, torch {torch.__version__}, commit {git_sha()}, "
+        f"{time.strftime('%Y-%m-%d')}. Peak: the section's process RSS.",
+        "",
+        "| section | what | time | value | bound | products | peak (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for section, res in results:
+        for r in res["rows"]:
+            lines.append(
+                f"| {section} | {r['what']} | "
+                + (f"{r['time_s']:.3f} s" if "time_s" in r else "–")
+                + " | "
+                + (f"{r['value']:.6g}" if "value" in r else "–")
+                + " | "
+                + (f"{r['bound']:.3g}" if "bound" in r else "–")
+                + f" | {r.get('products', '–')} | {res['peak_mib']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""The NTK as a linear operator: products Θ V without the N×N matrix
+(:func:`fastntk.ntk_operator`).
+
+Derivation. With J the Jacobian of the kernel's functions with respect to the selected
+parameters, Θ = Σ_p J_p J_pᵀ over the head's passes p (one pass of ones for ``"sum"``: the
+NTK of Σ_k f_k; a one-hot pass per logit for ``"trace"``/``"mean"``), or Θ = J Jᵀ over
+the (N·K) outputs for ``"full"``. So Θ V = Σ_p J_p (J_pᵀ V):
+
+* ``u = J_pᵀ V``, a vector-Jacobian product: one backward of the outputs with the
+  cotangent ``V ⊗ w_p`` (``torch.autograd.grad``);
+* ``J u``, a Jacobian-vector product by the double-backward trick: ``g(v) = Jᵀ v`` is
+  linear in ``v``, so its graph (built once per forward with ``create_graph=True`` at a
+  dummy ``v``) gives ``J u = ∂(g(v)·u)/∂v``, one more backward;
+
+both through the batch graph, so the product is exact in every BN mode, the coupled
+``bn="batch"`` too, at a few passes per product instead of N. The k columns of V go
+through both steps together (``is_grads_batched``; a loop where an op has no batching
+rule). Where the samples are independent (``bn="eval"``/``"per_sample"``) the products
+stream over sample chunks (one chunk's graph at a time; a side that fits in one chunk
+keeps its graph between products); ``bn="batch"`` keeps the whole batch's graph for the
+operator's life.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fastntk import _model
+from fastntk.engine import options, plan
+from fastntk.engine.call import Call
+from fastntk.errors import InputError, InputTypeError, OptionError
+
+
+class _Graph:
+    """One forward of a batch ``x`` (a chunk, or the whole coupled batch) and what the
+    products need from it: the outputs y (n, K), and lazily the graph of g(v) = Jᵀ v."""
+
+    def __init__(self, call: Call, x: torch.Tensor):
+        self.call = call
+        xp = x.detach().to(call.dtype) if x.is_floating_point() else x
+        # attention in its math form: the fused CPU/GPU attention kernels have no double
+        # backward (the Jacobian-vector products need one); the math form is the same
+        # function, composed of ops that have
+        with (
+            _model.bn_rows_checked(call.model, call.copies, xp, call.bn),
+            sdpa_kernel([SDPBackend.MATH]),
+        ):
+            raw = call.copies.call(call.model, xp)
+        self.y = call.head(raw, x.shape[0])
+        self.params = [call.copies.params[p] for p in call.selected]
+        self._v: torch.Tensor | None = None
+        self._g: list[torch.Tensor] | None = None
+
+    def vjp(self, cot: torch.Tensor) -> list[torch.Tensor]:
+        """Σ over the (n, K) cotangents ``cot`` (B, n, K) of Jᵀ cot: (B, *param) each."""
+        return _grad(self.y, self.params, cot)
+
+    def jvp(self, u: list[torch.Tensor]) -> torch.Tensor:
+        """J u for a batch of parameter directions ``u`` (B, *param): (B, n, K)."""
+        if self._g is None:
+            self._v = torch.zeros_like(self.y, requires_grad=True)
+            self._g = list(
+                torch.autograd.grad(
+                    self.y, self.params, self._v, create_graph=True, allow_unused=True
+                )
+            )
+        pairs = [
+            (g, w) for g, w in zip(self._g, u, strict=True) if g is not None and g.requires_grad
+        ]
+        if not pairs:
+            return self.y.new_zeros(u[0].shape[0], *self.y.shape)
+        gs, ws = zip(*pairs, strict=True)
+        (out,) = _grad(list(gs), [self._v], list(ws))
+        return out
+
+
+def _grad(outputs, inputs, cot) -> list[torch.Tensor]:
+    """``autograd.grad`` with a leading batch dim of cotangents (``is_grads_batched``), a
+    loop over it where an op has no batching rule; unused inputs give zeros."""
+    outs = outputs if isinstance(outputs, list) else [outputs]
+    cots = cot if isinstance(cot, list) else [cot]
+    B = cots[0].shape[0]
+    try:
+        gs = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True,
+                                 is_grads_batched=True)  # fmt: skip
+    except RuntimeError:
+        per = [torch.autograd.grad(outs, inputs, [c[b] for c in cots], retain_graph=True,
+                                   allow_unused=True) for b in range(B)]  # fmt: skip
+        gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
+              for i in range(len(inputs))]  # fmt: skip
+    return [
+        torch.zeros(B, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
+        for g, t in zip(gs, inputs, strict=True)
+    ]
+
+
+class NTKOperator:
+    """Θ(x1, x2) as a linear operator: ``A @ V``, ``A.T``, ``A.shape``, :meth:`to_scipy`.
+
+    ``A @ V`` takes V of shape (N2,) or (N2, k) (for ``output="full"``: (N2·K,) or
+    (N2·K, k), the (sample, logit) index flattened sample-major, as ``ntk(...)`` reshaped
+    (N1·K, N2·K) after ``permute(0, 2, 1, 3)``) and returns Θ V of shape (N1,) or (N1, k).
+    ``products`` counts the columns multiplied so far (each costs a backward and a
+    double backward per pass, over the batch graph)."""
+
+    def __init__(self, model: nn.Module, opts: options.Options, x1: torch.Tensor,
+                 x2: torch.Tensor | None, *, _transposed: NTKOperator | None = None):  # fmt: skip
+        self.model, self.opts, self.x1, self.x2 = model, opts, x1, x2
+        self.products = 0
+        if _transposed is not None:  # (the transpose shares the forwards' state)
+            self.call, self.K, self.coupled = _transposed.call, _transposed.K, _transposed.coupled
+            self._cache = _transposed._cache
+            self._rows, self._cols = _transposed._cols, _transposed._rows
+            self._T = _transposed
+        else:
+            n = x1.shape[0] + (0 if x2 is None else x2.shape[0])
+            the_plan = plan.make(model, opts, n, x1.device)
+            self.coupled = the_plan.strategy == "coupled"
+            self.call = Call(model, opts, the_plan)
+            self._cache: dict[Any, _Graph] = {}
+            n1 = x1.shape[0]
+            self._rows = ("x1", 0, n1)
+            self._cols = ("x1", 0, n1) if x2 is None else ("x2", 0, x2.shape[0])
+            with _model.model_state(model, opts.bn), torch.no_grad():  # (a forward shows K)
+                xs = x1[: min(2, n1)]
+                xs = xs.to(opts.dtype) if xs.is_floating_point() else xs
+                self.K = self.call.head(self.call.copies.call(model, xs)).shape[1]
+            self._T = None
+        R = self.K if self.opts.output == "full" else 1
+        self.shape = (R * (self._rows[2] - self._rows[1]), R * (self._cols[2] - self._cols[1]))
+        self.dtype = opts.dtype
+        self.device = x1.device
+
+    @property
+    def T(self) -> NTKOperator:
+        """Θ(x2, x1) = Θ(x1, x2)ᵀ."""
+        if self._T is None:
+            self._T = NTKOperator(self.model, self.opts, self.x1, self.x2, _transposed=self)
+        return self._T
+
+    # -- the batches and their graphs ------------------------------------------------------
+    def _side(self, which: str) -> torch.Tensor:
+        return self.x1 if which == "x1" else self.x2
+
+    def _graph_of(self, x: torch.Tensor, key: Any) -> _Graph:
+        g = self._cache.get(key) if key is not None else None
+        if g is None:
+            g = _Graph(self.call, x)
+            if key is not None:
+                self._cache[key] = g
+        return g
+
+    def _chunks(self, side: tuple[str, int, int]):
+        """(graph, the side's rows in its outputs, their offset within the side) of each
+        chunk of a side's samples; in the coupled mode the one graph of the whole batch
+        [x1; x2], and the side's rows in it."""
+        which, r0, r1 = side
+        if self.coupled:
+            x = self.x1 if self.x2 is None else torch.cat([self.x1, self.x2])
+            off = 0 if which == "x1" else self.x1.shape[0]
+            yield self._graph_of(x, key="batch"), slice(off + r0, off + r1), 0
+            return
+        x = self._side(which)[r0:r1]
+        step = self.call.samples
+        keep = x.shape[0] <= step  # a side in one chunk keeps its graph between products
+        for s0 in range(0, x.shape[0], step):
+            key = (which, r0 + s0) if keep else None
+            yield self._graph_of(x[s0 : s0 + step], key), slice(None), s0
+
+    # -- the product -------------------------------------------------------------------------
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        V, squeeze = self._check(V)
+        with _model.model_state(self.model, self.opts.bn), torch.enable_grad():
+            out = self._apply(V)
+        self.products += V.shape[1]
+        return out[:, 0] if squeeze else out
+
+    def _check(self, V: Any) -> tuple[torch.Tensor, bool]:
+        if not isinstance(V, torch.Tensor):
+            raise InputTypeError(f"A @ V takes a tensor V, got {type(V).__name__}")
+        if not V.is_floating_point():
+            raise InputTypeError(f"A @ V takes a floating-point V, got {V.dtype}")
+        if V.dim() not in (1, 2) or V.shape[0] != self.shape[1]:
+            raise InputError(
+                f"A @ V takes V of shape ({self.shape[1]},) or ({self.shape[1]}, k) for this "
+                f"{self.shape[0]}x{self.shape[1]} operator, got {tuple(V.shape)}"
+            )
+        squeeze = V.dim() == 1
+        V = V.detach().to(self.dtype).to(self.device)
+        return (V[:, None] if squeeze else V), squeeze
+
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        """Θ V for V (R·n_cols, k): Σ over passes of J_rows (J_colsᵀ V)."""
+        full, K, k = self.opts.output == "full", self.K, V.shape[1]
+        n_cols = self._cols[2] - self._cols[1]
+        Vc = V.T.reshape(k, n_cols, K) if full else V.T  # (k, n_cols[, K])
+        weights = self._passes()
+        # cotangents per (pass, column): (P·k, n, K)
+        u = None
+        for graph, rows, s0 in self._chunks(self._cols):
+            m = graph.y[rows].shape[0]
+            cot = graph.y.new_zeros(len(weights) * k, *graph.y.shape)
+            part = Vc[:, s0 : s0 + m]
+            for p, w in enumerate(weights):
+                cot[p * k : (p + 1) * k, rows] = part if full else part[..., None] * w
+            du = graph.vjp(cot)
+            u = du if u is None else [a + b for a, b in zip(u, du, strict=True)]
+        n_rows = self._rows[2] - self._rows[1]
+        out = V.new_zeros(k, n_rows, K) if full else V.new_zeros(k, n_rows)
+        for graph, rows, s0 in self._chunks(self._rows):
+            Ju = graph.jvp(u)[:, rows]  # (P·k, m, K)
+            m = Ju.shape[1]
+            for p, w in enumerate(weights):
+                blk = Ju[p * k : (p + 1) * k]
+                out[:, s0 : s0 + m] += blk if full else (blk * w).sum(-1)
+        if self.opts.output == "mean":
+            out = out / K
+        return out.reshape(k, -1).T
+
+    def _passes(self) -> list[torch.Tensor]:
+        """The head's output weightings w_p (K,) (``"full"``: one pass of the cotangent)."""
+        if self.opts.output == "full":
+            return [torch.ones(self.K, dtype=self.dtype, device=self.device)]
+        y = torch.zeros(1, self.K, dtype=self.dtype, device=self.device)
+        return [w[0] for w in self.call.head.passes(y)]
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out)."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(v):
+            t = torch.from_numpy(np.ascontiguousarray(v)).to(self.dtype)
+            return (self @ t).detach().cpu().double().numpy()
+
+        def rmv(v):
+            t = torch.from_numpy(np.ascontiguousarray(v)).to(self.dtype)
+            return (self.T @ t).detach().cpu().double().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=rmv, matmat=mv, rmatmat=rmv,
+                              dtype=np.float64)  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (f"NTKOperator(shape={self.shape}, output={self.opts.output!r}, "
+                f"bn={self.opts.bn!r}, dtype={self.dtype}, products={self.products})")  # fmt: skip
+
+
+def make(model, x1, x2=None, *, output="sum", bn="eval", params=None, chunk_size=None,
+         dtype=None) -> NTKOperator:  # fmt: skip
+    opts = options.parse(
+        model, x1, x2, output=output, bn=bn, params=params, method="auto",
+        chunk_size=chunk_size, dtype=dtype, progress=False,
+    )  # fmt: skip
+    if callable(output) and not isinstance(output, (str, int)):
+        raise OptionError("ntk_operator takes output 'sum', 'trace', 'mean', 'full' or an int")
+    x1, x2 = _model.plain(x1), _model.plain(x2)
+    return NTKOperator(model, opts, x1, x2)
