@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default="products,coupled")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--products-n", default="256,4096", help="N of the products section")
     ap.add_argument("--diag-n", type=int, default=50000)
     ap.add_argument("--eig-n", type=int, default=20000)
     ap.add_argument("--out", help="also write the table (markdown) here")
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
         return 0
     results = []
     for section in args.sections.split(","):
-        ns = {"products": [256, 4096], "diag": [args.diag_n], "eig": [args.eig_n]}.get(
+        products_n = [int(v) for v in args.products_n.split(",")]
+        ns = {"products": products_n, "diag": [args.diag_n], "eig": [args.eig_n]}.get(
             section, [None]
         )
         for n in ns:

@@ -14,8 +14,8 @@ the (N·K) outputs for ``"full"``. So Θ V = Σ_p J_p (J_pᵀ V):
 
 both through the batch graph, so the product is exact in every BN mode, the coupled
 ``bn="batch"`` too, at a few passes per product instead of N. The k columns of V go
-through both steps together (``is_grads_batched``; a loop where an op has no batching
-rule). Where the samples are independent (``bn="eval"``/``"per_sample"``) the products
+through both steps together on a GPU (``is_grads_batched``), one after another on the
+CPU (where that measured faster: :func:`_grad`). Where the samples are independent (``bn="eval"``/``"per_sample"``) the products
 stream over sample chunks (one chunk's graph at a time; a side that fits in one chunk
 keeps its graph between products); ``bn="batch"`` keeps the whole batch's graph for the
 operator's life.
@@ -79,15 +79,22 @@ class _Graph:
 
 
 def _grad(outputs, inputs, cot) -> list[torch.Tensor]:
-    """``autograd.grad`` with a leading batch dim of cotangents (``is_grads_batched``), a
-    loop over it where an op has no batching rule; unused inputs give zeros."""
+    """``autograd.grad`` for a leading batch dim of cotangents: batched
+    (``is_grads_batched``) on a GPU, where an op has a batching rule; a loop on the CPU,
+    where it measured faster (NB201 benchmark network, N=256, 16 columns: 127 s batched
+    against 16 × 5.2 s looped; ``python bench/bench_operator.py``,
+    bench/results/operator_cpu.md); unused inputs give zeros."""
     outs = outputs if isinstance(outputs, list) else [outputs]
     cots = cot if isinstance(cot, list) else [cot]
     B = cots[0].shape[0]
-    try:
-        gs = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True,
-                                 is_grads_batched=True)  # fmt: skip
-    except RuntimeError:
+    gs = None
+    if cots[0].is_cuda and B > 1:
+        try:
+            gs = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True,
+                                     is_grads_batched=True)  # fmt: skip
+        except RuntimeError:
+            gs = None  # an op without a batching rule: the loop
+    if gs is None:
         per = [torch.autograd.grad(outs, inputs, [c[b] for c in cots], retain_graph=True,
                                    allow_unused=True) for b in range(B)]  # fmt: skip
         gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
