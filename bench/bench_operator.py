@@ -58,7 +58,7 @@ def _t(fn):
     return out, time.perf_counter() - t
 
 
-def products(n: int) -> list[dict]:
+def products(n: int, ks: tuple[int, ...] = (1, 16)) -> list[dict]:
     import torch
 
     import fastntk
@@ -77,7 +77,7 @@ def products(n: int) -> list[dict]:
     fwd_bwd()
     _, t = _t(fwd_bwd)
     rows.append({"what": f"forward+backward of the batch, N={n}", "time_s": t})
-    for k in (1, 16):
+    for k in ks:
         A = fastntk.ntk_operator(m, x)
         V = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
         _, t1 = _t(lambda A=A, V=V: A @ V)
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="products,coupled")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--products-n", default="256,4096", help="N of the products section")
+    ap.add_argument("--products-k", default="1,16", help="columns of the products section")
     ap.add_argument("--diag-n", type=int, default=50000)
     ap.add_argument("--eig-n", type=int, default=20000)
     ap.add_argument("--out", help="also write the table (markdown) here")
@@ -150,9 +151,11 @@ def main(argv=None) -> int:
         spec = json.loads(args.child)
         torch.set_num_threads(spec["threads"])
         what, n = spec["section"], spec.get("n")
-        rows = {"products": products, "coupled": coupled, "diag": diag, "eig": eig}[what](
-            *([n] if n else [])
-        )
+        fn = {"products": products, "coupled": coupled, "diag": diag, "eig": eig}[what]
+        if what == "products":
+            rows = fn(n, tuple(spec["ks"]))
+        else:
+            rows = fn(*([n] if n else []))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(TAG + json.dumps({"rows": rows, "peak_mib": peak}), flush=True)
         return 0
@@ -163,7 +166,8 @@ def main(argv=None) -> int:
             section, [None]
         )
         for n in ns:
-            spec = {"section": section, "n": n, "threads": args.threads}
+            spec = {"section": section, "n": n, "threads": args.threads,
+                    "ks": [int(v) for v in args.products_k.split(",")]}  # fmt: skip
             p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                                capture_output=True, text=True,
                                env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
