@@ -15,9 +15,16 @@
   (``method="loop"``; ``auto`` on the CPU) vs batched with ``is_grads_batched`` (``auto`` on
   a GPU, and ``vmap``), with ``--device cuda`` on a GPU.
 * ``mha``: ``nn.MultiheadAttention`` through its rule vs the per-module fallback vs vmap.
+* ``depthwise``: per-sample weight gradients of convolutions with few input channels per
+  group (ConvNeXt's depthwise 7x7, stems) by a forward convolution vs the strategies above
+  (``rules.conv.DEPTHWISE_FORWARD``).
+* ``positions``: a layer applied at T positions (convolution windows, tokens) as an Outer
+  block with positions (its Gram never forms G) vs dense per-sample gradients and their
+  symmetric Gram, with the choice ``rules.outer_pays`` makes.
 
 Usage:
-    python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [trace] [pool] [coupled] [mha]
+    python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [trace] [pool] [coupled]
+        [mha] [depthwise] [positions]
         [--device cpu|cuda]   (the device of the coupled section's model and data)
 """
 
@@ -380,6 +387,82 @@ def coupled(n=64):
         print(f"{name}: {dt:.2f} s (max rel. difference to the loop {err:.1e})")
 
 
+def depthwise(n=64):
+    """Per-sample weight gradients of convolutions with one (and, to show where it stops
+    paying, a few) input channels per group: ``rules.conv``'s forward convolution against
+    its patches and grouped strategies, best of 5, N=n."""
+    from fastntk.rules import Context, Workspace
+
+    print(f"## per-sample weight gradients with few input channels per group, N={n} (ms)")
+    print("| C_in->C_out | groups | k | map | patches+bmm | grouped, chunks | forward conv |")
+    print("|---|---|---|---|---|---|---|")
+    for ci, co, groups, k, h in [
+        (64, 64, 64, 7, 8), (64, 64, 64, 7, 4), (128, 128, 128, 7, 2), (32, 32, 32, 3, 16),
+        (3, 16, 1, 3, 32), (16, 16, 1, 3, 32),
+    ]:  # fmt: skip
+        mod = torch.nn.Conv2d(ci, co, k, padding=k // 2, groups=groups, bias=False)
+        x = torch.randn(n, ci, h, h)
+        g = torch.randn(n, co, h, h)
+        ctx = Context("eval", "torch", Workspace())
+        cells = [
+            best_of(lambda: conv_rule._patches_weight_grad(mod, ctx, x, g, groups), 5),
+            best_of(lambda: conv_rule._grouped_weight_grad(mod, x, g, groups), 5),
+        ]
+        fwd = "n/a (more than one input channel per group)"
+        if ci == groups:
+            fwd = f"{1e3 * best_of(lambda: conv_rule._depthwise_weight_grad(mod, x, g, groups), 5):.2f}"
+        body = " | ".join(f"{1e3 * t:.2f}" for t in cells)
+        print(f"| {ci}->{co} | {groups} | {k} | {h}x{h} | {body} | {fwd} |")
+
+
+def positions(n=64):
+    """A layer applied at T positions: dense per-sample gradients (the conv rule's
+    strategy for the shape, or a bmm for tokens) plus their symmetric Gram, against the
+    Outer block with positions (``rules.gram_block``'s slabs), best of 5, N=n."""
+    from fastntk.rules import Context, Dense, Outer, Workspace, gram_block, outer_pays
+
+    print(f"## Outer blocks with positions vs dense blocks, N={n}, best of 5 (ms)")
+    print("| layer | T | p x d | dense: gradients + Gram | Outer with positions | outer_pays |")
+    print("|---|---|---|---|---|---|")
+    for kind, ci, co, h in [
+        ("conv 3x3", 128, 128, 2), ("conv 3x3", 64, 128, 4), ("conv 3x3", 128, 128, 4),
+        ("conv 3x3", 64, 64, 8), ("linear", 128, 512, 2), ("linear", 64, 256, 4),
+        ("linear", 128, 512, 8),
+    ]:  # fmt: skip
+        T = h * h
+        ctx = Context("eval", "auto", Workspace())
+        if kind == "linear":
+            u, gout = torch.randn(n, T, ci), torch.randn(n, T, co)
+            D = ci
+
+            def dense():
+                G = Dense(torch.bmm(gout.transpose(1, 2), u).reshape(n, -1))
+                return gram_block(G, G, "auto")
+
+            def outer():
+                blk = Outer(gout, u)
+                return gram_block(blk, blk, "auto")
+        else:
+            mod = torch.nn.Conv2d(ci, co, 3, padding=1, bias=False)
+            x, g = torch.randn(n, ci, h, h), torch.randn(n, co, h, h)
+            D = ci * 9
+
+            def dense():
+                G = Dense(conv_rule._weight_grad(mod, ctx, x, g, 1).reshape(n, -1))
+                return gram_block(G, G, "auto")
+
+            def outer():
+                u = conv_rule.unfold_patches(mod, x).transpose(1, 2)
+                blk = Outer(g.reshape(n, co, T).transpose(1, 2), u)
+                return gram_block(blk, blk, "auto")
+
+        err = float((dense() - outer()).abs().max() / dense().abs().max())
+        assert err < 1e-4, err
+        td, to = best_of(dense, 5), best_of(outer, 5)
+        print(f"| {kind} {ci}->{co} | {T} | {co}x{D} | {1e3 * td:.2f} | {1e3 * to:.2f} | "
+              f"{outer_pays(n, T, co, D)} |")  # fmt: skip
+
+
 if __name__ == "__main__":
     sections = {
         "conv": conv,
@@ -390,6 +473,8 @@ if __name__ == "__main__":
         "pool": pool,
         "coupled": coupled,
         "mha": mha,
+        "depthwise": depthwise,
+        "positions": positions,
     }
     argv = sys.argv[1:]
     if "--device" in argv:

@@ -296,22 +296,38 @@ def test_trace_batched_and_streamed_logits(name, batched, monkeypatch):
         assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float64]
 
 
-@pytest.mark.parametrize("name", ["convzoo", "nb201", "resnet", "conv1d3d"])
-@pytest.mark.parametrize(
-    "min_t,chunk_bytes",
-    [(1, 1), (1, 2**40), (10**9, 2**40)],
-    ids=["grouped-1-sample-chunks", "grouped-one-chunk", "patches"],
-)
-@pytest.mark.parametrize("method", ["layerwise", "auto"])
-def test_conv_strategies_and_reused_blocks(name, min_t, chunk_bytes, method, monkeypatch):
-    """Every per-sample conv strategy (grouped convolution in sample chunks of any size,
-    strided patches), with every dense block written into the workspace
-    (GRAM_DIRECT_BYTES = 0), in self and cross kernels and in both trace layouts."""
-    from fastntk.engine import sizes
+# conv strategy -> (GROUPED_MIN_T, GROUPED_CHUNK_BYTES, DEPTHWISE_FORWARD, OUTER_COST_FACTOR)
+CONV_STRATEGIES = {
+    "grouped-1-sample-chunks": (1, 1, False, float("inf")),
+    "grouped-one-chunk": (1, 2**40, False, float("inf")),
+    "patches": (10**9, 2**40, False, float("inf")),
+    "depthwise-forward": (10**9, 2**40, True, float("inf")),
+    "outer-positions": (10**9, 2**40, True, 0.0),
+}
+
+
+def force_conv_strategy(monkeypatch, strategy):
+    from fastntk import rules
     from fastntk.rules import conv
 
+    min_t, chunk_bytes, depthwise, outer = CONV_STRATEGIES[strategy]
     monkeypatch.setattr(conv, "GROUPED_MIN_T", min_t)
     monkeypatch.setattr(conv, "GROUPED_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(conv, "DEPTHWISE_FORWARD", depthwise)
+    monkeypatch.setattr(rules, "OUTER_COST_FACTOR", outer)
+
+
+@pytest.mark.parametrize("name", ["convzoo", "nb201", "resnet", "conv1d3d"])
+@pytest.mark.parametrize("strategy", list(CONV_STRATEGIES))
+@pytest.mark.parametrize("method", ["layerwise", "auto"])
+def test_conv_strategies_and_reused_blocks(name, strategy, method, monkeypatch):
+    """Every per-sample conv strategy (grouped convolution in sample chunks of any size,
+    strided patches, the depthwise forward convolution, Outer blocks with positions that
+    form no gradient), with every dense block written into the workspace
+    (GRAM_DIRECT_BYTES = 0), in self and cross kernels and in both trace layouts."""
+    from fastntk.engine import sizes
+
+    force_conv_strategy(monkeypatch, strategy)
     monkeypatch.setattr(sizes, "GRAM_DIRECT_BYTES", 0)
     m, x1, x2, sel, ref = case(name, True)
     for output in ("sum", "trace"):
@@ -319,6 +335,30 @@ def test_conv_strategies_and_reused_blocks(name, min_t, chunk_bytes, method, mon
             expect = reduce(ref if other is not None else full_kernel(m, x1), output)
             theta = fastntk.ntk(m, x1, other, output=output, method=method, dtype=torch.float64)
             assert rel_err(theta, expect) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("name", ["vit", "convzoo", "conv1d3d", "twice"])
+@pytest.mark.parametrize("outer", [0.0, float("inf")], ids=["outer-positions", "dense"])
+def test_outer_blocks_with_positions(name, outer, monkeypatch):
+    """Layers applied at several positions (tokens, convolution windows) as Outer blocks
+    with positions, or dense, in every output mode, cross, in chunks (the blocks regrouped
+    into panels, their Gram in slabs of one sample), and the exact diagonal."""
+    from fastntk import rules
+
+    monkeypatch.setattr(rules, "OUTER_COST_FACTOR", outer)
+    monkeypatch.setattr(rules, "OUTER_SLAB_BYTES", 1)
+    m, x1, x2, sel, ref = case(name, True)
+    own = full_kernel(m, x1)
+    for output in ("sum", "trace", "full"):
+        theta = fastntk.ntk(m, x1, x2, output=output, dtype=torch.float64)
+        assert rel_err(theta, reduce(ref, output)) <= TOL[torch.float64]
+        theta = fastntk.ntk(m, x1, output=output, dtype=torch.float64, chunk_size=2)
+        assert rel_err(theta, reduce(own, output)) <= TOL[torch.float64]
+        diag = fastntk.ntk_diag(m, x1, output=output, dtype=torch.float64)
+        expect = reduce(own, output)
+        expect = expect.diagonal(0, 0, 1)  # (K, K, n) or (n,)
+        expect = expect.permute(2, 0, 1) if output == "full" else expect
+        assert rel_err(diag, expect) <= TOL[torch.float64]
 
 
 def test_workspace_reuses_memory():

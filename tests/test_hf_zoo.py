@@ -203,10 +203,10 @@ def test_untraceable_forward_takes_the_batch_graph(name, monkeypatch):
     assert_same(before, snapshot(model))
 
 
-# parameter tensors that neither a module rule nor a node rule serves: Swin's first-stage
-# relative-position table, added to rows that merge each sample's windows (a sample-free
-# subgraph whose exit has no sample dim of its own to read per-sample gradients off)
-FALLBACKS = {"swin": 1}
+# parameter tensors that neither a module rule nor a node rule serves (none since Swin's
+# relative-position tables, added to rows that merge each sample's windows, take
+# SampleFreeRule with merged rows)
+FALLBACKS: dict[str, int] = {}
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -139,6 +139,50 @@ class Shifts(nn.Module):
         return self.head(h.flatten(1))
 
 
+class Windows(nn.Module):
+    """Swin's window attention, written out: 2·S tokens per sample cut into 2 windows of
+    S, each window's scores (n·2, h, S, S) plus a relative-position bias looked up in a
+    table, (1, h, S, S), and (``shifted``) a constant mask of the windows' shape first;
+    softmax (the saved tensor whose rows the probe compares), values. ``order``: the
+    windows sample-major (as Swin's ``window_partition``), or window-major (no node rule:
+    a sample's rows are not one block); ``witness=False``: the scores go to a matmul, no
+    node after the add saves its rows (no node rule either)."""
+
+    S, H = 3, 2
+
+    def __init__(self, order="sample-major", shifted=False, witness=True):
+        super().__init__()
+        S, H = self.S, self.H
+        self.order, self.witness = order, witness
+        self.table = nn.Parameter(torch.randn(2 * S - 1, H) / 2)
+        idx = torch.arange(S)
+        self.register_buffer("index", (idx[:, None] - idx[None, :] + S - 1).flatten())
+        self.register_buffer("mask", torch.randn(2, 1, S, S) if shifted else None)
+        self.qk = nn.Linear(C, 2 * H * C)
+        self.head = nn.Linear(2 * S * H * C, 2)
+
+    def forward(self, x):  # x: (n, 2S, C)
+        n, S, H = x.shape[0], self.S, self.H
+        w = x.reshape(n, 2, S, C)
+        w = w.reshape(n * 2, S, C) if self.order == "sample-major" else \
+            w.transpose(0, 1).reshape(2 * n, S, C)  # fmt: skip
+        q, k = self.qk(w).reshape(-1, S, 2, H, C).permute(2, 0, 3, 1, 4)  # (-1, H, S, C)
+        bias = self.table[self.index].view(S, S, H).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if self.mask is not None:
+            bias = bias + self.mask.repeat(n, 1, 1, 1)
+        scores = q @ k.transpose(-1, -2) + bias
+        a = torch.softmax(scores, -1) if self.witness else scores
+        h = a @ q
+        h = h.reshape(n, 2, H, S, C) if self.order == "sample-major" else \
+            h.reshape(2, n, H, S, C).transpose(0, 1)  # fmt: skip
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def _windows(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2 * Windows.S, C, generator=g, dtype=torch.float64)
+
+
 def _tokens(n, seed):
     return torch.randn(n, T, C, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -164,6 +208,10 @@ ZOO = {
         "lin.weight": "fallback", "lin.bias": "fallback", "W": "MatmulRule",
         "V": "MatmulRule"}),
     "shifts": (Shifts, _images, {"p": "BroadcastRule", "q": "BroadcastRule"}),
+    "windows": (Windows, _windows, {"table": "SampleFreeRule", "qk.weight": "MatmulRule"}),
+    "windows-shifted": (lambda: Windows(shifted=True), _windows, {"table": "SampleFreeRule"}),
+    "windows-window-major": (lambda: Windows("window-major"), _windows, {"table": "fallback"}),
+    "windows-no-witness": (lambda: Windows(witness=False), _windows, {"table": "fallback"}),
 }  # fmt: skip
 
 

@@ -46,14 +46,14 @@ def _layerwise(call: Call, x: torch.Tensor) -> torch.Tensor:
         def consume(key, blk: Block, m=m, parts=parts):
             if full:  # blk rows: pass-major (K·m); the K×K products of each sample's rows
                 K = blk.n // m
-                if isinstance(blk, Outer):
+                if isinstance(blk, Outer) and blk.a.dim() == 2:
                     a, b = blk.a.view(K, m, -1), blk.b.view(K, m, -1)
                     d = torch.einsum("kmp,lmp->mkl", a, a) * torch.einsum("kmd,lmd->mkl", b, b)
                 else:
                     G = blk.dense().view(K, m, -1)
                     d = torch.einsum("kmc,lmc->mkl", G, G)
             elif isinstance(blk, Outer):
-                d = blk.a.pow(2).sum(1) * blk.b.pow(2).sum(1)
+                d = blk.sq_norms()
             else:
                 d = blk.dense().pow(2).sum(1)
             parts[0] = d if 0 not in parts else parts[0] + d

@@ -13,9 +13,9 @@ from fastntk.rules import Block, Dense, Outer, gram_block
 def rows(blk: Block, R: int, n: int, s0: int, s1: int) -> Block:
     """Rows of samples s0:s1 out of a block whose rows are (R, n)."""
     if isinstance(blk, Outer):
-        a = blk.a.view(R, n, -1)[:, s0:s1].reshape(R * (s1 - s0), -1)
-        b = blk.b.view(R, n, -1)[:, s0:s1].reshape(R * (s1 - s0), -1)
-        return Outer(a, b)
+        a = blk.a.view(R, n, *blk.a.shape[1:])[:, s0:s1]
+        b = blk.b.view(R, n, *blk.b.shape[1:])[:, s0:s1]
+        return Outer(a.flatten(0, 1), b.flatten(0, 1))
     G = blk.G.view(R, n, -1)[:, s0:s1].reshape(R * (s1 - s0), -1)
     return Dense(G)
 
@@ -25,9 +25,9 @@ def regroup(parts: list[Block], R: int) -> Block:
     if len(parts) == 1:
         return parts[0]
     if all(isinstance(b, Outer) for b in parts):
-        a = torch.cat([b.a.view(R, b.n // R, -1) for b in parts], 1)
-        bb = torch.cat([b.b.view(R, b.n // R, -1) for b in parts], 1)
-        return Outer(a.reshape(-1, a.shape[-1]), bb.reshape(-1, bb.shape[-1]))
+        a = torch.cat([b.a.view(R, b.n // R, *b.a.shape[1:]) for b in parts], 1)
+        bb = torch.cat([b.b.view(R, b.n // R, *b.b.shape[1:]) for b in parts], 1)
+        return Outer(a.flatten(0, 1), bb.flatten(0, 1))
     G = torch.cat([b.dense().view(R, b.n // R, -1) for b in parts], 1)
     return Dense(G.reshape(-1, G.shape[-1]))
 

@@ -15,7 +15,11 @@ A rule returns a :class:`Block`:
   gradient is the outer product ``a_i b_i^T`` (dense layers on 2-D inputs).
   Its Gram is ``(a_A a_B^T) * (b_A b_B^T)``, since
   ``<a_i b_i^T, a_j b_j^T> = <a_i, a_j> <b_i, b_j>``: it costs ``n^2 (p + d)``
-  instead of ``n^2 p d`` (the "ghost" Gram).
+  instead of ``n^2 p d`` (the "ghost" Gram). With positions, ``a: (n, T, p)``,
+  ``b: (n, T, d)``, the gradient is ``sum_t a_it b_it^T`` (a layer applied at T
+  positions) and ``<G_i, G_j> = sum_{t,s} <a_it, a_js> <b_it, b_js>``: ``(nT)^2 (p + d)``
+  instead of forming G (``n T p d``) and its Gram (``n^2 p d``); rules return it where
+  :func:`outer_pays`.
 
 Register a rule for your own module type with :func:`register_gram_rule`.
 """
@@ -47,7 +51,8 @@ class Dense(NamedTuple):
 
 
 class Outer(NamedTuple):
-    """Per-sample gradient ``G_i = a_i b_i^T`` with ``a: (n, p)``, ``b: (n, d)``."""
+    """Per-sample gradient ``G_i = a_i b_i^T`` with ``a: (n, p)``, ``b: (n, d)``, or
+    ``G_i = sum_t a_it b_it^T`` with ``a: (n, T, p)``, ``b: (n, T, d)`` (T positions)."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -57,7 +62,37 @@ class Outer(NamedTuple):
         return self.a.shape[0]
 
     def dense(self) -> torch.Tensor:
-        return (self.a.unsqueeze(2) * self.b.unsqueeze(1)).reshape(self.a.shape[0], -1)
+        n = self.a.shape[0]
+        if self.a.dim() == 3:
+            return torch.bmm(self.a.transpose(1, 2), self.b).reshape(n, -1)
+        return (self.a.unsqueeze(2) * self.b.unsqueeze(1)).reshape(n, -1)
+
+    def sq_norms(self) -> torch.Tensor:
+        """``|G_i|^2`` for every sample, without forming G: (n,)."""
+        if self.a.dim() == 3:  # sum_{t,s} <a_it, a_is> <b_it, b_is>
+            aa = torch.bmm(self.a, self.a.transpose(1, 2))
+            return (aa * torch.bmm(self.b, self.b.transpose(1, 2))).sum((1, 2))
+        return self.a.pow(2).sum(1) * self.b.pow(2).sum(1)
+
+
+def outer_pays(n: int, T: int, p: int, d: int) -> bool:
+    """Whether a layer applied at ``T`` positions (per-sample gradient ``sum_t a_it
+    b_it^T``, ``p x d``) should give an :class:`Outer` block with positions rather than
+    a dense one, for a chunk of ``n`` samples: its Gram's multiply-adds per pair of
+    samples, ``T^2 (p + d)``, against forming the gradients and their symmetric Gram,
+    ``p d (T / n + 1/2)``. (Forming G is memory-bound at small T, so the count favours
+    the dense side; the measurements are in bench/results/engine_choices_cpu.md.)
+    ``OUTER_COST_FACTOR`` scales the first count: 0 always takes the Outer block, inf
+    never."""
+    return OUTER_COST_FACTOR * T * T * (p + d) < p * d * (T / max(n, 1) + 0.5)
+
+
+OUTER_COST_FACTOR = 1.0
+
+
+# The positional ghost Gram in slabs of A's samples whose two (slab·T, n_B·T) products
+# take at most this many bytes.
+OUTER_SLAB_BYTES = 32 * 2**20
 
 
 Block = Dense | Outer
@@ -88,9 +123,11 @@ def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
     CPU and, with a CUDA build, on a GPU.
     """
     with phase("gram"):
-        if isinstance(A, Outer) and isinstance(B, Outer):
-            count_gram(A.n, B.n, A.a.shape[1] + A.b.shape[1])
-            return (A.a @ B.a.T) * (A.b @ B.b.T)
+        if isinstance(A, Outer) and isinstance(B, Outer) and A.a.dim() == B.a.dim():
+            if A.a.dim() == 2:
+                count_gram(A.n, B.n, A.a.shape[1] + A.b.shape[1])
+                return (A.a @ B.a.T) * (A.b @ B.b.T)
+            return _outer_gram(A, B)
         a = A.dense()
         b = a if A is B else B.dense()
         count_gram(a.shape[0], b.shape[0], a.shape[1])
@@ -106,6 +143,22 @@ def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
                 return _ext.gram_sym(a, out)
             return _ext.gram_cross(a, b, out)
         return a @ b.T
+
+
+def _outer_gram(A: Outer, B: Outer) -> torch.Tensor:
+    """The Gram of two Outer blocks with positions, in slabs of A's samples."""
+    nA, T, p = A.a.shape
+    nB, S, d = B.a.shape[0], B.a.shape[1], A.b.shape[2]
+    count_gram(nA * T, nB * S, p + d)
+    aB, bB = B.a.reshape(nB * S, p), B.b.reshape(nB * S, d)
+    out = A.a.new_empty(nA, nB)
+    slab = max(1, OUTER_SLAB_BYTES // (2 * T * nB * S * A.a.element_size()))
+    for i0 in range(0, nA, slab):
+        i1 = min(nA, i0 + slab)
+        prod = A.a[i0:i1].reshape(-1, p) @ aB.T
+        prod *= A.b[i0:i1].reshape(-1, d) @ bB.T
+        out[i0:i1] = prod.view(i1 - i0, T, nB, S).sum((1, 3))
+    return out
 
 
 def _csrc_gram_applies(a: torch.Tensor, b: torch.Tensor, backend: str) -> bool:
@@ -365,5 +418,6 @@ __all__ = [
     "cat_blocks",
     "find_rule",
     "gram_block",
+    "outer_pays",
     "register_gram_rule",
 ]

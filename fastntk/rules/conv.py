@@ -17,7 +17,12 @@ stride and dilation select the patch positions.
 
 Strategies (one per layer shape; all exact, they differ in summation order):
 
+* few output positions (``outer_pays``: ResNet's and ConvNeXt's last stages, T = 2x2 or
+  4x4): no per-sample gradient is formed; the block is ``Outer(g, u)`` with positions,
+  whose Gram is ``sum_{t,s} <g_it, g_js> <u_it, u_js>``.
 * 1x1, stride 1, no padding: the input is its own patch matrix: one bmm.
+* one input channel per group (depthwise): a forward convolution in which the samples'
+  channels are the groups and the output gradients the filters.
 * output maps of at least ``GROUPED_MIN_T`` = 64 positions: the weight gradient of a
   grouped convolution in which every sample is a group (ATen's
   ``convolution_backward`` for the weight only; no patch buffer), in sample chunks of at
@@ -42,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastntk.rules import Dense, GramRule, register_gram_rule
+from fastntk.rules import Dense, GramRule, Outer, outer_pays, register_gram_rule
 
 # The grouped strategy runs in sample chunks whose result is at most this big. ATen's grouped
 # weight gradient allocates its result and oneDNN scratch of a few times that size per call;
@@ -59,6 +64,9 @@ GROUPED_CHUNK_BYTES = 2**20
 # In bench/results/engine_choices_cpu.md (N=128, 3x3) the grouped chunks win at 32x32 and
 # 16x16 and at 64 ch 8x8 (4.3 vs 6.0 ms), lose at 128 ch 8x8 (21.3 vs 18.5 ms) and at 4x4.
 GROUPED_MIN_T = 64
+# Whether groups of one input channel take the forward-convolution strategy
+# (_depthwise_weight_grad: 3.5-20x faster where measured; False: the strategies below).
+DEPTHWISE_FORWARD = True
 
 
 def _pad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -190,8 +198,41 @@ def _patches_weight_grad(module, ctx, xs, gs, hg, out=None):
     return G.reshape(n, hg * og, -1)
 
 
+def _depthwise_weight_grad(module, xs, gs, hg):
+    """Per-sample weight gradients of a convolution with one input channel per group
+    (depthwise: ConvNeXt's 7x7) as one *forward* convolution: the input's channels of
+    all samples are the groups, the output gradients the filters,
+
+        dW[i, o, a] = sum_u g[i, o, u] x_pad[i, c(o), stride * u + dilation * a],
+
+    a correlation in which the module's stride becomes the dilation and its dilation the
+    stride. Arguments as :func:`_grouped_weight_grad` (``hg`` groups of one channel).
+    On the 2-core CPU, N=64, 2 threads, against the strategies above: 64 ch 7x7 at 4x4,
+    0.14 vs 3.1 ms; 128 ch at 2x2, 1.3 vs 4.7 ms; 32 ch at 8x8, 0.17 vs 2.6 ms. With more
+    input channels per group it lost (16->16 3x3 at 32x32: 9.6 vs 5.3 ms), so it serves
+    depthwise layers only (the measurement: bench/results/engine_choices_cpu.md)."""
+    nd = len(module.kernel_size)
+    n = xs.shape[0]
+    og = gs.shape[1] // hg
+    xs, padding = _aten_padding(module, xs)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    dW = conv(
+        xs.reshape(1, n * hg, *xs.shape[2:]),
+        gs.reshape(n * hg * og, 1, *gs.shape[2:]),
+        None,
+        module.dilation,
+        padding,
+        module.stride,
+        n * hg,
+    )  # (1, n*hg*og, *at least k): the taps past k are cropped
+    dW = dW[(0, slice(None)) + tuple(slice(0, k) for k in module.kernel_size)]
+    return dW.reshape(n, hg * og, -1)
+
+
 def _weight_grad(module, ctx, xs, gs, hg, out=None):
     """(n, hg*og, D) per-sample weight gradients by the strategy for this shape."""
+    if DEPTHWISE_FORWARD and xs.shape[1] == hg and not _is_pointwise(module):
+        return _depthwise_weight_grad(module, xs, gs, hg)
     if gs[0, 0].numel() >= GROUPED_MIN_T and not _is_pointwise(module):
         return _grouped_weight_grad(module, xs, gs, hg, out)
     return _patches_weight_grad(module, ctx, xs, gs, hg, out)
@@ -254,6 +295,10 @@ class ConvRule(GramRule):
             return super().grad_rows_multi(module, saved, gouts, name, r0, r1)
         x, ctx = saved
         K, nd = len(gouts), len(module.kernel_size)
+        ghost = self._ghost(module, ctx, x, gouts[0][:, r0:r1])
+        if ghost is not None:  # one patch matrix, shared by the K blocks
+            u, n, T = ghost
+            return [Outer(gk[:, r0:r1].reshape(n, r1 - r0, T).transpose(1, 2), u) for gk in gouts]
         if ctx.backend in ("triton", "csrc"):  # the compiled kernels take the stacked gradients
             c = K * (r1 - r0)  # (rows r0:r1 only: each row range computes its own channels)
             G = self.grad_rows(module, saved, torch.cat([gk[:, r0:r1] for gk in gouts], 1),
@@ -294,6 +339,11 @@ class ConvRule(GramRule):
             cin_g = x.shape[1] // groups
             xs, gs = x[:, h0 * cin_g : h1 * cin_g], gout[:, h0 * og : h1 * og]
             lo, hi = r0 - h0 * og, r1 - h0 * og
+        if groups == 1:
+            ghost = self._ghost(module, ctx, x, gs)
+            if ghost is not None:
+                u, n, T = ghost
+                return Outer(gs.reshape(n, r1 - r0, T).transpose(1, 2), u)
         compiled = _compiled_weight_grad(module, xs, gs, ctx.backend, T, groups=h1 - h0)
         if compiled is not None:
             return Dense(compiled.reshape(n, gs.shape[1], -1)[:, lo:hi].reshape(n, -1))
@@ -301,3 +351,19 @@ class ConvRule(GramRule):
             out = None  # the result is sliced: not written into ``out``
         G = _weight_grad(module, ctx, xs, gs, h1 - h0, out)
         return Dense(G[:, lo:hi].reshape(n, -1))
+
+    @staticmethod
+    def _ghost(module, ctx, x, gs):
+        """(patches (n, T, C_in * prod(k)), n, T) where an :class:`Outer` block with
+        positions pays for output gradients ``gs`` (n, rows, *out_spatial) of an ungrouped
+        convolution on the PyTorch backends, else None."""
+        if ctx.backend not in ("torch", "auto"):
+            return None
+        nd = len(module.kernel_size)
+        if x.dim() == nd + 1:
+            x, gs = x.unsqueeze(0), gs.unsqueeze(0)
+        n, rows, T = gs.shape[0], gs.shape[1], gs[0, 0].numel()
+        D = x.shape[1] * _prod(module.kernel_size)
+        if not outer_pays(n, T, rows, D):
+            return None
+        return unfold_patches(module, x).transpose(1, 2), n, T

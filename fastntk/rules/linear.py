@@ -12,6 +12,8 @@ For ``T = 1`` the per-sample weight gradient is the outer product
 ``n^2 (out + in)`` instead of ``n^2 out in``. For ``T > 1`` it is one batched
 matmul ``g_i^T u_i`` over the tokens; with ``method="triton"`` fastntk's Triton
 kernel computes it (:func:`fastntk.kernels.conv_psg.linear_psg`, float32 accumulation).
+With few positions (``outer_pays``: ConvNeXt's pointwise layers on its 2x2 last stage)
+the block is an :class:`Outer` with positions instead, whose Gram never forms G.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastntk.rules import Dense, GramRule, Outer, register_gram_rule
+from fastntk.rules import Dense, GramRule, Outer, outer_pays, register_gram_rule
 
 
 @register_gram_rule(nn.Linear)
@@ -43,6 +45,8 @@ class LinearRule(GramRule):
         if name == "bias":
             return Dense(g3.sum(1))
         u3 = u.reshape(n, -1, u.shape[-1])  # (n, T, in)
+        if backend in ("torch", "auto") and outer_pays(n, u3.shape[1], r1 - r0, u3.shape[2]):
+            return Outer(g3, u3)
         if backend == "triton":
             from fastntk.kernels.conv_psg import linear_psg
 

@@ -65,6 +65,8 @@ class Use:
     param: torch.Tensor
     transposed: bool = False
     chain: tuple[Any, ...] = ()
+    rows: int = 1  # the node's output rows per sample (> 1: merged, sample-major)
+    witness: torch.Tensor | None = None  # merged rows: a saved tensor with those rows
 
     @property
     def out(self) -> tuple[int, ...]:
@@ -118,8 +120,7 @@ def _sample_free_exits(consumer, param, consumers, n) -> list[Use] | None:
     stack = [consumer]
     while stack:
         node, index = stack.pop()
-        out = _shape(node)
-        if node.name() in SAMPLE_FREE.nodes and out and out[0] == n:
+        if node.name() in SAMPLE_FREE.nodes and _rows_at_exit(node, index, n):
             exits.setdefault(id(node), []).append((node, index))
             continue
         if id(node) in inside:
@@ -141,13 +142,68 @@ def _sample_free_exits(consumer, param, consumers, n) -> list[Use] | None:
         node, index = lst[0]
         src = node.next_functions[index][0]
         others = [f for j, (f, _) in enumerate(node.next_functions) if j != index and f is not None]
-        if not others or any(id(f) in inside for f in others):
-            return None  # the exit must meet a batched tensor
-        uses.append(Use(node, index, _shape(src), param, chain=chain))
+        rows = _rows_at_exit(node, index, n)
+        if any(id(f) in inside for f in others) or not (others or rows > 1):
+            return None  # the exit must meet a batched tensor (merged rows: or a constant)
+        witness = None
+        if rows > 1:  # the probe needs a saved tensor with the exit's rows to confirm them
+            witness = _witness(node, consumers)
+            if witness is None:
+                return None
+        uses.append(Use(node, index, _shape(src), param, chain=chain, rows=rows, witness=witness))
     return uses or None
 
 
+def _rows_at_exit(node: Any, index: int, n: int) -> int:
+    """The rows per sample of ``node``'s output where ``node`` may be the exit of a
+    sample-free subgraph entering through input ``index`` in a chunk of ``n`` samples: 1
+    where its output has the samples in dim 0; ``T`` where its output has ``n T`` rows and
+    the subgraph's tensor is broadcast along dim 0 (Swin's relative-position bias, (1, h,
+    S, S), added to attention scores of (n windows, h, S, S)); else 0 (not an exit)."""
+    out = _shape(node)
+    if not out or out[0] % n:
+        return 0
+    if out[0] == n:
+        return 1
+    src = _shape(node.next_functions[index][0])
+    return out[0] // n if len(src) < len(out) or src[0] == 1 else 0
+
+
 MAX_CHAIN = 16  # nodes of a sample-free chain a node rule follows
+
+# After an exit with merged rows: nodes that keep the rows of their output where they were
+# (elementwise, the output's shape unchanged), and nodes saving a tensor of that shape whose
+# rows are the exit output's, transformed row by row (softmax over a later dim, unary
+# maps). Such a tensor is the witness the probe compares (``classify._confirmed``).
+ROWWISE = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
+WITNESS = {
+    "SoftmaxBackward0": "_saved_result", "SafeSoftmaxBackward0": "_saved_result",
+    "LogSoftmaxBackward0": "_saved_result", "TanhBackward0": "_saved_result",
+    "SigmoidBackward0": "_saved_result", "GeluBackward0": "_saved_self",
+}  # fmt: skip
+MAX_WITNESS_STEPS = 4
+
+
+def _witness(exit_node: Any, consumers) -> torch.Tensor | None:
+    """A saved tensor whose rows are ``exit_node``'s output rows, in place (``WITNESS``),
+    found within ``MAX_WITNESS_STEPS`` single-consumer ``ROWWISE`` nodes; or None."""
+    shape, node = _shape(exit_node), exit_node
+    for _ in range(MAX_WITNESS_STEPS):
+        nxt = consumers(node)
+        if len(nxt) != 1 or _shape(nxt[0][0]) != shape:
+            return None
+        node = nxt[0][0]
+        attr = WITNESS.get(node.name())
+        if attr is None:
+            if node.name() not in ROWWISE:
+                return None
+            continue
+        dim = getattr(node, "_saved_dim", None)
+        if dim is not None and (dim if dim < 2**63 else dim - 2**64) % len(shape) == 0:
+            return None  # a softmax over the rows mixes them
+        t = getattr(node, attr, None)
+        return t.detach() if isinstance(t, torch.Tensor) and tuple(t.shape) == shape else None
+    return None
 
 
 def find(use: Use, n: int) -> tuple[NodeRule, Any] | None:
@@ -333,20 +389,25 @@ class MatmulRule(NodeRule):
 class SampleFreeRule(NodeRule):
     """A parameter reaching the batch through a sample-free subgraph ``z = f(p)`` added to
     (or multiplying) a batched tensor: BERT's and GPT-2's position embeddings, T5's
-    relative-position bias. The rule reduces the node's output gradient to ``z``'s shape
+    relative-position bias; Swin's, added to the attention scores of each sample's windows
+    (``T`` rows per sample, sample-major: the probe compares a saved tensor with those
+    rows, :func:`_witness`). The rule reduces the node's output gradient to ``z``'s shape
     per sample (as :class:`BroadcastRule` and :class:`ScaleRule` do for ``p`` itself),
     then pulls each sample's ``dz_i`` back through ``f`` with one batched vector-Jacobian
     product (``torch.autograd.grad(..., is_grads_batched=True)`` on the chain's last
     node). The backward itself never runs ``f``: its root is that node's output, so ``f``'s
     graph stays for the products, whenever the engine asks for them.
     ``saved``: (broadcast dims, alpha or the other factor, z's shape, the edge into
-    ``f``'s output, the parameter)."""
+    ``f``'s output, the parameter, rows per sample, the witness of merged rows)."""
 
     nodes = ("AddBackward0", "SubBackward0", "MulBackward0")
 
     def match(self, use, n):
-        out, node = use.out, use.node
-        dims = _broadcast_dims(use.view, out) if out and out[0] == n else None
+        node, T = use.node, use.rows
+        out = use.out
+        if not out or out[0] != n * T:
+            return None
+        dims = _broadcast_dims(use.view, (n, *out[1:]))
         if dims is None:
             return None
         if node.name() == "MulBackward0":
@@ -360,14 +421,22 @@ class SampleFreeRule(NodeRule):
                 return None
             factor = float(-alpha if node.name() == "SubBackward0" and use.index == 1 else alpha)
         edge = GradientEdge(*node.next_functions[use.index])
-        return dims, factor, use.view, edge, use.param
+        return dims, factor, use.view, edge, use.param, T, use.witness
 
     def root(self, saved, param):
         return saved[3]
 
+    def rows_per_sample(self, saved):
+        return saved[5]
+
+    def rows_input(self, saved):
+        return saved[6]
+
     def grad_rows(self, module, saved, gout, name, r0, r1):
-        dims, factor, view, edge, param = saved
+        dims, factor, view, edge, param, T, _ = saved
         g = gout * factor if not (isinstance(factor, float) and factor == 1) else gout
+        if T > 1:  # merged rows, sample-major (the probe confirmed): each sample's summed
+            g = g.reshape(g.shape[0] // T, T, *g.shape[1:]).sum(1)
         dz = (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], *view)
         try:
             (G,) = torch.autograd.grad(edge, param, dz, retain_graph=True, is_grads_batched=True)
