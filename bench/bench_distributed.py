@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import _child  # noqa: E402
 from _meta import git_sha  # noqa: E402
-
-TAG = "FASTNTK_BENCH "
 
 
 def kernel_child(n: int, tile: int, distributed: bool) -> dict:
@@ -57,17 +55,9 @@ def kernel_child(n: int, tile: int, distributed: bool) -> dict:
 
 
 def _ranks(cmd: list[str], ranks: int, threads: int) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(ranks):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}  # fmt: skip
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
-    return [_result(p) for p in procs]
+    from fastntk.distributed import spawn_local
+
+    return [_result(p) for p in spawn_local(cmd, ranks, threads=threads)]
 
 
 def _one(cmd: list[str], threads: int) -> dict:
@@ -80,10 +70,10 @@ def _one(cmd: list[str], threads: int) -> dict:
 
 def _result(p: subprocess.Popen) -> dict:
     out, err = p.communicate()
-    lines = [ln for ln in out.splitlines() if ln.startswith(TAG)]
-    if p.returncode != 0 or not lines:
+    res = _child.parse(out)
+    if p.returncode != 0 or res is None:
         raise SystemExit(f"a measurement failed ({p.returncode}): {err.strip()[-500:]}")
-    return json.loads(lines[-1][len(TAG) :])
+    return res
 
 
 def timed_cli(argv: list[str]) -> dict:
@@ -117,7 +107,7 @@ def main(argv=None) -> int:
         else:
             res = timed_cli(spec["argv"])
         res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(TAG + json.dumps(res), flush=True)
+        _child.report(res)
         return 0
     per_rank = max(1, args.threads // args.ranks)
     me = [sys.executable, os.path.abspath(__file__), "--child"]

@@ -18,13 +18,16 @@
 * ``depthwise``: per-sample weight gradients of convolutions with few input channels per
   group (ConvNeXt's depthwise 7x7, stems) by a forward convolution vs the strategies above
   (``rules.conv.DEPTHWISE_FORWARD``).
+* ``blocks``: the cap on Linear-on-token blocks (``rules.CACHE_BLOCK_BYTES``, 4 MiB) on
+  and off, and the engine's block budget (``sizes.BLOCK_BYTES``) at 4 MiB for every layer,
+  on Hugging Face models (``bench_hf_zoo.py``'s zoo) and the NB201 network, "sum".
 * ``positions``: a layer applied at T positions (convolution windows, tokens) as an Outer
   block with positions (its Gram never forms G) vs dense per-sample gradients and their
   symmetric Gram, with the choice ``rules.outer_pays`` makes.
 
 Usage:
     python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [trace] [pool] [coupled]
-        [mha] [depthwise] [positions]
+        [mha] [depthwise] [positions] [blocks]
         [--device cpu|cuda]   (the device of the coupled section's model and data)
 """
 
@@ -463,6 +466,49 @@ def positions(n=64):
               f"{outer_pays(n, T, co, D)} |")  # fmt: skip
 
 
+def blocks(n=64, reps=2):
+    """``ntk`` "sum" with the Linear rule's cache-sized blocks (4 MiB), without them, and
+    with every block at 4 MiB, alternating in one process: medians of 5 per setting and
+    round (ms)."""
+    import statistics
+
+    from fastntk import rules
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_hf_zoo
+
+    print(f"## block sizes inside ntk(), sum, N={n} (NB201 also 256), medians of 5 (ms)")
+    print("| model | N | Linear on tokens capped at 4 MiB (default) | no cap | every block 4 MiB |")
+    print("|---|---|---|---|---|")
+    cases = [(name, n) for name in ("vit", "bert", "t5", "llama", "resnet", "swin")]
+    cases += [("nb201", n), ("nb201", 256)]
+    cap0, block0 = rules.CACHE_BLOCK_BYTES, sizes.BLOCK_BYTES
+    settings = {"capped": (cap0, block0), "no cap": (2**62, block0), "all 4 MiB": (cap0, 4 << 20)}
+    for name, m in cases:
+        if name == "nb201":
+            model, x = _model(m)
+        else:
+            model, inputs = bench_hf_zoo.build(name)
+            x = inputs(m)
+        times: dict[str, list[float]] = {k: [] for k in settings}
+        try:
+            for _ in range(reps):
+                for k, (cap, block) in settings.items():
+                    rules.CACHE_BLOCK_BYTES, sizes.BLOCK_BYTES = cap, block
+                    f = lambda: fastntk.ntk(model, x, output="sum", progress=False)  # noqa: E731
+                    f()
+                    ts = []
+                    for _ in range(5):
+                        t = time.perf_counter()
+                        f()
+                        ts.append(time.perf_counter() - t)
+                    times[k].append(statistics.median(ts))
+        finally:
+            rules.CACHE_BLOCK_BYTES, sizes.BLOCK_BYTES = cap0, block0
+        cells = " | ".join(", ".join(f"{1e3 * t:.0f}" for t in times[k]) for k in settings)
+        print(f"| {name} | {m} | {cells} |", flush=True)
+
+
 if __name__ == "__main__":
     sections = {
         "conv": conv,
@@ -475,6 +521,7 @@ if __name__ == "__main__":
         "mha": mha,
         "depthwise": depthwise,
         "positions": positions,
+        "blocks": blocks,
     }
     argv = sys.argv[1:]
     if "--device" in argv:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -34,10 +33,11 @@ from typing import Any
 from fastntk.cli.args import OneLineParser, positive_float, positive_int
 from fastntk.errors import FastNTKError, OptionError
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _child  # noqa: E402
+
 HEADER = ("model", "method", "n", "output", "time_s", "samples_per_s", "gram_tflops",
           "peak_mib", "memory", "device", "first_s", "stack", "error")  # fmt: skip
-# The child's result line on stdout (anything else it prints is ignored).
-TAG = "FASTNTK_BENCH "
 
 
 def _sizes(s: str) -> list[int]:
@@ -90,7 +90,7 @@ def bench_model(name: str):
 
 
 def child(spec_json: str) -> None:
-    """Run in a fresh process: one measurement, printed as a ``TAG`` + JSON line."""
+    """Run in a fresh process: one measurement, reported as ``_child`` reads it."""
     import resource
     import statistics
 
@@ -147,7 +147,7 @@ def child(spec_json: str) -> None:
             if cuda else "")  # fmt: skip
     except Exception as e:  # reported as a row, not a crash of the table
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
-    print(TAG + json.dumps(out), flush=True)
+    _child.report(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -209,20 +209,9 @@ def _measure_all(args, methods: list[str], rows: list[dict[str, Any]], emit) -> 
         for method in methods:
             spec = {"model": args.model, "n": n, "method": method, "output": args.output,
                     "repeat": args.repeat, "threads": args.threads}  # fmt: skip
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
             row: dict[str, Any] = {"model": args.model, "method": method, "n": n,
                                    "output": args.output}  # fmt: skip
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
-                lines = [ln for ln in p.stdout.splitlines() if ln.startswith(TAG)]
-                if lines:
-                    row.update(json.loads(lines[-1][len(TAG) :]))
-                else:
-                    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                    row["error"] = f"exit {p.returncode}: {tail}"[:120]
-            except subprocess.TimeoutExpired:
-                row["error"] = f"timeout after {args.timeout:g} s"
+            row.update(_child.run(__file__, spec, timeout=args.timeout))
             if "time_s" in row:
                 row["samples_per_s"] = n / row["time_s"] if row["time_s"] > 0 else math.inf
             rows.append(row)

@@ -243,16 +243,16 @@ def run_bench(capsys, bench_models, *argv):
 def test_bench_table_and_csv(capsys, tmp_path, monkeypatch, bench_models):
     # run each measurement in-process instead of a fresh interpreter (importing torch
     # costs seconds per process on the CI machine)
-    def fake_run(cmd, **kw):
+    def fake_run(script, spec, timeout=None):
         import contextlib
         import io
 
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            bench_models.child(cmd[-1])
-        return subprocess.CompletedProcess(cmd, 0, buf.getvalue(), "")
+            bench_models.child(json.dumps(spec))
+        return bench_models._child.parse(buf.getvalue())
 
-    monkeypatch.setattr(bench_models.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_models._child, "run", fake_run)
     # a narrow NB201 network (C=4, N=1) keeps this fast; real sizes: see the report/README
     from fastntk.spaces.nb201 import build_model
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from reference import rel_err
 
 import fastntk
-from fastntk.distributed import tiles
+from fastntk.distributed import spawn_local, tiles
 from fastntk.errors import DistributedError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,18 +28,8 @@ EXACT = 1e-12  # the issue's bound; tiles are the single-process engine's own bl
 
 def launch(scenario: str, out_dir, world: int = 2, env: dict | None = None, timeout=240):
     """Start ``world`` ranks of ``dist_worker.py``; returns [(returncode, stderr)] by rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(world):
-        e = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-             "PYTHONWARNINGS": "ignore", **(env or {})}  # fmt: skip
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "dist_worker.py"), scenario, str(out_dir)],
-            env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))  # fmt: skip
+    procs = spawn_local([sys.executable, os.path.join(HERE, "dist_worker.py"), scenario,
+                         str(out_dir)], world, env=env)  # fmt: skip
     out = []
     for p in procs:
         _, err = p.communicate(timeout=timeout)

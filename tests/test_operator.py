@@ -76,6 +76,91 @@ def test_products_stream_over_chunks():
     assert rel_err(A @ V, D @ V) <= TOL64  # again (nothing stale)
 
 
+class _NoForwardAD(torch.autograd.Function):
+    """tanh with a backward and no forward derivative (no ``jvp``)."""
+
+    generate_vmap_rule = True  # (the oracle is torch.func's jacrev)
+
+    @staticmethod
+    def forward(x):
+        return x.tanh()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - x.tanh() ** 2)
+
+
+class _Custom(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(_NoForwardAD.apply(self.a(x)))
+
+
+class _FunctionalPadding(torch.nn.Module):
+    """``F.embedding`` with a ``padding_idx`` outside any module, its table used again: the
+    backward leaves the padding row without gradient, forward mode would not."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 6)  # (its padding_idx: None)
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, idx):
+        w = self.emb.weight
+        h = torch.nn.functional.embedding(idx, w, padding_idx=0).mean(1)
+        return self.fc(torch.tanh(h)) + (h @ w.T)[:, :3]
+
+
+def test_forward_mode_checked_against_the_double_backward():
+    """The first forward-mode product is compared with the double backward's: a model
+    whose backward is not its derivative by convention keeps the double backward."""
+    torch.manual_seed(0)
+    m = _FunctionalPadding().double()
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randint(0, 11, (5, 4), generator=g), torch.randint(0, 11, (3, 4), generator=g)
+    x1[:, 0] = 0  # padding tokens
+    A = fastntk.ntk_operator(m, x1, x2, chunk_size=2, dtype=torch.float64)
+    D = _dense(full_kernel(m, x1, x2), "sum")
+    V = _V(D.shape[1], 2)
+    assert A.forward_mode
+    assert rel_err(A @ V, D @ V) <= TOL64
+    assert not A.forward_mode
+    assert rel_err(A @ V, D @ V) <= TOL64
+
+
+@pytest.mark.parametrize("name", zoo.ZOO + ["custom"])
+@pytest.mark.parametrize("output", ["sum", "full"])
+def test_streamed_products_by_forward_mode(name, output):
+    """Sides of several chunks (chunks of 2, no graph kept): J u by forward-mode AD, or,
+    for an op without a forward derivative (a custom autograd.Function), by the double
+    backward, in a cross operator and its transpose."""
+    if name == "custom":
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        m, x1, x2 = _Custom(), torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)
+    else:
+        m, x1, x2 = zoo.make(name, n=5)
+    m = m.double()
+    x1 = x1.double() if x1.is_floating_point() else x1
+    x2 = x2.double() if x2.is_floating_point() else x2
+    A = fastntk.ntk_operator(m, x1, x2, output=output, chunk_size=2, dtype=torch.float64)
+    D = _dense(full_kernel(m, x1, x2), output)
+    V, U = _V(D.shape[1], 2), _V(D.shape[0], 2, seed=1)
+    assert rel_err(A @ V, D @ V) <= TOL64
+    assert rel_err(A.T @ U, D.T @ U) <= TOL64
+    # (the custom Function has no forward derivative; the tied LM's embedding has a
+    # padding_idx, whose row its backward leaves without gradient)
+    assert A.forward_mode == (name not in ("custom", "tied"))
+
+
 def test_scipy_operator():
     from scipy.sparse.linalg import LinearOperator
 

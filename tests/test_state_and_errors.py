@@ -9,6 +9,7 @@ import zoo
 
 import fastntk
 from fastntk import errors
+from fastntk.metrics import compute_metrics
 
 # A module's hook dicts: compared by content, (handle id, hook) in order, so a hook
 # replaced by another (or re-registered under a new handle) is seen, not only a count.
@@ -69,6 +70,36 @@ def test_model_unchanged(bn, method, train_flag):
     else:
         fastntk.ntk(m, x1, x2, output="trace", bn=bn, method=method)
         fastntk.ntk(m, x1, bn=bn, method=method, dtype=torch.float64)
+    assert_same(before, snapshot(m))
+
+
+def _operator_products(m, x1, x2, bn):
+    A = fastntk.ntk_operator(m, x1, x2, output="trace", bn=bn, chunk_size=2)
+    A @ torch.ones(A.shape[1])  # streamed chunks (forward mode where samples are independent)
+    A.T @ torch.ones(A.shape[0])
+
+
+# The entry points besides ntk(): each run on the model of test_model_unchanged
+ENTRY_POINTS = {
+    "ntk_operator": _operator_products,
+    "ntk_diag": lambda m, x1, x2, bn: fastntk.ntk_diag(m, x1, output="trace", bn=bn),
+    "explain": lambda m, x1, x2, bn: fastntk.explain(m, x1, x2, bn=bn),
+    "compute_metrics on the operator": lambda m, x1, x2, bn: compute_metrics(
+        m, x1, torch.arange(len(x1)) % 3, ["lga", "trainability"], bn=bn, path="operator"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bn", ["eval", "batch", "per_sample"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_model_unchanged_by_the_other_entry_points(bn, entry):
+    m, x1, x2 = zoo.make("nb201")
+    m.train()
+    conv = m.cells[0].layers[0].op[1]
+    conv.weight.requires_grad_(False)
+    conv.register_forward_hook(lambda mod, args, out: None)
+    conv.register_full_backward_hook(lambda mod, gin, gout: None)
+    before = snapshot(m)
+    ENTRY_POINTS[entry](m, x1, x2, bn)
     assert_same(before, snapshot(m))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import time
 import pytest
 from cli_run import DATA, run
 
+from fastntk.distributed import spawn_local
 from fastntk.search import Journal
 
 COMMON = [*DATA, "--no-progress"]
@@ -26,18 +26,7 @@ COMMON = [*DATA, "--no-progress"]
 
 def _ranks(argv: list[str], world: int = 2) -> list[subprocess.Popen]:
     """``python -m fastntk argv`` as ``world`` torchrun-style ranks."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(world):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONWARNINGS": "ignore"}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-m", "fastntk", *argv], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))  # fmt: skip
-    return procs
+    return spawn_local([sys.executable, "-m", "fastntk", *argv], world)
 
 
 def _finish(procs, timeout=300) -> list[tuple[int, str, str]]:

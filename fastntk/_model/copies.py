@@ -30,11 +30,16 @@ class Copies:
     # the structure cannot change while the copies live (one ntk call)
     _slots: dict[int, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
 
-    def call(self, model: nn.Module, x: torch.Tensor, *, samples: int | str | None = None) -> Any:
+    def call(
+        self, model: nn.Module, x: torch.Tensor, *, samples: int | str | None = None,
+        params: dict[str, torch.Tensor] | None = None,
+    ) -> Any:  # fmt: skip
         """``model(x)`` with the copies; ``samples``, what ``x`` holds for bn="per_sample"
-        (:func:`forward_samples`), is by default a sample per row of dim 0."""
+        (:func:`forward_samples`), is by default a sample per row of dim 0; ``params``
+        replace some of the copies for this call (the operator's dual tensors)."""
         with forward_samples(x.shape[0] if samples is None else samples):
-            return self.functional(model, {**self.params, **self.buffers}, (x,))
+            tensors = {**self.params, **(params or {}), **self.buffers}
+            return self.functional(model, tensors, (x,))
 
     def functional(
         self, module: nn.Module, tensors: dict[str, torch.Tensor], args: Any,

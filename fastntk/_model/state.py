@@ -154,29 +154,31 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
     with contextlib.ExitStack() as held:
         held.enter_context(locked(model))
         held.enter_context(_suspended_process_state())
-        flags = [(m, m.training) for m in model.modules()]
+        mods = list(model.modules())  # (walked once: a transformer has hundreds)
+        bns = batchnorms(model)
+        flags = [(m, m.training) for m in mods]
         # tensors kept as plain attributes (the legacy weight_norm / spectral_norm and
         # prune pre-hooks write the derived weight there, from fastntk's copies)
         attrs = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
-                 for m in model.modules()]  # fmt: skip
+                 for m in mods]  # fmt: skip
         swapped: list[tuple[nn.Module, Any]] = []
         # The user's module backward hooks are suspended: the kernel is of the function, a
         # hook may change gradients, and torch.func refuses modules with full backward hooks.
         hooks = [(m, m._backward_hooks, m._backward_pre_hooks, m._is_full_backward_hook)
-                 for m in model.modules()]  # fmt: skip
+                 for m in mods]  # fmt: skip
         # the (module, attribute) slots: torch.func's functional_call swaps fastntk's copies
         # in and out; a Ctrl-C inside its swap-out left copies in the user's model
-        slots = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+        slots = [(m, dict(m._parameters), dict(m._buffers)) for m in mods]
         layout_fixes = []
         sparse: list[nn.Module] = []
         try:
             for m, *_ in hooks:
                 clear_backward_hooks(m)
-            for m in batchnorms(model):
+            for m in bns:
                 layout_fixes.append(m.register_forward_hook(bn_gradient_layout))
-            for m in model.modules():
+            for m in mods:
                 m.training = False
-            for m in batchnorms(model):
+            for m in bns:
                 if bn == "batch":
                     m.training = True
                 elif bn == "per_sample":
@@ -196,11 +198,11 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
                         )
                     swapped.append((m, _MISSING))
                     m.forward = types.MethodType(per_sample_bn_forward, m)
-            for m in model.modules():  # sparse tables: dense gradients (same values)
+            for m in mods:  # sparse tables: dense gradients (same values)
                 if isinstance(m, nn.Embedding) and m.sparse:
                     sparse.append(m)
                     m.sparse = False
-            for m in model.modules():
+            for m in mods:
                 if type(m) is nn.PReLU and "forward" not in m.__dict__:  # (not a subclass)
                     swapped.append((m, m.__dict__.get("forward", _MISSING)))
                     m.forward = types.MethodType(prelu_forward, m)

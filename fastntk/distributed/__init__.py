@@ -14,7 +14,7 @@ rank. Architecture scoring over workers is ``fastntk search|evaluate --workers W
 (:mod:`fastntk.search.workers`).
 """
 
-from fastntk.distributed.group import Group, join
+from fastntk.distributed.group import Group, join, spawn_local
 from fastntk.distributed.kernel import ntk, ntk_sketch
 
-__all__ = ["Group", "join", "ntk", "ntk_sketch"]
+__all__ = ["Group", "join", "ntk", "ntk_sketch", "spawn_local"]

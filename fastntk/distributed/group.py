@@ -10,7 +10,9 @@ import copy
 import datetime
 import hashlib
 import os
-from collections.abc import Iterator
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,26 @@ from fastntk.errors import DistributedError
 # torchrun's environment (c10d rendezvous): what init_process_group("env://") reads
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 600.0
+
+
+def spawn_local(cmd: Sequence[str], world: int, *, threads: int = 1,
+                env: dict[str, str] | None = None) -> list[subprocess.Popen]:  # fmt: skip
+    """Start ``cmd`` as ``world`` ranks on this machine with the environment torchrun gives
+    them (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, a free ``MASTER_PORT`` on 127.0.0.1),
+    ``threads`` OpenMP threads each and ``env`` on top; stdout and stderr piped as text.
+    For tests and benchmarks that drive the ranks themselves (users: torchrun, or
+    ``fastntk ... --workers W``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(world):
+        e = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", **(env or {})}  # fmt: skip
+        procs.append(subprocess.Popen(list(cmd), env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
 
 
 @dataclass(frozen=True)

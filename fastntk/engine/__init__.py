@@ -206,13 +206,7 @@ def ntk(
 
         s1 = sketch(x1)
         return s1 @ (s1 if x2 is None else sketch(x2)).T
-    n = x1.shape[0] + (0 if x2 is None else x2.shape[0])
-    the_plan = plan.make(model, opts, n, x1.device)
-    with _model.model_state(model, bn), _inplace_refused():
-        call, theta = _run(model, opts, the_plan, x1, x2)
-        if not bool(torch.isfinite(theta).all()):
-            raise NonFiniteKernelError(diagnose.nonfinite(call, x1, x2))
-    return theta
+    return _exact(model, opts, x1, x2)
 
 
 @_model.with_grad
@@ -249,12 +243,28 @@ def ntk_block(
     n = x.shape[0]
     if not rows or not cols or not all(0 <= i < n for i in rows + cols):
         raise InputError(f"ntk_block needs non-empty rows and cols within the {n} samples")
-    the_plan = plan.make(model, opts, n, x.device)
-    with _model.model_state(model, bn), _inplace_refused():
-        call, theta = _run(model, opts, the_plan, x, None, block=(rows, cols))
+    return _exact(model, opts, x, None, block=(rows, cols))
+
+
+def _exact(
+    model: nn.Module,
+    opts: options.Options,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None,
+    block: tuple[list[int], list[int]] | None = None,
+) -> torch.Tensor:
+    """The exact kernel (``block``: of the batch ``x1``, its rows and columns only) by the
+    plan for these inputs, in the call's model state; a non-finite one raises
+    :class:`NonFiniteKernelError` naming the first layer at fault."""
+    n = x1.shape[0] + (0 if x2 is None else x2.shape[0])
+    the_plan = plan.make(model, opts, n, x1.device)
+    with _model.model_state(model, opts.bn), _inplace_refused():
+        call, theta = _run(model, opts, the_plan, x1, x2, block)
         if not bool(torch.isfinite(theta).all()):
-            xr, xc = x[rows], None if rows == cols else x[cols]
-            raise NonFiniteKernelError(diagnose.nonfinite(call, xr, xc))
+            if block is not None:
+                rows, cols = block
+                x1, x2 = x1[rows], None if rows == cols else x1[cols]
+            raise NonFiniteKernelError(diagnose.nonfinite(call, x1, x2))
     return theta
 
 

@@ -283,7 +283,12 @@ class Capture:
             if pname in self.deferred_params:
                 deferred = True
                 continue
-            for r0, r1 in self.call.plan.row_ranges(self.call.copies.params[pname], rec.rule, 1):
+            for r0, r1 in self.call.plan.row_ranges(
+                self.call.copies.params[pname],
+                rec.rule,
+                1,
+                rec.rule.block_cap(rec.module, rec.saved),
+            ):
                 kw = {}
                 if rec.rule.supports_out:
                     p = self.call.copies.params[pname]
@@ -310,8 +315,9 @@ class Capture:
                 if pname in self.excluded or pname in self.deferred_params:
                     continue
                 for r0, r1 in self.call.plan.row_ranges(
-                    self.call.copies.params[pname], rec.rule, 1
-                ):
+                    self.call.copies.params[pname], rec.rule, 1,
+                    rec.rule.block_cap(rec.module, rec.saved),
+                ):  # fmt: skip
                     with phase("per_sample"):
                         blocks = rec.rule.grad_rows_multi(rec.module, rec.saved, gs, attr, r0, r1)
                     for k, blk in zip(ks, blocks, strict=True):
@@ -332,11 +338,15 @@ class Capture:
             if pname not in self.deferred_params and all(r.rule is not None for r, _ in lst):
                 continue
             rows_ok = all(r.rule is not None and r.rule.supports_rows for r, _ in lst)
-            n = lst[0][0].n
+            first = lst[0][0]
+            n = first.n
             ranges = (
                 self.call.plan.row_ranges(
-                    self.call.copies.params[pname], lst[0][0].rule, npasses if full else 1
-                )
+                    self.call.copies.params[pname],
+                    first.rule,
+                    npasses if full else 1,
+                    first.rule.block_cap(first.module, first.saved),
+                )  # fmt: skip
                 if rows_ok
                 else [(0, rows_of(self.call.copies.params[pname]))]
             )

@@ -8,9 +8,12 @@ the (N·K) outputs for ``"full"``. So Θ V = Σ_p J_p (J_pᵀ V):
 
 * ``u = J_pᵀ V``, a vector-Jacobian product: one backward of the outputs with the
   cotangent ``V ⊗ w_p`` (``torch.autograd.grad``);
-* ``J u``, a Jacobian-vector product by the double-backward trick: ``g(v) = Jᵀ v`` is
-  linear in ``v``, so its graph (built once per forward with ``create_graph=True`` at a
-  dummy ``v``) gives ``J u = ∂(g(v)·u)/∂v``, one more backward;
+* ``J u``, a Jacobian-vector product: on a graph the operator keeps (a side in one
+  chunk, the coupled batch), by the double-backward trick: ``g(v) = Jᵀ v`` is linear in
+  ``v``, so its graph (built once with ``create_graph=True`` at a dummy ``v``) gives
+  ``J u = ∂(g(v)·u)/∂v``, one more backward; on a streamed chunk, by forward-mode AD:
+  one forward with the parameters dual (tangent ``u``) and no graph, where every op has
+  a forward derivative (else the double backward);
 
 both through the batch graph, so the product is exact in every BN mode, the coupled
 ``bn="batch"`` too, at a few passes per product instead of N. The k columns of V go
@@ -26,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -78,6 +82,45 @@ class _Graph:
         return out
 
 
+# The forward-mode check's tolerance, relative to the product's largest entry: rounding
+# differs between the two modes; a convention (padding_idx) differs at order one.
+_CHECK_TOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+def _backward_conventions(model: nn.Module) -> bool:
+    """Whether a module's backward is, by convention, not the derivative of its forward:
+    embeddings with a ``padding_idx`` (no gradient for that row) or ``scale_grad_by_freq``.
+    Forward-mode products would not be of the kernel's Jacobian there."""
+    return any(
+        isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        and (m.padding_idx is not None or m.scale_grad_by_freq)
+        for m in model.modules()
+    )
+
+
+def _forward_jvp(call: Call, x: torch.Tensor, u: list[torch.Tensor], graph: bool) -> torch.Tensor:
+    """J u for a batch of parameter directions ``u`` (B, *param) by forward-mode AD: per
+    direction, one forward of ``x`` with the selected parameters dual; ``graph=False``
+    under ``no_grad``, ``True`` with parameters that require a gradient (so that modules
+    with a fused inference path, ``nn.MultiheadAttention``'s, take their differentiable
+    one). Returns (B, n, K). Raises what torch raises for an op without a forward
+    derivative."""
+    xp = x.detach().to(call.dtype) if x.is_floating_point() else x
+    out = []
+    for b in range(u[0].shape[0]):
+        with (
+            fwAD.dual_level(),
+            torch.set_grad_enabled(graph),
+            sdpa_kernel([SDPBackend.MATH]),
+        ):
+            duals = {q: fwAD.make_dual(call.copies.params[q].detach().requires_grad_(graph), t[b])
+                     for q, t in zip(call.selected, u, strict=True)}  # fmt: skip
+            y = call.head(call.copies.call(call.model, xp, params=duals), x.shape[0])
+            tangent = fwAD.unpack_dual(y).tangent
+            out.append(torch.zeros_like(y) if tangent is None else tangent.detach().clone())
+    return torch.stack(out)
+
+
 def _grad(outputs, inputs, cot) -> list[torch.Tensor]:
     """``autograd.grad`` for a leading batch dim of cotangents: batched
     (``is_grads_batched``) on a GPU, where an op has a batching rule; a loop on the CPU,
@@ -112,12 +155,18 @@ class NTKOperator:
     (N2·K, k), the (sample, logit) index flattened sample-major, as ``ntk(...)`` reshaped
     (N1·K, N2·K) after ``permute(0, 2, 1, 3)``) and returns Θ V of shape (N1,) or (N1, k).
     ``products`` counts the columns multiplied so far (each costs a backward and a
-    double backward per pass, over the batch graph)."""
+    Jacobian-vector product per pass, over the batch graph). ``forward_mode``: whether
+    streamed chunks' Jacobian-vector products go by forward-mode AD (False where a module's
+    backward is not its derivative by convention, and once an op without a forward
+    derivative, or a first product that differed from the double backward's, sent them
+    to the double backward)."""
 
     def __init__(self, model: nn.Module, opts: options.Options, x1: torch.Tensor,
                  x2: torch.Tensor | None, *, _transposed: NTKOperator | None = None):  # fmt: skip
         self.model, self.opts, self.x1, self.x2 = model, opts, x1, x2
         self.products = 0
+        self.forward_mode = not _backward_conventions(model)
+        self._forward_graph = self._forward_checked = False
         if _transposed is not None:  # (the transpose shares the forwards' state)
             self.call, self.K, self.coupled = _transposed.call, _transposed.K, _transposed.coupled
             self._cache = _transposed._cache
@@ -162,21 +211,45 @@ class NTKOperator:
         return g
 
     def _chunks(self, side: tuple[str, int, int]):
-        """(graph, the side's rows in its outputs, their offset within the side) of each
-        chunk of a side's samples; in the coupled mode the one graph of the whole batch
-        [x1; x2], and the side's rows in it."""
+        """(the chunk's samples, its graph's cache key (None: not kept), the side's rows in
+        its outputs, their offset within the side) of each chunk of a side's samples; in
+        the coupled mode the whole batch [x1; x2], kept, and the side's rows in it."""
         which, r0, r1 = side
         if self.coupled:
             x = self.x1 if self.x2 is None else torch.cat([self.x1, self.x2])
             off = 0 if which == "x1" else self.x1.shape[0]
-            yield self._graph_of(x, key="batch"), slice(off + r0, off + r1), 0
+            yield x, "batch", slice(off + r0, off + r1), 0
             return
         x = self._side(which)[r0:r1]
         step = self.call.samples
         keep = x.shape[0] <= step  # a side in one chunk keeps its graph between products
         for s0 in range(0, x.shape[0], step):
-            key = (which, r0 + s0) if keep else None
-            yield self._graph_of(x[s0 : s0 + step], key), slice(None), s0
+            yield x[s0 : s0 + step], ((which, r0 + s0) if keep else None), slice(None), s0
+
+    def _jvp(self, x: torch.Tensor, key: Any, u: list[torch.Tensor]) -> torch.Tensor:
+        """J u on chunk ``x``: over its kept graph, else by forward mode where it works
+        (without a graph, else with one; else the double backward over a graph). The
+        first forward-mode product is checked against the double backward: an op whose
+        backward is not its derivative by convention (``nn.Embedding``'s ``padding_idx``
+        row gets no gradient, though the output depends on it) would make J u differ from
+        the Jacobian the kernel is of; such a model keeps the double backward."""
+        while key is None and self.forward_mode:
+            try:
+                Ju = _forward_jvp(self.call, x, u, self._forward_graph)
+            except (RuntimeError, NotImplementedError):  # an op without a forward derivative
+                if self._forward_graph:
+                    self.forward_mode = False
+                self._forward_graph = True
+                continue
+            if not self._forward_checked:
+                self._forward_checked = True
+                ref = self._graph_of(x, None).jvp(u)
+                scale = float(ref.abs().max())
+                if float((Ju - ref).abs().max()) > _CHECK_TOL[self.dtype] * max(scale, 1e-30):
+                    self.forward_mode = False
+                    return ref
+            return Ju
+        return self._graph_of(x, key).jvp(u)
 
     # -- the product -------------------------------------------------------------------------
     def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
@@ -208,7 +281,8 @@ class NTKOperator:
         weights = self._passes()
         # cotangents per (pass, column): (P·k, n, K)
         u = None
-        for graph, rows, s0 in self._chunks(self._cols):
+        for x, key, rows, s0 in self._chunks(self._cols):
+            graph = self._graph_of(x, key)
             m = graph.y[rows].shape[0]
             cot = graph.y.new_zeros(len(weights) * k, *graph.y.shape)
             part = Vc[:, s0 : s0 + m]
@@ -218,8 +292,8 @@ class NTKOperator:
             u = du if u is None else [a + b for a, b in zip(u, du, strict=True)]
         n_rows = self._rows[2] - self._rows[1]
         out = V.new_zeros(k, n_rows, K) if full else V.new_zeros(k, n_rows)
-        for graph, rows, s0 in self._chunks(self._rows):
-            Ju = graph.jvp(u)[:, rows]  # (P·k, m, K)
+        for x, key, rows, s0 in self._chunks(self._rows):
+            Ju = self._jvp(x, key, u)[:, rows]  # (P·k, m, K)
             m = Ju.shape[1]
             for p, w in enumerate(weights):
                 blk = Ju[p * k : (p + 1) * k]

@@ -71,11 +71,11 @@ class Plan:
         return self.on.get(fact)
 
     def row_ranges(
-        self, p: torch.Tensor, rule: GramRule | None, per_sample: int
+        self, p: torch.Tensor, rule: GramRule | None, per_sample: int, cap: int | None = None
     ) -> list[tuple[int, int]]:
         """Row ranges of parameter ``p``'s per-sample gradient blocks (``per_sample`` rows
         per sample each), each within the block budget (``cols`` columns, else
-        ``sizes.BLOCK_BYTES``).
+        ``sizes.BLOCK_BYTES``, and the rule's ``cap`` in bytes: :meth:`GramRule.block_cap`).
 
         Sized for the call's largest chunk (``chunk_n``), never the current one: every
         chunk of a call must cut a parameter into the same ranges, since the blocks of two
@@ -88,6 +88,7 @@ class Plan:
         nrows = self.chunk_n * per_sample
         per_row = max(1, p.numel() // rows)
         budget = sizes.BLOCK_BYTES if self.cols is None else self.cols * nrows * p.element_size()
+        budget = budget if cap is None else min(budget, cap)
         max_rows = max(1, budget // max(1, nrows * per_row * p.element_size()))
         return [(r, min(rows, r + max_rows)) for r in range(0, rows, max_rows)]
 

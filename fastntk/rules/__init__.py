@@ -80,14 +80,27 @@ def outer_pays(n: int, T: int, p: int, d: int) -> bool:
     b_it^T``, ``p x d``) should give an :class:`Outer` block with positions rather than
     a dense one, for a chunk of ``n`` samples: its Gram's multiply-adds per pair of
     samples, ``T^2 (p + d)``, against forming the gradients and their symmetric Gram,
-    ``p d (T / n + 1/2)``. (Forming G is memory-bound at small T, so the count favours
-    the dense side; the measurements are in bench/results/engine_choices_cpu.md.)
+    ``p d (T / n + 1/2)``. Forming G is memory-bound at small T, so the count favours
+    the dense side: at N=64 on the 2-core CPU, a 128->128 3x3 convolution at 2x2 took
+    2.1 ms as an Outer block against 18.5 ms dense (chosen), at 4x4 16.2 against 20.3 ms
+    (not chosen), at 8x8 129 against 5.2 ms; a 128->512 Linear on 4 tokens 0.55 against
+    3.5 ms (``python bench/bench_engine_choices.py positions``,
+    bench/results/engine_choices_cpu.md).
     ``OUTER_COST_FACTOR`` scales the first count: 0 always takes the Outer block, inf
     never."""
     return OUTER_COST_FACTOR * T * T * (p + d) < p * d * (T / max(n, 1) + 0.5)
 
 
 OUTER_COST_FACTOR = 1.0
+
+
+# A rule's cap on its blocks where forming them is bound by memory (GramRule.block_cap:
+# Linear layers on tokens, a batched matmul over T positions), so that the Gram reads
+# each block from the cache it was just written to. "sum", N=64, 2-core CPU, medians of 5,
+# two rounds (``python bench/bench_engine_choices.py blocks``, engine_choices_cpu.md): ViT
+# 521/496 ms capped against 591/584 without; BERT, T5, Llama, Swin level. The same 4 MiB
+# for every layer, convolutions too, cost ResNet 44%, NB201 at N=256 36%.
+CACHE_BLOCK_BYTES = 4 * 2**20
 
 
 # The positional ghost Gram in slabs of A's samples whose two (slab·T, n_B·T) products
@@ -295,6 +308,13 @@ class GramRule:
     def save(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, ctx: Context) -> Any:
         """Return what the backward needs (references, not copies)."""
         raise NotImplementedError
+
+    def block_cap(self, module: nn.Module, saved: Any) -> int | None:
+        """A cap in bytes on one block of this call's per-sample gradients, where forming
+        them is bound by memory and the Gram that reads them next should find them in the
+        cache (``CACHE_BLOCK_BYTES``); None: the engine's budget. It
+        must not depend on the chunk's sample count (every chunk cuts alike)."""
+        return None
 
     def grad_rows(
         self, module: nn.Module, saved: Any, gout: torch.Tensor, name: str, r0: int, r1: int

@@ -65,7 +65,7 @@ GROUPED_CHUNK_BYTES = 2**20
 # 16x16 and at 64 ch 8x8 (4.3 vs 6.0 ms), lose at 128 ch 8x8 (21.3 vs 18.5 ms) and at 4x4.
 GROUPED_MIN_T = 64
 # Whether groups of one input channel take the forward-convolution strategy
-# (_depthwise_weight_grad: 3.5-20x faster where measured; False: the strategies below).
+# (_depthwise_weight_grad, which has the measurements; False: the strategies below).
 DEPTHWISE_FORWARD = True
 
 
@@ -207,10 +207,10 @@ def _depthwise_weight_grad(module, xs, gs, hg):
 
     a correlation in which the module's stride becomes the dilation and its dilation the
     stride. Arguments as :func:`_grouped_weight_grad` (``hg`` groups of one channel).
-    On the 2-core CPU, N=64, 2 threads, against the strategies above: 64 ch 7x7 at 4x4,
-    0.14 vs 3.1 ms; 128 ch at 2x2, 1.3 vs 4.7 ms; 32 ch at 8x8, 0.17 vs 2.6 ms. With more
-    input channels per group it lost (16->16 3x3 at 32x32: 9.6 vs 5.3 ms), so it serves
-    depthwise layers only (the measurement: bench/results/engine_choices_cpu.md)."""
+    On the 2-core CPU, N=64, 2 threads, against the best of the strategies above: 64 ch
+    7x7 at 8x8, 0.26 vs 4.9 ms; at 4x4, 0.13 vs 2.1 ms; 128 ch 7x7 at 2x2, 1.2 vs 2.6 ms;
+    32 ch 3x3 at 16x16, level (0.22 ms) (``python bench/bench_engine_choices.py
+    depthwise``, bench/results/engine_choices_cpu.md)."""
     nd = len(module.kernel_size)
     n = xs.shape[0]
     og = gs.shape[1] // hg

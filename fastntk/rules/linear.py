@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fastntk import rules
 from fastntk.rules import Dense, GramRule, Outer, outer_pays, register_gram_rule
 
 
@@ -28,11 +29,23 @@ from fastntk.rules import Dense, GramRule, Outer, outer_pays, register_gram_rule
 class LinearRule(GramRule):
     param_names = ("weight", "bias")
     supports_rows = True
+    supports_out = True
 
     def save(self, module, args, kwargs, output, ctx):
         return (args[0], ctx.backend)
 
-    def grad_rows(self, module, saved, gout, name, r0, r1):
+    def block_cap(self, module, saved):
+        # tokens: the dense blocks come from a batched matmul over T positions (memory-bound
+        # for short T); not where Outer blocks with positions pay (no G is formed)
+        u, backend = saved
+        if u.dim() <= 2 or backend not in ("torch", "auto"):
+            return None
+        T = u[0].numel() // u.shape[-1]
+        if outer_pays(2**62, T, module.out_features, u.shape[-1]):
+            return None
+        return rules.CACHE_BLOCK_BYTES
+
+    def grad_rows(self, module, saved, gout, name, r0, r1, out=None):
         u, backend = saved
         n = gout.shape[0]
         g = gout[..., r0:r1]
@@ -51,4 +64,5 @@ class LinearRule(GramRule):
             from fastntk.kernels.conv_psg import linear_psg
 
             return Dense(linear_psg(u3, g3).reshape(n, -1))
-        return Dense(torch.bmm(g3.transpose(1, 2), u3).reshape(n, -1))
+        G = None if out is None else out.view(n, r1 - r0, u3.shape[2])  # reused memory
+        return Dense(torch.bmm(g3.transpose(1, 2), u3, out=G).reshape(n, -1))
