@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -30,9 +29,9 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import _child  # noqa: E402
 from _meta import git_sha  # noqa: E402
 
-TAG = "FASTNTK_BENCH "
 V, T, K = 512, 32, 10  # vocabulary, sequence length, classes
 # name -> (transformers model class, its config class, config, inputs: "images" | "tokens")
 ZOO = {
@@ -214,7 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(TAG + json.dumps(child(json.loads(args.child))), flush=True)
+        _child.report(child(json.loads(args.child)))
         return 0
     models = [m for m in args.models.split(",") if m]
     bad = [m for m in models if m not in ZOO]
@@ -226,20 +225,7 @@ def main(argv=None) -> int:
             for method in args.methods.split(","):
                 spec = dict(model=name, output=output, method=method, n=args.n,
                             repeat=args.repeat, threads=args.threads)  # fmt: skip
-                try:
-                    p = subprocess.run(
-                        [sys.executable, __file__, "--child", json.dumps(spec)],
-                        capture_output=True, text=True, timeout=args.timeout,
-                        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-                    )  # fmt: skip
-                    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(TAG)]
-                    res = (
-                        json.loads(lines[-1][len(TAG) :])
-                        if lines
-                        else {"error": (p.stderr.strip().splitlines() or ["no output"])[-1][:90]}
-                    )
-                except subprocess.TimeoutExpired:
-                    res = {"error": f"timeout after {args.timeout:g} s"}
+                res = _child.run(__file__, spec, timeout=args.timeout)
                 res.update(model=name, output=output, method=method, repeat=args.repeat,
                            commit=git_sha(), argv=" ".join(sys.argv[1:]))  # fmt: skip
                 print(f"{name} {output} {method}: {res}", file=sys.stderr, flush=True)
