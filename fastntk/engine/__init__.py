@@ -431,8 +431,8 @@ def ntk_operator(
     """Θ(x1, x2) as a linear operator, without the N1×N2 matrix.
 
     ``A @ V`` for V of shape (N2,) or (N2, k) is Θ V, exact (Θ V = J (Jᵀ V): a backward and
-    a double backward per pass through the batch graph, so every BN mode, the coupled
-    ``bn="batch"`` too); ``A.T`` is Θ(x2, x1); ``A.shape``; ``A.to_scipy()`` a
+    a Jacobian-vector product per pass through the batch graph, forward mode or a double
+    backward, so every BN mode, the coupled ``bn="batch"`` too); ``A.T`` is Θ(x2, x1); ``A.shape``; ``A.to_scipy()`` a
     ``scipy.sparse.linalg.LinearOperator``. For ``output="full"`` the operator acts on the
     flattened (sample, logit) index: shape (N1·K, N2·K). Memory: one sample chunk's graph
     (``bn="batch"``: the whole batch's) and the products' k columns of parameter size.

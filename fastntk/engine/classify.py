@@ -125,6 +125,7 @@ class Classifier:
     def classify(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
         """Route the parameters of the chunk ``cap`` recorded, whose output is ``y``
         (module docstring); ``pr``: the probe (None where it could not run)."""
+        walk = _Walk(y)  # (one walk of y's graph for the steps below that need one)
         reached = cap.guards_reached(y)
         for rec in cap.records:
             if rec.index in reached:
@@ -140,12 +141,12 @@ class Classifier:
             if coupled is not None:
                 raise SamplesCoupled(coupled)
             self._first_calls = calls(cap)
-            self.untracked, self.adopted = self._outside_uses(cap, y, self._first_calls)
+            self.untracked, self.adopted = self._outside_uses(cap, walk, self._first_calls)
         elif (now := calls(cap)) != self._first_calls:
             # this chunk calls the modules otherwise than the first (a forward that
             # branches on the batch size, data-dependent calls): its parameters must be
             # served as the first chunk's were, or their blocks would not meet
-            untracked, adopted = self._outside_uses(cap, y, now)
+            untracked, adopted = self._outside_uses(cap, walk, now)
             changed = sorted((untracked ^ self.untracked) | (set(adopted) ^ set(self.adopted)))
             if changed:
                 raise UnsupportedError(
@@ -159,11 +160,13 @@ class Classifier:
             if extra:
                 cap.adopt(rec, extra)
         cap.exclude(self.untracked)
-        self._node_rules(cap, y, pr)
+        self._node_rules(cap, y, walk, pr)
         cap.defer({p for p, c in calls(cap).items() if c > 1 and p not in cap.excluded})
         cap.drop_graphs()
 
-    def _node_rules(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
+    def _node_rules(
+        self, cap: capture.Capture, y: torch.Tensor, walk: _Walk, pr: probe.Probe | None
+    ) -> None:
         """Parameters that no module rule serves (used outside module calls, or a direct
         parameter of a module without a rule: a layer scale, a hand-written norm, HF's
         ``Conv1D``) and that one autograd node uses as a node rule understands
@@ -181,8 +184,8 @@ class Classifier:
         }
         if not candidates:
             return
-        uses = graph.param_consumers(y, {q: params[q] for q in candidates})
-        consumers = graph.Consumers(y)
+        consumers = walk()
+        uses = consumers.params({q: params[q] for q in candidates})
         owners = self.call.plan.owners
         n = y.shape[0]
         for pname, lst in uses.items():
@@ -200,11 +203,11 @@ class Classifier:
         if pr is not None:
             pr.drop_graph()
 
-    def _outside_uses(self, cap: capture.Capture, y: torch.Tensor, calls: dict[str, int]):
+    def _outside_uses(self, cap: capture.Capture, walk: _Walk, calls: dict[str, int]):
         """(parameters used outside their modules' calls: the whole-model fallback,
         parameters of never-called modules an ancestor's call takes: _adoptions)."""
         params = self.call.copies.params
-        consumers = graph.param_consumers(y, {q: params[q] for q in self.call.selected})
+        consumers = walk().params({q: params[q] for q in self.call.selected})
         uses = {p: len(v) for p, v in consumers.items()}
         untracked = {p for p, c in uses.items() if c > calls.get(p, 0)}
         untracked |= self._uses_outside_calls(cap, consumers, calls)
@@ -219,7 +222,7 @@ class Classifier:
         uses: ``self.h(self.b(x) * self.b.gamma)``; the module's fallback would re-run a
         forward without it). A use is inside a call when the autograd graph reaches it
         from the call's outputs without passing the call's inputs. ``consumers`` (the
-        uses in the graph of the output, from :func:`graph.param_consumers`) holds their
+        uses in the graph of the output, from :meth:`graph.Consumers.params`) holds their
         nodes alive, so node identities compare across the walks."""
         params = self.call.copies.params
         inside: dict[str, set[tuple[int, int]]] = defaultdict(set)
@@ -285,6 +288,21 @@ class Classifier:
                         out[pname] = (anc, rel)
                     break
         return out
+
+
+class _Walk:
+    """The :class:`graph.Consumers` of ``y``'s graph, made when first asked (a chunk whose
+    classification needs no walk makes none) and held until the classification ends."""
+
+    def __init__(self, y: torch.Tensor):
+        self.y: torch.Tensor | None = y
+        self.consumers: graph.Consumers | None = None
+
+    def __call__(self) -> graph.Consumers:
+        if self.consumers is None:
+            assert self.y is not None
+            self.consumers, self.y = graph.Consumers(self.y), None
+        return self.consumers
 
 
 def calls(cap: capture.Capture) -> dict[str, int]:

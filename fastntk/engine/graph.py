@@ -131,6 +131,17 @@ class Consumers:
     def __call__(self, node: Any) -> list[tuple[Any, int]]:
         return self._into.get(id(node), [])
 
+    def params(self, params: dict[str, torch.Tensor]) -> dict[str, list[tuple[Any, int]]]:
+        """:func:`param_consumers` from this walk: for each parameter of ``params``, the
+        (node, input index) pairs of the edges into its accumulator."""
+        want = {id(t): name for name, t in params.items()}
+        uses: dict[str, list[tuple[Any, int]]] = defaultdict(list)
+        for nid, node in self._nodes.items():
+            var = getattr(node, "variable", None)
+            if var is not None and id(var) in want:
+                uses[want[id(var)]].extend(self._into.get(nid, []))
+        return uses
+
 
 def flatten(obj):
     """The leaves of nested tuples, lists and dicts, and the spec to rebuild them."""

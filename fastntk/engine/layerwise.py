@@ -86,6 +86,9 @@ class Layerwise:
                     [(r.module_name, r.module) for r in call.plan.routes],
                     x,
                     {q: call.copies.params[q] for q in call.selected},
+                    # parameters of modules without a rule: node-rule candidates, which
+                    # the classification confirms on the probe's graph
+                    keep_graph=any(r.rule is None for r in call.plan.routes),
                 )
             self.router.probe = self.probe
 

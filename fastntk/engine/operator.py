@@ -192,6 +192,11 @@ class NTKOperator:
         self.device = x1.device
 
     @property
+    def products_total(self) -> int:
+        """Columns multiplied by this operator and its transpose together."""
+        return self.products + (self._T.products if self._T is not None else 0)
+
+    @property
     def T(self) -> NTKOperator:
         """Θ(x2, x1) = Θ(x1, x2)ᵀ."""
         if self._T is None:

@@ -81,8 +81,9 @@ class Probe:
     # last two are one group, but the first and the last are not); None where the chunk
     # has too few samples for either
     y_first: torch.Tensor | None = None
-    # (output, parameter uses, consumers) of a second forward with the graph: node_use
+    # (output, parameter uses, consumers) of the forward with the graph: node_use
     _graph: tuple[torch.Tensor, dict, graph.Consumers] | None = None
+    _y_graph: torch.Tensor | None = None  # run() kept its forward's graph (keep_graph)
     _index: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,14 +119,16 @@ class Probe:
         first asked (only models with parameters that no module rule serves need it) and
         kept until :meth:`drop_graph`."""
         if self._graph is None:
-            with torch.enable_grad():
-                y = self.forward(self.xs)
+            y, self._y_graph = self._y_graph, None
+            if y is None:
+                with torch.enable_grad():
+                    y = self.forward(self.xs)
             self._graph = (y, graph.param_consumers(y, self.params), graph.Consumers(y))
         _, uses, consumers = self._graph
         return resolve(uses.get(pname, []), consumers)
 
     def drop_graph(self) -> None:
-        self._graph = None
+        self._graph = self._y_graph = None
 
     def coupled(self, y: torch.Tensor) -> str | None:
         """Why the samples are coupled, judged by the chunk's outputs ``y`` (n, K) for
@@ -225,9 +228,13 @@ def run(
     modules: list[tuple[str, nn.Module]],
     x: torch.Tensor,
     params: dict[str, torch.Tensor],
+    keep_graph: bool = False,
 ) -> Probe | None:
     """The probe of the calls of ``modules`` (name, module) for the chunk ``x`` (before its
-    forward), made with ``forward``; ``params``: the selected parameters, by name."""
+    forward), made with ``forward``; ``params``: the selected parameters, by name.
+    ``keep_graph``: run its forward with the autograd graph and keep it for
+    :meth:`Probe.node_use` (a model with parameters no module rule serves will ask: one
+    forward fewer)."""
     for q in (1, 2):  # a model that cannot run on one sample gets a second try with two
         xs = _small_batch(x.detach(), q)  # (a chunk of <= 2 samples: padded to 3)
         calls: list[tuple[str, list[Shape], list[Shape]]] = []
@@ -244,7 +251,7 @@ def run(
             m.register_forward_hook(record(mn), with_kwargs=True, prepend=True) for mn, m in modules
         ]
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(keep_graph):
                 y = forward(xs)
         except Exception:  # noqa: BLE001 - the model need not run on a batch this small
             continue
@@ -260,5 +267,6 @@ def run(
                     y_first = forward(first)
             except Exception:  # noqa: BLE001 - (it ran on q samples a moment ago)
                 y_first = None
-        return Probe(xs.shape[0], calls, y, xs, x.shape[0], forward, params, y_first=y_first)
+        return Probe(xs.shape[0], calls, y.detach(), xs, x.shape[0], forward, params,
+                     y_first=y_first, _y_graph=y if keep_graph else None)  # fmt: skip
     return None

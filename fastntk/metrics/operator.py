@@ -46,7 +46,8 @@ class Estimate:
 
 
 def _products(A) -> int:
-    return A.products + (A._T.products if getattr(A, "_T", None) is not None else 0)
+    """Columns multiplied so far by ``A`` (and its transpose, where it counts them)."""
+    return getattr(A, "products_total", A.products)
 
 
 def top_eigenvalues(
