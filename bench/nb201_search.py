@@ -58,7 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--space-csv", default=os.path.join(HERE, "results", "nb201_space.csv"))
-    ap.add_argument("--scores", default=os.path.join(HERE, "results", "nb201_search_scores.csv"))
+    ap.add_argument("--scores", help="the score journal (default: results/"
+                    "nb201_search_scores_<metrics>.csv, one per default score)")  # fmt: skip
     ap.add_argument("--out", default=os.path.join(HERE, "results", "nb201_search.csv"))
     ap.add_argument("--summary-only", action="store_true")
     return ap.parse_args(argv)
@@ -118,7 +119,10 @@ def search(args) -> None:
         # one score cache for every algorithm (pruning's supernets take the full supernet's
         # weights, as the CLI's pruning does; architectures are scored alike everywhere)
         base = space_scorer(space, supernet_weights=True)
-        cache = CachedScores(space, base, args.space_csv, args.scores)
+        scores = args.scores or os.path.join(
+            HERE, "results", f"nb201_search_scores_{'_'.join(base.metrics)}.csv"
+        )
+        cache = CachedScores(space, base, args.space_csv, scores)
         scorer = Scorer(cache, base.metrics, base.directions, settings=base.settings)
         for seed in range(args.seeds):  # seeds outside: a stopped run covers every algorithm
             for algo in args.algos.split(","):
