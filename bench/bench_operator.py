@@ -210,29 +210,27 @@ class Journaled:
         self.replayed_s += dt
         return out
 
+    def _product(self, v):
+        """A @ v for a float64 array v of shape (n,) or (n, k), column by column."""
+        np = self._np
+        cols = v[:, None] if v.ndim == 1 else v
+        self.products += cols.shape[1]
+        out = np.stack([self._column(cols[:, j]) for j in range(cols.shape[1])], 1)
+        return out[:, 0] if v.ndim == 1 else out
+
     def __matmul__(self, V):
         import torch
 
-        cols = V[:, None] if V.dim() == 1 else V
-        out = [self._column(cols[:, j].double().numpy()) for j in range(cols.shape[1])]
-        self.products += cols.shape[1]
-        res = torch.from_numpy(self._np.stack(out, 1)).to(self.dtype)
-        return res[:, 0] if V.dim() == 1 else res
+        return torch.from_numpy(self._product(V.double().numpy())).to(self.dtype)
 
     def to_scipy(self):
         from scipy.sparse.linalg import LinearOperator
 
-        np = self._np
-
         def mv(v):
-            v = np.asarray(v, dtype=np.float64)
-            cols = v[:, None] if v.ndim == 1 else v
-            self.products += cols.shape[1]
-            out = np.stack([self._column(cols[:, j]) for j in range(cols.shape[1])], 1)
-            return out[:, 0] if v.ndim == 1 else out
+            return self._product(self._np.asarray(v, dtype=self._np.float64))
 
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mv, rmatmat=mv,
-                              dtype=np.float64)  # fmt: skip
+                              dtype=self._np.float64)  # fmt: skip
 
 
 def main(argv=None) -> int:

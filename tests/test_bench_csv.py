@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import os
-import sys
 
 import pytest
-
-BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+from bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench_engine():
-    sys.path.insert(0, BENCH)  # the script imports its sibling _meta
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_engine", os.path.join(BENCH, "bench_engine.py")
-        )
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(BENCH)
+    return load_bench("bench_engine")
 
 
 INFO = {"date": "2026-12-02", "git": "abc1234", "device_name": "H200", "torch": "2.11.0",

@@ -3,33 +3,21 @@ the products stored so far, and a journal of another operator is refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
+from bench_scripts import load_bench
 
 import fastntk
 from fastntk.metrics import operator as OM
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
-
 
 @pytest.fixture(scope="module")
 def bench_operator():
-    sys.path.insert(0, BENCH)  # the script imports its siblings
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_operator", os.path.join(BENCH, "bench_operator.py")
-        )
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(BENCH)
+    return load_bench("bench_operator")
 
 
 def _operator(n=12):

@@ -13,6 +13,7 @@ import os
 import subprocess
 
 import pytest
+from bench_scripts import load_bench
 from cli_run import ARCH, DATA, run
 
 from fastntk import cli
@@ -226,12 +227,7 @@ def test_evaluate_plot_without_matplotlib_fails_before_scoring(
 @pytest.fixture(scope="module")
 def bench_models():
     """bench/bench_models.py (the ``fastntk bench`` of before), imported from its path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_models", BENCH_MODELS)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_models")
 
 
 def run_bench(capsys, bench_models, *argv):
