@@ -275,6 +275,17 @@ class Capture:
 
         return prehook
 
+    def _ranges(self, rec: Record, pname: str, per_sample: int = 1) -> list[tuple[int, int]]:
+        """The row ranges [r0, r1) of parameter ``pname`` whose blocks ``rec``'s rule makes
+        one at a time, ``per_sample`` rows per sample each (``"full"``: one per pass): the
+        plan's block budget within the rule's own cap (``GramRule.block_cap``)."""
+        return self.call.plan.row_ranges(
+            self.call.copies.params[pname],
+            rec.rule,
+            per_sample,
+            rec.rule.block_cap(rec.module, rec.saved),
+        )
+
     def _immediate(self, rec: Record, g: torch.Tensor) -> None:
         deferred = False
         for attr, pname in rec.attrs.items():
@@ -283,12 +294,7 @@ class Capture:
             if pname in self.deferred_params:
                 deferred = True
                 continue
-            for r0, r1 in self.call.plan.row_ranges(
-                self.call.copies.params[pname],
-                rec.rule,
-                1,
-                rec.rule.block_cap(rec.module, rec.saved),
-            ):
+            for r0, r1 in self._ranges(rec, pname):
                 kw = {}
                 if rec.rule.supports_out:
                     p = self.call.copies.params[pname]
@@ -314,10 +320,7 @@ class Capture:
             for attr, pname in rec.attrs.items():
                 if pname in self.excluded or pname in self.deferred_params:
                     continue
-                for r0, r1 in self.call.plan.row_ranges(
-                    self.call.copies.params[pname], rec.rule, 1,
-                    rec.rule.block_cap(rec.module, rec.saved),
-                ):  # fmt: skip
+                for r0, r1 in self._ranges(rec, pname):
                     with phase("per_sample"):
                         blocks = rec.rule.grad_rows_multi(rec.module, rec.saved, gs, attr, r0, r1)
                     for k, blk in zip(ks, blocks, strict=True):
@@ -341,12 +344,7 @@ class Capture:
             first = lst[0][0]
             n = first.n
             ranges = (
-                self.call.plan.row_ranges(
-                    self.call.copies.params[pname],
-                    first.rule,
-                    npasses if full else 1,
-                    first.rule.block_cap(first.module, first.saved),
-                )  # fmt: skip
+                self._ranges(first, pname, npasses if full else 1)
                 if rows_ok
                 else [(0, rows_of(self.call.copies.params[pname]))]
             )

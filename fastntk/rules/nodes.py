@@ -116,12 +116,13 @@ def _sample_free_exits(consumer, param, consumers, n) -> list[Use] | None:
     takes another input that requires a gradient, reaches the output itself, or exceeds
     ``MAX_CHAIN`` nodes."""
     inside: dict[int, Any] = {}
-    exits: dict[int, list[tuple[Any, int]]] = {}
+    exits: dict[int, list[tuple[Any, int, int]]] = {}  # id: [(node, input index, rows)]
     stack = [consumer]
     while stack:
         node, index = stack.pop()
-        if node.name() in SAMPLE_FREE.nodes and _rows_at_exit(node, index, n):
-            exits.setdefault(id(node), []).append((node, index))
+        rows = _rows_at_exit(node, index, n) if node.name() in SAMPLE_FREE.nodes else 0
+        if rows:
+            exits.setdefault(id(node), []).append((node, index, rows))
             continue
         if id(node) in inside:
             continue
@@ -139,10 +140,9 @@ def _sample_free_exits(consumer, param, consumers, n) -> list[Use] | None:
     for lst in exits.values():
         if len(lst) != 1:
             return None  # (an exit taking the subgraph's tensors twice)
-        node, index = lst[0]
+        node, index, rows = lst[0]
         src = node.next_functions[index][0]
         others = [f for j, (f, _) in enumerate(node.next_functions) if j != index and f is not None]
-        rows = _rows_at_exit(node, index, n)
         if any(id(f) in inside for f in others) or not (others or rows > 1):
             return None  # the exit must meet a batched tensor (merged rows: or a constant)
         witness = None
