@@ -184,7 +184,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="training-free architecture search")
     p.add_argument("--space", default="nb201")
-    p.add_argument("--algo", default="random", help="random | rea | prune | reinforce")
+    p.add_argument(
+        "--algo",
+        default="rea",
+        help="rea (default: regularised evolution) | random | prune | reinforce",
+    )
     p.add_argument("--metric", help=_METRIC_HELP)
     p.add_argument(
         "--budget", type=positive_int("--budget"), help="number of architecture evaluations"
@@ -196,10 +200,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--db", type=_db_path, help="SQLite journal: resumable search and result store")
     p.add_argument(
-        "--population", type=positive_int("--population"), help="REA population size (default 20)"
+        "--population",
+        type=positive_int("--population"),
+        help="REA population size (default 20, or budget/5 if smaller)",
     )
     p.add_argument(
-        "--sample-size", type=positive_int("--sample-size"), help="REA tournament size (default 5)"
+        "--sample-size",
+        type=positive_int("--sample-size"),
+        help="REA tournament size (default 5, at most the population)",
     )
     p.add_argument(
         "--lr", type=positive_float("--lr"), help="REINFORCE learning rate (default 0.2)"

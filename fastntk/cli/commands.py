@@ -116,8 +116,17 @@ _ALGO_OPTIONS = {"rea": {"population": 20, "sample_size": 5}, "reinforce": {"lr"
 
 def _algo_options(args) -> None:
     """Fill in the defaults of the algorithm's options; a note on stderr for an option
-    another algorithm takes (ignored) and for an REA population that the budget never
-    gets past (no mutation: random search)."""
+    another algorithm takes (ignored) and for a given REA population that the budget
+    never gets past (no mutation: random search).
+
+    REA's default population is 20 (measured: ``bench/results/nb201_search.md``, budget
+    100), or a fifth of a smaller budget (at least 2), so that a short search mutates too;
+    its default tournament is 5, or the whole population where that is smaller."""
+    population_given = args.population is not None
+    if args.algo == "rea" and args.population is None and args.budget is not None:
+        args.population = max(2, min(_ALGO_OPTIONS["rea"]["population"], args.budget // 5))
+    if args.algo == "rea" and args.sample_size is None and args.population is not None:
+        args.sample_size = min(_ALGO_OPTIONS["rea"]["sample_size"], args.population)
     for algo, opts in _ALGO_OPTIONS.items():
         for name, default in opts.items():
             if getattr(args, name) is None:
@@ -129,7 +138,12 @@ def _algo_options(args) -> None:
                     f"--algo {args.algo} does not use it",
                     file=sys.stderr,
                 )
-    if args.algo == "rea" and args.budget is not None and args.population >= args.budget:
+    if (
+        args.algo == "rea"
+        and population_given
+        and args.budget is not None
+        and args.population >= args.budget
+    ):
         print(
             f"fastntk search: note: --population {args.population} >= --budget "
             f"{args.budget}: REA samples its whole budget at random and never mutates",
