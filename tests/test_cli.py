@@ -657,3 +657,20 @@ def test_search_notes_options_it_does_not_use(capsys, tiny_nb201, tmp_path):
     rc, out, err = run(capsys, *base, "--algo", "rea", "--budget", "3", "--population", "2",
                        "--sample-size", "2")  # fmt: skip
     assert rc == 0 and "note" not in err, err
+
+
+@pytest.mark.parametrize(
+    "budget,population,sample_size",
+    [(100, 20, 5), (1000, 20, 5), (40, 8, 5), (10, 2, 2), (None, 20, 5)],
+)
+def test_rea_defaults_scale_with_a_short_budget(budget, population, sample_size):
+    """REA, the default algorithm: population 20 and tournament 5 as measured at budget
+    100; a fifth of a smaller budget (at least 2), so that a short search mutates too."""
+    from fastntk.cli import commands
+    from fastntk.cli.args import parser
+
+    argv = ["search", "--time-budget", "1"] + ([] if budget is None else ["--budget", str(budget)])
+    args = parser().parse_args(argv)
+    assert args.algo == "rea"
+    commands._algo_options(args)
+    assert (args.population, args.sample_size) == (population, sample_size)
