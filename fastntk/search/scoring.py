@@ -192,8 +192,8 @@ def evidence() -> dict[str, Any]:
         return json.load(f)
 
 
-# τ below this is no signal worth scoring by (the parameter count alone: τ +0.609 with
-# per-sample BatchNorm, +0.647 with eval; bench/results/nb201_space.md)
+# τ below this is no signal worth scoring by (the parameter count alone: τ +0.642 over the
+# whole space; bench/results/nb201_space.md)
 _WEAK = 0.1
 
 
