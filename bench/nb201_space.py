@@ -275,10 +275,8 @@ def correlations(rows: list[dict], members: dict[str, list[str]], truth, metrics
             scores["borda(" + ", ".join(names) + ")"] = _borda(per_arch, names)
     acc, top = {}, {}
     for d, _ in DATASETS:
-        space = np.sort(np.fromiter(truth[d].values(), float))
         acc[d] = np.array([truth[d][a] for a in archs])
-        # top-% as nb201.percentile counts it: the share of the space at least as good
-        top[d] = 100.0 * (1.0 - np.searchsorted(space, acc[d], side="left") / len(space))
+        top[d] = 100.0 - nb201.percentiles(archs, d)  # the share of the space at least as good
     out = {}
     for name, s in scores.items():
         out[name] = {d: (float(stats.kendalltau(s, acc[d]).statistic),

@@ -674,3 +674,15 @@ def test_rea_defaults_scale_with_a_short_budget(budget, population, sample_size)
     assert args.algo == "rea"
     commands._algo_options(args)
     assert (args.population, args.sample_size) == (population, sample_size)
+
+
+def test_rea_derived_population_holds_a_given_tournament():
+    """A derived population never falls under a given --sample-size: ``--budget 10
+    --sample-size 5`` runs a population of 5, not an error about a population the user
+    never gave."""
+    from fastntk.cli import commands
+    from fastntk.cli.args import parser
+
+    args = parser().parse_args(["search", "--budget", "10", "--sample-size", "5"])
+    commands._algo_options(args)
+    assert (args.population, args.sample_size) == (5, 5)

@@ -168,6 +168,11 @@ def test_table_accuracy_rank_percentile():
     x = m.accuracy(a, "cifar100")
     assert m.rank(a, "cifar100") == 1 + int((acc > x).sum())
     assert m.percentile(a, "cifar100") == pytest.approx(100.0 * (acc < x).sum() / 15625)
+    # percentiles: the same counts for many archs at once, in the order given
+    some = [table.archs[i] for i in (7, 15624, 0, 7)] + [BRIEF_ARCH]
+    for d in m.DATASETS:
+        want = [100.0 * (table.acc[d] < m.accuracy(s, d)).sum() / 15625 for s in some]
+        assert m.percentiles(some, d).tolist() == pytest.approx(want, abs=0)
 
 
 def test_unknown_dataset_and_arch():

@@ -120,11 +120,13 @@ def _algo_options(args) -> None:
     never gets past (no mutation: random search).
 
     REA's default population is 20 (measured: ``bench/results/nb201_search.md``, budget
-    100), or a fifth of a smaller budget (at least 2), so that a short search mutates too;
-    its default tournament is 5, or the whole population where that is smaller."""
+    100), or a fifth of a smaller budget (at least 2), so that a short search mutates too,
+    and never smaller than a given ``--sample-size`` (a tournament draws from it); its
+    default tournament is 5, or the whole population where that is smaller."""
     population_given = args.population is not None
     if args.algo == "rea" and args.population is None and args.budget is not None:
-        args.population = max(2, min(_ALGO_OPTIONS["rea"]["population"], args.budget // 5))
+        derived = min(_ALGO_OPTIONS["rea"]["population"], args.budget // 5)
+        args.population = max(2, derived, args.sample_size or 0)
     if args.algo == "rea" and args.sample_size is None and args.population is not None:
         args.sample_size = min(_ALGO_OPTIONS["rea"]["sample_size"], args.population)
     for algo, opts in _ALGO_OPTIONS.items():

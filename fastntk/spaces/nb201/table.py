@@ -12,6 +12,7 @@ import csv
 import functools
 import gzip
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -27,6 +28,7 @@ __all__ = [
     "all_archs",
     "load_table",
     "percentile",
+    "percentiles",
     "rank",
 ]
 
@@ -153,8 +155,13 @@ def rank(arch: ArchLike, dataset: str = "cifar10") -> int:
 
 def percentile(arch: ArchLike, dataset: str = "cifar10") -> float:
     """Percentage (0-100) of the 15,625 archs strictly worse than ``arch`` on ``dataset``."""
+    return float(percentiles([arch], dataset)[0])
+
+
+def percentiles(archs: Iterable[ArchLike], dataset: str = "cifar10") -> np.ndarray:
+    """:func:`percentile` of each of ``archs``, as one array (one sorted look-up for all)."""
     d = _dataset(dataset)
-    a = accuracy(arch, d)
+    t = load_table()
+    acc = t.acc[d][[t.index[as_arch(a)] for a in archs]]
     s = _sorted_acc(d)
-    worse = int(np.searchsorted(s, a, side="left"))
-    return 100.0 * worse / len(s)
+    return 100.0 * np.searchsorted(s, acc, side="left") / len(s)
