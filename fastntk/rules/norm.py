@@ -43,12 +43,26 @@ def per_sample_batchnorm(
     with ``rows_are_samples=False`` all rows one sample's (statistics over the rows and
     positions: a train-mode BatchNorm on that sample alone).
     """
-    dims = tuple(d for d in range(x.dim()) if d >= 2 or (d == 0 and not rows_are_samples))
-    if not dims:  # (n, C): one value per row and channel, so xhat = 0 (the graph kept: the
-        return x - x  # backward still reaches the layers before; bn="per_sample" refuses it)
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, unbiased=False, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + module.eps)
+    if not rows_are_samples:  # a train-mode BatchNorm of that one sample
+        return F.batch_norm(x, None, None, training=True, eps=module.eps)
+    if x.dim() <= 2:  # (n, C): one value per row and channel, so xhat = 0 (the graph kept:
+        return x - x  # the backward still reaches the layers before; bn="per_sample" refuses it)
+    # each sample's channel over its positions: a GroupNorm with one group per channel.
+    # Its fused forward and backward: 0.37 ms against 7.5 ms for mean, var and the
+    # elementwise ops, (64, 16, 32, 32) float32 on the 2-core CPU (torch.var is Welford's
+    # one pass, 3 ms of it).
+    return F.group_norm(x, x.shape[1], eps=module.eps)
+
+
+def _sample_channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1/sqrt(var + eps)) of each sample's channels over their positions, both (n, C),
+    for an (n, C, ...) ``x`` with positions. Two passes (the mean, then the mean of the
+    squared deviations): 0.17 ms against 2.9 ms for ``torch.var``, (64, 16, 32, 32) float32
+    on the 2-core CPU, and as exact (the textbook two-pass variance)."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    mean = flat.mean(2, keepdim=True)
+    dev = flat - mean
+    return mean[..., 0], torch.rsqrt((dev * dev).mean(2) + eps)
 
 
 class _ChannelAffineRule(GramRule):
@@ -136,10 +150,8 @@ class BatchNormRule(_ChannelAffineRule):
 
         x = saved.x
         if saved.bn == "per_sample":
-            dims = tuple(range(2, x.dim()))
-            if dims:
-                mean = x.mean(dims)
-                inv = torch.rsqrt(x.var(dims, unbiased=False) + module.eps)
+            if x.dim() > 2:
+                mean, inv = _sample_channel_stats(x, module.eps)
             else:  # one value per sample and channel: xhat = 0
                 mean, inv = x, torch.zeros_like(x)
         else:
