@@ -1,15 +1,14 @@
 """Training-free architecture search: algorithms, scorers and the evaluation journal.
 
 ``from fastntk.search import run_search, Scorer, Journal``; see
-:mod:`fastntk.search.algorithms` and :mod:`fastntk.search.journal`.
+:mod:`fastntk.search.algorithms` (the four searches), :mod:`fastntk.search.runner` (the
+budgets, cache, history and progress they share), :mod:`fastntk.search.scorer` (fitness)
+and :mod:`fastntk.search.journal`.
 """
 
+from fastntk.metrics.ranking import borda_scores
 from fastntk.search.algorithms import (
     ALGORITHMS,
-    Evaluation,
-    Scorer,
-    SearchResult,
-    borda_scores,
     categorical,
     prune_search,
     random_search,
@@ -18,6 +17,8 @@ from fastntk.search.algorithms import (
     run_search,
 )
 from fastntk.search.journal import Journal, JournalError, settings_key, space_key
+from fastntk.search.runner import Evaluation, SearchResult
+from fastntk.search.scorer import Scorer
 from fastntk.search.scoring import space_scorer
 
 __all__ = [

@@ -31,8 +31,8 @@ time_budget=None, seed=0, journal=None, progress=False, **algo_params)``:
   evaluated so far (in [0, 1]): scale-free, so condition numbers (1e2..1e8)
   and correlations (-1..1) train the policy alike.
 
-Scoring: a :class:`Scorer` wraps ``fn(arch) -> {metric: value}``, the metric
-names and their directions (default: ``fastntk.metrics.DIRECTIONS``). With one
+Scoring: a :class:`~fastntk.search.scorer.Scorer` wraps ``fn(arch) -> {metric: value}``,
+the metric names and their directions (default: ``fastntk.metrics.DIRECTIONS``). With one
 metric the fitness is the value (negated when lower is better); with several
 it is the Borda count over the set being compared (a tournament sample, a
 pruning round, the whole history for the best architecture).
@@ -59,27 +59,18 @@ ResNet and ViT here), or NB201 (its six edges, adapted here).
 from __future__ import annotations
 
 import math
-import numbers
 import random
-import sys
-import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastntk._args import integer
-from fastntk._progress import bar as progress_bar
+from fastntk._args import integer, real
 from fastntk.errors import OptionError
-from fastntk.metrics.ranking import borda_scores
-from fastntk.search.journal import space_key
+from fastntk.search.runner import Evaluation, Runner, SearchResult, Stop
+from fastntk.search.scorer import Scorer
 
 __all__ = [
     "ALGORITHMS",
-    "Evaluation",
-    "Scorer",
-    "SearchResult",
-    "borda_scores",
     "categorical",
     "prune_search",
     "random_search",
@@ -87,361 +78,6 @@ __all__ = [
     "reinforce",
     "run_search",
 ]
-
-
-# ---------------------------------------------------------------------------
-# Scoring
-# ---------------------------------------------------------------------------
-
-
-class Scorer:
-    """Metric values of an architecture, and how to compare them.
-
-    Args:
-        fn: ``fn(arch) -> {metric: value}``; must return at least ``metrics``, as numbers.
-        metrics: the metric names that count (a list, or a comma-separated string);
-            repeated names count once (order kept).
-        directions: ``metric -> higher_is_better``; default from
-            ``fastntk.metrics.DIRECTIONS``.
-        settings: everything that determines the values (the journal key);
-            default ``{"metrics": metrics}``; ``"revisions"`` of revised metrics
-            (``fastntk.metrics.REVISIONS``) is added to it. A journal row of these settings that lacks
-            one of ``metrics`` is completed: the architecture is scored again and the
-            row gains the missing values.
-    """
-
-    def __init__(
-        self,
-        fn: Callable[[Any], Mapping[str, float]],
-        metrics: str | Sequence[str],
-        directions: Mapping[str, bool] | None = None,
-        *,
-        settings: Mapping[str, Any] | None = None,
-    ):
-        given = metrics
-        if isinstance(metrics, str):
-            metrics = [m.strip() for m in metrics.split(",") if m.strip()]
-        elif isinstance(metrics, Iterable):
-            metrics = list(metrics)  # (dict keys, sets and generators too)
-        if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
-            raise OptionError(f"metrics must be a metric name, a comma-separated string or "
-                              f"names, got {given!r}")  # fmt: skip
-        self.metrics = list(dict.fromkeys(metrics))  # duplicates count once, order kept
-        if not self.metrics:
-            raise OptionError("a scorer needs at least one metric")
-        if directions is None:
-            from fastntk.metrics import DIRECTIONS
-
-            directions = DIRECTIONS
-        missing = [m for m in self.metrics if m not in directions]
-        if missing:
-            raise OptionError(
-                f"no direction known for metric(s) {', '.join(missing)}; known: "
-                f"{', '.join(sorted(directions))}"
-            )
-        self.directions = {m: bool(directions[m]) for m in self.metrics}
-        self.fn = fn
-        self.settings = dict(settings) if settings is not None else {"metrics": self.metrics}
-        from fastntk.metrics import REVISIONS
-
-        revised = {m: REVISIONS[m] for m in self.metrics if m in REVISIONS}
-        if revised:  # scores stored before a metric's revision are not served as today's
-            self.settings.setdefault("revisions", revised)
-
-    def __call__(self, arch: Any) -> dict[str, float]:
-        out = self.fn(arch)
-        if not isinstance(out, Mapping):
-            raise OptionError(f"the scoring function must return a dict of metrics, got "
-                              f"{type(out).__name__}")  # fmt: skip
-        missing = [m for m in self.metrics if m not in out]
-        if missing:
-            raise OptionError(f"the scoring function returned no {', '.join(missing)} (it gave "
-                              f"{', '.join(map(str, out)) or 'nothing'})")  # fmt: skip
-        values = {}
-        for m in self.metrics:
-            v = out[m]
-            try:
-                if isinstance(v, (str, bytes)):
-                    raise TypeError
-                values[m] = float(v)
-            except (TypeError, ValueError):
-                raise OptionError(
-                    f"the scoring function returned a non-number for metric "
-                    f"{m!r}: {v!r} ({type(v).__name__})"
-                ) from None
-        return values
-
-    #: architectures it scores at once (:class:`fastntk.search.workers.ParallelScorer`: the
-    #: ranks of a process group); the algorithms ask for batches this wide
-    width = 1
-
-    def map(self, archs: Sequence[Any]) -> list[tuple[dict[str, float], float]]:
-        """(metrics, seconds) of each architecture, in order (here one after another)."""
-        out = []
-        for a in archs:
-            t = time.monotonic()
-            out.append((self(a), time.monotonic() - t))
-        return out
-
-    def fitness(self, metric_dicts: Sequence[Mapping[str, float]]) -> list[float]:
-        """Fitness of each entry within the set (higher is better; NaN is worst: -inf,
-        below the worst number, which a metric's own -inf, e.g. an NCN beyond float32,
-        becomes: the most negative float)."""
-        if len(self.metrics) == 1:
-            (m,) = self.metrics
-            sign = 1.0 if self.directions[m] else -1.0
-            out = []
-            for d in metric_dicts:
-                v = float(d.get(m, math.nan))
-                out.append(-math.inf if math.isnan(v) else max(sign * v, -sys.float_info.max))
-            return out
-        return borda_scores(metric_dicts, self.directions)
-
-
-# ---------------------------------------------------------------------------
-# Results, budget, progress
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Evaluation:
-    """One architecture query of a search."""
-
-    step: int
-    arch: Any
-    encoding: str
-    metrics: dict[str, float]
-    cached: bool
-    elapsed: float
-
-
-@dataclass
-class SearchResult:
-    """What a search returns.
-
-    ``best`` is the fittest evaluation of ``history`` (for pruning: the final
-    pruned architecture); ``space`` the journal's key of the space
-    (:func:`~fastntk.search.journal.space_key`: its name, plus any non-default
-    configuration); ``stop_reason`` is ``"budget"``, ``"time"``,
-    ``"exhausted"`` (no new architectures) or ``"done"`` (pruning finished).
-    """
-
-    algorithm: str
-    space: str
-    seed: int
-    best: Evaluation | None
-    history: list[Evaluation]
-    n_computed: int
-    n_cached: int
-    elapsed: float
-    stop_reason: str
-    population: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_evaluations(self) -> int:
-        return len(self.history)
-
-    @property
-    def encodings(self) -> list[str]:
-        return [e.encoding for e in self.history]
-
-
-def _real(v: Any) -> bool:
-    """A real number (numpy floats too), not a bool or a string."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-class _Stop(Exception):
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-def _fmt_metrics(metrics: Mapping[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-
-
-class _Runner:
-    """Evaluates architectures for an algorithm: budget, cache/journal, history, progress."""
-
-    def __init__(
-        self,
-        algorithm,
-        space,
-        scorer,
-        budget,
-        time_budget,
-        seed,
-        journal,
-        progress,
-        what: str = "best",
-    ):
-        if budget is None and time_budget is None:
-            raise OptionError("give an evaluation budget, a time budget, or both")
-        if budget is not None:
-            budget = integer(budget, "the evaluation budget", lo=1)
-        seed = integer(seed, "seed")
-        if time_budget is not None and not (_real(time_budget) and time_budget > 0
-                                            and math.isfinite(time_budget)):  # fmt: skip
-            raise OptionError(f"the time budget must be positive, finite seconds, got "
-                              f"{time_budget!r}")  # fmt: skip
-        if journal is not None:
-            if not all(callable(getattr(journal, a, None)) for a in ("get", "record")):
-                raise OptionError(f"journal must be a fastntk.search.Journal (open one with "
-                                  f"Journal(path)), got {journal!r}")  # fmt: skip
-            if scorer.settings.get("seed") is not None:  # before anything is computed
-                integer(scorer.settings["seed"], "the seed in the scorer's settings (stored in "
-                        "the journal)", -(2**63), 2**63)  # fmt: skip
-        if progress is None or isinstance(progress, bool):  # None: on stderr if a terminal
-            show, stream = progress, None
-        elif callable(getattr(progress, "write", None)):
-            show, stream = True, progress
-        else:
-            raise OptionError(f"progress must be True, False, None or a text stream, got "
-                              f"{progress!r}")  # fmt: skip
-        self.algorithm, self.space, self.scorer = algorithm, space, scorer
-        self.budget, self.time_budget, self.seed, self.journal = budget, time_budget, seed, journal
-        self.space_name = getattr(space, "name", type(space).__name__)
-        self.space_key = space_key(space)  # the journal's key: name + configuration
-        self.history: list[Evaluation] = []
-        self.cache: dict[str, dict[str, float]] = {}
-        # scored ahead by prefetch() (and journaled), not yet taken by evaluate()
-        self.pending: dict[str, tuple[dict[str, float], float]] = {}
-        self.n_computed = self.n_cached = 0
-        self.t0 = time.monotonic()
-        # the bar's postfix: the best evaluation so far ("best supernet" while prune scores
-        # supernets), recomputed at most every 0.2 s for a Borda count over the history
-        self.what = what
-        self.bar = progress_bar(budget, algorithm, "eval", show, file=stream,
-                                postfix=f"{what}: -")  # fmt: skip
-        self._best_idx: int | None = None
-        self._best_shown = 0.0
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def check(self, reserve: int = 0) -> None:
-        if self.budget is not None and len(self.history) + reserve >= self.budget:
-            raise _Stop("budget")
-        if self.time_budget is not None and self.elapsed() >= self.time_budget:
-            raise _Stop("time")
-
-    def room(self) -> int:
-        """How many architectures the next batch may hold: the scorer's width, within the
-        evaluation budget left."""
-        left = self.scorer.width if self.budget is None else self.budget - len(self.history)
-        return max(1, min(self.scorer.width, left))
-
-    def _stored(self, enc: str) -> tuple[dict[str, float] | None, dict | None]:
-        """(the journal's complete metrics of ``enc``, or None; its row, or None)."""
-        if self.journal is None:
-            return None, None
-        stored = self.journal.get(self.space_key, enc, self.scorer.settings)
-        # a row that lacks a requested metric (settings that do not list the metrics)
-        # is not a cache hit: the arch is scored again and the row completed
-        if stored is not None and all(m in stored for m in self.scorer.metrics):
-            return {m: float(stored[m]) for m in self.scorer.metrics}, stored
-        return None, stored
-
-    def _record(self, enc: str, metrics: dict[str, float], dt: float, stored) -> None:
-        if self.journal is not None:
-            s = self.scorer.settings
-            self.journal.record(self.space_key, enc, s, metrics, seed=s.get("seed"),
-                                data=s.get("data"), elapsed=dt, merge=stored is not None)  # fmt: skip
-
-    def prefetch(self, archs: Sequence[Any]) -> None:
-        """Score the archs that neither the cache nor the journal holds, together (the
-        scorer's ranks: :class:`~fastntk.search.workers.ParallelScorer`), and journal them
-        at once, ahead of :meth:`evaluate` taking them in order. Nothing to do for a
-        scorer of width 1: :meth:`evaluate` scores each itself, as one process does."""
-        if self.scorer.width <= 1:
-            return
-        todo, rows = [], {}
-        for a in archs:
-            enc = self.space.encode(a)
-            if enc in self.cache or enc in self.pending or enc in rows:
-                continue
-            metrics, stored = self._stored(enc)
-            if metrics is None:
-                todo.append(a)
-                rows[enc] = stored
-        for a, (metrics, dt) in zip(todo, self.scorer.map(todo), strict=True):
-            enc = self.space.encode(a)
-            self._record(enc, metrics, dt, rows[enc])
-            self.pending[enc] = (metrics, dt)
-
-    def evaluate(self, arch: Any, reserve: int = 0, force: bool = False) -> Evaluation:
-        if not force:
-            self.check(reserve)
-        enc = self.space.encode(arch)
-        t = time.monotonic()
-        metrics = self.cache.get(enc)
-        cached = metrics is not None
-        ahead = self.pending.pop(enc, None)
-        if ahead is not None:  # scored (and journaled) by prefetch: computed, not cached
-            metrics = ahead[0]
-        elif metrics is None:
-            metrics, stored = self._stored(enc)
-            cached = metrics is not None
-            if metrics is None:
-                metrics = self.scorer(arch)
-                self._record(enc, metrics, time.monotonic() - t, stored)
-        if cached:
-            self.n_cached += 1
-        else:
-            self.n_computed += 1
-        self.cache[enc] = metrics
-        ev = Evaluation(len(self.history), arch, enc, dict(metrics), cached, time.monotonic() - t)
-        self.history.append(ev)
-        self._update_best(ev)
-        return ev
-
-    def _update_best(self, ev: Evaluation) -> None:
-        """Step the bar; its postfix names the best evaluation so far."""
-        if not self.bar.disable:
-            label = None
-            if len(self.scorer.metrics) == 1:
-                if self._best_idx is None or (
-                    self.scorer.fitness([ev.metrics])[0]
-                    > self.scorer.fitness([self.history[self._best_idx].metrics])[0]
-                ):
-                    self._best_idx = ev.step
-                label = _fmt_metrics(self.history[self._best_idx].metrics)
-            elif time.monotonic() - self._best_shown >= 0.2:
-                self._best_shown = time.monotonic()
-                label = _fmt_metrics(self.best().metrics)
-            if label is not None:
-                self.bar.set_postfix_str(f"{self.what}: {label}", refresh=False)
-            if self.bar.total is not None and len(self.history) > self.bar.total:
-                self.bar.total = len(self.history)  # prune's final arch, past the budget
-        self.bar.update()
-
-    def best(self) -> Evaluation | None:
-        if not self.history:
-            return None
-        fit = self.scorer.fitness([e.metrics for e in self.history])
-        i = max(range(len(fit)), key=lambda k: (fit[k], -k))
-        return self.history[i]
-
-    def result(
-        self, reason: str, best: Evaluation | None = None, what: str | None = None, **kw
-    ) -> SearchResult:
-        best = best if best is not None else self.best()
-        label = _fmt_metrics(best.metrics) if best else "-"
-        self.bar.set_postfix_str(f"{what or self.what}: {label}", refresh=False)
-        self.bar.close()  # (its last frame, with this postfix)
-        return SearchResult(
-            self.algorithm,
-            self.space_key,
-            self.seed,
-            best,
-            self.history,
-            self.n_computed,
-            self.n_cached,
-            self.elapsed(),
-            reason,
-            **kw,
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -501,7 +137,7 @@ def random_search(
 ) -> SearchResult:
     """Uniform random search without repeats (``max_tries`` draws to find an unseen arch)."""
     max_tries = integer(max_tries, "max_tries", lo=1)
-    run = _Runner("random", space, scorer, budget, time_budget, seed, journal, progress)
+    run = Runner("random", space, scorer, budget, time_budget, seed, journal, progress)
     rng = random.Random(run.seed)
     reason = "budget"
     try:
@@ -525,8 +161,8 @@ def random_search(
             for arch in batch:
                 run.evaluate(arch)
             if exhausted:
-                raise _Stop("exhausted")
-    except _Stop as s:
+                raise Stop("exhausted")
+    except Stop as s:
         reason = s.reason
     return run.result(reason)
 
@@ -556,7 +192,7 @@ def regularized_evolution(
         raise OptionError(
             f"need 1 <= sample_size ({sample_size}) <= population_size ({population_size})"
         )
-    run = _Runner("rea", space, scorer, budget, time_budget, seed, journal, progress)
+    run = Runner("rea", space, scorer, budget, time_budget, seed, journal, progress)
     rng = random.Random(run.seed)
     population: deque[Evaluation] = deque()
     sizes: list[int] = []
@@ -582,14 +218,14 @@ def regularized_evolution(
                 population.append(run.evaluate(arch))
                 population.popleft()
                 sizes.append(len(population))
-    except _Stop as s:
+    except Stop as s:
         reason = s.reason
     return run.result(
         reason, population=[e.encoding for e in population], extra={"population_sizes": sizes}
     )
 
 
-def _within(run: _Runner, archs: list[Any]) -> list[Any]:
+def _within(run: Runner, archs: list[Any]) -> list[Any]:
     """The first of ``archs`` a round can evaluate within the budget (one unit kept for
     the final architecture)."""
     return archs if run.budget is None else archs[: max(0, run.budget - len(run.history) - 1)]
@@ -660,7 +296,7 @@ def prune_search(
                           f"which draw no samples: leave samples_per_op at 1, got "
                           f"{samples_per_op}")  # fmt: skip
     # the rounds score supernets, not archs: the progress bar says so
-    run = _Runner(
+    run = Runner(
         "prune",
         space,
         scorer,
@@ -715,7 +351,7 @@ def prune_search(
             op_score = {key: sum(v) / len(v) for key, v in acc.items()}
             evs = []
             rounds.append(_drop_lowest(alive, op_score, names, choices))
-    except _Stop as s:
+    except Stop as s:
         reason = s.reason
     partial = len(evs)  # evaluations of an unfinished round: not used
     pick = random.Random(f"prune-final:{run.seed}")
@@ -765,14 +401,13 @@ def reinforce(
     ``result.extra["policy"]`` is the final policy: ``{decision: {choice: prob}}``;
     ``result.extra["rewards"]`` the reward of each step.
     """
-    if not (_real(lr) and lr > 0 and math.isfinite(lr)):
-        raise OptionError(f"lr must be a positive, finite number, got {lr!r}")
-    if not (_real(baseline_decay) and 0 <= baseline_decay < 1):
+    lr = real(lr, "lr", strict=True)
+    if real(baseline_decay, "baseline_decay") >= 1:
         raise OptionError(f"baseline_decay must be a number in [0, 1), got {baseline_decay!r}")
     view = categorical(space)
     decisions = view.decisions()
     logits = [[0.0] * len(ch) for _, ch in decisions]
-    run = _Runner("reinforce", space, scorer, budget, time_budget, seed, journal, progress)
+    run = Runner("reinforce", space, scorer, budget, time_budget, seed, journal, progress)
     rng = random.Random(run.seed)
     baseline: float | None = None
     fits: list[float] = []
@@ -823,7 +458,7 @@ def reinforce(
             run.prefetch(archs)
             for idx, arch in zip(drawn, archs, strict=True):
                 update(idx, probs, run.evaluate(arch))
-    except _Stop as s:
+    except Stop as s:
         reason = s.reason
     policy = {
         name: {str(c): p for c, p in zip(ch, softmax(lg), strict=True)}

@@ -1,6 +1,6 @@
 """Scoring a search space's architectures: the NAS defaults and the one scorer behind them.
 
-:func:`space_scorer` builds the :class:`~fastntk.search.algorithms.Scorer` that
+:func:`space_scorer` builds the :class:`~fastntk.search.scorer.Scorer` that
 ``fastntk score``, ``search`` and ``evaluate`` use, and that the evidence scripts in
 ``bench/`` use, so a score in a journal, a benchmark table and a search is the same number:
 
@@ -31,7 +31,7 @@ from typing import Any
 from fastntk import metrics as M
 from fastntk._args import integer
 from fastntk.errors import OptionError
-from fastntk.search.algorithms import Scorer
+from fastntk.search.scorer import Scorer
 
 __all__ = ["arch_seed", "default_dtype", "evidence", "notes", "space_scorer"]
 

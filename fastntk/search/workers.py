@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastntk.search.algorithms import Scorer
+from fastntk.search.scorer import Scorer
 
 # torchrun's variables: a command started by it (WORLD_SIZE > 1) scores over its ranks
 _RANKED = ("RANK", "WORLD_SIZE")
