@@ -1361,3 +1361,30 @@ def test_panels_of_a_model_that_needs_its_whole_chunk(output):
             m, x, output=output, chunk_size=4, method=method, dtype=torch.float64, progress=False
         )
         assert rel_err(theta, ref) <= TOL64, method
+
+
+@pytest.mark.parametrize(
+    "bn_cls,shape",
+    [
+        (nn.BatchNorm1d, (5, 3, 7)),
+        (nn.BatchNorm2d, (5, 3, 4, 4)),
+        (nn.BatchNorm3d, (5, 3, 2, 3, 3)),
+    ],
+)
+@pytest.mark.parametrize("method", ["auto", "layerwise", "vmap"])
+def test_per_sample_batchnorm_of_every_rank(bn_cls, shape, method):
+    """bn="per_sample" normalises each sample's channels over its own positions (a
+    GroupNorm with one group per channel in the engine) for 1-d, 2-d and 3-d positions,
+    against the oracle's each-sample-alone train-mode BatchNorm."""
+    torch.manual_seed(0)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(shape) - 2]
+    m = nn.Sequential(conv(3, 4, 1), bn_cls(4), nn.Tanh(), nn.Flatten(),
+                      nn.LazyLinear(2)).double()  # fmt: skip
+    x = torch.randn(*shape, dtype=torch.float64)
+    m(x)  # (materialises the lazy layer)
+    with torch.no_grad():
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-0.5, 0.5)
+    got = fastntk.ntk(m, x, bn="per_sample", method=method)
+    want = reduce(full_kernel(m, x, bn="per_sample"), "sum")
+    assert rel_err(got, want) < TOL[torch.float64]
