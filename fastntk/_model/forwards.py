@@ -53,21 +53,16 @@ def per_sample_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if n == ALONE:  # one sample: its statistics over all its rows and positions
         if x.numel() <= x.shape[1]:
             raise _degenerate(self, x)
-        y = per_sample_batchnorm(self, x, rows_are_samples=False)
-    elif n == ROWS or x.shape[0] == n:
+        return per_sample_batchnorm(self, x, rows_are_samples=False, affine=True)
+    if n == ROWS or x.shape[0] == n:
         if n != ROWS and x[0].numel() <= x.shape[1]:
             raise OneValuePerChannelError(self, tuple(x.shape))
-        y = per_sample_batchnorm(self, x)
-    else:
-        raise MergedSamplesError(
-            f"a {type(self).__name__} is given {x.shape[0]} rows for {n} samples (samples "
-            "merged with another dim, e.g. (N*T, C) frames, or no sample dim), and a batched "
-            "forward cannot tell which rows are one sample's"
-        )
-    if self.weight is not None:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = y * self.weight.view(shape) + self.bias.view(shape)
-    return y
+        return per_sample_batchnorm(self, x, affine=True)
+    raise MergedSamplesError(
+        f"a {type(self).__name__} is given {x.shape[0]} rows for {n} samples (samples "
+        "merged with another dim, e.g. (N*T, C) frames, or no sample dim), and a batched "
+        "forward cannot tell which rows are one sample's"
+    )
 
 
 @contextlib.contextmanager
