@@ -27,7 +27,6 @@ from fastntk._model.forwards import (
 from fastntk._model.structure import batchnorms
 from fastntk.errors import UnsupportedError
 
-
 # The per-module flags and hook dicts are plain attributes: this module writes them into
 # the instance's __dict__, past nn.Module.__setattr__'s parameter, buffer and submodule
 # checks (two thirds of its calls when scoring NB201 networks, 5% of a score's time on the
