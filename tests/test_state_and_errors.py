@@ -789,3 +789,40 @@ def test_ctrl_c_deferral_leaves_a_foreign_sigint_handler_alone(monkeypatch):
     with state._sigint_deferred():
         pass
     assert installed == []
+
+
+class _ModeProperty(nn.Module):
+    """A module whose ``training`` is a property over its own storage (torch.compile's
+    OptimizedModule has one) and whose forward depends on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    @property
+    def training(self):
+        return self.__dict__.get("_mode", True)
+
+    @training.setter
+    def training(self, mode):
+        self.__dict__["_mode"] = mode
+
+    def forward(self, x):
+        return self.inner(x) * (2.0 if self.training else 1.0)
+
+
+def test_a_training_property_is_set_and_restored_through_it():
+    """The flags are written past nn.Module.__setattr__ only where they are plain
+    attributes: a ``training`` property gets the engine's eval mode through its setter (the
+    kernel is the eval-mode function's), and holds the user's mode again afterwards."""
+    from reference import reference_ntk, rel_err
+
+    torch.manual_seed(0)
+    m = _ModeProperty().double().train()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    got = fastntk.ntk(m, x)
+    m.eval()
+    want = reference_ntk(m, x)  # (the oracle runs an eval-mode copy)
+    m.train()
+    assert rel_err(got, want) < 1e-10
+    assert m.training and "training" not in vars(m)

@@ -27,17 +27,32 @@ from fastntk._model.forwards import (
 from fastntk._model.structure import batchnorms
 from fastntk.errors import UnsupportedError
 
-# The per-module flags and hook dicts are plain attributes: this module writes them into
-# the instance's __dict__, past nn.Module.__setattr__'s parameter, buffer and submodule
-# checks (two thirds of its calls when scoring NB201 networks, 5% of a score's time on the
-# 2-core CPU, cProfile of fastntk.search.scoring.space_scorer).
+
+def _plain(cls: type) -> bool:
+    """Whether instances of ``cls`` keep ``training`` and the hook dicts as plain instance
+    attributes: nn.Module's own ``__setattr__`` and no class attribute of those names (a
+    ``training`` property, as torch.compile's OptimizedModule has, must see its writes)."""
+    names = ("training", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
+    return cls.__setattr__ is nn.Module.__setattr__ and not any(hasattr(cls, n) for n in names)
+
+
+def _set(module: nn.Module, name: str, value: Any) -> None:
+    """``setattr(module, name, value)`` for a flag or hook dict. Where it is a plain
+    attribute, written into ``__dict__``, past nn.Module.__setattr__'s parameter, buffer and
+    submodule checks: two thirds of its calls when scoring NB201 architectures, 5% of a
+    score's time (cProfile of ``space_scorer(get_space("nb201"))`` over 6 architectures,
+    per-sample BN, 2 threads of the 2-core CPU)."""
+    if _plain(type(module)):
+        module.__dict__[name] = value
+    else:
+        setattr(module, name, value)
 
 
 def clear_backward_hooks(module: nn.Module) -> None:
     """Drop ``module``'s own backward hooks (the caller keeps the dicts to restore them)."""
-    d = module.__dict__
-    d["_backward_hooks"], d["_backward_pre_hooks"] = OrderedDict(), OrderedDict()
-    d["_is_full_backward_hook"] = None
+    _set(module, "_backward_hooks", OrderedDict())
+    _set(module, "_backward_pre_hooks", OrderedDict())
+    _set(module, "_is_full_backward_hook", None)
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -183,10 +198,10 @@ def model_state(model: nn.Module, bn: str) -> Iterator[None]:
             for m in bns:
                 layout_fixes.append(m.register_forward_hook(bn_gradient_layout))
             for m in mods:
-                m.__dict__["training"] = False
+                _set(m, "training", False)
             for m in bns:
                 if bn == "batch":
-                    m.__dict__["training"] = True
+                    _set(m, "training", True)
                 elif bn == "per_sample":
                     if "forward" in m.__dict__:  # the user's: what it computes is unknown
                         raise UnsupportedError(
@@ -225,15 +240,16 @@ def _restore_model(layout_fixes, sparse, hooks, swapped, flags, attrs, slots) ->
     for m in sparse:
         m.sparse = True
     for m, bh, bph, full in hooks:
-        d = m.__dict__
-        d["_backward_hooks"], d["_backward_pre_hooks"], d["_is_full_backward_hook"] = bh, bph, full
+        _set(m, "_backward_hooks", bh)
+        _set(m, "_backward_pre_hooks", bph)
+        _set(m, "_is_full_backward_hook", full)
     for m, old in swapped:
         if old is _MISSING:
             m.__dict__.pop("forward", None)
         else:
             m.forward = old
     for m, t in flags:
-        m.__dict__["training"] = t
+        _set(m, "training", t)
     for m, kept in attrs:
         for k in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]:
             if k not in kept:
