@@ -686,3 +686,19 @@ def test_rea_derived_population_holds_a_given_tournament():
     args = parser().parse_args(["search", "--budget", "10", "--sample-size", "5"])
     commands._algo_options(args)
     assert (args.population, args.sample_size) == (5, 5)
+    args = parser().parse_args(["search", "--time-budget", "60", "--sample-size", "30"])
+    commands._algo_options(args)
+    assert (args.population, args.sample_size) == (30, 30)
+
+
+def test_rea_population_past_the_budget_gets_a_note(capsys):
+    """A tournament larger than the budget makes REA a random search: a note says so,
+    whether the population was given or derived from --sample-size."""
+    from fastntk.cli import commands
+    from fastntk.cli.args import parser
+
+    args = parser().parse_args(["search", "--budget", "10", "--sample-size", "50"])
+    commands._algo_options(args)
+    assert args.population == 50
+    err = capsys.readouterr().err
+    assert "the population 50 >= --budget 10: REA samples its whole budget at random" in err

@@ -202,7 +202,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--population",
         type=positive_int("--population"),
-        help="REA population size (default 20, or budget/5 if smaller)",
+        help="REA population size (default 20, or budget/5 if smaller, at least 2 and at least "
+        "--sample-size)",
     )
     p.add_argument(
         "--sample-size",
