@@ -6,6 +6,8 @@
 * ``chunks``: the grouped strategy's sample chunks inside ``ntk()`` (time and page faults).
 * ``gram``: symmetric and cross Gram blocks, torch.mm vs the C++ kernels.
 * ``affine``: BatchNorm weight+bias blocks, PyTorch ops vs the C++ one-pass op.
+* ``per_sample_bn``: ``bn="per_sample"``'s normalisation by mean, ``torch.var`` and
+  elementwise ops vs ``F.group_norm``; its statistics by ``torch.var`` vs two passes.
 * ``trace``: "trace" over 10 logits with all logits' gradients handed to the rules at
   once vs logit by logit (``fastntk.engine.sizes.BATCH_PASSES_BYTES``), and big Gram blocks in their
   own GEMM vs copied into the buffer (``fastntk.engine.sizes.GRAM_DIRECT_BYTES``), alternating in one
@@ -26,7 +28,8 @@
   symmetric Gram, with the choice ``rules.outer_pays`` makes.
 
 Usage:
-    python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [trace] [pool] [coupled]
+    python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [per_sample_bn] [trace]
+        [pool] [coupled]
         [mha] [depthwise] [positions] [blocks]
         [--device cpu|cuda]   (the device of the coupled section's model and data)
 """
@@ -253,6 +256,49 @@ def affine(n=128):
             times.append(best_of(both, 5))
         cpp = f"{1e3 * times[1]:.2f}" if _ext.available() else "n/a"
         print(f"| {c}x{h}x{h} | {1e3 * times[0]:.2f} | {cpp} | {times[0] / times[1]:.2f}x |")
+
+
+def per_sample_bn(n=64):
+    """``bn="per_sample"``'s normalisation, each sample's channels over their positions:
+    the mean, ``torch.var`` and elementwise ops against ``F.group_norm`` with a group per
+    channel (forward, and forward+backward with the affine); the statistics alone (the
+    fused affine rule's) by ``torch.var`` against the two-pass mean of squared deviations."""
+    import torch.nn.functional as F
+
+    print(f"## per-sample BatchNorm, N={n}, float32, best of 7 (ms)")
+    print("| C x H x W | fwd: mean+var | fwd: group_norm | fwd+bwd: mean+var | "
+          "fwd+bwd: group_norm | stats: torch.var | stats: two-pass |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for c, h in ((16, 32), (32, 16), (64, 8)):
+        x = torch.randn(n, c, h, h, requires_grad=True)
+        w = torch.rand(c, requires_grad=True)
+        b = torch.randn(c, requires_grad=True)
+        g = torch.randn(n, c, h, h)
+
+        def var_form():
+            mean = x.mean((2, 3), keepdim=True)
+            var = x.var((2, 3), unbiased=False, keepdim=True)
+            return (x - mean) * torch.rsqrt(var + 1e-5) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+        def gn_form():
+            return F.group_norm(x, c, w, b, 1e-5)
+
+        def bwd(f):
+            return lambda: torch.autograd.grad(f(), (x, w, b), g)
+
+        xd = x.detach()
+
+        def two_pass():
+            flat = xd.reshape(n, c, -1)
+            dev = flat - flat.mean(2, keepdim=True)
+            return (dev * dev).mean(2)
+
+        with torch.no_grad():
+            fwd = [best_of(var_form, 7), best_of(gn_form, 7)]
+        both = [best_of(bwd(var_form), 7), best_of(bwd(gn_form), 7)]
+        stats = [best_of(lambda: xd.var((2, 3), unbiased=False), 7), best_of(two_pass, 7)]
+        cells = " | ".join(f"{1e3 * t:.2f}" for t in fwd + both + stats)
+        print(f"| {c}x{h}x{h} | {cells} |")
 
 
 def _model(n):
@@ -515,6 +561,7 @@ if __name__ == "__main__":
         "chunks": chunks,
         "gram": gram,
         "affine": affine,
+        "per_sample_bn": per_sample_bn,
         "trace": trace,
         "pool": pool,
         "coupled": coupled,

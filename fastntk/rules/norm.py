@@ -38,7 +38,8 @@ def per_sample_batchnorm(
     module: nn.Module, x: torch.Tensor, rows_are_samples: bool = True, affine: bool = False
 ) -> torch.Tensor:
     """Normalise each sample by its own per-channel statistics; with ``affine``, then scale
-    and shift by ``module``'s weight and bias (where it has them), in the same kernel.
+    and shift by ``module``'s weight and bias (where it has them), in the normalising
+    kernel where ``x`` has positions.
 
     ``x`` is (rows, C, ...): each row one sample (statistics over its positions), or
     with ``rows_are_samples=False`` all rows one sample's (statistics over the rows and
@@ -50,18 +51,19 @@ def per_sample_batchnorm(
     if x.dim() <= 2:  # (n, C): one value per row and channel, so xhat = 0 (the graph kept:
         y = x - x  # the backward still reaches the layers before; bn="per_sample" refuses it)
         return y if w is None else y * w + b
-    # each sample's channel over its positions: a GroupNorm with one group per channel.
-    # Its fused forward and backward: 0.37 ms against 7.5 ms for mean, var and the
-    # elementwise ops, (64, 16, 32, 32) float32 on the 2-core CPU (torch.var is Welford's
-    # one pass, 3 ms of it).
+    # each sample's channel over its positions: a GroupNorm with one group per channel,
+    # forward and backward 0.39 ms against 7.9 ms by the mean, torch.var (Welford's one
+    # pass on the CPU) and elementwise ops, (64, 16, 32, 32) float32 (`python
+    # bench/bench_engine_choices.py per_sample_bn`: bench/results/engine_choices_cpu.md)
     return F.group_norm(x, x.shape[1], w, b, module.eps)
 
 
 def _sample_channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, 1/sqrt(var + eps)) of each sample's channels over their positions, both (n, C),
     for an (n, C, ...) ``x`` with positions. Two passes (the mean, then the mean of the
-    squared deviations): 0.17 ms against 2.9 ms for ``torch.var``, (64, 16, 32, 32) float32
-    on the 2-core CPU, and as exact (the textbook two-pass variance)."""
+    squared deviations, the textbook two-pass variance): 0.17 ms against 2.9 ms for
+    ``torch.var``, (64, 16, 32, 32) float32 (``python bench/bench_engine_choices.py
+    per_sample_bn``)."""
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     mean = flat.mean(2, keepdim=True)
     dev = flat - mean
