@@ -702,3 +702,12 @@ def test_rea_population_past_the_budget_gets_a_note(capsys):
     assert args.population == 50
     err = capsys.readouterr().err
     assert "the population 50 >= --budget 10: REA samples its whole budget at random" in err
+
+
+def test_metric_help_names_the_default_score():
+    """--metric's help names the NAS default (the parser imports nothing of the package, so
+    its text is written out; this holds it to fastntk.metrics.NAS_METRICS)."""
+    from fastntk.cli import args
+    from fastntk.metrics import NAS_METRICS
+
+    assert f"(default: {','.join(NAS_METRICS)}, the NAS default score)" in args._METRIC_HELP

@@ -163,7 +163,7 @@ def _add_progress_args(p: argparse.ArgumentParser) -> None:
 
 _METRIC_HELP = (
     "metric name(s), comma separated; several are combined by a Borda count "
-    "(default: ncn,lga,num_params, the NAS default score)"
+    "(default: lga,num_params, the NAS default score)"
 )
 
 
