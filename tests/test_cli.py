@@ -701,7 +701,10 @@ def test_rea_population_past_the_budget_gets_a_note(capsys):
     commands._algo_options(args)
     assert args.population == 50
     err = capsys.readouterr().err
-    assert "the population 50 >= --budget 10: REA samples its whole budget at random" in err
+    assert "the population (--sample-size) 50 >= --budget 10: REA samples its whole" in err
+    args = parser().parse_args(["search", "--budget", "2"])  # (the floor of 2: no note)
+    commands._algo_options(args)
+    assert args.population == 2 and "note" not in capsys.readouterr().err
 
 
 def test_metric_help_names_the_default_score():

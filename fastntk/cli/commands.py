@@ -123,12 +123,16 @@ def _algo_options(args) -> None:
     100), or a fifth of a smaller budget (at least 2), so that a short search mutates too,
     and never smaller than a given ``--sample-size`` (a tournament draws from it); its
     default tournament is 5, or the whole population where that is smaller."""
-    given = "--population" if args.population is not None else "the population"
+    # the note below is for a population the user chose: given, or raised to --sample-size
+    # (not the floor of 2 that a budget of 1 or 2 meets anyway)
+    given = "--population" if args.population is not None else None
     if args.algo == "rea" and args.population is None:
         derived = _ALGO_OPTIONS["rea"]["population"]
         if args.budget is not None:
             derived = max(2, min(derived, args.budget // 5))
-        args.population = max(derived, args.sample_size or 0)
+        if args.sample_size is not None and args.sample_size > derived:
+            derived, given = args.sample_size, "the population (--sample-size)"
+        args.population = derived
     if args.algo == "rea" and args.sample_size is None and args.population is not None:
         args.sample_size = min(_ALGO_OPTIONS["rea"]["sample_size"], args.population)
     for algo, opts in _ALGO_OPTIONS.items():
@@ -142,7 +146,7 @@ def _algo_options(args) -> None:
                     f"--algo {args.algo} does not use it",
                     file=sys.stderr,
                 )
-    if args.algo == "rea" and args.budget is not None and args.population >= args.budget:
+    if args.algo == "rea" and given and args.budget is not None and args.population >= args.budget:
         print(
             f"fastntk search: note: {given} {args.population} >= --budget "
             f"{args.budget}: REA samples its whole budget at random and never mutates",
