@@ -65,6 +65,8 @@ BORDAS = (
     ("ncn", "trainability", "num_params"),
     ("lga", "trainability", "num_params"),
     ("fnorm", "ncn", "lga", "num_params"),
+    ("lga_t", "num_params"),  # (the lga_t journal: bench/results/nb201_lga_t.csv)
+    ("lga", "lga_t", "num_params"),
 )
 # A search keeps the best-scored of its evaluations, so a score is also judged by the top
 # end of its ranking: the expected top-% of the best-scored of this many uniform draws
