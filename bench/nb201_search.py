@@ -178,7 +178,7 @@ def summarise(args) -> str:
         cells = []
         for d, _ in DATASETS:
             acc = np.array([nb201.accuracy(a, d) for a in archs])
-            top = np.array([100 - nb201.percentile(a, d) for a in archs])
+            top = 100 - nb201.percentiles(archs, d)
             cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} | {top.mean():.1f} ± {top.std():.1f}")
         lines.append(f"| {name} | {len(archs)} | " + " | ".join(cells) + " |")
 

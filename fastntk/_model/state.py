@@ -48,11 +48,15 @@ def _set(module: nn.Module, name: str, value: Any) -> None:
         setattr(module, name, value)
 
 
+def _set_backward_hooks(module: nn.Module, hooks: Any, pre_hooks: Any, full: Any) -> None:
+    _set(module, "_backward_hooks", hooks)
+    _set(module, "_backward_pre_hooks", pre_hooks)
+    _set(module, "_is_full_backward_hook", full)
+
+
 def clear_backward_hooks(module: nn.Module) -> None:
     """Drop ``module``'s own backward hooks (the caller keeps the dicts to restore them)."""
-    _set(module, "_backward_hooks", OrderedDict())
-    _set(module, "_backward_pre_hooks", OrderedDict())
-    _set(module, "_is_full_backward_hook", None)
+    _set_backward_hooks(module, OrderedDict(), OrderedDict(), None)
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -239,10 +243,8 @@ def _restore_model(layout_fixes, sparse, hooks, swapped, flags, attrs, slots) ->
         h.remove()
     for m in sparse:
         m.sparse = True
-    for m, bh, bph, full in hooks:
-        _set(m, "_backward_hooks", bh)
-        _set(m, "_backward_pre_hooks", bph)
-        _set(m, "_is_full_backward_hook", full)
+    for m, *saved in hooks:
+        _set_backward_hooks(m, *saved)
     for m, old in swapped:
         if old is _MISSING:
             m.__dict__.pop("forward", None)
