@@ -8,6 +8,10 @@
 * ``affine``: BatchNorm weight+bias blocks, PyTorch ops vs the C++ one-pass op.
 * ``per_sample_bn``: ``bn="per_sample"``'s normalisation by mean, ``torch.var`` and
   elementwise ops vs ``F.group_norm``; its statistics by ``torch.var`` vs two passes.
+* ``layer_norm``: the LayerNorm rule's weight block with ``xhat`` recomputed by
+  ``F.layer_norm`` vs from the statistics autograd saved.
+* ``lookup``: a relative-position table's per-sample gradients (``SampleFreeRule``) by a
+  batched product through the lookup vs to the lookup's output and one ``index_add_``.
 * ``trace``: "trace" over 10 logits with all logits' gradients handed to the rules at
   once vs logit by logit (``fastntk.engine.sizes.BATCH_PASSES_BYTES``), and big Gram blocks in their
   own GEMM vs copied into the buffer (``fastntk.engine.sizes.GRAM_DIRECT_BYTES``), alternating in one
@@ -28,7 +32,7 @@
   symmetric Gram, with the choice ``rules.outer_pays`` makes.
 
 Usage:
-    python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [per_sample_bn] [trace]
+    python bench/bench_engine_choices.py [conv] [chunks] [gram] [affine] [per_sample_bn] [layer_norm] [lookup] [trace]
         [pool] [coupled]
         [mha] [depthwise] [positions] [blocks]
         [--device cpu|cuda]   (the device of the coupled section's model and data)
@@ -51,14 +55,22 @@ from fastntk.rules import conv as conv_rule
 from fastntk.spaces import nb201
 
 
-def best_of(f, r=3):
+def _times(f, r):
     f()
     ts = []
     for _ in range(r):
         t = time.perf_counter()
         f()
         ts.append(time.perf_counter() - t)
-    return min(ts)
+    return ts
+
+
+def best_of(f, r=3):
+    return min(_times(f, r))
+
+
+def median_of(f, r=101):
+    return statistics.median(_times(f, r))
 
 
 def _faults() -> int:
@@ -299,6 +311,64 @@ def per_sample_bn(n=64):
         stats = [best_of(lambda: xd.var((2, 3), unbiased=False), 7), best_of(two_pass, 7)]
         cells = " | ".join(f"{1e3 * t:.2f}" for t in fwd + both + stats)
         print(f"| {c}x{h}x{h} | {cells} |")
+
+
+def layer_norm(n=64):
+    """The LayerNorm rule's per-sample weight gradient ``sum_t gout * xhat``: ``xhat`` by
+    ``F.layer_norm`` against ``(x - mean) * rstd`` from the statistics the forward saved
+    (``rules.norm.LayerNormRule.save``), at Swin's, BERT's and ViT's token shapes."""
+    import torch.nn.functional as F
+
+    print(f"## LayerNorm weight block, N={n}, float32, median of 101 (ms)")
+    print("| tokens x channels | xhat by F.layer_norm | xhat from the saved statistics |")
+    print("|---|---|---|")
+    for t, c in ((256, 32), (64, 64), (32, 128), (197, 192)):
+        x, g = torch.randn(n, t, c), torch.randn(n, t, c)
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x, (c,), None, None, 1e-5)
+
+        def recompute():
+            return (g * F.layer_norm(x, (c,), None, None, 1e-5)).sum(1)
+
+        def saved():
+            return (x - mean).mul_(rstd).mul_(g).sum(1)
+
+        torch.testing.assert_close(recompute(), saved(), rtol=1e-4, atol=1e-4)
+        cells = " | ".join(f"{1e3 * median_of(f, 101):.3f}" for f in (recompute, saved))
+        print(f"| {t} x {c} | {cells} |")
+
+
+def lookup(n=64):
+    """``SampleFreeRule`` on a Swin relative-position bias ``table[index]`` (viewed,
+    permuted, made contiguous, unsqueezed): each sample's table gradient by one batched
+    vector-Jacobian product through the whole chain (autograd runs ``index_put`` once per
+    sample) against a product to the lookup's output and one ``index_add_``."""
+    from torch.autograd.graph import GradientEdge
+
+    print(f"## relative-position table gradients, N={n}, float32, median of 101 (ms)")
+    print("| window, heads | through the lookup | to the lookup, index_add_ |")
+    print("|---|---|---|")
+    for w, h in ((4, 2), (4, 4), (7, 3)):
+        S = w * w
+        table = torch.randn((2 * w - 1) ** 2, h, requires_grad=True)
+        index = torch.randint(0, table.shape[0], (S * S,))
+        z = table[index].view(S, S, h).permute(2, 0, 1).contiguous().unsqueeze(0)
+        out, look = GradientEdge(z.grad_fn, 0), z.grad_fn
+        while look.name() != "IndexBackward0":
+            look = look.next_functions[0][0]
+        dz = torch.randn(n, 1, h, S, S)
+
+        def through():
+            return torch.autograd.grad(out, table, dz, retain_graph=True, is_grads_batched=True)[0]
+
+        def scatter():
+            (g,) = torch.autograd.grad(
+                out, GradientEdge(look, 0), dz, retain_graph=True, is_grads_batched=True
+            )
+            return g.new_zeros(n, *table.shape).index_add_(1, index, g)
+
+        torch.testing.assert_close(through(), scatter())
+        cells = " | ".join(f"{1e3 * median_of(f, 101):.3f}" for f in (through, scatter))
+        print(f"| {w}x{w}, {h} | {cells} |")
 
 
 def _model(n):
@@ -562,6 +632,8 @@ if __name__ == "__main__":
         "gram": gram,
         "affine": affine,
         "per_sample_bn": per_sample_bn,
+        "layer_norm": layer_norm,
+        "lookup": lookup,
         "trace": trace,
         "pool": pool,
         "coupled": coupled,

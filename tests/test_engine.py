@@ -211,6 +211,27 @@ def test_custom_rule_registration():
     assert rel_err(theta, reduce(full_kernel(m, x), "trace")) <= TOL[torch.float64]
 
 
+def test_layer_norm_rule_reads_the_saved_statistics():
+    """The LayerNorm rule takes the forward's mean and 1/std from the output's node where it
+    is the LayerNorm of the call's input, and recomputes xhat otherwise (an output another
+    op made): the same per-sample gradients either way, also over two leading dims."""
+    from fastntk.rules import norm
+
+    rule = norm.LayerNormRule()
+    ln = nn.LayerNorm(6).double()
+    x = torch.randn(4, 3, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 3, 6, dtype=torch.float64)
+    saved = rule.save(ln, (x,), {}, ln(x), None)
+    other = rule.save(ln, (x,), {}, ln(x) * 1.0, None)
+    assert saved[1] is not None and saved[1].shape == (4, 3, 1) and other[1:] == (None, None)
+    xhat = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True)
+                                                       + ln.eps)  # fmt: skip
+    for name, want in (("weight", (g * xhat).sum(1)), ("bias", g.sum(1))):
+        for s in (saved, other):
+            blk = rule.grad_rows(ln, s, g, name, 0, 6)
+            torch.testing.assert_close(blk.dense(), want.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_explain_reports_paths_and_memory():
     m, x1, _ = zoo.make("vit")
     ex = fastntk.explain(m, x1)

@@ -309,6 +309,53 @@ def test_a_parameter_through_a_sample_free_chain():
         assert rel_err(theta, reduce(full_kernel(model, x1, x2), "sum")) <= TOL64
 
 
+def test_lookups_scatter_their_rows(monkeypatch):
+    """A sample-free subgraph that starts by looking up rows of the parameter (``p[idx]``
+    with a 2-D index holding negative and repeated entries; ``nn.Embedding`` with a
+    ``padding_idx`` among its indices; a plain view first, which is no lookup) is pulled
+    back to the lookup's output and scattered into the table's rows
+    (``nodes._lookup``): held to the oracle, and each of the three recognised as it is."""
+
+    class Lookups(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tab = nn.Parameter(torch.randn(5, C))
+            self.emb = nn.Embedding(6, C, padding_idx=2)
+            self.flat = nn.Parameter(torch.randn(2 * C))
+            self.register_buffer("idx", torch.tensor([[0, -1, 3], [3, 1, -5]]))
+
+        def forward(self, x):  # x: (n, T, C)
+            h = x + self.tab[self.idx].sum(0)  # (T, C), rows 0, 4, 3 and 3, 1, 0
+            h = h * self.emb(torch.tensor([2, 5, 2])).tanh()  # padding rows
+            h = h + self.flat.view(2, C)[torch.tensor([1, 0, 1])]  # a view, then a lookup
+            return torch.tanh(h).flatten(1)
+
+    found = []
+
+    def spy(use):
+        out = real(use)
+        found.append((use.param.shape, out is not None))
+        return out
+
+    real = nodes._lookup
+    monkeypatch.setattr(nodes, "_lookup", spy)
+    torch.manual_seed(0)
+    model = Lookups().double()
+    x1, x2 = _tokens(4, 1), _tokens(3, 2)
+    paths = {p.name: p.path for p in fastntk.explain(model, x1).params}
+    assert all(paths[q].startswith("rule:SampleFreeRule") for q in ("tab", "emb.weight", "flat"))
+    assert sorted(set(found)) == [
+        (torch.Size([5, C]), True),
+        (torch.Size([6, C]), True),
+        (torch.Size([2 * C]), False),
+    ]
+    for output in ("trace", "full"):
+        theta = fastntk.ntk(model, x1, output=output, dtype=torch.float64)
+        assert rel_err(theta, reduce(full_kernel(model, x1), output)) <= TOL64, output
+    theta = fastntk.ntk(model, x1, x2, chunk_size=2, dtype=torch.float64)
+    assert rel_err(theta, reduce(full_kernel(model, x1, x2), "sum")) <= TOL64
+
+
 def test_sample_major_judges_the_rows():
     rows = torch.arange(12.0).reshape(6, 2)  # 3 samples x 1 row... as 2 rows per sample
     # n = 3 samples, T = 2: the last sample's rows are the last 2

@@ -397,8 +397,16 @@ class SampleFreeRule(NodeRule):
     product (``torch.autograd.grad(..., is_grads_batched=True)`` on the chain's last
     node). The backward itself never runs ``f``: its root is that node's output, so ``f``'s
     graph stays for the products, whenever the engine asks for them.
+    Where ``f`` starts with a lookup of rows of ``p`` (``p[idx]``: Swin's and T5's
+    relative-position tables, a position embedding indexed by position ids), the product
+    stops at the lookup's output and each sample's rows are scattered with one
+    ``index_add_``: autograd's batched product of the lookup has no batching rule for
+    ``index_put`` and runs one per sample (N=64, Swin's 4x4 windows and 2 heads: 0.42
+    against 0.14 ms; 7x7 windows, 3 heads: 1.6 against 0.8 ms; ``python
+    bench/bench_engine_choices.py lookup``, bench/results/engine_choices_cpu.md).
     ``saved``: (broadcast dims, alpha or the other factor, z's shape, the edge into
-    ``f``'s output, the parameter, rows per sample, the witness of merged rows)."""
+    ``f``'s output, the parameter, rows per sample, the witness of merged rows, the
+    lookup (its output's edge and the row indices) or None)."""
 
     nodes = ("AddBackward0", "SubBackward0", "MulBackward0")
 
@@ -421,7 +429,7 @@ class SampleFreeRule(NodeRule):
                 return None
             factor = float(-alpha if node.name() == "SubBackward0" and use.index == 1 else alpha)
         edge = GradientEdge(*node.next_functions[use.index])
-        return dims, factor, use.view, edge, use.param, T, use.witness
+        return dims, factor, use.view, edge, use.param, T, use.witness, _lookup(use)
 
     def root(self, saved, param):
         return saved[3]
@@ -433,17 +441,52 @@ class SampleFreeRule(NodeRule):
         return saved[6]
 
     def grad_rows(self, module, saved, gout, name, r0, r1):
-        dims, factor, view, edge, param, T, _ = saved
+        dims, factor, view, edge, param, T, _, lookup = saved
         g = gout * factor if not (isinstance(factor, float) and factor == 1) else gout
         if T > 1:  # merged rows, sample-major (the probe confirmed): each sample's summed
             g = g.reshape(g.shape[0] // T, T, *g.shape[1:]).sum(1)
         dz = (g.sum(dims, keepdim=True) if dims else g).reshape(g.shape[0], *view)
+        target = param if lookup is None else lookup[0]
         try:
-            (G,) = torch.autograd.grad(edge, param, dz, retain_graph=True, is_grads_batched=True)
+            (G,) = torch.autograd.grad(edge, target, dz, retain_graph=True, is_grads_batched=True)
         except RuntimeError:  # an op without a batching rule: one product per sample
-            G = torch.stack([torch.autograd.grad(edge, param, d, retain_graph=True)[0]
+            G = torch.stack([torch.autograd.grad(edge, target, d, retain_graph=True)[0]
                              for d in dz])  # fmt: skip
+        if lookup is not None:  # the looked-up rows' gradients, back into p's rows
+            idx = lookup[1]
+            rows = G.new_zeros(G.shape[0], param.shape[0] + 1, *param.shape[1:])
+            rows.index_add_(1, idx, G.reshape(G.shape[0], idx.numel(), *param.shape[1:]))
+            G = rows[:, :-1]  # (the last row: a padding_idx's, dropped)
         return Dense(G.reshape(G.shape[0], -1))
+
+
+def _lookup(use: Use) -> tuple[GradientEdge, torch.Tensor] | None:
+    """(the edge of the lookup's output, its row indices, flattened) where the sample-free
+    subgraph of ``use`` starts with a lookup of rows of the parameter itself: ``p[idx]``
+    by one index tensor, or ``F.embedding(idx, p)`` without ``scale_grad_by_freq``
+    (a ``padding_idx`` row's gradient is zero: its indices point past the table, where
+    :meth:`SampleFreeRule.grad_rows` drops them). None for any other subgraph."""
+    if not use.chain:
+        return None
+    first = use.chain[0]  # (the parameter's consumer: _sample_free_exits' first node)
+    if getattr(first.next_functions[0][0], "variable", None) is not use.param:
+        return None
+    if first.name() == "IndexBackward0":
+        indices = getattr(first, "_saved_indices", None)
+        if not indices or len(indices) != 1 or not isinstance(indices[0], torch.Tensor):
+            return None
+        idx = indices[0]
+    elif first.name() == "EmbeddingBackward0" and not first._saved_scale_grad_by_freq:
+        idx = first._saved_indices
+        pad = first._saved_padding_idx  # (unsigned: -1, none, reads 2**64 - 1)
+        if 0 <= pad < use.param.shape[0]:
+            idx = torch.where(idx == pad, use.param.shape[0], idx)
+    else:
+        return None
+    if idx.dtype not in (torch.int64, torch.int32):
+        return None  # (a boolean mask selects, it does not look up)
+    idx = idx.detach().reshape(-1)
+    return GradientEdge(first, 0), torch.where(idx < 0, idx + use.param.shape[0], idx)
 
 
 SAMPLE_FREE = SampleFreeRule()
