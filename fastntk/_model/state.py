@@ -31,9 +31,17 @@ from fastntk.errors import UnsupportedError
 def _plain(cls: type) -> bool:
     """Whether instances of ``cls`` keep ``training`` and the hook dicts as plain instance
     attributes: nn.Module's own ``__setattr__`` and no class attribute of those names (a
-    ``training`` property, as torch.compile's OptimizedModule has, must see its writes)."""
-    names = ("training", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
-    return cls.__setattr__ is nn.Module.__setattr__ and not any(hasattr(cls, n) for n in names)
+    ``training`` property, as torch.compile's OptimizedModule has, must see its writes).
+    Decided once per class (a call writes these four attributes of every module twice)."""
+    plain = _PLAIN.get(cls)
+    if plain is None:
+        names = ("training", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
+        plain = cls.__setattr__ is nn.Module.__setattr__ and not any(hasattr(cls, n) for n in names)
+        _PLAIN[cls] = plain
+    return plain
+
+
+_PLAIN: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def _set(module: nn.Module, name: str, value: Any) -> None:

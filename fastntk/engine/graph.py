@@ -119,14 +119,24 @@ class Consumers:
     (so their ids stay theirs) until it is dropped."""
 
     def __init__(self, y: torch.Tensor):
+        # graph_nodes' walk, reading each node's next_functions once (each read makes
+        # Python objects of the next nodes); _nodes holds them, so their ids stay theirs
         self._nodes: dict[int, Any] = {}
         self._into: dict[int, list[tuple[Any, int]]] = defaultdict(list)
-        for node in graph_nodes(y):
-            self._nodes[id(node)] = node
+        walked: set[int] = set()
+        stack = [y.grad_fn] if y.grad_fn is not None else []
+        while stack:
+            node = stack.pop()
+            if id(node) in walked:
+                continue
+            walked.add(id(node))
+            self._nodes.setdefault(id(node), node)
             for i, (nxt, _) in enumerate(getattr(node, "next_functions", ())):
                 if nxt is not None:
                     self._nodes.setdefault(id(nxt), nxt)
                     self._into[id(nxt)].append((node, i))
+                    if id(nxt) not in walked:
+                        stack.append(nxt)
 
     def __call__(self, node: Any) -> list[tuple[Any, int]]:
         return self._into.get(id(node), [])
