@@ -309,6 +309,48 @@ def test_a_parameter_through_a_sample_free_chain():
         assert rel_err(theta, reduce(full_kernel(model, x1, x2), "sum")) <= TOL64
 
 
+def test_node_rule_parameters_are_roots_only_where_needed(monkeypatch):
+    """A node rule's node must run in the backward. Where another of its inputs leads to
+    the backward's roots (the input, a first layer's parameters), it runs anyway, and its
+    parameter is no root: its summed gradient is not computed. Where it has no such input
+    (``f @ W`` with ``f`` from a frozen extractor, computed without grad), its parameter
+    stays a root; the next node (``h @ V``) reaches W, so V is none. Held to the oracle
+    both ways."""
+    from fastntk.engine import capture
+
+    settled = []
+    real = capture.Capture.settle_node_roots
+
+    def spy(self, consumers, xp):
+        before = (len(self.node_roots), len(self.roots))
+        real(self, consumers, xp)
+        settled.append((before[0], len(self.roots) - before[1]))
+
+    monkeypatch.setattr(capture.Capture, "settle_node_roots", spy)
+
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(C, C) / 2)
+            self.V = nn.Parameter(torch.randn(C, C) / 2)
+
+        def forward(self, x):  # (n, T, C); features of a frozen extractor, then a head
+            with torch.no_grad():
+                f = torch.sin(x)
+            h = torch.tanh(f @ self.W)
+            return (torch.tanh(h) @ self.V).flatten(1)
+
+    torch.manual_seed(0)
+    for model, added in ((_model("conv1d")[0], 0), (Frozen().double(), 1)):
+        x = _tokens(4, 1)
+        settled.clear()
+        paths = {p.name: p.path for p in fastntk.explain(model, x).params}
+        assert all(path.startswith("rule:MatmulRule") for path in paths.values()), paths
+        theta = fastntk.ntk(model, x, output="trace", dtype=torch.float64)
+        assert rel_err(theta, reduce(full_kernel(model, x), "trace")) <= TOL64
+        assert settled[-1] == (len(paths), added), settled
+
+
 def test_lookups_scatter_their_rows(monkeypatch):
     """A sample-free subgraph that starts by looking up rows of the parameter (``p[idx]``
     with a 2-D index holding negative and repeated entries; ``nn.Embedding`` with a

@@ -95,6 +95,9 @@ class Capture:
         self.streams = streams
         self.records: list[Record] = []
         self.roots: list[torch.Tensor] = []
+        # node rules' (node, the parameter's input index, parameter): roots only where
+        # nothing else makes the backward run the node (settle_node_roots)
+        self.node_roots: list[tuple[Any, int, torch.Tensor]] = []
         self.active = False
         self.pass_idx = 0
         self.deferred_params: set[str] = set()  # processed after all passes
@@ -140,6 +143,7 @@ class Capture:
             rec.guards = None
         self.records = []
         self.roots = []
+        self.node_roots = []
 
     def _make_hook(self, mname, base_rule, attrs):
         def hook(mod, args, kwargs, out):
@@ -234,10 +238,12 @@ class Capture:
         """Parameters ``pnames`` get their blocks after all passes (several uses summed)."""
         self.deferred_params |= pnames
 
-    def add_node_rule(self, pname: str, node: Any, rule: GramRule, saved: Any, n: int) -> None:
-        """Parameter ``pname``, used once by autograd node ``node``, takes the node rule
-        ``rule`` there (``rules.nodes``): a record of its own, hooked on that node, instead
-        of any other route."""
+    def add_node_rule(
+        self, pname: str, node: Any, index: int, rule: GramRule, saved: Any, n: int
+    ) -> None:
+        """Parameter ``pname``, used once by autograd node ``node`` (its input ``index``),
+        takes the node rule ``rule`` there (``rules.nodes``): a record of its own, hooked on
+        that node, instead of any other route."""
         p = self.call.copies.params[pname]
         mname, module, attr = self.call.plan.owners[pname][0]
         takers = [r for r in self.records if pname in r.attrs.values()
@@ -248,11 +254,49 @@ class Capture:
         self.records.append(rec)
         self._node_records.add(rec.index)
         node.register_prehook(self._make_prehook(rec, 0, 0))
-        self.roots.append(rule.root(saved, p))  # the backward must run the node (an expand)
+        root = rule.root(saved, p)  # the backward must run the node
+        if root is p:
+            self.node_roots.append((node, index, p))
+        else:
+            self.roots.append(root)
         self.excluded.discard(pname)
         self.node_rules[pname] = type(rule).__name__
         for fb in takers:  # its module's fallback no longer takes it
             fb.attrs = {a: q for a, q in fb.attrs.items() if q != pname}
+
+    def backward_roots(self, xp: torch.Tensor) -> list[Any]:
+        """What the backward differentiates for (each once): the prepared input, where it
+        requires grad, the parameters no input leads to (a first layer, a node rule's node
+        with no other way in), the sample-free subgraphs' edges, the whole-model fallback's
+        parameters."""
+        roots = ([xp] if xp.requires_grad else []) + self.roots
+        roots += [self.call.copies.params[p] for p in self.excluded]
+        return list({id(t): t for t in roots}.values())
+
+    def settle_node_roots(self, consumers: graph.Consumers, xp: torch.Tensor) -> None:
+        """The node rules' parameters that must be roots of the backward, for it to run
+        their nodes: those whose node has no other input leading to a root. A node that
+        runs anyway skips its parameter's summed gradient (the weight gradient of a
+        matmul: Swin's attention projections, about a fifth of its backward; ``python
+        bench/bench_hf_zoo.py --models swin``). Once the classification has settled the
+        other roots; ``consumers``: the forward's graph."""
+
+        def leads_to(node: Any, index: int, reach: set[int]) -> bool:  # by another input
+            return any(f is not None and j != index and id(f) in reach
+                       for j, (f, _) in enumerate(node.next_functions))  # fmt: skip
+
+        pending = self.node_roots
+        while pending:
+            reach = consumers.reaching(self.backward_roots(xp))
+            pending = [(node, i, p) for node, i, p in pending if not leads_to(node, i, reach)]
+            # the lowest of them (none of their other inputs leads to another) take their
+            # parameters as roots; a node above one of them then runs without its own
+            below = consumers.reaching([node for node, _, _ in pending])
+            lowest = {id(node) for node, i, _ in pending if not leads_to(node, i, below)}
+            lowest = lowest or {id(node) for node, _, _ in pending}  # (a DAG has a lowest)
+            self.roots += [p for node, _, p in pending if id(node) in lowest]
+            pending = [u for u in pending if id(u[0]) not in lowest]
+        self.node_roots = []
 
     def drop_graphs(self) -> None:
         """Forget the calls' autograd nodes (the classification's walks are done)."""

@@ -122,9 +122,12 @@ class Classifier:
         self._first_calls: dict[str, int] = {}
         self._node_ok: dict[str, bool] = {}  # parameter -> takes its node rule
 
-    def classify(self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None) -> None:
-        """Route the parameters of the chunk ``cap`` recorded, whose output is ``y``
-        (module docstring); ``pr``: the probe (None where it could not run)."""
+    def classify(
+        self, cap: capture.Capture, y: torch.Tensor, pr: probe.Probe | None, xp: torch.Tensor
+    ) -> None:
+        """Route the parameters of the chunk ``cap`` recorded, whose output is ``y``, of the
+        prepared input ``xp`` (module docstring); ``pr``: the probe (None where it could
+        not run)."""
         walk = _Walk(y)  # (one walk of y's graph for the steps below that need one)
         reached = cap.guards_reached(y)
         for rec in cap.records:
@@ -161,6 +164,8 @@ class Classifier:
                 cap.adopt(rec, extra)
         cap.exclude(self.untracked)
         self._node_rules(cap, y, walk, pr)
+        if cap.node_roots:  # (node rules were added: the walk is made)
+            cap.settle_node_roots(walk(), xp)
         cap.defer({p for p, c in calls(cap).items() if c > 1 and p not in cap.excluded})
         cap.drop_graphs()
 
@@ -199,7 +204,7 @@ class Classifier:
                 self._node_ok[pname] = _confirmed(pr, pname, uses, found, n)
             if self._node_ok[pname]:  # (several exits: the uses' blocks are summed)
                 for use, (rule, saved) in zip(uses, found, strict=True):
-                    cap.add_node_rule(pname, use.node, rule, saved, n)
+                    cap.add_node_rule(pname, use.node, use.index, rule, saved, n)
         if pr is not None:
             pr.drop_graph()
 

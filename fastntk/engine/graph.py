@@ -141,6 +141,24 @@ class Consumers:
     def __call__(self, node: Any) -> list[tuple[Any, int]]:
         return self._into.get(id(node), [])
 
+    def reaching(self, targets: list[Any]) -> set[int]:
+        """Ids of the nodes with a path to one of ``targets``, theirs included: the nodes a
+        backward to ``targets`` runs. A target is a leaf tensor (its accumulator), another
+        tensor (its node), a ``GradientEdge`` (its node) or a node."""
+        leaves = {id(t) for t in targets if isinstance(t, torch.Tensor) and t.grad_fn is None}
+        stack = [t.grad_fn if isinstance(t, torch.Tensor) else getattr(t, "node", t)
+                 for t in targets]  # fmt: skip
+        stack += [node for node in self._nodes.values()
+                  if id(getattr(node, "variable", None)) in leaves]  # fmt: skip
+        seen: set[int] = set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            stack.extend(parent for parent, _ in self._into.get(id(node), ()))
+        return seen
+
     def params(self, params: dict[str, torch.Tensor]) -> dict[str, list[tuple[Any, int]]]:
         """:func:`param_consumers` from this walk: for each parameter of ``params``, the
         (node, input index) pairs of the edges into its accumulator."""

@@ -163,7 +163,7 @@ class Layerwise:
         cap.active = False
         y = call.head(raw, x.shape[0])
         try:
-            self.classifier.classify(cap, y, self.probe)
+            self.classifier.classify(cap, y, self.probe, xp)
         except classify.SamplesCoupled as e:
             return xp, y, str(e)
         return xp, y, None
@@ -172,11 +172,9 @@ class Layerwise:
         """The second half of a chunk: one backward per pass of its output ``y``; ``cap``
         hands the blocks to its consumer (the whole-model fallback's are the caller's).
         Returns the number of passes."""
-        call, head = self.call, self.call.head
+        head = self.call.head
         passes = head.passes(y)
-        roots = ([xp] if xp.requires_grad else []) + cap.roots
-        roots += [call.copies.params[p] for p in cap.excluded]
-        roots = list({id(t): t for t in roots}.values())
+        roots = cap.backward_roots(xp)
         if head.full:
             cap.deferred_params |= {p for r in cap.records for p in r.attrs.values()}
         cap.npasses = len(passes)
