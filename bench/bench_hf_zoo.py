@@ -10,8 +10,15 @@ warm-up call, then the median of ``--repeat`` calls. ``fastntk.explain`` gives h
 parameter tensors take a module rule, a node rule (``fastntk.rules.nodes``) or a
 fallback.
 
+With ``--alternate R``, each model and output also gets one more process that times
+``auto``, ``vmap`` and the floor in turn, R rounds (the order rotating): the median of
+each, and the median over rounds of each round's vmap/auto and auto/floor. On a shared or
+noisy machine the per-process medians of one model drift by 20% between reruns; ratios
+within a round do not (both methods see the same state of the machine and allocator).
+
     python bench/bench_hf_zoo.py --out bench/results/hf_zoo_cpu.md        # ~15 min, 2 cores
     python bench/bench_hf_zoo.py --models bert,gpt2-lm --outputs sum      # a subset
+    python bench/bench_hf_zoo.py --methods none --alternate 15 --out ...  # ratios alone
 """
 
 from __future__ import annotations
@@ -116,6 +123,8 @@ def child(spec: dict) -> dict:
     model, inputs = build(spec["model"])
     x = inputs(spec["n"])
     output, method = spec["output"], spec["method"]
+    if method == "alternate":
+        return _alternate(model, x, output, spec["repeat"])
     if method == "floor":
         run = _floor(model, x, output)
     else:
@@ -135,6 +144,41 @@ def child(spec: dict) -> dict:
     except Exception as e:  # a row, not a crash of the table
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:90]
     out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+ALTERNATED = ("auto", "vmap", "floor")
+
+
+def _alternate(model, x, output: str, rounds: int) -> dict:
+    """``ALTERNATED`` timed in turn in this one process, ``rounds`` rounds (the order
+    rotating): each one's median, and the medians of the rounds' ratios."""
+    import fastntk
+
+    runs = {
+        m: (_floor(model, x, output) if m == "floor" else
+            lambda m=m: fastntk.ntk(model, x, output=output, method=m, progress=False))
+        for m in ALTERNATED
+    }  # fmt: skip
+    times: dict[str, list[float]] = {m: [] for m in runs}
+    try:
+        for run in runs.values():
+            run()  # warm-up
+        for r in range(rounds):
+            order = list(runs)[r % len(runs) :] + list(runs)[: r % len(runs)]
+            for m in order:
+                t = time.perf_counter()
+                runs[m]()
+                times[m].append(time.perf_counter() - t)
+    except Exception as e:  # a row, not a crash of the table
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:90]}
+    out = {m: statistics.median(ts) for m, ts in times.items()}
+    out["vmap/auto"] = statistics.median(
+        v / a for v, a in zip(times["vmap"], times["auto"], strict=True)
+    )
+    out["auto/floor"] = statistics.median(
+        a / f for a, f in zip(times["auto"], times["floor"], strict=True)
+    )
     return out
 
 
@@ -203,6 +247,13 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--alternate",
+        type=int,
+        default=0,
+        metavar="R",
+        help="also time auto, vmap and the floor in turn in one process, R rounds",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument(
@@ -220,13 +271,17 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown model {bad[0]!r}; known: {', '.join(ZOO)}")
     log = os.path.splitext(args.out)[0] + ".jsonl" if args.out else None
+    methods = [m for m in args.methods.split(",") if m in METHODS]
+    if args.alternate:
+        methods.append("alternate")
     for name in models:
         for output in args.outputs.split(","):
-            for method in args.methods.split(","):
+            for method in methods:
+                repeat = args.alternate if method == "alternate" else args.repeat
                 spec = dict(model=name, output=output, method=method, n=args.n,
-                            repeat=args.repeat, threads=args.threads)  # fmt: skip
+                            repeat=repeat, threads=args.threads)  # fmt: skip
                 res = _child.run(__file__, spec, timeout=args.timeout)
-                res.update(model=name, output=output, method=method, repeat=args.repeat,
+                res.update(model=name, output=output, method=method, repeat=repeat,
                            commit=git_sha(), argv=" ".join(sys.argv[1:]))  # fmt: skip
                 print(f"{name} {output} {method}: {res}", file=sys.stderr, flush=True)
                 if log:
@@ -287,12 +342,36 @@ def _table(rows, args) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if not any(m in r for m in METHODS):
+            continue
         lines.append(
             f"| {r['model']} | {r['params_m']:.2f}M | {r['rule']}/{r['node rule']}/"
             f"{r['fallback']} | {r['output']} | {_cell(r.get('auto'))} | "
             f"{_cell(r.get('layerwise'))} | {_cell(r.get('vmap'))} | {_cell(r.get('floor'))} | "
             f"{_ratio(r.get('auto'), r.get('floor'))} | {_ratio(r.get('vmap'), r.get('auto'))} |"
         )
+    alt = [r for r in rows if r.get("alternate")]
+    if alt:
+        lines += [
+            "",
+            "### In turn in one process",
+            "",
+            "`--alternate R`: auto, vmap(jacrev) and the floor timed in turn, R rounds, the "
+            "order rotating; medians of each, and of each round's ratios.",
+            "",
+            "| model | output | rounds | auto | vmap(jacrev) | floor | vmap/auto | auto/floor |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in alt:
+            a = r["alternate"]
+            if "error" in a:
+                lines.append(f"| {r['model']} | {r['output']} | – | error: {a['error']} |||||")
+                continue
+            lines.append(
+                f"| {r['model']} | {r['output']} | {a['repeat']} | {a['auto']:.3f} s | "
+                f"{a['vmap']:.3f} s | {a['floor']:.3f} s | {a['vmap/auto']:.2f} | "
+                f"{a['auto/floor']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
