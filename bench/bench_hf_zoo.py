@@ -152,7 +152,9 @@ ALTERNATED = ("auto", "vmap", "floor")
 
 def _alternate(model, x, output: str, rounds: int) -> dict:
     """``ALTERNATED`` timed in turn in this one process, ``rounds`` rounds (the order
-    rotating): each one's median, and the medians of the rounds' ratios."""
+    rotating): each one's median, and the medians of the rounds' ratios. A method that
+    cannot compute the model (vmap on a model torch.func cannot trace) leaves the rotation
+    with its error."""
     import fastntk
 
     runs = {
@@ -160,25 +162,25 @@ def _alternate(model, x, output: str, rounds: int) -> dict:
             lambda m=m: fastntk.ntk(model, x, output=output, method=m, progress=False))
         for m in ALTERNATED
     }  # fmt: skip
-    times: dict[str, list[float]] = {m: [] for m in runs}
-    try:
-        for run in runs.values():
+    out: dict = {}
+    for m, run in list(runs.items()):
+        try:
             run()  # warm-up
-        for r in range(rounds):
-            order = list(runs)[r % len(runs) :] + list(runs)[: r % len(runs)]
-            for m in order:
-                t = time.perf_counter()
-                runs[m]()
-                times[m].append(time.perf_counter() - t)
-    except Exception as e:  # a row, not a crash of the table
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:90]}
-    out = {m: statistics.median(ts) for m, ts in times.items()}
-    out["vmap/auto"] = statistics.median(
-        v / a for v, a in zip(times["vmap"], times["auto"], strict=True)
-    )
-    out["auto/floor"] = statistics.median(
-        a / f for a, f in zip(times["auto"], times["floor"], strict=True)
-    )
+        except Exception as e:  # a cell, not a crash of the table
+            out[m + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            del runs[m]
+    times: dict[str, list[float]] = {m: [] for m in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for m in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            runs[m]()
+            times[m].append(time.perf_counter() - t)
+    out.update({m: statistics.median(ts) for m, ts in times.items()})
+    for a, b in (("vmap", "auto"), ("auto", "floor")):
+        if a in times and b in times:
+            ratios = (ta / tb for ta, tb in zip(times[a], times[b], strict=True))
+            out[f"{a}/{b}"] = statistics.median(ratios)
     return out
 
 
@@ -316,6 +318,11 @@ def _cell(res: dict | None) -> str:
     return f"{res['time_s']:.3f} s, {res['peak_mib']:.0f} MiB"
 
 
+def _short(error: str) -> str:
+    """An error's type, for a table cell."""
+    return error.split(":")[0] if error != "–" else error
+
+
 def _ratio(a: dict | None, b: dict | None) -> str:
     if not a or not b or "time_s" not in a or "time_s" not in b:
         return "–"
@@ -364,14 +371,10 @@ def _table(rows, args) -> str:
         ]
         for r in alt:
             a = r["alternate"]
-            if "error" in a:
-                lines.append(f"| {r['model']} | {r['output']} | – | error: {a['error']} |||||")
-                continue
-            lines.append(
-                f"| {r['model']} | {r['output']} | {a['repeat']} | {a['auto']:.3f} s | "
-                f"{a['vmap']:.3f} s | {a['floor']:.3f} s | {a['vmap/auto']:.2f} | "
-                f"{a['auto/floor']:.2f} |"
-            )
+            cells = [f"{a[m]:.3f} s" if m in a else _short(a.get(m + "_error", "–"))
+                     for m in ALTERNATED]  # fmt: skip
+            cells += [f"{a[k]:.2f}" if k in a else "–" for k in ("vmap/auto", "auto/floor")]
+            lines.append(f"| {r['model']} | {r['output']} | {a['repeat']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
