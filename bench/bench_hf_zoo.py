@@ -318,6 +318,13 @@ def _cell(res: dict | None) -> str:
     return f"{res['time_s']:.3f} s, {res['peak_mib']:.0f} MiB"
 
 
+def _commands(rows) -> str:
+    """The commands (and commits) that measured ``rows``."""
+    runs = sorted({(m["argv"], m.get("commit", "?")) for r in rows for m in r.values()
+                   if isinstance(m, dict) and "argv" in m})  # fmt: skip
+    return "; ".join(f"`python bench/bench_hf_zoo.py {a}` at {c}" for a, c in runs)
+
+
 def _short(error: str) -> str:
     """An error's type, for a table cell."""
     return error.split(":")[0] if error != "–" else error
@@ -335,8 +342,8 @@ def _table(rows, args) -> str:
     lines = [
         f"## Hugging Face models: fastntk against vmap(jacrev) and the floor, n={args.n}, float32",
         "",
-        "`python bench/bench_hf_zoo.py --out bench/results/hf_zoo_cpu.md` (each row of "
-        "`hf_zoo_cpu.jsonl` names its command, commit and repeats); "
+        f"{_commands(rows)} (each row of the `.jsonl` beside the table names its command, "
+        "commit and repeats); "
         f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, torch "
         f"{torch.__version__}, table of {time.strftime('%Y-%m-%d')}. Median of the repeated "
         "calls after a warm-up, each measurement in a fresh process (peak: its RSS). Floor: one "
