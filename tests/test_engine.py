@@ -211,18 +211,19 @@ def test_custom_rule_registration():
     assert rel_err(theta, reduce(full_kernel(m, x), "trace")) <= TOL[torch.float64]
 
 
-def test_layer_norm_rule_reads_the_saved_statistics():
+def test_layer_norm_rule_reads_the_saved_statistics(monkeypatch):
     """The LayerNorm rule takes the forward's mean and 1/std from the output's node where it
-    is the LayerNorm of the call's input, and recomputes xhat otherwise (an output another
-    op made): the same per-sample gradients either way, also over two leading dims."""
+    is the LayerNorm of the call's input (the engine hands rules detached inputs: the same
+    data), and recomputes xhat otherwise (an output another op made): the same per-sample
+    gradients either way, also over two leading dims; inside ``ntk`` it reads them."""
     from fastntk.rules import norm
 
     rule = norm.LayerNormRule()
     ln = nn.LayerNorm(6).double()
     x = torch.randn(4, 3, 6, dtype=torch.float64, requires_grad=True)
     g = torch.randn(4, 3, 6, dtype=torch.float64)
-    saved = rule.save(ln, (x,), {}, ln(x), None)
-    other = rule.save(ln, (x,), {}, ln(x) * 1.0, None)
+    saved = rule.save(ln, (x.detach(),), {}, ln(x), None)
+    other = rule.save(ln, (x.detach(),), {}, ln(x) * 1.0, None)
     assert saved[1] is not None and saved[1].shape == (4, 3, 1) and other[1:] == (None, None)
     xhat = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True)
                                                        + ln.eps)  # fmt: skip
@@ -230,6 +231,22 @@ def test_layer_norm_rule_reads_the_saved_statistics():
         for s in (saved, other):
             blk = rule.grad_rows(ln, s, g, name, 0, 6)
             torch.testing.assert_close(blk.dense(), want.detach(), rtol=1e-12, atol=1e-12)
+
+    read = []
+    real = norm.LayerNormRule.save
+
+    def spy(self, module, args, kwargs, output, ctx):
+        out = real(self, module, args, kwargs, output, ctx)
+        read.append(out[1] is not None)
+        return out
+
+    monkeypatch.setattr(norm.LayerNormRule, "save", spy)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    theta = fastntk.ntk(m, x, output="trace", dtype=torch.float64)
+    assert rel_err(theta, reduce(full_kernel(m, x), "trace")) <= TOL[torch.float64]
+    assert read and all(read), read
 
 
 def test_explain_reports_paths_and_memory():

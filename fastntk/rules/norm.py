@@ -200,6 +200,14 @@ class InstanceNormRule(_ChannelAffineRule):
         )
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values: one storage, offset, layout, dtype."""
+    return (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+        and a.dtype == b.dtype and a.device == b.device
+    )  # fmt: skip
+
+
 @register_gram_rule(nn.LayerNorm)
 class LayerNormRule(GramRule):
     param_names = ("weight", "bias")
@@ -213,13 +221,13 @@ class LayerNormRule(GramRule):
         recomputed by ``F.layer_norm`` at (64, 256, 32) float32, 0.47-0.60 against
         8.4-10.3 ms at (64, 197, 192), three runs (``python bench/bench_engine_choices.py
         layer_norm``, bench/results/engine_choices_cpu.md)."""
-        x = args[0]
+        x = args[0]  # (detached by the engine: the node's input is the same tensor's data)
         node = getattr(output, "grad_fn", None)
         if (
             node is not None
             and node.name() == "NativeLayerNormBackward0"
             and tuple(node._saved_normalized_shape) == tuple(module.normalized_shape)
-            and node._saved_input is x
+            and _same_tensor(node._saved_input, x)
         ):
             return x, node._saved_result1, node._saved_result2
         return x, None, None
