@@ -373,14 +373,16 @@ def _table(rows, args) -> str:
             "`--alternate R`: auto, vmap(jacrev) and the floor timed in turn, R rounds, the "
             "order rotating; medians of each, and of each round's ratios.",
             "",
-            "| model | output | rounds | auto | vmap(jacrev) | floor | vmap/auto | auto/floor |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | output | rounds | auto | vmap(jacrev) | floor | vmap/auto | auto/floor "
+            "| commit |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in alt:
             a = r["alternate"]
             cells = [f"{a[m]:.3f} s" if m in a else _short(a.get(m + "_error", "–"))
                      for m in ALTERNATED]  # fmt: skip
             cells += [f"{a[k]:.2f}" if k in a else "–" for k in ("vmap/auto", "auto/floor")]
+            cells.append(a.get("commit", "?"))
             lines.append(f"| {r['model']} | {r['output']} | {a['repeat']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 

@@ -277,8 +277,7 @@ class Capture:
         """The node rules' parameters that must be roots of the backward, for it to run
         their nodes: those whose node has no other input leading to a root. A node that
         runs anyway skips its parameter's summed gradient (the weight gradient of a
-        matmul: Swin's attention projections, about a fifth of its backward; ``python
-        bench/bench_hf_zoo.py --models swin``). Once the classification has settled the
+        matmul: Swin's attention projections). Once the classification has settled the
         other roots; ``consumers``: the forward's graph."""
 
         def leads_to(node: Any, index: int, reach: set[int]) -> bool:  # by another input
