@@ -265,7 +265,7 @@ def best_of_draws(score: np.ndarray, top: np.ndarray, draws: int = DRAWS) -> flo
     return float(p @ means)
 
 
-def correlations(rows: list[dict], members: dict[str, list[str]], truth, metrics) -> dict:
+def correlations(rows: list[dict], members: dict[str, list[str]], metrics) -> dict:
     """{score name: {dataset: (tau, rho, top-% of the best of DRAWS draws)}} over every
     architecture of the scored classes."""
     archs = [a for r in rows for a in members[r["arch"]]]
@@ -277,7 +277,7 @@ def correlations(rows: list[dict], members: dict[str, list[str]], truth, metrics
             scores["borda(" + ", ".join(names) + ")"] = _borda(per_arch, names)
     acc, top = {}, {}
     for d, _ in DATASETS:
-        acc[d] = np.array([truth[d][a] for a in archs])
+        acc[d] = nb201.accuracies(archs, d)
         top[d] = 100.0 - nb201.percentiles(archs, d)  # the share of the space at least as good
     out = {}
     for name, s in scores.items():
@@ -292,7 +292,6 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
     members: dict[str, list[str]] = {}
     for a in nb201.all_archs():
         members.setdefault(nb201.canonical(a), []).append(a)
-    truth = {d: {a: nb201.accuracy(a, d) for a in nb201.all_archs()} for d, _ in DATASETS}
     default = "borda(" + ", ".join(M.NAS_METRICS) + ")"
     lines = [
         "## fastntk metrics on the whole NAS-Bench-201 space",
@@ -320,7 +319,7 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
             continue
         n_arch = sum(len(members[r["arch"]]) for r in rs)
         secs = np.array([float(r["seconds"]) for r in rs])
-        cor = correlations(rs, members, truth, args.metrics)
+        cor = correlations(rs, members, args.metrics)
         lines += [f"### bn={bn}: {len(rs)} of {nb201.NUM_UNIQUE} unique architectures "
                   f"({n_arch} of {nb201.NUM_ARCHS}); median {np.median(secs):.2f} s each", "",
                   "| score | " + " | ".join(f"{lab} τ | {lab} ρ" for _, lab in DATASETS)
@@ -339,7 +338,7 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
         evidence["tau"][bn] = {name: round(by_d["cifar10"][0], 3) for name, by_d in cor.items()}
         evidence["n"][bn] = len(rs)
     if args.against:
-        lines += against(args, bns, rows, members, truth)
+        lines += against(args, bns, rows, members)
     lines += ["### Published on the same 15,625 architectures", "",
               "| method | CIFAR-10 ρ | CIFAR-100 ρ | ImageNet16-120 ρ | CIFAR-10 τ |",
               "|---|---|---|---|---|"]  # fmt: skip
@@ -349,7 +348,7 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", evidence
 
 
-def against(args, bns, rows, members, truth) -> list[str]:
+def against(args, bns, rows, members) -> list[str]:
     """τ of this setting and of the default setting's journal on the archs both scored."""
     base_args = argparse.Namespace(seed=args.seed, batch_size=args.batch_size, params="all",
                                    dtype="float32")  # fmt: skip
@@ -361,8 +360,8 @@ def against(args, bns, rows, members, truth) -> list[str]:
         common = [a for a in mine if a in theirs]
         if len(common) < 3:
             continue
-        cor_m = correlations([mine[a] for a in common], members, truth, args.metrics)
-        cor_b = correlations([theirs[a] for a in common], members, truth, args.metrics)
+        cor_m = correlations([mine[a] for a in common], members, args.metrics)
+        cor_b = correlations([theirs[a] for a in common], members, args.metrics)
         lines += [f"### bn={bn}: params={args.params}, {args.dtype} against params=all, "
                   f"float32 (`{os.path.basename(args.against)}`), on the {len(common)} unique "
                   "architectures both scored", "",

@@ -173,6 +173,7 @@ def test_table_accuracy_rank_percentile():
     for d in m.DATASETS:
         want = [100.0 * (table.acc[d] < m.accuracy(s, d)).sum() / 15625 for s in some]
         assert m.percentiles(some, d).tolist() == pytest.approx(want, abs=0)
+        assert m.accuracies(some, d).tolist() == [m.accuracy(s, d) for s in some]
 
 
 def test_unknown_dataset_and_arch():

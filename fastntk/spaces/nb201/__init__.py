@@ -6,7 +6,7 @@
   15,625 archs fall into 6,466 classes;
 * :mod:`~fastntk.spaces.nb201.table`: the bundled ground truth (200-epoch test
   accuracies on CIFAR-10, CIFAR-100 and ImageNet16-120; :func:`load_table`,
-  :func:`accuracy`, :func:`rank`, :func:`percentile`, :func:`percentiles`, :func:`all_archs`);
+  :func:`accuracy`, :func:`accuracies`, :func:`rank`, :func:`percentile`, :func:`percentiles`, :func:`all_archs`);
 * :mod:`~fastntk.spaces.nb201.model`: :func:`build_model`, a network whose
   ``state_dict`` matches the official NAS-Bench-201 ``TinyNetwork`` key for key,
   shape for shape;
@@ -58,6 +58,7 @@ from fastntk.spaces.nb201.supernet import (
 from fastntk.spaces.nb201.table import (
     DATASETS,
     NB201Table,
+    accuracies,
     accuracy,
     all_archs,
     load_table,
@@ -92,6 +93,7 @@ __all__ = [
     "all_archs",
     "as_arch",
     "build_model",
+    "accuracies",
     "build_supernet",
     "canonical",
     "format_arch",

@@ -158,10 +158,15 @@ def percentile(arch: ArchLike, dataset: str = "cifar10") -> float:
     return float(percentiles([arch], dataset)[0])
 
 
+def accuracies(archs: Iterable[ArchLike], dataset: str = "cifar10") -> np.ndarray:
+    """:func:`accuracy` of each of ``archs``, as one array, in their order."""
+    t = load_table()
+    return t.acc[_dataset(dataset)][[t.index[as_arch(a)] for a in archs]]
+
+
 def percentiles(archs: Iterable[ArchLike], dataset: str = "cifar10") -> np.ndarray:
     """:func:`percentile` of each of ``archs``, as one array (one sorted look-up for all)."""
     d = _dataset(dataset)
-    t = load_table()
-    acc = t.acc[d][[t.index[as_arch(a)] for a in archs]]
+    acc = accuracies(archs, d)
     s = _sorted_acc(d)
     return 100.0 * np.searchsorted(s, acc, side="left") / len(s)
