@@ -273,7 +273,9 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown model {bad[0]!r}; known: {', '.join(ZOO)}")
     log = os.path.splitext(args.out)[0] + ".jsonl" if args.out else None
-    methods = [m for m in args.methods.split(",") if m in METHODS]
+    methods = [m for m in args.methods.split(",") if m and m != "none"]
+    if [m for m in methods if m not in METHODS]:
+        ap.error(f"--methods: known {', '.join(METHODS)} (or none, with --alternate)")
     if args.alternate:
         methods.append("alternate")
     for name in models:
