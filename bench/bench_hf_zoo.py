@@ -13,8 +13,10 @@ fallback.
 With ``--alternate R``, each model and output also gets one more process that times
 ``auto``, ``vmap`` and the floor in turn, R rounds (the order rotating): the median of
 each, and the median over rounds of each round's vmap/auto and auto/floor. On a shared or
-noisy machine the per-process medians of one model drift by 20% between reruns; ratios
-within a round do not (both methods see the same state of the machine and allocator).
+noisy machine the per-process medians of one model drift between reruns by more than the
+ratios in question (bench/results/hf_zoo_cpu.md: ResNet's "sum" auto/floor 1.92 per process,
+1.36 in turn); ratios within a round do not (both methods see the same state of the
+machine and allocator).
 
     python bench/bench_hf_zoo.py --out bench/results/hf_zoo_cpu.md        # ~15 min, 2 cores
     python bench/bench_hf_zoo.py --models bert,gpt2-lm --outputs sum      # a subset
