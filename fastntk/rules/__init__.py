@@ -125,6 +125,15 @@ CSRC_CROSS_MIN_COLS = 2304
 CSRC_CROSS_MAX_PAIRS = 512 * 256
 
 
+def same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same tensor's data (the engine hands rules detached
+    views: compare memory, not objects): one storage, offset, layout, dtype and device."""
+    return (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+        and a.dtype == b.dtype and a.device == b.device
+    )  # fmt: skip
+
+
 def gram_block(A: Block, B: Block, backend: str = "torch") -> torch.Tensor:
     """``<G_A_i, G_B_j>`` for all pairs: (n_A, n_B).
 
@@ -440,4 +449,5 @@ __all__ = [
     "gram_block",
     "outer_pays",
     "register_gram_rule",
+    "same_data",
 ]

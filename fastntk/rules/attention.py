@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fastntk.rules import Dense, GramRule, register_gram_rule
+from fastntk.rules import Dense, GramRule, register_gram_rule, same_data
 
 _OUT = ("out_proj.weight", "out_proj.bias")
 
@@ -120,17 +120,12 @@ def _block(name: str, g, o, xs, gs) -> torch.Tensor:
         return g.sum(1)
     if name == "in_proj_bias":
         return torch.cat([gj.sum(1) for gj in gs], 1)
-    if _same(xs[0], xs[1]) and _same(xs[1], xs[2]):
+    if same_data(xs[0], xs[1]) and same_data(xs[1], xs[2]):
         # self-attention: one batched product for the three row blocks of in_proj
         return torch.bmm(torch.cat(gs, 2).transpose(1, 2), xs[0]).reshape(n, -1)
     return torch.cat(
         [torch.bmm(gj.transpose(1, 2), xj) for gj, xj in zip(gs, xs, strict=True)], 1
     ).reshape(n, -1)
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same tensor (the engine hands rules detached views: compare memory, not objects)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastntk.rules import Dense, GramRule, register_gram_rule
+from fastntk.rules import Dense, GramRule, register_gram_rule, same_data
 
 
 def _channel_sums(t: torch.Tensor) -> torch.Tensor:
@@ -200,14 +200,6 @@ class InstanceNormRule(_ChannelAffineRule):
         )
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` hold the same values: one storage, offset, layout, dtype."""
-    return (
-        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-        and a.dtype == b.dtype and a.device == b.device
-    )  # fmt: skip
-
-
 @register_gram_rule(nn.LayerNorm)
 class LayerNormRule(GramRule):
     param_names = ("weight", "bias")
@@ -227,7 +219,7 @@ class LayerNormRule(GramRule):
             node is not None
             and node.name() == "NativeLayerNormBackward0"
             and tuple(node._saved_normalized_shape) == tuple(module.normalized_shape)
-            and _same_tensor(node._saved_input, x)
+            and same_data(node._saved_input, x)
         ):
             return x, node._saved_result1, node._saved_result2
         return x, None, None
