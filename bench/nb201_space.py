@@ -67,6 +67,12 @@ BORDAS = (
     ("fnorm", "ncn", "lga", "num_params"),
     ("lga_t", "num_params"),  # (the lga_t journal: bench/results/nb201_lga_t.csv)
     ("lga", "lga_t", "num_params"),
+    # AZ-NAS's expressivity (the features journal, bench/results/nb201_features.csv, joined)
+    ("feature_entropy", "num_params"),
+    ("ncn", "feature_entropy", "num_params"),
+    ("lga", "feature_entropy", "num_params"),
+    ("trainability", "feature_entropy", "num_params"),
+    ("ncn", "lga", "feature_entropy", "num_params"),
 )
 # A search keeps the best-scored of its evaluations, so a score is also judged by the top
 # end of its ranking: the expected top-% of the best-scored of this many uniform draws
@@ -113,6 +119,14 @@ def parse_args(argv=None):
         help="also write fastntk/data/nas_evidence.json from the summary",
     )
     ap.add_argument("--out", default=os.path.join(HERE, "results", "nb201_space.csv"))
+    ap.add_argument(
+        "--join",
+        metavar="CSV",
+        action="append",
+        default=[],
+        help="summary: also the metrics of another journal of the same setting, by "
+        "(architecture, BN mode), on the architectures every journal has scored",
+    )
     ap.add_argument(
         "--against",
         metavar="CSV",
@@ -287,8 +301,29 @@ def correlations(rows: list[dict], members: dict[str, list[str]], metrics) -> di
     return out
 
 
-def summarise(args, bns: list[str]) -> tuple[str, dict]:
+def joined(args) -> tuple[list[dict], list[str]]:
+    """This journal's rows of the setting, with the metrics of every ``--join`` journal
+    merged in by (architecture, BN mode); in a BN mode a joined journal has, the rows it
+    lacks are left out. Returns the rows and every metric some of them hold (``seconds``
+    stays this journal's)."""
     rows = [r for r in read_rows(args.out) if same_setting(r, args)]
+    metrics = list(args.metrics)
+    for path in args.join:
+        other = [r for r in read_rows(path) if same_setting(r, args)]
+        if not other:
+            raise SystemExit(f"--join {path}: no rows of this setting")
+        theirs = [m for m in other[0] if m in M.METRICS and m not in metrics]
+        by_key = {(r["arch"], r["bn"]): r for r in other}
+        modes = {r["bn"] for r in other}  # (a BN mode it lacks keeps its rows, without them)
+        rows = [r if r["bn"] not in modes else
+                {**r, **{m: by_key[r["arch"], r["bn"]][m] for m in theirs}}
+                for r in rows if r["bn"] not in modes or (r["arch"], r["bn"]) in by_key]  # fmt: skip
+        metrics += theirs
+    return rows, metrics
+
+
+def summarise(args, bns: list[str]) -> tuple[str, dict]:
+    rows, metrics = joined(args)
     members: dict[str, list[str]] = {}
     for a in nb201.all_archs():
         members.setdefault(nb201.canonical(a), []).append(a)
@@ -319,7 +354,7 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
             continue
         n_arch = sum(len(members[r["arch"]]) for r in rs)
         secs = np.array([float(r["seconds"]) for r in rs])
-        cor = correlations(rs, members, args.metrics)
+        cor = correlations(rs, members, [m for m in metrics if all(m in r for r in rs)])
         lines += [f"### bn={bn}: {len(rs)} of {nb201.NUM_UNIQUE} unique architectures "
                   f"({n_arch} of {nb201.NUM_ARCHS}); median {np.median(secs):.2f} s each", "",
                   "| score | " + " | ".join(f"{lab} τ | {lab} ρ" for _, lab in DATASETS)

@@ -14,7 +14,7 @@ metric that raises, only itself. Bad options and labels that a metric needs rais
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -26,6 +26,7 @@ from fastntk.errors import InputError, NonFiniteKernelError, OptionError
 from fastntk.metrics import operator
 from fastntk.metrics.checks import check_batch, check_labels, check_rtol, check_singular
 from fastntk.metrics.evolution import kernel_evolution
+from fastntk.metrics.features import feature_entropy
 from fastntk.metrics.model_kernels import joint_kernels, kernel_of, ntk_kwargs
 from fastntk.metrics.ntkscore import perturb, regression_scores, resolve_classes
 from fastntk.metrics.registry import METRICS, check_errors, expand_metrics
@@ -65,6 +66,8 @@ def compute_metrics(
     train_y: Any = None,
     train_batch_size: int = 1024,
     path: str = "auto",
+    blocks: Sequence[nn.Module | str] | None = None,
+    channel_dim: int = 1,
 ) -> dict[str, float]:
     """Compute the requested metrics of one model, computing each kernel once.
 
@@ -86,6 +89,10 @@ def compute_metrics(
       on a copy (seeded with ``seed``; the user's model is not trained).
     * ``num_params`` is the number of parameters of the model (every parameter, whatever
       ``params`` selects): the zero-cost baseline a training-free metric must beat.
+    * ``feature_entropy`` is AZ-NAS's expressivity of the outputs of ``blocks`` (modules
+      or names; ``channel_dim`` their channel dimension), one forward in BatchNorm mode
+      ``bn``: :func:`~fastntk.metrics.feature_entropy`. The search spaces give their
+      blocks (``space.feature_blocks(model)``).
 
     Args:
         model: the network (not changed).
@@ -114,20 +121,34 @@ def compute_metrics(
     check_rtol(rtol)
     check_singular(singular)
     x = check_batch(x, "x")
+    featured = [m for m in wanted if METRICS[m].kind == "features"]
+    if featured and blocks is None:
+        raise OptionError(
+            f"{', '.join(featured)} needs blocks=: the submodules whose outputs it measures "
+            "(a search space gives them: space.feature_blocks(model))"
+        )
     if path not in ("auto", "dense", "operator"):
         raise OptionError(f"path must be 'auto', 'dense' or 'operator', not {path!r}")
     kw = {**ntk_kwargs(bn, params, output, dtype, chunk_size), "progress": progress}
     yt = _labels(wanted, y, x.shape[0])
+
+    def value_of_features(*_: Any) -> float:
+        return feature_entropy(model, x, blocks, channel_dim=channel_dim, bn=bn)
+
     if path == "operator" or (path == "auto" and x.shape[0] >= operator.OPERATOR_MIN_N):
         engine = dict(bn=bn, params=params, output=output, dtype=dtype, chunk_size=chunk_size)
-        try:
-            return operator.metrics(model, x, yt, wanted, engine=engine, x_test=x_test,
-                                    y_test=y_test, num_classes=num_classes,
-                                    noise_std=noise_std, seed=seed, jitter=jitter)  # fmt: skip
+        kernel_metrics = [m for m in wanted if m not in featured]
+        try:  # (feature metrics need no kernel: computed below as on the dense path)
+            out = operator.metrics(model, x, yt, kernel_metrics, engine=engine, x_test=x_test,
+                                   y_test=y_test, num_classes=num_classes,
+                                   noise_std=noise_std, seed=seed, jitter=jitter)  # fmt: skip
         except (InputError, NonFiniteKernelError):
             if errors == "raise":
                 raise
-            return dict.fromkeys(wanted, math.nan)
+            out = dict.fromkeys(kernel_metrics, math.nan)
+        for m in featured:
+            out[m] = _or_nan(errors, value_of_features)
+        return {m: out[m] for m in wanted}
     test = _TestBatch(x_test, y_test, num_classes, noise_std, seed, jitter)
     try:
         kernels = _Kernels(model, x, yt, wanted, kw, test, errors)
@@ -142,6 +163,7 @@ def compute_metrics(
         "kernel": lambda m: METRICS[m].fn(kernels.K, yt, opts),
         "ntk_score": lambda m: kernels.regression.score(m),
         "model": lambda m: sum(p.numel() for p in model.parameters()),
+        "features": value_of_features,
         "evolution": lambda m: kernel_evolution(
             model, x, yt, times=(lga_epochs,), train_x=train_x, train_y=train_y,
             batch_size=train_batch_size, seed=seed, **engine,
@@ -156,13 +178,19 @@ def compute_metrics(
         if m in kernels.undefined:
             out[m] = math.nan
             continue
-        try:
-            out[m] = float(value_of[METRICS[m].kind](m))
-        except (InputError, NonFiniteKernelError):
-            if errors == "raise":
-                raise
-            out[m] = math.nan
+        out[m] = _or_nan(errors, value_of[METRICS[m].kind], m)
     return out
+
+
+def _or_nan(errors: str, fn: Callable[..., Any], *args: Any) -> float:
+    """``float(fn(*args))``; under errors="nan" an :class:`InputError` or
+    :class:`NonFiniteKernelError` gives NaN."""
+    try:
+        return float(fn(*args))
+    except (InputError, NonFiniteKernelError):
+        if errors == "raise":
+            raise
+        return math.nan
 
 
 def _labels(wanted: list[str], y: Any, n: int) -> torch.Tensor | None:

@@ -35,7 +35,9 @@ class MetricSpec:
             ``"ntk_score"`` (needs the kernel-regression kernels), ``"vintk"``,
             ``"evolution"`` (a kernel after training:
             :func:`~fastntk.metrics.kernel_evolution`) or
-            ``"model"`` (a property of the model alone: its parameter count).
+            ``"model"`` (a property of the model alone: its parameter count) or
+            ``"features"`` (a property of the block outputs of one forward:
+            :func:`~fastntk.metrics.feature_entropy`, which needs the blocks).
         higher_is_better: direction for ranking / Borda.
         needs_labels: whether y is required.
         fn: for ``kind == "kernel"``: ``fn(K, y, opts) -> float``, ``K`` the (N, N)
@@ -96,6 +98,14 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "num_params": MetricSpec(
         "num_params", "model", True, False, None, "number of parameters (zero-cost baseline)"
+    ),
+    "feature_entropy": MetricSpec(
+        "feature_entropy",
+        "features",
+        True,
+        False,
+        None,
+        "AZ-NAS expressivity: entropy of the block features' spectrum (zero-cost baseline)",
     ),
 }
 

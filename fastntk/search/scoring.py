@@ -92,6 +92,12 @@ def space_scorer(
     bn = M.NAS["bn"] if bn is None else bn
     if bn not in M.BN_MODES:
         raise OptionError(f"bn must be one of {M.BN_MODES}, got {bn!r}")
+    featured = [m for m in names if M.METRICS[m].kind == "features"]
+    if featured and not hasattr(space, "feature_blocks"):
+        raise OptionError(
+            f"{', '.join(featured)} needs the space's feature_blocks(model), which the "
+            f"{getattr(space, 'name', type(space).__name__)} space does not define"
+        )
     dtype = default_dtype(names, bn) if dtype is None else dtype
     if dtype not in ("float32", "float64"):
         raise OptionError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
@@ -162,6 +168,10 @@ class _ScoreFn:
             missing, _ = model.load_state_dict(self._full_state, strict=False)
             if missing:
                 raise RuntimeError(f"supernet {enc} has weights the full supernet lacks: {missing}")
+        blocks = {}
+        if any(M.METRICS[m].kind == "features" for m in self.names):
+            mods, channel_dim = self.space.feature_blocks(model)  # (space_scorer checked it)
+            blocks = {"blocks": mods, "channel_dim": channel_dim}
         return M.compute_metrics(
             model,
             self.x,
@@ -172,6 +182,7 @@ class _ScoreFn:
             dtype=getattr(torch, self.dtype),
             progress=False,
             **self.lga,
+            **blocks,
         )
 
 

@@ -392,6 +392,12 @@ class DartsSpace(ChoiceSpace):
     def build(self, arch, num_classes: int = 10) -> nn.Module:
         return build_model(arch, num_classes=num_classes, C=self.C, layers=self.layers)
 
+    @staticmethod
+    def feature_blocks(model: nn.Module) -> tuple[list[nn.Module], int]:
+        """The blocks :func:`fastntk.metrics.feature_entropy` measures: the stem and every
+        cell, (N, C, H, W) outputs: channel dimension 1."""
+        return [model.stem, *model.cells], 1
+
     def encode(self, arch) -> str:
         return encode(arch)
 

@@ -170,6 +170,12 @@ class ViTSpace(ChoiceSpace):
     def build(self, arch, num_classes: int = 10) -> nn.Module:
         return build_model(arch, num_classes=num_classes)
 
+    @staticmethod
+    def feature_blocks(model: nn.Module) -> tuple[list[nn.Module], int]:
+        """The blocks :func:`fastntk.metrics.feature_entropy` measures: every transformer
+        block, (N, tokens, dim) outputs: channel dimension -1."""
+        return list(model.blocks), -1
+
     def encode(self, arch) -> str:
         return encode(arch)
 

@@ -65,6 +65,12 @@ class NB201Space:
             return build_supernet(arch, num_classes=num_classes, C=self.C, N=self.N)
         return build_model(arch, num_classes=num_classes, C=self.C, N=self.N)
 
+    @staticmethod
+    def feature_blocks(model: nn.Module) -> tuple[list[nn.Module], int]:
+        """The blocks :func:`fastntk.metrics.feature_entropy` measures: the stem and every
+        cell (the residual reductions too), (N, C, H, W) outputs: channel dimension 1."""
+        return [model.stem, *model.cells], 1
+
     def encode(self, arch: str) -> str:
         if isinstance(arch, str) and SUPER_SEP in arch:
             return format_supernet(parse_supernet(arch))

@@ -1,0 +1,158 @@
+"""Feature entropy: how evenly a network's block outputs spread over their channels.
+
+AZ-NAS's expressivity s_E (Lee & Ham, CVPR 2024, Eq. 2): for each block output F, the
+rows of F (one per sample and spatial position or token, one column per channel) are
+centred and their (C, C) covariance Σ = FᵀF / rows is decomposed; with its eigenvalues
+λ_1..λ_C normalised to p_i = λ_i / Σ_j λ_j, the block's score is the entropy
+-Σ p_i log p_i (nats: 0 when the features span one direction, log C when they are
+isotropic), and the network's score is the sum over its blocks. Unlike the kernel metrics
+it needs one forward and no gradient; it is a zero-cost proxy beside them, not an NTK
+quantity. A block whose output is constant has no spectrum to normalise: the score is
+NaN (undefined; a search ranks it last).
+
+The forward runs with private copies of the parameters and buffers in the requested
+BatchNorm mode (:func:`fastntk._model.model_state`), so the user's model is not changed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fastntk import _args, _model
+from fastntk.errors import InputError, InputTypeError, OptionError
+from fastntk.metrics.checks import check_batch
+
+__all__ = ["block_entropies", "feature_entropy"]
+
+
+def _resolve_blocks(model: nn.Module, blocks: Any) -> list[nn.Module]:
+    """``blocks`` as submodules of ``model``: modules or their qualified names."""
+    if blocks is None or isinstance(blocks, (str, nn.Module)) or not isinstance(blocks, Sequence):
+        raise OptionError(
+            "blocks must be a list of the model's submodules (or their names, as "
+            f"named_modules() gives them) whose outputs are measured, got {blocks!r}"
+        )
+    if not blocks:
+        raise OptionError("blocks is empty: name at least one submodule whose output to measure")
+    named = dict(model.named_modules())
+    ids = {id(m) for m in named.values()}
+    out = []
+    for b in blocks:
+        if isinstance(b, str):
+            if b not in named:
+                raise OptionError(f"blocks: the model has no submodule named {b!r}")
+            out.append(named[b])
+        elif isinstance(b, nn.Module):
+            if id(b) not in ids:
+                raise OptionError(f"blocks: {type(b).__name__} is not a submodule of the model")
+            out.append(b)
+        else:
+            raise OptionError(f"blocks holds {type(b).__name__}, not a module or a name")
+    return out
+
+
+def _entropy(f: torch.Tensor, channel_dim: int) -> float:
+    """Entropy of the normalised covariance spectrum of ``f``'s channels (float64)."""
+    if f.dim() < 2:
+        raise InputError(f"a block output of shape {tuple(f.shape)} has no channel dimension")
+    c = channel_dim % f.dim()
+    if c == 0:
+        raise OptionError("channel_dim cannot be the batch dimension 0")
+    eps = torch.finfo(f.dtype).eps if f.is_floating_point() else 0.0
+    rows = f.detach().movedim(c, -1).reshape(-1, f.shape[c]).to(torch.float64)
+    if not torch.isfinite(rows).all():
+        raise InputError("a block output is not finite")
+    n, width = rows.shape
+    scale = float(rows.abs().max()) if rows.numel() else 0.0
+    rows = rows - rows.mean(dim=0)
+    lam = torch.linalg.eigvalsh(rows.T @ rows / n).clamp_min(0.0)
+    total = float(lam.sum())
+    # A constant output has no direction to spread over. Computed in f's precision, its
+    # centred rows are rounding residue, up to about n eps |f|max each (a mean's rounding):
+    # a total variance within that is a constant's, whose spectrum would be noise.
+    if total <= width * n * (eps * scale) ** 2:
+        return math.nan
+    p = lam / total
+    p = p[p > 0]  # 0 log 0 = 0
+    return float(-(p * p.log()).sum())
+
+
+def block_entropies(
+    model: nn.Module,
+    x: torch.Tensor,
+    blocks: Sequence[nn.Module | str],
+    *,
+    channel_dim: int = 1,
+    bn: str = "eval",
+) -> list[float]:
+    """The entropy of each block's output spectrum (see the module docstring), in order.
+
+    Args:
+        model: the network (not changed); its forward is run once on ``x``.
+        x: (N, ...) batch.
+        blocks: the submodules (or their qualified names) whose outputs are measured; a
+            block that runs several times contributes its last output.
+        channel_dim: the channel dimension of the block outputs (1 for (N, C, H, W)
+            feature maps, -1 for (N, tokens, D)); every other dimension but the batch's
+            indexes a row.
+        bn: BatchNorm mode of the forward (``"eval"``, ``"batch"``, ``"per_sample"``).
+
+    Returns:
+        one float per block (NaN for a constant output).
+    """
+    x = check_batch(x, "x")
+    channel_dim = _args.integer(channel_dim, "channel_dim", None)
+    if bn not in _model.BN_MODES:
+        raise OptionError(f"bn must be one of {_model.BN_MODES}, got {bn!r}")
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    mods = _resolve_blocks(model, blocks)
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            if not isinstance(out, torch.Tensor):
+                raise InputTypeError(
+                    f"block {index} ({type(_m).__name__}) returned {type(out).__name__}, "
+                    "not a tensor: name the submodule whose output is the feature map"
+                )
+            outputs[index] = out
+
+        return hook
+
+    with _model.model_state(model, bn):
+        handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(mods)]
+        try:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                         torch.float32)  # fmt: skip
+            copies = _model.make_copies(model, {}, dtype)
+            with torch.no_grad():
+                copies.call(model, x if _model.is_index(x) else x.to(dtype))
+        finally:
+            for h in handles:
+                h.remove()
+    missing = [i for i in range(len(mods)) if i not in outputs]
+    if missing:
+        raise InputError(f"blocks {missing} did not run in the model's forward")
+    return [_entropy(outputs[i], channel_dim) for i in range(len(mods))]
+
+
+def feature_entropy(
+    model: nn.Module,
+    x: torch.Tensor,
+    blocks: Sequence[nn.Module | str],
+    *,
+    channel_dim: int = 1,
+    bn: str = "eval",
+) -> float:
+    """AZ-NAS's expressivity: the sum over ``blocks`` of :func:`block_entropies`.
+
+    Higher is better (features that use more of their channels). NaN when a block's
+    output is constant. Arguments as :func:`block_entropies`.
+    """
+    return float(sum(block_entropies(model, x, blocks, channel_dim=channel_dim, bn=bn)))
