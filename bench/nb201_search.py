@@ -57,7 +57,9 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, default=10, help="search seeds 0..S-1")
     ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--space-csv", default=os.path.join(HERE, "results", "nb201_space.csv"))
+    ap.add_argument("--space-csv", action="append",
+                    help="whole-space journals to look scores up in, merged by architecture "
+                    "(repeat it; default: results/nb201_space.csv and nb201_features.csv)")  # fmt: skip
     ap.add_argument("--scores", help="the score journal (default: results/"
                     "nb201_search_scores_<metrics>.csv, one per default score)")  # fmt: skip
     ap.add_argument("--out", default=os.path.join(HERE, "results", "nb201_search.csv"))
@@ -75,13 +77,19 @@ def _rows(path: str) -> list[dict]:
 class CachedScores:
     """``fn(arch)`` of the default scorer, answered from the journals where it can be."""
 
-    def __init__(self, space, scorer: Scorer, space_csv: str, scores_csv: str):
+    def __init__(self, space, scorer: Scorer, space_csvs: list[str], scores_csv: str):
         self.space, self.scorer, self.path, self.computed = space, scorer, scores_csv, 0
         names = scorer.metrics
-        self.table: dict[str, dict[str, float]] = {}
-        for r in _rows(space_csv):
-            if r["bn"] == scorer.settings["bn"] and r["params_set"] == "all" and r["seed"] == "0":
-                self.table[r["arch"]] = {m: float(r[m]) for m in names}
+        table: dict[str, dict[str, float]] = {}
+        for path in space_csvs:  # each journal holds some of the metrics
+            for r in _rows(path):
+                if (r["bn"] == scorer.settings["bn"] and r["params_set"] == "all"
+                        and r["seed"] == "0" and r["batch_size"] == "64"
+                        and r["dtype"] == "float32"):  # fmt: skip
+                    table.setdefault(r["arch"], {}).update(
+                        {m: float(r[m]) for m in names if m in r}
+                    )
+        self.table = {a: v for a, v in table.items() if len(v) == len(names)}
         self.own = {r["encoding"]: {m: float(r[m]) for m in names} for r in _rows(scores_csv)}
         self.fields = ("encoding", *names)
 
@@ -122,7 +130,9 @@ def search(args) -> None:
         scores = args.scores or os.path.join(
             HERE, "results", f"nb201_search_scores_{'_'.join(base.metrics)}.csv"
         )
-        cache = CachedScores(space, base, args.space_csv, scores)
+        space_csvs = args.space_csv or [os.path.join(HERE, "results", f"nb201_{name}.csv")
+                                        for name in ("space", "features")]  # fmt: skip
+        cache = CachedScores(space, base, space_csvs, scores)
         scorer = Scorer(cache, base.metrics, base.directions, settings=base.settings)
         for seed in range(args.seeds):  # seeds outside: a stopped run covers every algorithm
             for algo in args.algos.split(","):

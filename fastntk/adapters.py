@@ -154,6 +154,9 @@ def measure(name: str, **options: Any) -> Measure:
     except TypeError as e:
         raise OptionError(f"measure({name!r}, ...): {e} (options of "
                           "fastntk.metrics.compute_metrics)") from None  # fmt: skip
+    if METRICS[name].kind == "features" and "blocks" not in options:
+        raise OptionError(f"measure({name!r}) needs blocks=: the names of the submodules whose "
+                          "outputs it measures, as named_modules() gives them")  # fmt: skip
     options = {**NAS, **options}
     _check_values(options)
     bound_chunk = options.get("chunk_size")
@@ -243,6 +246,10 @@ def register(
     return key
 
 
-MEASURES: dict[str, Measure] = {name: measure(name) for name in METRICS}
+# (feature_entropy is not among them: it needs the blocks of the harness's network,
+# measure("feature_entropy", blocks=[names]))
+MEASURES: dict[str, Measure] = {
+    name: measure(name) for name, spec in METRICS.items() if spec.kind != "features"
+}
 """One measure per fastntk metric, with the NAS preset :data:`fastntk.metrics.NAS` (not
 TE-NAS's options: see :data:`TENAS`)."""

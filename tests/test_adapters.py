@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from fastntk import adapters
+from fastntk import metrics as M
 from fastntk.adapters import MEASURES, is_oom, measure
 from fastntk.errors import OptionError
 from fastntk.metrics import METRICS, NAS, compute_metrics
@@ -32,11 +33,18 @@ def data(n=8):
 
 
 def test_one_measure_per_metric():
-    assert set(MEASURES) == set(METRICS)
+    # every metric but the one that needs the harness network's blocks, bound by name
+    assert set(MEASURES) == set(METRICS) - {"feature_entropy"}
     for name, fn in MEASURES.items():
         assert callable(fn) and name in fn.__name__
     with pytest.raises(OptionError, match="unknown metric"):
         measure("synflow")
+    with pytest.raises(OptionError, match="needs blocks="):
+        measure("feature_entropy")
+    net, (x, y) = small_net(), data()
+    fe = measure("feature_entropy", blocks=["1", "4"])  # names: any net of the same layout
+    assert fe(net, x, y) == pytest.approx(
+        M.feature_entropy(net, x, ["1", "4"], bn=NAS["bn"]), rel=1e-12)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["lga", "fnorm", "cond"])

@@ -205,7 +205,7 @@ def test_spaces_give_their_blocks():
         space_scorer(Bare(), "feature_entropy", data="synthetic")
 
 
-@pytest.mark.parametrize("name", ["darts", "vit"])
+@pytest.mark.parametrize("name", ["darts", "vit", "resnet"])
 def test_other_spaces_blocks_run(name):
     from fastntk.spaces.registry import get_space
 

@@ -169,6 +169,13 @@ class ResNetSpace(ChoiceSpace):
     def build(self, arch, num_classes: int = 10) -> nn.Module:
         return build_model(arch, num_classes=num_classes)
 
+    @staticmethod
+    def feature_blocks(model: nn.Module) -> tuple[list[nn.Module], int]:
+        """The blocks :func:`fastntk.metrics.feature_entropy` measures: the stem (its ReLU)
+        and every basic block, (N, C, H, W) outputs: channel dimension 1."""
+        stages = [getattr(model, f"layer{k + 1}") for k in range(NUM_STAGES)]
+        return [model.relu, *(b for stage in stages for b in stage)], 1
+
     def encode(self, arch) -> str:
         return encode(arch)
 
