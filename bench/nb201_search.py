@@ -2,21 +2,22 @@
 
 Evidence script (not a CI test). For each algorithm (random, REA, prune, REINFORCE) and
 each search seed, one search of ``--budget`` evaluations with the default score
-(``fastntk.metrics.NAS_METRICS`` under the preset ``NAS``, scored by
+(``fastntk.metrics.NAS_METRICS``, or the Borda count of ``--metric``; under the preset ``NAS``, scored by
 ``fastntk.search.scoring.space_scorer`` with data and weight seed 0, as ``fastntk search``
 scores them); the returned architecture's true 200-epoch accuracy and percentile on
 CIFAR-10, CIFAR-100 and ImageNet16-120. Next to them: random search judged by the true
 CIFAR-10 accuracy with the same budget (an oracle with the same number of queries), and
 the best of the space.
 
-Scores are looked up, by isomorphism class, in the whole-space journal
-(``bench/results/nb201_space.csv``, per-sample rows) and otherwise computed and kept in
+Scores are looked up, by isomorphism class, in the whole-space journals
+(``bench/results/nb201_space.csv`` and ``nb201_features.csv``, per-sample rows) and otherwise computed and kept in
 this script's own score journal (``--scores``; apart from the whole-space CSV, whose rows
 must stay a uniform sample of the space). Pruning scores supernets, which are computed and
 kept there too. One result row per (algorithm, seed) is appended to ``--out`` as soon as
 its search ends; a rerun skips the rows it holds.
 
     python bench/nb201_search.py --seeds 10 --budget 100
+    python bench/nb201_search.py --seeds 10 --budget 100 --metric lga,feature_entropy,num_params
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def parse_args(argv=None):
                     "(repeat it; default: results/nb201_space.csv and nb201_features.csv)")  # fmt: skip
     ap.add_argument("--scores", help="the score journal (default: results/"
                     "nb201_search_scores_<metrics>.csv, one per default score)")  # fmt: skip
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "nb201_search.csv"))
+    ap.add_argument("--metric", help="the score's metrics or group, comma separated "
+                    "(default: the default score, fastntk.metrics.NAS_METRICS)")  # fmt: skip
+    ap.add_argument("--out", help="result journal (default: results/nb201_search.csv for the "
+                    "default score, else results/nb201_search_<metrics>.csv)")  # fmt: skip
     ap.add_argument("--summary-only", action="store_true")
     return ap.parse_args(argv)
 
@@ -126,7 +130,7 @@ def search(args) -> None:
             w.writeheader()
         # one score cache for every algorithm (pruning's supernets take the full supernet's
         # weights, as the CLI's pruning does; architectures are scored alike everywhere)
-        base = space_scorer(space, supernet_weights=True)
+        base = space_scorer(space, args.metrics, supernet_weights=True)
         scores = args.scores or os.path.join(
             HERE, "results", f"nb201_search_scores_{'_'.join(base.metrics)}.csv"
         )
@@ -167,10 +171,13 @@ def oracle_random(budget: int, seeds: int) -> list[str]:
 
 def summarise(args) -> str:
     rows = _rows(args.out)
+    default = args.metrics == list(M.NAS_METRICS)
+    which = "default score" if default else f"Borda({', '.join(args.metrics)})"
     lines = [
-        "## Search on NAS-Bench-201 with the default score",
+        f"## Search on NAS-Bench-201 with {'the ' if default else ''}{which}",
         "",
-        f"Default score: Borda({', '.join(M.NAS_METRICS)}) under bn={M.NAS['bn']}, 64 bundled "
+        f"{'Default score' if default else 'Score'}: Borda({', '.join(args.metrics)}) under "
+        f"bn={M.NAS['bn']}, 64 bundled "
         f"CIFAR-10 images, data and weight seed 0; search seeds 0..{args.seeds - 1}, budget "
         f"{args.budget} evaluations. The returned architecture's 200-epoch test accuracy, "
         "mean ± sd over seeds (top-% = share of the 15,625 architectures at least as good). "
@@ -195,7 +202,7 @@ def summarise(args) -> str:
     for algo in ALGOS:
         archs = [r["arch"] for r in rows if r["algo"] == algo and r["budget"] == str(args.budget)]
         if archs:
-            line(f"{algo} (default score)", archs)
+            line(f"{algo} ({which})", archs)
     line(
         f"random, judged by true CIFAR-10 accuracy ({args.budget} draws)",
         oracle_random(args.budget, args.seeds),
@@ -207,6 +214,10 @@ def summarise(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.metrics = M.expand_metrics(args.metric or M.NAS_METRICS)
+    if args.out is None:
+        tail = "" if args.metrics == list(M.NAS_METRICS) else "_" + "_".join(args.metrics)
+        args.out = os.path.join(HERE, "results", f"nb201_search{tail}.csv")
     if not args.summary_only:
         search(args)
     table = summarise(args)

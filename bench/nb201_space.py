@@ -17,7 +17,10 @@ partial run is an unbiased estimate (it says how many classes it covers).
 
     python bench/nb201_space.py --bn per_sample,eval --threads 1          # runs, resumes
     python bench/nb201_space.py --summary-only                             # table so far
-    python bench/nb201_space.py --summary-only --evidence                  # + the defaults'
+    python bench/nb201_space.py --bn per_sample,eval --metrics feature_entropy \
+        --out bench/results/nb201_features.csv         # another metric: its own journal
+    python bench/nb201_space.py --summary-only --bn per_sample,eval \
+        --join bench/results/nb201_features.csv --evidence   # both, + the defaults'
         # evidence file fastntk/data/nas_evidence.json (read by fastntk's notes and tests)
     torchrun --standalone --nproc-per-node=2 bench/nb201_space.py --bn per_sample --threads 1
         # over ranks (fastntk.search.workers.Pool): rank 0 writes the journal
@@ -344,7 +347,14 @@ def summarise(args, bns: list[str]) -> tuple[str, dict]:
         "minimises it (`tests/test_nas.py`). "
         f"Command: `python bench/nb201_space.py {' '.join(sys.argv[1:])}`, machine: "
         f"{platform.machine()}, {os.cpu_count()} CPUs; summary at commit {git_sha()}, "
-        f"{time.strftime('%Y-%m-%d')} (each CSV row names the commit that computed it).",
+        f"{time.strftime('%Y-%m-%d')} (each CSV row names the commit that computed it)."
+        + (
+            f" The metrics of {', '.join(f'`{os.path.basename(p)}`' for p in args.join)} are "
+            "joined by architecture and BN mode; the median time per architecture is this "
+            "journal's."
+            if args.join
+            else ""
+        ),
         "",
     ]
     evidence = {"tau": {}, "top": {}, "draws": DRAWS, "n": {}, "default_score": default}

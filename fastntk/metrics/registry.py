@@ -134,10 +134,14 @@ NAS_METRICS: tuple[str, ...] = ("lga", "num_params")
 # Metric groups: a name that expands to several metrics. ``nas_accurate``: the score that
 # ranked best of those measured with LGA after training, at about 9x the default's cost
 # (not the default: measured on part of the space, bench/results/nb201_lga_t.md, which
-# tests/test_nas.py reads: it must rank above the default there).
+# tests/test_nas.py reads: it must rank above the default there). ``nas_rank``: the score
+# with an NTK metric that ranks the whole space best (CIFAR-10 τ, bench/results/
+# nb201_space.md; tests/test_nas.py reads it), for ranking a set of architectures; its
+# best-scored architectures are worse than the default's, so a search does not default to it.
 _GROUPS: dict[str, tuple[str, ...]] = {
     "ntk_score": ("trainability", "expressivity", "generalization"),
     "nas_accurate": ("lga_t", "num_params"),
+    "nas_rank": ("lga", "feature_entropy", "num_params"),
 }
 
 #: metric name -> higher_is_better, for :func:`~fastntk.metrics.borda` and the search layer.
@@ -154,7 +158,8 @@ def expand_metrics(names: Iterable[str] | str) -> list[str]:
     """Metric names from a list or a comma-separated string, groups expanded, deduplicated.
 
     ``"ntk_score"`` expands to ``trainability, expressivity, generalization``,
-    ``"nas_accurate"`` to ``lga_t, num_params``. Unknown
+    ``"nas_accurate"`` to ``lga_t, num_params``, ``"nas_rank"`` to ``lga,
+    feature_entropy, num_params``. Unknown
     names raise :class:`OptionError` listing the known ones.
     """
     if isinstance(names, str):
