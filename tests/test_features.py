@@ -103,6 +103,18 @@ def test_blocks_by_module_and_channel_last():
     assert last == pytest.approx([want], rel=1e-10)
 
 
+def test_dtype_of_the_forward():
+    m32, x32 = net().float(), batch().float()
+    want = M.block_entropies(copy.deepcopy(m32).double(), x32.double(), list(BLOCKS))
+    got = M.block_entropies(m32, x32, list(BLOCKS), dtype=torch.float64)
+    assert got == pytest.approx(want, rel=1e-12)  # float64 copies of the float32 weights
+    assert next(m32.parameters()).dtype == torch.float32  # the model's own: unchanged
+    own = M.block_entropies(m32, x32, list(BLOCKS))  # the parameters' dtype: float32
+    assert own == pytest.approx(want, rel=1e-4) and own != got
+    with pytest.raises(OptionError, match="floating-point"):
+        M.block_entropies(m32, x32, list(BLOCKS), dtype=torch.int64)
+
+
 def test_entropy_bounds_and_invariances():
     model, x = net(), batch(n=9)
     e = M.block_entropies(model, x, list(BLOCKS))

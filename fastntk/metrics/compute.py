@@ -133,7 +133,7 @@ def compute_metrics(
     yt = _labels(wanted, y, x.shape[0])
 
     def value_of_features(*_: Any) -> float:
-        return feature_entropy(model, x, blocks, channel_dim=channel_dim, bn=bn)
+        return feature_entropy(model, x, blocks, channel_dim=channel_dim, bn=bn, dtype=dtype)
 
     if path == "operator" or (path == "auto" and x.shape[0] >= operator.OPERATOR_MIN_N):
         engine = dict(bn=bn, params=params, output=output, dtype=dtype, chunk_size=chunk_size)

@@ -89,6 +89,7 @@ def block_entropies(
     *,
     channel_dim: int = 1,
     bn: str = "eval",
+    dtype: torch.dtype | None = None,
 ) -> list[float]:
     """The entropy of each block's output spectrum (see the module docstring), in order.
 
@@ -101,6 +102,8 @@ def block_entropies(
             feature maps, -1 for (N, tokens, D)); every other dimension but the batch's
             indexes a row.
         bn: BatchNorm mode of the forward (``"eval"``, ``"batch"``, ``"per_sample"``).
+        dtype: the forward's dtype (default: the parameters' own); the spectrum is
+            computed in float64 either way.
 
     Returns:
         one float per block (NaN for a constant output).
@@ -128,8 +131,10 @@ def block_entropies(
     with _model.model_state(model, bn):
         handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(mods)]
         try:
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                         torch.float32)  # fmt: skip
+            floats = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+            if dtype is None and not floats:  # (no parameter to take it from: the input's)
+                dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+            dtype = _model.resolve_dtype(dtype, model, floats)
             copies = _model.make_copies(model, {}, dtype)
             with torch.no_grad():
                 copies.call(model, x if _model.is_index(x) else x.to(dtype))
@@ -149,10 +154,12 @@ def feature_entropy(
     *,
     channel_dim: int = 1,
     bn: str = "eval",
+    dtype: torch.dtype | None = None,
 ) -> float:
     """AZ-NAS's expressivity: the sum over ``blocks`` of :func:`block_entropies`.
 
     Higher is better (features that use more of their channels). NaN when a block's
     output is constant. Arguments as :func:`block_entropies`.
     """
-    return float(sum(block_entropies(model, x, blocks, channel_dim=channel_dim, bn=bn)))
+    return float(sum(block_entropies(model, x, blocks, channel_dim=channel_dim, bn=bn,
+                                     dtype=dtype)))  # fmt: skip
