@@ -178,8 +178,11 @@ def test_summary_joins_another_journal_by_arch_and_mode(tmp_path):
     main, other = tmp_path / "main.csv", tmp_path / "other.csv"
     for path, metrics, rows in (
         (main, ["lga"], [(a, "per_sample", "1"), (b, "per_sample", "2"), (c, "eval", "3")]),
-        (other, ["feature_entropy"], [(a, "per_sample", "7"), (b, "per_sample", "8"),
-                                      (a, "per_sample", "9")]),  # fmt: skip
+        (
+            other,
+            ["feature_entropy"],
+            [(a, "per_sample", "7"), (b, "per_sample", "8"), (a, "per_sample", "9")],
+        ),  # fmt: skip
     ):
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=space.fields(metrics))
