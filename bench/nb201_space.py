@@ -76,6 +76,7 @@ BORDAS = (
     ("lga", "feature_entropy", "num_params"),
     ("trainability", "feature_entropy", "num_params"),
     ("ncn", "lga", "feature_entropy", "num_params"),
+    ("lga_t", "feature_entropy", "num_params"),  # (the lga_t journal, features joined)
 )
 # A search keeps the best-scored of its evaluations, so a score is also judged by the top
 # end of its ranking: the expected top-% of the best-scored of this many uniform draws
