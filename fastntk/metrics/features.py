@@ -110,6 +110,8 @@ def block_entropies(
     """
     x = check_batch(x, "x")
     channel_dim = _args.integer(channel_dim, "channel_dim", None)
+    if channel_dim == 0:  # (a negative one naming dim 0 is caught per output, by its rank)
+        raise OptionError("channel_dim cannot be the batch dimension 0")
     if bn not in _model.BN_MODES:
         raise OptionError(f"bn must be one of {_model.BN_MODES}, got {bn!r}")
     if not isinstance(model, nn.Module):

@@ -122,8 +122,8 @@ NAS: dict[str, Any] = {"bn": "per_sample", "params": None}
 #: The default NAS score: the Borda count of these metrics (see :data:`NAS`). A search keeps
 #: the best-scored of its evaluations, so the default is chosen by the top end of its
 #: ranking: among the scores with an NTK metric (single metrics and the Borda counts of
-#: ``bench/nb201_space.py``; not the zero-cost proxies alone), the one whose best-scored of 100 random NAS-Bench-201
-#: architectures is expected to rank highest by true accuracy, averaged over CIFAR-10,
+#: ``bench/nb201_space.py``; not the zero-cost proxies alone), the one whose best-scored
+#: of 100 random NAS-Bench-201 architectures is expected to rank highest by true accuracy, averaged over CIFAR-10,
 #: CIFAR-100 and ImageNet16-120 (all 6,466 unique architectures,
 #: ``bench/results/nb201_space.md``; ``tests/test_nas.py`` holds this constant to that
 #: evidence): top 10.1% on average (8.2 / 9.6 / 12.6%), against 13.1% for Borda(ncn, lga,
