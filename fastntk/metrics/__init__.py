@@ -11,8 +11,9 @@ Two layers:
   of a kernel, for N too large for Θ.
 * **Model-level** functions take a model and data, compute the kernels they need
   with :func:`fastntk.ntk` and never change the model: :func:`compute_metrics`,
-  :func:`ntk_score`, :func:`vintk`, :func:`kernel_evolution`; and one zero-cost proxy
-  beside them that needs a forward only, :func:`feature_entropy`.
+  :func:`ntk_score`, :func:`vintk`, :func:`kernel_evolution`; and two zero-cost proxies
+  beside them, AZ-NAS's, that need a forward (and a backward per block) only:
+  :func:`feature_entropy` and :func:`block_trainability`.
 
 The modules, by family:
 
@@ -22,7 +23,7 @@ The modules, by family:
 * :mod:`~fastntk.metrics.ntkscore`: the NTK-score (S_t, S_e, S_g) by kernel regression;
 * :mod:`~fastntk.metrics.vi_ntk`: fastntk's ViNTK (the kernel of the high-passed input);
 * :mod:`~fastntk.metrics.evolution`: kernels of a copy of the model while it trains;
-* :mod:`~fastntk.metrics.features`: AZ-NAS's expressivity of block outputs (no kernel);
+* :mod:`~fastntk.metrics.features`: AZ-NAS's expressivity and trainability of blocks (no kernel);
 * :mod:`~fastntk.metrics.ranking`: Borda counts, the one ranking rule the search uses too;
 * :mod:`~fastntk.metrics.registry`: the metrics by name, their directions, the NAS preset;
 * :mod:`~fastntk.metrics.compute`: :func:`compute_metrics`, each kernel computed once;
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 _MODULES = {
     "compute": ("compute_metrics",),
     "evolution": ("KernelEvolution", "kernel_evolution"),
-    "features": ("block_entropies", "feature_entropy"),
+    "features": ("block_entropies", "block_trainability", "feature_entropy"),
     "kernel": ("condition_number", "fnorm", "kernel_correlation", "label_matrix", "lga",
                "mean", "ncn", "relative_kernel_difference", "spectrum", "trainability"),
     "model_kernels": ("BN_MODES",),
@@ -58,7 +59,7 @@ _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 if TYPE_CHECKING:
     from fastntk.metrics.compute import compute_metrics
     from fastntk.metrics.evolution import KernelEvolution, kernel_evolution
-    from fastntk.metrics.features import block_entropies, feature_entropy
+    from fastntk.metrics.features import block_entropies, block_trainability, feature_entropy
     from fastntk.metrics.kernel import (
         condition_number,
         fnorm,
@@ -110,6 +111,7 @@ __all__ = [
     "KernelEvolution",
     "MetricSpec",
     "block_entropies",
+    "block_trainability",
     "borda",
     "compute_metrics",
     "condition_number",

@@ -26,7 +26,7 @@ from fastntk.errors import InputError, NonFiniteKernelError, OptionError
 from fastntk.metrics import operator
 from fastntk.metrics.checks import check_batch, check_labels, check_rtol, check_singular
 from fastntk.metrics.evolution import kernel_evolution
-from fastntk.metrics.features import feature_entropy
+from fastntk.metrics.features import block_trainability, feature_entropy
 from fastntk.metrics.model_kernels import joint_kernels, kernel_of, ntk_kwargs
 from fastntk.metrics.ntkscore import perturb, regression_scores, resolve_classes
 from fastntk.metrics.registry import METRICS, check_errors, expand_metrics
@@ -91,8 +91,10 @@ def compute_metrics(
       ``params`` selects): the zero-cost baseline a training-free metric must beat.
     * ``feature_entropy`` is AZ-NAS's expressivity of the outputs of ``blocks`` (modules
       or names; ``channel_dim`` their channel dimension), one forward in BatchNorm mode
-      ``bn``: :func:`~fastntk.metrics.feature_entropy`. The search spaces give their
-      blocks (``space.feature_blocks(model)``).
+      ``bn``: :func:`~fastntk.metrics.feature_entropy`; ``block_trainability`` its
+      trainability, a forward and a backward per block in the same mode, the cotangents
+      seeded with ``seed``: :func:`~fastntk.metrics.block_trainability`. The search
+      spaces give their blocks (``space.feature_blocks(model)``).
 
     Args:
         model: the network (not changed).
@@ -132,8 +134,10 @@ def compute_metrics(
     kw = {**ntk_kwargs(bn, params, output, dtype, chunk_size), "progress": progress}
     yt = _labels(wanted, y, x.shape[0])
 
-    def value_of_features(*_: Any) -> float:
-        return feature_entropy(model, x, blocks, channel_dim=channel_dim, bn=bn, dtype=dtype)
+    def value_of_features(m: str) -> float:
+        fn = {"feature_entropy": feature_entropy, "block_trainability": block_trainability}[m]
+        seeded = {"seed": seed} if m == "block_trainability" else {}
+        return fn(model, x, blocks, channel_dim=channel_dim, bn=bn, dtype=dtype, **seeded)
 
     if path == "operator" or (path == "auto" and x.shape[0] >= operator.OPERATOR_MIN_N):
         engine = dict(bn=bn, params=params, output=output, dtype=dtype, chunk_size=chunk_size)
@@ -147,7 +151,7 @@ def compute_metrics(
                 raise
             out = dict.fromkeys(kernel_metrics, math.nan)
         for m in featured:
-            out[m] = _or_nan(errors, value_of_features)
+            out[m] = _or_nan(errors, value_of_features, m)
         return {m: out[m] for m in wanted}
     test = _TestBatch(x_test, y_test, num_classes, noise_std, seed, jitter)
     try:

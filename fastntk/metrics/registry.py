@@ -37,7 +37,8 @@ class MetricSpec:
             :func:`~fastntk.metrics.kernel_evolution`) or
             ``"model"`` (a property of the model alone: its parameter count) or
             ``"features"`` (a property of the block outputs of one forward:
-            :func:`~fastntk.metrics.feature_entropy`, which needs the blocks).
+            :func:`~fastntk.metrics.feature_entropy`,
+            :func:`~fastntk.metrics.block_trainability`; they need the blocks).
         higher_is_better: direction for ranking / Borda.
         needs_labels: whether y is required.
         fn: for ``kind == "kernel"``: ``fn(K, y, opts) -> float``, ``K`` the (N, N)
@@ -106,6 +107,14 @@ METRICS: dict[str, MetricSpec] = {
         False,
         None,
         "AZ-NAS expressivity: entropy of the block features' spectrum (zero-cost baseline)",
+    ),
+    "block_trainability": MetricSpec(
+        "block_trainability",
+        "features",
+        True,
+        False,
+        None,
+        "AZ-NAS trainability: block Jacobians' spectral norms near 1 (zero-cost baseline)",
     ),
 }
 
