@@ -165,6 +165,16 @@ def test_compute_metrics_and_scorer():
     under_nan = M.compute_metrics(model, x, y, "block_trainability", blocks=["2", "3"],
                                   errors="nan")  # fmt: skip
     assert math.isnan(under_nan["block_trainability"])
+    # one forward for both; when one fails the other keeps its value
+    both = M.compute_metrics(model, x, y, "feature_entropy,block_trainability",
+                             blocks=["2", "3"], errors="nan")  # fmt: skip
+    assert math.isnan(both["block_trainability"])
+    assert both["feature_entropy"] == M.feature_entropy(model, x, ["2", "3"])
+    joint = M.feature_metrics(model, x, BLOCKS, ["block_trainability", "feature_entropy"])
+    assert joint == {"block_trainability": M.block_trainability(model, x, BLOCKS),
+                     "feature_entropy": M.feature_entropy(model, x, BLOCKS)}  # fmt: skip
+    with pytest.raises(OptionError, match="unknown feature metrics"):
+        M.feature_metrics(model, x, BLOCKS, ["ncn"])
     assert M.DIRECTIONS["block_trainability"] is True
 
     space = nb201.NB201Space(C=4, N=1)

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any
 _MODULES = {
     "compute": ("compute_metrics",),
     "evolution": ("KernelEvolution", "kernel_evolution"),
-    "features": ("block_entropies", "block_trainability", "feature_entropy"),
+    "features": ("FEATURE_METRICS", "block_entropies", "block_trainability", "feature_entropy",
+                 "feature_metrics"),
     "kernel": ("condition_number", "fnorm", "kernel_correlation", "label_matrix", "lga",
                "mean", "ncn", "relative_kernel_difference", "spectrum", "trainability"),
     "model_kernels": ("BN_MODES",),
@@ -59,7 +60,13 @@ _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 if TYPE_CHECKING:
     from fastntk.metrics.compute import compute_metrics
     from fastntk.metrics.evolution import KernelEvolution, kernel_evolution
-    from fastntk.metrics.features import block_entropies, block_trainability, feature_entropy
+    from fastntk.metrics.features import (
+        FEATURE_METRICS,
+        block_entropies,
+        block_trainability,
+        feature_entropy,
+        feature_metrics,
+    )
     from fastntk.metrics.kernel import (
         condition_number,
         fnorm,
@@ -103,6 +110,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "DIRECTIONS",
     "EXPRESSIVITY_HIGHER_IS_BETTER",
+    "FEATURE_METRICS",
     "BN_MODES",
     "METRICS",
     "NAS",
@@ -117,6 +125,7 @@ __all__ = [
     "condition_number",
     "expand_metrics",
     "feature_entropy",
+    "feature_metrics",
     "fnorm",
     "highpass",
     "kernel_correlation",

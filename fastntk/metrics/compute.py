@@ -26,7 +26,7 @@ from fastntk.errors import InputError, NonFiniteKernelError, OptionError
 from fastntk.metrics import operator
 from fastntk.metrics.checks import check_batch, check_labels, check_rtol, check_singular
 from fastntk.metrics.evolution import kernel_evolution
-from fastntk.metrics.features import block_trainability, feature_entropy
+from fastntk.metrics.features import feature_metrics
 from fastntk.metrics.model_kernels import joint_kernels, kernel_of, ntk_kwargs
 from fastntk.metrics.ntkscore import perturb, regression_scores, resolve_classes
 from fastntk.metrics.registry import METRICS, check_errors, expand_metrics
@@ -134,10 +134,19 @@ def compute_metrics(
     kw = {**ntk_kwargs(bn, params, output, dtype, chunk_size), "progress": progress}
     yt = _labels(wanted, y, x.shape[0])
 
+    feature_values: dict[str, float] = {}
+    fkw = dict(channel_dim=channel_dim, bn=bn, dtype=dtype, seed=seed)
+
     def value_of_features(m: str) -> float:
-        fn = {"feature_entropy": feature_entropy, "block_trainability": block_trainability}[m]
-        seeded = {"seed": seed} if m == "block_trainability" else {}
-        return fn(model, x, blocks, channel_dim=channel_dim, bn=bn, dtype=dtype, **seeded)
+        if not feature_values:
+            try:  # one forward for all of them
+                feature_values.update(feature_metrics(model, x, blocks, featured, **fkw))
+            except (InputError, NonFiniteKernelError):
+                if len(featured) == 1:
+                    raise
+                # (one of them failed: each on its own, so the other keeps its value)
+                return feature_metrics(model, x, blocks, [m], **fkw)[m]
+        return feature_values[m]
 
     if path == "operator" or (path == "auto" and x.shape[0] >= operator.OPERATOR_MIN_N):
         engine = dict(bn=bn, params=params, output=output, dtype=dtype, chunk_size=chunk_size)

@@ -27,7 +27,13 @@ from fastntk import _args, _model
 from fastntk.errors import InputError, InputTypeError, OptionError
 from fastntk.metrics.checks import check_batch
 
-__all__ = ["block_entropies", "block_trainability", "feature_entropy"]
+__all__ = [
+    "FEATURE_METRICS",
+    "block_entropies",
+    "block_trainability",
+    "feature_entropy",
+    "feature_metrics",
+]
 
 
 def _resolve_blocks(model: nn.Module, blocks: Any) -> list[nn.Module]:
@@ -251,8 +257,11 @@ def block_trainability(
     Returns:
         the mean block score (float; -inf if a block does nothing).
     """
-    seed = _args.integer(seed, "seed", None)
-    outs, seen = _block_outputs(model, x, blocks, channel_dim, bn, dtype, cut=True)
+    return feature_metrics(model, x, blocks, ["block_trainability"], channel_dim=channel_dim,
+                           bn=bn, dtype=dtype, seed=seed)["block_trainability"]  # fmt: skip
+
+
+def _trainability(outs, seen, channel_dim: int, seed: int) -> float:
     if len(outs) < 2:
         raise OptionError("block_trainability needs at least two blocks (a block's input "
                           "is the previous block's output)")  # fmt: skip
@@ -262,6 +271,39 @@ def block_trainability(
             raise InputError("a block output is not finite")
     scores = [_pair_score(seen[i - 1], outs[i], channel_dim, g) for i in range(1, len(outs))]
     return float(sum(scores) / len(scores))
+
+
+#: the metrics :func:`feature_metrics` computes (the registry's kind "features")
+FEATURE_METRICS = ("feature_entropy", "block_trainability")
+
+
+def feature_metrics(
+    model: nn.Module,
+    x: torch.Tensor,
+    blocks: Sequence[nn.Module | str],
+    names: Sequence[str],
+    *,
+    channel_dim: int = 1,
+    bn: str = "eval",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``{name: value}`` of :data:`FEATURE_METRICS` from one forward (with the backward
+    per block pair that ``block_trainability`` needs); arguments as
+    :func:`block_trainability`."""
+    unknown = [m for m in names if m not in FEATURE_METRICS]
+    if unknown:
+        raise OptionError(f"unknown feature metrics {unknown}; known: {FEATURE_METRICS}")
+    seed = _args.integer(seed, "seed", None)
+    cut = "block_trainability" in names
+    outs, seen = _block_outputs(model, x, blocks, channel_dim, bn, dtype, cut=cut)
+    out = {}
+    for m in names:
+        if m == "feature_entropy":
+            out[m] = float(sum(_entropy(f, channel_dim) for f in outs))
+        else:
+            out[m] = _trainability(outs, seen, channel_dim, seed)
+    return out
 
 
 def feature_entropy(
@@ -278,5 +320,5 @@ def feature_entropy(
     Higher is better (features that use more of their channels). NaN when a block's
     output is constant. Arguments as :func:`block_entropies`.
     """
-    return float(sum(block_entropies(model, x, blocks, channel_dim=channel_dim, bn=bn,
-                                     dtype=dtype)))  # fmt: skip
+    return feature_metrics(model, x, blocks, ["feature_entropy"], channel_dim=channel_dim,
+                           bn=bn, dtype=dtype)["feature_entropy"]  # fmt: skip
