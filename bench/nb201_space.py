@@ -77,6 +77,12 @@ BORDAS = (
     ("trainability", "feature_entropy", "num_params"),
     ("ncn", "lga", "feature_entropy", "num_params"),
     ("lga_t", "feature_entropy", "num_params"),  # (the lga_t journal, features joined)
+    # AZ-NAS's trainability too (bench/results/nb201_az.csv, joined)
+    ("block_trainability", "num_params"),
+    ("feature_entropy", "block_trainability", "num_params"),
+    ("lga", "block_trainability", "num_params"),
+    ("lga", "feature_entropy", "block_trainability", "num_params"),
+    ("ncn", "lga", "feature_entropy", "block_trainability", "num_params"),
 )
 # A search keeps the best-scored of its evaluations, so a score is also judged by the top
 # end of its ranking: the expected top-% of the best-scored of this many uniform draws

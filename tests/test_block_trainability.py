@@ -12,7 +12,7 @@ import torch.nn as nn
 from test_state_and_errors import assert_same, snapshot
 
 from fastntk import metrics as M
-from fastntk.errors import InputError, OptionError
+from fastntk.errors import InputError, NonFiniteKernelError, OptionError
 from fastntk.search.scoring import arch_seed, space_scorer
 from fastntk.spaces import nb201
 
@@ -198,3 +198,22 @@ def test_other_spaces_blocks_run(name):
     blocks, channel_dim = space.feature_blocks(model)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert M.block_trainability(model, x, blocks, channel_dim=channel_dim) <= 0
+
+
+def test_feature_metrics_survive_a_kernel_that_fails():
+    """errors="nan": a kernel that overflows makes the kernel metrics NaN, not the metrics
+    that need no kernel (the block features, the parameter count)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Flatten(), nn.Linear(4 * 36, 3))  # fmt: skip
+    with torch.no_grad():
+        model[4].weight.mul_(1e25)  # finite outputs in float32, gradients squared overflow
+    x, y = batch(n=6, seed=2).float(), torch.arange(6) % 3
+    names = "lga,feature_entropy,block_trainability,num_params"
+    with pytest.raises(NonFiniteKernelError):
+        M.compute_metrics(model, x, y, names, blocks=["0", "2"])
+    got = M.compute_metrics(model, x, y, names, blocks=["0", "2"], errors="nan")
+    assert math.isnan(got["lga"])
+    assert got["num_params"] == sum(p.numel() for p in model.parameters())
+    assert got["feature_entropy"] == M.feature_entropy(model, x, ["0", "2"]) > 0
+    assert got["block_trainability"] == M.block_trainability(model, x, ["0", "2"]) > -math.inf

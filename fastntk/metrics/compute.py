@@ -163,12 +163,12 @@ def compute_metrics(
             out[m] = _or_nan(errors, value_of_features, m)
         return {m: out[m] for m in wanted}
     test = _TestBatch(x_test, y_test, num_classes, noise_std, seed, jitter)
+    kernels: _Kernels | None = None
     try:
         kernels = _Kernels(model, x, yt, wanted, kw, test, errors)
     except (InputError, NonFiniteKernelError):
         if errors == "raise":
-            raise
-        return dict.fromkeys(wanted, math.nan)
+            raise  # (else the metrics that need no kernel are still computed, below)
 
     engine = dict(bn=bn, params=params, output=output, dtype=dtype, chunk_size=chunk_size)
     opts = {"rtol": rtol, "singular": singular}
@@ -188,11 +188,17 @@ def compute_metrics(
     }  # fmt: skip
     out: dict[str, float] = {}
     for m in wanted:
-        if m in kernels.undefined:
+        if m in (kernels.undefined if kernels else _needs_kernel(wanted)):
             out[m] = math.nan
             continue
         out[m] = _or_nan(errors, value_of[METRICS[m].kind], m)
     return out
+
+
+def _needs_kernel(wanted: list[str]) -> list[str]:
+    """The metrics of ``wanted`` that need one of the call's kernels (all but the parameter
+    count and the block features)."""
+    return [m for m in wanted if METRICS[m].kind not in ("model", "features")]
 
 
 def _or_nan(errors: str, fn: Callable[..., Any], *args: Any) -> float:
