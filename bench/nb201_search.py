@@ -60,7 +60,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--space-csv", action="append",
                     help="whole-space journals to look scores up in, merged by architecture "
-                    "(repeat it; default: results/nb201_space.csv and nb201_features.csv)")  # fmt: skip
+                    "(repeat it; default: results/nb201_space.csv, nb201_features.csv and "
+                    "nb201_az.csv)")  # fmt: skip
     ap.add_argument("--scores", help="the score journal (default: results/"
                     "nb201_search_scores_<metrics>.csv, one per default score)")  # fmt: skip
     ap.add_argument("--metric", help="the score's metrics or group, comma separated "
@@ -135,7 +136,7 @@ def search(args) -> None:
             HERE, "results", f"nb201_search_scores_{'_'.join(base.metrics)}.csv"
         )
         space_csvs = args.space_csv or [os.path.join(HERE, "results", f"nb201_{name}.csv")
-                                        for name in ("space", "features")]  # fmt: skip
+                                        for name in ("space", "features", "az")]  # fmt: skip
         cache = CachedScores(space, base, space_csvs, scores)
         scorer = Scorer(cache, base.metrics, base.directions, settings=base.settings)
         for seed in range(args.seeds):  # seeds outside: a stopped run covers every algorithm

@@ -19,9 +19,12 @@ partial run is an unbiased estimate (it says how many classes it covers).
     python bench/nb201_space.py --summary-only                             # table so far
     python bench/nb201_space.py --bn per_sample,eval --metrics feature_entropy \
         --out bench/results/nb201_features.csv         # another metric: its own journal
+    python bench/nb201_space.py --bn per_sample --metrics feature_entropy,block_trainability \
+        --out bench/results/nb201_az.csv                     # AZ-NAS's two proxies
     python bench/nb201_space.py --summary-only --bn per_sample,eval \
-        --join bench/results/nb201_features.csv --evidence   # both, + the defaults'
-        # evidence file fastntk/data/nas_evidence.json (read by fastntk's notes and tests)
+        --join bench/results/nb201_features.csv --join bench/results/nb201_az.csv \
+        --evidence   # all, + the defaults' evidence file fastntk/data/nas_evidence.json
+        # (read by fastntk's notes and tests)
     torchrun --standalone --nproc-per-node=2 bench/nb201_space.py --bn per_sample --threads 1
         # over ranks (fastntk.search.workers.Pool): rank 0 writes the journal
 """

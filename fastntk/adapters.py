@@ -246,8 +246,8 @@ def register(
     return key
 
 
-# (feature_entropy is not among them: it needs the blocks of the harness's network,
-# measure("feature_entropy", blocks=[names]))
+# (the block features, feature_entropy and block_trainability, are not among them: they
+# need the blocks of the harness's network, measure("feature_entropy", blocks=[names]))
 MEASURES: dict[str, Measure] = {
     name: measure(name) for name, spec in METRICS.items() if spec.kind != "features"
 }

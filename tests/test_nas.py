@@ -230,6 +230,11 @@ def test_defaults_reach_every_nas_entry_point(capsys, tiny_nb201, tmp_path):
     assert rc == 0, err
     rows = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines()[2:] if ln.strip()}
     assert set(M.NAS_METRICS) | {"borda"} <= set(rows)
+    # pruning scores supernets (their mixed cells give the blocks too)
+    rc, out, err = run(capsys, "search", "--algo", "prune", "--budget", "2", "--no-progress",
+                       "--db", db, *DATA)  # fmt: skip
+    assert rc == 0, err
+    assert "best " in out and all(f"{m}=" in out for m in M.NAS_METRICS)
 
 
 def test_a_metric_that_ranks_backwards_gets_a_note(capsys, tiny_nb201):

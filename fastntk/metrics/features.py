@@ -1,17 +1,22 @@
-"""Feature entropy: how evenly a network's block outputs spread over their channels.
+"""Block features: AZ-NAS's expressivity and trainability of a network's block outputs.
 
-AZ-NAS's expressivity s_E (Lee & Ham, CVPR 2024, Eq. 2): for each block output F, the
-rows of F (one per sample and spatial position or token, one column per channel) are
-centred and their (C, C) covariance Σ = FᵀF / rows is decomposed; with its eigenvalues
-λ_1..λ_C normalised to p_i = λ_i / Σ_j λ_j, the block's score is the entropy
--Σ p_i log p_i (nats: 0 when the features span one direction, log C when they are
-isotropic), and the network's score is the sum over its blocks. Unlike the kernel metrics
-it needs one forward and no gradient; it is a zero-cost proxy beside them, not an NTK
-quantity. A block whose output is constant has no spectrum to normalise: the score is
-NaN (undefined; a search ranks it last).
+**Expressivity**, :func:`feature_entropy` (s_E, Lee & Ham, CVPR 2024, Eq. 2): for each
+block output F, the rows of F (one per sample and spatial position or token, one column
+per channel) are centred and their (C, C) covariance Σ = FᵀF / rows is decomposed; with
+its eigenvalues λ_1..λ_C normalised to p_i = λ_i / Σ_j λ_j, the block's score is the
+entropy -Σ p_i log p_i (nats: 0 when the features span one direction, log C when they are
+isotropic), and the network's score is the sum over its blocks. A block whose output is
+constant has no spectrum to normalise: the score is NaN (undefined; a search ranks it
+last).
 
-The forward runs with private copies of the parameters and buffers in the requested
-BatchNorm mode (:func:`fastntk._model.model_state`), so the user's model is not changed.
+**Trainability**, :func:`block_trainability` (s_T): how close each block's
+Jacobian is to norm-preserving, from one backward per block (see there).
+
+Both are zero-cost proxies beside the kernel metrics, not NTK quantities: one forward
+(and for trainability a backward through each block), no kernel. The forward runs with
+private copies of the parameters and buffers in the requested BatchNorm mode
+(:func:`fastntk._model.model_state`), so the user's model is not changed;
+:func:`feature_metrics` computes both from one forward.
 """
 
 from __future__ import annotations
@@ -62,15 +67,20 @@ def _resolve_blocks(model: nn.Module, blocks: Any) -> list[nn.Module]:
     return out
 
 
-def _entropy(f: torch.Tensor, channel_dim: int) -> float:
-    """Entropy of the normalised covariance spectrum of ``f``'s channels (float64)."""
+def _rows(f: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """(rows, channels) float64 view of ``f``: every index but the channel's is a row."""
     if f.dim() < 2:
         raise InputError(f"a block output of shape {tuple(f.shape)} has no channel dimension")
     c = channel_dim % f.dim()
     if c == 0:
         raise OptionError("channel_dim cannot be the batch dimension 0")
+    return f.movedim(c, -1).reshape(-1, f.shape[c]).to(torch.float64)
+
+
+def _entropy(f: torch.Tensor, channel_dim: int) -> float:
+    """Entropy of the normalised covariance spectrum of ``f``'s channels (float64)."""
     eps = torch.finfo(f.dtype).eps if f.is_floating_point() else 0.0
-    rows = f.detach().movedim(c, -1).reshape(-1, f.shape[c]).to(torch.float64)
+    rows = _rows(f.detach(), channel_dim)
     if not torch.isfinite(rows).all():
         raise InputError("a block output is not finite")
     n, width = rows.shape
@@ -181,16 +191,6 @@ def block_entropies(
     return [_entropy(f, channel_dim) for f in outs]
 
 
-def _rows(f: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """(rows, channels) float64 view of ``f``: every index but the channel's is a row."""
-    if f.dim() < 2:
-        raise InputError(f"a block output of shape {tuple(f.shape)} has no channel dimension")
-    c = channel_dim % f.dim()
-    if c == 0:
-        raise OptionError("channel_dim cannot be the batch dimension 0")
-    return f.movedim(c, -1).reshape(-1, f.shape[c]).to(torch.float64)
-
-
 def _pair_score(f_in: torch.Tensor, f_out: torch.Tensor, channel_dim: int, g) -> float:
     """AZ-NAS's score of one block: -σ - 1/σ + 2 for σ the spectral norm of the block's
     channel Jacobian estimate E[u vᵀ] (v a Rademacher cotangent on the output, u = vᵀ J
@@ -234,7 +234,7 @@ def block_trainability(
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> float:
-    """AZ-NAS's trainability s_T (Lee & Ham, CVPR 2024, Eq. 5): how close each block's
+    """AZ-NAS's trainability s_T (Lee & Ham, CVPR 2024): how close each block's
     Jacobian is to norm-preserving.
 
     For consecutive blocks l-1, l with outputs F_in, F_out (rows: samples × positions),
