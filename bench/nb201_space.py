@@ -86,6 +86,7 @@ BORDAS = (
     ("lga", "block_trainability", "num_params"),
     ("lga", "feature_entropy", "block_trainability", "num_params"),
     ("ncn", "lga", "feature_entropy", "block_trainability", "num_params"),
+    ("lga_t", "feature_entropy", "block_trainability", "num_params"),  # (the lga_t journal)
 )
 # A search keeps the best-scored of its evaluations, so a score is also judged by the top
 # end of its ranking: the expected top-% of the best-scored of this many uniform draws

@@ -708,14 +708,12 @@ def test_rea_population_past_the_budget_gets_a_note(capsys):
 
 
 def test_metric_help_names_the_default_score():
-    """--metric's help names the NAS default and the nas_rank and nas_accurate groups (the parser imports
+    """--metric's help names the NAS default and the nas_rank group (the parser imports
     nothing of the package, so its text is written out; this holds it to
     fastntk.metrics)."""
     from fastntk.cli import args
     from fastntk.metrics import NAS_METRICS, expand_metrics
 
     assert f"(default: {','.join(NAS_METRICS)}, the NAS default score;" in args._METRIC_HELP
-    accurate = ",".join(expand_metrics("nas_accurate"))
-    assert f"nas_accurate: {accurate}," in args._METRIC_HELP
     rank = ",".join(expand_metrics("nas_rank"))
     assert f"nas_rank: {rank}," in args._METRIC_HELP

@@ -78,14 +78,18 @@ def test_defaults_are_what_the_evidence_measured_best():
     assert ev["default_score"] == default
     measured = [bn for bn in ev["tau"] if ev["n"][bn] >= MIN_ARCHS]
     assert M.NAS["bn"] in measured, f"{M.NAS['bn']} has under {MIN_ARCHS} architectures"
-    # the preset's BN mode ranks best for the default score and for each of its metrics
+    # the preset's BN mode ranks best for the default score and for each of its metrics,
+    # among the modes where it was measured (block_trainability only per-sample)
     for score in (default, *M.NAS_METRICS):
-        best = max(measured, key=lambda bn: ev["tau"][bn][score])
+        assert score in ev["tau"][M.NAS["bn"]], score
+        best = max((bn for bn in measured if score in ev["tau"][bn]),
+                   key=lambda bn: ev["tau"][bn][score])  # fmt: skip
         assert best == M.NAS["bn"] or score == "num_params", (score, best)
     # the default score is the score with an NTK metric whose best-scored of 100 random
     # architectures ranks highest (lowest expected top-%), averaged over the data sets
     tops = {name: top for name, top in ev["top"][M.NAS["bn"]].items() if _has_ntk_metric(name)}
     assert "num_params" not in tops and "borda(lga, num_params)" in tops
+    assert "borda(feature_entropy, block_trainability, num_params)" not in tops
     assert ev["draws"] == 100
     assert tops[default] == min(tops.values()), sorted(tops.items(), key=lambda kv: kv[1])
     # and the engine's own default is not the preset (the function as it is)
@@ -96,18 +100,20 @@ def test_defaults_are_what_the_evidence_measured_best():
     assert inspect.signature(ntk).parameters["bn"].default == "eval"
 
 
-def test_the_accurate_group_ranks_above_the_default_where_measured():
-    """``--metric nas_accurate`` (Borda of lga_t and the parameter count) beats the default
-    score on the architectures bench/results/nb201_lga_t.md scored both ways: higher
-    CIFAR-10 τ and a better best-of-100 on average over the data sets."""
-    assert M.expand_metrics("nas_accurate") == ["lga_t", "num_params"]
+def test_no_lga_t_score_ranks_above_the_default_where_measured():
+    """Why no group names lga_t (the LGA paper's metric after training, about 9x the cost):
+    on the architectures bench/results/nb201_lga_t.md scored both ways, the default score
+    has a higher CIFAR-10 τ than every score with lga_t, and a best-of-100 as good (within
+    0.05 points of the mean top-%)."""
     md = (ROOT / "bench" / "results" / "nb201_lga_t.md").read_text()
     n = int(re.search(r"### bn=per_sample: (\d+) of 6466 unique", md).group(1))
     assert n >= 500
     scores = _table(md)["per_sample"]
     default = scores["borda(" + ", ".join(M.NAS_METRICS) + ")"]
-    accurate = scores["borda(lga_t, num_params)"]
-    assert accurate[0] > default[0] and accurate[1] < default[1], (accurate, default)
+    with_lga_t = {k: v for k, v in scores.items() if "lga_t" in k}
+    assert "borda(lga_t, num_params)" in with_lga_t and len(with_lga_t) >= 4
+    for name, (tau, top) in with_lga_t.items():
+        assert tau < default[0] and top > default[1] - 0.05, (name, tau, top, default)
 
 
 def test_the_ranking_group_ranks_the_space_best():
