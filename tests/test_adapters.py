@@ -33,8 +33,8 @@ def data(n=8):
 
 
 def test_one_measure_per_metric():
-    # every metric but the one that needs the harness network's blocks, bound by name
-    assert set(MEASURES) == set(METRICS) - {"feature_entropy"}
+    # every metric but those that need the harness network's blocks, bound by name
+    assert set(MEASURES) == set(METRICS) - {"feature_entropy", "block_trainability"}
     for name, fn in MEASURES.items():
         assert callable(fn) and name in fn.__name__
     with pytest.raises(OptionError, match="unknown metric"):
@@ -45,6 +45,9 @@ def test_one_measure_per_metric():
     fe = measure("feature_entropy", blocks=["1", "4"])  # names: any net of the same layout
     assert fe(net, x, y) == pytest.approx(
         M.feature_entropy(net, x, ["1", "4"], bn=NAS["bn"]), rel=1e-12)  # fmt: skip
+    bt = measure("block_trainability", blocks=["1", "2"])
+    assert bt(net, x, y) == pytest.approx(
+        M.block_trainability(net, x, ["1", "2"], bn=NAS["bn"]), rel=1e-12)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["lga", "fnorm", "cond"])
