@@ -215,6 +215,8 @@ def test_spaces_give_their_blocks():
 
     with pytest.raises(OptionError, match="feature_blocks"):
         space_scorer(Bare(), "feature_entropy", data="synthetic")
+    with pytest.raises(OptionError, match="without them"):  # the default score has them
+        space_scorer(Bare(), data="synthetic")
 
 
 @pytest.mark.parametrize("name", ["darts", "vit", "resnet"])

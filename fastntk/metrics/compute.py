@@ -103,7 +103,9 @@ def compute_metrics(
         errors: ``"raise"`` (default) or ``"nan"``: a metric whose computation raises a
             fastntk :class:`InputError` or :class:`NonFiniteKernelError` (a kernel that
             overflows, an architecture whose labels or kernel do not allow it) is
-            recorded as ``float("nan")`` instead; a search then ranks it last.
+            recorded as ``float("nan")`` instead; a search then ranks it last. The
+            metrics that need no kernel (num_params, the block features) are computed
+            even when a kernel cannot be.
         progress: the engine's progress bar (:func:`fastntk.ntk`'s ``progress``).
         path: ``"dense"`` (the kernel Θ), ``"operator"`` (products Θ v and the exact
             diagonal, no N×N matrix: :mod:`fastntk.metrics.operator`; fnorm, mean, lga,

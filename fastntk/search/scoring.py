@@ -94,9 +94,11 @@ def space_scorer(
         raise OptionError(f"bn must be one of {M.BN_MODES}, got {bn!r}")
     featured = [m for m in names if M.METRICS[m].kind == "features"]
     if featured and not hasattr(space, "feature_blocks"):
+        hint = ("; name metrics without them (e.g. lga,num_params)" if metrics is None
+                else "")  # fmt: skip
         raise OptionError(
             f"{', '.join(featured)} needs the space's feature_blocks(model), which the "
-            f"{getattr(space, 'name', type(space).__name__)} space does not define"
+            f"{getattr(space, 'name', type(space).__name__)} space does not define{hint}"
         )
     dtype = default_dtype(names, bn) if dtype is None else dtype
     if dtype not in ("float32", "float64"):
