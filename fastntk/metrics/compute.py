@@ -137,18 +137,19 @@ def compute_metrics(
     yt = _labels(wanted, y, x.shape[0])
 
     feature_values: dict[str, float] = {}
+    joint_failed = False  # (then each feature metric is computed on its own)
     fkw = dict(channel_dim=channel_dim, bn=bn, dtype=dtype, seed=seed)
 
     def value_of_features(m: str) -> float:
-        if not feature_values:
+        nonlocal joint_failed
+        if not feature_values and not joint_failed and len(featured) > 1:
             try:  # one forward for all of them
                 feature_values.update(feature_metrics(model, x, blocks, featured, **fkw))
             except (InputError, NonFiniteKernelError):
-                if len(featured) == 1:
-                    raise
-                # (one of them failed: each on its own, so the other keeps its value)
-                return feature_metrics(model, x, blocks, [m], **fkw)[m]
-        return feature_values[m]
+                joint_failed = True  # (one failed: each alone, so the other keeps its value)
+        if m in feature_values:
+            return feature_values[m]
+        return feature_metrics(model, x, blocks, [m], **fkw)[m]
 
     if path == "operator" or (path == "auto" and x.shape[0] >= operator.OPERATOR_MIN_N):
         engine = dict(bn=bn, params=params, output=output, dtype=dtype, chunk_size=chunk_size)
@@ -189,8 +190,9 @@ def compute_metrics(
         ),
     }  # fmt: skip
     out: dict[str, float] = {}
+    undefined = kernels.undefined if kernels else _needs_kernel(wanted)
     for m in wanted:
-        if m in (kernels.undefined if kernels else _needs_kernel(wanted)):
+        if m in undefined:
             out[m] = math.nan
             continue
         out[m] = _or_nan(errors, value_of[METRICS[m].kind], m)

@@ -195,12 +195,11 @@ def _pair_score(f_in: torch.Tensor, f_out: torch.Tensor, channel_dim: int, g) ->
     """AZ-NAS's score of one block: -σ - 1/σ + 2 for σ the spectral norm of the block's
     channel Jacobian estimate E[u vᵀ] (v a Rademacher cotangent on the output, u = vᵀ J
     on the input, the expectation over the rows: samples × positions)."""
-    if not f_out.requires_grad:
-        raise InputError("a block's output does not depend on the previous block's: "
-                         "blocks must be consecutive stages of the forward")  # fmt: skip
     v = torch.randint(0, 2, f_out.shape, generator=g, device=f_out.device)
     v = v.to(f_out.dtype) * 2 - 1
-    (u,) = torch.autograd.grad(f_out, f_in, v, allow_unused=True)
+    u = None
+    if f_out.requires_grad:  # (else it depends on no copy, the previous block's neither)
+        (u,) = torch.autograd.grad(f_out, f_in, v, allow_unused=True)
     if u is None:
         raise InputError("a block's output does not depend on the previous block's: "
                          "blocks must be consecutive stages of the forward")  # fmt: skip
