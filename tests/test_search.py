@@ -91,6 +91,42 @@ def test_rea_keeps_population_and_ages():
         regularized_evolution(ToySpace(), scorer(), budget=5, population_size=3, sample_size=4)
 
 
+def test_rea_tournament_ranks_members_among_the_whole_history():
+    """With several metrics the tournament's fitness is the Borda count over every
+    evaluation so far (the order ``result.best`` takes), not over the members alone.
+    Tournament = the whole population, so the parent of child g is determined: the
+    population is history[g : g + P] (aging), ranked within history[: g + P]."""
+    import hashlib
+
+    def metrics(a):  # two metrics that disagree: Borda orders depend on the set ranked
+        h = int(hashlib.sha256(a.encode()).hexdigest()[:8], 16)
+        return {"good": objective(a), "noise": float(h % 997)}
+
+    parents = []
+
+    class Recording(ToySpace):
+        def mutate(self, a, rng):
+            parents.append(a)
+            return super().mutate(a, rng)
+
+    P = 6
+    sc = Scorer(metrics, ["good", "noise"], {"good": True, "noise": True})
+    r = regularized_evolution(Recording(), sc, budget=60, seed=2, population_size=P,
+                              sample_size=P)  # fmt: skip
+    encs = r.encodings
+    assert len(parents) == 60 - P
+    differs = 0
+    for g, parent in enumerate(parents):
+        seen = [metrics(a) for a in encs[: g + P]]
+        ranked = borda_scores(seen, sc.directions)
+        pop = range(g, g + P)
+        want = max(pop, key=lambda i: (ranked[i], -i))
+        assert parent == encs[want], g
+        local = borda_scores(seen[g:], sc.directions)
+        differs += encs[g + max(range(P), key=lambda k: (local[k], -k))] != parent
+    assert differs > 0  # the two orders part somewhere on this run: the test tells them apart
+
+
 def test_reinforce_improves_on_toy_objective():
     r = reinforce(ToySpace(), scorer(), budget=300, seed=0, lr=0.5)
     objs = [objective(e.encoding) for e in r.history]
