@@ -248,6 +248,30 @@ def test_borda_bad_input():
         M.borda(np.zeros((0, 2)), True)
 
 
+def test_running_borda_is_borda_scores_of_the_set_so_far():
+    """RunningBorda reads off borda_scores of every entry added so far, exactly (halves
+    for ties), for each entry, as the set grows: ties, NaN, +-inf and missing metrics."""
+    from fastntk.metrics.ranking import RunningBorda, borda_scores
+
+    g = np.random.default_rng(1)
+    pool = [0.0, 1.0, 1.0, 2.0, -math.inf, math.inf, float("nan"), -0.0, 3.5]
+    dirs = {"a": True, "b": False, "c": True}
+    entries = []
+    for i in range(40):
+        e = {m: float(g.choice(pool)) for m in dirs}
+        if i % 7 == 3:
+            del e["c"]  # a missing metric is NaN
+        entries.append(e)
+    running = RunningBorda(dirs)
+    for n, e in enumerate(entries, start=1):
+        running.add(e)
+        assert len(running) == n
+        want = borda_scores(entries[:n], dirs)
+        assert [running.borda(x) for x in entries[:n]] == want
+    with pytest.raises(InputError, match="add\\(\\) it first"):
+        running.borda({"a": 0.5, "b": 0.0, "c": 0.0})
+
+
 def test_registry_and_directions():
     assert set(M.DIRECTIONS) == set(M.METRICS)
     for name in ["fnorm", "mean", "ncn", "lga"]:

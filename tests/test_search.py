@@ -127,6 +127,19 @@ def test_rea_tournament_ranks_members_among_the_whole_history():
     assert differs > 0  # the two orders part somewhere on this run: the test tells them apart
 
 
+@pytest.mark.parametrize("metrics", [("good",), ("good", "bad")])
+def test_reinforce_reward_is_the_quantile_among_all_so_far(metrics):
+    """A sample's reward is its Borda count among every evaluation so far over the
+    count's maximum (one metric: its quantile, ties counting half); the first is 0.5."""
+    sc = scorer(metrics)
+    r = reinforce(ToySpace(D=3, opts="abc"), sc, budget=30, seed=0)
+    seen = [e.metrics for e in r.history]
+    assert r.extra["rewards"][0] == 0.5
+    for n in range(1, len(seen)):
+        want = borda_scores(seen[: n + 1], sc.directions)[-1] / (len(metrics) * n)
+        assert r.extra["rewards"][n] == pytest.approx(want, rel=1e-12, abs=0), n
+
+
 def test_reinforce_improves_on_toy_objective():
     r = reinforce(ToySpace(), scorer(), budget=300, seed=0, lr=0.5)
     objs = [objective(e.encoding) for e in r.history]

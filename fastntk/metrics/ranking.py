@@ -2,7 +2,8 @@
 
 :func:`borda` takes a table (architectures × metrics), :func:`borda_scores` the search's
 ``{metric: value}`` dicts (it is :func:`fastntk.search.borda_scores`, and so the search's
-fitness over several metrics). Both rank by :func:`ranks`: ties share the mean of the ranks
+fitness over several metrics); :class:`RunningBorda` keeps the count of a growing set (the
+searches rank each candidate among every evaluation so far). All rank by :func:`ranks`: ties share the mean of the ranks
 they span, so a total does not depend on the order of the input, and NaN (an undefined
 metric) ranks below every number, ``-inf`` included, tied with the other NaNs.
 
@@ -12,6 +13,7 @@ the rest of :mod:`fastntk.metrics`, and numpy only when :func:`borda` is called.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,7 @@ from fastntk.errors import InputError, InputTypeError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["borda", "borda_scores", "ranks"]
+__all__ = ["RunningBorda", "borda", "borda_scores", "ranks"]
 
 
 def ranks(values: Sequence[Any], higher_is_better: bool) -> list[float]:
@@ -37,11 +39,7 @@ def ranks(values: Sequence[Any], higher_is_better: bool) -> list[float]:
     Returns:
         (n,) ranks as Python floats.
     """
-    keyed = []  # (NaN first, then the values oriented so that larger is better), position
-    for i, v in enumerate(values):
-        v = float(v)
-        keyed.append(((0, 0.0) if math.isnan(v) else (1, v if higher_is_better else -v), i))
-    keyed.sort()
+    keyed = sorted((_key(v, higher_is_better), i) for i, v in enumerate(values))
     n = len(keyed)
     out = [0.0] * n
     i = 0
@@ -53,6 +51,55 @@ def ranks(values: Sequence[Any], higher_is_better: bool) -> list[float]:
             out[keyed[t][1]] = (i + j) / 2.0
         i = j + 1
     return out
+
+
+def _key(value: Any, higher_is_better: bool) -> tuple[int, float]:
+    """The sort key of a value: NaN first (worst), then the values oriented so that
+    larger is better."""
+    v = float(value)
+    return (0, 0.0) if math.isnan(v) else (1, v if higher_is_better else -v)
+
+
+class RunningBorda:
+    """The Borda count of an entry within a growing set: :func:`borda_scores` of the whole
+    set, read off for one entry, without ranking the set again.
+
+    One sorted list of keys per metric; an entry's rank in a metric is read with two
+    bisections: (#worse + #worse-or-tied - 1) / 2, the mean of the ranks its tie spans,
+    as :func:`ranks` gives it. A lookup costs O(k log n) and an addition an insertion
+    into k lists, where :func:`borda_scores` sorts the whole set on every call: a search
+    that ranks its candidates among every evaluation so far stays linear in its length.
+
+    Args:
+        directions: ``metric -> higher_is_better``: the metrics that count.
+    """
+
+    def __init__(self, directions: Mapping[str, bool]):
+        self.directions = dict(directions)
+        self._keys: dict[str, list[tuple[int, float]]] = {m: [] for m in self.directions}
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        """Add an entry (``{metric: value}``; a missing metric is NaN)."""
+        for name, hib in self.directions.items():
+            bisect.insort(self._keys[name], _key(metrics.get(name, math.nan), hib))
+        self._n += 1
+
+    def borda(self, metrics: Mapping[str, float]) -> float:
+        """The Borda count of an entry of the set: the sum over metrics of its rank
+        (0 = worst), ties sharing the mean of the ranks they span."""
+        total = 0.0
+        for name, hib in self.directions.items():
+            keys, k = self._keys[name], _key(metrics.get(name, math.nan), hib)
+            lo, hi = bisect.bisect_left(keys, k), bisect.bisect_right(keys, k)
+            if hi == lo:
+                raise InputError(f"borda() ranks an entry of the set, and {name}="
+                                 f"{metrics.get(name, math.nan)!r} is in none: add() it first")  # fmt: skip
+            total += (lo + hi - 1) / 2.0
+        return total
 
 
 def borda(scores: Any, higher_is_better: bool | Sequence[bool]) -> np.ndarray:

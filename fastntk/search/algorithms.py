@@ -67,6 +67,7 @@ from typing import Any
 
 from fastntk._args import integer, real
 from fastntk.errors import OptionError
+from fastntk.metrics.ranking import RunningBorda
 from fastntk.search.runner import Evaluation, Runner, SearchResult, Stop
 from fastntk.search.scorer import Scorer
 
@@ -207,6 +208,8 @@ def regularized_evolution(
     run = Runner("rea", space, scorer, budget, time_budget, seed, journal, progress)
     rng = random.Random(run.seed)
     population: deque[Evaluation] = deque()
+    # the Borda count over every evaluation so far (one metric: its rank, the value's order)
+    standing = RunningBorda(scorer.directions)
     sizes: list[int] = []
     reason = "budget"
     try:
@@ -220,10 +223,11 @@ def regularized_evolution(
             # (W tournaments), scored together, then aged in one at a time (W = 1: one
             # process's trajectory)
             children = []
-            ranked = scorer.fitness([e.metrics for e in run.history])  # step = its index
+            for e in run.history[len(standing) :]:
+                standing.add(e.metrics)
             for _ in range(run.room()):
                 members = rng.sample(list(population), sample_size)
-                fit = [ranked[m.step] for m in members]
+                fit = [standing.borda(m.metrics) for m in members]
                 parent = members[max(range(len(members)), key=lambda k: (fit[k], -k))]
                 children.append(space.mutate(parent.arch, rng))
             run.prefetch(children)
@@ -423,7 +427,7 @@ def reinforce(
     run = Runner("reinforce", space, scorer, budget, time_budget, seed, journal, progress)
     rng = random.Random(run.seed)
     baseline: float | None = None
-    fits: list[float] = []
+    standing = RunningBorda(scorer.directions)  # every evaluation so far
     rewards: list[float] = []
     reason = "budget"
 
@@ -436,17 +440,11 @@ def reinforce(
     def update(idx: list[int], probs: list[list[float]], ev: Evaluation) -> None:
         """The policy-gradient step of one evaluated sample (its reward: a quantile)."""
         nonlocal baseline
-        if len(scorer.metrics) == 1:
-            f = scorer.fitness([ev.metrics])[0]
-            fits.append(f)
-            below = sum(1 for x in fits if x < f)
-            equal = sum(1 for x in fits if x == f) - 1
-            reward = 0.5 if len(fits) == 1 else (below + 0.5 * equal) / (len(fits) - 1)
-        else:
-            # Borda of the new arch among all so far, over its maximum: mean quantile.
-            allfit = scorer.fitness([e.metrics for e in run.history])
-            n = len(allfit)
-            reward = 0.5 if n == 1 else allfit[-1] / (len(scorer.metrics) * (n - 1))
+        # its Borda count among all so far over the count's maximum: the mean of its
+        # quantiles (one metric: #worse + #tied / 2 over the others)
+        standing.add(ev.metrics)
+        n = len(standing)
+        reward = 0.5 if n == 1 else standing.borda(ev.metrics) / (len(scorer.metrics) * (n - 1))
         rewards.append(reward)
         baseline = (
             reward
