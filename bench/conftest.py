@@ -39,6 +39,8 @@ The suites (one benchmark group per workload, so a table compares the providers)
   and ``conv2d_psg`` vs unfold + bmm (skipped without the extension); the Triton Gram and
   per-sample-gradient kernels vs torch on a CUDA device (skipped without one: on the CPU
   they run only in Triton's interpreter, which is a check, not a timing).
+* ``test_bench_search.py``: the searches' own bookkeeping (REA and REINFORCE on
+  NAS-Bench-201 with a scorer that costs nothing) at 1,000 and 8,000 evaluations.
 
 Peak memory per provider is not measured here (one process runs every benchmark):
 ``bench/bench_engine.py`` measures each provider in a fresh process.
