@@ -196,7 +196,8 @@ def regularized_evolution(
     seeds of budget 100 (``python bench/nb201_search.py --seeds 100 --budget
     100``): the returned architecture's mean top-% on CIFAR-10 / CIFAR-100 /
     ImageNet16-120 3.4 / 4.5 / 4.2 with history ranks against 4.5 / 6.5 / 4.5
-    within the tournament; with Borda(lga, num_params) 4.2 / 5.0 / 10.9 against
+    within the tournament (the same command at commit 2ac2712, with ``--algos rea
+    --out`` a new file); with Borda(lga, num_params) 4.2 / 5.0 / 10.9 against
     4.0 / 5.0 / 11.4. With one metric the two orders are the same.
     """
     population_size = integer(population_size, "population_size")
