@@ -2,10 +2,11 @@
 
 :func:`borda` takes a table (architectures × metrics), :func:`borda_scores` the search's
 ``{metric: value}`` dicts (it is :func:`fastntk.search.borda_scores`, and so the search's
-fitness over several metrics); :class:`RunningBorda` keeps the count of a growing set (the
-searches rank each candidate among every evaluation so far). All rank by :func:`ranks`: ties share the mean of the ranks
-they span, so a total does not depend on the order of the input, and NaN (an undefined
-metric) ranks below every number, ``-inf`` included, tied with the other NaNs.
+fitness over several metrics); :class:`RunningBorda` keeps the count of a growing set (a
+search's history, among which it ranks its candidates). All rank by :func:`ranks`: ties
+share the mean of the ranks they span, so a total does not depend on the order of the
+input, and NaN (an undefined metric) ranks below every number, ``-inf`` included, tied
+with the other NaNs.
 
 The search layer imports this module and runs without torch: it imports neither torch nor
 the rest of :mod:`fastntk.metrics`, and numpy only when :func:`borda` is called.

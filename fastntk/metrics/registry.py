@@ -139,8 +139,8 @@ NAS: dict[str, Any] = {"bn": "per_sample", "params": None}
 #: ``tests/test_nas.py`` holds this constant to that evidence): top 6.6% on average
 #: (6.8 / 7.2 / 5.8%), against 10.1% for Borda(lga, num_params), the default before, and
 #: 10.9% for the parameter count alone. It also ranks the whole space best (CIFAR-10 τ
-#: +0.742, ρ 0.915 / 0.893 / 0.873), at about twice the cost of LGA alone (a forward and
-#: a backward per cell beside the kernel).
+#: +0.742, ρ 0.915 / 0.893 / 0.873); beside LGA's kernel it costs one forward and a
+#: backward per cell.
 NAS_METRICS: tuple[str, ...] = ("lga", "feature_entropy", "block_trainability", "num_params")
 
 # Metric groups: a name that expands to several metrics. ``nas_rank``: the score with an

@@ -67,7 +67,6 @@ from typing import Any
 
 from fastntk._args import integer, real
 from fastntk.errors import OptionError
-from fastntk.metrics.ranking import RunningBorda
 from fastntk.search.runner import Evaluation, Runner, SearchResult, Stop
 from fastntk.search.scorer import Scorer
 
@@ -209,8 +208,6 @@ def regularized_evolution(
     run = Runner("rea", space, scorer, budget, time_budget, seed, journal, progress)
     rng = random.Random(run.seed)
     population: deque[Evaluation] = deque()
-    # the Borda count over every evaluation so far (one metric: its rank, the value's order)
-    standing = RunningBorda(scorer.directions)
     sizes: list[int] = []
     reason = "budget"
     try:
@@ -224,11 +221,9 @@ def regularized_evolution(
             # (W tournaments), scored together, then aged in one at a time (W = 1: one
             # process's trajectory)
             children = []
-            for e in run.history[len(standing) :]:
-                standing.add(e.metrics)
             for _ in range(run.room()):
                 members = rng.sample(list(population), sample_size)
-                fit = [standing.borda(m.metrics) for m in members]
+                fit = [run.standing.borda(m.metrics) for m in members]
                 parent = members[max(range(len(members)), key=lambda k: (fit[k], -k))]
                 children.append(space.mutate(parent.arch, rng))
             run.prefetch(children)
@@ -428,7 +423,6 @@ def reinforce(
     run = Runner("reinforce", space, scorer, budget, time_budget, seed, journal, progress)
     rng = random.Random(run.seed)
     baseline: float | None = None
-    standing = RunningBorda(scorer.directions)  # every evaluation so far
     rewards: list[float] = []
     reason = "budget"
 
@@ -443,9 +437,8 @@ def reinforce(
         nonlocal baseline
         # its Borda count among all so far over the count's maximum: the mean of its
         # quantiles (one metric: #worse + #tied / 2 over the others)
-        standing.add(ev.metrics)
-        n = len(standing)
-        reward = 0.5 if n == 1 else standing.borda(ev.metrics) / (len(scorer.metrics) * (n - 1))
+        n = len(run.standing)
+        reward = 0.5 if n == 1 else run.standing.borda(ev.metrics) / (len(scorer.metrics) * (n - 1))
         rewards.append(reward)
         baseline = (
             reward

@@ -12,6 +12,7 @@ from typing import Any
 from fastntk._args import integer, real
 from fastntk._progress import bar as progress_bar
 from fastntk.errors import OptionError
+from fastntk.metrics.ranking import RunningBorda
 from fastntk.search.journal import space_key
 
 __all__ = ["Evaluation", "Runner", "SearchResult", "Stop"]
@@ -113,14 +114,17 @@ class Runner:
         self.space_name = getattr(space, "name", type(space).__name__)
         self.space_key = space_key(space)  # the journal's key: name + configuration
         self.history: list[Evaluation] = []
+        # the Borda count of each evaluation among the whole history (one metric: its rank,
+        # the value's order), read without re-ranking the history (REA, REINFORCE)
+        self.standing = RunningBorda(scorer.directions)
         self.cache: dict[str, dict[str, float]] = {}
         # scored ahead by prefetch() (and journaled), not yet taken by evaluate()
         self.pending: dict[str, tuple[dict[str, float], float]] = {}
         self.n_computed = self.n_cached = 0
         self.t0 = time.monotonic()
         # the bar's postfix: the best evaluation so far ("best supernet" while prune scores
-        # supernets); for a Borda count over the history (a sort: 0.2 s at 20,000
-        # evaluations) recomputed after 0.2 s, or 20 times its last cost, whichever is later
+        # supernets); for a Borda count over the history (a sort, whose cost grows with it)
+        # recomputed after 0.2 s, or 20 times its last cost, whichever is later
         self.what = what
         self.bar = progress_bar(budget, algorithm, "eval", show, file=stream,
                                 postfix=f"{what}: -")  # fmt: skip
@@ -203,6 +207,7 @@ class Runner:
         self.cache[enc] = metrics
         ev = Evaluation(len(self.history), arch, enc, dict(metrics), cached, time.monotonic() - t)
         self.history.append(ev)
+        self.standing.add(ev.metrics)
         self._update_best(ev)
         return ev
 
